@@ -1,0 +1,1 @@
+"""VLM adapters (installed as ``jsae.adapters``): everything model-specific lives here."""

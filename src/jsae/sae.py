@@ -1,0 +1,369 @@
+"""The Joint Sparse Autoencoder as a SAELens architecture (``architecture: "jsae"``).
+
+A JSAE has two modality branches, ``"vision"`` and ``"text"``.  By default each has its own encoder
+(``W_enc``, ``b_enc``) and decoder (``W_dec``) as in the paper's reference code; ``shared_encoder``
+gives one encoder for both (VL-SAE style) and ``shared_decoder`` one dictionary for both.  Every
+branch keeps its own ``b_dec`` (the modality mean), so a shared dictionary is about directions.
+
+State-dict keys are ``vision.*``, ``text.*`` and ``shared.*``.  The SAELens attribute names
+``W_enc``, ``b_enc``, ``W_dec`` and ``b_dec`` refer to the branch of ``cfg.default_modality`` (default
+``"text"``), so without a ``modality`` argument a JSAE behaves as an ordinary SAE on a hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+    _disable_hooks,
+)
+from torch import Tensor, nn
+
+from jsae.alignment import get_alignment_loss
+
+MODALITIES: tuple[str, str] = ("vision", "text")
+ACTIVATIONS: tuple[str, str] = ("relu", "topk")
+
+
+def check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; a JSAE has the modalities {list(MODALITIES)}")
+    return modality
+
+
+@dataclass
+class JointSAEConfig(SAEConfig):
+    """Inference config.  ``activation`` is ``"relu"`` (trained with L1) or ``"topk"`` (keeps ``k``)."""
+
+    activation: Literal["relu", "topk"] = "relu"
+    k: int = 32
+    shared_encoder: bool = False
+    shared_decoder: bool = False
+    default_modality: Literal["vision", "text"] = "text"
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "jsae"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {list(ACTIVATIONS)}")
+        if self.activation == "topk" and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or widen the SAE")
+        check_modality(self.default_modality)
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        self.metadata.modalities = list(MODALITIES)
+
+
+class _Branch(nn.Module):
+    """A parameter holder: the encoder and/or decoder of one modality, or the shared ones."""
+
+
+class JointSAE(SAE[JointSAEConfig]):
+    """Inference JSAE: ``encode/decode/forward(x, modality=None)``."""
+
+    # ---- weights -------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        cfg, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
+        self.vision, self.text, self.shared = _Branch(), _Branch(), _Branch()
+        for name in ("shared",) if cfg.shared_decoder else MODALITIES:
+            w_dec = torch.empty(cfg.d_sae, cfg.d_in, **kw)
+            nn.init.kaiming_uniform_(w_dec)
+            getattr(self, name).W_dec = nn.Parameter(w_dec)
+        for name in ("shared",) if cfg.shared_encoder else MODALITIES:
+            # each encoder starts as the transpose of its decoder (a shared encoder: of the vision one)
+            dec = self._dec(name if name != "shared" else "vision")
+            getattr(self, name).W_enc = nn.Parameter(dec.W_dec.data.T.clone().contiguous())
+            getattr(self, name).b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        for name in MODALITIES:
+            getattr(self, name).b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+
+    def _enc(self, modality: str) -> _Branch:
+        return self.shared if self.cfg.shared_encoder else getattr(self, modality)
+
+    def _dec(self, modality: str) -> _Branch:
+        return self.shared if self.cfg.shared_decoder else getattr(self, modality)
+
+    def W_enc_of(self, modality: str) -> Tensor:
+        return self._enc(check_modality(modality)).W_enc
+
+    def b_enc_of(self, modality: str) -> Tensor:
+        return self._enc(check_modality(modality)).b_enc
+
+    def W_dec_of(self, modality: str) -> Tensor:
+        return self._dec(check_modality(modality)).W_dec
+
+    def b_dec_of(self, modality: str) -> Tensor:
+        return getattr(self, check_modality(modality)).b_dec
+
+    # SAELens names: the default modality's branch.
+    @property
+    def W_enc(self) -> Tensor:  # type: ignore[override]
+        return self.W_enc_of(self.cfg.default_modality)
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.b_enc_of(self.cfg.default_modality)
+
+    @property
+    def W_dec(self) -> Tensor:  # type: ignore[override]
+        return self.W_dec_of(self.cfg.default_modality)
+
+    @property
+    def b_dec(self) -> Tensor:  # type: ignore[override]
+        return self.b_dec_of(self.cfg.default_modality)
+
+    def _unique_params(self, attr: str) -> list[Tensor]:
+        """The distinct tensors called ``attr`` over both modalities (one when that part is shared)."""
+        owner = {"W_enc": self._enc, "b_enc": self._enc, "W_dec": self._dec, "b_dec": lambda m: getattr(self, m)}[attr]
+        out: list[Tensor] = []
+        for m in MODALITIES:
+            p = getattr(owner(m), attr)
+            if all(p is not q for q in out):
+                out.append(p)
+        return out
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _modality(self, modality: str | None) -> str:
+        return self.cfg.default_modality if modality is None else check_modality(modality)
+
+    def _check_d_in(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"activations have last dimension {x.shape[-1]} but this JSAE has d_in={self.cfg.d_in}; "
+                f"pass the hidden states of the layer it was trained on ({self.cfg.metadata.hook_name})"
+            )
+
+    def _pre(self, x: Tensor, modality: str) -> Tensor:
+        x = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
+        enc = self._enc(modality)
+        sae_in = x - self.b_dec_of(modality) * self.cfg.apply_b_dec_to_input
+        return self.hook_sae_acts_pre(sae_in @ enc.W_enc + enc.b_enc)
+
+    def _activate(self, pre: Tensor) -> Tensor:
+        acts = F.relu(pre)
+        if self.cfg.activation == "topk":
+            top = acts.topk(self.cfg.k, dim=-1, sorted=False)
+            acts = torch.zeros_like(acts).scatter_(-1, top.indices, top.values)
+        return acts
+
+    @jaxtyped(typechecker=beartype)
+    def encode(self, x: Float[Tensor, "*batch d_in"], modality: str | None = None) -> Float[Tensor, "*batch d_sae"]:
+        """Sparse codes of ``x`` through the encoder of ``modality`` (default: ``cfg.default_modality``)."""
+        self._check_d_in(x)
+        return self.hook_sae_acts_post(self._activate(self._pre(x, self._modality(modality))))
+
+    @jaxtyped(typechecker=beartype)
+    def decode(self, feature_acts: Float[Tensor, "*batch d_sae"], modality: str | None = None) -> Float[Tensor, "*batch d_in"]:
+        """Reconstruction from codes through the decoder of ``modality``."""
+        if feature_acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"codes have last dimension {feature_acts.shape[-1]} but d_sae={self.cfg.d_sae}")
+        m = self._modality(modality)
+        out = self.hook_sae_recons(feature_acts @ self._dec(m).W_dec + self.b_dec_of(m))
+        return self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
+
+    def forward(self, x: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
+        """Reconstruction of ``x``; with ``use_error_term`` the error is added back (output == input)."""
+        feature_acts = self.encode(x, modality)
+        sae_out = self.decode(feature_acts, modality)
+        if self.use_error_term:
+            with torch.no_grad(), _disable_hooks(self):
+                clean = self.decode(self.encode(x, modality), modality)
+            sae_out = sae_out + self.hook_sae_error(x - clean)
+        return self.hook_sae_output(sae_out)
+
+    # ---- SAELens folding helpers, over every branch --------------------------------------------
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        if self.cfg.shared_decoder != self.cfg.shared_encoder:
+            raise ValueError("fold_W_dec_norm needs encoders and decoders paired one to one (both shared or both separate)")
+        for m in MODALITIES if not self.cfg.shared_decoder else ("vision",):
+            enc, dec = self._enc(m), self._dec(m)
+            norms = dec.W_dec.norm(dim=-1).clamp(min=1e-8)
+            dec.W_dec.div_(norms[:, None])
+            enc.W_enc.mul_(norms[None, :])
+            enc.b_enc.mul_(norms)
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        for p in self._unique_params("W_enc"):
+            p.mul_(scaling_factor)
+        for p in self._unique_params("W_dec") + self._unique_params("b_dec"):
+            p.div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, release: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32", **kwargs: Any
+    ) -> "JointSAE":
+        """Load a JSAE release by name (``sae_id`` may be omitted when the release has one SAE)."""
+        from jsae.releases import resolve_sae_id
+
+        return super().from_pretrained(release, resolve_sae_id(release, sae_id), device=device, dtype=dtype, **kwargs)
+
+
+# ================================================================================================
+# Training
+# ================================================================================================
+
+
+@dataclass(kw_only=True)
+class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
+    """Training config: the paper's defaults are MSE 1.0, L1 0.03, cosine alignment 1.0 (ReLU)."""
+
+    mse_coefficient: float = 1.0
+    mse_normalization: Literal["none", "variance"] = "none"
+    l1_coefficient: float = 0.03
+    l1_warm_up_steps: int = 0
+    alignment: str = "cosine"
+    alignment_coefficient: float = 1.0
+    alignment_warm_up_steps: int = 0
+    infonce_temperature: float = 0.07
+    aux_loss_coefficient: float = 1.0 / 32
+    aux_k: int | None = None  # dead latents used by the TopK auxiliary loss (default: d_in // 2)
+    decoder_init_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        get_alignment_loss(self.alignment)
+        if self.mse_normalization not in ("none", "variance"):
+            raise ValueError(f"unknown mse_normalization {self.mse_normalization!r}; choose 'none' or 'variance'")
+        for name in ("mse_coefficient", "l1_coefficient", "alignment_coefficient", "aux_loss_coefficient"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.infonce_temperature <= 0:
+            raise ValueError(f"infonce_temperature must be > 0, got {self.infonce_temperature}")
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return JointSAEConfig
+
+
+class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: ignore[misc]
+    """Training JSAE.  ``paired_forward_pass`` is the joint objective; ``training_forward_pass`` trains
+    the default branch alone, so SAELens's own ``SAETrainer`` can train it as an ordinary SAE."""
+
+    cfg: TrainingJointSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: TrainingJointSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        # per-modality squared norm of centred inputs, used when mse_normalization == "variance"
+        self.register_buffer("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device=self.device))
+
+    def initialize_weights(self) -> None:
+        JointSAE.initialize_weights(self)
+        if self.cfg.decoder_init_norm is not None:
+            with torch.no_grad():
+                for w in self._unique_params("W_dec"):
+                    w.mul_(self.cfg.decoder_init_norm / w.norm(dim=-1, keepdim=True))
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        state_dict.pop("mse_scale", None)
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        state_dict.setdefault("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device="cpu"))
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        c = self.cfg
+        return {
+            "l1": TrainCoefficientConfig(c.l1_coefficient, c.l1_warm_up_steps),
+            "alignment": TrainCoefficientConfig(c.alignment_coefficient, c.alignment_warm_up_steps),
+            "aux": c.aux_loss_coefficient,
+        }
+
+    def encode_with_hidden_pre(self, x: Tensor, modality: str | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        pre = self._pre(x, self._modality(modality))
+        return self.hook_sae_acts_post(self._activate(pre)), pre
+
+    def encode(self, x: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
+        return JointSAE.encode(self, x, modality)
+
+    def decode(self, feature_acts: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
+        return JointSAE.decode(self, feature_acts, modality)
+
+    # ---- losses --------------------------------------------------------------------------------
+    def _branch_losses(
+        self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """Reconstruction, sparsity and aux losses of one modality; returns (losses, codes, pre, recon)."""
+        m_idx = MODALITIES.index(modality)
+        pre = self._pre(x, modality)
+        acts = F.relu(pre)
+        dec = self._dec(modality)
+        b_dec = self.b_dec_of(modality)
+        if self.cfg.activation == "topk":
+            top = acts.topk(self.cfg.k, dim=-1, sorted=False)
+            z = torch.zeros_like(acts).scatter(-1, top.indices, top.values)
+            # sparse decode: k rows of W_dec per sample instead of a dense [B, d_sae] @ [d_sae, d_in]
+            recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum") + b_dec
+        else:
+            z = acts
+            recon = z @ dec.W_dec + b_dec
+        err = (recon - x).pow(2).sum(-1)
+        losses = {f"mse_loss_{modality}": self.cfg.mse_coefficient * err.mean() / self.mse_scale[m_idx]}
+        if self.cfg.activation == "relu":
+            losses[f"l1_loss_{modality}"] = coefficients["l1"] * z.sum(-1).mean()
+        elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
+            losses[f"auxiliary_reconstruction_loss_{modality}"] = coefficients["aux"] * self._aux_loss(
+                x - recon.detach(), pre, dead, dec.W_dec
+            )
+        return losses, z, pre, recon
+
+    def _aux_loss(self, residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor) -> Tensor:
+        """TopK auxiliary loss (Gao et al.): the top ``aux_k`` dead latents reconstruct the residual."""
+        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
+        dead_pre = F.relu(pre).masked_fill(~dead, 0.0)
+        top = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_recon = F.embedding_bag(top.indices, W_dec, per_sample_weights=top.values, mode="sum")
+        scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-8)
+        return (aux_recon - residual).pow(2).sum(-1).mean() / scale
+
+    def paired_forward_pass(
+        self,
+        vision: Tensor,
+        text: Tensor,
+        coefficients: dict[str, float],
+        dead_neuron_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """The joint objective on a paired batch.  Returns (total loss, named losses, codes by modality).
+
+        ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values.
+        """
+        losses: dict[str, Tensor] = {}
+        codes: dict[str, Tensor] = {}
+        for modality, x in zip(MODALITIES, (vision, text)):
+            branch_losses, codes[modality], _, _ = self._branch_losses(x, modality, coefficients, dead_neuron_mask)
+            losses.update(branch_losses)
+        align = get_alignment_loss(self.cfg.alignment)(
+            codes["vision"], codes["text"], temperature=self.cfg.infonce_temperature
+        )
+        losses["alignment_loss"] = coefficients["alignment"] * align
+        total = sum(losses.values())
+        return total, losses, codes  # type: ignore[return-value]
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """Single-modality step (the default branch) for SAELens's ``SAETrainer``."""
+        m = self.cfg.default_modality
+        coeffs = {"l1": step_input.coefficients.get("l1", self.cfg.l1_coefficient), "aux": step_input.coefficients.get("aux", 0.0)}
+        losses, z, pre, recon = self._branch_losses(step_input.sae_in, m, coeffs, step_input.dead_neuron_mask)
+        renamed = {k.removesuffix(f"_{m}"): v for k, v in losses.items()}
+        return TrainStepOutput(
+            sae_in=step_input.sae_in, sae_out=recon, feature_acts=z, hidden_pre=pre,
+            loss=sum(renamed.values()), losses=renamed,  # type: ignore[arg-type]
+        )
+
+    def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out):  # type: ignore[no-untyped-def]
+        return {}  # folded into training_forward_pass
