@@ -12,8 +12,13 @@ State-dict keys are ``vision.*``, ``text.*`` and ``shared.*``.  The SAELens attr
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,7 @@ from jaxtyping import Float, jaxtyped
 from sae_lens.saes.sae import (
     SAE,
     SAEConfig,
+    SAEMetadata,
     TrainCoefficientConfig,
     TrainingSAE,
     TrainingSAEConfig,
@@ -35,6 +41,7 @@ from jsae.alignment import get_alignment_loss
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
+METADATA_KEYS = ("model_name", "hook_name", "layer", "pooling")
 
 
 def check_modality(modality: str) -> str:
@@ -66,7 +73,12 @@ class JointSAEConfig(SAEConfig):
         check_modality(self.default_modality)
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if isinstance(self.metadata, dict):  # SAELens's from_dict passes the raw dict first
+            self.metadata = SAEMetadata(**self.metadata)
         self.metadata.modalities = list(MODALITIES)
+        for key in METADATA_KEYS:  # always present in cfg.json, null when unknown
+            if key not in self.metadata:
+                self.metadata[key] = None
 
 
 class _Branch(nn.Module):
@@ -186,6 +198,20 @@ class JointSAE(SAE[JointSAEConfig]):
             sae_out = sae_out + self.hook_sae_error(x - clean)
         return self.hook_sae_output(sae_out)
 
+    # ---- saving and loading, the SAELens way ---------------------------------------------------
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` atomically (tmp files, then rename)."""
+        return _atomic_save(path, lambda tmp: SAE.save_model(self, tmp))
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        _check_state_dict(self, state_dict)
+
+    @classmethod
+    def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any):  # type: ignore[override]
+        """``SAE.load_from_disk`` with one-line errors for a missing, foreign or corrupt SAE directory."""
+        check_sae_dir(path)
+        return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+
     # ---- SAELens folding helpers, over every branch --------------------------------------------
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
@@ -219,6 +245,16 @@ class JointSAE(SAE[JointSAEConfig]):
 # ================================================================================================
 # Training
 # ================================================================================================
+
+
+@dataclass
+class JointStepOutput:
+    """What one paired training step computed: total loss, named losses, codes and reconstructions."""
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    codes: dict[str, Tensor]
+    recons: dict[str, Tensor]
 
 
 @dataclass(kw_only=True)
@@ -275,6 +311,10 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         state_dict.setdefault("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device="cpu"))
+        _check_state_dict(self, state_dict)
+
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        return _atomic_save(path, lambda tmp: TrainingSAE.save_inference_model(self, tmp))
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         c = self.cfg
@@ -337,22 +377,23 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         text: Tensor,
         coefficients: dict[str, float],
         dead_neuron_mask: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """The joint objective on a paired batch.  Returns (total loss, named losses, codes by modality).
+    ) -> JointStepOutput:
+        """The joint objective on a paired batch.
 
-        ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values.
+        ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values;
+        ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.
         """
-        losses: dict[str, Tensor] = {}
-        codes: dict[str, Tensor] = {}
-        for modality, x in zip(MODALITIES, (vision, text)):
-            branch_losses, codes[modality], _, _ = self._branch_losses(x, modality, coefficients, dead_neuron_mask)
-            losses.update(branch_losses)
+        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, codes={}, recons={})
+        for i, (modality, x) in enumerate(zip(MODALITIES, (vision, text))):
+            dead = None if dead_neuron_mask is None else dead_neuron_mask[i]
+            losses, out.codes[modality], _, out.recons[modality] = self._branch_losses(x, modality, coefficients, dead)
+            out.losses.update(losses)
         align = get_alignment_loss(self.cfg.alignment)(
-            codes["vision"], codes["text"], temperature=self.cfg.infonce_temperature
+            out.codes["vision"], out.codes["text"], temperature=self.cfg.infonce_temperature
         )
-        losses["alignment_loss"] = coefficients["alignment"] * align
-        total = sum(losses.values())
-        return total, losses, codes  # type: ignore[return-value]
+        out.losses["alignment_loss"] = coefficients["alignment"] * align
+        out.loss = sum(out.losses.values())  # type: ignore[assignment]
+        return out
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """Single-modality step (the default branch) for SAELens's ``SAETrainer``."""
@@ -367,3 +408,72 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
     def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out):  # type: ignore[no-untyped-def]
         return {}  # folded into training_forward_pass
+
+
+# ================================================================================================
+# Files
+# ================================================================================================
+
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+
+
+def _atomic_save(path: str | Path, write: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
+    """Let ``write`` fill a temporary sibling directory, then move its files into ``path``."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_FILE, CFG_FILE):  # cfg last: a directory with a cfg.json is complete
+            os.replace(tmp / name, path / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path / WEIGHTS_FILE, path / CFG_FILE
+
+
+def check_sae_dir(path: str | Path) -> dict[str, Any]:
+    """Validate a SAELens-layout jsae directory; returns its cfg dict or raises a one-line error."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / CFG_FILE).is_file():
+        raise FileNotFoundError(f"no {CFG_FILE} in {path}; pass the folder that holds {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path / CFG_FILE} is not valid JSON ({exc}); re-save the SAE with save_model") from exc
+    arch = cfg.get("architecture")
+    if arch != "jsae":
+        raise ValueError(f"{path} holds a {arch!r} SAE, not a 'jsae' one; load it with sae_lens.SAE.load_from_disk")
+    missing = [k for k in ("d_in", "d_sae") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path / CFG_FILE} lacks the field(s) {missing}; re-save the SAE with save_model")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}; re-save the SAE with save_model or re-download it")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{weights} is corrupt or truncated ({str(exc).splitlines()[0]}); re-save or re-download it") from exc
+    size = weights.stat().st_size
+    with open(weights, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ValueError(f"{weights} is truncated ({size} bytes, header promises {8 + header_len + end}); re-save or re-download it")
+    return cfg
+
+
+def _check_state_dict(sae: JointSAE, state_dict: dict[str, Any]) -> None:
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"the weights do not fit this JSAE config (missing {missing}, unexpected {unexpected}, wrong shape {wrong}); "
+            "the cfg.json and sae_weights.safetensors come from different SAEs"
+        )

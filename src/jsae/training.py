@@ -1,0 +1,413 @@
+"""Training a JSAE on paired (vision, text) batches.
+
+``JointSAETrainer(sae, cfg, data).fit()`` trains on any iterable of ``(vision [B, d_in], text [B, d_in])``
+tuples.  It does Adam/AdamW with warm-up and linear decay, gradient clipping, unit-norm decoder rows,
+dead-latent tracking (which feeds the TopK auxiliary loss), atomic checkpoints every N steps and
+**exact resume**: weights, optimiser, RNG and data position are restored, so a run killed with SIGKILL
+and resumed ends with the same weights as one that was never interrupted.
+
+Data position: if ``data`` has ``batches(start)`` (yielding the batches from global index ``start`` on,
+across epochs, as :class:`PairedTensorData` and the capture reader do) it is used; otherwise the trainer
+re-iterates ``data`` once per epoch and skips the batches already consumed.
+
+Data parallel: under ``torchrun`` (``torch.distributed`` initialised, gloo on CPU is enough) every rank
+reads the same global batch and trains on its slice; gradients and dead-latent statistics are averaged
+across ranks, so the run matches one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from jsae.sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
+
+LATEST = "latest.json"
+
+
+@dataclass
+class JointTrainerConfig:
+    """Optimisation and bookkeeping of a JSAE run (the SAE's own losses live in its config)."""
+
+    total_steps: int
+    lr: float = 3e-4
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0  # linear decay to lr_end over the last lr_decay_steps steps
+    lr_end: float | None = None  # default lr / 10
+    optimizer: Literal["adam", "adamw"] = "adam"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = 1.0
+    normalize_decoder: bool = True  # unit-norm decoder rows (gradient's parallel part removed)
+    dead_feature_window: int = 1000  # steps without firing after which a latent counts as dead
+    mse_norm_batches: int = 4  # batches used to estimate input variance (mse_normalization="variance")
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    log_to_wandb: bool = False
+    wandb_project: str = "jsae"
+    wandb_run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam' or 'adamw'")
+        if self.lr_warm_up_steps + self.lr_decay_steps > self.total_steps:
+            raise ValueError("lr_warm_up_steps + lr_decay_steps exceeds total_steps; shorten them")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+
+
+class PairedTensorData:
+    """In-memory paired activations served as shuffled batches, deterministic per (seed, epoch)."""
+
+    @jaxtyped(typechecker=beartype)
+    def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
+                 shuffle: bool = True, seed: int = 0):
+        if batch_size <= 0 or batch_size > vision.shape[0]:
+            raise ValueError(f"batch_size must be between 1 and the number of pairs ({vision.shape[0]}), got {batch_size}")
+        self.vision, self.text, self.batch_size, self.shuffle, self.seed = vision, text, batch_size, shuffle, seed
+
+    def __len__(self) -> int:
+        return self.vision.shape[0] // self.batch_size
+
+    def _order(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.vision.shape[0])
+        return torch.randperm(self.vision.shape[0], generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches from global index ``start`` on, forever (epoch after epoch)."""
+        n = len(self)
+        epoch, offset = divmod(start, n)
+        while True:
+            order = self._order(epoch)
+            for i in range(offset, n):
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self.vision[idx], self.text[idx]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n, it = len(self), self.batches(0)
+        return (next(it) for _ in range(n))
+
+
+def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless stream of batches from global index ``start`` (epoch after epoch)."""
+    position = to_skip = start
+    while True:
+        if hasattr(data, "batches"):
+            source, to_skip = data.batches(position), 0  # type: ignore[attr-defined]
+        else:
+            source = data
+        produced = 0
+        for batch in source:
+            produced += 1
+            if to_skip:
+                to_skip -= 1
+                continue
+            position += 1
+            yield batch
+        if produced == 0:
+            raise ValueError("the training data yielded no batches; check that the dataset is not empty")
+
+
+def check_paired_batch(batch: Any, d_in: int, index: int) -> tuple[Tensor, Tensor]:
+    """One-line errors for malformed paired batches (shape, size mismatch, NaN/inf)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise TypeError(f"batch {index} is {type(batch).__name__}; the trainer needs (vision, text) tensor pairs")
+    vision, text = batch
+    for name, x in (("vision", vision), ("text", text)):
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise ValueError(f"batch {index}: {name} has shape {tuple(x.shape)} but the JSAE expects [B, d_in={d_in}]; "
+                             "capture the layer the SAE was configured for")
+    if vision.shape[0] != text.shape[0]:
+        raise ValueError(f"batch {index}: {vision.shape[0]} vision pools but {text.shape[0]} text pools; "
+                         "each image needs exactly one caption in the same order")
+    for name, x in (("vision", vision), ("text", text)):
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            rows = bad.any(1).nonzero().flatten().tolist()
+            raise ValueError(f"batch {index}: {name} has {int(bad.sum())} NaN/inf values in rows {rows[:10]}"
+                             f"{' ...' if len(rows) > 10 else ''}; drop or recapture those pairs")
+    return vision, text
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class JointSAETrainer:
+    """Trains a :class:`TrainingJointSAE` on paired batches.  See the module docstring."""
+
+    def __init__(self, sae: TrainingJointSAE, cfg: JointTrainerConfig, data: Iterable[tuple[Tensor, Tensor]]):
+        if not isinstance(sae, TrainingJointSAE):
+            raise TypeError(f"JointSAETrainer trains a TrainingJointSAE, got {type(sae).__name__}")
+        self.sae, self.cfg, self.data = sae.to(cfg.device), cfg, data
+        self.rank, self.world_size = _distributed()
+        params = list(dict.fromkeys(sae.parameters()))
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.steps_since_fired = torch.zeros(len(MODALITIES), sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
+        self.history: list[dict[str, float]] = []
+        self._wandb: Any = None
+
+    @classmethod
+    def from_config(cls, sae_cfg: TrainingJointSAEConfig, cfg: JointTrainerConfig,
+                    data: Iterable[tuple[Tensor, Tensor]]) -> "JointSAETrainer":
+        """Build the SAE under ``cfg.seed`` (so a run is deterministic for a seed) and its trainer."""
+        torch.manual_seed(cfg.seed)
+        return cls(TrainingJointSAE(sae_cfg), cfg, data)
+
+    # ---- schedules ---------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        if step < c.lr_warm_up_steps:
+            return (step + 1) / c.lr_warm_up_steps
+        decay_start = c.total_steps - c.lr_decay_steps
+        if c.lr_decay_steps and step >= decay_start:
+            end = (c.lr_end if c.lr_end is not None else c.lr / 10) / c.lr
+            return 1.0 + (end - 1.0) * (step - decay_start + 1) / c.lr_decay_steps
+        return 1.0
+
+    def _coefficients(self) -> dict[str, float]:
+        out = {}
+        for name, value in self.sae.get_coefficients().items():
+            if isinstance(value, tuple):
+                v, warm = value
+                value = v * min(1.0, (self.step + 1) / warm) if warm > 0 else v
+            out[name] = float(value)
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> TrainingJointSAE:
+        """Train to ``total_steps``; with ``resume`` (default) continue from the latest checkpoint."""
+        c = self.cfg
+        if resume and c.checkpoint_dir and (Path(c.checkpoint_dir) / LATEST).exists():
+            self.load_checkpoint(c.checkpoint_dir)
+        else:
+            torch.manual_seed(c.seed)
+            if self.sae.cfg.mse_normalization == "variance":
+                self._estimate_mse_scale()
+            if c.normalize_decoder:
+                self._renormalize_decoder()
+        if c.log_to_wandb and self.rank == 0:
+            import wandb
+
+            self._wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name,
+                                     config={"sae": self.sae.cfg.to_dict(), "trainer": asdict(c)})
+        stream = _stream(self.data, self.step)
+        bar = tqdm(total=c.total_steps, initial=self.step, desc="training JSAE", disable=not c.progress or self.rank != 0)
+        try:
+            while self.step < c.total_steps:
+                vision, text = check_paired_batch(next(stream), self.sae.cfg.d_in, self.step)
+                metrics = self._train_step(vision, text)
+                self.step += 1
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.total_steps:
+                    self._log(metrics)
+                    bar.set_postfix(loss=f"{metrics['losses/overall_loss']:.4g}")
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if c.checkpoint_dir:
+            self.save_checkpoint()
+        if self._wandb is not None:
+            self._wandb.finish()
+        return self.sae
+
+    def _slice(self, x: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return x
+        per = x.shape[0] // self.world_size
+        if per * self.world_size != x.shape[0]:
+            raise ValueError(f"global batch {x.shape[0]} does not split over {self.world_size} ranks; "
+                             "use a batch size divisible by the number of processes")
+        return x[self.rank * per:(self.rank + 1) * per]
+
+    def _train_step(self, vision: Tensor, text: Tensor) -> dict[str, float]:
+        sae, c = self.sae, self.cfg
+        vision = self._slice(vision.to(c.device, sae.dtype))
+        text = self._slice(text.to(c.device, sae.dtype))
+        dead = self.steps_since_fired >= c.dead_feature_window
+        out = sae.paired_forward_pass(vision, text, self._coefficients(), dead)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.world_size > 1:
+            for p in self.optimizer.param_groups[0]["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world_size)
+        if c.normalize_decoder:
+            self._remove_parallel_grad()
+        if c.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if c.normalize_decoder:
+            self._renormalize_decoder()
+        with torch.no_grad():
+            fired = torch.stack([(out.codes[m] > 0).any(0) for m in MODALITIES]).long()
+            if self.world_size > 1:
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
+        if (self.step + 1) % c.log_every and self.step + 1 != c.total_steps:
+            return {"losses/overall_loss": float("nan")}
+        return self._metrics(out, vision, text)
+
+    @torch.no_grad()
+    def _metrics(self, out: Any, vision: Tensor, text: Tensor) -> dict[str, float]:
+        m: dict[str, float] = {"losses/overall_loss": float(out.loss)}
+        m.update({f"losses/{k}": float(v) for k, v in out.losses.items()})
+        for name, x in zip(MODALITIES, (vision, text)):
+            var = (x - x.mean(0)).pow(2).sum()
+            m[f"metrics/explained_variance_{name}"] = float(1 - (out.recons[name] - x).pow(2).sum() / var.clamp(min=1e-12))
+            m[f"metrics/l0_{name}"] = float((out.codes[name] > 0).float().sum(-1).mean())
+        dead = self.steps_since_fired >= self.cfg.dead_feature_window
+        for i, name in enumerate(MODALITIES):
+            m[f"sparsity/dead_features_{name}"] = float(dead[i].sum())
+        m["details/current_learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        m["details/n_training_steps"] = float(self.step + 1)
+        return m
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "details/n_training_steps": float(self.step)}
+        self.history.append(metrics)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=self.step)
+
+    # ---- decoder norm ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _renormalize_decoder(self) -> None:
+        for w in self.sae._unique_params("W_dec"):
+            w.div_(w.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def _remove_parallel_grad(self) -> None:
+        for w in self.sae._unique_params("W_dec"):
+            if w.grad is not None:
+                w.grad.sub_((w.grad * w).sum(-1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def _estimate_mse_scale(self) -> None:
+        """Mean squared norm of the centred inputs of each modality over the first few batches."""
+        stream, sums = _stream(self.data, 0), torch.zeros(len(MODALITIES), dtype=torch.float64)
+        for i in range(self.cfg.mse_norm_batches):
+            for j, x in enumerate(check_paired_batch(next(stream), self.sae.cfg.d_in, i)):
+                x = x.double()
+                sums[j] += (x - x.mean(0)).pow(2).sum(-1).mean()
+        self.sae.mse_scale.copy_((sums / self.cfg.mse_norm_batches).clamp(min=1e-12).to(self.sae.dtype))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        sae_cfg = {k: v for k, v in self.sae.cfg.to_dict().items() if k not in ("metadata", "device")}
+        trainer_cfg = {k: v for k, v in asdict(self.cfg).items()
+                       if k not in ("checkpoint_every", "checkpoint_dir", "keep_checkpoints", "progress", "device",
+                                    "log_to_wandb", "wandb_project", "wandb_run_name", "log_every")}
+        return {"sae": sae_cfg, "trainer": trainer_cfg, "world_size": self.world_size}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``step-XXXXXXX/`` atomically (tmp dir + rename), then point ``latest.json`` at it."""
+        root = Path(self.cfg.checkpoint_dir)  # type: ignore[arg-type]
+        final = root / f"step-{self.step:07d}"
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".tmp-{final.name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.sae.save_model(tmp)
+            tensors, groups = self._optimizer_tensors()
+            tensors["rng"] = torch.get_rng_state()
+            tensors["steps_since_fired"] = self.steps_since_fired.cpu()
+            tensors["mse_scale"] = self.sae.mse_scale.detach().cpu()
+            save_file(tensors, tmp / "trainer_state.safetensors")
+            _write_json(tmp / "trainer_state.json", {"step": self.step, "fingerprint": self._fingerprint(),
+                                                     "param_groups": groups, "history": self.history})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_json(root / LATEST, {"checkpoint": final.name, "step": self.step})
+            for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.world_size > 1:
+            dist.barrier()
+        return final
+
+    def _optimizer_tensors(self) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+        sd = self.optimizer.state_dict()
+        tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        return tensors, sd["param_groups"]
+
+    def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
+        """Restore weights, optimiser, RNG, dead-latent counters and data position."""
+        root = Path(checkpoint_dir)
+        try:
+            latest = json.loads((root / LATEST).read_text())
+            ckpt = root / latest["checkpoint"]
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{root} holds no readable jsae checkpoint ({exc}); point checkpoint_dir at a "
+                             "trainer's checkpoint directory or start with resume=False") from exc
+        mine, theirs = self._fingerprint(), state["fingerprint"]
+        if mine != theirs:
+            diff = sorted({f"{part}.{k}" for part in ("sae", "trainer") for k in set(mine[part]) | set(theirs[part])
+                           if mine[part].get(k) != theirs[part].get(k)} | ({"world_size"} if mine["world_size"] != theirs["world_size"] else set()))
+            raise ValueError(f"checkpoint directory {root} was written by a run with another config (differs in {diff}); "
+                             "use a new checkpoint_dir or the same config")
+        weights = load_file(ckpt / "sae_weights.safetensors", device=str(self.cfg.device))
+        tensors = load_file(ckpt / "trainer_state.safetensors")
+        weights["mse_scale"] = tensors["mse_scale"].to(self.cfg.device)
+        self.sae.load_state_dict(weights)
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(i), {})[name] = value.to(self.cfg.device) if value.ndim else value
+        self.optimizer.load_state_dict(opt_state)
+        self.step = int(state["step"])
+        self.scheduler.last_epoch = self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self._lr_factor(self.step)
+        torch.set_rng_state(tensors["rng"])
+        self.steps_since_fired = tensors["steps_since_fired"].to(self.cfg.device)
+        self.history = state.get("history", [])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def train_jsae(sae_cfg: TrainingJointSAEConfig, data: Iterable[tuple[Tensor, Tensor]], **trainer_kwargs: Any) -> TrainingJointSAE:
+    """One-call training: ``train_jsae(cfg, data, total_steps=1000, lr=1e-3)``."""
+    return JointSAETrainer.from_config(sae_cfg, JointTrainerConfig(**trainer_kwargs), data).fit()
+
+
+__all__ = ["JointSAETrainer", "JointTrainerConfig", "PairedTensorData", "check_paired_batch", "train_jsae"]
