@@ -359,7 +359,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
             losses[f"auxiliary_reconstruction_loss_{modality}"] = coefficients["aux"] * self._aux_loss(
                 x - recon.detach(), pre, dead, dec.W_dec
-            )
+            ) / self.mse_scale[m_idx]
         return losses, z, pre, recon
 
     def _aux_loss(self, residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor) -> Tensor:
@@ -368,8 +368,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         dead_pre = F.relu(pre).masked_fill(~dead, 0.0)
         top = dead_pre.topk(k_aux, dim=-1, sorted=False)
         aux_recon = F.embedding_bag(top.indices, W_dec, per_sample_weights=top.values, mode="sum")
-        scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-8)
-        return (aux_recon - residual).pow(2).sum(-1).mean() / scale
+        return (aux_recon - residual).pow(2).sum(-1).mean()  # a mean over samples: exact under data parallel
 
     def paired_forward_pass(
         self,

@@ -154,7 +154,10 @@ def check_paired_batch(batch: Any, d_in: int, index: int) -> tuple[Tensor, Tenso
     return vision, text
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); under ``torchrun`` the process group is started here if the caller did not."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -167,8 +170,12 @@ class JointSAETrainer:
         if not isinstance(sae, TrainingJointSAE):
             raise TypeError(f"JointSAETrainer trains a TrainingJointSAE, got {type(sae).__name__}")
         self.sae, self.cfg, self.data = sae.to(cfg.device), cfg, data
-        self.rank, self.world_size = _distributed()
+        self.rank, self.world_size = _distributed(cfg.device)
         params = list(dict.fromkeys(sae.parameters()))
+        if self.world_size > 1:  # every rank starts from rank 0's weights
+            with torch.no_grad():
+                for p in params:
+                    dist.broadcast(p.data, src=0)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)

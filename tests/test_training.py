@@ -1,0 +1,207 @@
+"""The JSAE trainer: determinism, schedules, checkpoints, exact resume after SIGKILL, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jsae import TrainingJointSAE, TrainingJointSAEConfig
+from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_paired.py"
+STEPS = 40
+
+
+def pairs(n=256, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.rand(n, 5, generator=g)
+    return latent @ torch.randn(5, d, generator=g), latent @ torch.randn(5, d, generator=g)
+
+
+def trainer(steps=30, seed=0, data=None, **kw) -> JointSAETrainer:
+    sae_kw = {k: kw.pop(k) for k in list(kw) if k in TrainingJointSAEConfig.__dataclass_fields__}
+    cfg = JointTrainerConfig(total_steps=steps, lr=3e-3, progress=False, seed=seed, log_every=10, **kw)
+    return JointSAETrainer.from_config(TrainingJointSAEConfig(d_in=16, d_sae=32, **sae_kw), cfg,
+                                       PairedTensorData(*pairs(), batch_size=32) if data is None else data)
+
+
+def run_script(*args: str, torchrun: bool = False, wait: bool = True):
+    cmd = [sys.executable, str(SCRIPT), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *cmd[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """One uninterrupted run of the script, without checkpoints."""
+    out = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    run_script(str(out), "-", str(STEPS))
+    return load_file(out)
+
+
+# ---- behaviour ------------------------------------------------------------------------------------
+
+
+def test_training_reduces_loss_and_tracks_saelens_metric_names():
+    tr = trainer(steps=60, activation="topk", k=4)
+    tr.fit()
+    first, last = tr.history[0], tr.history[-1]
+    assert last["losses/overall_loss"] < first["losses/overall_loss"]
+    assert last["metrics/explained_variance_vision"] > 0.5 and last["metrics/explained_variance_text"] > 0.5
+    assert last["metrics/l0_vision"] == pytest.approx(4.0)
+    assert {"sparsity/dead_features_vision", "details/current_learning_rate", "losses/alignment_loss"} <= set(last)
+    for w in tr.sae._unique_params("W_dec"):  # decoder rows kept at unit norm
+        torch.testing.assert_close(w.norm(dim=-1), torch.ones(32))
+
+
+def test_deterministic_for_a_seed():
+    a, b, c = trainer(seed=3).fit(), trainer(seed=3).fit(), trainer(seed=4).fit()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.W_enc_of("vision"), c.W_enc_of("vision"))
+
+
+def test_lr_warm_up_and_decay():
+    tr = trainer(steps=20, lr_warm_up_steps=4, lr_decay_steps=5, lr_end=3e-4)
+    factors = [tr._lr_factor(s) for s in range(20)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[14] == 1.0 and factors[19] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[15:], factors[16:]))
+
+
+def test_plain_iterables_are_accepted_and_re_iterated():
+    v, t = pairs(64)
+    data = [(v[i:i + 16], t[i:i + 16]) for i in range(0, 64, 16)]  # 4 batches per epoch, 10 steps
+    tr = trainer(steps=10, data=data)
+    tr.fit()
+    assert tr.step == 10
+
+
+# ---- checkpoints and exact resume -----------------------------------------------------------------
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
+    ckpt = tmp_path / "ckpt"
+    proc = run_script(str(tmp_path / "killed.safetensors"), str(ckpt), str(STEPS), "--slow", "0.2", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = ckpt / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = json.loads((ckpt / "latest.json").read_text())["step"]
+    assert 10 <= step_at_kill < STEPS and not (tmp_path / "killed.safetensors").exists()
+    run_script(str(tmp_path / "resumed.safetensors"), str(ckpt), str(STEPS))
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    final = ckpt / json.loads((ckpt / "latest.json").read_text())["checkpoint"]
+    assert final.name == f"step-{STEPS:07d}"
+    assert {p.name for p in final.iterdir()} == {"cfg.json", "sae_weights.safetensors", "trainer_state.json",
+                                                "trainer_state.safetensors"}
+    assert len(list(ckpt.glob("step-*"))) <= 2  # keep_checkpoints
+
+
+def test_torchrun_two_processes_match_one(tmp_path, reference):
+    out = tmp_path / "ddp.safetensors"
+    run_script(str(out), "-", str(STEPS), torchrun=True)
+    ddp = load_file(out)
+    for k in reference:
+        torch.testing.assert_close(ddp[k], reference[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    trainer(steps=10, checkpoint_every=5, checkpoint_dir=str(tmp_path / "c")).fit()
+    other = trainer(steps=10, checkpoint_dir=str(tmp_path / "c"), l1_coefficient=0.5)
+    with pytest.raises(ValueError, match=r"another config \(differs in \['sae.l1_coefficient'\]\)"):
+        other.fit()
+    with pytest.raises(ValueError, match="holds no readable jsae checkpoint"):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "latest.json").write_text("{not json")
+        trainer(steps=10, checkpoint_dir=str(tmp_path / "d")).fit()
+
+
+def test_resume_in_process_continues_where_it_stopped(tmp_path):
+    full = trainer(steps=20).fit()
+    trainer(steps=20, checkpoint_every=10, checkpoint_dir=str(tmp_path / "c")).fit()
+    # delete the final checkpoint: the latest is step 10; resuming must reproduce step 20 exactly
+    latest = json.loads((tmp_path / "c" / "latest.json").read_text())
+    assert latest["step"] == 20
+    import shutil
+
+    shutil.rmtree(tmp_path / "c" / "step-0000020")
+    (tmp_path / "c" / "latest.json").write_text(json.dumps({"checkpoint": "step-0000010", "step": 10}))
+    tr = trainer(steps=20, checkpoint_dir=str(tmp_path / "c"))
+    resumed = tr.fit()
+    assert tr.history[0]["details/n_training_steps"] == 10  # the history came back with the checkpoint
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_batches_give_one_line_errors():
+    v, t = pairs(64)
+    cases = [
+        ([(v[:8], t[:6])], "8 vision pools but 6 text pools"),
+        ([(v[:8, :10], t[:8, :10])], r"shape \(8, 10\) but the JSAE expects \[B, d_in=16\]"),
+        ([v[:8]], "the trainer needs \\(vision, text\\) tensor pairs"),
+        ([], "yielded no batches"),
+    ]
+    bad = t[:8].clone()
+    bad[2, 3] = float("nan")
+    bad[5, 0] = float("inf")
+    cases.append(([(v[:8], bad)], r"text has 2 NaN/inf values in rows \[2, 5\]"))
+    for data, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            trainer(steps=2, data=data).fit()
+
+
+def test_bad_trainer_config():
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        JointTrainerConfig(total_steps=5, lr=float("nan"))
+    with pytest.raises(ValueError, match="checkpoint_every needs a checkpoint_dir"):
+        JointTrainerConfig(total_steps=5, checkpoint_every=2)
+    with pytest.raises(TypeError, match="trains a TrainingJointSAE"):
+        JointSAETrainer(torch.nn.Linear(2, 2), JointTrainerConfig(total_steps=5), [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size must be between 1 and the number of pairs"):
+        PairedTensorData(*pairs(8), batch_size=16)
+
+
+def test_saelens_own_trainer_trains_the_default_branch():
+    """Without pairs, a JSAE is an ordinary SAE: SAELens's SAETrainer trains its text branch."""
+    from sae_lens import LoggingConfig, SAETrainer
+    from sae_lens.config import SAETrainerConfig
+
+    torch.manual_seed(0)
+    sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=16, d_sae=32, activation="topk", k=4))
+    _, text = pairs(2048)
+    before = sae.W_enc_of("vision").detach().clone()
+    loss0 = (sae(text) - text).pow(2).sum(-1).mean().item()
+    cfg = SAETrainerConfig(
+        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=2048,
+        device="cpu", autocast=False, lr=3e-3, lr_end=3e-4, lr_scheduler_name="constant", lr_warm_up_steps=0,
+        adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=64,
+        dead_feature_window=1000, feature_sampling_window=1000, logger=LoggingConfig(log_to_wandb=False),
+    )
+    SAETrainer(cfg=cfg, sae=sae, data_provider=iter(text.split(64)), evaluator=None).fit()
+    assert (sae(text) - text).pow(2).sum(-1).mean().item() < 0.5 * loss0
+    assert torch.equal(sae.W_enc_of("vision"), before)  # the other branch is untouched
