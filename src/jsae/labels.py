@@ -1,0 +1,134 @@
+"""Feature → concept labels from held-out paired codes.
+
+For every latent j and concept c, the Pearson correlation of the latent's *image* code ``z_v[:, j]``
+and of its *caption* code ``z_t[:, j]`` with the concept's presence ``y[:, c]`` over held-out pairs.
+A latent's label is the concept with the highest correlation in either modality (when it reaches
+``min_corr``); its **purity** is the fraction of its activation mass that falls on pairs containing
+that concept (averaged over the modalities where it fires); its **kind** is ``"shared"`` when it
+correlates with the concept in both modalities, ``"vision-only"`` / ``"text-only"`` otherwise.
+
+Concepts come from the world's ground truth, or, on real data, from caption words
+(:func:`concepts_from_captions`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+
+Kind = Literal["shared", "vision-only", "text-only", "unlabelled"]
+
+
+@dataclass
+class FeatureLabel:
+    feature: int
+    label: str | None
+    kind: Kind
+    purity: float
+    vision_corr: float
+    text_corr: float
+
+
+@dataclass
+class FeatureLabels:
+    """All labels of one SAE, with lookups by concept."""
+
+    labels: list[FeatureLabel]
+    concepts: list[str]
+
+    def features_for(self, concept: str, kinds: Iterable[str] = ("shared",)) -> list[int]:
+        """Latents labelled ``concept`` (shared ones by default), strongest first."""
+        kinds = tuple(kinds)
+        hits = [lab for lab in self.labels if lab.label == concept and lab.kind in kinds]
+        if not hits:
+            known = sorted({lab.label for lab in self.labels if lab.label and lab.kind in kinds})
+            raise ValueError(f"no {'/'.join(kinds)} feature is labelled {concept!r}; labelled concepts: {known}")
+        return [lab.feature for lab in sorted(hits, key=lambda lab: -(lab.vision_corr + lab.text_corr))]
+
+    def labelled_concepts(self, kinds: Iterable[str] = ("shared",)) -> list[str]:
+        kinds = tuple(kinds)
+        return sorted({lab.label for lab in self.labels if lab.label and lab.kind in kinds})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(lab.kind for lab in self.labels))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"concepts": self.concepts, "labels": [asdict(lab) for lab in self.labels]}, indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureLabels":
+        data = json.loads(Path(path).read_text())
+        return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"])
+
+
+def _corr(z: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of every column of z [N, F] with every column of y [N, C] -> [F, C]."""
+    z = z.double() - z.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    num = z.T @ y
+    den = z.norm(dim=0)[:, None] * y.norm(dim=0)[None, :]
+    return torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))
+
+
+@jaxtyped(typechecker=beartype)
+def label_features(
+    z_vision: Float[Tensor, "n d_sae"],
+    z_text: Float[Tensor, "n d_sae"],
+    concepts: Float[Tensor, "n c"],
+    concept_names: list[str],
+    min_corr: float = 0.3,
+) -> FeatureLabels:
+    """Label every latent from held-out paired codes and concept presence (0/1 per pair)."""
+    if len(concept_names) != concepts.shape[1]:
+        raise ValueError(f"{len(concept_names)} concept names for {concepts.shape[1]} concept columns")
+    if not 0 < min_corr < 1:
+        raise ValueError(f"min_corr must be in (0, 1), got {min_corr}")
+    cv, ct = _corr(z_vision, concepts), _corr(z_text, concepts)
+    best = torch.maximum(cv, ct)
+    best_val, best_c = best.max(dim=1)
+    y = concepts.double()
+    labels = []
+    for j in range(z_vision.shape[1]):
+        c = int(best_c[j])
+        if best_val[j] < min_corr:
+            labels.append(FeatureLabel(j, None, "unlabelled", 0.0, float(cv[j].max()), float(ct[j].max())))
+            continue
+        v_ok, t_ok = bool(cv[j, c] >= min_corr), bool(ct[j, c] >= min_corr)
+        kind: Kind = "shared" if v_ok and t_ok else "vision-only" if v_ok else "text-only"
+        purities = []
+        for z in (z_vision[:, j], z_text[:, j]):
+            mass = z.double().clamp(min=0)
+            if mass.sum() > 0:
+                purities.append(float((mass * y[:, c]).sum() / mass.sum()))
+        labels.append(FeatureLabel(j, concept_names[c], kind, sum(purities) / max(len(purities), 1),
+                                   float(cv[j, c]), float(ct[j, c])))
+    return FeatureLabels(labels, list(concept_names))
+
+
+def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: Iterable[str] = ()) -> tuple[Tensor, list[str]]:
+    """Real data: caption words as concepts -> (presence [N, C] float, words)."""
+    stop = {"a", "an", "the", "of", "on", "in", "and", "with", "is", "at", "to", "its", "it", *stopwords}
+    tokens = [set(re.findall(r"[a-z]+", c.lower())) - stop for c in captions]
+    counts = Counter(w for t in tokens for w in t)
+    words = sorted(w for w, n in counts.items() if n >= min_count)
+    if not words:
+        raise ValueError(f"no caption word occurs {min_count} times; lower min_count or use more captions")
+    index = {w: i for i, w in enumerate(words)}
+    y = torch.zeros(len(captions), len(words))
+    for i, t in enumerate(tokens):
+        for w in t:
+            if w in index:
+                y[i, index[w]] = 1.0
+    return y, words
