@@ -1,0 +1,81 @@
+"""Protocol pieces that need no VLM: methods on equal budget, the separate-SAE alignment, the world's
+mention / fluency judges, and the report files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jsae.protocol import fluent, mentions, permute_text_branch, summarise, train_methods, Cell
+from jsae.report import feature_browser, plot_layer_sweep
+
+
+def _pairs(n=512, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(n, 6, generator=g) < 0.2).float() * torch.rand(n, 6, generator=g)
+    return a @ torch.randn(6, d, generator=g), a @ torch.randn(6, d, generator=g)
+
+
+def test_train_methods_equal_budget_and_separate_alignment():
+    v, t = _pairs()
+    methods = train_methods(v, t, layer=3, d_sae=24, steps=60, batch_size=64, lr=3e-3, seed=0,
+                            methods=("jsae", "jsae-none", "separate", "saelens-topk"), metadata={"model_name": "x"}, k=4)
+    assert list(methods) == ["jsae", "jsae-none", "separate", "saelens-topk"]
+    from sae_lens import SAE
+
+    assert isinstance(methods["saelens-topk"].sae, SAE) and not methods["saelens-topk"].joint
+    assert methods["jsae"].sae.cfg.metadata.layer == 3
+    none, sep = methods["jsae-none"].sae, methods["separate"].sae
+    # the separate baseline is the ablation's weights with the text latents re-ordered: same reconstructions
+    torch.testing.assert_close(sep(t, "text"), none(t, "text"), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sep.W_dec_of("vision"), none.W_dec_of("vision"))
+    zs, zn = sep.encode(t, "text"), none.encode(t, "text")
+    assert sorted(zs.sum(0).tolist()) == pytest.approx(sorted(zn.sum(0).tolist()), rel=1e-5)
+    # after matching, paired codes agree at least as much as unmatched ones
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).nan_to_num().mean()  # noqa: E731
+    assert cos(sep.encode(v, "vision"), zs) >= cos(none.encode(v, "vision"), zn)
+    d = methods["saelens-topk"].steer_direction([0, 1])
+    assert d.shape == (16,)
+
+
+def test_permute_text_branch_is_a_relabelling():
+    from jsae import TrainingJointSAE, TrainingJointSAEConfig
+
+    torch.manual_seed(0)
+    sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=8, d_sae=10))
+    order = torch.randperm(10)
+    p = permute_text_branch(sae, order)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(p.encode(x, "text"), sae.encode(x, "text")[:, order])
+    torch.testing.assert_close(p(x, "text"), sae(x, "text"))
+
+
+def test_world_judges():
+    assert mentions("a small red cat at the top left", "cat")
+    assert mentions("a small red cat at the top left", "animal")  # category through the type
+    assert mentions("a small red cat at the top left", "red")
+    assert not mentions("a small red cat at the top left", "apple")
+    assert fluent("a small red cat at the top left")
+    assert not fluent("red red zebra")
+    assert not fluent("")
+
+
+def test_report_files(tmp_path):
+    cells = [Cell("steering", m, L, c, 100, 0.1 * L, 0.1 * L - 0.04, 0.1 * L + 0.04, 0.3)
+             for m in ("jsae", "jsae-none") for L in (0, 2, 5) for c in ("cat", "apple")]
+    cells += [Cell("suppression", "jsae", L, "cat", 100, 0.5, 0.45, 0.55, 1.0) for L in (0, 2, 5)]
+    summary = summarise(cells)
+    assert summary["steering"]["jsae"]["5"]["mean"] == pytest.approx(0.5)
+    assert summary["steering"]["jsae"]["5"]["n_concepts"] == 2
+    png = plot_layer_sweep(summary, 8, tmp_path / "sweep.png")
+    with Image.open(png) as im:
+        assert im.size[0] > 500 and im.format == "PNG"
+    img = Image.new("RGB", (48, 48), (200, 30, 30))
+    page = feature_browser([{"feature": 7, "label": "cat", "kind": "shared", "purity": 0.8, "layer": 2,
+                             "top_images": [(img, np.eye(6))], "top_captions": ["a red cat"], "steering": "+0.4"}],
+                           tmp_path / "features.html")
+    html = page.read_text()
+    assert "data:image/png;base64," in html and "a red cat" in html and "id='q'" in html
+    assert "http://" not in html and "https://" not in html  # self-contained
