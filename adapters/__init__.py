@@ -1,1 +1,31 @@
-"""VLM adapters (installed as ``jsae.adapters``): everything model-specific lives here."""
+"""VLM adapters (installed as ``jsae.adapters``): everything model-specific lives here.
+
+``for_model(model)`` picks the adapter from the model's class; third-party adapters register through
+``register_adapter`` or the ``jsae.adapters`` entry-point group (see :mod:`jsae.adapters.base`).
+"""
+
+from jsae.adapters.base import (
+    ENTRY_POINT_GROUP,
+    ImageTokens,
+    VLMAdapter,
+    for_model,
+    mark_remote,
+    register_adapter,
+    supported_models,
+    unwrap,
+)
+from jsae.adapters.llava import LlavaAdapter
+from jsae.adapters.qwen3_vl import Qwen3VLAdapter
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ImageTokens",
+    "LlavaAdapter",
+    "Qwen3VLAdapter",
+    "VLMAdapter",
+    "for_model",
+    "mark_remote",
+    "register_adapter",
+    "supported_models",
+    "unwrap",
+]

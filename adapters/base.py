@@ -1,0 +1,424 @@
+"""The adapter protocol: everything jsae needs to know about one VLM family, and the registry.
+
+An adapter wraps one model (an nnsight envoy such as ``nnsight.NNsight(hf_model)`` /
+``nnsight.TransformersModel``, or a bare ``transformers`` model) and answers, from the model's config
+and a batch of inputs only:
+
+* structure: :attr:`~VLMAdapter.layers` (decoder-layer envoys), :attr:`~VLMAdapter.n_layers`,
+  :attr:`~VLMAdapter.d_in` (hidden size), :attr:`~VLMAdapter.vision_tower`, :attr:`~VLMAdapter.projector`;
+* positions: :meth:`~VLMAdapter.image_token_mask`, :meth:`~VLMAdapter.caption_token_mask` and
+  :meth:`~VLMAdapter.patch_grid` (``[B, S, 4]``: image index, region, row, column of every image token);
+* inputs: :meth:`~VLMAdapter.build_inputs` turns (images, captions) into model inputs through the
+  model's processor and chat template, :meth:`~VLMAdapter.check_inputs` rejects inconsistent ones with a
+  one-line error, :meth:`~VLMAdapter.model_kwargs` gives the tensors the forward takes.
+
+Layer ``L`` always means the output of decoder layer ``L`` of the language model (the residual stream
+after the block, SAELens's ``blocks.L.hook_resid_post``); in transformers 5 that output is a bare
+``[B, S, d_in]`` tensor.  Note that ``output_hidden_states[L + 1]`` equals it for every layer but the
+last, where transformers reports the final-norm output instead.
+
+Registering a new family: subclass :class:`VLMAdapter`, set ``model_classes`` to the class names it
+handles, and either call :func:`register_adapter` or expose the class in your package's
+``pyproject.toml``::
+
+    [project.entry-points."jsae.adapters"]
+    my_vlm = "my_package.adapters:MyVLMAdapter"
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import weakref
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from beartype import beartype
+from jaxtyping import Bool, Int, jaxtyped
+from torch import Tensor, nn
+
+ENTRY_POINT_GROUP = "jsae.adapters"
+
+# Keys jsae adds to an encoding that the model's forward does not take.
+EXTRA_KEYS: tuple[str, ...] = ("caption_mask",)
+
+# patch_grid columns
+GRID_IMAGE, GRID_REGION, GRID_ROW, GRID_COL = range(4)
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The ``torch.nn.Module`` behind an nnsight envoy (or the module itself)."""
+    module = getattr(model, "_module", model)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nnsight-wrapped or transformers model, got {type(model).__name__}")
+    return module
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Where the tokens of one image sit: ``grid`` is ``[n_tokens, 3]`` (region, row, col), row/col -1 for
+    tokens that are not a patch (a CLS token, a LLaVA-NeXT row-newline)."""
+
+    grid: Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.grid.shape[0])
+
+
+class VLMAdapter(abc.ABC):
+    """Base class of the model-family adapters (see the module docstring for the protocol)."""
+
+    #: transformers class names this adapter handles
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: what the plain (no chat template) prompt layout looks like, for the docs and error messages
+    plain_layout: ClassVar[str] = ""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.hf_model = unwrap(model)
+        self.config = self.hf_model.config
+        if not any(k.__name__ in self.model_classes for k in type(self.hf_model).__mro__):
+            raise TypeError(
+                f"{type(self).__name__} handles {list(self.model_classes)}, not {type(self.hf_model).__name__}; "
+                "use jsae.adapters.for_model(model) to pick the right adapter"
+            )
+
+    @property
+    def remote(self) -> bool:
+        """True for models loaded with ``jsae.load_vlm(..., remote=True)``: traces go to NDIF
+        (``model.trace(..., remote=True)``) and jsae's local hooks cannot run."""
+        return self.hf_model in _REMOTE
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.hf_model).__name__}, n_layers={self.n_layers}, d_in={self.d_in})"
+
+    # ---- structure ----------------------------------------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        return self.config.text_config
+
+    @property
+    def d_in(self) -> int:
+        """Hidden size of the language model (the ``d_in`` of an SAE on its residual stream)."""
+        return int(self.text_config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def language_model(self) -> Any:
+        """The decoder stack (envoy when the model is nnsight-wrapped)."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> Any:
+        """Decoder layers, as envoys when the model is wrapped in nnsight (``layers[L].output``)."""
+        return self.language_model.layers
+
+    def layer_module(self, layer: int) -> nn.Module:
+        """The ``torch.nn.Module`` of decoder layer ``layer`` (for plain forward hooks)."""
+        self.check_layer(layer)
+        return self.hf_model.model.language_model.layers[layer]
+
+    def hook_name(self, layer: int) -> str:
+        """Module path of decoder layer ``layer`` (the ``hook_name`` of SAEs trained on it)."""
+        return f"model.language_model.layers.{layer}"
+
+    @property
+    @abc.abstractmethod
+    def vision_tower(self) -> Any:
+        """The vision encoder (envoy when wrapped)."""
+
+    @property
+    @abc.abstractmethod
+    def projector(self) -> Any:
+        """The module mapping vision features into the language model's embedding space (VISTA trains it)."""
+
+    def check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer {layer!r} is out of range: {type(self.hf_model).__name__} has decoder layers 0..{self.n_layers - 1}"
+            )
+        return layer
+
+    # ---- token ids ----------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder string of one image token in a prompt."""
+        return "<image>"
+
+    def special_token_ids(self) -> set[int]:
+        """Token ids that are never caption tokens (image, video, vision markers, pad/bos/eos)."""
+        ids = {self.image_token_id}
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            for cfg in (self.config, self.text_config):
+                v = getattr(cfg, name, None)
+                if isinstance(v, int):
+                    ids.add(v)
+                elif isinstance(v, (list, tuple)):
+                    ids.update(int(x) for x in v)
+        return ids
+
+    # ---- images -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def image_tokens(self, inputs: Mapping[str, Any]) -> list[ImageTokens]:
+        """The tokens each image of the batch expands to, in the order the model scatters them
+        (row-major over batch, then sequence), computed from the pixel inputs and the config only."""
+
+    @abc.abstractmethod
+    def num_image_tokens(self, height: int, width: int, processor: Any = None) -> int:
+        """Image tokens an image of ``height × width`` pixels becomes (through ``processor``'s settings
+        when given, else the family's defaults)."""
+
+    def has_images(self, inputs: Mapping[str, Any]) -> bool:
+        return inputs.get("pixel_values") is not None
+
+    # ---- masks --------------------------------------------------------------------------------
+    def _ids(self, inputs: Mapping[str, Any]) -> Tensor:
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError("inputs need 'input_ids' as a [batch, seq] tensor; build them with adapter.build_inputs(processor, images, texts)")
+        return ids
+
+    def _attention(self, inputs: Mapping[str, Any]) -> Tensor:
+        am = inputs.get("attention_mask")
+        ids = self._ids(inputs)
+        return torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
+
+    @jaxtyped(typechecker=beartype)
+    def image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
+        """True at the image-token positions (the positions the image features are written to)."""
+        return self._ids(inputs) == self.image_token_id
+
+    @jaxtyped(typechecker=beartype)
+    def caption_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
+        """True at the caption tokens only (no image, special or template tokens).
+
+        Encodings from :meth:`build_inputs` carry an exact ``caption_mask`` (found by rendering the
+        prompt with and without the caption).  For other encodings the fallback is: the non-special,
+        non-padding tokens after the last image-related token of each row, which is exact for the
+        plain layout (:attr:`plain_layout`) and includes template tokens after the caption otherwise.
+        """
+        cm = inputs.get("caption_mask")
+        if cm is not None:
+            return cm.bool()
+        ids = self._ids(inputs)
+        keep = self._attention(inputs).clone()
+        for t in self.special_token_ids():
+            keep &= ids != t
+        img = self._vision_marker_mask(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        last = torch.where(img, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
+        return keep & (pos > last)
+
+    def _vision_marker_mask(self, ids: Tensor) -> Tensor:
+        """Image tokens and any markers around them (overridden by families that have markers)."""
+        return ids == self.image_token_id
+
+    @jaxtyped(typechecker=beartype)
+    def patch_grid(self, inputs: Mapping[str, Any]) -> Int[Tensor, "batch seq 4"]:
+        """``[B, S, 4]`` long tensor: (image index within its row, region, row, col) at every image token,
+        -1 everywhere else.  Region 0 is the image's base grid; LLaVA-NeXT's high-resolution tiles are
+        region 1.  Row/col are -1 for image tokens that are not patches (CLS, row-newline)."""
+        self.check_inputs(inputs)
+        ids = self._ids(inputs)
+        grid = torch.full((*ids.shape, 4), -1, dtype=torch.long)
+        mask = self.image_token_mask(inputs).cpu()
+        tokens = self.image_tokens(inputs)
+        img = 0
+        for b in range(ids.shape[0]):
+            positions = mask[b].nonzero().flatten()
+            k, within = 0, 0
+            while k < len(positions):
+                t = tokens[img]
+                sl = positions[k:k + t.n_tokens]
+                grid[b, sl, GRID_IMAGE] = within
+                grid[b, sl, 1:] = t.grid
+                k, img, within = k + t.n_tokens, img + 1, within + 1
+        return grid.to(ids.device)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """One-line errors for inputs the model would reject or silently misread (raised before any forward)."""
+        ids = self._ids(inputs)
+        if not self.has_images(inputs):
+            return
+        counts = [t.n_tokens for t in self.image_tokens(inputs)]
+        per_row = self.image_token_mask(inputs).sum(dim=1).tolist()
+        img = 0
+        for b, n in enumerate(per_row):
+            if n == 0:
+                raise ValueError(
+                    f"sample {b} has no image token ({self.image_token!r}, id {self.image_token_id}) but images were given; "
+                    f"put the image token in the prompt, e.g. build inputs with adapter.build_inputs(processor, images, texts)"
+                )
+            used = 0
+            while used < n and img < len(counts):
+                used, img = used + counts[img], img + 1
+            if used < n:
+                raise ValueError(
+                    f"sample {b} has {n} image tokens but only {used} image features are left for it "
+                    f"({len(counts)} images give {sum(counts)} features); pass one image per image placeholder"
+                )
+            if used != n:
+                raise ValueError(
+                    f"sample {b} has {n} image tokens, fewer than the {used} features of its image(s); "
+                    f"let the processor expand each {self.image_token!r} (an image of this size needs {counts[img - 1]} tokens)"
+                )
+        if img < len(counts):
+            raise ValueError(
+                f"{len(counts)} images were given but the prompts have only {img} image slots; "
+                f"put one {self.image_token!r} per image in the prompts or pass fewer images"
+            )
+
+    def model_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors the model's forward takes (jsae's own keys such as ``caption_mask`` removed)."""
+        return {k: v for k, v in inputs.items() if k not in EXTRA_KEYS and v is not None}
+
+    # ---- building inputs ----------------------------------------------------------------------
+    def plain_prompt(self, caption: str, n_images: int = 1, processor: Any = None) -> str:
+        """The prompt used when the processor has no chat template: the image placeholder(s)
+        (``processor.image_token`` when it has one), a space, then the caption."""
+        image = getattr(processor, "image_token", None) or self.image_token
+        return " ".join([image] * n_images + ([caption] if caption else []))
+
+    def render_prompt(self, processor: Any, caption: str, n_images: int = 1, chat_template: bool | None = None,
+                      add_generation_prompt: bool = False) -> str:
+        """The prompt text of one sample: the processor's chat template with one user turn holding the
+        image(s) then the caption, or :meth:`plain_prompt` when there is no template (or
+        ``chat_template=False``)."""
+        template = getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
+        if chat_template is True and template is None:
+            raise ValueError(f"{type(processor).__name__} has no chat template; pass chat_template=False for the plain layout")
+        if template is None or chat_template is False:
+            return self.plain_prompt(caption, n_images, processor)
+        content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
+        if caption:
+            content.append({"type": "text", "text": caption})
+        messages = [{"role": "user", "content": content}]
+        fn = processor.apply_chat_template if hasattr(processor, "apply_chat_template") else _tokenizer(processor).apply_chat_template
+        return fn(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str], *,
+                     chat_template: bool | None = None, add_generation_prompt: bool = False,
+                     return_tensors: str = "pt") -> Any:
+        """Model inputs for ``images[i]`` (one image, or a list of images) paired with ``texts[i]``.
+
+        Goes through ``processor(images=..., text=...)`` and its chat template (plain layout when it has
+        none); the result also holds ``caption_mask`` (``[B, S]`` bool), exactly the tokens of each
+        caption, found by rendering every prompt with and without its caption and counting from the end
+        of the prompt (so the image-token expansion before it does not matter).
+        """
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images for {len(texts)} texts; pass one image (or list of images) per text")
+        if len(texts) == 0:
+            raise ValueError("no (image, text) pairs given")
+        tok = _tokenizer(processor)
+        n_imgs = [len(im) if isinstance(im, (list, tuple)) else 1 for im in images]
+        prompts, spans = [], []
+        for i, (text, k) in enumerate(zip(texts, n_imgs)):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}; pass strings")
+            full = self.render_prompt(processor, text, k, chat_template, add_generation_prompt)
+            bare = self.render_prompt(processor, "", k, chat_template, add_generation_prompt)
+            a, b = tok(full).input_ids, tok(bare).input_ids
+            pre = 0
+            while pre < min(len(a), len(b)) and a[pre] == b[pre]:
+                pre += 1
+            suf = 0
+            while suf < min(len(a), len(b)) - pre and a[-1 - suf] == b[-1 - suf]:
+                suf += 1
+            n_cap = len(a) - pre - suf
+            if n_cap <= 0:
+                raise ValueError(f"caption {i} ({text!r}) is empty: it has no caption tokens; drop the pair or give it a caption")
+            prompts.append(full)
+            spans.append((n_cap, suf))
+        flat_images = [im for ims in images for im in (ims if isinstance(ims, (list, tuple)) else [ims])]
+        enc = processor(images=flat_images, text=prompts, return_tensors=return_tensors, padding=True)
+        ids = enc["input_ids"]
+        am = enc.get("attention_mask")
+        am = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
+        # an unknown word is still a caption position, so <unk> is not excluded
+        special = (self.special_token_ids() | set(getattr(tok, "all_special_ids", []))) - {getattr(tok, "unk_token_id", None)}
+        cap = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (n_cap, suf) in enumerate(spans):
+            real = am[b].nonzero().flatten()
+            sel = real[len(real) - suf - n_cap:len(real) - suf]
+            cap[b, sel] = True
+        for t in special:
+            cap &= ids != t
+        if not bool(cap.any(dim=1).all()):
+            b = int((~cap.any(dim=1)).nonzero()[0])
+            raise ValueError(f"caption {b} ({texts[b]!r}) has no caption tokens after removing special tokens; give it a caption")
+        enc["caption_mask"] = cap
+        enc = self.complete_inputs(enc)
+        self.check_inputs(enc)
+        return enc
+
+    def complete_inputs(self, inputs: Any) -> Any:
+        """Add inputs the forward needs that a processor may not give (e.g. Qwen3-VL's ``mm_token_type_ids``)."""
+        return inputs
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+# ================================================================================================
+# Registry
+# ================================================================================================
+
+_REGISTRY: dict[str, type[VLMAdapter]] = {}
+_REMOTE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def mark_remote(model: Any) -> None:
+    """Record that ``model`` runs on NDIF (``jsae.load_vlm(..., remote=True)`` calls this)."""
+    _REMOTE.add(unwrap(model))
+
+
+def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+    """Register ``cls`` for each class name in ``cls.model_classes`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)) or not cls.model_classes:
+        raise TypeError(f"{cls!r} must be a VLMAdapter subclass with a non-empty model_classes")
+    for name in cls.model_classes:
+        _REGISTRY[name] = cls
+    return cls
+
+
+@functools.lru_cache(maxsize=1)
+def _load_entry_points() -> tuple[str, ...]:
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        register_adapter(cls)
+        loaded.append(ep.name)
+    return tuple(loaded)
+
+
+def supported_models() -> list[str]:
+    """Class names with a registered adapter (built-ins and entry points)."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def for_model(model: Any) -> VLMAdapter:
+    """The adapter for ``model`` (nnsight-wrapped or bare transformers VLM), chosen by its class."""
+    _load_entry_points()
+    hf = unwrap(model)
+    for klass in type(hf).__mro__:
+        cls = _REGISTRY.get(klass.__name__)
+        if cls is not None:
+            return cls(model)
+    raise ValueError(
+        f"no jsae adapter for {type(hf).__name__}; supported: {', '.join(sorted(_REGISTRY))}. "
+        f"Register one with jsae.adapters.register_adapter(MyAdapter) or the entry-point group {ENTRY_POINT_GROUP!r}"
+    )

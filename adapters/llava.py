@@ -1,0 +1,103 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+Image tokens are the positions where ``input_ids == config.image_token_id`` (``<image>``); the processor
+expands each ``<image>`` in the prompt to one token per image feature.
+
+* LLaVA-1.5: an image gives ``(H/patch) × (W/patch)`` patch tokens in row-major order (plus a leading CLS
+  token, row/col -1, with ``vision_feature_select_strategy="full"``); region 0.
+* LLaVA-NeXT: an image gives its base tile (``(image_size/patch)²`` tokens, region 0, row-major) followed
+  by the high-resolution tiles stitched into one grid, cropped to the image's aspect ratio ("unpadded")
+  and read row by row with one row-newline token at the end of each row (region 1; the newline token has
+  col -1).  Coordinates of region 1 are in the cropped grid, so (0, 0) is the top-left of the picture.
+
+Vision tower: ``model.model.vision_tower`` (a ``CLIPVisionModel``; in transformers 5 there is no
+``.vision_model`` level).  Projector: ``model.model.multi_modal_projector``.
+Plain layout (processor without chat template): ``"<image> caption"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter
+
+
+class LlavaAdapter(VLMAdapter):
+    model_classes = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+    plain_layout = "<image> caption"
+
+    @property
+    def is_next(self) -> bool:
+        return hasattr(self.config, "image_grid_pinpoints")
+
+    @property
+    def vision_tower(self) -> Any:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> Any:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def _tile_side(self) -> int:
+        v = self.config.vision_config
+        return int(v.image_size) // int(v.patch_size)
+
+    @property
+    def _has_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "full"
+
+    # ---- image tokens ---------------------------------------------------------------------------
+    def _grid(self, rows: int, cols: int, region: int = 0, newline: bool = False) -> Tensor:
+        r = torch.arange(rows).repeat_interleave(cols + newline)
+        c = torch.arange(cols + newline).repeat(rows)
+        if newline:
+            c = torch.where(c == cols, torch.full_like(c, -1), c)
+        return torch.stack([torch.full_like(r, region), r, c], dim=1)
+
+    def _next_hires_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the unpadded high-resolution grid of an image of ``height × width``."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        side = self._tile_side
+        tiles_h, tiles_w = get_anyres_image_grid_shape([height, width], self.config.image_grid_pinpoints,
+                                                       self.config.vision_config.image_size)
+        full = torch.empty(1, tiles_h * side, tiles_w * side, device="meta")
+        rows, cols = unpad_image(full, [height, width]).shape[1:]
+        return int(rows), int(cols)
+
+    def _image_grid(self, height: int, width: int) -> Tensor:
+        side = self._tile_side
+        if not self.is_next:
+            g = self._grid(height, width)  # here height/width are in patches
+            if self._has_cls:
+                g = torch.cat([torch.tensor([[0, -1, -1]]), g])
+            return g
+        rows, cols = self._next_hires_shape(height, width)
+        return torch.cat([self._grid(side, side), self._grid(rows, cols, region=1, newline=True)])
+
+    def image_tokens(self, inputs: Mapping[str, Any]) -> list[ImageTokens]:
+        pv = inputs.get("pixel_values")
+        if pv is None:
+            return []
+        if not self.is_next:
+            if pv.dim() != 4:
+                raise ValueError(f"LLaVA pixel_values must be [n_images, 3, H, W], got shape {list(pv.shape)}")
+            p = int(self.config.vision_config.patch_size)
+            g = self._image_grid(pv.shape[-2] // p, pv.shape[-1] // p)
+            return [ImageTokens(g) for _ in range(pv.shape[0])]
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT inputs need 'image_sizes' ([n_images, 2], height and width); let the processor make them")
+        return [ImageTokens(self._image_grid(int(h), int(w))) for h, w in torch.as_tensor(sizes).tolist()]
+
+    def num_image_tokens(self, height: int, width: int, processor: Any = None) -> int:
+        if not self.is_next:
+            return self._tile_side ** 2 + int(self._has_cls)
+        return self._image_grid(height, width).shape[0]
+
+
+register_adapter(LlavaAdapter)

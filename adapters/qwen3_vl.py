@@ -1,0 +1,121 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``) and Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``).
+
+Token ids come from the config: ``image_token_id`` (``<|image_pad|>``), ``video_token_id``,
+``vision_start_token_id`` / ``vision_end_token_id``.  The processor writes
+``<|vision_start|>`` + ``<|image_pad|>`` × (t·h·w / merge²) + ``<|vision_end|>`` per image, where
+``image_grid_thw`` (``[n_images, 3]``) counts patches.  An image's tokens are its *merged* patches
+(merge × merge patches each) in row-major order over ``(h / merge, w / merge)``; region 0.
+
+The forward needs ``mm_token_type_ids`` (0 text, 1 image, 2 video; M-RoPE positions come from it):
+:meth:`Qwen3VLAdapter.model_kwargs` adds it from ``input_ids`` when a processor did not.
+
+DeepStack: the text model adds ``deepstack_visual_embeds[k]`` at the image positions *after* decoder
+layer ``k`` returns (``k < len(vision_config.deepstack_visual_indexes)``), so ``layers[k].output`` is the
+state before that injection (and so is ``output_hidden_states[k + 1]``).
+
+Vision tower: ``model.model.visual``.  Projector: ``model.model.visual.merger`` (the patch merger into
+the LM width; the DeepStack mergers are ``visual.deepstack_merger_list``).
+Plain layout (processor without chat template): ``"<|vision_start|><|image_pad|><|vision_end|> caption"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter
+
+# Qwen3-VL image processor defaults (preprocessor_config.json of the Qwen3-VL checkpoints)
+DEFAULT_MIN_PIXELS = 65536
+DEFAULT_MAX_PIXELS = 16777216
+
+
+class Qwen3VLAdapter(VLMAdapter):
+    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    plain_layout = "<|vision_start|><|image_pad|><|vision_end|> caption"
+
+    @property
+    def image_token(self) -> str:
+        return "<|image_pad|>"
+
+    @property
+    def vision_tower(self) -> Any:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> Any:
+        return self.model.model.visual.merger
+
+    @property
+    def _merge(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def _marker_ids(self) -> list[int]:
+        c = self.config
+        return [int(c.image_token_id), int(c.video_token_id), int(c.vision_start_token_id), int(c.vision_end_token_id)]
+
+    def special_token_ids(self) -> set[int]:
+        return super().special_token_ids() | set(self._marker_ids())
+
+    def _vision_marker_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(ids, torch.tensor(self._marker_ids(), device=ids.device))
+
+    def image_tokens(self, inputs: Mapping[str, Any]) -> list[ImageTokens]:
+        if inputs.get("pixel_values") is None:
+            return []
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("Qwen3-VL inputs need 'image_grid_thw' ([n_images, 3]) with 'pixel_values'; let the processor make them")
+        m = self._merge
+        out = []
+        for t, h, w in torch.as_tensor(thw).tolist():
+            rows, cols = h // m, w // m
+            r = torch.arange(rows).repeat_interleave(cols).repeat(t)
+            c = torch.arange(cols).repeat(rows * t)
+            out.append(ImageTokens(torch.stack([torch.zeros_like(r), r, c], dim=1)))
+        return out
+
+    def num_image_tokens(self, height: int, width: int, processor: Any = None) -> int:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = getattr(processor, "image_processor", processor)
+        patch = int(getattr(ip, "patch_size", None) or self.config.vision_config.patch_size)
+        merge = int(getattr(ip, "merge_size", None) or self._merge)
+        size = getattr(ip, "size", None)
+        lo, hi = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+        h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo or DEFAULT_MIN_PIXELS,
+                            max_pixels=hi or DEFAULT_MAX_PIXELS)
+        return (h // patch) * (w // patch) // (merge * merge)
+
+    def plain_prompt(self, caption: str, n_images: int = 1, processor: Any = None) -> str:
+        image = "<|vision_start|><|image_pad|><|vision_end|>"
+        return " ".join([image] * n_images + ([caption] if caption else []))
+
+    def _type_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return (ids == c.image_token_id).int() + 2 * (ids == c.video_token_id).int()
+
+    def complete_inputs(self, inputs: Any) -> Any:
+        if inputs.get("mm_token_type_ids") is None:
+            inputs["mm_token_type_ids"] = self._type_ids(self._ids(inputs))
+        return inputs
+
+    def model_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        kw = super().model_kwargs(inputs)
+        if "mm_token_type_ids" not in kw and "input_ids" in kw:
+            kw["mm_token_type_ids"] = self._type_ids(kw["input_ids"])
+        return kw
+
+
+def _size_field(size: Any, key: str) -> Any:
+    """``size[key]`` of an image processor (a dict or a ``SizeDict``), None when absent."""
+    if size is None:
+        return None
+    value = getattr(size, key, None)
+    if value is None and isinstance(size, Mapping):
+        value = size.get(key)
+    return value
+
+
+register_adapter(Qwen3VLAdapter)

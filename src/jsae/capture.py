@@ -1,0 +1,350 @@
+"""Paired pooled capture: for each (image, caption) the layer-``L`` state pooled over the image tokens
+("vision") and over the caption tokens ("text"), written as safetensors shards, and read back as the
+paired batches the JSAE trainer consumes.
+
+One nnsight trace per batch reads every requested layer (``adapter.layers[L].output``), pools per sample
+and stops the forward after the last requested layer (``tracer.stop()``).  Directory layout::
+
+    out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards
+    out_dir/shard-00000.safetensors  layer_4.vision [n, d_in], layer_4.text [n, d_in], ...
+
+A shard is written to a temporary name and renamed; the manifest is rewritten (tmp + rename) after
+every shard, so a killed run resumes from the last shard with the exact pair count and no duplicates
+(shards hold whole batches, so a resumed run sees the same batches as an uninterrupted one).
+Memory: one batch of activations plus one shard of pooled vectors, whatever the data size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Bool, Float, jaxtyped
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from jsae.adapters import VLMAdapter, for_model, unwrap
+
+POOLINGS = ("mean", "max", "last")
+MANIFEST = "manifest.json"
+FORMAT = "jsae-capture/1"
+Pooling = Literal["mean", "max", "last"]
+
+
+# ================================================================================================
+# Pooling
+# ================================================================================================
+
+
+@jaxtyped(typechecker=beartype)
+def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], pooling: str = "mean") -> Float[Tensor, "batch d"]:
+    """Pool ``hidden`` over the positions of ``mask`` per row: ``"mean"``, ``"max"`` or ``"last"`` (the
+    last masked position).  Every row needs at least one masked position."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    mask = mask.to(hidden.device)
+    if pooling == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1)
+    if pooling == "max":
+        return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, pos, -1).amax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+# ================================================================================================
+# Capture
+# ================================================================================================
+
+
+def _image_bytes(image: Any) -> bytes:
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL
+        return f"{image.mode}{image.size}".encode() + image.tobytes()
+    if isinstance(image, Tensor):
+        return str(tuple(image.shape)).encode() + image.detach().cpu().contiguous().numpy().tobytes()
+    arr = np.ascontiguousarray(np.asarray(image))
+    return str(arr.shape).encode() + arr.tobytes()
+
+
+def dataset_fingerprint(pairs: Sequence[tuple[Any, str]]) -> str:
+    """sha256 over every caption and image (pixels, mode and size), in order."""
+    h = hashlib.sha256()
+    for image, caption in pairs:
+        images = image if isinstance(image, (list, tuple)) else [image]
+        for im in images:
+            h.update(_image_bytes(im))
+        h.update(b"\x00" + str(caption).encode() + b"\x01")
+    return h.hexdigest()[:32]
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _model_name(adapter: VLMAdapter) -> str:
+    return str(getattr(adapter.config, "_name_or_path", "") or type(adapter.hf_model).__name__)
+
+
+def _check_pairs(pairs: Any) -> None:
+    if not (hasattr(pairs, "__len__") and hasattr(pairs, "__getitem__")):
+        raise TypeError(f"pairs must be a sequence of (image, caption) with len() and indexing (for exact resume), got {type(pairs).__name__}")
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty; give at least one (image, caption) pair")
+
+
+def capture_pairs(
+    model: Any,
+    pairs: Sequence[tuple[Any, str]],
+    *,
+    layers: int | Sequence[int],
+    out_dir: str | os.PathLike[str],
+    processor: Any = None,
+    pooling: Pooling = "mean",
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    fingerprint: str | None = None,
+    chat_template: bool | None = None,
+    adapter: VLMAdapter | None = None,
+    progress: bool = True,
+) -> Path:
+    """Capture pooled (vision, text) activations of ``pairs`` at ``layers`` into ``out_dir``; returns it.
+
+    ``model`` is nnsight-wrapped (``jsae.load_vlm``) or a bare transformers VLM; ``processor`` builds the
+    inputs (``adapter.build_inputs``; default ``model.processor``).  Re-running on a directory with the
+    same model, layers, pooling and data resumes; a finished capture returns at once.
+    ``fingerprint`` replaces the default sha256 of the data (e.g. a dataset name and revision).
+    """
+    adapter = adapter or for_model(model)
+    if not hasattr(model, "trace"):
+        from nnsight import NNsight
+
+        model = NNsight(model)
+        adapter = for_model(model)
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None:
+        raise ValueError("capture_pairs needs the model's processor: pass processor= (jsae.load_vlm returns it)")
+    _check_pairs(pairs)
+    layer_list = sorted({adapter.check_layer(L) for L in ([layers] if isinstance(layers, int) else list(layers))})
+    if not layer_list:
+        raise ValueError("layers is empty; pass the decoder layer(s) to capture, e.g. layers=[4]")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    if batch_size <= 0 or shard_size <= 0:
+        raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    shard_size = -(-shard_size // batch_size) * batch_size  # whole batches per shard: resume sees the same batches
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "format": FORMAT,
+        "model": _model_name(adapter),
+        "model_class": type(adapter.hf_model).__name__,
+        "layers": layer_list,
+        "hook_names": [adapter.hook_name(L) for L in layer_list],
+        "pooling": pooling,
+        "fingerprint": fingerprint or dataset_fingerprint(pairs),
+        "total": len(pairs),
+        "dtype": str(dtype).removeprefix("torch."),
+        "d_in": adapter.d_in,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+    }
+    manifest = _open_manifest(out, settings)
+    done = manifest["count"]
+    n = len(pairs)
+    bar = tqdm(total=n, initial=done, desc="capture", unit="pair", disable=not progress)
+    pending: dict[str, list[Tensor]] = {f"layer_{L}.{m}": [] for L in layer_list for m in ("vision", "text")}
+    pending_n = 0
+    try:
+        for start in range(done, n, batch_size):
+            batch = [pairs[i] for i in range(start, min(start + batch_size, n))]
+            images, texts = [p[0] for p in batch], [p[1] for p in batch]
+            try:
+                inputs = adapter.build_inputs(processor, images, texts, chat_template=chat_template)
+            except ValueError as err:
+                raise ValueError(f"pairs {start}..{start + len(batch) - 1}: {err}") from None
+            for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling).items():
+                pending[key].append(value.to(dtype).cpu())
+            pending_n += len(batch)
+            bar.update(len(batch))
+            if pending_n >= shard_size:
+                manifest = _flush(out, manifest, pending, pending_n)
+                pending_n = 0
+        if pending_n:
+            manifest = _flush(out, manifest, pending, pending_n)
+        manifest["complete"] = True
+        _write_json_atomic(out / MANIFEST, manifest)
+    finally:
+        bar.close()
+    return out
+
+
+def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str,
+                   pool_in_trace: bool = True) -> dict[str, Tensor]:
+    """One forward through nnsight: every layer in ``layers`` pooled over image and caption tokens,
+    stopping after the last one.  On a remote model (where jsae's code does not exist) the layer
+    outputs are saved and pooled here instead (``pool_in_trace=False``)."""
+    image_mask = adapter.image_token_mask(inputs)
+    caption_mask = adapter.caption_token_mask(inputs)
+    kwargs = adapter.model_kwargs(inputs)
+    device = next(unwrap(model).parameters()).device
+    if device.type != "meta":
+        kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    saved: dict[str, Any] = {}
+    pool_here = pool_in_trace and not adapter.remote
+    with torch.no_grad(), model.trace(**kwargs, **({"remote": True} if adapter.remote else {})) as tracer:
+        for L in layers:
+            hidden = adapter.layers[L].output
+            if pool_here:
+                saved[f"layer_{L}.vision"] = pool(hidden, image_mask, pooling).save()
+                saved[f"layer_{L}.text"] = pool(hidden, caption_mask, pooling).save()
+            else:
+                saved[f"layer_{L}"] = hidden.save()
+        tracer.stop()
+    if pool_here:
+        return saved
+    out = {}
+    for L in layers:
+        hidden = saved[f"layer_{L}"]
+        out[f"layer_{L}.vision"] = pool(hidden, image_mask, pooling)
+        out[f"layer_{L}.text"] = pool(hidden, caption_mask, pooling)
+    return out
+
+
+def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to continue from (a fresh one for a new directory), after removing leftovers of a
+    killed run (temporary files, shards the manifest does not list)."""
+    path = out / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        for key in ("format", "model", "model_class", "layers", "pooling", "fingerprint", "total", "dtype", "batch_size", "shard_size"):
+            if manifest.get(key) != settings[key]:
+                raise ValueError(
+                    f"{out} holds a capture with {key}={manifest.get(key)!r}, not {settings[key]!r}; "
+                    "use a new out_dir or the same settings to resume"
+                )
+    else:
+        manifest = {**settings, "count": 0, "shards": [], "complete": False}
+    listed = {s["file"] for s in manifest["shards"]}
+    for f in out.iterdir():
+        if f.name.endswith(".tmp") or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed):
+            f.unlink()
+    if not path.exists():
+        _write_json_atomic(path, manifest)
+    return manifest
+
+
+def _flush(out: Path, manifest: dict[str, Any], pending: dict[str, list[Tensor]], n: int) -> dict[str, Any]:
+    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
+    tmp = out / (name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"count": str(n)})
+    os.replace(tmp, out / name)
+    for v in pending.values():
+        v.clear()
+    manifest = {**manifest, "shards": [*manifest["shards"], {"file": name, "count": n}], "count": manifest["count"] + n}
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# ================================================================================================
+# Reading back
+# ================================================================================================
+
+
+def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run jsae.capture_pairs(..., out_dir={str(out_dir)!r}) first")
+    return json.loads(path.read_text())
+
+
+class PairedActivations:
+    """Captured ``(vision [B, d_in], text [B, d_in])`` batches of one layer, shuffled per epoch from ``seed``.
+
+    ``len()`` is the number of batches per epoch (the last partial batch is dropped); iterating gives one
+    epoch (each new ``iter()`` the next epoch); ``batches(start)`` yields from global batch index
+    ``start`` on, epoch after epoch (the trainer's exact-resume hook).  The layer's vectors are held in
+    memory (2 × count × d_in values).
+    """
+
+    @jaxtyped(typechecker=beartype)
+    def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
+                 shuffle: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None):
+        if vision.shape != text.shape:
+            raise ValueError(f"vision {tuple(vision.shape)} and text {tuple(text.shape)} must have the same shape")
+        if not 0 < batch_size <= vision.shape[0]:
+            raise ValueError(f"batch_size must be between 1 and the number of pairs ({vision.shape[0]}), got {batch_size}")
+        self.vision, self.text = vision, text
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.manifest = manifest or {}
+        self._epoch = 0
+
+    @property
+    def d_in(self) -> int:
+        return int(self.vision.shape[1])
+
+    def __len__(self) -> int:
+        return self.vision.shape[0] // self.batch_size
+
+    def order(self, epoch: int) -> Tensor:
+        n = self.vision.shape[0]
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches from global index ``start`` on, forever (batch ``i`` is batch ``i % len`` of epoch ``i // len``)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        n = len(self)
+        epoch, offset = divmod(start, n)
+        while True:
+            order = self.order(epoch)
+            for i in range(offset, n):
+                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self.vision[idx], self.text[idx]
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        it = self.batches(epoch * len(self))
+        return (next(it) for _ in range(len(self)))
+
+
+def load_pairs(out_dir: str | os.PathLike[str], layer: int | None = None, *, batch_size: int = 256,
+               shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
+               allow_incomplete: bool = False) -> PairedActivations:
+    """The captured pairs of ``layer`` (default: the only captured layer) as a :class:`PairedActivations`."""
+    manifest = read_manifest(out_dir)
+    if not manifest.get("complete") and not allow_incomplete:
+        raise ValueError(f"the capture in {out_dir} is incomplete ({manifest['count']}/{manifest['total']} pairs); "
+                         "re-run capture_pairs to finish it or pass allow_incomplete=True")
+    layers = manifest["layers"]
+    if layer is None:
+        if len(layers) != 1:
+            raise ValueError(f"{out_dir} holds layers {layers}; pass layer=")
+        layer = layers[0]
+    if layer not in layers:
+        raise ValueError(f"layer {layer} was not captured in {out_dir}; captured layers: {layers}")
+    parts: dict[str, list[Tensor]] = {"vision": [], "text": []}
+    for shard in manifest["shards"]:
+        with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
+            for m in parts:
+                parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
+    if not parts["vision"]:
+        raise ValueError(f"{out_dir} holds no captured pairs yet")
+    return PairedActivations(torch.cat(parts["vision"]), torch.cat(parts["text"]), batch_size, shuffle, seed, manifest)

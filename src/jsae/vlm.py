@@ -1,0 +1,102 @@
+"""Loading a VLM for jsae: the nnsight-wrapped model, its processor and its adapter.
+
+>>> model, processor, adapter = jsae.load_vlm("llava-hf/llava-v1.6-mistral-7b-hf", dtype="bfloat16")
+>>> with model.trace(**adapter.model_kwargs(inputs)):
+...     h = adapter.layers[16].output.save()
+
+``model`` is an ``nnsight.NNsight`` envoy over the transformers model when it runs here; with
+``remote=True`` it is an undispatched ``nnsight.TransformersModel`` (weights stay on NDIF; the tree is
+built on the meta device) to trace with ``model.trace(..., remote=True)``.  Loading never runs remote
+code (``trust_remote_code=False``) and reads weights from safetensors through transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from jsae.adapters import VLMAdapter, for_model, supported_models
+from jsae.adapters.base import mark_remote
+
+
+class VLM(NamedTuple):
+    model: Any
+    processor: Any
+    adapter: VLMAdapter
+
+
+def _offline() -> bool:
+    import huggingface_hub.constants
+
+    if getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False):
+        return True
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _not_found(name: str, err: Exception) -> OSError:
+    where = "not a local directory and not in the Hugging Face cache"
+    why = "the hub is offline (HF_HUB_OFFLINE)" if _offline() else f"the hub could not provide it ({type(err).__name__})"
+    return OSError(
+        f"cannot load {name!r}: it is {where}, and {why}; download it first "
+        f"(`hf download {name}`) or pass the path of a saved model"
+    )
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
+
+
+def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, remote: bool = False,
+             revision: str | None = None, **kwargs: Any) -> VLM:
+    """Load ``name_or_path`` (hub id or local directory): returns ``VLM(model, processor, adapter)``.
+
+    ``dtype`` and ``device_map`` go to ``from_pretrained``; ``remote=True`` builds the model on the meta
+    device through ``nnsight.TransformersModel`` for NDIF (pass ``remote=True`` to your traces).
+    Raises a one-line ``OSError`` when the model is neither local nor reachable (offline, not cached) and
+    a ``ValueError`` when its architecture has no jsae adapter.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    dtype = _resolve_dtype(dtype)
+    common = dict(revision=revision, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **common)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name_or_path):
+            raise OSError(f"cannot load {name_or_path!r}: the directory has no usable config.json ({err})") from None
+        raise _not_found(name_or_path, err) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    supported = supported_models()
+    if archs and not any(a in supported for a in archs):
+        raise ValueError(
+            f"{name_or_path!r} is a {archs[0]}; jsae has adapters for {', '.join(supported)} "
+            "(register your own with jsae.adapters.register_adapter)"
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **common)
+    except (OSError, ValueError) as err:
+        raise _not_found(name_or_path, err) from None
+    if remote:
+        from nnsight import TransformersModel
+
+        model = TransformersModel(name_or_path, task="image-text-to-text", processor=processor, dispatch=False,
+                                  revision=revision, trust_remote_code=False, **({"dtype": dtype} if dtype else {}), **kwargs)
+    else:
+        from nnsight import NNsight
+
+        try:
+            hf = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, dtype=dtype, device_map=device_map,
+                                                             use_safetensors=True, **common, **kwargs)
+        except OSError as err:
+            raise _not_found(name_or_path, err) from None
+        model = NNsight(hf.eval())
+    if remote:
+        mark_remote(model)
+    adapter = for_model(model)
+    return VLM(model, processor, adapter)
