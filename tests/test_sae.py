@@ -351,3 +351,16 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
         mod._atomic_save(tmp_path / "sae", half_written)
     assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_folding_a_norm_scaling_factor_keeps_the_function(kw):
+    """Train at a scaled norm, fold the scale in: the SAE then takes raw activations."""
+    sae = make(**kw)
+    x, s = 40 * torch.randn(5, 12), 0.05
+    codes = {m: sae.encode(x * s, m) for m in jsae.MODALITIES}
+    outs = {m: sae(x * s, m) / s for m in jsae.MODALITIES}
+    sae.fold_activation_norm_scaling_factor(s)
+    for m in jsae.MODALITIES:
+        torch.testing.assert_close(sae.encode(x, m), codes[m], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sae(x, m), outs[m], atol=1e-3, rtol=1e-4)

@@ -144,8 +144,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     sae_rows: list[dict[str, Any]] = []
     norms: dict[int, float] = {}
     for layer in tqdm(layers, desc="training SAEs", disable=not progress):
-        v, t = _tensors(load_pairs(caps["train"], layer))
-        vl, tl = _tensors(load_pairs(caps["label"], layer))
+        v, t = _tensors(load_pairs(caps["train"], layer, batch_size=1))
+        vl, tl = _tensors(load_pairs(caps["label"], layer, batch_size=1))
         norms[layer] = float(v.norm(dim=-1).mean())
         meta = {"model_name": cfg.model, "hook_name": adapter.hook_name(layer), "pooling": "mean"}
         methods = train_methods(v, t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps, batch_size=cfg.batch_size,
@@ -167,7 +167,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     images, objects = [ex["image"] for ex in test], [ex["objects"] for ex in test]
     concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts)
     if not concepts:
-        raise RuntimeError("no object type has a shared JSAE feature at every swept layer; train longer or wider")
+        raise RuntimeError("no world concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
     captioner = make_captioner(model, processor, adapter, cfg)
     sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start,
                             n_max=cfg.n_max, halfwidth=cfg.halfwidth)
@@ -224,16 +224,14 @@ def _sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float
 
 
 def _pick_concepts(labels_by_layer: dict[int, dict[str, FeatureLabels]], layers: list[int], k: int) -> list[str]:
-    from jsae.world import TYPES
-
+    """The world concepts with a shared JSAE feature at the most swept layers (then the most features)."""
     scores = []
-    for c in TYPES:
-        n = sum(len([lab for lab in labels_by_layer[L]["jsae"].labels if lab.label == c and lab.kind == "shared"])
-                for L in layers)
-        ok = all(any(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels) for L in layers)
-        if ok:
-            scores.append((-n, c))
-    return [c for _, c in sorted(scores)[:k]]
+    for c in world_concepts():
+        per_layer = [sum(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels)
+                     for L in layers]
+        if any(per_layer):
+            scores.append((-sum(n > 0 for n in per_layer), -sum(per_layer), c))
+    return [c for *_, c in sorted(scores)[:k]]
 
 
 def _cell_dict(c: Cell) -> dict[str, Any]:

@@ -127,7 +127,10 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps
     from jsae.baselines import match_separate_saes
 
     out: dict[str, Method] = {}
-    data = PairedTensorData(vision, text, batch_size=min(batch_size, vision.shape[0]), seed=seed)
+    # train at mean norm sqrt(d_in) (SAELens's convention, so L1 weights mean the same at every layer) and
+    # fold the scale into the weights afterwards: the saved SAEs take raw activations
+    scale = math.sqrt(vision.shape[1]) / float(torch.cat([vision, text]).norm(dim=-1).mean())
+    data = PairedTensorData(vision * scale, text * scale, batch_size=min(batch_size, vision.shape[0]), seed=seed)
     tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
                               seed=seed, progress=False, log_every=max(steps // 4, 1), grad_clip_norm=None)
     for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
@@ -136,6 +139,7 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps
         for key, value in {**metadata, "layer": layer}.items():
             cfg.metadata[key] = value
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit().eval()
+        sae.fold_activation_norm_scaling_factor(scale)
         out[name] = Method(name, sae, True)
     if "separate" in methods:
         text_order, _ = match_separate_saes(out["jsae-none"].sae, vision, text)
@@ -152,7 +156,7 @@ def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_si
 
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=vision.shape[1], d_sae=d_sae, k=k))
-    scale = vision.pow(2).sum(-1).mean().sqrt()  # SAELens expects roughly unit-scale inputs; fold it back after
+    scale = float(vision.norm(dim=-1).mean()) / math.sqrt(vision.shape[1])  # train at mean norm sqrt(d_in); fold back after
 
     def provider():
         g = torch.Generator().manual_seed(seed)
