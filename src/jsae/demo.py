@@ -108,12 +108,18 @@ def make_captioner(model: Any, processor: Any, adapter: Any, cfg: DemoConfig):
     return caption
 
 
-def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = False, progress: bool = True,
+             scores_out: bool = False) -> dict[str, Any]:
+    """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
     from jsae.capture import capture_pairs, load_pairs
     from jsae.interventions import Ablate, Steer
     from jsae.world import world_dataset
 
     cfg = cfg or DemoConfig()
+    if cfg.concepts:
+        unknown = [c for c in cfg.concepts if c not in world_concepts()]
+        if unknown:
+            raise ValueError(f"unknown concept(s) {unknown}; the world's concepts are {world_concepts()}")
     out = Path(out)
     _check_out(out, cfg, overwrite)
     t0 = time.time()
@@ -165,6 +171,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     # 4. the sweep, on held-out test images
     test = world_dataset("test", cfg.n_eval, cfg.seed)
     images, objects = [ex["image"] for ex in test], [ex["objects"] for ex in test]
+    if cfg.concepts:
+        labelled = sorted({lab.label for L in layers for lab in labels_by_layer[L]["jsae"].labels
+                           if lab.label and lab.kind == "shared"})
+        missing = [c for c in cfg.concepts if c not in labelled]
+        if missing:
+            raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; "
+                             f"concepts with one: {labelled}")
     concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts)
     if not concepts:
         raise RuntimeError("no world concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
@@ -196,6 +209,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     (out / "report.md").write_text(_report_md(metrics))
     timings["total_s"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
+    if scores_out:
+        metrics["_cells"] = cells
     return metrics
 
 
