@@ -205,3 +205,17 @@ def test_saelens_own_trainer_trains_the_default_branch():
     SAETrainer(cfg=cfg, sae=sae, data_provider=iter(text.split(64)), evaluator=None).fit()
     assert (sae(text) - text).pow(2).sum(-1).mean().item() < 0.5 * loss0
     assert torch.equal(sae.W_enc_of("vision"), before)  # the other branch is untouched
+
+
+def test_wandb_logging_uses_saelens_key_names(tmp_path, monkeypatch):
+    """A real wandb run (offline mode): the run file holds the metrics under SAELens's names."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer(steps=10, log_to_wandb=True, wandb_project="jsae-test").fit()
+    runs = list(tmp_path.glob("wandb/offline-run-*/*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for key in ("losses/overall_loss", "losses/alignment_loss", "metrics/explained_variance_vision", "metrics/l0_text",
+                "sparsity/dead_features_vision", "details/current_learning_rate"):
+        assert key.encode() in data, key
