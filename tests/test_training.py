@@ -215,6 +215,9 @@ def test_wandb_logging_uses_saelens_key_names(tmp_path, monkeypatch):
     trainer(steps=10, log_to_wandb=True, wandb_project="jsae-test").fit()
     runs = list(tmp_path.glob("wandb/offline-run-*/*.wandb"))
     assert len(runs) == 1
+    deadline = time.time() + 30  # wandb's service process flushes the run file after finish() returns
+    while b"details/current_learning_rate" not in runs[0].read_bytes() and time.time() < deadline:
+        time.sleep(0.2)
     data = runs[0].read_bytes()
     for key in ("losses/overall_loss", "losses/alignment_loss", "metrics/explained_variance_vision", "metrics/l0_text",
                 "sparsity/dead_features_vision", "details/current_learning_rate"):
