@@ -38,6 +38,7 @@ from sae_lens.saes.sae import (
 from torch import Tensor, nn
 
 from jsae.alignment import get_alignment_loss
+from jsae.kernels import fused_paired_forward_pass, fused_topk_branch_losses
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
@@ -338,7 +339,17 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     def _branch_losses(
         self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-        """Reconstruction, sparsity and aux losses of one modality; returns (losses, codes, pre, recon)."""
+        """Reconstruction, sparsity and aux losses of one modality; returns (losses, codes, pre, recon).
+
+        TopK trains on the sparse-backward path of :mod:`jsae.kernels` (same losses and gradients as
+        :meth:`_dense_branch_losses`, which stays as the reference)."""
+        if self.cfg.activation == "topk":
+            return fused_topk_branch_losses(self, x, modality, coefficients, dead)
+        return self._dense_branch_losses(x, modality, coefficients, dead)
+
+    def _dense_branch_losses(
+        self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         m_idx = MODALITIES.index(modality)
         pre = self._pre(x, modality)
         acts = F.relu(pre)
@@ -381,11 +392,20 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
         ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values;
         ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.
+        TopK uses :func:`jsae.kernels.fused_paired_forward_pass` (cosine alignment on sparse codes).
         """
+        if self.cfg.activation == "topk":
+            return fused_paired_forward_pass(self, vision, text, coefficients, dead_neuron_mask)
+        return self._dense_paired_forward_pass(vision, text, coefficients, dead_neuron_mask)
+
+    def _dense_paired_forward_pass(
+        self, vision: Tensor, text: Tensor, coefficients: dict[str, float], dead_neuron_mask: Tensor | None = None
+    ) -> JointStepOutput:
+        """:meth:`paired_forward_pass` on dense codes (the reference for the sparse path)."""
         out = JointStepOutput(loss=vision.new_zeros(()), losses={}, codes={}, recons={})
         for i, (modality, x) in enumerate(zip(MODALITIES, (vision, text))):
             dead = None if dead_neuron_mask is None else dead_neuron_mask[i]
-            losses, out.codes[modality], _, out.recons[modality] = self._branch_losses(x, modality, coefficients, dead)
+            losses, out.codes[modality], _, out.recons[modality] = self._dense_branch_losses(x, modality, coefficients, dead)
             out.losses.update(losses)
         align = get_alignment_loss(self.cfg.alignment)(
             out.codes["vision"], out.codes["text"], temperature=self.cfg.infonce_temperature

@@ -177,7 +177,11 @@ class JointSAETrainer:
                 for p in params:
                     dist.broadcast(p.data, src=0)
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        # fused: one kernel per step instead of ~10 foreach passes over every parameter (8.4M params:
+        # 64 ms vs 256 ms on this CPU); same update up to float rounding
+        fused = torch.device(cfg.device).type in ("cpu", "cuda")
+        self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                                 fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.steps_since_fired = torch.zeros(len(MODALITIES), sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
@@ -214,6 +218,20 @@ class JointSAETrainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainingJointSAE:
         """Train to ``total_steps``; with ``resume`` (default) continue from the latest checkpoint."""
+        c = self.cfg
+        flush = torch.device(c.device).type == "cpu"
+        if flush:
+            # Adam moments of rarely firing latents decay into denormal floats, which made CPU steps up to
+            # ~7x slower (synthetic benchmark, jsae-cosine); flushing them to zero changes no visible
+            # result.  Process-wide, so it is switched back off when fit() returns.
+            torch.set_flush_denormal(True)
+        try:
+            return self._fit(resume)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+
+    def _fit(self, resume: bool) -> TrainingJointSAE:
         c = self.cfg
         if resume and c.checkpoint_dir and (Path(c.checkpoint_dir) / LATEST).exists():
             self.load_checkpoint(c.checkpoint_dir)
@@ -280,7 +298,7 @@ class JointSAETrainer:
         if c.normalize_decoder:
             self._renormalize_decoder()
         with torch.no_grad():
-            fired = torch.stack([(out.codes[m] > 0).any(0) for m in MODALITIES]).long()
+            fired = torch.stack([out.codes[m].amax(0) > 0 for m in MODALITIES]).long()  # codes >= 0
             if self.world_size > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
