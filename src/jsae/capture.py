@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.adapters import VLMAdapter, for_model, unwrap
+from jsae.training import PairedTensorData
 
 POOLINGS = ("mean", "max", "last")
 MANIFEST = "manifest.json"
@@ -272,57 +273,18 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-class PairedActivations:
-    """Captured ``(vision [B, d_in], text [B, d_in])`` batches of one layer, shuffled per epoch from ``seed``.
-
-    ``len()`` is the number of batches per epoch (the last partial batch is dropped); iterating gives one
-    epoch (each new ``iter()`` the next epoch); ``batches(start)`` yields from global batch index
-    ``start`` on, epoch after epoch (the trainer's exact-resume hook).  The layer's vectors are held in
-    memory (2 × count × d_in values).
-    """
+class PairedActivations(PairedTensorData):
+    """Captured ``(vision [B, d_in], text [B, d_in])`` batches of one layer, shuffled per epoch from
+    ``seed`` (see :class:`jsae.training.PairedTensorData`), with the capture's ``manifest``.  The layer's
+    vectors are held in memory (2 × count × d_in values)."""
 
     @jaxtyped(typechecker=beartype)
     def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
                  shuffle: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None):
         if vision.shape != text.shape:
             raise ValueError(f"vision {tuple(vision.shape)} and text {tuple(text.shape)} must have the same shape")
-        if not 0 < batch_size <= vision.shape[0]:
-            raise ValueError(f"batch_size must be between 1 and the number of pairs ({vision.shape[0]}), got {batch_size}")
-        self.vision, self.text = vision, text
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        super().__init__(vision, text, batch_size, shuffle, seed)
         self.manifest = manifest or {}
-        self._epoch = 0
-
-    @property
-    def d_in(self) -> int:
-        return int(self.vision.shape[1])
-
-    def __len__(self) -> int:
-        return self.vision.shape[0] // self.batch_size
-
-    def order(self, epoch: int) -> Tensor:
-        n = self.vision.shape[0]
-        if not self.shuffle:
-            return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches from global index ``start`` on, forever (batch ``i`` is batch ``i % len`` of epoch ``i // len``)."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        n = len(self)
-        epoch, offset = divmod(start, n)
-        while True:
-            order = self.order(epoch)
-            for i in range(offset, n):
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                yield self.vision[idx], self.text[idx]
-            epoch, offset = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, self._epoch = self._epoch, self._epoch + 1
-        it = self.batches(epoch * len(self))
-        return (next(it) for _ in range(len(self)))
 
 
 def load_pairs(out_dir: str | os.PathLike[str], layer: int | None = None, *, batch_size: int = 256,

@@ -80,37 +80,50 @@ class JointTrainerConfig:
 
 
 class PairedTensorData:
-    """In-memory paired activations served as shuffled batches, deterministic per (seed, epoch)."""
+    """In-memory paired activations served as shuffled batches, deterministic per (seed, epoch).
+
+    ``len()`` is the number of batches per epoch (the last partial batch is dropped); iterating gives one
+    epoch (each new ``iter()`` the next epoch); ``batches(start)`` yields from global batch index ``start``
+    on, epoch after epoch (the trainer's exact-resume hook).
+    """
 
     @jaxtyped(typechecker=beartype)
     def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
                  shuffle: bool = True, seed: int = 0):
-        if batch_size <= 0 or batch_size > vision.shape[0]:
+        if not 0 < batch_size <= vision.shape[0]:
             raise ValueError(f"batch_size must be between 1 and the number of pairs ({vision.shape[0]}), got {batch_size}")
         self.vision, self.text, self.batch_size, self.shuffle, self.seed = vision, text, batch_size, shuffle, seed
+        self._epoch = 0
+
+    @property
+    def d_in(self) -> int:
+        return int(self.vision.shape[1])
 
     def __len__(self) -> int:
         return self.vision.shape[0] // self.batch_size
 
-    def _order(self, epoch: int) -> Tensor:
+    def order(self, epoch: int) -> Tensor:
         if not self.shuffle:
             return torch.arange(self.vision.shape[0])
-        return torch.randperm(self.vision.shape[0], generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return torch.randperm(self.vision.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
 
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches from global index ``start`` on, forever (epoch after epoch)."""
+        """Batches from global index ``start`` on, forever (batch ``i`` is batch ``i % len`` of epoch ``i // len``)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         n = len(self)
         epoch, offset = divmod(start, n)
         while True:
-            order = self._order(epoch)
+            order = self.order(epoch)
             for i in range(offset, n):
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
                 yield self.vision[idx], self.text[idx]
             epoch, offset = epoch + 1, 0
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, it = len(self), self.batches(0)
-        return (next(it) for _ in range(n))
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        it = self.batches(epoch * len(self))
+        return (next(it) for _ in range(len(self)))
 
 
 def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -1,0 +1,176 @@
+"""Configs of the two toy VLMs (real transformers classes), saving and offline loading of shipped weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+MODEL_NAMES = ("llava", "qwen3-vl-moe")
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "processor_config.json")
+IMAGE_SIZE = 48
+
+
+def _check_name(name) -> str:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {list(MODEL_NAMES)}")
+    return name
+
+
+def model_dir(name: str) -> Path:
+    """Directory of the shipped weights of toy model ``name`` (inside the installed package)."""
+    return MODELS_DIR / _check_name(name)
+
+
+def build_config(name: str, vocab_size: int, size: str = "default"):
+    """Config of toy model ``name``. ``size="tiny"`` gives a 2-layer config for smoke tests."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen3VLMoeConfig
+
+    from jsae.world.processors import SPECIALS
+
+    tiny = size == "tiny"
+    ids = {t: SPECIALS.index(t) for t in SPECIALS}
+    d, layers, vdepth = (32, 2, 1) if tiny else (128, 8, 3)
+    vocab_size = int((vocab_size + 7) // 8 * 8)
+    if _check_name(name) == "llava":
+        vis = CLIPVisionConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=vdepth, num_attention_heads=4,
+                               image_size=IMAGE_SIZE, patch_size=8, projection_dim=d)
+        txt = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=160,
+                          bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+        cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=ids["<image>"],
+                          image_seq_length=(IMAGE_SIZE // 8) ** 2, projector_hidden_act="gelu",
+                          vision_feature_select_strategy="default", vision_feature_layer=-1)
+    else:
+        head_dim = d // 4
+        q = head_dim // 2
+        section = [q - 2 * (q // 3), q // 3, q // 3]
+        text = dict(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=160,
+                    pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3 * d // 2, decoder_sparse_step=1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section,
+                                     "mrope_interleaved": True})
+        grid = IMAGE_SIZE // 4
+        vision = dict(depth=vdepth, hidden_size=d, intermediate_size=4 * d, num_heads=4, patch_size=4,
+                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=d,
+                      num_position_embeddings=grid * grid, deepstack_visual_indexes=[vdepth - 2] if vdepth > 1 else [0])
+        cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                               vision_end_token_id=ids["<|vision_end|>"])
+    return cfg
+
+
+def model_class(name: str):
+    from transformers import LlavaForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    return LlavaForConditionalGeneration if _check_name(name) == "llava" else Qwen3VLMoeForConditionalGeneration
+
+
+def build_processor(name: str, tokenizer=None):
+    from jsae.world.processors import build_llava_processor, build_qwen_processor
+
+    return build_llava_processor(tokenizer, IMAGE_SIZE) if _check_name(name) == "llava" else \
+        build_qwen_processor(tokenizer, IMAGE_SIZE)
+
+
+def processor_class(name: str):
+    from transformers import LlavaProcessor
+
+    from jsae.world.processors import ToyQwen3VLProcessor
+
+    return LlavaProcessor if _check_name(name) == "llava" else ToyQwen3VLProcessor
+
+
+def build_model(name: str, tokenizer, size: str = "default", seed: int = 0):
+    """A randomly initialised toy model of class ``model_class(name)`` (deterministic for ``seed``)."""
+    torch.manual_seed(seed)
+    cfg = build_config(name, len(tokenizer), size)
+    model = model_class(name)(cfg)
+    g = model.generation_config
+    g.bos_token_id, g.eos_token_id, g.pad_token_id = 1, 2, 0
+    g.max_new_tokens, g.do_sample = 48, False
+    return model
+
+
+def save_toy_vlm(model, processor, out_dir: str | os.PathLike, extra: dict | None = None,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write weights (safetensors, ``dtype``), config, tokenizer and processor atomically (tmp + rename)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "training.json").write_text(json.dumps(extra, indent=2))
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+        tmp.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _rebuild_hint(name: str) -> str:
+    return f"rebuild it with `jsae world train-models --model {name}`"
+
+
+def check_weights(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Check that the shipped files of ``name`` exist and that the safetensors file is readable."""
+    d = Path(directory) if directory is not None else model_dir(name)
+    for f in REQUIRED_FILES:
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"toy model {name!r}: missing file {d / f}; {_rebuild_hint(name)}")
+    from safetensors import safe_open
+
+    path = d / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            for k in keys:
+                fh.get_tensor(k)
+    except Exception as e:
+        raise RuntimeError(f"toy model {name!r}: corrupt weights file {path} ({type(e).__name__}: {e}); "
+                           f"{_rebuild_hint(name)}") from None
+    if not keys:
+        raise RuntimeError(f"toy model {name!r}: weights file {path} holds no tensors; {_rebuild_hint(name)}")
+    return d
+
+
+def load_toy_vlm(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 directory: str | os.PathLike | None = None):
+    """Load a shipped toy VLM offline: returns ``(model, processor, adapter)``.
+
+    ``name`` is ``"llava"`` (``LlavaForConditionalGeneration``) or ``"qwen3-vl-moe"``
+    (``Qwen3VLMoeForConditionalGeneration``). Weights are read with safetensors through the standard
+    ``from_pretrained`` on the shipped directory (no network, no remote code, no pickle). ``adapter`` is
+    ``jsae.adapters.for_model(model)``, or ``None`` if the adapters package does not provide it.
+    """
+    _check_name(name)
+    d = check_weights(name, directory)
+    model = model_class(name).from_pretrained(str(d), local_files_only=True, use_safetensors=True, dtype=dtype)
+    model = model.to(device).eval()
+    processor = processor_class(name).from_pretrained(str(d), local_files_only=True)
+    adapter = None
+    try:
+        from jsae.adapters import for_model
+    except ImportError:
+        for_model = None
+    if for_model is not None:
+        adapter = for_model(model)
+    return model, processor, adapter

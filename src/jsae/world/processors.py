@@ -1,0 +1,91 @@
+"""Word-level tokenizer and the two processors (no torchvision needed).
+
+- ``build_tokenizer()``: a ``PreTrainedTokenizerFast`` over the grammar's words with the image special
+  tokens of both families (``<image>`` for LLaVA; ``<|image_pad|>``, ``<|video_pad|>``,
+  ``<|vision_start|>``, ``<|vision_end|>`` for Qwen3-VL). It prepends ``<s>``.
+- ``build_llava_processor()``: the real ``transformers.LlavaProcessor`` with ``CLIPImageProcessorPil``.
+- ``ToyQwen3VLProcessor``: the real ``Qwen3VLProcessor`` minus its video processor (which needs
+  torchvision), with ``Qwen2VLImageProcessorPil``. Both save/load with ``save_pretrained`` /
+  ``from_pretrained`` on a local directory.
+"""
+
+from __future__ import annotations
+
+from transformers import LlavaProcessor, PreTrainedTokenizerFast, Qwen3VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+from jsae.world import grammar
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+            "<|vision_end|>"]
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP statistics (both processors use them)
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials first (``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<unk>`` = 3)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    words = grammar.vocabulary() + sorted(set(extra_words or []) - set(grammar.vocabulary()))
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "image_pad_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        padding_side="left", model_max_length=512)
+    return tok
+
+
+def build_llava_processor(tokenizer=None, image_size: int = 48, patch_size: int = 8) -> LlavaProcessor:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+    return LlavaProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+class ToyQwen3VLProcessor(Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` for images only: same call, outputs (``input_ids``, ``attention_mask``,
+    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``) and token layout, but no video processor
+    (the video processor of transformers needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_pad_token", None) or "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.vision_start_token = "<|vision_start|>"
+        self.vision_end_token = "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError("ToyQwen3VLProcessor handles images only; pass images= and text=")
+        # the image token of this tokenizer is "<image>" (LLaVA's); Qwen text uses <|image_pad|>
+        if text is not None:
+            single = isinstance(text, str)
+            texts = [text] if single else list(text)
+            wrapped = "<|vision_start|><|image_pad|><|vision_end|>"
+            texts = [t.replace("<|image_pad|>", wrapped) if "<|image_pad|>" in t and "<|vision_start|>" not in t
+                     else t if "<|image_pad|>" in t or images is None else f"{wrapped} {t}" for t in texts]
+            text = texts[0] if single else texts
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+def build_qwen_processor(tokenizer=None, image_size: int = 48, patch_size: int = 4,
+                         merge_size: int = 2) -> ToyQwen3VLProcessor:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ip = Qwen2VLImageProcessorPil(patch_size=patch_size, temporal_patch_size=2, merge_size=merge_size,
+                                  min_pixels=image_size * image_size, max_pixels=image_size * image_size,
+                                  image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+    return ToyQwen3VLProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer())

@@ -1,0 +1,378 @@
+"""Deterministic training of the toy VLMs on the world (``jsae world train-models``).
+
+Recipe (measured in ``shared/notes/toy-vlm-feasibility.md``, adapted to this richer world):
+
+1. **Language model on captions as plain text** (every template), so that a *text* SAE on it means something.
+2. **Vision pretraining**: the vision tower (LLaVA: CLIP encoder tokens; Qwen: merged tokens) with small
+   linear heads predicting, per cell of the 2×2 position grid, the object type (or none), colour and
+   size, from the scene generator's labels.
+3. **Whole VLM** on canonical captions and question answering (loss on the target tokens + ``</s>``).
+4. **QA emphasis** (75% questions): binding an object word to its image tokens is learnt much slower
+   than captioning.
+5. **Describe-then-answer** (``cqa``): the question follows the image's canonical caption
+   (``"<caption> : <question>"``); at inference the model captions first and answers after its own caption
+   (``jsae.world.evaluate.answer_questions``). ``tqa`` (the same on the language model alone, as text) is
+   available but off by default: in a measured run it lowered both caption and QA accuracy.
+
+All data is drawn on the fly from step-derived seeds, so a run is a pure function of its seed and
+step counts (on a given device / thread count).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from jsae.world import grammar
+from jsae.world.data import scene_seed
+from jsae.world.models import build_model, build_processor, model_dir, save_toy_vlm, _check_name
+from jsae.world.processors import build_tokenizer
+from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    lm_steps: int = 400
+    vision_steps: int = 1500
+    vlm_steps: int = 2500
+    qa_steps: int = 1500
+    cqa_steps: int = 0
+    tqa_steps: int = 0
+    tqa_lr: float = 3e-4
+    batch_size: int = 32
+    lm_lr: float = 2e-3
+    vision_lr: float = 2e-3
+    vlm_lr: float = 1e-3
+    qa_fraction: float = 0.4
+    qa_phase_fraction: float = 0.75
+    qa_lr: float = 5e-4
+    cqa_fraction: float = 0.75
+    cqa_lr: float = 5e-4
+    size: str = "default"
+    checkpoint_every: int = 400
+    eval_n: int = 100
+
+    def __post_init__(self):
+        check_seed(self.seed)
+        for k in ("lm_steps", "vision_steps", "vlm_steps", "qa_steps", "cqa_steps", "tqa_steps", "batch_size", "checkpoint_every", "eval_n"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
+
+
+#: default step counts per model (deterministic; see the README for measured times)
+DEFAULTS: dict[str, dict] = {
+    "llava": dict(lm_steps=400, vision_steps=2000, vlm_steps=4000, qa_steps=3000, cqa_steps=2500),
+    "qwen3-vl-moe": dict(lm_steps=300, vision_steps=1000, vlm_steps=1800, qa_steps=800, cqa_steps=1300),
+}
+
+
+def default_config(name: str, **overrides) -> TrainConfig:
+    _check_name(name)
+    kw = dict(DEFAULTS[name])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**kw)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _scenes(seed: int, phase: int, step: int, n: int):
+    return [generate_scene(scene_seed(seed, "train", (phase * 10_000_000) + step * n + i)) for i in range(n)]
+
+
+def describe_prompt(caption: str, question: str) -> str:
+    """Prompt of a describe-then-answer question: the caption, ``:``, then the question."""
+    return f"{caption} : {question}"
+
+
+def _image_prefix(name: str) -> str:
+    return "<image>" if name == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]]):
+    """Model inputs + labels for (prompt, target) pairs: loss only on target tokens and ``</s>``."""
+    tok = processor.tokenizer
+    prefix = _image_prefix(name)
+    prompts = [f"{prefix} {p}".rstrip() for p, _ in targets]
+    full = [f"{prefix} {p} {t} </s>".replace("  ", " ") for p, t in targets]
+    images = [s.image for s in scenes]
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = processor(images=images, text=full, return_tensors="pt", padding=True)
+        plen = processor(images=images, text=prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+    finally:
+        tok.padding_side = side
+    labels = enc["input_ids"].clone()
+    pos = torch.arange(labels.shape[1])[None, :]
+    labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
+    return dict(enc), labels
+
+
+def vision_tokens(name: str, model, enc) -> Float[torch.Tensor, "batch tokens d"]:
+    """Image-token features on the token grid: ``[B, grid*grid, D]`` (LLaVA: CLIP tokens without CLS;
+    Qwen: merged tokens)."""
+    if name == "llava":
+        return model.model.vision_tower(enc["pixel_values"]).last_hidden_state[:, 1:]
+    out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+    return out.view(enc["image_grid_thw"].shape[0], -1, out.shape[-1])
+
+
+class CellHeads(nn.Module):
+    """Per cell of the 2×2 position grid: type (or none), colour, size."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.kind = nn.Linear(d, len(TYPES) + 1)
+        self.color = nn.Linear(d, len(COLORS))
+        self.size = nn.Linear(d, len(SIZES))
+
+    def forward(self, tokens: Float[torch.Tensor, "batch tokens d"]):
+        b, n, d = tokens.shape
+        g = int(round(n ** 0.5))
+        h = g // 2
+        cells = tokens.view(b, 2, h, 2, h, d).mean(dim=(2, 4)).reshape(b, 4, d)
+        return self.kind(cells), self.color(cells), self.size(cells)
+
+
+def _cell_labels(scenes):
+    b = len(scenes)
+    ty = torch.zeros(b, 4, dtype=torch.long)
+    co = torch.full((b, 4), -100, dtype=torch.long)
+    si = torch.full((b, 4), -100, dtype=torch.long)
+    cl = list(COLORS)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            c = POSITIONS.index(o.position)
+            ty[i, c] = TYPES.index(o.name) + 1
+            co[i, c] = cl.index(o.color)
+            si[i, c] = SIZES.index(o.size)
+    return ty, co, si
+
+
+def _lm_batch(scenes, tok, rng):
+    texts = [grammar.caption(s.objects, int(rng.integers(grammar.N_TEMPLATES))) + " </s>" for s in scenes]
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return dict(enc), labels
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Batch ``i`` is a pure function of ``i`` (so worker processes keep runs deterministic)."""
+
+    def __init__(self, make, steps):
+        self.make, self.steps = make, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        return self.make(i)
+
+
+def _loader(make, steps, workers):
+    ds = _StepBatches(make, steps)
+    if workers <= 0:
+        return (ds[i] for i in range(steps))
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                       multiprocessing_context="fork", prefetch_factor=4, persistent_workers=False)
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig | None = None,
+                  device: str = "cpu", threads: int | None = 2, workers: int | None = None, log=print,
+                  progress: bool = True, init_from: str | Path | None = None):
+    """Train toy model ``name`` from scratch and save it to ``out_dir`` (default: the shipped directory).
+
+    Returns ``(model, processor, summary)``; ``summary`` holds phase timings and a validation evaluation.
+    """
+    _check_name(name)
+    cfg = cfg or default_config(name)
+    if threads:
+        torch.set_num_threads(int(threads))
+    out_dir = Path(out_dir) if out_dir is not None else model_dir(name)
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    processor = build_processor(name, tok)
+    if init_from is not None:  # continue from saved weights (e.g. run only the later phases)
+        from jsae.world.models import check_weights, model_class
+
+        model = model_class(name).from_pretrained(str(check_weights(name, init_from)), local_files_only=True,
+                                                  use_safetensors=True, dtype=torch.float32).to(device)
+    else:
+        model = build_model(name, tok, cfg.size, cfg.seed).to(device)
+    model.train()
+    times: dict[str, float] = {}
+    history: list[dict] = []
+    if workers is None:
+        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+
+    def run_phase(label, steps, params, lr, make_batch, loss_fn):
+        if steps == 0:
+            times[label] = 0.0
+            return
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        t0 = time.time()
+        loader = _loader(make_batch, steps, workers)
+        bar = tqdm(loader, total=steps, desc=f"{name}: {label}", disable=not progress, mininterval=5)
+        ema = None
+        for step, batch in enumerate(bar):
+            for gr in opt.param_groups:
+                gr["lr"] = _lr(step, steps, lr)
+            loss = loss_fn(_to(batch, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{ema:.3f}")
+                history.append({"phase": label, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
+            if step % 500 == 0 and not progress:
+                log(f"[{name}] {label} step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
+            if label in ("vlm", "qa", "cqa", "tqa") and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                model.eval()
+                save_toy_vlm(model, processor, out_dir.with_name(out_dir.name + ".checkpoint"),
+                             {"name": name, "phase": label, "step": step + 1, "config": asdict(cfg)})
+                model.train()
+                log(f"[{name}] checkpoint at {label} step {step + 1} ({time.time() - t0:.0f}s), loss {ema:.3f}")
+        times[label] = time.time() - t0
+        log(f"[{name}] {label}: {steps} steps in {times[label]:.0f}s, final loss {ema:.3f}")
+
+    # 1. language model on captions as plain text
+    lm = model.model.language_model
+
+    def lm_batch(step):
+        scenes = _scenes(cfg.seed, 1, step, cfg.batch_size)
+        return _lm_batch(scenes, tok, np.random.default_rng([cfg.seed, 1, step]))
+
+    def lm_loss(batch):
+        enc, labels = batch
+        h = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        logits = model.lm_head(h)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    run_phase("lm", cfg.lm_steps, list(lm.parameters()) + list(model.lm_head.parameters()), cfg.lm_lr, lm_batch,
+              lm_loss)
+
+    # 2. vision pretraining on the generator's labels
+    vt = model.model.vision_tower if name == "llava" else model.model.visual
+    d = vt.config.hidden_size if name == "llava" else vt.config.out_hidden_size
+    heads = CellHeads(d).to(device)
+
+    def vision_batch(step):
+        scenes = _scenes(cfg.seed, 2, step, cfg.batch_size)
+        enc = dict(processor.image_processor([s.image for s in scenes], return_tensors="pt"))
+        return enc, _cell_labels(scenes)
+
+    def vision_loss(batch):
+        enc, (ty, co, si) = batch
+        t, c, s = heads(vision_tokens(name, model, enc))
+        return (F.cross_entropy(t.flatten(0, 1), ty.flatten()) + F.cross_entropy(c.flatten(0, 1), co.flatten())
+                + F.cross_entropy(s.flatten(0, 1), si.flatten()))
+
+    run_phase("vision", cfg.vision_steps, list(vt.parameters()) + list(heads.parameters()), cfg.vision_lr,
+              vision_batch, vision_loss)
+
+    # 3. whole VLM: captioning + QA
+    def vlm_batch(step, phase=3, qa_fraction=cfg.qa_fraction, describe_first=False):
+        scenes = _scenes(cfg.seed, phase, step, cfg.batch_size)
+        srng = np.random.default_rng([cfg.seed, phase, step])
+        targets = []
+        for s in scenes:
+            if srng.random() < qa_fraction:
+                q, a = grammar.sample_questions(s, 1, srng)[0]
+                targets.append((describe_prompt(grammar.caption(s.objects, 0), q) if describe_first else q, a))
+            else:
+                targets.append(("", grammar.caption(s.objects, 0)))
+        enc, labels = build_batch(name, processor, scenes, targets)
+        return dict(enc), labels
+
+    def vlm_loss(batch):
+        enc, labels = batch
+        logits = model(**enc).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    run_phase("vlm", cfg.vlm_steps, [p for p in model.parameters() if p.requires_grad], cfg.vlm_lr, vlm_batch,
+              vlm_loss)
+
+    # 4. question-answering emphasis (binding an object word to its image tokens is learnt slower than captioning)
+    run_phase("qa", cfg.qa_steps, [p for p in model.parameters() if p.requires_grad], cfg.qa_lr,
+              functools.partial(vlm_batch, phase=4, qa_fraction=cfg.qa_phase_fraction), vlm_loss)
+
+    # 5. describe-then-answer: the question follows the image's (own) canonical caption
+    run_phase("cqa", cfg.cqa_steps, [p for p in model.parameters() if p.requires_grad], cfg.cqa_lr,
+              functools.partial(vlm_batch, phase=5, qa_fraction=cfg.cqa_fraction, describe_first=True), vlm_loss)
+    # 6. text-only describe-then-answer on the language model (the answer copied from the caption in context)
+    def tqa_batch(step):
+        scenes = _scenes(cfg.seed, 6, step, cfg.batch_size)
+        srng = np.random.default_rng([cfg.seed, 6, step])
+        pairs = [grammar.sample_questions(s, 1, srng)[0] for s in scenes]
+        prompts = [describe_prompt(grammar.caption(s.objects, 0), q) for s, (q, _) in zip(scenes, pairs)]
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            enc = tok([f"{p} {a} </s>" for p, (_, a) in zip(prompts, pairs)], return_tensors="pt", padding=True)
+            plen = tok(prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+        finally:
+            tok.padding_side = side
+        labels = enc["input_ids"].clone()
+        pos = torch.arange(labels.shape[1])[None, :]
+        labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
+        return dict(enc), labels
+
+    run_phase("tqa", cfg.tqa_steps, list(lm.parameters()) + list(model.lm_head.parameters()), cfg.tqa_lr, tqa_batch,
+              lm_loss)
+
+    model.eval()
+    summary = {"name": name, "config": asdict(cfg), "init_from": str(init_from) if init_from else None, "device": str(device), "threads": threads, "workers": workers,
+               "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(sum(times.values()), 1),
+               "history": history}
+    if cfg.eval_n:
+        from jsae.world.evaluate import evaluate
+
+        summary["validation"] = evaluate(model, processor, name, n=cfg.eval_n, split="validation",
+                                         seed=cfg.seed, progress=False)
+        log(f"[{name}] validation: {json.dumps(summary['validation'])}")
+    save_toy_vlm(model, processor, out_dir, summary)
+    ck = out_dir.with_name(out_dir.name + ".checkpoint")
+    if ck.exists():
+        import shutil
+
+        shutil.rmtree(ck, ignore_errors=True)
+    log(f"[{name}] saved to {out_dir} (training {summary['total_seconds']:.0f}s)")
+    return model, processor, summary
