@@ -1,0 +1,284 @@
+"""Push jsae SAEs to the Hugging Face Hub and pull them back, in SAELens's layout.
+
+A pushed repo holds one folder per SAE (``<sae_id>/cfg.json``, ``sae_weights.safetensors`` and, when
+present, ``labels.json``, ``metrics.json``, ``sparsity.safetensors``) and a ``README.md`` model card
+(front matter ``library_name: saelens``; model, layer, pooling, alignment, metrics, how to load), so
+``SAE.from_pretrained("ORG/NAME", "<sae_id>")`` loads it after ``import jsae``.
+
+The hub is reached through ``huggingface_hub.HfApi``; ``endpoint`` picks it: ``None`` (the default hub,
+``HF_ENDPOINT``), an ``http(s)://`` URL (another hub server), or a local directory / ``file://`` URL, a
+stand-in hub laid out as ``ROOT/ORG/NAME/`` (used by the tests: there is no network here).  Both commit
+atomically: a Hub commit is all-or-nothing on the server; the local backend stages the whole new
+revision in a hidden sibling folder (written file by file, its ``.jsae_manifest.json`` of sha256 sums
+last) and renames it into place, so an interrupted push leaves the previous revision (or nothing)
+visible, never a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from jsae.sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
+
+SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
+MANIFEST = ".jsae_manifest.json"
+CARD = "README.md"
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not isinstance(repo_id, str) or not _REPO_RE.match(repo_id) or ".." in repo_id:
+        raise ValueError(f"repo id {repo_id!r} is not of the form ORG/NAME (letters, digits, '-', '_', '.')")
+    return repo_id
+
+
+# ---- what is pushed ------------------------------------------------------------------------------
+
+
+def find_saes(directory: str | Path, sae_id: str | None = None) -> dict[str, Path]:
+    """``{sae_id: folder}`` of the jsae SAEs in ``directory``: the directory itself when it holds a
+    ``cfg.json`` (its id: ``sae_id``, else the cfg's hook name, else the folder name), otherwise each
+    sub-folder that holds one.  Raises a one-line error when there is no jsae SAE."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; pass a jsae SAE folder (cfg.json + sae_weights.safetensors)")
+    if (directory / CFG_FILE).is_file():
+        cfg = check_sae_dir(directory)
+        sid = sae_id or (cfg.get("metadata") or {}).get("hook_name") or directory.name
+        return {sid: directory}
+    subs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CFG_FILE).is_file())
+    if not subs:
+        raise ValueError(f"{directory} is not a jsae SAE: no {CFG_FILE} in it or in its sub-folders; pass the folder "
+                         "written by JointSAE.save_model / `jsae train` (or a folder of such folders)")
+    if sae_id is not None:
+        raise ValueError(f"{directory} holds several SAEs {[p.name for p in subs]}; sae_id applies to a single SAE folder")
+    for p in subs:
+        check_sae_dir(p)
+    return {p.name: p for p in subs}
+
+
+def model_card(saes: dict[str, Path], repo_id: str) -> str:
+    """The README.md: SAELens front matter, a table of the SAEs with their metrics, how to load them."""
+    rows, models = [], []
+    for sid, path in saes.items():
+        cfg = json.loads((path / CFG_FILE).read_text())
+        meta = cfg.get("metadata") or {}
+        metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+        models.append(meta.get("model_name"))
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
+        rows.append(f"| `{sid}` | {meta.get('model_name') or '–'} | {meta.get('layer', '–')} | {meta.get('pooling') or '–'} | "
+                    f"{meta.get('alignment') or '–'} | {cfg['d_in']} | {cfg['d_sae']} | {cfg.get('activation', 'relu')} | "
+                    f"{fmt(metrics.get('l0'))} | {fmt(metrics.get('variance_explained'))} | "
+                    f"{fmt(metrics.get('variance_explained_vision'))} | {'yes' if (path / 'labels.json').is_file() else 'no'} |")
+    model_set = sorted({m for m in models if m})
+    base = [m for m in model_set if "/" in m]
+    first = next(iter(saes))
+    front = ["---", "library_name: saelens", "tags:", "  - saelens", "  - sparse-autoencoder", "  - jsae",
+             "  - vision-language", "  - multimodal", "  - interpretability"]
+    if base:
+        front += ["base_model:"] + [f"  - {m}" for m in base]
+    front += ["---", ""]
+    body = [
+        f"# {repo_id}: Joint Sparse Autoencoders (jsae)", "",
+        f"Joint SAEs for {', '.join(model_set) or 'a vision-language model'}: each factorises the sequence-pooled "
+        "*vision* activations (image-token positions) and *language* activations (caption positions) of one decoder "
+        "layer into sparse features shared across modalities (`architecture: jsae`, a SAELens plugin architecture).", "",
+        "| sae_id | model | layer | pooling | alignment | d_in | d_sae | activation | L0 (text) | variance explained (text) "
+        "| variance explained (vision) | labels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "Metrics are measured on held-out pooled pairs. Folders follow SAELens's layout "
+        "(`<sae_id>/cfg.json`, `<sae_id>/sae_weights.safetensors`); `labels.json` holds feature → concept labels.", "",
+        "## How to load", "", "```bash", "pip install jsae", "```", "", "```python",
+        "import jsae                      # registers the 'jsae' architecture in SAELens",
+        "from sae_lens import SAE", "",
+        f'sae = SAE.from_pretrained("{repo_id}", "{first}")   # -> jsae.JointSAE',
+        'z_img = sae.encode(vision_pools, modality="vision")',
+        'z_txt = sae.encode(caption_pools, modality="text")', "```", "",
+        f"or `jsae release pull {repo_id} --out DIR` and `jsae.JointSAE.load_from_disk(DIR / \"{first}\")`.", "",
+    ]
+    return "\n".join(front + body)
+
+
+def _stage(saes: dict[str, Path], repo_id: str, stage: Path) -> list[str]:
+    files = []
+    for sid, src in saes.items():
+        (stage / sid).mkdir(parents=True, exist_ok=True)
+        for name in SAE_FILES:
+            if (src / name).is_file():
+                _copy_file(src / name, stage / sid / name)
+                files.append(f"{sid}/{name}")
+    (stage / CARD).write_text(model_card(saes, repo_id))
+    return files + [CARD]
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- backends ------------------------------------------------------------------------------------
+
+
+def _local_root(endpoint: str | os.PathLike[str] | None) -> Path | None:
+    if endpoint is None:
+        return None
+    s = str(endpoint)
+    if s.startswith("file://"):
+        return Path(s[len("file://"):])
+    if re.match(r"^https?://", s):
+        return None
+    return Path(s)
+
+
+class LocalHub:
+    """A directory standing in for the Hub: ``ROOT/ORG/NAME/`` per repo, committed by atomic rename."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def repo_dir(self, repo_id: str) -> Path:
+        return self.root / check_repo_id(repo_id)
+
+    def upload(self, stage: Path, repo_id: str) -> str:
+        final = self.repo_dir(repo_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed push
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            if (final / MANIFEST).is_file():  # a commit adds to / overwrites the previous revision, as on the Hub
+                shutil.copytree(final, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+            tmp.mkdir(parents=True, exist_ok=True)
+            for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+                dst = tmp / src.relative_to(stage)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _copy_file(src, dst)
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            manifest = {"repo_id": repo_id, "files": {f: {"sha256": _sha256(tmp / f), "size": (tmp / f).stat().st_size}
+                                                      for f in files}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a repo with a manifest is complete
+            if final.exists():
+                old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final.as_uri()
+
+    def download_to_hf_cache(self, repo_id: str, cache_dir: str | Path | None = None) -> Path:
+        """Lay the repo out as the Hugging Face cache does (``models--ORG--NAME/snapshots/<rev>/`` and
+        ``refs/main``, written last), so ``hf_hub_download`` and ``SAE.from_pretrained(repo_id, sae_id)``
+        find it, also with ``HF_HUB_OFFLINE=1``; returns the snapshot folder."""
+        from huggingface_hub import constants
+
+        src = self.repo_dir(repo_id)
+        if not (src / MANIFEST).is_file():
+            raise FileNotFoundError(f"repo {repo_id!r} not found on {self.root} (no complete revision); push it first with "
+                                    f"`jsae release push DIR --repo {repo_id} --hub {self.root}`")
+        revision = hashlib.sha1((src / MANIFEST).read_bytes()).hexdigest()
+        storage = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        snapshot = storage / "snapshots" / revision
+        if not snapshot.is_dir():
+            (storage / "snapshots").mkdir(parents=True, exist_ok=True)
+            self.download(repo_id, snapshot)
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        tmp = storage / "refs" / f".main.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(revision)
+        os.replace(tmp, storage / "refs" / "main")
+        return snapshot
+
+    def download(self, repo_id: str, out: Path) -> Path:
+        src = self.repo_dir(repo_id)
+        if not (src / MANIFEST).is_file():
+            raise FileNotFoundError(f"repo {repo_id!r} not found on {self.root} (no complete revision); push it first with "
+                                    f"`jsae release push DIR --repo {repo_id} --hub {self.root}`")
+        manifest = json.loads((src / MANIFEST).read_text())
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            for f, info in manifest["files"].items():
+                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / f, tmp / f)
+                if _sha256(tmp / f) != info["sha256"]:
+                    raise ValueError(f"{repo_id}/{f} does not match its manifest checksum; the repo is corrupt, push it again")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def _hf_error(action: str, repo_id: str, exc: Exception) -> RuntimeError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return RuntimeError(f"could not {action} {repo_id!r} on the Hugging Face Hub ({type(exc).__name__}: {first}); "
+                        "check the network, HF_TOKEN and the repo id, or pass --hub DIR for a local stand-in")
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+
+def push(directory: str | Path, repo_id: str, *, endpoint: str | os.PathLike[str] | None = None, token: str | None = None,
+         private: bool = False, sae_id: str | None = None, commit_message: str | None = None) -> str:
+    """Upload the jsae SAE(s) in ``directory`` with a model card to ``repo_id``; returns the repo URL."""
+    check_repo_id(repo_id)
+    saes = find_saes(directory, sae_id)
+    root = _local_root(endpoint)
+    with tempfile.TemporaryDirectory(prefix="jsae-push-") as tmp:
+        stage = Path(tmp) / "repo"
+        _stage(saes, repo_id, stage)
+        if root is not None:
+            return LocalHub(root).upload(stage, repo_id)
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=str(endpoint) if endpoint else None, token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(stage), repo_id=repo_id,
+                                     commit_message=commit_message or f"jsae: upload {', '.join(saes)}")
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many network/HTTP error types
+            raise _hf_error("push to", repo_id, exc) from exc
+        return str(getattr(info, "repo_url", None) or f"{api.endpoint}/{repo_id}")
+
+
+def pull(repo_id: str, out: str | Path | None = None, *, endpoint: str | os.PathLike[str] | None = None,
+         revision: str | None = None, token: str | None = None) -> Path:
+    """Download ``repo_id`` into ``out``, or by default into the Hugging Face cache (where
+    ``SAE.from_pretrained(repo_id, sae_id)`` then finds it offline), check every SAE in it; returns the folder."""
+    check_repo_id(repo_id)
+    root = _local_root(endpoint)
+    if root is not None:
+        if out is None:
+            path = LocalHub(root).download_to_hf_cache(repo_id)
+        else:
+            out = Path(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            path = LocalHub(root).download(repo_id, out)
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, local_dir=str(out) if out else None,
+                                          endpoint=str(endpoint) if endpoint else None, token=token))
+        except Exception as exc:  # noqa: BLE001
+            raise _hf_error("pull", repo_id, exc) from exc
+    find_saes(path)
+    return path
+
+
+__all__ = ["LocalHub", "find_saes", "model_card", "pull", "push"]

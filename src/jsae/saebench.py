@@ -1,0 +1,254 @@
+"""One branch of a JSAE as a SAEBench custom SAE, and SAELens's core evaluation metrics on a toy LM.
+
+:class:`JSAEBranchSAE` implements SAEBench's ``BaseSAE`` contract (``sae_bench.custom_saes.base_sae``):
+``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]`` with unit-norm rows (checked by
+``check_decoder_norms()``), ``b_enc``, ``b_dec``, ``encode``/``decode``/``forward``, ``device``,
+``dtype`` and a ``cfg`` with the fields of SAEBench's ``CustomSAEConfig`` (``model_name``, ``d_in``,
+``d_sae``, ``hook_layer``, ``hook_name``, ...).  The decoder norms are folded into the encoder (exact
+for ReLU; for TopK the latents are chosen on the unfolded pre-activations, so codes and
+reconstructions equal the JSAE's).  SAEBench itself (``pip install sae-bench``) pins ``numpy<2`` and
+``datasets<4``, so it does not install next to jsae's stack; the contract is implemented here as a
+``torch.nn.Module`` and, when ``sae_bench`` is importable, the config is its own ``CustomSAEConfig``.
+
+:func:`core_metrics` computes SAELens's core metrics (``sae_lens.evals.run_evals`` names and
+formulas; its ``ExplainedVarianceCalculator``, ``_kl`` and ``get_featurewise_weight_based_metrics``)
+for the text branch on the toy language model: per caption token at the SAE's layer, with the SAE
+spliced into the LM by a forward hook for the CE / KL scores.  SAELens's own ``run_evals`` needs a
+TransformerLens model and an ``ActivationsStore``, which the toy VLMs are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jsae.sae import JointSAE, check_modality
+
+
+@dataclass
+class CustomSAEConfig:
+    """The fields of ``sae_bench.custom_saes.custom_sae_config.CustomSAEConfig`` (used when SAEBench is absent)."""
+
+    model_name: str
+    d_in: int
+    d_sae: int
+    hook_layer: int
+    hook_name: str
+    context_size: int | None = None
+    hook_head_index: int | None = None
+    architecture: str = ""
+    apply_b_dec_to_input: bool | None = None
+    finetuning_scaling_factor: bool | None = None
+    activation_fn_str: str = ""
+    activation_fn_kwargs: dict[str, Any] = field(default_factory=dict)
+    prepend_bos: bool = True
+    normalize_activations: str = "none"
+    dtype: str = ""
+    device: str = ""
+    model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset_path: str = ""
+    dataset_trust_remote_code: bool = True
+    seqpos_slice: tuple = (None,)
+    training_tokens: int = -100_000
+    sae_lens_training_version: str | None = None
+    neuronpedia_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _config_class() -> Any:
+    try:
+        from sae_bench.custom_saes.custom_sae_config import CustomSAEConfig as Upstream  # type: ignore
+
+        return Upstream
+    except Exception:  # noqa: BLE001 - SAEBench not installed (its pins clash with jsae's stack)
+        return CustomSAEConfig
+
+
+class JSAEBranchSAE(nn.Module):
+    """One modality branch of a :class:`~jsae.sae.JointSAE` (default: ``"text"``) as a SAEBench custom SAE.
+
+    ``hook_name`` defaults to TransformerLens's ``blocks.{layer}.hook_resid_post`` (the output of decoder
+    layer ``layer``, what jsae's ``model.language_model.layers.{layer}`` hooks), which SAEBench expects."""
+
+    def __init__(self, sae: JointSAE, modality: str = "text", *, model_name: str | None = None,
+                 hook_layer: int | None = None, hook_name: str | None = None):
+        super().__init__()
+        check_modality(modality)
+        if sae.cfg.normalize_activations not in ("none", None):
+            raise ValueError(f"this JSAE normalises its inputs ({sae.cfg.normalize_activations!r}); fold the scaling "
+                             "factor first (sae.fold_activation_norm_scaling_factor)")
+        meta = sae.cfg.metadata
+        layer = hook_layer if hook_layer is not None else meta.get("layer")
+        if layer is None:
+            raise ValueError("the JSAE's metadata has no layer; pass hook_layer=")
+        self.modality, self.activation, self.k = modality, sae.cfg.activation, sae.cfg.k
+        with torch.no_grad():
+            W_dec = sae.W_dec_of(modality).detach().float()
+            norms = W_dec.norm(dim=-1).clamp(min=1e-8)
+            self.W_enc = nn.Parameter(sae.W_enc_of(modality).detach().float() * norms[None, :])
+            self.W_dec = nn.Parameter(W_dec / norms[:, None])
+            self.b_enc = nn.Parameter(sae.b_enc_of(modality).detach().float() * norms)
+            self.b_dec = nn.Parameter(sae.b_dec_of(modality).detach().float().clone())
+        self.register_buffer("decoder_norms", norms.clone())
+        self.apply_b_dec_to_input = bool(sae.cfg.apply_b_dec_to_input)
+        self.device: torch.device = torch.device("cpu")
+        self.dtype: torch.dtype = torch.float32
+        self.jsae_hook_name = meta.get("hook_name")
+        self.cfg = _config_class()(
+            model_name or meta.get("model_name") or "", d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, hook_layer=int(layer),
+            hook_name=hook_name or f"blocks.{int(layer)}.hook_resid_post",
+        )
+        self.cfg.architecture = f"jsae-{modality}"
+        self.cfg.apply_b_dec_to_input = self.apply_b_dec_to_input
+        self.cfg.activation_fn_str = self.activation
+        self.cfg.dtype = "float32"
+
+    @classmethod
+    def from_pretrained(cls, release: str, sae_id: str | None = None, modality: str = "text", **kwargs: Any) -> "JSAEBranchSAE":
+        return cls(JointSAE.from_pretrained(release, sae_id), modality, **kwargs)
+
+    def encode(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype)
+        pre = (x - self.b_dec * self.apply_b_dec_to_input) @ self.W_enc + self.b_enc
+        acts = torch.relu(pre)
+        if self.activation == "topk":  # choose on the JSAE's own (unfolded) pre-activations
+            idx = (acts / self.decoder_norms).topk(self.k, dim=-1, sorted=False).indices
+            acts = torch.zeros_like(acts).scatter(-1, idx, acts.gather(-1, idx))
+        return acts
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        return feature_acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def to(self, *args: Any, **kwargs: Any) -> "JSAEBranchSAE":  # type: ignore[override]
+        super().to(*args, **kwargs)
+        for a in args:
+            if isinstance(a, torch.dtype):
+                kwargs.setdefault("dtype", a)
+            elif isinstance(a, (str, torch.device)):
+                kwargs.setdefault("device", torch.device(a))
+        if kwargs.get("device") is not None:
+            self.device = torch.device(kwargs["device"])
+        if kwargs.get("dtype") is not None:
+            self.dtype = kwargs["dtype"]
+            self.cfg.dtype = str(self.dtype).removeprefix("torch.")
+        return self
+
+    @torch.no_grad()
+    def check_decoder_norms(self) -> bool:
+        norms = self.W_dec.norm(dim=1)
+        tol = 1e-2 if self.W_dec.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        return bool(torch.allclose(norms, torch.ones_like(norms), atol=tol))
+
+
+# ---- SAELens core metrics on the toy LM ---------------------------------------------------------
+
+
+def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    groups = {
+        "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
+        "model_performance_preservation": ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae"),
+        "reconstruction_quality": ("explained_variance", "explained_variance_legacy", "mse", "cossim"),
+        "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"),
+        "sparsity": ("l0", "l1"),
+        "token_stats": ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"),
+    }
+    return {g: {k: flat[k] for k in keys if k in flat} for g, keys in groups.items()}
+
+
+@torch.no_grad()
+def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_captions: int = 256, batch_size: int = 64,
+                 split: str = "validation", seed: int = 0, featurewise: bool = False) -> dict[str, Any]:
+    """SAELens's core metrics of the (text) branch at the caption tokens of the toy VLM's language model
+    (world image + caption inputs; the SAE replaces the caption-token states), nested as
+    ``sae_lens.evals.run_evals`` returns them (``reconstruction_quality/explained_variance``, ...)."""
+    from sae_lens.evals import ExplainedVarianceCalculator, _kl, get_featurewise_weight_based_metrics
+
+    from jsae.adapters import unwrap
+    from jsae.world import load_toy_vlm, world_dataset
+
+    bench = sae if isinstance(sae, JSAEBranchSAE) else JSAEBranchSAE(sae, "text")
+    if not bench.check_decoder_norms():
+        raise ValueError("the decoder rows are not unit norm; build the wrapper with JSAEBranchSAE(sae)")
+    m, processor, adapter = load_toy_vlm(model)
+    hf = unwrap(m).eval()
+    layer = int(bench.cfg.hook_layer)
+    adapter.check_layer(layer)
+    ds = world_dataset(split, n_captions, seed)
+    images, captions = [ex["image"] for ex in ds], [ex["caption"] for ex in ds]
+    module = adapter.layer_module(layer)
+    ev = ExplainedVarianceCalculator()
+    sums: dict[str, list[Tensor]] = {k: [] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "l0", "l1", "mse", "cossim",
+                                                       "explained_variance_legacy", "kl_div_with_sae", "kl_div_with_ablation",
+                                                       "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation")}
+    rrb_num, rrb_den, n_tokens = 0.0, 0.0, 0
+    for i in range(0, len(captions), batch_size):
+        enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
+        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
+        mask = enc["caption_mask"].bool() & attn  # the caption tokens (what the text branch was trained on)
+        mode: dict[str, Any] = {"mode": None, "cache": None}
+
+        def hook(mod: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            if mode["mode"] == "clean":
+                mode["cache"] = h.detach().clone()
+                return None
+            new = h.clone()
+            new[mask] = bench(h[mask]).to(h.dtype) if mode["mode"] == "sae" else 0.0
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = module.register_forward_hook(hook)
+        logits = {}
+        try:
+            for mode["mode"] in ("clean", "sae", "ablation"):
+                logits[mode["mode"]] = hf(**adapter.model_kwargs(enc)).logits.float()
+        finally:
+            handle.remove()
+        x = mode["cache"][mask].float()
+        z = bench.encode(x)
+        x_hat = bench.decode(z)
+        n_in, n_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        sums["l2_norm_in"].append(n_in)
+        sums["l2_norm_out"].append(n_out)
+        sums["l2_ratio"].append(n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in))
+        rrb_num += float((n_out ** 2).sum())
+        rrb_den += float((x * x_hat).sum())
+        sums["l0"].append((z != 0).float().sum(-1))
+        sums["l1"].append(z.abs().sum(-1))
+        resid = (x - x_hat).pow(2).sum(-1)
+        sums["mse"].append(resid)
+        sums["explained_variance_legacy"].append(1 - resid / (x - x.mean(0)).pow(2).sum(-1).clamp(min=1e-12))
+        sums["cossim"].append(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1))
+        ev.add_batch(sae_output=x_hat, hidden_acts=x)
+        n_tokens += int(mask.sum())
+        # next-token CE at caption positions whose target is a caption token; KL at caption positions
+        target_ok = mask[:, 1:] & attn[:, :-1]
+        tgt = ids[:, 1:]
+        for name, key in (("clean", "ce_loss_without_sae"), ("sae", "ce_loss_with_sae"), ("ablation", "ce_loss_with_ablation")):
+            ce = torch.nn.functional.cross_entropy(logits[name][:, :-1].transpose(1, 2), tgt, reduction="none")
+            sums[key].append(ce[target_ok])
+        sums["kl_div_with_sae"].append(_kl(logits["clean"], logits["sae"])[mask])
+        sums["kl_div_with_ablation"].append(_kl(logits["clean"], logits["ablation"])[mask])
+    flat = {k: float(torch.cat(v).mean()) for k, v in sums.items()}
+    flat["explained_variance"] = ev.compute()
+    flat["relative_reconstruction_bias"] = rrb_num / rrb_den if rrb_den else float("nan")
+    flat["kl_div_score"] = (flat["kl_div_with_ablation"] - flat["kl_div_with_sae"]) / flat["kl_div_with_ablation"]
+    flat["ce_loss_score"] = ((flat["ce_loss_with_ablation"] - flat["ce_loss_with_sae"])
+                             / (flat["ce_loss_with_ablation"] - flat["ce_loss_without_sae"]))
+    flat["total_tokens_eval_reconstruction"] = flat["total_tokens_eval_sparsity_variance"] = n_tokens
+    out: dict[str, Any] = {"model": model, "layer": layer, "hook_name": bench.jsae_hook_name, "modality": bench.modality,
+                           "metrics": _nest(flat)}
+    if featurewise:
+        out["featurewise"] = get_featurewise_weight_based_metrics(bench)  # type: ignore[arg-type]
+    return out
+
+
+__all__ = ["CustomSAEConfig", "JSAEBranchSAE", "core_metrics"]

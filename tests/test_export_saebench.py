@@ -1,0 +1,169 @@
+"""Neuronpedia-style export (SAEDashboard layout + image extension) and the SAEBench custom-SAE wrapper
+with SAELens's core metrics on the toy VLM's language model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import jsae  # noqa: F401
+import pytest
+import torch
+from PIL import Image
+
+from jsae.export import EXPORT_FILES, export_neuronpedia, read_export
+from jsae.labels import FeatureLabels
+from jsae.release_cli import read_releases_yaml
+from jsae.saebench import JSAEBranchSAE, core_metrics
+from jsae.sae import JointSAE, JointSAEConfig
+
+torch.set_num_threads(1)
+
+RELEASE = "jsae-shapes-llava-l4"
+needs_release = pytest.mark.skipif(read_releases_yaml().get(RELEASE, {}).get("conversion_func") != "jsae_local",
+                                   reason=f"{RELEASE} is not built: run `jsae release build-shipped`")
+
+
+@needs_release
+def test_neuronpedia_export_layout_and_image_extension(tmp_path: Path) -> None:
+    from jsae.export import resolve_sae_dir
+
+    sae = JointSAE.from_pretrained(RELEASE)
+    labels = FeatureLabels.load(resolve_sae_dir(RELEASE) / "labels.json")
+    src = export_neuronpedia(RELEASE, tmp_path, n_pairs=80, n_features=5, n_examples=3, hf_repo_id="org/rel")
+    assert src == tmp_path / "jsae-toy-llava" / "4-jsae"
+    for f in EXPORT_FILES:
+        assert (src / f).is_file()
+    for sub in ("features", "activations", "images"):
+        assert (src / sub / "batch-0.jsonl.gz").is_file()
+    rec = read_export(src)
+    assert rec["source"][0]["id"] == "4-jsae" and rec["source"][0]["hfRepoId"] == "org/rel"
+    assert rec["source"][0]["hfFolderId"] == "model.language_model.layers.4"
+    assert rec["model"][0]["id"] == "jsae-toy-llava" and rec["sourceset"][0]["name"] == "jsae"
+    assert rec["release"][0]["name"] == RELEASE
+    labelled = {lab.feature: lab for lab in labels.labels if lab.label}
+    assert len(rec["features"]) == min(5, len(labelled))
+    for f in rec["features"]:
+        j = int(f["index"])
+        assert f["jsaeLabel"] == labelled[j].label and f["jsaeKind"] == labelled[j].kind
+        assert torch.allclose(torch.tensor(f["vector"]), sae.W_dec_of("text")[j].detach())
+        assert torch.allclose(torch.tensor(f["vectorVision"]), sae.W_dec_of("vision")[j].detach())
+        assert f["layer"] == "4-jsae" and f["modelId"] == "jsae-toy-llava"
+    images = {r["imageIndex"]: r["png"] for r in rec["images"]}
+    text = [a for a in rec["activations"] if a["dataSource"] == "text"]
+    image = [a for a in rec["activations"] if a["dataSource"] == "image"]
+    assert len(text) == len(image) == 3 * len(rec["features"])
+    for a in text:
+        assert len(a["tokens"]) == len(a["values"]) > 3 and a["maxValue"] == max(a["values"])
+        assert a["tokens"][a["maxValueTokenIndex"]] in a["tokens"]
+    for a in image:
+        grid = a["patchGrid"]
+        assert len(a["values"]) == len(grid) * len(grid[0]) == len(a["tokens"])
+        assert a["maxValue"] == max(a["values"]) > 0
+        png = Image.open(io.BytesIO(base64.b64decode(images[a["imageIndex"]])))
+        assert png.format == "PNG" and png.width > 8
+    # a labelled feature's top image activates it most somewhere in its patch grid
+    assert any(max(a["values"]) > 0 for a in image)
+
+
+def test_export_refuses_unlabelled_sae(tmp_path: Path) -> None:
+    cfg = JointSAEConfig(d_in=128, d_sae=16)
+    cfg.metadata["model_name"], cfg.metadata["layer"] = "llava", 4
+    JointSAE(cfg).save_model(tmp_path / "sae")
+    with pytest.raises(FileNotFoundError, match="has no labels.json"):
+        export_neuronpedia(tmp_path / "sae", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_saebench_contract(activation: str) -> None:
+    torch.manual_seed(0)
+    cfg = JointSAEConfig(d_in=24, d_sae=40, activation=activation, k=6)
+    cfg.metadata["model_name"], cfg.metadata["layer"], cfg.metadata["hook_name"] = "llava", 3, "model.language_model.layers.3"
+    sae = JointSAE(cfg)
+    with torch.no_grad():  # non-unit decoder rows and non-zero biases, as a trained JSAE has
+        sae.text.W_dec.mul_(torch.rand(40, 1) * 3 + 0.1)
+        sae.text.b_enc.normal_()
+        sae.text.b_dec.normal_()
+    bench = JSAEBranchSAE(sae)
+    assert bench.W_enc.shape == (24, 40) and bench.W_dec.shape == (40, 24)
+    assert bench.b_enc.shape == (40,) and bench.b_dec.shape == (24,)
+    assert bench.check_decoder_norms() and not JSAEBranchSAE.check_decoder_norms(_raw(sae))
+    assert (bench.cfg.d_in, bench.cfg.d_sae, bench.cfg.hook_layer, bench.cfg.hook_name) == (24, 40, 3, "blocks.3.hook_resid_post")
+    assert bench.cfg.model_name == "llava" and bench.cfg.dtype == "float32" and bench.dtype == torch.float32
+    x = torch.randn(50, 24) * 2
+    with torch.no_grad():
+        z_ref = sae.encode(x, "text")
+        assert torch.allclose(bench(x), sae.decode(z_ref, "text"), atol=1e-5)
+        assert torch.equal(bench.encode(x) != 0, z_ref != 0)
+        if activation == "topk":
+            assert int((bench.encode(x) != 0).sum(-1).max()) <= 6
+    vision = JSAEBranchSAE(sae, "vision")
+    assert torch.allclose(vision(x), sae.decode(sae.encode(x, "vision"), "vision"), atol=1e-5)
+    bench.to(torch.float64)
+    assert bench.dtype == torch.float64 and bench.cfg.dtype == "float64" and bench.W_enc.dtype == torch.float64
+
+
+class _raw(torch.nn.Module):
+    def __init__(self, sae: JointSAE):
+        super().__init__()
+        self.W_dec, self.dtype, self.device = sae.W_dec_of("text"), torch.float32, "cpu"
+
+
+@needs_release
+def test_core_metrics_on_the_toy_lm() -> None:
+    bench = JSAEBranchSAE.from_pretrained(RELEASE)
+    out = core_metrics(bench, "llava", n_captions=48, batch_size=48)
+    m = out["metrics"]
+    assert set(m) == {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
+                      "shrinkage", "sparsity", "token_stats"}
+    mb, mp, rq = m["model_behavior_preservation"], m["model_performance_preservation"], m["reconstruction_quality"]
+    assert set(mb) == {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"}
+    assert set(mp) == {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae"}
+    assert set(rq) == {"explained_variance", "explained_variance_legacy", "mse", "cossim"}
+    assert 0 <= mb["kl_div_with_sae"] < mb["kl_div_with_ablation"]  # the SAE preserves far more than zero-ablation
+    assert mp["ce_loss_without_sae"] < mp["ce_loss_with_ablation"] and mp["ce_loss_score"] > 0.5
+    assert mb["kl_div_score"] == pytest.approx((mb["kl_div_with_ablation"] - mb["kl_div_with_sae"]) / mb["kl_div_with_ablation"])
+    assert 0 < rq["cossim"] <= 1 and rq["mse"] > 0
+    assert 0 < m["sparsity"]["l0"] <= bench.cfg.d_sae and m["sparsity"]["l1"] > 0
+    assert m["token_stats"]["total_tokens_eval_reconstruction"] > 48 * 4
+    assert out["layer"] == 4 and out["hook_name"] == "model.language_model.layers.4"
+
+
+def _cli() -> "typer.Typer":
+    import typer
+
+    from jsae.release_cli import core_metrics_cmd, export_cmd, features_cmd
+
+    app = typer.Typer()
+    app.command("features")(features_cmd)
+    app.command("export")(export_cmd)
+    app.command("core-metrics")(core_metrics_cmd)
+    return app
+
+
+@needs_release
+def test_cli_export_and_core_metrics(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    r = runner.invoke(_cli(), ["export", RELEASE, "--out", str(tmp_path / "np"), "--n-features", "2", "--n-examples", "2",
+                               "--n-pairs", "40"])
+    assert r.exit_code == 0, r.output
+    assert len(read_export(tmp_path / "np" / "jsae-toy-llava" / "4-jsae")["features"]) == 2
+    r = runner.invoke(_cli(), ["core-metrics", RELEASE, "--n-captions", "16", "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["sparsity"]["l0"] > 0
+
+
+def test_cli_features_without_labels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    cfg = JointSAEConfig(d_in=128, d_sae=16)
+    cfg.metadata["model_name"], cfg.metadata["layer"] = "llava", 4
+    JointSAE(cfg).save_model(tmp_path / "sae")
+    r = CliRunner().invoke(_cli(), ["features", str(tmp_path / "sae")])
+    assert r.exit_code == 2 and "has no labels.json" in r.output and "jsae label" in r.output
