@@ -60,7 +60,7 @@ def demo(
     steps: int = typer.Option(600, help="training steps of every SAE"),
     d_sae: int = typer.Option(128, help="SAE width"),
     n_train: int = typer.Option(2000, help="training pairs"),
-    n_max: int = typer.Option(600, help="most images per (concept, layer, method) cell"),
+    n_max: int = typer.Option(400, help="most images per (concept, layer, method) cell"),
     concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
@@ -246,7 +246,7 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
     steps: int = typer.Option(600),
-    n_max: int = typer.Option(600),
+    n_max: int = typer.Option(400),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """The demo on several models, plus the model × layer interaction test on the per-image scores."""
