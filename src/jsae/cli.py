@@ -11,12 +11,14 @@ from typing import Optional
 import typer
 
 from jsae.release_cli import core_metrics_cmd, export_cmd, features_cmd, release_app
+from jsae.vista.cli import vista_app
 from jsae.world.cli import world_app
 
 app = typer.Typer(help="Joint Sparse Autoencoders, VISTA and SAE steering for vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(world_app, name="world")
 app.add_typer(release_app, name="release")
+app.add_typer(vista_app, name="vista")
 app.command("features")(features_cmd)
 app.command("export-neuronpedia")(export_cmd)
 app.command("core-metrics")(core_metrics_cmd)

@@ -1,0 +1,99 @@
+"""``jsae vista train`` and ``jsae vista eval`` (add to the main CLI with
+``app.add_typer(vista_app, name="vista")``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+vista_app = typer.Typer(help="VISTA: regularise the visual projector with the language model's text SAE; "
+                             "matching rate and patch-local object removal / replacement.", no_args_is_help=True)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _ints(spec: str, flag: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        _fail(f"{flag} must be comma-separated integers like 2,4,6, got {spec!r}")
+    if not out:
+        _fail(f"{flag} needs at least one layer, e.g. {flag} 4")
+    return out
+
+
+@vista_app.command("train")
+def train(
+    out: Path = typer.Option(..., help="run directory (text SAEs, labels, projectors, train.json)"),
+    model: str = typer.Option("llava", help="toy model of the embedded world"),
+    text_sae: Optional[str] = typer.Option(None, help="text SAEs to use instead of training: a release "
+                                                      "(jsae-vista-toy-llava-text-sae) or a directory of SAE folders named by hook"),
+    text_layers: str = typer.Option("2,4,6", help="layers with a text SAE (comma-separated)"),
+    layers: Optional[str] = typer.Option(None, help="constrained layers of the single VISTA setting; default: the "
+                                                    "middle text layer and all text layers (two settings)"),
+    lam: float = typer.Option(1.0, help="λ, the weight of the text-SAE reconstruction loss (0 = baseline)"),
+    steps: int = typer.Option(300, help="projector steps (the same for every setting)"),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(1e-3),
+    reinit: bool = typer.Option(False, help="re-initialise the projector (same seed for every setting) instead of "
+                                            "starting from the shipped one"),
+    n_train: int = typer.Option(1000, help="training images (and their captions for the text SAE)"),
+    sae_steps: int = typer.Option(2000, help="text SAE steps (SAELens SAETrainer)"),
+    d_sae: int = typer.Option(256),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
+) -> None:
+    """Train text SAEs (or load them), label them from text, and train the baseline and VISTA projectors."""
+    from jsae.vista.world import WorldVistaConfig, train_world
+
+    tl = _ints(text_layers, "--text-layers")
+    settings = ()
+    if layers is not None:
+        ls = _ints(layers, "--layers")
+        settings = (("baseline", 0.0, ()), ("vista-l" + "".join(map(str, ls)), lam, ls))
+    try:
+        cfg = WorldVistaConfig(model=model, seed=seed, n_train=n_train, text_layers=tl, text_sae=text_sae, d_sae=d_sae,
+                               sae_steps=sae_steps, lam=lam, settings=settings, proj_steps=steps, batch_size=batch_size,
+                               lr=lr, reinit=reinit)
+        summary = train_world(out, cfg, overwrite=overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for name, h in summary["projectors"].items():
+        last = h["history"][-1]
+        typer.echo(f"{name}: ce {last['ce']:.4f} " + " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("err_")))
+    typer.echo(f"wrote {out}/train.json; next: jsae vista eval --run {out}")
+
+
+@vista_app.command("eval")
+def evaluate(
+    run: Path = typer.Option(..., help="a `jsae vista train` run directory"),
+    n_eval: int = typer.Option(300, help="held-out test images"),
+    k: int = typer.Option(5, help="top-k latents per image for the matching rate"),
+    edit_layer: Optional[int] = typer.Option(None, help="layer of the patch-local edits (default: the single-layer VISTA setting's)"),
+    vista: Optional[str] = typer.Option(None, help="VISTA setting used for the edits (default: the single-layer one)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Matching rate, localisation, caption quality, patch-local removal / replacement; report.md, metrics.json, figure."""
+    from jsae.vista.world import EvalConfig, eval_world
+
+    if k < 1:
+        _fail(f"--k must be >= 1, got {k}")
+    try:
+        m = eval_world(run, EvalConfig(n_eval=n_eval, k=k, edit_layer=edit_layer, vista=vista, seed=seed))
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for layer, r in m["matching_ratio"].items():
+        typer.echo(f"layer {layer}: matching-rate ratio vs baseline " +
+                   ", ".join(f"{n} {v['ratio']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for n, v in r.items()))
+    for measure, g in m["edit_gains_vs_vision_only"].items():
+        typer.echo(f"{measure}: VISTA {g['vista']:.3f} vs vision-only {g['vision_only']:.3f}")
+    typer.echo(f"wrote {run}/report.md, {run}/metrics.json")
+
+
+__all__ = ["vista_app"]
