@@ -287,7 +287,7 @@ def _browser_features(model: Any, processor: Any, adapter: Any, method: Method, 
         st = next((c for (concept, fs), c in steer.items() if j in fs), None)
         feats.append({"feature": j, "layer": layer, "label": lab.label, "kind": lab.kind, "purity": lab.purity,
                       "top_images": tops, "top_captions": [captions[b] for b in top_cap],
-                      "steering": None if st is None else f"'{st.concept}' +{st.mean:.2f} [{st.low:.2f}, {st.high:.2f}] at α={st.alpha:.1f}"})
+                      "steering": None if st is None else f"'{st.concept}' {st.mean:+.2f} [{st.low:+.2f}, {st.high:+.2f}] at α={st.alpha:.1f}"})
     return feats
 
 
