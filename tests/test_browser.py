@@ -65,7 +65,7 @@ def test_page_is_self_contained_with_labels_images_captions_and_steering(run_pag
         if any(lab.kind == kind for lab in labels.labels if lab.label):
             assert f'class="kind {kind}"' in html
     steered = next(lab for lab in labels.labels if lab.label and lab.feature == _steered(page))
-    assert "purity" in html and f"steering: &#x27;{steered.label}&#x27; +0.31 [0.25, 0.37] at α=12.5" in html
+    assert "purity" in html and f"steering: &#x27;{steered.label}&#x27; +0.31 [+0.25, +0.37] at α=12.5" in html
     assert html.count('class="steer"') == 1  # only the steered feature has a steering result
 
 

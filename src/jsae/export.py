@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jsae.report import replace_dir
 from jsae.labels import FeatureLabels
 
 EXPORT_FILES = ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl")
@@ -266,13 +267,7 @@ def export_neuronpedia(sae: str | Path, out: str | Path, *, model: str | None = 
         _gz_jsonl(tmp / "features" / "batch-0.jsonl.gz", features)
         _gz_jsonl(tmp / "activations" / "batch-0.jsonl.gz", activations)
         _gz_jsonl(tmp / "images" / "batch-0.jsonl.gz", [{"imageIndex": k, "png": v} for k, v in images_out.items()])
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

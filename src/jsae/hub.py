@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from jsae.report import replace_dir
 from jsae.sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
 
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
@@ -170,13 +171,7 @@ class LocalHub:
             manifest = {"repo_id": repo_id, "files": {f: {"sha256": _sha256(tmp / f), "size": (tmp / f).stat().st_size}
                                                       for f in files}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a repo with a manifest is complete
-            if final.exists():
-                old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final.as_uri()

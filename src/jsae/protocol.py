@@ -150,26 +150,10 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps
 
 
 def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int) -> Any:
-    """A plain SAELens TopK SAE on the vision pools, trained by SAELens's own ``SAETrainer``."""
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    """The vision-only baseline: a plain SAELens TopK SAE on the vision pools (SAELens's ``SAETrainer``)."""
+    from jsae.training import train_saelens_topk
 
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=vision.shape[1], d_sae=d_sae, k=k))
-    scale = float(vision.norm(dim=-1).mean()) / math.sqrt(vision.shape[1])  # train at mean norm sqrt(d_in); fold back after
-
-    def provider():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(vision.shape[0], generator=g)
-            for i in range(0, vision.shape[0] - batch_size + 1, batch_size):
-                yield vision[perm[i:i + batch_size]] / scale
-
-    cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False))
-    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None).fit()
-    trained.fold_activation_norm_scaling_factor(float(1 / scale))
-    return trained.eval()
+    return train_saelens_topk(vision, d_sae, k, steps, min(batch_size, vision.shape[0]), lr, seed).eval()
 
 
 # ---- generation cells ---------------------------------------------------------------------------

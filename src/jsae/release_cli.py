@@ -25,6 +25,7 @@ from typing import Any, Optional
 import typer
 import yaml
 
+from jsae.report import replace_dir
 from jsae.releases import PACKAGE_ROOT, RECIPES, RELEASES
 
 release_app = typer.Typer(help="jsae releases: build, list, push to and pull from the Hugging Face Hub.",
@@ -196,13 +197,7 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
                 sae.save_inference_model(tmp)
                 labels.save(tmp / "labels.json")
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-                if final.exists():
-                    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
+                replace_dir(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             entries.append({**_entry(cfg, sae_id, metrics, d_sae=sae.cfg.d_sae), "model_weights_sha256": meta["model_weights_sha256"]})

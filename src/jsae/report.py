@@ -25,6 +25,21 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``, replacing what is there without a moment where
+    ``final`` holds a mix of old and new files."""
+    import shutil
+    import uuid
+
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, default=float))
 

@@ -443,9 +443,36 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int = 0) -> Any:
+    """A plain SAELens TopK SAE on in-memory activations ``x [N, d_in]``, trained by SAELens's own
+    ``SAETrainer`` at mean norm sqrt(d_in) with the scale folded back (the result takes raw activations)."""
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    if not 0 < batch_size <= x.shape[0]:
+        raise ValueError(f"batch_size must be between 1 and the number of activations ({x.shape[0]}), got {batch_size}")
+    torch.manual_seed(seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+    scale = float(x.norm(dim=-1).mean()) / math.sqrt(x.shape[1])
+
+    def provider() -> Iterator[Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(x.shape[0], generator=g)
+            for i in range(0, x.shape[0] - batch_size + 1, batch_size):
+                yield x[perm[i:i + batch_size]] / scale
+
+    cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
+                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False))
+    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None).fit()
+    trained.fold_activation_norm_scaling_factor(float(1 / scale))
+    return trained
+
+
 def train_jsae(sae_cfg: TrainingJointSAEConfig, data: Iterable[tuple[Tensor, Tensor]], **trainer_kwargs: Any) -> TrainingJointSAE:
     """One-call training: ``train_jsae(cfg, data, total_steps=1000, lr=1e-3)``."""
     return JointSAETrainer.from_config(sae_cfg, JointTrainerConfig(**trainer_kwargs), data).fit()
 
 
-__all__ = ["JointSAETrainer", "JointTrainerConfig", "PairedTensorData", "check_paired_batch", "train_jsae"]
+__all__ = ["JointSAETrainer", "JointTrainerConfig", "PairedTensorData", "check_paired_batch", "train_jsae",
+           "train_saelens_topk"]

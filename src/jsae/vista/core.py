@@ -322,24 +322,9 @@ def train_text_sae(states: Float[Tensor, "n d"], *, hook_name: str, model_name: 
                    progress: bool = True) -> Any:
     """A SAELens TopK SAE on per-token text states, by SAELens's own ``SAETrainer`` (normalised to mean
     norm √d_in during training and folded back, so it applies to raw states)."""
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    from jsae.training import train_saelens_topk
 
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=states.shape[1], d_sae=d_sae, k=k))
-    scale = float(states.norm(dim=-1).mean()) / math.sqrt(states.shape[1])
-
-    def provider() -> Iterator[Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(states.shape[0], generator=g)
-            for i in range(0, states.shape[0] - batch_size + 1, batch_size):
-                yield states[perm[i:i + batch_size]] / scale
-
-    cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False))
-    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None).fit()
-    trained.fold_activation_norm_scaling_factor(float(1 / scale))
+    trained = train_saelens_topk(states, d_sae, k, steps, batch_size, lr, seed)
     trained.cfg.metadata.hook_name = hook_name
     trained.cfg.metadata.model_name = model_name
     trained.cfg.metadata.prepend_bos = True
