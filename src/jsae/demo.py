@@ -112,6 +112,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
              scores_out: bool = False) -> dict[str, Any]:
     """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
     from jsae.capture import capture_pairs, load_pairs
+    from jsae import world
     from jsae.interventions import Ablate, Steer
     from jsae.world import world_dataset
 
@@ -126,7 +127,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     timings: dict[str, float] = {}
     model, processor, adapter, is_world = load_model(cfg.model)
     if not is_world:
-        raise NotImplementedError("jsae demo on a real VLM needs a caption dataset; use `jsae sweep --data` (see README)")
+        raise NotImplementedError(f"jsae demo runs the protocol on the shipped toy models ({list(world.MODEL_NAMES)}); "
+                                  "on a real VLM use jsae capture/train/label with --data (the real-data steering sweep "
+                                  "with a perplexity fluency guard is not built yet)")
     n_layers = adapter.n_layers
     layers = cfg.layers or default_layers(n_layers, cfg.n_sweep_layers)
     for layer in layers:
