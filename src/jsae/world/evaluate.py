@@ -7,11 +7,9 @@ from tqdm.auto import tqdm
 
 from jsae.world import grammar
 from jsae.world.data import iter_world
-from jsae.world.models import _check_name
+from jsae.world.models import _check_name, image_prefix
 
 
-def _prefix(name: str) -> str:
-    return "<image>" if name == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @torch.no_grad()
@@ -19,7 +17,7 @@ def generate_text(model, processor, name: str, images, prompts: list[str], max_n
     """Greedy continuation of ``prompts`` (text after the image) for ``images``; returns (texts, ended_with_eos)."""
     tok = processor.tokenizer
     tok.padding_side = "left"
-    texts = [f"{_prefix(name)} {p}".rstrip() for p in prompts]
+    texts = [f"{image_prefix(name)} {p}".rstrip() for p in prompts]
     enc = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
     dev = next(model.parameters()).device
     enc = {k: v.to(dev) for k, v in enc.items()}

@@ -67,6 +67,11 @@ def build_config(name: str, vocab_size: int, size: str = "default"):
     return cfg
 
 
+def image_prefix(name: str) -> str:
+    """The image placeholder a toy model's prompts start with (its processor expands it)."""
+    return "<image>" if _check_name(name) == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+
+
 def model_class(name: str):
     from transformers import LlavaForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 

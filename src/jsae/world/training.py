@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jsae.world import grammar
 from jsae.world.data import scene_seed
-from jsae.world.models import build_model, build_processor, model_dir, save_toy_vlm, _check_name
+from jsae.world.models import build_model, build_processor, image_prefix, model_dir, save_toy_vlm, _check_name
 from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
 
@@ -104,14 +104,12 @@ def describe_prompt(caption: str, question: str) -> str:
     return f"{caption} : {question}"
 
 
-def _image_prefix(name: str) -> str:
-    return "<image>" if name == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]]):
     """Model inputs + labels for (prompt, target) pairs: loss only on target tokens and ``</s>``."""
     tok = processor.tokenizer
-    prefix = _image_prefix(name)
+    prefix = image_prefix(name)
     prompts = [f"{prefix} {p}".rstrip() for p, _ in targets]
     full = [f"{prefix} {p} {t} </s>".replace("  ", " ") for p, t in targets]
     images = [s.image for s in scenes]
