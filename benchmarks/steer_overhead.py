@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _common import wrapped_and_plain  # noqa: E402  (also puts tests/ on the path)
 
 import jsae  # noqa: E402  (before nnsight)
 import torch  # noqa: E402
-from conftest import build_hf, build_processor, tiny_vlm  # noqa: E402
-from nnsight import NNsight  # noqa: E402
+from conftest import build_processor  # noqa: E402
 
-from jsae.adapters import for_model  # noqa: E402
 from jsae.interventions import Clamp, Steer, generate  # noqa: E402
 
 
@@ -39,15 +35,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    hf = build_hf(args.kind, layers=args.layers, hidden=args.hidden)
-    # the baseline runs on an identical copy never wrapped by nnsight (wrapping replaces every module's
-    # forward with nnsight's dispatcher, which a fair baseline must not pay)
-    hf_plain = build_hf(args.kind, layers=args.layers, hidden=args.hidden)
-    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), hf_plain.state_dict().values()))
-    model = NNsight(hf)
-    adapter = for_model(model)
-    small = tiny_vlm(args.kind)
-    images, texts = map(list, zip(*small.pairs(args.batch)))
+    hf, hf_plain, model, adapter, images, texts = wrapped_and_plain(args.kind, args.layers, args.hidden, args.batch)
     inputs = adapter.build_inputs(build_processor(args.kind), images, texts, add_generation_prompt=True)
     kwargs = adapter.model_kwargs(inputs)
     L = adapter.n_layers // 2

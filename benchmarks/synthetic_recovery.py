@@ -27,7 +27,6 @@ modality.  The table is printed and the full results (with the configs) written 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import asdict
@@ -147,9 +146,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + f" steps={s['steps']} batch={s['batch']} lr={s['lr']}")
     print(format_table(out))
     print(f"total {s['total_seconds']} s")
+    from jsae.report import write_json
+
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)  # atomic: tmp + rename
     print(f"wrote {path}")
     return out
 

@@ -36,7 +36,6 @@ printed in both.  Targets: JSAE >= 2.0x SAELens pairs/s, step <= 3 primary matmu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -237,9 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     out = run(a.d_in, a.d_sae, a.k, a.batch, a.steps, a.rounds, threads=a.threads, kinds=tuple(a.kinds.split(",")))
     print(format_report(out))
+    from jsae.report import write_json
+
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)  # atomic: tmp + rename
     print(f"wrote {path}")
     return out
 
