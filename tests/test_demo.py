@@ -67,3 +67,36 @@ def test_cli_bad_inputs(tmp_path, small_run):
     assert res.exit_code == 2 and "trained on layer 1, not 4" in res.output
     res = runner.invoke(app, ["steer", "--sae", str(sae_dir), "--concept", "zebra", "--layer", "1", "--alpha", "5"])
     assert res.exit_code == 2 and "labelled 'zebra'; labelled concepts:" in res.output
+
+
+def test_demo_on_a_vlm_directory_with_a_caption_dataset(tmp_path):
+    """The real-data path: a VLM loaded from a directory by ``load_vlm`` (as a hub id would be) and a local
+    COCO-captions-style dataset with only images and captions: caption words become the concepts, a
+    word match is a mention, and the no-image perplexity is the fluency guard."""
+    from jsae.world import world_dataset
+    from jsae.world.models import model_dir
+
+    ds = world_dataset("validation", 460, seed=3)
+    ds = ds.remove_columns([c for c in ds.column_names if c not in ("image", "caption")])
+    ds.save_to_disk(str(tmp_path / "data"))
+    cfg = DemoConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="", n_train=300, n_label=100,
+                     n_eval=60, layers=[5], steps=150, d_sae=64, n_start=24, n_max=32, max_concepts=1, gen_batch=60,
+                     max_new_tokens=16, methods=("jsae", "jsae-none"))
+    metrics = run_demo(tmp_path / "run", cfg, progress=False)
+    assert metrics["judge"] == "CaptionJudge" and metrics["data"] == str(tmp_path / "data")
+    for name in ARTEFACTS:
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    # the concepts are caption words, and the cells were scored by word matches on held-out rows
+    assert metrics["concepts"] and all(c.isalpha() for c in metrics["concepts"])
+    assert {c["measure"] for c in metrics["cells"]} >= {"suppression"}
+    assert all(c["low"] <= c["mean"] <= c["high"] and c["n"] >= 1 for c in metrics["cells"])
+    # too few rows for the slices asked: a one-line error that says what to lower
+    bad = DemoConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), n_train=400, n_label=100, n_eval=100)
+    with pytest.raises(ValueError, match="has 460 rows but n_train"):
+        run_demo(tmp_path / "run2", bad, progress=False)
+
+
+def test_demo_on_a_real_vlm_needs_data(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "r"), "--model", str(tmp_path)])
+    assert res.exit_code == 2 and "pass --data" in res.output
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -79,3 +79,31 @@ def test_report_files(tmp_path):
     html = page.read_text()
     assert "data:image/png;base64," in html and "a red cat" in html and "id='q'" in html
     assert "http://" not in html and "https://" not in html  # self-contained
+
+
+def test_caption_judge_on_the_toy_model():
+    """Caption words as concepts, plural-tolerant mentions, and the no-image perplexity fluency guard
+    on the shipped toy LLaVA: grammatical captions pass, word salad and repetition loops do not."""
+    import numpy as np
+
+    from jsae.protocol import CaptionJudge, caption_words, distinct_2, text_perplexity
+    from jsae.world import load_toy_vlm
+
+    model, processor, _ = load_toy_vlm("llava")
+    good = ["a small red cat at the top left", "a large blue apple at the bottom right and a small green dog at the top left"]
+    salad = ["left the apple top small at red a", "dog dog dog dog dog dog dog dog"]
+    ppl = text_perplexity(model, processor, good + salad)
+    assert ppl.shape == (4,) and np.isfinite(ppl).all() and max(ppl[:2]) < min(ppl[2:])
+    assert caption_words("Two cats and a dog.") >= {"two", "cats", "cat", "dog"}
+    assert distinct_2("dog dog dog dog dog") < 0.5 <= distinct_2(good[1])
+    judge = CaptionJudge(["cat", "dog", "apple"], lambda t: text_perplexity(model, processor, t))
+    y = judge.presence([{"caption": "two cats on a mat"}, {"caption": "an apple"}])
+    assert y.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    assert judge.mentions("some dogs", "dog") and not judge.mentions("a hotdog", "dog")
+    assert judge.others({"caption": "a cat and an apple"}, "cat") == ["apple"]
+    with pytest.raises(RuntimeError, match="calibrate"):
+        judge.fluency(good)
+    judge.calibrate(good)
+    assert judge.fluency(good) == 1.0 and judge.fluency(salad) == 0.0 and judge.fluency(["", good[0]]) == 0.5
+    with pytest.raises(ValueError, match="max_perplexity must be a finite number"):
+        CaptionJudge(["cat"], lambda t: t, max_perplexity=float("nan"))

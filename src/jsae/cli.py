@@ -57,24 +57,34 @@ def version() -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="results directory (report.md, metrics.json, layer_sweep.png, features.html)"),
-    model: str = typer.Option("llava", help="llava | qwen3-vl-moe (shipped toy models)"),
+    model: str = typer.Option("llava", help="llava | qwen3-vl-moe (shipped toy models), or a hub id / path of a real VLM (needs --data)"),
+    data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id): caption words become the concepts"),
+    data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
     steps: int = typer.Option(600, help="training steps of every SAE"),
     d_sae: int = typer.Option(128, help="SAE width"),
-    n_train: int = typer.Option(2000, help="training pairs"),
+    n_train: int = typer.Option(2000, min=1, help="training pairs"),
+    n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
+    n_eval: int = typer.Option(1200, min=1, help="held-out images for the steering/suppression sweep"),
     n_max: int = typer.Option(400, help="most images per (concept, layer, method) cell"),
     concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
+    min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
+    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 2x the unsteered median)"),
+    max_new_tokens: int = typer.Option(28, min=1, help="greedy caption length"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
     from jsae.demo import ARTEFACTS, DemoConfig, run_demo
 
-    cfg = DemoConfig(model=model, layers=_layers(layers), steps=steps, d_sae=d_sae, n_train=n_train, n_max=n_max,
-                     concepts=concepts.split(",") if concepts else None, seed=seed)
+    cfg = DemoConfig(model=model, layers=_layers(layers), steps=steps, d_sae=d_sae, n_train=n_train, n_label=n_label,
+                     n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None, seed=seed, data=data,
+                     data_split=data_split, prompt=prompt, min_count=min_count, max_perplexity=max_perplexity,
+                     max_new_tokens=max_new_tokens)
     try:
         metrics = run_demo(out, cfg, overwrite=overwrite)
-    except (FileExistsError, ValueError, NotImplementedError) as exc:
+    except (FileExistsError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
     typer.echo(f"done in {metrics['timings']['total_s']:.0f} s: " + ", ".join(str(out / a) for a in ARTEFACTS))

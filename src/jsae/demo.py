@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from jsae.labels import FeatureLabels, label_features
 from jsae.adapters.base import GRID_COL, GRID_REGION, GRID_ROW
-from jsae.protocol import (METHODS, Cell, Method, SweepConfig, concept_presence, run_sweep, summarise, train_methods,
-                           world_concepts)
+from jsae.protocol import (METHODS, CaptionJudge, Cell, Judge, Method, SweepConfig, WorldJudge, run_sweep, summarise,
+                           text_perplexity, train_methods)
 from jsae.report import feature_browser, markdown_table, plot_layer_sweep, write_json
 
 ARTEFACTS = ("report.md", "metrics.json", "layer_sweep.png", "features.html")
@@ -49,6 +49,11 @@ class DemoConfig:
     gen_batch: int = 200
     max_new_tokens: int = 28
     seed: int = 0
+    data: str | None = None  # a COCO-captions-style dataset (path or hub id); required for a real VLM
+    data_split: str = "train"
+    prompt: str | None = None  # captioning prompt; default "" on the world, "Describe the image." on real data
+    min_count: int = 5  # real data: a caption word is a concept when it occurs in this many labelling captions
+    max_perplexity: float | None = None  # real data: fluency threshold (default 2x the unsteered median)
 
     def key(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()}
@@ -91,7 +96,9 @@ def make_captioner(model: Any, processor: Any, adapter: Any, cfg: DemoConfig):
     """(images, interventions) -> greedy captions, in batches, through ``jsae.generate``."""
     from jsae.interventions import generate
 
-    prompt = adapter.render_prompt(processor, "", 1, add_generation_prompt=True)
+    text = cfg.prompt if cfg.prompt is not None else ("" if cfg.data is None and cfg.model in _world_names() else
+                                                          "Describe the image.")
+    prompt = adapter.render_prompt(processor, text, 1, add_generation_prompt=True)
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
 
@@ -114,40 +121,40 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     from jsae.capture import capture_pairs, load_pairs
     from jsae import world
     from jsae.interventions import Ablate, Steer
-    from jsae.world import world_dataset
 
     cfg = cfg or DemoConfig()
-    if cfg.concepts:
-        unknown = [c for c in cfg.concepts if c not in world_concepts()]
-        if unknown:
-            raise ValueError(f"unknown concept(s) {unknown}; the world's concepts are {world_concepts()}")
+    if cfg.model in world.MODEL_NAMES and cfg.data is None and cfg.concepts:
+        _check_concepts(cfg.concepts, WorldJudge().concepts, "the world's")
+    if cfg.model not in world.MODEL_NAMES and cfg.data is None:
+        raise ValueError(f"{cfg.model!r} is not a shipped toy model ({', '.join(world.MODEL_NAMES)}): pass --data with a "
+                         "COCO-captions-style dataset (path or hub id) to run the protocol on it")
     out = Path(out)
     _check_out(out, cfg, overwrite)
     t0 = time.time()
     timings: dict[str, float] = {}
-    model, processor, adapter, is_world = load_model(cfg.model)
-    if not is_world:
-        raise NotImplementedError(f"jsae demo runs the protocol on the shipped toy models ({list(world.MODEL_NAMES)}); "
-                                  "on a real VLM use jsae capture/train/label with --data (the real-data steering sweep "
-                                  "with a perplexity fluency guard is not built yet)")
+    model, processor, adapter, _ = load_model(cfg.model)
     n_layers = adapter.n_layers
     layers = cfg.layers or default_layers(n_layers, cfg.n_sweep_layers)
     for layer in layers:
         adapter.check_layer(layer)
 
     # 1. data and capture at every layer
-    splits = {"train": world_dataset("train", cfg.n_train, cfg.seed), "label": world_dataset("validation", cfg.n_label, cfg.seed)}
+    splits, test = _load_splits(cfg)
     caps = {}
     for split, ds in splits.items():
         pairs = [(ex["image"], ex["caption"]) for ex in ds]
+        where = f"data:{cfg.data}:{cfg.data_split}" if cfg.data else "world"
         caps[split] = capture_pairs(model, pairs, layers=list(range(n_layers)), out_dir=out / "capture" / split,
                                     processor=processor, adapter=adapter, batch_size=64, progress=progress,
-                                    fingerprint=f"world:{split}:{len(pairs)}:{cfg.seed}")
+                                    fingerprint=f"{where}:{split}:{len(pairs)}:{cfg.seed}")
     timings["capture_s"] = time.time() - t0
 
     # 2. train every method at every swept layer; 3. label its features on held-out pairs
-    concepts_all = world_concepts()
-    y_label = concept_presence([ex["objects"] for ex in splits["label"]], concepts_all)
+    judge = _judge(cfg, model, processor, splits["label"])
+    if cfg.concepts:
+        _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
+    concepts_all = judge.concepts
+    y_label = judge.presence(list(splits["label"]))
     methods_by_layer: dict[int, dict[str, Method]] = {}
     labels_by_layer: dict[int, dict[str, FeatureLabels]] = {}
     sae_rows: list[dict[str, Any]] = []
@@ -172,8 +179,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
 
     # 4. the sweep, on held-out test images
-    test = world_dataset("test", cfg.n_eval, cfg.seed)
-    images, objects = [ex["image"] for ex in test], [ex["objects"] for ex in test]
+    images, items = [ex["image"] for ex in test], list(test)
     if cfg.concepts:
         labelled = sorted({lab.label for L in layers for lab in labels_by_layer[L]["jsae"].labels
                            if lab.label and lab.kind == "shared"})
@@ -181,9 +187,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
         if missing:
             raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; "
                              f"concepts with one: {labelled}")
-    concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts)
+    concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts, judge.concepts)
     if not concepts:
-        raise RuntimeError("no world concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
+        raise RuntimeError("no concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
     captioner = make_captioner(model, processor, adapter, cfg)
     sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start,
                             n_max=cfg.n_max, halfwidth=cfg.halfwidth)
@@ -193,13 +199,14 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
                                               strength=alpha),
         lambda layer, sae, feats, modality: Ablate(layer=layer, positions="image", timing="prefill", sae=sae,
                                                    features=feats, sae_modality=modality),
-        methods_by_layer, labels_by_layer, norms, images, objects, sweep_cfg, progress=progress)
+        methods_by_layer, labels_by_layer, norms, images, items, sweep_cfg, progress=progress, judge=judge)
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
 
     # 5. report
     summary = summarise(cells)
     metrics = {
-        "model": cfg.model, "n_layers": n_layers, "layers": layers, "concepts": concepts, "methods": list(cfg.methods),
+        "model": cfg.model, "data": cfg.data or "world", "judge": type(judge).__name__, "n_layers": n_layers,
+        "layers": layers, "concepts": concepts, "methods": list(cfg.methods),
         "config": cfg.key(), "saes": sae_rows, "cells": [_cell_dict(c) for c in cells], "summary": summary,
         "timings": timings,
     }
@@ -215,6 +222,44 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
     if scores_out:
         metrics["_cells"] = cells
     return metrics
+
+
+def _world_names() -> tuple[str, ...]:
+    from jsae import world
+
+    return tuple(world.MODEL_NAMES)
+
+
+def _check_concepts(asked: list[str], known: list[str], whose: str) -> None:
+    unknown = [c for c in asked if c not in known]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; {whose} concepts are {known[:60]}")
+
+
+def _load_splits(cfg: DemoConfig) -> tuple[dict[str, Any], Any]:
+    """({"train", "label"} datasets, sweep dataset): world splits, or consecutive slices of ``cfg.data``."""
+    from jsae.world import load_caption_dataset, world_dataset
+
+    if cfg.data is None:
+        return ({"train": world_dataset("train", cfg.n_train, cfg.seed),
+                 "label": world_dataset("validation", cfg.n_label, cfg.seed)}, world_dataset("test", cfg.n_eval, cfg.seed))
+    need = cfg.n_train + cfg.n_label + cfg.n_eval
+    ds = load_caption_dataset(cfg.data, split=cfg.data_split, limit=need)
+    if len(ds) < need:
+        raise ValueError(f"{cfg.data!r} ({cfg.data_split}) has {len(ds)} rows but n_train + n_label + n_eval = {need}; "
+                         "lower --n-train / --n-label / --n-eval or use a larger dataset")
+    a, b = cfg.n_train, cfg.n_train + cfg.n_label
+    return {"train": ds.select(range(a)), "label": ds.select(range(a, b))}, ds.select(range(b, need))
+
+
+def _judge(cfg: DemoConfig, model: Any, processor: Any, label_ds: Any) -> Judge:
+    """The world's exact judge, or on real data caption words as concepts and a perplexity fluency guard."""
+    if cfg.data is None:
+        return WorldJudge()
+    from jsae.labels import concepts_from_captions
+
+    _, words = concepts_from_captions([ex["caption"] for ex in label_ds], min_count=cfg.min_count)
+    return CaptionJudge(words, lambda texts: text_perplexity(model, processor, texts), max_perplexity=cfg.max_perplexity)
 
 
 def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +286,11 @@ def _sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float
     return out
 
 
-def _pick_concepts(labels_by_layer: dict[int, dict[str, FeatureLabels]], layers: list[int], k: int) -> list[str]:
-    """The world concepts with a shared JSAE feature at the most swept layers (then the most features)."""
+def _pick_concepts(labels_by_layer: dict[int, dict[str, FeatureLabels]], layers: list[int], k: int,
+                   concepts: list[str]) -> list[str]:
+    """The concepts with a shared JSAE feature at the most swept layers (then the most features)."""
     scores = []
-    for c in world_concepts():
+    for c in concepts:
         per_layer = [sum(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels)
                      for L in layers]
         if any(per_layer):

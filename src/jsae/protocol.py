@@ -15,11 +15,16 @@ the vision decoder for the vision-only baseline) at the image-token positions of
 prefill step; score = rate of greedy captions that mention ``c`` minus the unsteered rate, per image.
 α is chosen per (layer, method, concept) by a fluency guard as in the reference code: ``α = r · m_L``
 with ``m_L`` the mean norm of image-token states at layer ``L`` and ``r`` swept upwards, stopping at the
-first ``r`` whose captions on calibration images no longer parse under the world's grammar (≥ 90%).
+first ``r`` whose captions on calibration images are no longer fluent (≥ 90%) under the judge.
 
 **Suppression**: for images that contain ``c``, clamp the features labelled ``c`` to zero at the image
 positions through the SAE with its error term; score = drop of the mention rate of ``c``;
 preservation = fraction of the *other* objects mentioned unsteered that are still mentioned.
+
+What counts as a concept, a mention and a fluent caption is a :class:`Judge`: :class:`WorldJudge` on the
+embedded world (exact ground truth, the grammar as fluency guard), :class:`CaptionJudge` on real data
+(caption words as concepts, word matches as mentions, and as fluency guard the perplexity of the generated
+caption under the model *without* the image plus a repetition check).
 
 Each cell's per-image scores get a 95% bootstrap interval; a cell is grown (up to the images available)
 until its interval is ±0.05 or tighter.  Effect sizes are Cohen's h.
@@ -28,6 +33,7 @@ until its interval is ±0.05 or tighter.  Effect sizes are Cohen's h.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,6 +90,146 @@ def fluent(text: str) -> bool:
 
     vocab = set(vocabulary())
     return bool(parse_caption(text)) and all(w in vocab for w in text.replace(",", " , ").split())
+
+
+# ---- judges: concepts, mentions and fluency -------------------------------------------------------
+
+
+class WorldJudge:
+    """The embedded world: concepts are object types, categories and colours; presence is exact ground
+    truth; a mention is read by the world's caption parser; fluent = the caption parses under its grammar."""
+
+    needs_calibration = False
+
+    def __init__(self) -> None:
+        self.concepts = world_concepts()
+
+    def presence(self, items: Sequence[dict]) -> Tensor:
+        return concept_presence([it["objects"] for it in items], self.concepts)
+
+    def mentions(self, text: str, concept: str) -> bool:
+        return mentions(text, concept)
+
+    def calibrate(self, captions: list[str]) -> None:
+        """Nothing to calibrate: the grammar is the standard."""
+
+    def fluency(self, captions: list[str]) -> float:
+        return float(np.mean([fluent(c) for c in captions])) if captions else 0.0
+
+    def others(self, item: dict, concept: str) -> list[str]:
+        """The image's other object types (not ``concept`` nor of its category), for preservation."""
+        return sorted({o["name"] for o in item["objects"]} - {concept}
+                      - {o["name"] for o in item["objects"] if _is_concept_of(o["name"], concept)})
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def caption_words(text: str) -> set[str]:
+    """Lower-case words of a caption, with a plural ``-s``/``-es`` also counted as its singular."""
+    words = set(_WORD.findall(text.lower()))
+    out = set(words)
+    for w in words:
+        if len(w) > 3 and w.endswith("es"):
+            out.add(w[:-2])
+        if len(w) > 2 and w.endswith("s"):
+            out.add(w[:-1])
+    return out
+
+
+def distinct_2(text: str) -> float:
+    """Fraction of distinct word bigrams (1.0 = no repetition); 1.0 for captions of under 3 words."""
+    w = text.split()
+    bigrams = list(zip(w, w[1:]))
+    return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 2 else 1.0
+
+
+class CaptionJudge:
+    """Real data: concepts are caption words (:func:`jsae.labels.concepts_from_captions`); an image
+    *contains* a concept when its reference caption has the word; a generated caption *mentions* it on a
+    word match (plural tolerant).  Fluency guard (the reference code's perplexity guard, with the VLM
+    itself as the language model): a caption is fluent when its perplexity under the model **without the
+    image** is at most ``max_perplexity`` (default: ``ratio`` × the median of the unsteered calibration
+    captions, set by :meth:`calibrate`) and its distinct-bigram ratio is at least ``min_distinct``."""
+
+    needs_calibration = True
+
+    def __init__(self, concepts: list[str], perplexity: Callable[[list[str]], np.ndarray], *,
+                 max_perplexity: float | None = None, ratio: float = 2.0, min_distinct: float = 0.5) -> None:
+        if not concepts:
+            raise ValueError("CaptionJudge needs at least one concept word")
+        if max_perplexity is not None and not (math.isfinite(max_perplexity) and max_perplexity > 1):
+            raise ValueError(f"max_perplexity must be a finite number > 1, got {max_perplexity!r}")
+        self.concepts, self.perplexity = list(concepts), perplexity
+        self.max_perplexity, self.ratio, self.min_distinct = max_perplexity, ratio, min_distinct
+        self._fixed = max_perplexity is not None
+
+    def presence(self, items: Sequence[dict]) -> Tensor:
+        y = torch.zeros(len(items), len(self.concepts))
+        index = {c: i for i, c in enumerate(self.concepts)}
+        for i, it in enumerate(items):
+            refs = it.get("captions") or [it["caption"]]
+            for w in set().union(*(caption_words(r) for r in refs)):
+                if w in index:
+                    y[i, index[w]] = 1.0
+        return y
+
+    def mentions(self, text: str, concept: str) -> bool:
+        return concept in caption_words(text)
+
+    def calibrate(self, captions: list[str]) -> None:
+        """Set the perplexity threshold from unsteered captions (unless ``max_perplexity`` was given)."""
+        if self._fixed:
+            return
+        ppl = self.perplexity([c for c in captions if c.strip()])
+        if len(ppl) == 0:
+            raise ValueError("the unsteered captions are all empty: check the captioning prompt (--prompt)")
+        self.max_perplexity = float(self.ratio * np.median(ppl))
+
+    def fluency(self, captions: list[str]) -> float:
+        if self.max_perplexity is None:
+            raise RuntimeError("CaptionJudge.calibrate(unsteered_captions) must run before fluency()")
+        if not captions:
+            return 0.0
+        ppl = np.full(len(captions), np.inf)
+        nonempty = [i for i, c in enumerate(captions) if c.strip()]
+        if nonempty:
+            ppl[nonempty] = self.perplexity([captions[i] for i in nonempty])
+        ok = [p <= self.max_perplexity and distinct_2(c) >= self.min_distinct for p, c in zip(ppl, captions)]
+        return float(np.mean(ok))
+
+    def others(self, item: dict, concept: str) -> list[str]:
+        refs = item.get("captions") or [item["caption"]]
+        words = set().union(*(caption_words(r) for r in refs))
+        return sorted(w for w in self.concepts if w in words and w != concept)
+
+
+Judge = WorldJudge | CaptionJudge
+
+
+@torch.no_grad()
+def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Perplexity of each text under the VLM's language model alone (no image): exp of the mean
+    next-token loss over the text's tokens after the first."""
+    from jsae.adapters import unwrap
+
+    hf = unwrap(model)
+    tok = getattr(processor, "tokenizer", processor)
+    dev = next(hf.parameters()).device
+    out: list[float] = []
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True).to(dev)
+            logits = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+            mask = enc["attention_mask"][:, 1:].float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), enc["input_ids"][:, 1:],
+                                                    reduction="none")
+            out += torch.exp((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().tolist()
+    finally:
+        tok.padding_side = side
+    return np.array(out)
 
 
 # ---- methods ------------------------------------------------------------------------------------
@@ -214,13 +360,23 @@ def run_sweep(
     labels_by_layer: dict[int, dict[str, FeatureLabels]],
     state_norms: dict[int, float],
     images: list[Any],
-    objects: list[list[dict]],
+    items: list[dict],
     cfg: SweepConfig,
     progress: bool = True,
+    judge: Judge | None = None,
 ) -> list[Cell]:
-    """Steering and suppression cells for every (method, layer, concept)."""
+    """Steering and suppression cells for every (method, layer, concept).
+
+    ``items[i]`` is the record of ``images[i]`` (world: with ``objects``; real data: with ``caption``);
+    ``judge`` (default :class:`WorldJudge`) reads presence, mentions and fluency."""
+    judge = judge or WorldJudge()
+    unknown = [c for c in cfg.concepts if c not in judge.concepts]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; this judge's concepts are {judge.concepts[:50]}")
     cells: list[Cell] = []
-    present = concept_presence(objects, cfg.concepts).bool()
+    y = judge.presence(items)
+    present = y[:, [judge.concepts.index(c) for c in cfg.concepts]].bool()
+    mentions = judge.mentions
     base_cache: dict[str, list[str]] = {}
 
     def base_captions(idx: list[int], key: str) -> list[str]:
@@ -234,6 +390,8 @@ def run_sweep(
         without = [i for i in range(len(images)) if not present[i, ci]]
         with_c = [i for i in range(len(images)) if present[i, ci]]
         calib, without = without[: cfg.n_calibration], without[cfg.n_calibration:]
+        if judge.needs_calibration:
+            judge.calibrate(base_captions(calib, f"calibration-{concept}"))
         base_without = base_captions(without[: cfg.n_max], f"without-{concept}")
         base_with = base_captions(with_c[: cfg.n_max], f"with-{concept}")
         for layer in cfg.layers:
@@ -251,7 +409,7 @@ def run_sweep(
                 for r in cfg.alpha_ratios:
                     a = r * state_norms[layer] / max(float(direction.norm()), 1e-8)
                     caps = caption([images[i] for i in calib], [steer_factory(layer, direction, a)])
-                    if np.mean([fluent(c) for c in caps]) < cfg.min_fluency:
+                    if judge.fluency(caps) < cfg.min_fluency:
                         break
                     alpha = a
                 if alpha > 0:
@@ -278,9 +436,7 @@ def run_sweep(
                     out = []
                     for cap, base, i in zip(caps, base_with[lo:hi], idx):
                         out.append(float(mentions(base, concept)) - float(mentions(cap, concept)))
-                        others = {o["name"] for o in objects[i]} - {concept}
-                        others = {o for o in others if not _is_concept_of(o, concept)}
-                        said = [o for o in others if mentions(base, o)]
+                        said = [o for o in judge.others(items[i], concept) if mentions(base, o)]
                         if said:
                             others_kept.append(np.mean([mentions(cap, o) for o in said]))
                     return np.array(out)
@@ -333,5 +489,6 @@ def interaction(cells_by_model: dict[str, list[Cell]], measure: str, method: str
     return asdict(interaction_test(np.array(ys), np.array(ms), np.array(ls), n_perm=1000))
 
 
-__all__ = ["METHODS", "Cell", "Method", "SweepConfig", "concept_presence", "fluent", "interaction", "mentions",
-           "run_sweep", "summarise", "train_methods", "world_concepts"]
+__all__ = ["METHODS", "CaptionJudge", "Cell", "Judge", "Method", "SweepConfig", "WorldJudge", "caption_words",
+           "concept_presence", "distinct_2", "fluent", "interaction", "mentions", "run_sweep", "summarise",
+           "text_perplexity", "train_methods", "world_concepts"]
