@@ -6,7 +6,7 @@ Measures, on ``--n`` test-split scenes per model (default 500), with greedy deco
 - QA accuracy, describe-then-answer (the trained protocol: the model captions the image, then answers the
   question that follows its own caption) and, with ``--direct-qa``, questions asked right after the image.
 
-Usage: python benchmarks/world_quality.py [--n 500] [--models llava qwen3-vl-moe] [--out results.json]
+Usage: python benchmarks/world_quality.py [--n 500] [--models llava qwen3-vl-moe] [--models-dir DIR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--direct-qa", action="store_true", help="also measure QA without the caption first")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--models-dir", default=None, help="parent directory of trained models (default: the shipped ones)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -36,11 +38,12 @@ def main() -> None:
 
     results = {}
     for name in args.models:
-        model, processor, _ = load_toy_vlm(name)
+        where = model_dir(name) if args.models_dir is None else os.path.join(args.models_dir, name)
+        model, processor, _ = load_toy_vlm(name, directory=where)
         t0 = time.time()
         r = evaluate(model, processor, name, n=args.n, split=args.split, seed=args.seed, direct_qa=args.direct_qa)
         r["eval_seconds"] = round(time.time() - t0, 1)
-        info = model_dir(name) / "training.json"
+        info = Path(where) / "training.json"
         if info.exists():
             tr = json.loads(info.read_text())
             r["training_json"] = {k: tr.get(k) for k in ("seconds", "total_seconds", "device", "init_from")}

@@ -12,7 +12,7 @@ import torch
 from jsae.world import (COLORS, POSITIONS, TYPES, WorldConfig, all_captions, build_llava_processor,
                         build_qwen_processor, build_tokenizer, caption, features, generate_scene, load_caption_dataset,
                         load_toy_vlm, parse_caption, questions, world_dataset)
-from jsae.world.models import MODEL_NAMES, REQUIRED_FILES, model_dir
+from jsae.world.models import MODEL_NAMES, REQUIRED_FILES, build_processor, image_prefix, model_dir
 from jsae.world.scenes import DETAIL_RGB
 
 
@@ -205,24 +205,44 @@ def test_processor_round_trip(tmp_path, family):
 
 # ---------------------------------------------------------------------------------------------- toy models
 
-def test_training_smoke_and_loading_a_trained_directory(tmp_path):
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_training_smoke_and_loading_a_trained_directory(tmp_path, name):
     from jsae.world.training import TrainConfig, train_toy_vlm
 
-    cfg = TrainConfig(lm_steps=1, vision_steps=1, vlm_steps=2, qa_steps=0, batch_size=4, size="tiny", eval_n=0,
-                      checkpoint_every=0)
-    _, _, summary = train_toy_vlm("llava", tmp_path / "llava", cfg, workers=0, progress=False, log=lambda *_: None)
-    assert set(summary["seconds"]) >= {"lm", "vision", "vlm"}
+    cfg = TrainConfig(lm_steps=1, vision_steps=1, vlm_steps=2, qa_steps=0, cqa_steps=1, batch_size=4, size="tiny",
+                      eval_n=0, checkpoint_every=0)
+    _, _, summary = train_toy_vlm(name, tmp_path / "a", cfg, workers=0, progress=False, log=lambda *_: None)
+    assert set(summary["seconds"]) >= {"lm", "vision", "vlm", "cqa"}
     # deterministic: a second run with the same seed gives the same weights
-    train_toy_vlm("llava", tmp_path / "again", cfg, workers=0, progress=False, log=lambda *_: None)
+    train_toy_vlm(name, tmp_path / "again", cfg, workers=0, progress=False, log=lambda *_: None)
     from safetensors.torch import load_file
 
-    w1, w2 = load_file(tmp_path / "llava" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
-    model, proc, _ = load_toy_vlm("llava", directory=tmp_path / "llava")
+    model, proc, _ = load_toy_vlm(name, directory=tmp_path / "a")
     assert model.config.text_config.num_hidden_layers == 2
-    enc = proc(images=[generate_scene(0).image], text=["<image>"], return_tensors="pt")
+    assert getattr(model.config.get_text_config(), "_experts_implementation", "eager") in (None, "eager")
+    enc = proc(images=[generate_scene(0).image], text=[image_prefix(name)], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     assert out.shape[1] <= enc["input_ids"].shape[1] + 3
+
+
+def test_describe_then_answer_batches_keep_the_caption_loss():
+    """In a describe-then-answer sample the caption and the answer carry the loss, the question does not."""
+    import numpy as np
+
+    from jsae.world.grammar import caption, sample_questions
+    from jsae.world.training import _scenes, build_batch, describe_prompt
+
+    tok = build_tokenizer()
+    for name in MODEL_NAMES:
+        proc = build_processor(name, tok)
+        sc = _scenes(0, 5, 0, 2)
+        caps = [caption(s.objects, 0) for s in sc]
+        q, a = sample_questions(sc[0], 1, np.random.default_rng(0))[0]
+        _, labels = build_batch(name, proc, sc, [(describe_prompt(caps[0], q), a), ("", caps[1])], [len(caps[0].split()), 0])
+        said = [tok.decode([t for t in row.tolist() if t != -100]) for row in labels]
+        assert said == [f"{caps[0]} {a} </s>", f"{caps[1]} </s>"]
 
 
 def _shipped(name):

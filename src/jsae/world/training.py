@@ -61,7 +61,7 @@ class TrainConfig:
     qa_phase_fraction: float = 0.75
     qa_lr: float = 5e-4
     cqa_fraction: float = 0.75
-    cqa_lr: float = 5e-4
+    cqa_lr: float = 1e-3
     size: str = "default"
     checkpoint_every: int = 400
     eval_n: int = 100
@@ -75,9 +75,11 @@ class TrainConfig:
 
 
 #: default step counts per model (deterministic; see the README for measured times)
+#: sized for 30 minutes on 2 CPU cores (torch 2 threads + 1 data worker), measured step rates:
+#: llava lm 3.7/s, vision 6.7/s, vlm 1.9/s, cqa 1.6/s; qwen3-vl-moe lm 2.3/s, vision 2.0/s, vlm/cqa ~1.1/s
 DEFAULTS: dict[str, dict] = {
-    "llava": dict(lm_steps=400, vision_steps=2000, vlm_steps=4000, qa_steps=3000, cqa_steps=2500),
-    "qwen3-vl-moe": dict(lm_steps=300, vision_steps=1000, vlm_steps=1800, qa_steps=800, cqa_steps=1300),
+    "llava": dict(lm_steps=300, vision_steps=1200, vlm_steps=1100, qa_steps=0, cqa_steps=1000),
+    "qwen3-vl-moe": dict(lm_steps=200, vision_steps=500, vlm_steps=650, qa_steps=0, cqa_steps=450),
 }
 
 
@@ -106,8 +108,9 @@ def describe_prompt(caption: str, question: str) -> str:
 
 
 
-def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]]):
-    """Model inputs + labels for (prompt, target) pairs: loss only on target tokens and ``</s>``."""
+def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], prompt_loss_words: list[int] | None = None):
+    """Model inputs + labels for (prompt, target) pairs: loss on the target tokens and ``</s>``, and on the
+    first ``prompt_loss_words[i]`` words of prompt ``i`` (the caption of a describe-then-answer prompt)."""
     tok = processor.tokenizer
     prefix = image_prefix(name)
     prompts = [f"{prefix} {p}".rstrip() for p, _ in targets]
@@ -122,7 +125,12 @@ def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]]):
         tok.padding_side = side
     labels = enc["input_ids"].clone()
     pos = torch.arange(labels.shape[1])[None, :]
-    labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
+    keep = (pos >= plen[:, None]) & (enc["attention_mask"] == 1)
+    if prompt_loss_words is not None:  # word-level tokenizer: one token per word of the prompt text
+        start = plen - torch.tensor([len(p.split()) for p, _ in targets])
+        n = torch.tensor(prompt_loss_words)
+        keep |= (pos >= start[:, None]) & (pos < (start + n)[:, None])
+    labels[~keep] = -100
     return dict(enc), labels
 
 
@@ -233,6 +241,8 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
                                                   use_safetensors=True, dtype=torch.float32).to(device)
     else:
         model = build_model(name, tok, cfg.size, cfg.seed).to(device)
+    if hasattr(model, "set_experts_implementation") and getattr(model.config.get_text_config(), "num_experts", 0):
+        model.set_experts_implementation("grouped_mm")  # ~16% faster than the per-expert loop on CPU
     model.train()
     times: dict[str, float] = {}
     history: list[dict] = []
@@ -310,14 +320,17 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     def vlm_batch(step, phase=3, qa_fraction=cfg.qa_fraction, describe_first=False):
         scenes = _scenes(cfg.seed, phase, step, cfg.batch_size)
         srng = np.random.default_rng([cfg.seed, phase, step])
-        targets = []
+        targets, caption_words = [], []
         for s in scenes:
+            cap = grammar.caption(s.objects, 0)
             if srng.random() < qa_fraction:
                 q, a = grammar.sample_questions(s, 1, srng)[0]
-                targets.append((describe_prompt(grammar.caption(s.objects, 0), q) if describe_first else q, a))
+                targets.append((describe_prompt(cap, q) if describe_first else q, a))
+                caption_words.append(len(cap.split()) if describe_first else 0)  # the caption keeps its loss
             else:
-                targets.append(("", grammar.caption(s.objects, 0)))
-        enc, labels = build_batch(name, processor, scenes, targets)
+                targets.append(("", cap))
+                caption_words.append(0)
+        enc, labels = build_batch(name, processor, scenes, targets, caption_words)
         return dict(enc), labels
 
     def vlm_loss(batch):
@@ -357,6 +370,8 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
               lm_loss)
 
     model.eval()
+    if hasattr(model, "set_experts_implementation") and getattr(model.config.get_text_config(), "num_experts", 0):
+        model.set_experts_implementation("eager")
     summary = {"name": name, "config": asdict(cfg), "init_from": str(init_from) if init_from else None, "device": str(device), "threads": threads, "workers": workers,
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(sum(times.values()), 1),
                "history": history}
