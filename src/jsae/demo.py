@@ -187,7 +187,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = F
         if missing:
             raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; "
                              f"concepts with one: {labelled}")
-    concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts, judge.concepts)
+    # a concept can be steered and suppressed only if some sweep images lack it and some have it
+    rate = judge.presence(items).mean(0)
+    eligible = [c for c, r in zip(judge.concepts, rate.tolist()) if 0.05 <= r <= 0.8]
+    concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts, eligible)
     if not concepts:
         raise RuntimeError("no concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
     captioner = make_captioner(model, processor, adapter, cfg)

@@ -187,10 +187,10 @@ class CaptionJudge:
         self.max_perplexity = float(self.ratio * np.median(ppl))
 
     def fluency(self, captions: list[str]) -> float:
-        if self.max_perplexity is None:
-            raise RuntimeError("CaptionJudge.calibrate(unsteered_captions) must run before fluency()")
         if not captions:
             return 0.0
+        if self.max_perplexity is None:
+            raise RuntimeError("CaptionJudge.calibrate(unsteered_captions) must run before fluency()")
         ppl = np.full(len(captions), np.inf)
         nonempty = [i for i, c in enumerate(captions) if c.strip()]
         if nonempty:
@@ -390,7 +390,7 @@ def run_sweep(
         without = [i for i in range(len(images)) if not present[i, ci]]
         with_c = [i for i in range(len(images)) if present[i, ci]]
         calib, without = without[: cfg.n_calibration], without[cfg.n_calibration:]
-        if judge.needs_calibration:
+        if judge.needs_calibration and calib:
             judge.calibrate(base_captions(calib, f"calibration-{concept}"))
         base_without = base_captions(without[: cfg.n_max], f"without-{concept}")
         base_with = base_captions(with_c[: cfg.n_max], f"with-{concept}")
@@ -412,7 +412,7 @@ def run_sweep(
                     if judge.fluency(caps) < cfg.min_fluency:
                         break
                     alpha = a
-                if alpha > 0:
+                if alpha > 0 and without:
                     iv = [steer_factory(layer, direction, alpha)]
 
                     def steer_scores(lo: int, hi: int) -> np.ndarray:
@@ -426,6 +426,8 @@ def run_sweep(
                     cells.append(Cell("steering", method, layer, concept, len(s), iv_ci.mean, iv_ci.low, iv_ci.high,
                                       cohens_h(before + iv_ci.mean, before), alpha, float(before),
                                       float(before + iv_ci.mean), None, feats, s.tolist()))
+                if not with_c:
+                    continue  # no sweep image contains c: nothing to suppress
                 # suppression
                 ab = [ablate_factory(layer, m.sae, feats, None if not m.joint else "vision")]
                 others_kept: list[float] = []
