@@ -70,7 +70,7 @@ def demo(
     n_max: int = typer.Option(400, help="most images per (concept, layer, method) cell"),
     concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
     min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
-    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 2x the unsteered median)"),
+    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)"),
     max_new_tokens: int = typer.Option(28, min=1, help="greedy caption length"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),

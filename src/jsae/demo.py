@@ -53,7 +53,7 @@ class DemoConfig:
     data_split: str = "train"
     prompt: str | None = None  # captioning prompt; default "" on the world, "Describe the image." on real data
     min_count: int = 5  # real data: a caption word is a concept when it occurs in this many labelling captions
-    max_perplexity: float | None = None  # real data: fluency threshold (default 2x the unsteered median)
+    max_perplexity: float | None = None  # real data: fluency threshold (default 1.5x the unsteered 95th percentile)
 
     def key(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()}

@@ -149,13 +149,14 @@ class CaptionJudge:
     *contains* a concept when its reference caption has the word; a generated caption *mentions* it on a
     word match (plural tolerant).  Fluency guard (the reference code's perplexity guard, with the VLM
     itself as the language model): a caption is fluent when its perplexity under the model **without the
-    image** is at most ``max_perplexity`` (default: ``ratio`` × the median of the unsteered calibration
-    captions, set by :meth:`calibrate`) and its distinct-bigram ratio is at least ``min_distinct``."""
+    image** is at most ``max_perplexity`` (default: ``ratio`` × the 95th percentile of the unsteered calibration
+    captions, set by :meth:`calibrate`, so that unsteered captions pass) and its distinct-bigram ratio is at
+    least ``min_distinct``."""
 
     needs_calibration = True
 
     def __init__(self, concepts: list[str], perplexity: Callable[[list[str]], np.ndarray], *,
-                 max_perplexity: float | None = None, ratio: float = 2.0, min_distinct: float = 0.5) -> None:
+                 max_perplexity: float | None = None, ratio: float = 1.5, min_distinct: float = 0.5) -> None:
         if not concepts:
             raise ValueError("CaptionJudge needs at least one concept word")
         if max_perplexity is not None and not (math.isfinite(max_perplexity) and max_perplexity > 1):
@@ -184,7 +185,7 @@ class CaptionJudge:
         ppl = self.perplexity([c for c in captions if c.strip()])
         if len(ppl) == 0:
             raise ValueError("the unsteered captions are all empty: check the captioning prompt (--prompt)")
-        self.max_perplexity = float(self.ratio * np.median(ppl))
+        self.max_perplexity = float(self.ratio * np.quantile(ppl, 0.95))
 
     def fluency(self, captions: list[str]) -> float:
         if not captions:
