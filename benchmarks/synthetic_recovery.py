@@ -30,7 +30,6 @@ import argparse
 import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"total {s['total_seconds']} s")
     from jsae.report import write_json
 
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, out)  # atomic: tmp + rename
-    print(f"wrote {path}")
+    print(f"wrote {write_json(a.out, out)}")  # atomic (tmp + rename), parent directories created
     return out
 
 

@@ -39,7 +39,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -238,10 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_report(out))
     from jsae.report import write_json
 
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, out)  # atomic: tmp + rename
-    print(f"wrote {path}")
+    print(f"wrote {write_json(a.out, out)}")  # atomic (tmp + rename), parent directories created
     return out
 
 
