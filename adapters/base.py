@@ -28,11 +28,13 @@ handles, and either call :func:`register_adapter` or expose the class in your pa
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
+import re
 import weakref
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from beartype import beartype
@@ -46,6 +48,39 @@ EXTRA_KEYS: tuple[str, ...] = ("caption_mask",)
 
 # patch_grid columns
 GRID_IMAGE, GRID_REGION, GRID_ROW, GRID_COL = range(4)
+
+
+# The output of decoder layer L under the names the ecosystem uses for it: TransformerLens / SAELens
+# (``blocks.L.hook_resid_post``), a bare language model (``model.layers.L``), a VLM
+# (``model.language_model.layers.L``), GPT-2 style (``h.L``).
+HOOK_PATTERNS: tuple[str, ...] = (r"^blocks\.(\d+)\.hook_resid_post$", r"(?:^|\.)layers\.(\d+)$", r"(?:^|\.)h\.(\d+)$")
+
+
+def layer_of_hook(hook_name: str | None) -> int | None:
+    """The decoder-layer index a residual-stream hook name refers to, or None (see :data:`HOOK_PATTERNS`)."""
+    if not hook_name:
+        return None
+    for pat in HOOK_PATTERNS:
+        m = re.search(pat, hook_name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def sae_layer(sae: Any) -> int:
+    """The decoder layer an SAE reads: ``cfg.metadata.layer``, else parsed from ``cfg.metadata.hook_name``."""
+    meta = sae.cfg.metadata
+    layer = meta.get("layer") if hasattr(meta, "get") else getattr(meta, "layer", None)
+    if layer is None:
+        layer = layer_of_hook(meta.get("hook_name") if hasattr(meta, "get") else getattr(meta, "hook_name", None))
+    if layer is None:
+        raise ValueError("the SAE's cfg.json names no layer (metadata.layer / hook_name); re-save it with its metadata")
+    return int(layer)
+
+
+def saelens_hook_name(layer: int) -> str:
+    """TransformerLens's name of decoder layer ``layer``'s output (what SAEBench and Gemma Scope use)."""
+    return f"blocks.{int(layer)}.hook_resid_post"
 
 
 def unwrap(model: Any) -> nn.Module:
@@ -248,7 +283,7 @@ class VLMAdapter(abc.ABC):
     # ---- validation ---------------------------------------------------------------------------
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """One-line errors for inputs the model would reject or silently misread (raised before any forward)."""
-        ids = self._ids(inputs)
+        self._ids(inputs)  # one-line error for missing input_ids
         if not self.has_images(inputs):
             return
         counts = [t.n_tokens for t in self.image_tokens(inputs)]
@@ -370,6 +405,18 @@ class VLMAdapter(abc.ABC):
 
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
+
+
+@contextlib.contextmanager
+def padding_side(processor: Any, side: str) -> Iterator[None]:
+    """Set the tokenizer's ``padding_side`` inside the block and restore it after."""
+    tok = getattr(processor, "tokenizer", processor)
+    before = getattr(tok, "padding_side", None)
+    tok.padding_side = side
+    try:
+        yield
+    finally:
+        tok.padding_side = before
 
 
 # ================================================================================================

@@ -66,9 +66,9 @@ def run(d_in: int = 64, n_shared: int = 32, n_private: int = 16, d_sae: int = 25
         verbose: bool = True) -> dict[str, Any]:
     """Train every method and return ``{"settings": ..., "results": {method: metrics}}``."""
     import jsae  # noqa: F401  (registers the architecture)
-    from jsae.baselines import match_separate_saes
-    from jsae.sae import TrainingJointSAEConfig
-    from jsae.synthetic import PairedSyntheticConfig, PairedSyntheticData, evaluate_sae
+    from jsae.training.recipes import match_separate_saes
+    from jsae.saes.joint_sae import TrainingJointSAEConfig
+    from jsae.data.synthetic import PairedSyntheticConfig, PairedSyntheticData, evaluate_sae
     from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 
     gen = PairedSyntheticData(PairedSyntheticConfig(d_in=d_in, n_shared=n_shared, n_private=n_private,
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + f" steps={s['steps']} batch={s['batch']} lr={s['lr']}")
     print(format_table(out))
     print(f"total {s['total_seconds']} s")
-    from jsae.report import write_json
+    from jsae.files import write_json
 
     print(f"wrote {write_json(a.out, out)}")  # atomic (tmp + rename), parent directories created
     return out

@@ -11,9 +11,10 @@
 * **JSAE**: ``JointSAETrainer.from_config(TrainingJointSAEConfig(activation="topk", k, alignment=
   "cosine"), JointTrainerConfig(total_steps=steps), PairedTensorData(...)).fit()``: ``steps`` steps of
   ``batch`` pairs; pairs/s = steps * batch / seconds.  Each pair is 2 vectors.
-* **jsae+sparse** (the proposed training path, :mod:`jsae.kernels`): the same trainer with
-  ``TrainingJointSAE.paired_forward_pass`` replaced by :func:`jsae.kernels.fused_paired_forward_pass`
-  (sparse-backward TopK encoder, sparse decoder backward, cosine alignment from the sparse codes).
+  Here the SAE runs its *dense reference* pass (``paired_forward_pass(..., dense=True)``).
+* **jsae+sparse** (the default training path, :mod:`jsae.saes.sparse_topk`): the same trainer with
+  ``TrainingJointSAE.paired_forward_pass`` on its sparse TopK branch (sparse-backward TopK encoder, sparse
+  decoder backward, cosine alignment from the sparse codes).
 * **jsae+sparse+fused**: additionally the trainer's Adam built with ``fused=True`` (a one-line
   change proposed for ``JointSAETrainer.__init__``).
 
@@ -106,14 +107,14 @@ def jsae_fit_seconds(vision: torch.Tensor, text: torch.Tensor, d_sae: int, k: in
                      sparse_encoder: bool = False, fused_adam: bool = False, alignment: str = "cosine",
                      step_times: list[float] | None = None) -> float:
     import jsae  # noqa: F401
-    from jsae.sae import TrainingJointSAE, TrainingJointSAEConfig
+    from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
     from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 
     cfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, activation="topk", k=k, alignment=alignment)
     tcfg = JointTrainerConfig(total_steps=steps, lr=lr, progress=False, log_every=10**9)
     data = PairedTensorData(vision, text, batch, seed=0)
     torch.manual_seed(0)
-    sae = SparseEncoderJointSAE(cfg) if sparse_encoder else TrainingJointSAE(cfg)
+    sae = TrainingJointSAE(cfg) if sparse_encoder else DenseJointSAE(cfg)
     trainer = JointSAETrainer(sae, tcfg, data)
     if fused_adam:
         use_fused_adam(trainer)
@@ -126,23 +127,20 @@ def jsae_fit_seconds(vision: torch.Tensor, text: torch.Tensor, d_sae: int, k: in
     return dt
 
 
-def _sparse_encoder_class() -> type:
-    from jsae.kernels import fused_paired_forward_pass
-    from jsae.sae import TrainingJointSAE
+def _dense_class() -> type:
+    from jsae.saes.joint_sae import TrainingJointSAE
 
-    class _SparseEncoderJointSAE(TrainingJointSAE):  # type: ignore[misc]
-        """TrainingJointSAE with the proposed sparse TopK training path (jsae.kernels)."""
+    class _DenseJointSAE(TrainingJointSAE):  # type: ignore[misc]
+        """TrainingJointSAE on its dense reference pass (the baseline of the sparse TopK path)."""
 
-        def paired_forward_pass(self, vision, text, coefficients, dead_neuron_mask=None):  # type: ignore[no-untyped-def]
-            if self.cfg.activation == "topk":
-                return fused_paired_forward_pass(self, vision, text, coefficients, dead_neuron_mask)
-            return super().paired_forward_pass(vision, text, coefficients, dead_neuron_mask)
+        def paired_forward_pass(self, vision, text, coefficients, dead_neuron_mask=None, *, dense=True):  # type: ignore[no-untyped-def]
+            return super().paired_forward_pass(vision, text, coefficients, dead_neuron_mask, dense=True)
 
-    return _SparseEncoderJointSAE
+    return _DenseJointSAE
 
 
-def SparseEncoderJointSAE(cfg: Any) -> Any:  # noqa: N802  (a factory that reads like a class)
-    return _sparse_encoder_class()(cfg)
+def DenseJointSAE(cfg: Any) -> Any:  # noqa: N802  (a factory that reads like a class)
+    return _dense_class()(cfg)
 
 
 def use_fused_adam(trainer: Any) -> None:
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     out = run(a.d_in, a.d_sae, a.k, a.batch, a.steps, a.rounds, threads=a.threads, kinds=tuple(a.kinds.split(",")))
     print(format_report(out))
-    from jsae.report import write_json
+    from jsae.files import write_json
 
     print(f"wrote {write_json(a.out, out)}")  # atomic (tmp + rename), parent directories created
     return out

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from jsae.vista.world import EvalConfig, WorldVistaConfig, eval_world, train_world
+from jsae.vista.experiment import EvalConfig, WorldVistaConfig, eval_world, train_world
 
 torch.set_num_threads(1)
 

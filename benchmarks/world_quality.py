@@ -34,12 +34,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from jsae.world.evaluate import evaluate
-    from jsae.world.models import load_toy_vlm, model_dir
+    from jsae.world.models import load_toy_hf, model_dir
 
     results = {}
     for name in args.models:
         where = model_dir(name) if args.models_dir is None else os.path.join(args.models_dir, name)
-        model, processor, _ = load_toy_vlm(name, directory=where)
+        model, processor = load_toy_hf(name, directory=where)
         t0 = time.time()
         r = evaluate(model, processor, name, n=args.n, split=args.split, seed=args.seed, direct_qa=args.direct_qa)
         r["eval_seconds"] = round(time.time() - t0, 1)
@@ -51,7 +51,7 @@ def main() -> None:
         results[name] = r
         print(json.dumps({name: r}), flush=True)
     print()
-    print(f"| model | images | object accuracy | no hallucination | QA (describe-then-answer) | QA direct | exact captions |")
+    print("| model | images | object accuracy | no hallucination | QA (describe-then-answer) | QA direct | exact captions |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         d = "—" if r["qa_accuracy_direct"] is None else f"{100 * r['qa_accuracy_direct']:.1f}%"

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from jsae.export import feature_page
+from jsae.report.neuronpedia import feature_page
 from jsae.labels import FeatureLabels
-from jsae.release_cli import read_releases_yaml
-from jsae.releases import PACKAGE_ROOT, RELEASES
+from jsae.releases.build import read_releases_yaml
+from jsae.releases.registry import PACKAGE_ROOT, RELEASES
 
 torch.set_num_threads(1)
 
@@ -120,7 +120,7 @@ def test_features_command_for_a_shipped_release(tmp_path: Path, monkeypatch: pyt
     import typer
     from typer.testing import CliRunner
 
-    from jsae.release_cli import features_cmd
+    from jsae.releases.build import features_cmd
 
     app = typer.Typer()
     app.command("features")(features_cmd)

@@ -9,7 +9,8 @@ import torch
 from conftest import KINDS, tiny_vlm
 from safetensors.torch import load_file
 
-from jsae.capture import PairedActivations, capture_pairs, load_pairs, pool, read_manifest
+from jsae.capture import capture_pairs, pool, read_manifest
+from jsae.training import PairedActivations, load_pairs
 
 
 def _manual(v, pairs, layer, pooling):
@@ -75,12 +76,15 @@ def test_pooling_outside_the_trace_and_other_wrappers(tmp_path):
     transformers model and an nnsight TransformersModel wrapper."""
     from nnsight import TransformersModel
 
+    from jsae.activations import read_layers
     from jsae.capture import _capture_batch
 
     v = tiny_vlm("qwen3_vl_moe")
     enc = v.inputs(2)
     inside = _capture_batch(v.model, v.adapter, enc, [0, 2], "max")
-    outside = _capture_batch(v.model, v.adapter, enc, [0, 2], "max", pool_in_trace=False)
+    states = read_layers(v.model, v.adapter, enc, [0, 2])  # what the remote path saves, pooled here
+    outside = {f"layer_{L}.{m}": pool(states[L], mask, "max") for L in (0, 2)
+               for m, mask in (("vision", v.adapter.image_token_mask(enc)), ("text", v.adapter.caption_token_mask(enc)))}
     assert inside.keys() == outside.keys() and all(torch.equal(inside[k], outside[k]) for k in inside)
     pairs = v.pairs(3)
     kw = dict(layers=[1], processor=v.processor, batch_size=2, progress=False)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jsae.cli import app
-from jsae.demo import ARTEFACTS, DemoConfig, run_demo
+from jsae.protocol.run import ARTEFACTS, DemoConfig, run_demo
 
 runner = CliRunner()
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jsae.export import EXPORT_FILES, export_neuronpedia, read_export
+from jsae.report.neuronpedia import EXPORT_FILES, export_neuronpedia, read_export
 from jsae.labels import FeatureLabels
-from jsae.release_cli import read_releases_yaml
-from jsae.saebench import JSAEBranchSAE, core_metrics
-from jsae.sae import JointSAE, JointSAEConfig
+from jsae.releases.build import read_releases_yaml
+from jsae.releases.saebench import JSAEBranchSAE, core_metrics
+from jsae.saes.joint_sae import JointSAE, JointSAEConfig
 
 torch.set_num_threads(1)
 
@@ -27,7 +27,7 @@ needs_release = pytest.mark.skipif(read_releases_yaml().get(RELEASE, {}).get("co
 
 @needs_release
 def test_neuronpedia_export_layout_and_image_extension(tmp_path: Path) -> None:
-    from jsae.export import resolve_sae_dir
+    from jsae.report.neuronpedia import resolve_sae_dir
 
     sae = JointSAE.from_pretrained(RELEASE)
     labels = FeatureLabels.load(resolve_sae_dir(RELEASE) / "labels.json")
@@ -134,7 +134,7 @@ def test_core_metrics_on_the_toy_lm() -> None:
 def _cli() -> "typer.Typer":
     import typer
 
-    from jsae.release_cli import core_metrics_cmd, export_cmd, features_cmd
+    from jsae.releases.build import core_metrics_cmd, export_cmd, features_cmd
 
     app = typer.Typer()
     app.command("features")(features_cmd)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jsae.labels import FeatureLabels, concepts_from_captions, label_features
-from jsae.stats import bootstrap_ci, cohens_h, images_for_halfwidth, interaction_test
+from jsae.protocol.stats import bootstrap_ci, cohens_h, images_for_halfwidth, interaction_test
 
 
 def test_labels_kinds_purity_and_lookup(tmp_path):

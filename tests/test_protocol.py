@@ -8,8 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from jsae.protocol import fluent, mentions, permute_text_branch, summarise, train_methods, Cell
-from jsae.report import feature_browser, plot_layer_sweep
+from jsae.world.concepts import fluent, mentions
+
+from jsae.protocol.methods import permute_text_branch, train_methods
+
+from jsae.protocol.stats import summarise
+
+from jsae.protocol.sweep import Cell
+from jsae.report.plots import feature_browser, plot_layer_sweep
 
 
 def _pairs(n=512, d=16, seed=0):
@@ -86,10 +92,10 @@ def test_caption_judge_on_the_toy_model():
     on the shipped toy LLaVA: grammatical captions pass, word salad and repetition loops do not."""
     import numpy as np
 
-    from jsae.protocol import CaptionJudge, caption_words, distinct_2, text_perplexity
-    from jsae.world import load_toy_vlm
+    from jsae.data.judges import CaptionJudge, caption_words, distinct_2, text_perplexity
+    from jsae import load_vlm
 
-    model, processor, _ = load_toy_vlm("llava")
+    model, processor, _ = load_vlm("llava")
     good = ["a small red cat at the top left", "a large blue apple at the bottom right and a small green dog at the top left"]
     salad = ["left the apple top small at red a", "dog dog dog dog dog dog dog dog"]
     ppl = text_perplexity(model, processor, good + salad)

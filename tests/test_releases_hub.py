@@ -11,10 +11,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from jsae import hub
-from jsae.release_cli import BuildConfig, list_releases, read_releases_yaml, release_app
-from jsae.releases import PACKAGE_ROOT, RELEASES, register_release, unregister_release
-from jsae.sae import JointSAE
+from jsae.releases import hub
+from jsae.releases.build import BuildConfig, list_releases, read_releases_yaml, release_app
+from jsae.releases.registry import PACKAGE_ROOT, RELEASES, register_release, unregister_release
+from jsae.saes.joint_sae import JointSAE
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def test_shipped_releases_are_listed_with_their_files_and_metrics() -> None:
 
 @needs_shipped
 def test_shipped_releases_were_trained_on_the_shipped_toy_models() -> None:
-    from jsae.release_cli import toy_model_sha256
+    from jsae.releases.build import toy_model_sha256
 
     data = read_releases_yaml()
     stale = [n for n in SHIPPED if data[n].get("model_weights_sha256") != toy_model_sha256(data[n]["model"])]
@@ -246,7 +246,7 @@ def test_push_refuses_what_is_not_a_jsae_sae(tmp_path: Path) -> None:
 def test_build_shipped_is_rerunnable_and_loads_by_name(tmp_path: Path) -> None:
     from sae_lens import SAE
 
-    from jsae.release_cli import build_shipped
+    from jsae.releases.build import build_shipped
 
     yaml_path = tmp_path / "releases.yaml"
     yaml_path.write_text(yaml.safe_dump({"jsae-llava-l16": read_releases_yaml()["jsae-llava-l16"]}))

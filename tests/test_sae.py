@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformerConfig
 
 import jsae
 from jsae import JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig
-from jsae.alignment import ALIGNMENT_LOSSES, cosine, infonce, l2
+from jsae.saes.alignment import ALIGNMENT_LOSSES, cosine, infonce, l2
 
 VARIANTS = [
     dict(),
@@ -345,7 +345,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
         (tmp / "sae_weights.safetensors").write_bytes(b"partial")
         raise OSError("killed mid-write")
 
-    import jsae.sae as mod
+    import jsae.saes.joint_sae as mod
 
     with pytest.raises(OSError, match="killed mid-write"):
         mod._atomic_save(tmp_path / "sae", half_written)

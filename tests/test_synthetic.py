@@ -12,16 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import jsae  # noqa: F401  (registers the architecture)
-from jsae.alignment import cosine
-from jsae.baselines import hungarian_match
-from jsae.kernels import (
-    fused_paired_forward_pass,
-    fused_topk_branch_losses,
-    sparse_cosine_alignment,
-    topk_encode,
-)
-from jsae.sae import TrainingJointSAE, TrainingJointSAEConfig
-from jsae.synthetic import PairedSyntheticConfig, PairedSyntheticData, correlation_matrix, recovery_metrics
+from jsae.saes.alignment import cosine
+from jsae.training.recipes import hungarian_match
+from jsae.saes.sparse_topk import sparse_cosine_alignment, topk_encode
+from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
+from jsae.data.synthetic import PairedSyntheticConfig, PairedSyntheticData, recovery_metrics
+from jsae.labels import correlation_matrix
 from jsae.training import PairedTensorData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +203,7 @@ def test_sparse_topk_encoder_matches_autograd():
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_fused_branch_losses_match_the_sae(with_dead):
+def test_sparse_branch_losses_match_the_dense_reference(with_dead):
     sae = _perturbed_topk_sae()
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
     dead = None
@@ -216,12 +212,9 @@ def test_fused_branch_losses_match_the_sae(with_dead):
         dead[::3] = True
     coefficients = {"l1": 0.0, "aux": 0.5, "alignment": 1.0}
     outs = []
-    # the dense reference: ``_dense_branch_losses`` once sae.py dispatches TopK to jsae.kernels
-    dense = getattr(sae, "_dense_branch_losses", sae._branch_losses)
-    for f in (lambda: dense(x, "text", coefficients, dead),
-              lambda: fused_topk_branch_losses(sae, x, "text", coefficients, dead)):
+    for dense in (True, False):  # the dense reference, then the sparse TopK path
         sae.zero_grad()
-        losses, z, _, recon = f()
+        losses, z, _, recon, _ = sae.branch_losses(x, "text", coefficients, dead, dense=dense)
         sum(losses.values()).backward()
         outs.append(({k: float(v.detach()) for k, v in losses.items()}, z.detach(), recon.detach(), _grads(sae)))
     (l0, z0, r0, g0), (l1, z1, r1, g1) = outs
@@ -246,16 +239,15 @@ def test_sparse_cosine_alignment_equals_dense_cosine():
 
 
 @pytest.mark.parametrize("alignment", ["cosine", "infonce"])
-def test_fused_paired_forward_pass_matches_the_sae(alignment):
+def test_sparse_paired_pass_matches_the_dense_reference(alignment):
     sae = _perturbed_topk_sae(alignment)
     g = torch.Generator().manual_seed(3)
     v, t = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
     coefficients = {"l1": 0.0, "aux": 0.1, "alignment": 1.0}
     outs = []
-    dense = getattr(sae, "_dense_paired_forward_pass", sae.paired_forward_pass)
-    for f in (dense, lambda *a: fused_paired_forward_pass(sae, *a)):
+    for dense in (True, False):
         sae.zero_grad()
-        out = f(v, t, coefficients, None)
+        out = sae.paired_forward_pass(v, t, coefficients, None, dense=dense)
         out.loss.backward()
         outs.append((float(out.loss.detach()), {k: float(x.detach()) for k, x in out.losses.items()}, _grads(sae)))
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
@@ -265,8 +257,8 @@ def test_fused_paired_forward_pass_matches_the_sae(alignment):
 
 
 def test_train_separate_saes_trains_two_independent_branches_and_pairs_them(one_thread):
-    from jsae.baselines import separate_config, train_separate_saes
-    from jsae.training import JointTrainerConfig
+    from jsae.training.recipes import separate_config, train_separate_saes
+    from jsae.training.trainer import JointTrainerConfig
 
     gen = PairedSyntheticData(d_in=16, n_shared=4, n_private=2, shared_firing_prob=0.2)
     p = gen.sample(1024, seed=0)

@@ -65,7 +65,7 @@ def test_training_reduces_loss_and_tracks_saelens_metric_names():
     assert last["metrics/explained_variance_vision"] > 0.5 and last["metrics/explained_variance_text"] > 0.5
     assert last["metrics/l0_vision"] == pytest.approx(4.0)
     assert {"sparsity/dead_features_vision", "details/current_learning_rate", "losses/alignment_loss"} <= set(last)
-    for w in tr.sae._unique_params("W_dec"):  # decoder rows kept at unit norm
+    for w in tr.sae.decoder_weights():  # decoder rows kept at unit norm
         torch.testing.assert_close(w.norm(dim=-1), torch.ones(32))
 
 

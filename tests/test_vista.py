@@ -12,19 +12,21 @@ from typer.testing import CliRunner
 
 import jsae  # noqa: F401
 from jsae.vista import VistaConfig, check_projector, check_text_sae, load_text_sae, recon_error_on_images, train_projector
-from jsae.vista.core import _batches, layer_of_hook
-from jsae.vista.metrics import (cells_mask, edit_interventions, label_latents_from_words, localisation_scores,
+from jsae.adapters import layer_of_hook
+from jsae.vista.core import _batches
+from jsae.vista.metrics import (edit_interventions, label_latents_from_words, localisation_scores,
                                 matching_scores, object_cells, patch_edit, ratio_interval)
-from jsae.vista.world import RELEASE
+from jsae.vista.experiment import RELEASE
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def world():
-    from jsae.world import load_toy_vlm, world_dataset
+    from jsae import load_vlm
+    from jsae.world import world_dataset
 
-    model, processor, adapter = load_toy_vlm("llava")
+    model, processor, adapter = load_vlm("llava")
     ds = world_dataset("validation", 48, 0)
     return model, processor, adapter, ds
 
@@ -145,21 +147,21 @@ def _states(model, adapter, enc, layer, ctx=None):
 
 
 def test_patch_edits_touch_only_the_object_tokens(world, sae4):
-    from jsae.interventions import intervene
+    from jsae.interventions import Patches, intervene
 
     model, processor, adapter, ds = world
     ex = next(e for e in ds if len(e["objects"]) >= 2)
     enc = adapter.build_inputs(processor, [ex["image"]], [ex["caption"]])
     obj = ex["objects"][0]
     cells = object_cells(obj, 6)
-    pos = cells_mask(adapter.patch_grid(enc), [cells])
+    pos = Patches.per_prompt([cells]).mask(adapter.patch_grid(enc))
     assert int(pos.sum()) == len(cells) == sum(obj["mask"])
     z0 = sae4.encode(_states(model, adapter, enc, 4)[pos]).detach()
     active = (z0 > 0).any(0)
     zero = active[None].clone()  # zero every latent active on the object: a large edit
     setv = torch.full((1, zero.shape[1]), float("nan"))
     before = _states(model, adapter, enc, 4)
-    after = _states(model, adapter, enc, 4, patch_edit(adapter, 4, sae4, pos, zero, setv))
+    after = _states(model, adapter, enc, 4, intervene(model, patch_edit(4, sae4, [cells], zero, setv), enc, adapter))
     changed = (after - before).abs().amax(-1) > 1e-6
     assert changed.any()
     assert torch.equal(changed, pos)  # exactly the object's patches, bit for bit elsewhere
@@ -220,7 +222,7 @@ def test_adapter_without_projector(world):
 
 
 def test_cli_bad_inputs(tmp_path):
-    from jsae.vista.cli import vista_app
+    from jsae.cli.vista import vista_app
 
     runner = CliRunner()
     r = runner.invoke(vista_app, ["eval", "--run", str(tmp_path / "missing")])

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from jsae import load_vlm
+from jsae.world.models import load_toy_hf
 from jsae.world import (COLORS, POSITIONS, TYPES, WorldConfig, all_captions, build_llava_processor,
                         build_qwen_processor, build_tokenizer, caption, features, generate_scene, load_caption_dataset,
-                        load_toy_vlm, parse_caption, questions, world_dataset)
+                        parse_caption, questions, world_dataset)
 from jsae.world.models import MODEL_NAMES, REQUIRED_FILES, build_processor, image_prefix, model_dir
 from jsae.world.scenes import DETAIL_RGB
 
@@ -219,7 +221,7 @@ def test_training_smoke_and_loading_a_trained_directory(tmp_path, name):
 
     w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
-    model, proc, _ = load_toy_vlm(name, directory=tmp_path / "a")
+    model, proc = load_toy_hf(name, directory=tmp_path / "a")
     assert model.config.text_config.num_hidden_layers == 2
     enc = proc(images=[generate_scene(0).image], text=[image_prefix(name)], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
@@ -260,7 +262,8 @@ def test_shipped_toy_vlm_loads_offline_and_captions(name, monkeypatch):
     _shipped(name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    model, proc, adapter = load_toy_vlm(name)
+    model, proc, adapter = load_vlm(name)
+    model = adapter.hf_model
     cls = LlavaForConditionalGeneration if name == "llava" else Qwen3VLMoeForConditionalGeneration
     assert isinstance(model, cls) and not model.training
     text_cfg = model.config.text_config
@@ -282,7 +285,7 @@ def test_shipped_toy_vlm_loads_offline_and_captions(name, monkeypatch):
 
 def test_bad_model_name():
     with pytest.raises(ValueError, match="unknown toy model 'gpt'"):
-        load_toy_vlm("gpt")
+        load_vlm("gpt")
 
 
 def test_missing_or_corrupt_weights(tmp_path):
@@ -291,13 +294,13 @@ def test_missing_or_corrupt_weights(tmp_path):
     shutil.copytree(src, d)
     (d / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(RuntimeError, match=r"corrupt weights file .*model\.safetensors.*jsae world train-models"):
-        load_toy_vlm("llava", directory=d)
+        load_toy_hf("llava", directory=d)
     (d / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="corrupt weights file"):
-        load_toy_vlm("llava", directory=d)
+        load_toy_hf("llava", directory=d)
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing file .*model\.safetensors.*jsae world train-models"):
-        load_toy_vlm("llava", directory=d)
+        load_toy_hf("llava", directory=d)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -305,7 +308,7 @@ def test_missing_or_corrupt_weights(tmp_path):
 def test_cli_sample_and_bad_inputs(tmp_path):
     from typer.testing import CliRunner
 
-    from jsae.world.cli import world_app
+    from jsae.cli.world import world_app
 
     r = CliRunner().invoke(world_app, ["sample", "--out", str(tmp_path / "s"), "--n", "3", "--seed", "2"])
     assert r.exit_code == 0, r.output
@@ -321,11 +324,7 @@ def test_cli_sample_and_bad_inputs(tmp_path):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shipped_toy_vlm_works_through_its_adapter(name):
     _shipped(name)
-    try:
-        from jsae.adapters import for_model  # noqa: F401
-    except ImportError:
-        pytest.skip("jsae.adapters.for_model not available")
-    model, proc, adapter = load_toy_vlm(name)
+    model, proc, adapter = load_vlm(name)
     scenes = [generate_scene(20_000 + i) for i in range(3)]
     caps = [caption(s.objects) for s in scenes]
     enc = adapter.build_inputs(proc, [s.image for s in scenes], caps)

@@ -1,35 +1,32 @@
 """jsae: Joint Sparse Autoencoders, VISTA and SAE steering for vision-language models.
 
-``import jsae`` registers the ``"jsae"`` architecture in both SAELens registries and hooks the jsae
-releases into SAELens's pretrained-SAE directory (both idempotent).
+``import jsae`` registers the ``"jsae"`` architecture in both SAELens registries and the jsae releases
+with SAELens's ``SAE.from_pretrained`` (both idempotent); it has no other side effect.
+
+Import jsae before nnsight: nnsight 0.8 mounts a ``.save`` method on every Python object at import, and
+beartype (jsae's runtime shape checks) cannot be imported after that mount.  jsae itself never relies on
+the mount (it calls ``nnsight.save``), so nnsight's ``APP.PYMOUNT: false`` setting works too.
 """
 
 from __future__ import annotations
 
-import sys as _sys
-
-if "nnsight" in _sys.modules and "beartype" not in _sys.modules:
-    # nnsight mounts a ``.save`` method on every Python object at import, which breaks beartype's own
-    # import; import beartype with that mount lifted so that ``import nnsight; import jsae`` works.
-    import nnsight as _nnsight
-    from nnsight._c import mount as _mount, unmount as _unmount
-
-    _unmount("save")
-    try:
-        import beartype  # noqa: F401
-    finally:
-        _mount(_nnsight.save, "save")
+try:  # before anything can import nnsight (see the module docstring)
+    import beartype as _beartype  # noqa: F401
+except TypeError as _exc:  # pragma: no cover - depends on the user's import order
+    raise ImportError(
+        "import jsae before nnsight: nnsight's `.save` mount on every object breaks beartype's import "
+        f"({_exc}); or set `APP: {{PYMOUNT: false}}` in nnsight's config (NNSIGHT_CONFIG) and use nnsight.save(x)"
+    ) from None
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY, register_sae_class, register_sae_training_class
 
-from jsae import releases
-from jsae.alignment import ALIGNMENT_LOSSES, get_alignment_loss
-from jsae.sae import MODALITIES, JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig
-from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData, train_jsae
-from jsae import adapters
+from jsae import adapters, releases
+from jsae.capture import capture_pairs
+from jsae.interventions import Ablate, Clamp, Intervention, Patches, Splice, Steer, generate, intervene
+from jsae.labels import FeatureLabels, label_features
+from jsae.saes import MODALITIES, JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig, get_alignment_loss
+from jsae.training import JointSAETrainer, JointTrainerConfig, PairedActivations, PairedTensorData, load_pairs, train_jsae
 from jsae.vlm import VLM, load_vlm
-from jsae.capture import PairedActivations, capture_pairs, load_pairs
-from jsae.interventions import Ablate, Clamp, Intervention, Patches, Steer, generate, intervene
 
 __version__ = "0.1.0"
 
@@ -44,9 +41,18 @@ def _register() -> None:
 
 _register()
 
+
+def run_protocol(out: str, cfg: object = None, **kwargs: object) -> dict:
+    """The JSAE paper's protocol end to end (``jsae demo``): see :func:`jsae.protocol.run.run_protocol`."""
+    from jsae.protocol.run import run_protocol as _run
+
+    return _run(out, cfg, **kwargs)  # type: ignore[arg-type]
+
+
 __all__ = [
-    "ALIGNMENT_LOSSES", "MODALITIES", "JointSAE", "JointSAEConfig", "TrainingJointSAE", "TrainingJointSAEConfig",
-    "JointSAETrainer", "JointTrainerConfig", "PairedTensorData", "train_jsae", "get_alignment_loss", "releases",
-    "adapters", "VLM", "load_vlm", "PairedActivations", "capture_pairs", "load_pairs",
-    "Ablate", "Clamp", "Intervention", "Patches", "Steer", "generate", "intervene",
+    "MODALITIES", "JointSAE", "JointSAEConfig", "TrainingJointSAE", "TrainingJointSAEConfig", "get_alignment_loss",
+    "JointSAETrainer", "JointTrainerConfig", "PairedActivations", "PairedTensorData", "load_pairs", "train_jsae",
+    "VLM", "load_vlm", "capture_pairs", "FeatureLabels", "label_features",
+    "Ablate", "Clamp", "Intervention", "Patches", "Splice", "Steer", "generate", "intervene",
+    "adapters", "releases", "run_protocol",
 ]

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from jsae.adapters import VLMAdapter, for_model, unwrap
-from jsae.training import PairedTensorData
+from jsae.activations import read_layers
+from jsae.adapters import VLMAdapter
+from jsae.files import write_json
 
 POOLINGS = ("mean", "max", "last")
 MANIFEST = "manifest.json"
@@ -87,12 +88,6 @@ def dataset_fingerprint(pairs: Sequence[tuple[Any, str]]) -> str:
     return h.hexdigest()[:32]
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _model_name(adapter: VLMAdapter) -> str:
     return str(getattr(adapter.config, "_name_or_path", "") or type(adapter.hf_model).__name__)
 
@@ -127,15 +122,9 @@ def capture_pairs(
     same model, layers, pooling and data resumes; a finished capture returns at once.
     ``fingerprint`` replaces the default sha256 of the data (e.g. a dataset name and revision).
     """
-    adapter = adapter or for_model(model)
-    if not hasattr(model, "trace"):
-        from nnsight import NNsight
+    from jsae.vlm import as_vlm
 
-        model = NNsight(model)
-        adapter = for_model(model)
-    processor = processor if processor is not None else getattr(model, "processor", None)
-    if processor is None:
-        raise ValueError("capture_pairs needs the model's processor: pass processor= (jsae.load_vlm returns it)")
+    model, processor, adapter = as_vlm(model, processor, adapter)
     _check_pairs(pairs)
     layer_list = sorted({adapter.check_layer(L) for L in ([layers] if isinstance(layers, int) else list(layers))})
     if not layer_list:
@@ -187,41 +176,23 @@ def capture_pairs(
         if pending_n:
             manifest = _flush(out, manifest, pending, pending_n)
         manifest["complete"] = True
-        _write_json_atomic(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
     finally:
         bar.close()
     return out
 
 
-def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str,
-                   pool_in_trace: bool = True) -> dict[str, Tensor]:
-    """One forward through nnsight: every layer in ``layers`` pooled over image and caption tokens,
-    stopping after the last one.  On a remote model (where jsae's code does not exist) the layer
-    outputs are saved and pooled here instead (``pool_in_trace=False``)."""
+def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str) -> dict[str, Tensor]:
+    """Every layer in ``layers`` pooled over image and caption tokens (one trace, stopping after the last)."""
     image_mask = adapter.image_token_mask(inputs)
     caption_mask = adapter.caption_token_mask(inputs)
-    kwargs = adapter.model_kwargs(inputs)
-    device = next(unwrap(model).parameters()).device
-    if device.type != "meta":
-        kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-    saved: dict[str, Any] = {}
-    pool_here = pool_in_trace and not adapter.remote
-    with torch.no_grad(), model.trace(**kwargs, **({"remote": True} if adapter.remote else {})) as tracer:
-        for L in layers:
-            hidden = adapter.layers[L].output
-            if pool_here:
-                saved[f"layer_{L}.vision"] = pool(hidden, image_mask, pooling).save()
-                saved[f"layer_{L}.text"] = pool(hidden, caption_mask, pooling).save()
-            else:
-                saved[f"layer_{L}"] = hidden.save()
-        tracer.stop()
-    if pool_here:
-        return saved
-    out = {}
-    for L in layers:
-        hidden = saved[f"layer_{L}"]
-        out[f"layer_{L}.vision"] = pool(hidden, image_mask, pooling)
-        out[f"layer_{L}.text"] = pool(hidden, caption_mask, pooling)
+
+    def both(hidden: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        return pool(hidden, image_mask, pooling), pool(hidden, caption_mask, pooling)
+
+    out: dict[str, Tensor] = {}
+    for L, (vision, text) in read_layers(model, adapter, inputs, layers, reduce=both).items():
+        out[f"layer_{L}.vision"], out[f"layer_{L}.text"] = vision, text
     return out
 
 
@@ -241,10 +212,10 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest = {**settings, "count": 0, "shards": [], "complete": False}
     listed = {s["file"] for s in manifest["shards"]}
     for f in out.iterdir():
-        if f.name.endswith(".tmp") or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed):
+        if f.name.endswith(".tmp") or f.name.startswith(f".{MANIFEST}.tmp-") or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed):
             f.unlink()
     if not path.exists():
-        _write_json_atomic(path, manifest)
+        write_json(path, manifest)
     return manifest
 
 
@@ -257,7 +228,7 @@ def _flush(out: Path, manifest: dict[str, Any], pending: dict[str, list[Tensor]]
     for v in pending.values():
         v.clear()
     manifest = {**manifest, "shards": [*manifest["shards"], {"file": name, "count": n}], "count": manifest["count"] + n}
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -273,24 +244,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-class PairedActivations(PairedTensorData):
-    """Captured ``(vision [B, d_in], text [B, d_in])`` batches of one layer, shuffled per epoch from
-    ``seed`` (see :class:`jsae.training.PairedTensorData`), with the capture's ``manifest``.  The layer's
-    vectors are held in memory (2 × count × d_in values)."""
-
-    @jaxtyped(typechecker=beartype)
-    def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
-                 shuffle: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None):
-        if vision.shape != text.shape:
-            raise ValueError(f"vision {tuple(vision.shape)} and text {tuple(text.shape)} must have the same shape")
-        super().__init__(vision, text, batch_size, shuffle, seed)
-        self.manifest = manifest or {}
-
-
-def load_pairs(out_dir: str | os.PathLike[str], layer: int | None = None, *, batch_size: int = 256,
-               shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
-               allow_incomplete: bool = False) -> PairedActivations:
-    """The captured pairs of ``layer`` (default: the only captured layer) as a :class:`PairedActivations`."""
+def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,
+               allow_incomplete: bool = False) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one)."""
     manifest = read_manifest(out_dir)
     if not manifest.get("complete") and not allow_incomplete:
         raise ValueError(f"the capture in {out_dir} is incomplete ({manifest['count']}/{manifest['total']} pairs); "
@@ -309,4 +265,4 @@ def load_pairs(out_dir: str | os.PathLike[str], layer: int | None = None, *, bat
                 parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
     if not parts["vision"]:
         raise ValueError(f"{out_dir} holds no captured pairs yet")
-    return PairedActivations(torch.cat(parts["vision"]), torch.cat(parts["text"]), batch_size, shuffle, seed, manifest)
+    return torch.cat(parts["vision"]), torch.cat(parts["text"]), manifest

@@ -9,7 +9,12 @@ prompt and every generated token).  Positions:
   both exist only in the prompt, so they are edited at the prefill step;
 * ``"generated"``: the generated tokens (the decode steps; nothing at prefill);
 * ``"all"``: every non-padding prompt token and every generated token;
-* :class:`Patches`: a subset of the image tokens by patch-grid cell (``adapter.patch_grid``).
+* :class:`Patches`: a subset of the image tokens by patch-grid cell (``adapter.patch_grid``), the same
+  cells in every prompt or each prompt its own (:meth:`Patches.per_prompt`).
+
+:class:`Clamp` and :class:`Ablate` take one feature list for every prompt, or one list per prompt
+(with one strength per feature), so a batch of images can each get their own patch-local edit.
+:class:`Splice` replaces the states by the SAE's reconstruction (SAELens's splice, no error term).
 
 SAE edits replace the state ``x`` by ``decode(z') + (x - decode(z))`` with ``z = encode(x)`` and ``z'``
 the edited codes, computed as ``x + (decode(z') - decode(z))`` so positions whose codes do not change
@@ -35,7 +40,8 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
-from jsae.adapters import VLMAdapter, for_model, unwrap
+from jsae.activations import layer_output, model_device, to_model_kwargs, with_layer_output
+from jsae.adapters import VLMAdapter, for_model, padding_side, unwrap
 from jsae.adapters.base import GRID_COL, GRID_IMAGE, GRID_REGION, GRID_ROW
 
 POSITION_NAMES = ("image", "text", "generated", "all")
@@ -51,31 +57,48 @@ class Patches:
     cells: tuple[tuple[int, int], ...]
     image: int | None = 0
     region: int = 0
+    prompt_cells: tuple[tuple[tuple[int, int], ...], ...] | None = None  # per prompt (see per_prompt)
 
     def __post_init__(self) -> None:
         cells = tuple((int(r), int(c)) for r, c in self.cells)
-        if not cells:
+        if not cells and self.prompt_cells is None:
             raise ValueError("Patches needs at least one (row, col) cell")
         object.__setattr__(self, "cells", cells)
+        if self.prompt_cells is not None:
+            per = tuple(tuple((int(r), int(c)) for r, c in cs) for cs in self.prompt_cells)
+            if not per or any(not cs for cs in per):
+                raise ValueError("Patches.per_prompt needs at least one (row, col) cell for every prompt")
+            object.__setattr__(self, "prompt_cells", per)
+
+    @classmethod
+    def per_prompt(cls, cells: Sequence[Sequence[tuple[int, int]]], image: int | None = 0, region: int = 0) -> "Patches":
+        """Each prompt ``b`` of the batch edited at its own cells ``cells[b]``."""
+        return cls((), image, region, tuple(tuple(c) for c in cells))
+
+    def cells_of(self, b: int) -> tuple[tuple[int, int], ...]:
+        return self.cells if self.prompt_cells is None else self.prompt_cells[b]
 
     def mask(self, grid: Tensor) -> Tensor:
         """``[B, S]`` mask of the selected cells; raises when a cell lies outside an image's grid."""
         sel = (grid[..., GRID_IMAGE] >= 0) & (grid[..., GRID_REGION] == self.region)
         if self.image is not None:
             sel &= grid[..., GRID_IMAGE] == self.image
+        if self.prompt_cells is not None and len(self.prompt_cells) != grid.shape[0]:
+            raise ValueError(f"Patches.per_prompt has cells for {len(self.prompt_cells)} prompts but the batch has {grid.shape[0]}")
         for b in range(grid.shape[0]):
             g = grid[b][sel[b]]
             if g.numel() == 0:
                 raise ValueError(f"prompt {b} has no image {self.image} with grid region {self.region}; "
                                  "check Patches(image=..., region=...) against adapter.patch_grid(inputs)")
             rows, cols = int(g[:, GRID_ROW].max()) + 1, int(g[:, GRID_COL].max()) + 1
-            for r, c in self.cells:
+            for r, c in self.cells_of(b):
                 if not (0 <= r < rows and 0 <= c < cols):
                     raise ValueError(f"patch ({r}, {c}) is outside the {rows}×{cols} grid of prompt {b}'s image; "
                                      f"use rows 0..{rows - 1} and cols 0..{cols - 1}")
         want = torch.zeros_like(sel)
-        for r, c in self.cells:
-            want |= (grid[..., GRID_ROW] == r) & (grid[..., GRID_COL] == c)
+        for b in range(grid.shape[0]):
+            for r, c in self.cells_of(b):
+                want[b] |= (grid[b, :, GRID_ROW] == r) & (grid[b, :, GRID_COL] == c)
         return sel & want
 
 
@@ -87,7 +110,7 @@ class Intervention:
     """Base value object: ``layer``, ``positions``, ``timing``; subclasses define :meth:`edit`."""
 
     layer: int
-    positions: Any = "all"
+    positions: Positions = "all"
     timing: Timing = "every_step"
 
     def __post_init__(self) -> None:
@@ -99,10 +122,6 @@ class Intervention:
             raise ValueError("positions='generated' has nothing to edit at the prefill step; use timing='every_step'")
 
     @property
-    def operation(self) -> str:
-        return type(self).__name__.lower()
-
-    @property
     def modality(self) -> str:
         return "vision" if self.positions == "image" or isinstance(self.positions, Patches) else "text"
 
@@ -110,8 +129,9 @@ class Intervention:
         """One-line errors for an intervention that does not fit ``adapter``'s model."""
         adapter.check_layer(self.layer)
 
-    def edit(self, x: Tensor) -> Tensor:
-        """The edited states of the selected positions ``x`` (``[n, d_in]``)."""
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The edited states of the selected positions ``x`` (``[n, d_in]``); ``rows[i]`` is the prompt of
+        position ``i`` (for per-prompt edits)."""
         raise NotImplementedError
 
     @jaxtyped(typechecker=beartype)
@@ -120,7 +140,8 @@ class Intervention:
         mask = mask.to(hidden.device)
         if not bool(mask.any()):
             return hidden
-        return hidden.index_put((mask,), self.edit(hidden[mask]).to(hidden.dtype))
+        rows = mask.nonzero()[:, 0]
+        return hidden.index_put((mask,), self.edit(hidden[mask], rows).to(hidden.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +162,7 @@ class Steer(Intervention):
             raise ValueError(f"direction has size {self.direction.shape[0]} but the model's hidden size is {adapter.d_in}; "
                              "pass a d_in-sized direction (e.g. a row of the SAE's W_dec)")
 
-    def edit(self, x: Tensor) -> Tensor:
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
         return x + self.strength * self.direction.to(x.device, x.dtype)
 
 
@@ -150,18 +171,39 @@ class Clamp(Intervention):
     """Set SAE features ``features`` to ``strength`` at the positions, keeping the reconstruction error."""
 
     sae: Any = None
-    features: Sequence[int] = ()
-    strength: float = 0.0
+    features: Any = ()  # feature indices, or one list per prompt
+    strength: Any = 0.0  # one value, one per feature, or (per-prompt features) one list per prompt
     sae_modality: str | None = None  # JSAE branch; default: "vision" on image/patch positions, else "text"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sae is None or not hasattr(self.sae, "encode") or not hasattr(self.sae, "decode"):
             raise ValueError(f"{type(self).__name__} needs sae=, an SAE with encode/decode (SAELens SAE or jsae.JointSAE)")
-        feats = (self.features,) if isinstance(self.features, int) else tuple(int(f) for f in self.features)
-        if not feats:
-            raise ValueError(f"{type(self).__name__} needs at least one feature index")
+        per_prompt = not isinstance(self.features, int) and any(not isinstance(f, int) for f in self.features)
+        if per_prompt:
+            feats: Any = tuple(tuple(int(f) for f in fs) for fs in self.features)
+            strength = self.strength if not isinstance(self.strength, (int, float)) else [[self.strength] * len(fs) for fs in feats]
+            strength = tuple(tuple(float(v) for v in vs) for vs in strength)
+            if len(strength) != len(feats) or any(len(v) != len(f) for v, f in zip(strength, feats)):
+                raise ValueError("per-prompt features need one strength per feature of each prompt")
+            if not feats:
+                raise ValueError(f"{type(self).__name__} needs at least one prompt's features")
+        else:
+            feats = (self.features,) if isinstance(self.features, int) else tuple(int(f) for f in self.features)
+            if not feats:
+                raise ValueError(f"{type(self).__name__} needs at least one feature index")
+            strength = float(self.strength) if isinstance(self.strength, (int, float)) else tuple(float(v) for v in self.strength)
+            if isinstance(strength, tuple) and len(strength) != len(feats):
+                raise ValueError(f"{len(strength)} strengths for {len(feats)} features; give one value or one per feature")
         object.__setattr__(self, "features", feats)
+        object.__setattr__(self, "strength", strength)
+
+    @property
+    def per_prompt(self) -> bool:
+        return bool(self.features) and isinstance(self.features[0], tuple)
+
+    def _all_features(self) -> list[int]:
+        return [f for fs in self.features for f in fs] if self.per_prompt else list(self.features)
 
     def validate(self, adapter: VLMAdapter) -> None:
         super().validate(adapter)
@@ -169,7 +211,7 @@ class Clamp(Intervention):
         if d_in != adapter.d_in:
             raise ValueError(f"the SAE has d_in={d_in} but the model's hidden size is {adapter.d_in}; "
                              "use an SAE trained on this model's residual stream")
-        bad = [f for f in self.features if not 0 <= f < d_sae]
+        bad = [f for f in self._all_features() if not 0 <= f < d_sae]
         if bad:
             raise ValueError(f"feature index {bad[0]} is out of range: the SAE has features 0..{d_sae - 1}")
 
@@ -178,16 +220,27 @@ class Clamp(Intervention):
             return {"modality": self.sae_modality or self.modality}
         return {}
 
-    def _codes(self, z: Tensor) -> Tensor:
-        z = z.clone()
-        z[:, list(self.features)] = self.strength
-        return z
+    def _codes(self, z: Tensor, rows: Tensor) -> Tensor:
+        if not self.per_prompt:
+            z = z.clone()
+            z[:, list(self.features)] = torch.as_tensor(self.strength, dtype=z.dtype, device=z.device)
+            return z
+        n_prompts = len(self.features)
+        if rows.numel() and int(rows.max()) >= n_prompts:
+            raise ValueError(f"per-prompt features are given for {n_prompts} prompts but the batch has more")
+        sel = torch.zeros(n_prompts, z.shape[-1], dtype=torch.bool)
+        val = torch.zeros(n_prompts, z.shape[-1], dtype=z.dtype)
+        for b, (fs, vs) in enumerate(zip(self.features, self.strength)):
+            sel[b, list(fs)] = True
+            val[b, list(fs)] = torch.tensor(vs, dtype=z.dtype)
+        r = rows.cpu()
+        return torch.where(sel[r].to(z.device), val[r].to(z.device), z)
 
-    def edit(self, x: Tensor) -> Tensor:
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
         sae, kw = self.sae, self._kw()
         xs = x.to(getattr(sae, "device", x.device), getattr(sae, "dtype", x.dtype))
         z = sae.encode(xs, **kw)
-        delta = sae.decode(self._codes(z), **kw) - sae.decode(z, **kw)
+        delta = sae.decode(self._codes(z, rows), **kw) - sae.decode(z, **kw)
         return x + delta.to(x.device, x.dtype)
 
 
@@ -198,6 +251,40 @@ class Ablate(Clamp):
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", 0.0)
         super().__post_init__()
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroAblate(Intervention):
+    """Set the states at the positions to zero (zero ablation of the residual stream)."""
+
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+@dataclass(frozen=True, eq=False)
+class Splice(Intervention):
+    """Replace the states at the positions by the SAE's reconstruction ``decode(encode(x))`` (SAELens's
+    splice without the error term: what the model computes through the SAE alone)."""
+
+    sae: Any = None
+    sae_modality: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sae is None or not hasattr(self.sae, "encode") or not hasattr(self.sae, "decode"):
+            raise ValueError("Splice needs sae=, an SAE with encode/decode (SAELens SAE or jsae.JointSAE)")
+
+    def validate(self, adapter: VLMAdapter) -> None:
+        super().validate(adapter)
+        if int(self.sae.cfg.d_in) != adapter.d_in:
+            raise ValueError(f"the SAE has d_in={self.sae.cfg.d_in} but the model's hidden size is {adapter.d_in}; "
+                             "use an SAE trained on this model's residual stream")
+
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
+        sae = self.sae
+        kw = {"modality": self.sae_modality or self.modality} if hasattr(sae, "W_dec_of") else {}
+        xs = x.to(getattr(sae, "device", x.device), getattr(sae, "dtype", x.dtype))
+        return sae.decode(sae.encode(xs, **kw), **kw).to(x.device, x.dtype)
 
 
 # ================================================================================================
@@ -266,7 +353,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
 
     def make_hook(layer: int, items: list[tuple[Intervention, Tensor]]) -> Any:
         def hook(module: Any, args: Any, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output  # tuple: transformers < 4.54 layers
+            hidden = layer_output(output)
             step = steps[layer]
             steps[layer] = step + 1
             for iv, prefill_mask in items:
@@ -280,7 +367,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
                     raise RuntimeError(f"layer {layer} output has shape {tuple(hidden.shape)} but the prompt mask is "
                                        f"{tuple(mask.shape)}; run the model on the inputs given to intervene()")
                 hidden = iv.apply(hidden, mask)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return with_layer_output(output, hidden)
 
         return hook
 
@@ -318,9 +405,7 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     hf = unwrap(model)
-    kwargs = adapter.model_kwargs(inputs)
-    device = next(hf.parameters()).device
-    kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    kwargs = to_model_kwargs(adapter, inputs, model_device(model))
     tok = None if return_ids else _tokenizer(model, processor)
     pad = getattr(tok, "pad_token_id", None)
     if pad is not None:
@@ -329,3 +414,38 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
         out = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
     new = out[:, kwargs["input_ids"].shape[1]:]
     return new if return_ids else tok.batch_decode(new, skip_special_tokens=True)
+
+
+# ================================================================================================
+# Captioning: greedy captions of images in batches, with interventions
+# ================================================================================================
+
+
+@dataclass
+class Captioner:
+    """Greedy captions of images through :func:`generate`, ``batch_size`` images at a time.
+
+    The prompt is the model's own (chat template with one image and ``prompt`` as text, generation
+    prompt added; the plain layout without a template).  ``captioner(images, interventions)`` applies
+    the same interventions to every batch; ``interventions`` may instead be a function
+    ``(start, stop) -> interventions`` for edits that differ per image (``Patches.per_prompt``)."""
+
+    model: Any
+    processor: Any
+    adapter: VLMAdapter
+    prompt: str = ""
+    batch_size: int = 64
+    max_new_tokens: int = 28
+
+    def __call__(self, images: Sequence[Any], interventions: Any = ()) -> list[str]:
+        text = self.adapter.render_prompt(self.processor, self.prompt, 1, add_generation_prompt=True)
+        out: list[str] = []
+        with padding_side(self.processor, "left"):
+            for i in range(0, len(images), self.batch_size):
+                chunk = list(images[i:i + self.batch_size])
+                enc = self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
+                enc = self.adapter.complete_inputs(enc)
+                ivs = interventions(i, i + len(chunk)) if callable(interventions) else interventions
+                out += generate(self.model, enc, ivs, max_new_tokens=self.max_new_tokens, processor=self.processor,
+                                adapter=self.adapter)
+        return [c.strip() for c in out]

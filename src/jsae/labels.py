@@ -73,13 +73,19 @@ class FeatureLabels:
         return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"])
 
 
-def _corr(z: Tensor, y: Tensor) -> Tensor:
-    """Pearson correlation of every column of z [N, F] with every column of y [N, C] -> [F, C]."""
-    z = z.double() - z.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    num = z.T @ y
-    den = z.norm(dim=0)[:, None] * y.norm(dim=0)[None, :]
-    return torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))
+def correlation_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of every column of ``a`` [N, p] with every column of ``b`` [N, q] -> [p, q].
+
+    Computed in float64; a column with zero variance correlates 0 with everything.
+    """
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    na, nb = a.norm(dim=0), b.norm(dim=0)
+    c = (a.T @ b) / (na[:, None] * nb[None, :]).clamp(min=1e-30)
+    c[na < 1e-12] = 0.0
+    c[:, nb < 1e-12] = 0.0
+    return c
+
 
 
 @jaxtyped(typechecker=beartype)
@@ -95,7 +101,7 @@ def label_features(
         raise ValueError(f"{len(concept_names)} concept names for {concepts.shape[1]} concept columns")
     if not 0 < min_corr < 1:
         raise ValueError(f"min_corr must be in (0, 1), got {min_corr}")
-    cv, ct = _corr(z_vision, concepts), _corr(z_text, concepts)
+    cv, ct = correlation_matrix(z_vision, concepts), correlation_matrix(z_text, concepts)
     best = torch.maximum(cv, ct)
     best_val, best_c = best.max(dim=1)
     y = concepts.double()

@@ -1,4 +1,6 @@
-"""Loading a VLM for jsae: the nnsight-wrapped model, its processor and its adapter.
+"""The one loader: ``jsae.load_vlm(name)`` gives the nnsight-wrapped model, its processor and its adapter
+for a shipped toy model (``"llava"``, ``"qwen3-vl-moe"``), a local directory or a hub id, and everything
+else in jsae takes that :class:`VLM`.
 
 >>> model, processor, adapter = jsae.load_vlm("llava-hf/llava-v1.6-mistral-7b-hf", dtype="bfloat16")
 >>> with model.trace(**adapter.model_kwargs(inputs)):
@@ -22,9 +24,33 @@ from jsae.adapters.base import mark_remote
 
 
 class VLM(NamedTuple):
+    """An nnsight-wrapped VLM (``model``), its ``processor`` and its ``adapter`` (unpacks as a triple)."""
+
     model: Any
     processor: Any
     adapter: VLMAdapter
+
+    @property
+    def hf_model(self) -> Any:
+        """The transformers model behind the envoy."""
+        return self.adapter.hf_model
+
+
+def as_vlm(model: Any, processor: Any = None, adapter: VLMAdapter | None = None) -> VLM:
+    """A :class:`VLM` from what a caller has: an nnsight envoy or a bare transformers model (wrapped in
+    ``nnsight.NNsight``), its processor (default ``model.processor``) and adapter (default: by class)."""
+    if isinstance(model, VLM):
+        return model
+    if not hasattr(model, "trace"):
+        from nnsight import NNsight
+
+        model, adapter = NNsight(model), None
+    if adapter is None or adapter.model is not model:
+        adapter = for_model(model)
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None:
+        raise ValueError("this call needs the model's processor: pass processor= (jsae.load_vlm returns it)")
+    return VLM(model, processor, adapter)
 
 
 def _offline() -> bool:
@@ -54,7 +80,9 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, remote: bool = False,
              revision: str | None = None, **kwargs: Any) -> VLM:
-    """Load ``name_or_path`` (hub id or local directory): returns ``VLM(model, processor, adapter)``.
+    """Load ``name_or_path`` (a shipped toy model's name, a hub id or a local directory): returns
+    ``VLM(model, processor, adapter)`` with ``model`` an nnsight envoy.  Toy models load in float32 unless
+    ``dtype`` says otherwise.
 
     ``dtype`` and ``device_map`` go to ``from_pretrained``; ``remote=True`` builds the model on the meta
     device through ``nnsight.TransformersModel`` for NDIF (pass ``remote=True`` to your traces).
@@ -64,6 +92,15 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     dtype = _resolve_dtype(dtype)
+    from jsae.world.models import MODEL_NAMES, load_toy_hf
+
+    if name_or_path in MODEL_NAMES and not os.path.isdir(name_or_path):
+        from nnsight import NNsight
+
+        hf, processor = load_toy_hf(name_or_path, dtype=torch.float32 if dtype in (None, "auto") else dtype,
+                                    device=device_map if isinstance(device_map, (str, torch.device)) else "cpu")
+        model = NNsight(hf)
+        return VLM(model, processor, for_model(model))
     common = dict(revision=revision, trust_remote_code=False)
     try:
         config = AutoConfig.from_pretrained(name_or_path, **common)

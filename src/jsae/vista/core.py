@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from beartype import beartype
@@ -36,14 +35,9 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from jsae.adapters import unwrap
-
-_HOOK_PATTERNS = (
-    r"^blocks\.(\d+)\.hook_resid_post$",
-    r"(?:^|\.)layers\.(\d+)$",
-    r"(?:^|\.)h\.(\d+)$",
-)
-
+from jsae.activations import read_layers
+from jsae.adapters import layer_of_hook, unwrap
+from jsae.vlm import as_vlm
 
 # ---- text SAEs ----------------------------------------------------------------------------------
 
@@ -55,7 +49,7 @@ def load_text_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> 
     from sae_lens import SAE
 
     import jsae  # noqa: F401  (installs jsae releases into SAELens)
-    from jsae.releases import resolve_sae_id
+    from jsae.releases.registry import resolve_sae_id
 
     path = Path(spec)
     if path.is_dir():
@@ -66,18 +60,6 @@ def load_text_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> 
         spec, sae_id = spec.split(":", 1)
     sae_id = resolve_sae_id(spec, sae_id)
     return SAE.from_pretrained(spec, sae_id, device=device).eval()
-
-
-def layer_of_hook(hook_name: str | None) -> int | None:
-    """The decoder-layer index a residual-stream hook name refers to (``blocks.12.hook_resid_post``,
-    ``model.layers.12``, ``model.language_model.layers.12``), or None."""
-    if not hook_name:
-        return None
-    for pat in _HOOK_PATTERNS:
-        m = re.search(pat, hook_name)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
@@ -167,21 +149,11 @@ def _caption_ce(logits: Tensor, enc: Mapping[str, Any]) -> Tensor:
 
 
 def vista_losses(model: Any, adapter: Any, saes: Mapping[int, Any], enc: Mapping[str, Any]) -> tuple[Tensor, dict[int, Tensor]]:
-    """(caption CE, {layer: normalised SAE error on image tokens}) for one batch (differentiable)."""
-    hf = unwrap(model)
+    """(caption CE, {layer: normalised SAE error on image tokens}) for one batch (differentiable when
+    gradients are enabled)."""
     img = adapter.image_token_mask(enc)
-    got: dict[int, Tensor] = {}
-    handles = []
-    for layer in saes:
-        def hook(mod: Any, args: Any, output: Any, layer: int = layer) -> None:
-            got[layer] = output[0] if isinstance(output, tuple) else output
-        handles.append(adapter.layer_module(layer).register_forward_hook(hook))
-    try:
-        out = hf(**adapter.model_kwargs(enc))
-    finally:
-        for h in handles:
-            h.remove()
-    ce = _caption_ce(out.logits, enc)
+    got = read_layers(model, adapter, enc, list(saes), logits=True, grad=torch.is_grad_enabled())
+    ce = _caption_ce(got["logits"], enc)
     errs = {layer: sae_recon_error(saes[layer], got[layer][img].float()) for layer in saes}
     return ce, errs
 
@@ -193,6 +165,7 @@ def train_projector(model: Any, processor: Any, adapter: Any, saes: Mapping[int,
 
     ``saes`` maps constrained layers to frozen text SAEs (only ``cfg.layers`` enter the loss; others are
     monitored).  Returns the history (per logged step: ce, per-layer error)."""
+    model, processor, adapter = as_vlm(model, processor, adapter)
     module = check_projector(adapter)
     for layer in cfg.layers:
         if layer not in saes:
@@ -290,23 +263,18 @@ def collect_text_states(model: Any, processor: Any, adapter: Any, captions: Sequ
                         batch_size: int = 128, progress: bool = True) -> tuple[dict[int, Tensor], Tensor, list[int]]:
     """Per-token states of plain-text captions (no image) at ``layers``: ({layer: [n_tokens, d]},
     caption index of each token [n_tokens], token ids).  BOS and padding are left out."""
+    from jsae.adapters import padding_side
+
+    model, processor, adapter = as_vlm(model, processor, adapter)
     tok = getattr(processor, "tokenizer", processor)
-    tok.padding_side = "right"
-    hf = unwrap(model)
     special = set(getattr(tok, "all_special_ids", []))
     out: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     owners, ids_all = [], []
     for i in tqdm(range(0, len(captions), batch_size), desc="text states", disable=not progress):
         chunk = list(captions[i:i + batch_size])
-        enc = tok(chunk, return_tensors="pt", padding=True)
-        got: dict[int, Tensor] = {}
-        handles = [adapter.layer_module(layer).register_forward_hook(
-            lambda m, a, o, layer=layer: got.__setitem__(layer, o[0] if isinstance(o, tuple) else o)) for layer in layers]
-        try:
-            hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        finally:
-            for h in handles:
-                h.remove()
+        with padding_side(processor, "right"):
+            enc = tok(chunk, return_tensors="pt", padding=True)
+        got = read_layers(model, adapter, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, layers)
         keep = enc["attention_mask"].bool()
         for t in special:
             keep &= enc["input_ids"] != t
@@ -322,7 +290,7 @@ def train_text_sae(states: Float[Tensor, "n d"], *, hook_name: str, model_name: 
                    progress: bool = True) -> Any:
     """A SAELens TopK SAE on per-token text states, by SAELens's own ``SAETrainer`` (normalised to mean
     norm √d_in during training and folded back, so it applies to raw states)."""
-    from jsae.training import train_saelens_topk
+    from jsae.training.recipes import train_saelens_topk
 
     trained = train_saelens_topk(states, d_sae, k, steps, batch_size, lr, seed)
     trained.cfg.metadata.hook_name = hook_name
@@ -352,7 +320,7 @@ def save_sae(sae: Any, directory: str | Path) -> Path:
 
 
 __all__ = [
-    "VistaConfig", "check_projector", "check_text_sae", "collect_text_states", "layer_of_hook", "load_projector",
+    "VistaConfig", "check_projector", "check_text_sae", "collect_text_states", "load_projector",
     "load_text_sae", "recon_error_on_images", "reinit_projector", "sae_recon_error", "save_projector", "save_sae",
     "train_projector", "train_text_sae", "vista_losses",
 ]

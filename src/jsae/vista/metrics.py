@@ -28,8 +28,7 @@ unedited caption names all their objects (distinct types, ≥ 2 objects) are sco
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +36,7 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
-from jsae.adapters.base import GRID_COL, GRID_ROW
-from jsae.stats import bootstrap_ci
+from jsae.protocol.stats import bootstrap_ci
 
 
 def object_concepts(obj: Mapping[str, Any]) -> set[str]:
@@ -194,55 +192,24 @@ def object_cells(obj: Mapping[str, Any], grid: int) -> list[tuple[int, int]]:
     return [(int(i) // grid, int(i) % grid) for i in np.nonzero(m)[0]]
 
 
-def cells_mask(patch_grid: Tensor, cells_per_row: Sequence[Sequence[tuple[int, int]]]) -> Tensor:
-    """``[B, S]`` mask of the image tokens at each row's own cells (image 0, region 0)."""
-    B = patch_grid.shape[0]
-    if len(cells_per_row) != B:
-        raise ValueError(f"{len(cells_per_row)} cell lists for {B} prompts")
-    m = torch.zeros(patch_grid.shape[:2], dtype=torch.bool, device=patch_grid.device)
-    for b, cells in enumerate(cells_per_row):
-        g = patch_grid[b]
-        base = (g[:, 0] == 0) & (g[:, 1] == 0)
-        for r, c in cells:
-            m[b] |= base & (g[:, GRID_ROW] == r) & (g[:, GRID_COL] == c)
-    return m
+def patch_edit(layer: int, sae: Any, cells: Sequence[Sequence[tuple[int, int]]], zero: Bool[Tensor, "batch d_sae"],
+               set_values: Float[Tensor, "batch d_sae"]) -> Any:
+    """A batch of patch-local SAE edits as one ordinary intervention: prompt ``b``'s image tokens at
+    ``cells[b]`` get the codes ``zero[b]`` set to 0 and the codes where ``set_values[b]`` is not NaN set to
+    it, through the SAE with its error term (``x + decode(z') - decode(z)``), at the prefill step only;
+    every other position is left bit for bit.  A :class:`jsae.Clamp` on :meth:`jsae.Patches.per_prompt`."""
+    from jsae.interventions import Clamp, Patches
 
-
-@contextlib.contextmanager
-def patch_edit(adapter: Any, layer: int, sae: Any, positions: Bool[Tensor, "batch seq"],
-               zero: Bool[Tensor, "batch d_sae"], set_values: Float[Tensor, "batch d_sae"]) -> Iterator[dict[str, int]]:
-    """Batched patch-local SAE edit at decoder layer ``layer``, prefill step only: at ``positions[b]``
-    the codes ``zero[b]`` are set to 0 and the codes where ``set_values[b]`` is not NaN are set to it,
-    through the SAE with its error term (``x + decode(z') − decode(z)``); every other position is left
-    bit for bit.  The per-prompt equivalent of ``jsae.Ablate``/``jsae.Clamp`` with ``jsae.Patches`` (which
-    apply one feature set to every prompt of a batch)."""
-    calls = {"n": 0}
-
-    def hook(mod: Any, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        calls["n"] += 1
-        if calls["n"] > 1:
-            return output
-        if hidden.shape[:2] != positions.shape:
-            raise RuntimeError(f"layer {layer} output has shape {tuple(hidden.shape)} but the edit mask is {tuple(positions.shape)}")
-        rows = positions.nonzero()[:, 0]
-        if rows.numel() == 0:
-            return output
-        x = hidden[positions].float()
-        with torch.no_grad():
-            z = sae.encode(x)
-            z2 = z.masked_fill(zero[rows].to(z.device), 0.0)
-            sv = set_values[rows].to(z.device)
-            z2 = torch.where(torch.isnan(sv), z2, sv)
-            new = x + (sae.decode(z2) - sae.decode(z))
-        hidden = hidden.index_put((positions,), new.to(hidden.dtype))
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handle = adapter.layer_module(layer).register_forward_hook(hook)
-    try:
-        yield calls
-    finally:
-        handle.remove()
+    if not (len(cells) == zero.shape[0] == set_values.shape[0]):
+        raise ValueError(f"{len(cells)} cell lists, {zero.shape[0]} zero rows and {set_values.shape[0]} value rows: "
+                         "give one of each per prompt")
+    feats, vals = [], []
+    for b in range(zero.shape[0]):
+        keep = ~torch.isnan(set_values[b])
+        fs = (zero[b] | keep).nonzero().flatten().tolist()
+        feats.append(fs)
+        vals.append([float(set_values[b, j]) if bool(keep[j]) else 0.0 for j in fs])
+    return Clamp(layer=layer, positions=Patches.per_prompt(cells), timing="prefill", sae=sae, features=feats, strength=vals)
 
 
 def edit_interventions(layer: int, sae: Any, cells: Sequence[tuple[int, int]], remove: Sequence[int],
@@ -261,7 +228,7 @@ def edit_interventions(layer: int, sae: Any, cells: Sequence[tuple[int, int]], r
 
 
 __all__ = [
-    "cells_mask", "edit_interventions", "image_concepts", "interval", "label_latents_from_patches",
+    "edit_interventions", "image_concepts", "interval", "label_latents_from_patches",
     "label_latents_from_text", "label_latents_from_words", "localisation_scores", "token_concepts", "matching_scores", "object_cells", "object_concepts",
     "patch_edit", "ratio_interval",
 ]

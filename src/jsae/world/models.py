@@ -157,25 +157,18 @@ def check_weights(name: str, directory: str | os.PathLike | None = None) -> Path
     return d
 
 
-def load_toy_vlm(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 directory: str | os.PathLike | None = None):
-    """Load a shipped toy VLM offline: returns ``(model, processor, adapter)``.
+def load_toy_hf(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                directory: str | os.PathLike | None = None):
+    """The shipped toy model ``name`` as a bare transformers model (eval mode) and its processor, offline.
 
     ``name`` is ``"llava"`` (``LlavaForConditionalGeneration``) or ``"qwen3-vl-moe"``
-    (``Qwen3VLMoeForConditionalGeneration``). Weights are read with safetensors through the standard
-    ``from_pretrained`` on the shipped directory (no network, no remote code, no pickle). ``adapter`` is
-    ``jsae.adapters.for_model(model)``, or ``None`` if the adapters package does not provide it.
+    (``Qwen3VLMoeForConditionalGeneration``).  Weights are read with safetensors through the standard
+    ``from_pretrained`` on the shipped directory (no network, no remote code, no pickle).  Users load
+    toy models with ``jsae.load_vlm(name)`` (nnsight-wrapped, with its adapter); this is its world half.
     """
     _check_name(name)
     d = check_weights(name, directory)
     model = model_class(name).from_pretrained(str(d), local_files_only=True, use_safetensors=True, dtype=dtype)
     model = model.to(device).eval()
     processor = processor_class(name).from_pretrained(str(d), local_files_only=True)
-    adapter = None
-    try:
-        from jsae.adapters import for_model
-    except ImportError:
-        for_model = None
-    if for_model is not None:
-        adapter = for_model(model)
-    return model, processor, adapter
+    return model, processor

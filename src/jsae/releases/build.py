@@ -25,8 +25,8 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from jsae.report import replace_dir
-from jsae.releases import PACKAGE_ROOT, RECIPES, RELEASES
+from jsae.files import replace_dir
+from jsae.releases.registry import PACKAGE_ROOT, RECIPES, RELEASES, read_releases_yaml, releases_yaml_path
 
 release_app = typer.Typer(help="jsae releases: build, list, push to and pull from the Hugging Face Hub.",
                           no_args_is_help=True, pretty_exceptions_enable=False)
@@ -95,7 +95,7 @@ class BuildConfig:
 def _pairs(cfg: BuildConfig, split: str, n: int) -> tuple[Any, Any, list[str], str]:
     """(pairs, concept presence [N, C], concept names, fingerprint) of one split."""
     from jsae.labels import concepts_from_captions
-    from jsae.protocol import concept_presence, world_concepts
+    from jsae.world.concepts import concept_presence, world_concepts
 
     if cfg.data is None:
         from jsae.world import world_dataset
@@ -127,14 +127,9 @@ class _LazyPairs:
 
 
 def _load_model(cfg: BuildConfig) -> tuple[Any, Any, Any]:
-    from jsae import world
-
-    if cfg.model in world.MODEL_NAMES:
-        return world.load_toy_vlm(cfg.model)
     from jsae.vlm import load_vlm
 
-    vlm = load_vlm(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map)
-    return vlm.model, vlm.processor, vlm.adapter
+    return load_vlm(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map)
 
 
 def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, work_dir: str | Path | None = None,
@@ -146,7 +141,8 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
     the held-out labelling pairs; for a JSAE these are the text branch's, SAELens's default branch)."""
     import torch
 
-    from jsae.capture import capture_pairs, load_pairs
+    from jsae.capture import capture_pairs
+    from jsae.training import load_pairs
     from jsae.labels import label_features
 
     cfgs = [cfgs] if isinstance(cfgs, BuildConfig) else list(cfgs)
@@ -213,7 +209,7 @@ def _train(cfg: BuildConfig, vision: Any, text: Any, meta: dict[str, Any], check
     afterwards, so the saved SAE takes raw activations), with the recipe's architecture and losses."""
     import torch
 
-    from jsae.sae import TrainingJointSAEConfig
+    from jsae.saes.joint_sae import TrainingJointSAEConfig
     from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 
     scale = math.sqrt(vision.shape[1]) / float(torch.cat([vision, text]).norm(dim=-1).mean())
@@ -262,15 +258,6 @@ def _entry(cfg: BuildConfig, sae_id: str, metrics: dict[str, Any], d_sae: int) -
 
 
 # ---- the releases.yaml of the package ------------------------------------------------------------
-
-
-def releases_yaml_path() -> Path:
-    return PACKAGE_ROOT / "releases.yaml"
-
-
-def read_releases_yaml(path: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path) if path else releases_yaml_path()
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def write_releases_yaml(data: dict[str, Any], path: str | Path | None = None) -> Path:
@@ -383,7 +370,7 @@ def push_cmd(
     private: bool = typer.Option(False),
 ) -> None:
     """Upload a JSAE (SAELens layout + model card) to the Hugging Face Hub."""
-    from jsae.hub import push
+    from jsae.releases.hub import push
 
     try:
         url = push(directory, repo, endpoint=hub, token=token, private=private)
@@ -403,7 +390,7 @@ def pull_cmd(
     token: Optional[str] = typer.Option(None, envvar="HF_TOKEN"),
 ) -> None:
     """Download a pushed JSAE repo and check every SAE in it."""
-    from jsae.hub import pull
+    from jsae.releases.hub import pull
 
     if repo in RELEASES and RELEASES[repo].conversion_func == "jsae_hub":
         repo = RELEASES[repo].repo_id
@@ -426,7 +413,7 @@ def features_cmd(
     n_pairs: int = typer.Option(200, help="held-out world pairs to rank images and captions"),
 ) -> None:
     """Write the self-contained feature browser (features.html) of one labelled JSAE."""
-    from jsae.export import feature_page
+    from jsae.report.neuronpedia import feature_page
 
     try:
         path = feature_page(sae, out, model=model, n_features=n_features, n_pairs=n_pairs)
@@ -446,7 +433,7 @@ def export_cmd(
     n_pairs: int = typer.Option(200),
 ) -> None:
     """Export labelled features in SAEDashboard's Neuronpedia layout, with jsae's image extension."""
-    from jsae.export import export_neuronpedia
+    from jsae.report.neuronpedia import export_neuronpedia
 
     try:
         path = export_neuronpedia(sae, out, source_set=source_set, hf_repo_id=hf_repo_id, n_features=n_features,
@@ -465,9 +452,9 @@ def core_metrics_cmd(
     out: Optional[Path] = typer.Option(None, help="write the metrics JSON here too"),
 ) -> None:
     """SAELens's core metrics of one JSAE branch (as a SAEBench custom SAE) on the toy VLM's language model."""
-    from jsae.export import resolve_sae_dir
-    from jsae.sae import JointSAE
-    from jsae.saebench import JSAEBranchSAE, core_metrics
+    from jsae.report.neuronpedia import resolve_sae_dir
+    from jsae.saes.joint_sae import JointSAE
+    from jsae.releases.saebench import JSAEBranchSAE, core_metrics
 
     try:
         jointsae = JointSAE.load_from_disk(resolve_sae_dir(sae))

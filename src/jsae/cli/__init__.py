@@ -10,9 +10,9 @@ from typing import Optional
 
 import typer
 
-from jsae.release_cli import core_metrics_cmd, export_cmd, features_cmd, release_app
-from jsae.vista.cli import vista_app
-from jsae.world.cli import world_app
+from jsae.releases.build import core_metrics_cmd, export_cmd, features_cmd, release_app
+from jsae.cli.vista import vista_app
+from jsae.cli.world import world_app
 
 app = typer.Typer(help="Joint Sparse Autoencoders, VISTA and SAE steering for vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -76,7 +76,7 @@ def demo(
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
-    from jsae.demo import ARTEFACTS, DemoConfig, run_demo
+    from jsae.protocol.run import ARTEFACTS, DemoConfig, run_demo
 
     cfg = DemoConfig(model=model, layers=_layers(layers), steps=steps, d_sae=d_sae, n_train=n_train, n_label=n_label,
                      n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None, seed=seed, data=data,
@@ -104,7 +104,7 @@ def capture(
 ) -> None:
     """Capture pooled (image, caption) activations at the given layers (resumable)."""
     from jsae.capture import capture_pairs
-    from jsae.demo import load_model
+    from jsae.protocol.run import load_model
 
     m, processor, adapter, _ = load_model(model)
     if data:
@@ -139,9 +139,10 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
-    from jsae.capture import load_pairs, read_manifest
-    from jsae.sae import TrainingJointSAEConfig
-    from jsae.training import JointSAETrainer, JointTrainerConfig
+    from jsae.capture import read_manifest
+    from jsae.training import load_pairs
+    from jsae.saes.joint_sae import TrainingJointSAEConfig
+    from jsae.training.trainer import JointSAETrainer, JointTrainerConfig
 
     try:
         data = load_pairs(capture_dir, layer, batch_size=batch_size, seed=seed)
@@ -176,10 +177,10 @@ def label(
     """Label every feature with its concept (world ground truth, or caption words) -> labels.json."""
     import torch
 
-    from jsae.capture import load_pairs
+    from jsae.training import load_pairs
     from jsae.labels import concepts_from_captions, label_features
-    from jsae.protocol import concept_presence, world_concepts
-    from jsae.sae import JointSAE
+    from jsae.world.concepts import concept_presence, world_concepts
+    from jsae.saes.joint_sae import JointSAE
 
     try:
         sae = JointSAE.load_from_disk(sae_dir)
@@ -215,11 +216,12 @@ def steer(
     seed: int = typer.Option(0),
 ) -> None:
     """Steer toward (or suppress) a labelled concept on world images; print captions before and after."""
-    from jsae.demo import DemoConfig, load_model, make_captioner
+    from jsae.protocol.run import DemoConfig, load_model, make_captioner
     from jsae.interventions import Ablate, Steer
     from jsae.labels import FeatureLabels
-    from jsae.protocol import Method, concept_presence, mentions
-    from jsae.sae import JointSAE
+    from jsae.protocol.methods import Method
+    from jsae.world.concepts import concept_presence, mentions
+    from jsae.saes.joint_sae import JointSAE
     from jsae.world import world_dataset
 
     if not math.isfinite(alpha):
@@ -262,9 +264,10 @@ def sweep(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """The demo on several models, plus the model × layer interaction test on the per-image scores."""
-    from jsae.demo import DemoConfig, run_demo
-    from jsae.protocol import Cell, interaction
-    from jsae.report import write_json
+    from jsae.protocol.run import DemoConfig, run_demo
+    from jsae.protocol.sweep import Cell
+    from jsae.protocol.stats import interaction
+    from jsae.files import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     cells: dict[str, list[Cell]] = {}

@@ -29,7 +29,6 @@ import base64
 import gzip
 import io
 import json
-import os
 import shutil
 import time
 import uuid
@@ -39,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jsae.report import replace_dir
+from jsae.adapters import sae_layer
+from jsae.files import replace_dir
 from jsae.labels import FeatureLabels
 
 EXPORT_FILES = ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl")
@@ -50,7 +50,7 @@ EXPORT_FILES = ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl
 
 def resolve_sae_dir(sae: str | Path) -> Path:
     """A SAE folder, or the folder of a shipped (``jsae_local``) release given by name."""
-    from jsae.releases import RELEASES, _local_dir, resolve_sae_id
+    from jsae.releases.registry import RELEASES, _local_dir, resolve_sae_id
 
     p = Path(sae)
     if p.is_dir():
@@ -68,7 +68,7 @@ def resolve_sae_dir(sae: str | Path) -> Path:
 
 def load_labelled_sae(sae: str | Path) -> tuple[Any, FeatureLabels, Path]:
     """(JointSAE, its labels, folder); a one-line error when the folder has no labels.json."""
-    from jsae.sae import JointSAE
+    from jsae.saes.joint_sae import JointSAE
 
     path = resolve_sae_dir(sae)
     model = JointSAE.load_from_disk(path)
@@ -87,23 +87,15 @@ def _model_for(sae: Any, model: str | None) -> tuple[Any, Any, Any, str]:
     if name not in world.MODEL_NAMES:
         raise NotImplementedError(f"feature pages and exports are built on the embedded world's images; {name!r} is a real "
                                   "VLM: pass the toy model, or build the page from your own pairs with jsae.report.feature_browser")
-    m, processor, adapter = world.load_toy_vlm(name)
+    from jsae.vlm import load_vlm
+
+    m, processor, adapter = load_vlm(name)
     return m, processor, adapter, name
-
-
-def _layer_of(sae: Any) -> int:
-    layer = sae.cfg.metadata.get("layer")
-    if layer is None:
-        hook = sae.cfg.metadata.get("hook_name") or ""
-        if not hook.rsplit(".", 1)[-1].isdigit():
-            raise ValueError("the SAE's cfg.json names no layer (metadata.layer / hook_name); re-save it with its metadata")
-        layer = int(hook.rsplit(".", 1)[-1])
-    return int(layer)
 
 
 def _run_cells(path: Path, layer: int) -> list[Any]:
     """Steering cells of the demo run that holds ``path`` (``RUN/saes/jsae/layer_L``), if any."""
-    from jsae.protocol import Cell
+    from jsae.protocol.sweep import Cell
 
     metrics = path.parent.parent.parent / "metrics.json"
     if not metrics.is_file():
@@ -125,16 +117,16 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
     for a labelled JSAE folder or shipped release:
     per labelled feature its label, purity, kind, top images with the patch heat map, top captions and,
     when the SAE comes from a ``jsae demo`` run, its steering result."""
-    from jsae.demo import _browser_features
-    from jsae.protocol import Method
-    from jsae.report import feature_browser
+    from jsae.protocol.run import _browser_features
+    from jsae.protocol.methods import Method
+    from jsae.report.plots import feature_browser
     from jsae.world import world_dataset
 
     sae_model, labels, path = load_labelled_sae(sae)
     if not any(lab.label for lab in labels.labels):
         raise ValueError(f"{path}/labels.json labels no feature (all unlabelled); train longer or lower min_corr in `jsae label`")
     m, processor, adapter, name = _model_for(sae_model, model)
-    layer = _layer_of(sae_model)
+    layer = sae_layer(sae_model)
     ds = world_dataset("validation", n_pairs, seed)
     feats = _browser_features(m, processor, adapter, Method("jsae", sae_model, True), labels, ds, layer,
                               _run_cells(path, layer), n_features=n_features, n_images=n_images)
@@ -149,7 +141,7 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
 @torch.no_grad()
 def _examples(sae: Any, m: Any, processor: Any, adapter: Any, layer: int, n_pairs: int, seed: int) -> dict[str, Any]:
     from jsae.adapters.base import GRID_COL, GRID_REGION, GRID_ROW
-    from jsae.demo import _per_token_states
+    from jsae.protocol.run import _per_token_states
     from jsae.world import world_dataset
 
     ds = world_dataset("validation", n_pairs, seed)
@@ -190,7 +182,7 @@ def export_neuronpedia(sae: str | Path, out: str | Path, *, model: str | None = 
     labelled ones) caps the features, ``n_examples`` the top images and top captions of each."""
     sae_model, labels, path = load_labelled_sae(sae)
     m, processor, adapter, name = _model_for(sae_model, model)
-    layer = _layer_of(sae_model)
+    layer = sae_layer(sae_model)
     model_id = model_id or f"jsae-toy-{name}"
     source_id = f"{layer}-{source_set}"
     release_id = release_id or sae_model.cfg.metadata.get("release") or path.parent.name

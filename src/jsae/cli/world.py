@@ -82,7 +82,7 @@ def train_models(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
                  size: str = typer.Option("default", help="default | tiny (smoke tests)"),
                  eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated at the end")) -> None:
     """Train the toy VLMs from scratch (deterministic for a seed) and write weights, config, tokenizer and
-    processor to <out>/<model> (default: inside the installed package, so `load_toy_vlm` finds them)."""
+    processor to <out>/<model> (default: inside the installed package, so `jsae.load_vlm` finds them)."""
     from jsae.world.models import MODELS_DIR
     from jsae.world.training import default_config, train_toy_vlm
 
@@ -105,11 +105,11 @@ def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
                  device: str = typer.Option("cpu")) -> None:
     """Object accuracy of greedy captions, no-hallucination rate and QA accuracy on held-out scenes."""
     from jsae.world.evaluate import evaluate
-    from jsae.world.models import load_toy_vlm
+    from jsae.world.models import load_toy_hf
 
     for name in _models(model):
         try:
-            m, p, _ = load_toy_vlm(name, device=device, directory=directory)
+            m, p = load_toy_hf(name, device=device, directory=directory)
         except (FileNotFoundError, RuntimeError) as e:
             _fail(str(e))
         typer.echo(json.dumps({"model": name} | evaluate(m, p, name, n=n)))
@@ -118,7 +118,7 @@ def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
 @world_app.command("info")
 def info() -> None:
     """List the toy models and whether their shipped files are present and readable."""
-    from jsae.world.models import MODEL_NAMES, check_weights, model_dir
+    from jsae.world.models import MODEL_NAMES, check_weights
 
     for name in MODEL_NAMES:
         try:

@@ -8,41 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
 
-
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory ``tmp`` to ``final``, replacing what is there without a moment where
-    ``final`` holds a mix of old and new files."""
-    import shutil
-    import uuid
-
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, default=float))
+from jsae.files import write_atomic
 
 
 # ---- plots --------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from jsae.sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
+from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
+from jsae.files import write_json
+from jsae.training.data import check_paired_batch
 
 LATEST = "latest.json"
 
@@ -79,53 +79,6 @@ class JointTrainerConfig:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
 
 
-class PairedTensorData:
-    """In-memory paired activations served as shuffled batches, deterministic per (seed, epoch).
-
-    ``len()`` is the number of batches per epoch (the last partial batch is dropped); iterating gives one
-    epoch (each new ``iter()`` the next epoch); ``batches(start)`` yields from global batch index ``start``
-    on, epoch after epoch (the trainer's exact-resume hook).
-    """
-
-    @jaxtyped(typechecker=beartype)
-    def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
-                 shuffle: bool = True, seed: int = 0):
-        if not 0 < batch_size <= vision.shape[0]:
-            raise ValueError(f"batch_size must be between 1 and the number of pairs ({vision.shape[0]}), got {batch_size}")
-        self.vision, self.text, self.batch_size, self.shuffle, self.seed = vision, text, batch_size, shuffle, seed
-        self._epoch = 0
-
-    @property
-    def d_in(self) -> int:
-        return int(self.vision.shape[1])
-
-    def __len__(self) -> int:
-        return self.vision.shape[0] // self.batch_size
-
-    def order(self, epoch: int) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self.vision.shape[0])
-        return torch.randperm(self.vision.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches from global index ``start`` on, forever (batch ``i`` is batch ``i % len`` of epoch ``i // len``)."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        n = len(self)
-        epoch, offset = divmod(start, n)
-        while True:
-            order = self.order(epoch)
-            for i in range(offset, n):
-                idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                yield self.vision[idx], self.text[idx]
-            epoch, offset = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        epoch, self._epoch = self._epoch, self._epoch + 1
-        it = self.batches(epoch * len(self))
-        return (next(it) for _ in range(len(self)))
-
-
 def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless stream of batches from global index ``start`` (epoch after epoch)."""
     position = to_skip = start
@@ -146,25 +99,9 @@ def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple
             raise ValueError("the training data yielded no batches; check that the dataset is not empty")
 
 
-def check_paired_batch(batch: Any, d_in: int, index: int) -> tuple[Tensor, Tensor]:
-    """One-line errors for malformed paired batches (shape, size mismatch, NaN/inf)."""
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
-        raise TypeError(f"batch {index} is {type(batch).__name__}; the trainer needs (vision, text) tensor pairs")
-    vision, text = batch
-    for name, x in (("vision", vision), ("text", text)):
-        if x.ndim != 2 or x.shape[1] != d_in:
-            raise ValueError(f"batch {index}: {name} has shape {tuple(x.shape)} but the JSAE expects [B, d_in={d_in}]; "
-                             "capture the layer the SAE was configured for")
-    if vision.shape[0] != text.shape[0]:
-        raise ValueError(f"batch {index}: {vision.shape[0]} vision pools but {text.shape[0]} text pools; "
-                         "each image needs exactly one caption in the same order")
-    for name, x in (("vision", vision), ("text", text)):
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            rows = bad.any(1).nonzero().flatten().tolist()
-            raise ValueError(f"batch {index}: {name} has {int(bad.sum())} NaN/inf values in rows {rows[:10]}"
-                             f"{' ...' if len(rows) > 10 else ''}; drop or recapture those pairs")
-    return vision, text
+def _flush_denormal_enabled() -> bool:
+    """Whether the CPU flushes denormal floats now (torch has a setter only): a denormal product reads 0."""
+    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0)[0] == 0)
 
 
 def _distributed(device: str) -> tuple[int, int]:
@@ -233,16 +170,17 @@ class JointSAETrainer:
         """Train to ``total_steps``; with ``resume`` (default) continue from the latest checkpoint."""
         c = self.cfg
         flush = torch.device(c.device).type == "cpu"
+        before = _flush_denormal_enabled()
         if flush:
             # Adam moments of rarely firing latents decay into denormal floats, which made CPU steps up to
             # ~7x slower (synthetic benchmark, jsae-cosine); flushing them to zero changes no visible
-            # result.  Process-wide, so it is switched back off when fit() returns.
+            # result.  Process-wide, so the previous setting is restored when fit() returns.
             torch.set_flush_denormal(True)
         try:
             return self._fit(resume)
         finally:
             if flush:
-                torch.set_flush_denormal(False)
+                torch.set_flush_denormal(before)
 
     def _fit(self, resume: bool) -> TrainingJointSAE:
         c = self.cfg
@@ -253,7 +191,7 @@ class JointSAETrainer:
             if self.sae.cfg.mse_normalization == "variance":
                 self._estimate_mse_scale()
             if c.normalize_decoder:
-                self._renormalize_decoder()
+                self.sae.set_decoder_norm_to_unit_norm()
         if c.log_to_wandb and self.rank == 0:
             import wandb
 
@@ -303,15 +241,15 @@ class JointSAETrainer:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world_size)
         if c.normalize_decoder:
-            self._remove_parallel_grad()
+            self.sae.remove_gradient_parallel_to_decoder_directions()
         if c.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         if c.normalize_decoder:
-            self._renormalize_decoder()
+            self.sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
-            fired = torch.stack([out.codes[m].amax(0) > 0 for m in MODALITIES]).long()  # codes >= 0
+            fired = torch.stack([out.feature_acts[m].amax(0) > 0 for m in MODALITIES]).long()  # codes >= 0
             if self.world_size > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
@@ -325,8 +263,8 @@ class JointSAETrainer:
         m.update({f"losses/{k}": float(v) for k, v in out.losses.items()})
         for name, x in zip(MODALITIES, (vision, text)):
             var = (x - x.mean(0)).pow(2).sum()
-            m[f"metrics/explained_variance_{name}"] = float(1 - (out.recons[name] - x).pow(2).sum() / var.clamp(min=1e-12))
-            m[f"metrics/l0_{name}"] = float((out.codes[name] > 0).float().sum(-1).mean())
+            m[f"metrics/explained_variance_{name}"] = float(1 - (out.sae_out[name] - x).pow(2).sum() / var.clamp(min=1e-12))
+            m[f"metrics/l0_{name}"] = float((out.feature_acts[name] > 0).float().sum(-1).mean())
         dead = self.steps_since_fired >= self.cfg.dead_feature_window
         for i, name in enumerate(MODALITIES):
             m[f"sparsity/dead_features_{name}"] = float(dead[i].sum())
@@ -339,18 +277,6 @@ class JointSAETrainer:
         self.history.append(metrics)
         if self._wandb is not None:
             self._wandb.log(metrics, step=self.step)
-
-    # ---- decoder norm ------------------------------------------------------------------------
-    @torch.no_grad()
-    def _renormalize_decoder(self) -> None:
-        for w in self.sae._unique_params("W_dec"):
-            w.div_(w.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-
-    @torch.no_grad()
-    def _remove_parallel_grad(self) -> None:
-        for w in self.sae._unique_params("W_dec"):
-            if w.grad is not None:
-                w.grad.sub_((w.grad * w).sum(-1, keepdim=True) * w)
 
     @torch.no_grad()
     def _estimate_mse_scale(self) -> None:
@@ -384,12 +310,12 @@ class JointSAETrainer:
             tensors["steps_since_fired"] = self.steps_since_fired.cpu()
             tensors["mse_scale"] = self.sae.mse_scale.detach().cpu()
             save_file(tensors, tmp / "trainer_state.safetensors")
-            _write_json(tmp / "trainer_state.json", {"step": self.step, "fingerprint": self._fingerprint(),
+            write_json(tmp / "trainer_state.json", {"step": self.step, "fingerprint": self._fingerprint(),
                                                      "param_groups": groups, "history": self.history})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_json(root / LATEST, {"checkpoint": final.name, "step": self.step})
+            write_json(root / LATEST, {"checkpoint": final.name, "step": self.step})
             for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
@@ -437,42 +363,9 @@ class JointSAETrainer:
         self.history = state.get("history", [])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int = 0) -> Any:
-    """A plain SAELens TopK SAE on in-memory activations ``x [N, d_in]``, trained by SAELens's own
-    ``SAETrainer`` at mean norm sqrt(d_in) with the scale folded back (the result takes raw activations)."""
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
-
-    if not 0 < batch_size <= x.shape[0]:
-        raise ValueError(f"batch_size must be between 1 and the number of activations ({x.shape[0]}), got {batch_size}")
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
-    scale = float(x.norm(dim=-1).mean()) / math.sqrt(x.shape[1])
-
-    def provider() -> Iterator[Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(x.shape[0], generator=g)
-            for i in range(0, x.shape[0] - batch_size + 1, batch_size):
-                yield x[perm[i:i + batch_size]] / scale
-
-    cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False))
-    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None).fit()
-    trained.fold_activation_norm_scaling_factor(float(1 / scale))
-    return trained
-
-
 def train_jsae(sae_cfg: TrainingJointSAEConfig, data: Iterable[tuple[Tensor, Tensor]], **trainer_kwargs: Any) -> TrainingJointSAE:
     """One-call training: ``train_jsae(cfg, data, total_steps=1000, lr=1e-3)``."""
     return JointSAETrainer.from_config(sae_cfg, JointTrainerConfig(**trainer_kwargs), data).fit()
 
 
-__all__ = ["JointSAETrainer", "JointTrainerConfig", "PairedTensorData", "check_paired_batch", "train_jsae",
-           "train_saelens_topk"]
+__all__ = ["JointSAETrainer", "JointTrainerConfig", "train_jsae"]

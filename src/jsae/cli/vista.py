@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -50,7 +49,7 @@ def train(
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
 ) -> None:
     """Train text SAEs (or load them), label them from text, and train the baseline and VISTA projectors."""
-    from jsae.vista.world import WorldVistaConfig, train_world
+    from jsae.vista.experiment import WorldVistaConfig, train_world
 
     tl = _ints(text_layers, "--text-layers")
     settings = ()
@@ -80,7 +79,7 @@ def evaluate(
     seed: int = typer.Option(0),
 ) -> None:
     """Matching rate, localisation, caption quality, patch-local removal / replacement; report.md, metrics.json, figure."""
-    from jsae.vista.world import EvalConfig, eval_world
+    from jsae.vista.experiment import EvalConfig, eval_world
 
     if k < 1:
         _fail(f"--k must be >= 1, got {k}")

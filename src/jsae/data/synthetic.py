@@ -50,12 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jsae.labels import correlation_matrix
+
 __all__ = [
     "PairedSyntheticConfig",
     "PairedSyntheticData",
     "SyntheticPairs",
     "correlation_matrix",
-    "encode_decode",
     "evaluate_sae",
     "recovery_metrics",
 ]
@@ -186,20 +187,6 @@ class PairedSyntheticData:
 # ================================================================================================
 
 
-def correlation_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of every column of ``a`` [N, p] with every column of ``b`` [N, q] -> [p, q].
-
-    Computed in float64; a column with zero variance correlates 0 with everything.
-    """
-    a = a.double() - a.double().mean(0)
-    b = b.double() - b.double().mean(0)
-    na, nb = a.norm(dim=0), b.norm(dim=0)
-    c = (a.T @ b) / (na[:, None] * nb[None, :]).clamp(min=1e-30)
-    c[na < 1e-12] = 0.0
-    c[:, nb < 1e-12] = 0.0
-    return c
-
-
 def recovery_metrics(
     z_vision: Tensor,
     z_text: Tensor,
@@ -241,24 +228,13 @@ def recovery_metrics(
 
 
 @torch.no_grad()
-def encode_decode(sae: Any, x: Tensor, modality: str, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """Codes and reconstructions of ``x`` through one branch of a JointSAE, in batches."""
-    zs, rs = [], []
-    for i in range(0, x.shape[0], batch_size):
-        z = sae.encode(x[i:i + batch_size], modality)
-        zs.append(z)
-        rs.append(sae.decode(z, modality))
-    return torch.cat(zs), torch.cat(rs)
-
-
-@torch.no_grad()
 def evaluate_sae(sae: Any, pairs: SyntheticPairs, text_permutation: Tensor | None = None) -> dict[str, Any]:
     """:func:`recovery_metrics` of a (Training)JointSAE on held-out ``pairs``."""
     was_training = getattr(sae, "training", False)
     sae.eval()
     try:
-        z_v, r_v = encode_decode(sae, pairs.vision, "vision")
-        z_t, r_t = encode_decode(sae, pairs.text, "text")
+        z_v, r_v = sae.encode_decode(pairs.vision, "vision")
+        z_t, r_t = sae.encode_decode(pairs.text, "text")
     finally:
         sae.train(was_training)
     return recovery_metrics(z_v, z_t, pairs.shared, pairs.vision, pairs.text, r_v, r_t, text_permutation)

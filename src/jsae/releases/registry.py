@@ -1,18 +1,26 @@
 """jsae releases inside SAELens's pretrained-SAE directory.
 
 SAELens has no plugin hook for releases: ``SAE.from_pretrained(release, sae_id)`` looks the name up in
-``get_pretrained_saes_directory()``, a ``functools.cache``d function that reads only SAELens's own
-``pretrained_saes.yaml``.  jsae therefore
+``get_pretrained_saes_directory()``, a ``functools.cache``d function that parses SAELens's own
+``pretrained_saes.yaml`` (about a second) and returns one shared dict.  jsae integrates in the smallest
+way we found, installed once at ``import jsae`` and parsing nothing of SAELens's at import:
 
-1. keeps its own registry (:data:`RELEASES`, filled from ``jsae/releases.yaml`` and by
+1. its own registry :data:`RELEASES` (from ``jsae/releases.yaml``, a small file, and
    :func:`register_release`), in SAELens's ``PretrainedSAELookup`` format;
-2. wraps ``get_pretrained_saes_directory`` in the SAELens modules that call it, so that every lookup
-   (cached or after ``cache_clear()``) sees the jsae releases merged in;
-3. adds two converters to ``NAMED_PRETRAINED_SAE_LOADERS``: ``jsae_local`` (``repo_id`` is a directory,
-   absolute or relative to the installed ``jsae`` package) and ``jsae_hub`` (SAELens's Hugging Face
-   loader, with a clear error when the release is not cached and the hub is unreachable).
+2. two converters in SAELens's documented ``NAMED_PRETRAINED_SAE_LOADERS`` /
+   ``NAMED_PRETRAINED_SAE_CONFIG_GETTERS`` tables: ``jsae_local`` (``repo_id`` is a directory, absolute or
+   relative to the installed ``jsae`` package) and ``jsae_hub`` (SAELens's Hugging Face loader, with a
+   one-line error when the release is not cached and the hub is unreachable);
+3. one wrapper around ``SAE.from_pretrained`` / ``SAE.from_pretrained_with_cfg_and_sparsity`` (the entry
+   points every load goes through) that merges :data:`RELEASES` into SAELens's cached directory dict
+   right before SAELens reads it, and lets ``sae_id`` be omitted for a release that holds one SAE (the
+   design card's ``SAE.from_pretrained("jsae-llava-l16")``);
+4. ``get_pretrained_saes_directory`` in its home module answers with the jsae releases merged in (also
+   after ``cache_clear()``).  Other SAELens modules hold the same cached dict, so once merged every
+   lookup sees the jsae releases.
 
-Everything happens at ``import jsae`` and is idempotent.
+:func:`saelens_yaml` writes the releases in exactly the form of SAELens's ``pretrained_saes.yaml`` (for
+proposing them upstream, where none of this would be needed).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
 RELEASES: dict[str, PretrainedSAELookup] = {}
 RECIPES: dict[str, str] = {}  # release -> how to produce it (shown when it cannot be loaded)
 PACKAGE_ROOT = Path(str(files("jsae")))
+_ORIGINAL_DIRECTORY = getattr(directory_module.get_pretrained_saes_directory, "__jsae_wrapped__",
+                              directory_module.get_pretrained_saes_directory)
 
 
 def _local_dir(repo_id: str, folder_name: str) -> Path:
@@ -119,26 +129,39 @@ def register_release(
     RELEASES[name] = lookup
     if recipe:
         RECIPES[name] = recipe
-    directory_module.get_pretrained_saes_directory()  # merge now, into the cached dict
+    if _ORIGINAL_DIRECTORY.cache_info().currsize:  # SAELens's dict exists already: add it now
+        _ORIGINAL_DIRECTORY()[name] = lookup
     return lookup
 
 
 def unregister_release(name: str) -> None:
     RELEASES.pop(name, None)
     RECIPES.pop(name, None)
-    directory_module.get_pretrained_saes_directory().pop(name, None)
+    if _ORIGINAL_DIRECTORY.cache_info().currsize:
+        _ORIGINAL_DIRECTORY().pop(name, None)
+
+
+def directory() -> dict[str, PretrainedSAELookup]:
+    """SAELens's pretrained-SAE directory with the jsae releases merged in (parses SAELens's YAML once)."""
+    merged = _ORIGINAL_DIRECTORY()
+    merged.update(RELEASES)
+    return merged
 
 
 def resolve_sae_id(release: str, sae_id: str | None) -> str:
     """``sae_id``, or the release's only SAE when omitted; one-line errors for unknown names."""
-    directory = directory_module.get_pretrained_saes_directory()
-    if release not in directory:
-        if "/" in release and sae_id is not None:
-            return sae_id  # a hub repo id used directly, as SAELens allows
-        close = difflib.get_close_matches(release, list(RELEASES) + list(directory), n=3)
-        hint = f"; did you mean {close}?" if close else f"; jsae releases: {sorted(RELEASES)}"
-        raise ValueError(f"unknown release {release!r}{hint}")
-    ids = list(directory[release].saes_map)
+    if release in RELEASES:
+        lookup = RELEASES[release]
+    else:
+        known = directory()
+        if release not in known:
+            if "/" in release and sae_id is not None:
+                return sae_id  # a hub repo id used directly, as SAELens allows
+            close = difflib.get_close_matches(release, list(RELEASES) + list(known), n=3)
+            hint = f"; did you mean {close}?" if close else f"; jsae releases: {sorted(RELEASES)}"
+            raise ValueError(f"unknown release {release!r}{hint}")
+        lookup = known[release]
+    ids = list(lookup.saes_map)
     if sae_id is None:
         if len(ids) != 1:
             raise ValueError(f"release {release!r} has {len(ids)} SAEs; pass sae_id, one of {ids}")
@@ -148,46 +171,101 @@ def resolve_sae_id(release: str, sae_id: str | None) -> str:
     return sae_id
 
 
-def _merged_directory(original: Any) -> Any:
-    @functools.wraps(original)
-    def get_pretrained_saes_directory() -> dict[str, PretrainedSAELookup]:
-        directory = original()
-        directory.update(RELEASES)
-        return directory
+def _with_jsae_releases(method: Any) -> Any:
+    """Wrap a ``SAE.from_pretrained*`` classmethod: merge the jsae releases first; resolve a missing
+    ``sae_id`` for jsae releases (SAELens's own releases keep SAELens's behaviour)."""
+    func = method.__func__
 
-    get_pretrained_saes_directory.cache_clear = original.cache_clear  # type: ignore[attr-defined]
-    get_pretrained_saes_directory.__jsae_wrapped__ = original  # type: ignore[attr-defined]
+    @functools.wraps(func)
+    def wrapper(cls: Any, release: str, sae_id: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if release in RELEASES or sae_id is None:
+            directory()
+            sae_id = resolve_sae_id(release, sae_id)
+        return func(cls, release, sae_id, *args, **kwargs)
+
+    wrapper.__jsae_wrapped__ = func  # type: ignore[attr-defined]
+    return classmethod(wrapper)
+
+
+def _merged_directory() -> Any:
+    @functools.wraps(_ORIGINAL_DIRECTORY)
+    def get_pretrained_saes_directory() -> dict[str, PretrainedSAELookup]:
+        return directory()
+
+    get_pretrained_saes_directory.cache_clear = _ORIGINAL_DIRECTORY.cache_clear  # type: ignore[attr-defined]
+    get_pretrained_saes_directory.cache_info = _ORIGINAL_DIRECTORY.cache_info  # type: ignore[attr-defined]
+    get_pretrained_saes_directory.__jsae_wrapped__ = _ORIGINAL_DIRECTORY  # type: ignore[attr-defined]
     return get_pretrained_saes_directory
 
 
 def install() -> None:
-    """Hook jsae releases and converters into SAELens (idempotent)."""
-    import importlib
+    """Hook jsae releases and converters into SAELens (idempotent; parses nothing of SAELens's)."""
+    from sae_lens.saes.sae import SAE
 
     loaders.NAMED_PRETRAINED_SAE_LOADERS.setdefault("jsae_local", jsae_local_loader)
     loaders.NAMED_PRETRAINED_SAE_LOADERS.setdefault("jsae_hub", jsae_hub_loader)
     loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault("jsae_local", jsae_local_config_getter)
     loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault("jsae_hub", jsae_hub_config_getter)
-    current = directory_module.get_pretrained_saes_directory
-    if not hasattr(current, "__jsae_wrapped__"):
-        merged = _merged_directory(current)
-        for mod_name in ("sae_lens.loading.pretrained_saes_directory", "sae_lens.loading.pretrained_sae_loaders",
-                         "sae_lens.saes.sae", "sae_lens.evals", "sae_lens"):
-            try:
-                mod = importlib.import_module(mod_name)
-            except Exception:  # noqa: BLE001 - optional SAELens modules (evals pulls in heavy deps)
-                continue
-            if getattr(mod, "get_pretrained_saes_directory", None) is current:
-                mod.get_pretrained_saes_directory = merged
+    if not hasattr(directory_module.get_pretrained_saes_directory, "__jsae_wrapped__"):
+        directory_module.get_pretrained_saes_directory = _merged_directory()
+    for name in ("from_pretrained", "from_pretrained_with_cfg_and_sparsity"):
+        method = SAE.__dict__[name]
+        if not hasattr(method.__func__, "__jsae_wrapped__"):
+            setattr(SAE, name, _with_jsae_releases(method))
     _load_builtin_releases()
 
 
+BUILTIN_RELEASE_FILES = ("releases.yaml", "vista/releases/releases.yaml")  # relative to the jsae package
+
+
 def _load_builtin_releases() -> None:
-    path = files("jsae").joinpath("releases.yaml")
-    if not path.is_file():
-        return
-    data = yaml.safe_load(path.read_text()) or {}
-    for name, entry in data.items():
+    for rel in BUILTIN_RELEASE_FILES:
+        _register_file(PACKAGE_ROOT / rel)
+
+
+def _register_file(path: Path) -> None:
+    for name, entry in read_releases_yaml(path).items():
         if name not in RELEASES:
             register_release(name, repo_id=entry["repo_id"], model=entry["model"], saes=entry["saes"],
                              conversion_func=entry.get("conversion_func", "jsae_hub"), recipe=entry.get("recipe"))
+
+
+# ---- the releases.yaml of the package ------------------------------------------------------------
+
+
+def releases_yaml_path() -> Path:
+    return PACKAGE_ROOT / "releases.yaml"
+
+
+def read_releases_yaml(path: str | Path | None = None) -> dict[str, Any]:
+    path = Path(path) if path else releases_yaml_path()
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+SAELENS_RELEASE_KEYS = ("repo_id", "model", "conversion_func", "links", "config_overrides")
+SAELENS_SAE_KEYS = ("id", "path", "l0", "variance_explained", "norm_scaling_factor", "neuronpedia")
+
+
+def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None) -> str:
+    """The releases (default: every jsae release in ``jsae/releases.yaml``) as entries of SAELens's own
+    ``pretrained_saes.yaml``: only the keys SAELens reads, per SAE ``id``, ``path``, ``l0`` and
+    ``variance_explained`` (for a JSAE, its default text branch)."""
+    data = read_releases_yaml(path)
+    names = sorted(data) if names is None else names
+    unknown = [n for n in names if n not in data]
+    if unknown:
+        raise ValueError(f"unknown release(s) {unknown}; jsae's releases are {sorted(data)}")
+    out: dict[str, Any] = {}
+    for name in names:
+        entry = data[name]
+        release = {k: entry[k] for k in SAELENS_RELEASE_KEYS if k in entry}
+        release["saes"] = [{k: s[k] for k in SAELENS_SAE_KEYS if k in s} for s in entry["saes"]]
+        out[name] = release
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+__all__ = ["PACKAGE_ROOT", "RECIPES", "RELEASES", "directory", "install", "jsae_hub_loader", "jsae_local_loader",
+           "read_releases_yaml", "register_release", "releases_yaml_path", "resolve_sae_id", "saelens_yaml",
+           "unregister_release"]

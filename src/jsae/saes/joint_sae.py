@@ -18,7 +18,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,8 @@ from sae_lens.saes.sae import (
 )
 from torch import Tensor, nn
 
-from jsae.alignment import get_alignment_loss
-from jsae.kernels import fused_paired_forward_pass, fused_topk_branch_losses
+from jsae.saes.alignment import get_alignment_loss
+from jsae.saes.sparse_topk import sparse_cosine_alignment, sparse_decode, sparse_gather, topk_encode
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
@@ -140,7 +140,7 @@ class JointSAE(SAE[JointSAEConfig]):
     def b_dec(self) -> Tensor:  # type: ignore[override]
         return self.b_dec_of(self.cfg.default_modality)
 
-    def _unique_params(self, attr: str) -> list[Tensor]:
+    def unique_params(self, attr: str) -> list[Tensor]:
         """The distinct tensors called ``attr`` over both modalities (one when that part is shared)."""
         owner = {"W_enc": self._enc, "b_enc": self._enc, "W_dec": self._dec, "b_dec": lambda m: getattr(self, m)}[attr]
         out: list[Tensor] = []
@@ -149,6 +149,24 @@ class JointSAE(SAE[JointSAEConfig]):
             if all(p is not q for q in out):
                 out.append(p)
         return out
+
+    # ---- decoder housekeeping (as sparsify's SparseCoder) ---------------------------------------
+    def decoder_weights(self) -> list[Tensor]:
+        """The distinct decoder matrices (one when the dictionary is shared, else vision's and text's)."""
+        return self.unique_params("W_dec")
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        for w in self.decoder_weights():
+            w.div_(w.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out the part of each decoder row's gradient along the row (keeps unit rows on the sphere)."""
+        for w in self.decoder_weights():
+            if w.grad is not None:
+                w.grad.sub_((w.grad * w).sum(-1, keepdim=True) * w)
 
     # ---- forward -------------------------------------------------------------------------------
     def _modality(self, modality: str | None) -> str:
@@ -161,11 +179,15 @@ class JointSAE(SAE[JointSAEConfig]):
                 f"pass the hidden states of the layer it was trained on ({self.cfg.metadata.hook_name})"
             )
 
+    def process_sae_in(self, sae_in: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
+        """SAELens's input processing (dtype, reshape, ``hook_sae_input``, run-time norm) with the ``b_dec``
+        of ``modality`` subtracted."""
+        x = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(sae_in.to(self.dtype))))
+        return x - self.b_dec_of(self._modality(modality)) * self.cfg.apply_b_dec_to_input
+
     def _pre(self, x: Tensor, modality: str) -> Tensor:
-        x = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
         enc = self._enc(modality)
-        sae_in = x - self.b_dec_of(modality) * self.cfg.apply_b_dec_to_input
-        return self.hook_sae_acts_pre(sae_in @ enc.W_enc + enc.b_enc)
+        return self.hook_sae_acts_pre(self.process_sae_in(x, modality) @ enc.W_enc + enc.b_enc)
 
     def _activate(self, pre: Tensor) -> Tensor:
         acts = F.relu(pre)
@@ -188,6 +210,16 @@ class JointSAE(SAE[JointSAEConfig]):
         m = self._modality(modality)
         out = self.hook_sae_recons(feature_acts @ self._dec(m).W_dec + self.b_dec_of(m))
         return self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
+
+    @torch.no_grad()
+    def encode_decode(self, x: Tensor, modality: str | None = None, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+        """Codes and reconstructions of ``x [n, d_in]`` through one branch, in batches (no gradient)."""
+        zs, rs = [], []
+        for i in range(0, x.shape[0], batch_size):
+            z = self.encode(x[i:i + batch_size], modality)
+            zs.append(z)
+            rs.append(self.decode(z, modality))
+        return torch.cat(zs), torch.cat(rs)
 
     def forward(self, x: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
         """Reconstruction of ``x``; with ``use_error_term`` the error is added back (output == input)."""
@@ -227,20 +259,11 @@ class JointSAE(SAE[JointSAEConfig]):
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        for p in self._unique_params("W_enc"):
+        for p in self.unique_params("W_enc"):
             p.mul_(scaling_factor)
-        for p in self._unique_params("W_dec") + self._unique_params("b_dec"):
+        for p in self.unique_params("W_dec") + self.unique_params("b_dec"):
             p.div_(scaling_factor)
         self.cfg.normalize_activations = "none"
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, release: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32", **kwargs: Any
-    ) -> "JointSAE":
-        """Load a JSAE release by name (``sae_id`` may be omitted when the release has one SAE)."""
-        from jsae.releases import resolve_sae_id
-
-        return super().from_pretrained(release, resolve_sae_id(release, sae_id), device=device, dtype=dtype, **kwargs)
 
 
 # ================================================================================================
@@ -248,14 +271,27 @@ class JointSAE(SAE[JointSAEConfig]):
 # ================================================================================================
 
 
+class BranchOutput(NamedTuple):
+    """One modality's part of a training step: named losses, codes (``feature_acts``), pre-activations
+    (``hidden_pre``, detached on the sparse path), reconstruction (``sae_out``) and, on the sparse TopK path,
+    the codes as ``(indices, values) [B, k]``."""
+
+    losses: dict[str, Tensor]
+    feature_acts: Tensor
+    hidden_pre: Tensor
+    sae_out: Tensor
+    sparse: tuple[Tensor, Tensor] | None = None
+
+
 @dataclass
 class JointStepOutput:
-    """What one paired training step computed: total loss, named losses, codes and reconstructions."""
+    """What one paired training step computed: total loss, named losses, and per modality the codes
+    (``feature_acts``) and reconstructions (``sae_out``), as SAELens's ``TrainStepOutput`` names them."""
 
     loss: Tensor
     losses: dict[str, Tensor]
-    codes: dict[str, Tensor]
-    recons: dict[str, Tensor]
+    feature_acts: dict[str, Tensor]
+    sae_out: dict[str, Tensor]
 
 
 @dataclass(kw_only=True)
@@ -304,7 +340,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         JointSAE.initialize_weights(self)
         if self.cfg.decoder_init_norm is not None:
             with torch.no_grad():
-                for w in self._unique_params("W_dec"):
+                for w in self.unique_params("W_dec"):
                     w.mul_(self.cfg.decoder_init_norm / w.norm(dim=-1, keepdim=True))
 
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
@@ -335,22 +371,24 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     def decode(self, feature_acts: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
         return JointSAE.decode(self, feature_acts, modality)
 
-    # ---- losses --------------------------------------------------------------------------------
-    def _branch_losses(
-        self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-        """Reconstruction, sparsity and aux losses of one modality; returns (losses, codes, pre, recon).
+    # ---- losses: one paired pass, two branch implementations -----------------------------------
+    def branch_losses(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
+                      *, dense: bool = False, sparse_codes: bool = False) -> BranchOutput:
+        """Reconstruction, sparsity and auxiliary losses of one modality.
 
-        TopK trains on the sparse-backward path of :mod:`jsae.kernels` (same losses and gradients as
-        :meth:`_dense_branch_losses`, which stays as the reference)."""
-        if self.cfg.activation == "topk":
-            return fused_topk_branch_losses(self, x, modality, coefficients, dead)
-        return self._dense_branch_losses(x, modality, coefficients, dead)
+        TopK trains on the sparse-backward path (:mod:`jsae.saes.sparse_topk`) unless ``dense``; the dense
+        path is the reference (same losses and gradients up to summation order).  With ``sparse_codes``
+        the sparse path returns ``feature_acts`` without gradient and the differentiable codes in
+        ``sparse`` (the caller then computes the alignment from them)."""
+        if self.cfg.activation == "topk" and not dense:
+            return self._sparse_topk_branch(x, modality, coefficients, dead, sparse_codes)
+        return self._dense_branch(x, modality, coefficients, dead)
 
-    def _dense_branch_losses(
-        self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-        m_idx = MODALITIES.index(modality)
+    def _scaled_mse(self, recon: Tensor, x: Tensor, modality: str) -> Tensor:
+        err = (recon - x).pow(2).sum(-1)
+        return self.cfg.mse_coefficient * err.mean() / self.mse_scale[MODALITIES.index(modality)]
+
+    def _dense_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None) -> BranchOutput:
         pre = self._pre(x, modality)
         acts = F.relu(pre)
         dec = self._dec(modality)
@@ -363,53 +401,64 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         else:
             z = acts
             recon = z @ dec.W_dec + b_dec
-        err = (recon - x).pow(2).sum(-1)
-        losses = {f"mse_loss_{modality}": self.cfg.mse_coefficient * err.mean() / self.mse_scale[m_idx]}
+        losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
         if self.cfg.activation == "relu":
             losses[f"l1_loss_{modality}"] = coefficients["l1"] * z.sum(-1).mean()
         elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
-            losses[f"auxiliary_reconstruction_loss_{modality}"] = coefficients["aux"] * self._aux_loss(
-                x - recon.detach(), pre, dead, dec.W_dec
-            ) / self.mse_scale[m_idx]
-        return losses, z, pre, recon
+            k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
+            top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            aux_recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum")
+            aux = (aux_recon - (x - recon.detach())).pow(2).sum(-1).mean()  # a mean over samples: exact under DDP
+            losses[f"auxiliary_reconstruction_loss_{modality}"] = \
+                coefficients["aux"] * aux / self.mse_scale[MODALITIES.index(modality)]
+        return BranchOutput(losses, z, pre, recon)
 
-    def _aux_loss(self, residual: Tensor, pre: Tensor, dead: Tensor, W_dec: Tensor) -> Tensor:
-        """TopK auxiliary loss (Gao et al.): the top ``aux_k`` dead latents reconstruct the residual."""
-        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
-        dead_pre = F.relu(pre).masked_fill(~dead, 0.0)
-        top = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_recon = F.embedding_bag(top.indices, W_dec, per_sample_weights=top.values, mode="sum")
-        return (aux_recon - residual).pow(2).sum(-1).mean()  # a mean over samples: exact under data parallel
+    def _sparse_topk_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
+                            sparse_codes: bool) -> BranchOutput:
+        """The TopK branch on :func:`~jsae.saes.sparse_topk.topk_encode` and a sparse-gradient auxiliary
+        loss; ``hook_sae_acts_pre`` is not called on this path and ``hidden_pre`` is detached."""
+        enc, dec, b_dec = self._enc(modality), self._dec(modality), self.b_dec_of(modality)
+        sae_in = self.process_sae_in(x, modality)
+        values, idx, pre, bags = topk_encode(sae_in, enc.W_enc, enc.b_enc, self.cfg.k)
+        if sparse_codes:
+            z = torch.zeros_like(pre).scatter_(-1, idx, values.detach())
+        else:
+            z = torch.zeros_like(pre).scatter(-1, idx, values)
+        recon = sparse_decode(idx, values, dec.W_dec, bags) + b_dec
+        losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
+        if dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
+            residual = x - recon.detach()
+            k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
+            with torch.no_grad():
+                top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            # live latents picked only as zero-valued fillers must contribute 0, as in the dense path
+            aux_vals = F.relu(sparse_gather(sae_in, enc.W_enc, enc.b_enc, top.indices, top.values)) * dead[top.indices]
+            aux = (sparse_decode(top.indices, aux_vals, dec.W_dec) - residual).pow(2).sum(-1).mean()
+            losses[f"auxiliary_reconstruction_loss_{modality}"] = \
+                coefficients["aux"] * aux / self.mse_scale[MODALITIES.index(modality)]
+        return BranchOutput(losses, z, pre, recon, (idx, values) if sparse_codes else None)
 
-    def paired_forward_pass(
-        self,
-        vision: Tensor,
-        text: Tensor,
-        coefficients: dict[str, float],
-        dead_neuron_mask: Tensor | None = None,
-    ) -> JointStepOutput:
+    def paired_forward_pass(self, vision: Tensor, text: Tensor, coefficients: dict[str, float],
+                            dead_neuron_mask: Tensor | None = None, *, dense: bool = False) -> JointStepOutput:
         """The joint objective on a paired batch.
 
         ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values;
-        ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.
-        TopK uses :func:`jsae.kernels.fused_paired_forward_pass` (cosine alignment on sparse codes).
-        """
-        if self.cfg.activation == "topk":
-            return fused_paired_forward_pass(self, vision, text, coefficients, dead_neuron_mask)
-        return self._dense_paired_forward_pass(vision, text, coefficients, dead_neuron_mask)
-
-    def _dense_paired_forward_pass(
-        self, vision: Tensor, text: Tensor, coefficients: dict[str, float], dead_neuron_mask: Tensor | None = None
-    ) -> JointStepOutput:
-        """:meth:`paired_forward_pass` on dense codes (the reference for the sparse path)."""
-        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, codes={}, recons={})
+        ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.  TopK runs
+        on the sparse path (with the cosine alignment computed from the sparse codes) unless ``dense``."""
+        sparse_align = self.cfg.activation == "topk" and not dense and self.cfg.alignment == "cosine"
+        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, feature_acts={}, sae_out={})
+        branches = {}
         for i, (modality, x) in enumerate(zip(MODALITIES, (vision, text))):
             dead = None if dead_neuron_mask is None else dead_neuron_mask[i]
-            losses, out.codes[modality], _, out.recons[modality] = self._dense_branch_losses(x, modality, coefficients, dead)
-            out.losses.update(losses)
-        align = get_alignment_loss(self.cfg.alignment)(
-            out.codes["vision"], out.codes["text"], temperature=self.cfg.infonce_temperature
-        )
+            b = branches[modality] = self.branch_losses(x, modality, coefficients, dead, dense=dense, sparse_codes=sparse_align)
+            out.losses.update(b.losses)
+            out.feature_acts[modality], out.sae_out[modality] = b.feature_acts, b.sae_out
+        if sparse_align:
+            (iv, vv), (it, vt) = branches["vision"].sparse, branches["text"].sparse  # type: ignore[misc]
+            align = sparse_cosine_alignment(iv, vv, it, vt)
+        else:
+            align = get_alignment_loss(self.cfg.alignment)(
+                out.feature_acts["vision"], out.feature_acts["text"], temperature=self.cfg.infonce_temperature)
         out.losses["alignment_loss"] = coefficients["alignment"] * align
         out.loss = sum(out.losses.values())  # type: ignore[assignment]
         return out
@@ -418,10 +467,10 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         """Single-modality step (the default branch) for SAELens's ``SAETrainer``."""
         m = self.cfg.default_modality
         coeffs = {"l1": step_input.coefficients.get("l1", self.cfg.l1_coefficient), "aux": step_input.coefficients.get("aux", 0.0)}
-        losses, z, pre, recon = self._branch_losses(step_input.sae_in, m, coeffs, step_input.dead_neuron_mask)
-        renamed = {k.removesuffix(f"_{m}"): v for k, v in losses.items()}
+        b = self.branch_losses(step_input.sae_in, m, coeffs, step_input.dead_neuron_mask)
+        renamed = {k.removesuffix(f"_{m}"): v for k, v in b.losses.items()}
         return TrainStepOutput(
-            sae_in=step_input.sae_in, sae_out=recon, feature_acts=z, hidden_pre=pre,
+            sae_in=step_input.sae_in, sae_out=b.sae_out, feature_acts=b.feature_acts, hidden_pre=b.hidden_pre,
             loss=sum(renamed.values()), losses=renamed,  # type: ignore[arg-type]
         )
 

@@ -23,9 +23,9 @@ gradient stays sparse too.
 
 Cost of the backward: ``O(B k d_in)`` instead of ``O(B d_sae d_in)``.  Results equal the dense path
 up to float summation order (``tests/test_synthetic.py``: ``test_sparse_topk_encoder_matches_autograd``,
-``test_fused_branch_losses_match_the_sae``, ``test_fused_paired_forward_pass_matches_the_sae``).
-:func:`fused_paired_forward_pass` / :func:`fused_topk_branch_losses` are drop-ins for
-``TrainingJointSAE.paired_forward_pass`` / ``_branch_losses`` when ``activation == "topk"``.
+``test_sparse_branch_losses_match_the_dense_reference``, ``test_sparse_paired_pass_matches_the_dense_reference``).
+Everything here takes and returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it
+into its sparse branch (``TrainingJointSAE.branch_losses``), beside the dense reference.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bags", "SparseDecode", "SparseLinearGather", "bags_by_latent", "fused_paired_forward_pass",
-           "fused_topk_branch_losses", "sparse_cosine_alignment", "sparse_decode", "sparse_gather", "topk_encode"]
+__all__ = ["Bags", "SparseDecode", "SparseLinearGather", "bags_by_latent", "sparse_cosine_alignment", "sparse_decode",
+           "sparse_gather", "topk_encode"]
 
 
 class Bags(NamedTuple):
@@ -155,51 +155,10 @@ def topk_encode(sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     return F.relu(values), top.indices, pre, bags
 
 
-def fused_topk_branch_losses(
-    sae: Any, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
-    sparse_codes: list[tuple[Tensor, Tensor]] | None = None,
-) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-    """Drop-in for ``TrainingJointSAE._branch_losses`` when ``activation == "topk"``, using
-    :func:`topk_encode` and a sparse-gradient auxiliary loss.  Same losses and gradients as the
-    dense path (up to summation order); the returned ``pre`` is detached and ``hook_sae_acts_pre`` is
-    not called on this training path.  Returns ``(losses, codes, pre, recon)``.
-
-    With ``sparse_codes`` (a list), ``(indices, values)`` of the codes are appended to it and the
-    dense ``codes`` are returned *without* gradient (for bookkeeping only): the caller then computes
-    the alignment from the sparse form (:func:`sparse_cosine_alignment`)."""
-    from jsae.sae import MODALITIES
-
-    cfg = sae.cfg
-    m_idx = MODALITIES.index(modality)
-    enc, dec, b_dec = sae._enc(modality), sae._dec(modality), sae.b_dec_of(modality)
-    sae_in = sae.run_time_activation_norm_fn_in(sae.hook_sae_input(sae.reshape_fn_in(x.to(sae.dtype))))
-    sae_in = sae_in - b_dec * cfg.apply_b_dec_to_input
-    values, idx, pre, bags = topk_encode(sae_in, enc.W_enc, enc.b_enc, cfg.k)
-    if sparse_codes is None:
-        z = torch.zeros_like(pre).scatter(-1, idx, values)
-    else:
-        sparse_codes.append((idx, values))
-        z = torch.zeros_like(pre).scatter_(-1, idx, values.detach())
-    recon = sparse_decode(idx, values, dec.W_dec, bags) + b_dec
-    err = (recon - x).pow(2).sum(-1)
-    losses = {f"mse_loss_{modality}": cfg.mse_coefficient * err.mean() / sae.mse_scale[m_idx]}
-    if dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
-        residual = x - recon.detach()
-        k_aux = min(cfg.aux_k or cfg.d_in // 2, int(dead.sum()))
-        with torch.no_grad():
-            top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-        # live latents picked only as zero-valued fillers must contribute 0, as in the dense path
-        aux_vals = F.relu(sparse_gather(sae_in, enc.W_enc, enc.b_enc, top.indices, top.values)) * dead[top.indices]
-        aux_recon = sparse_decode(top.indices, aux_vals, dec.W_dec)
-        aux = (aux_recon - residual).pow(2).sum(-1).mean()
-        losses[f"auxiliary_reconstruction_loss_{modality}"] = coefficients["aux"] * aux / sae.mse_scale[m_idx]
-    return losses, z, pre, recon
-
-
 def sparse_cosine_alignment(idx_v: Tensor, val_v: Tensor, idx_t: Tensor, val_t: Tensor, eps: float = 1e-8) -> Tensor:
     """``mean_b (1 - cos(z_v[b], z_t[b]))`` from TopK codes in ``(indices, values) [B, k]`` form.
 
-    Equals :func:`jsae.alignment.cosine` on the dense codes (whose norms are the norms of the
+    Equals :func:`jsae.saes.alignment.cosine` on the dense codes (whose norms are the norms of the
     values); costs ``O(B k^2)`` instead of a dozen dense ``[B, d_sae]`` passes forward and backward.
     """
     same = idx_v.unsqueeze(2) == idx_t.unsqueeze(1)  # [B, k, k]
@@ -207,28 +166,3 @@ def sparse_cosine_alignment(idx_v: Tensor, val_v: Tensor, idx_t: Tensor, val_t: 
     # as F.cosine_similarity: each norm clamped at eps
     denom = val_v.norm(dim=-1).clamp(min=eps) * val_t.norm(dim=-1).clamp(min=eps)
     return (1.0 - dot / denom).mean()
-
-
-def fused_paired_forward_pass(sae: Any, vision: Tensor, text: Tensor, coefficients: dict[str, float],
-                              dead_neuron_mask: Tensor | None = None) -> Any:
-    """``TrainingJointSAE.paired_forward_pass`` for ``activation == "topk"`` on the sparse path:
-    :func:`fused_topk_branch_losses` per modality and, for ``alignment == "cosine"``,
-    :func:`sparse_cosine_alignment`; other alignment losses get the dense codes as before."""
-    from jsae.alignment import get_alignment_loss
-    from jsae.sae import MODALITIES, JointStepOutput
-
-    sparse_align = sae.cfg.alignment == "cosine"
-    sparse: list[tuple[Tensor, Tensor]] | None = [] if sparse_align else None
-    out = JointStepOutput(loss=vision.new_zeros(()), losses={}, codes={}, recons={})
-    for i, (modality, x) in enumerate(zip(MODALITIES, (vision, text))):
-        dead = None if dead_neuron_mask is None else dead_neuron_mask[i]
-        losses, out.codes[modality], _, out.recons[modality] = fused_topk_branch_losses(sae, x, modality, coefficients, dead, sparse)
-        out.losses.update(losses)
-    if sparse is not None:
-        (iv, vv), (it, vt) = sparse
-        align = sparse_cosine_alignment(iv, vv, it, vt)
-    else:
-        align = get_alignment_loss(sae.cfg.alignment)(out.codes["vision"], out.codes["text"], temperature=sae.cfg.infonce_temperature)
-    out.losses["alignment_loss"] = coefficients["alignment"] * align
-    out.loss = sum(out.losses.values())
-    return out

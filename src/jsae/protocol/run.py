@@ -21,9 +21,12 @@ from tqdm.auto import tqdm
 
 from jsae.labels import FeatureLabels, label_features
 from jsae.adapters.base import GRID_COL, GRID_REGION, GRID_ROW
-from jsae.protocol import (METHODS, CaptionJudge, Cell, Judge, Method, SweepConfig, WorldJudge, run_sweep, summarise,
-                           text_perplexity, train_methods)
-from jsae.report import feature_browser, markdown_table, plot_layer_sweep, write_json
+from jsae.protocol.methods import METHODS, Method, train_methods
+from jsae.data.judges import CaptionJudge, Judge, WorldJudge, text_perplexity
+from jsae.protocol.sweep import Cell, SweepConfig, run_sweep
+from jsae.protocol.stats import summarise
+from jsae.files import write_json
+from jsae.report.plots import feature_browser, markdown_table, plot_layer_sweep
 
 ARTEFACTS = ("report.md", "metrics.json", "layer_sweep.png", "features.html")
 
@@ -77,15 +80,11 @@ def _check_out(out: Path, cfg: DemoConfig, overwrite: bool) -> None:
 
 def load_model(name: str) -> tuple[Any, Any, Any, bool]:
     """(model, processor, adapter, is_world_model)."""
-    from jsae import world
-
-    if name in world.MODEL_NAMES:
-        model, processor, adapter = world.load_toy_vlm(name)
-        return model, processor, adapter, True
     from jsae.vlm import load_vlm
+    from jsae.world import MODEL_NAMES
 
     model, processor, adapter = load_vlm(name)
-    return model, processor, adapter, False
+    return model, processor, adapter, name in MODEL_NAMES
 
 
 def default_layers(n_layers: int, k: int) -> list[int]:
@@ -118,7 +117,8 @@ def make_captioner(model: Any, processor: Any, adapter: Any, cfg: DemoConfig):
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = False, progress: bool = True,
              scores_out: bool = False) -> dict[str, Any]:
     """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
-    from jsae.capture import capture_pairs, load_pairs
+    from jsae.capture import capture_pairs
+    from jsae.training import load_pairs
     from jsae import world
     from jsae.interventions import Ablate, Steer
 

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from jsae.report import markdown_table, write_atomic, write_json
+from jsae.files import write_atomic, write_json
+from jsae.report.plots import markdown_table
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
-from jsae.vista.metrics import (cells_mask, image_concepts, interval, label_latents_from_patches, label_latents_from_text, label_latents_from_words,
+from jsae.vista.metrics import (image_concepts, interval, label_latents_from_patches, label_latents_from_text, label_latents_from_words,
                                 localisation_scores, matching_scores, object_cells, object_concepts, patch_edit,
                                 ratio_interval)
 
@@ -36,21 +37,8 @@ RELEASE = "jsae-vista-toy-llava-text-sae"
 RELEASE_DIR = Path(__file__).parent / "releases" / "toy-llava-text-sae"
 
 
-def register_shipped_release() -> None:
-    """Register the shipped toy-LLaVA text SAEs as a SAELens release (``SAE.from_pretrained(RELEASE, hook)``)."""
-    from jsae.releases import RELEASES, register_release
-
-    if RELEASE in RELEASES or not RELEASE_DIR.is_dir():
-        return
-    ids = sorted(p.name for p in RELEASE_DIR.iterdir() if (p / "cfg.json").exists())
-    if ids:
-        register_release(RELEASE, repo_id=str(RELEASE_DIR), model="toy-llava", conversion_func="jsae_local",
-                         saes=[{"id": i, "path": i} for i in ids],
-                         recipe="jsae vista train --out RUN (then copy RUN/text_sae/* to jsae/vista/releases/toy-llava-text-sae)")
-
-
 def world_concept_names() -> list[str]:
-    from jsae.protocol import world_concepts
+    from jsae.world.concepts import world_concepts
 
     return world_concepts()
 
@@ -99,13 +87,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _load_world(model: str) -> tuple[Any, Any, Any]:
-    from jsae.world import load_toy_vlm
+    from jsae.vlm import load_vlm
 
-    return load_toy_vlm(model)
+    return load_vlm(model)
 
 
 def _text_saes(run: Path) -> tuple[dict[int, Any], dict[int, list[str | None]]]:
-    from jsae.vista.core import layer_of_hook
+    from jsae.adapters import layer_of_hook
 
     saes, labels = {}, {}
     for d in sorted((run / "text_sae").iterdir()):
@@ -140,7 +128,6 @@ def train_world(out: str | Path, cfg: WorldVistaConfig | None = None, overwrite:
     saes: dict[int, Any] = {}
     sae_rows = []
     if cfg.text_sae:
-        from jsae.vista.core import layer_of_hook
 
         for layer in cfg.text_layers:
             src = Path(cfg.text_sae)
@@ -212,49 +199,28 @@ def train_world(out: str | Path, cfg: WorldVistaConfig | None = None, overwrite:
 @torch.no_grad()
 def _image_states(model: Any, processor: Any, adapter: Any, images: list[Any], captions: list[str], layers: Sequence[int],
                   batch: int = 50) -> dict[int, torch.Tensor]:
-    """{layer: [n_images, 36, d]} image-token states (row-major patches)."""
-    from jsae.adapters import unwrap
+    """{layer: [n_images, n_patches, d]} image-token states in row-major patch order (every image of the
+    world has the same patch grid; a batch whose images differ is refused)."""
+    from jsae.activations import read_layers
 
-    hf = unwrap(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(images), batch):
         enc = adapter.build_inputs(processor, images[i:i + batch], captions[i:i + batch])
-        got: dict[int, torch.Tensor] = {}
-        hs = [adapter.layer_module(layer).register_forward_hook(
-            lambda m, a, o, layer=layer: got.__setitem__(layer, o[0] if isinstance(o, tuple) else o)) for layer in layers]
-        try:
-            hf(**adapter.model_kwargs(enc))
-        finally:
-            for h in hs:
-                h.remove()
         img = adapter.image_token_mask(enc)
-        n = int(img[0].sum())
-        for layer in layers:
-            out[layer].append(got[layer][img].reshape(img.shape[0], n, -1).float())
+        counts = img.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f"images {i}..{i + len(counts) - 1} have different numbers of image tokens {counts.tolist()}; "
+                             "the world evaluation needs one patch grid")
+        n = int(counts[0])
+        for layer, states in read_layers(model, adapter, enc, layers).items():
+            out[layer].append(states[img].reshape(img.shape[0], n, -1).float())
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
-def _captioner(model: Any, processor: Any, adapter: Any, max_new_tokens: int = 32, batch: int = 64):
-    from jsae.interventions import generate
+def _captioner(model: Any, processor: Any, adapter: Any, max_new_tokens: int = 32, batch: int = 64) -> Any:
+    from jsae.interventions import Captioner
 
-    prompt = adapter.render_prompt(processor, "", 1, add_generation_prompt=True)
-    tok = getattr(processor, "tokenizer", processor)
-
-    def run(images: list[Any], edit: Any = None) -> list[str]:
-        """``edit(enc) -> context manager`` applied around each batch's generate."""
-        import contextlib
-
-        tok.padding_side = "left"
-        out: list[str] = []
-        for i in range(0, len(images), batch):
-            enc = processor(images=images[i:i + batch], text=[prompt] * len(images[i:i + batch]), return_tensors="pt", padding=True)
-            enc = adapter.complete_inputs(enc)
-            ctx = edit(enc, i) if edit is not None else contextlib.nullcontext()
-            with ctx:
-                out += generate(model, enc, [], max_new_tokens=max_new_tokens, processor=processor, adapter=adapter)
-        return [c.strip() for c in out]
-
-    return run
+    return Captioner(model, processor, adapter, prompt="", batch_size=batch, max_new_tokens=max_new_tokens)
 
 
 def caption_quality(captions: list[str], objects: list[list[dict]]) -> dict[str, Any]:
@@ -419,7 +385,7 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
     timings = {"matching_s": time.time() - t0}
 
     # vision-only baseline SAE on the baseline projector's image tokens at the edit layer
-    from jsae.protocol import world_concepts
+    from jsae.world.concepts import world_concepts
     from jsae.vista.core import train_text_sae as _train_topk
 
     concepts = world_concepts()
@@ -463,10 +429,8 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
         zero, setv = _edit_vectors(pl, objects, labels, scale, mode, gain)
         cells = [object_cells(objects[p["image"]][p["target"]], grid) for p in pl]
 
-        def edit(enc: Any, offset: int) -> Any:
-            B = enc["input_ids"].shape[0]
-            pos = cells_mask(adapter.patch_grid(enc), cells[offset:offset + B])
-            return patch_edit(adapter, edit_layer, sae, pos, zero[offset:offset + B], setv[offset:offset + B])
+        def edit(start: int, stop: int) -> list[Any]:
+            return [patch_edit(edit_layer, sae, cells[start:stop], zero[start:stop], setv[start:stop])]
 
         caps = captioner([images[p["image"]] for p in pl], edit)
         return caps, _score_edits(pl, objects, caps, mode)
@@ -616,4 +580,4 @@ def _report(m: dict[str, Any], figure: bool) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalConfig", "RELEASE", "WorldVistaConfig", "caption_quality", "eval_world", "register_shipped_release", "train_world"]
+__all__ = ["EvalConfig", "RELEASE", "WorldVistaConfig", "caption_quality", "eval_world", "train_world"]

@@ -24,8 +24,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from jsae.report import replace_dir
-from jsae.sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
+from jsae.files import replace_dir
+from jsae.saes.joint_sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
 
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
 MANIFEST = ".jsae_manifest.json"

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jsae.sae import JointSAE, check_modality
+from jsae.adapters import saelens_hook_name
+from jsae.saes.joint_sae import JointSAE, check_modality
 
 
 @dataclass
@@ -102,7 +103,7 @@ class JSAEBranchSAE(nn.Module):
         self.jsae_hook_name = meta.get("hook_name")
         self.cfg = _config_class()(
             model_name or meta.get("model_name") or "", d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, hook_layer=int(layer),
-            hook_name=hook_name or f"blocks.{int(layer)}.hook_resid_post",
+            hook_name=hook_name or saelens_hook_name(int(layer)),
         )
         self.cfg.architecture = f"jsae-{modality}"
         self.cfg.apply_b_dec_to_input = self.apply_b_dec_to_input
@@ -172,19 +173,19 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
     ``sae_lens.evals.run_evals`` returns them (``reconstruction_quality/explained_variance``, ...)."""
     from sae_lens.evals import ExplainedVarianceCalculator, _kl, get_featurewise_weight_based_metrics
 
-    from jsae.adapters import unwrap
-    from jsae.world import load_toy_vlm, world_dataset
+    from jsae.activations import read_layers
+    from jsae.interventions import Splice, ZeroAblate, intervene
+    from jsae.vlm import load_vlm
+    from jsae.world import world_dataset
 
     bench = sae if isinstance(sae, JSAEBranchSAE) else JSAEBranchSAE(sae, "text")
     if not bench.check_decoder_norms():
         raise ValueError("the decoder rows are not unit norm; build the wrapper with JSAEBranchSAE(sae)")
-    m, processor, adapter = load_toy_vlm(model)
-    hf = unwrap(m).eval()
+    m, processor, adapter = load_vlm(model)
     layer = int(bench.cfg.hook_layer)
     adapter.check_layer(layer)
     ds = world_dataset(split, n_captions, seed)
     images, captions = [ex["image"] for ex in ds], [ex["caption"] for ex in ds]
-    module = adapter.layer_module(layer)
     ev = ExplainedVarianceCalculator()
     sums: dict[str, list[Tensor]] = {k: [] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "l0", "l1", "mse", "cossim",
                                                        "explained_variance_legacy", "kl_div_with_sae", "kl_div_with_ablation",
@@ -194,25 +195,14 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
         enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
         ids, attn = enc["input_ids"], enc["attention_mask"].bool()
         mask = enc["caption_mask"].bool() & attn  # the caption tokens (what the text branch was trained on)
-        mode: dict[str, Any] = {"mode": None, "cache": None}
-
-        def hook(mod: Any, args: Any, output: Any) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
-            if mode["mode"] == "clean":
-                mode["cache"] = h.detach().clone()
-                return None
-            new = h.clone()
-            new[mask] = bench(h[mask]).to(h.dtype) if mode["mode"] == "sae" else 0.0
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        handle = module.register_forward_hook(hook)
-        logits = {}
-        try:
-            for mode["mode"] in ("clean", "sae", "ablation"):
-                logits[mode["mode"]] = hf(**adapter.model_kwargs(enc)).logits.float()
-        finally:
-            handle.remove()
-        x = mode["cache"][mask].float()
+        clean = read_layers(m, adapter, enc, [layer], logits=True)
+        logits = {"clean": clean["logits"].float()}
+        # the SAE spliced in at the caption tokens, then those states zero-ablated ("text" = the caption mask)
+        for name, iv in (("sae", Splice(layer=layer, positions="text", timing="prefill", sae=bench)),
+                         ("ablation", ZeroAblate(layer=layer, positions="text", timing="prefill"))):
+            with intervene(m, iv, enc, adapter):
+                logits[name] = read_layers(m, adapter, enc, [], logits=True)["logits"].float()
+        x = clean[layer][mask].float()
         z = bench.encode(x)
         x_hat = bench.decode(z)
         n_in, n_out = x.norm(dim=-1), x_hat.norm(dim=-1)

@@ -1,0 +1,64 @@
+"""Atomic writes, the one home for them: a file or a directory appears complete or not at all
+(written to a temporary sibling, then renamed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename (parents are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``, replacing what is there without a moment where
+    ``final`` holds a mix of old and new files."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """:func:`write_atomic` of ``obj`` as indented JSON (numpy scalars as floats)."""
+    return write_atomic(path, json.dumps(obj, indent=2, default=float))
+
+
+def tmp_sibling(path: str | Path, tag: str = "tmp") -> Path:
+    """A unique hidden temporary name next to ``path`` (same file system, so a rename is atomic)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_dir_atomic(final: str | Path, fill: Any) -> Path:
+    """Let ``fill(tmp_dir)`` write a directory, then swap it in for ``final`` with :func:`replace_dir`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(final)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+__all__ = ["replace_dir", "tmp_sibling", "write_atomic", "write_dir_atomic", "write_json"]

@@ -1,0 +1,87 @@
+"""The methods the protocol compares, trained on the same pairs with the same width, steps, batch and
+learning rate at every swept layer:
+
+- ``jsae``: JSAE with the cosine alignment loss (the paper);
+- ``jsae-none``: the same with alignment ``none`` (the ablation that removes only the alignment loss);
+- ``separate``: two separately trained SAEs aligned after training (Hungarian matching of codes;
+  the ``jsae-none`` weights with the text latents permuted, see :mod:`jsae.training.recipes`);
+- ``saelens-topk``: a plain SAELens TopK SAE trained on the vision pools only, by SAELens's ``SAETrainer``.
+
+A new method is one more branch of :func:`train_methods` returning a :class:`Method` (its SAE, whether
+it is joint) and its name in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from jsae.saes.joint_sae import JointSAE, TrainingJointSAEConfig
+from jsae.training import JointTrainerConfig
+from jsae.training.recipes import match_separate_saes, train_jsae_unit_norm, train_saelens_topk
+
+METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
+
+
+@dataclass
+class Method:
+    """One SAE of one method at one layer, with how to read and edit it."""
+
+    name: str
+    sae: Any  # a JointSAE, or a SAELens SAE for the vision-only baseline
+    joint: bool
+
+    def codes(self, x: Tensor, modality: str) -> Tensor:
+        with torch.no_grad():
+            if self.joint:
+                return self.sae.encode(x, modality)
+            return self.sae.encode(x)
+
+    def steer_direction(self, features: list[int]) -> Tensor:
+        W = self.sae.W_dec_of("text") if self.joint else self.sae.W_dec
+        W = W.detach()[features]
+        return (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)).sum(0)
+
+
+def permute_text_branch(sae: JointSAE, text_order: Tensor) -> JointSAE:
+    """A copy of ``sae`` whose text latent ``i`` is the original text latent ``text_order[i]``."""
+    import copy
+
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.text.W_enc.copy_(sae.text.W_enc[:, text_order])
+        out.text.b_enc.copy_(sae.text.b_enc[text_order])
+        out.text.W_dec.copy_(sae.text.W_dec[text_order])
+    return out
+
+
+def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps: int, batch_size: int, lr: float,
+                  seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int = 16) -> dict[str, Method]:
+    """Train every method on the same pairs with the same width, steps, batch and learning rate."""
+    out: dict[str, Method] = {}
+    # trained at mean norm sqrt(d_in), the scale folded back (train_jsae_unit_norm): the SAEs take raw activations
+    tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
+                              seed=seed, progress=False, log_every=max(steps // 4, 1), grad_clip_norm=None)
+    for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
+        cfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, alignment="cosine" if name == "jsae" else "none",
+                                     mse_normalization="variance", l1_coefficient=0.03)
+        for key, value in {**metadata, "layer": layer}.items():
+            cfg.metadata[key] = value
+        out[name] = Method(name, train_jsae_unit_norm(cfg, tcfg, vision, text, batch_size), True)
+    if "separate" in methods:
+        text_order, _ = match_separate_saes(out["jsae-none"].sae, vision, text)
+        out["separate"] = Method("separate", permute_text_branch(out["jsae-none"].sae, text_order), True)
+    if "saelens-topk" in methods:
+        out["saelens-topk"] = Method("saelens-topk", _train_saelens_topk(vision, d_sae, k, steps, batch_size, lr, seed), False)
+    return {m: out[m] for m in methods}
+
+
+def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int) -> Any:
+    """The vision-only baseline: a plain SAELens TopK SAE on the vision pools (SAELens's ``SAETrainer``)."""
+    return train_saelens_topk(vision, d_sae, k, steps, min(batch_size, vision.shape[0]), lr, seed).eval()
+
+
+__all__ = ["METHODS", "Method", "permute_text_branch", "train_methods"]

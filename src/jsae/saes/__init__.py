@@ -1,0 +1,13 @@
+"""The Joint Sparse Autoencoder as a SAELens architecture.
+
+* :mod:`jsae.saes.joint_sae` — configs, :class:`JointSAE` (inference) and :class:`TrainingJointSAE`;
+* :mod:`jsae.saes.sparse_topk` — tensor-only autograd functions of the sparse TopK training path;
+* :mod:`jsae.saes.alignment` — the alignment losses (one function each) and their registry.
+"""
+
+from jsae.saes.alignment import ALIGNMENT_LOSSES, get_alignment_loss
+from jsae.saes.joint_sae import (MODALITIES, JointSAE, JointSAEConfig, JointStepOutput, TrainingJointSAE,
+                                 TrainingJointSAEConfig, check_sae_dir)
+
+__all__ = ["ALIGNMENT_LOSSES", "MODALITIES", "JointSAE", "JointSAEConfig", "JointStepOutput", "TrainingJointSAE",
+           "TrainingJointSAEConfig", "check_sae_dir", "get_alignment_loss"]
