@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jsae.report.neuronpedia import feature_page
+from jsae.report.browser import feature_page
 from jsae.labels import FeatureLabels
 from jsae.releases.build import read_releases_yaml
 from jsae.releases.registry import PACKAGE_ROOT, RELEASES

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from jsae.cli import app
-from jsae.protocol.run import ARTEFACTS, DemoConfig, run_demo
+from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
 
 runner = CliRunner()
 
@@ -16,10 +17,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = DemoConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_start=24, n_max=48,
+    cfg = ProtocolConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_start=24, n_max=48,
                      max_concepts=1, gen_batch=48, max_new_tokens=16,
                      methods=("jsae", "jsae-none", "separate", "saelens-topk"))
-    return out, run_demo(out, cfg, progress=False)
+    return out, run_protocol(out, cfg, progress=False)
 
 
 def test_demo_writes_the_four_artefacts(small_run):
@@ -33,12 +34,41 @@ def test_demo_writes_the_four_artefacts(small_run):
     for c in saved["cells"]:
         assert c["low"] <= c["mean"] <= c["high"]
         assert c["measure"] in ("steering", "suppression")
+    # every cell used features labelled with its concept in the SAE saved for its (method, layer)
+    from jsae.labels import FeatureLabels
+
+    for c in saved["cells"]:
+        labels = FeatureLabels.load(out / "saes" / c["method"] / f"layer_{c['layer']}" / "labels.json")
+        by_feature = {lab.feature: lab for lab in labels.labels}
+        assert c["features"] and all(by_feature[f].label == c["concept"] for f in c["features"])
+        if c["method"] in ("jsae", "jsae-none", "separate"):
+            assert all(by_feature[f].kind == "shared" for f in c["features"])
+        assert labels.data["kind"] == "world" and labels.data["part"] == "label"
+        if c["measure"] == "steering":  # the chosen strength, and the rates the mean is the difference of
+            assert c["alpha"] > 0 and c["rate_after"] - c["rate_before"] == pytest.approx(c["mean"])
+        else:
+            assert c["rate_before"] - c["rate_after"] == pytest.approx(c["mean"]) and 0 <= c["rate_after"] <= 1
+    # steering changes what the model says (an intervention that did nothing would score 0 everywhere)
+    assert any(c["mean"] > 0 for c in saved["cells"] if c["measure"] == "steering")
+    # the summary is the mean over the concepts of the cells of each (measure, method, layer)
+    for c in saved["cells"]:
+        same = [d["mean"] for d in saved["cells"] if (d["measure"], d["method"], d["layer"]) == (c["measure"], c["method"], c["layer"])]
+        assert saved["summary"][c["measure"]][c["method"]][str(c["layer"])]["mean"] == pytest.approx(sum(same) / len(same))
+    # the run records the fingerprint of its data, and the captures were made from exactly that data
+    run = json.loads((out / "run.json").read_text())
+    for part in ("train", "label"):
+        manifest = json.loads((out / "capture" / part / "manifest.json").read_text())
+        assert manifest["fingerprint"] == run["data"][part] and manifest["complete"]
     # the JSAE's paired codes agree far more than the ablation's (the alignment loss works on real pools)
     by = {(r["layer"], r["method"]): r for r in saved["saes"]}
     for layer in (1, 6):
         assert by[(layer, "jsae")]["paired_cosine"] > by[(layer, "jsae-none")]["paired_cosine"] + 0.3
     html = (out / "features.html").read_text()
     assert "data:image/png;base64," in html and "feature " in html
+    # the browser shows the middle swept layer's JSAE features with the labels saved for them
+    mid = FeatureLabels.load(out / "saes" / "jsae" / "layer_6" / "labels.json")
+    shown = re.findall(r"<h2>feature (\d+) · layer 6: ([a-z]+) ", html)
+    assert shown and all(mid.labels[int(j)].label == lab for j, lab in shown)
     assert "| measure | method | layer |" in (out / "report.md").read_text()
     # SAEs are saved the SAELens way and reload as jsae classes
     from sae_lens import SAE
@@ -79,10 +109,10 @@ def test_demo_on_a_vlm_directory_with_a_caption_dataset(tmp_path):
     ds = world_dataset("validation", 560, seed=3)
     ds = ds.remove_columns([c for c in ds.column_names if c not in ("image", "caption")])
     ds.save_to_disk(str(tmp_path / "data"))
-    cfg = DemoConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="", n_train=300, n_label=100,
+    cfg = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="", n_train=300, n_label=100,
                      n_eval=160, layers=[2, 5], steps=150, d_sae=64, n_start=24, n_max=48, max_concepts=1, gen_batch=80,
                      max_new_tokens=16, methods=("jsae", "saelens-topk"))
-    metrics = run_demo(tmp_path / "run", cfg, progress=False)
+    metrics = run_protocol(tmp_path / "run", cfg, progress=False)
     assert metrics["judge"] == "CaptionJudge" and metrics["data"] == str(tmp_path / "data")
     for name in ARTEFACTS:
         assert (tmp_path / "run" / name).stat().st_size > 0, name
@@ -93,9 +123,9 @@ def test_demo_on_a_vlm_directory_with_a_caption_dataset(tmp_path):
     assert all(c["alpha"] > 0 for c in metrics["cells"] if c["measure"] == "steering")
     assert all(c["low"] <= c["mean"] <= c["high"] and c["n"] >= 1 for c in metrics["cells"])
     # too few rows for the slices asked: a one-line error that says what to lower
-    bad = DemoConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), n_train=400, n_label=100, n_eval=200)
+    bad = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), n_train=400, n_label=100, n_eval=200)
     with pytest.raises(ValueError, match="has 560 rows but n_train"):
-        run_demo(tmp_path / "run2", bad, progress=False)
+        run_protocol(tmp_path / "run2", bad, progress=False)
 
 
 def test_demo_on_a_real_vlm_needs_data(tmp_path):

@@ -15,7 +15,8 @@ from jsae.protocol.methods import permute_text_branch, train_methods
 from jsae.protocol.stats import summarise
 
 from jsae.protocol.sweep import Cell
-from jsae.report.plots import feature_browser, plot_layer_sweep
+from jsae.report.browser import feature_browser
+from jsae.report.plots import plot_layer_sweep
 
 
 def _pairs(n=512, d=16, seed=0):

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from beartype import beartype
@@ -44,6 +44,7 @@ class FeatureLabels:
 
     labels: list[FeatureLabel]
     concepts: list[str]
+    data: dict[str, Any] | None = None  # the labelling data (jsae.data.sources ``describe``: kind, fingerprint, ...)
 
     def features_for(self, concept: str, kinds: Iterable[str] = ("shared",)) -> list[int]:
         """Latents labelled ``concept`` (shared ones by default), strongest first."""
@@ -54,23 +55,22 @@ class FeatureLabels:
             raise ValueError(f"no {'/'.join(kinds)} feature is labelled {concept!r}; labelled concepts: {known}")
         return [lab.feature for lab in sorted(hits, key=lambda lab: -(lab.vision_corr + lab.text_corr))]
 
-    def labelled_concepts(self, kinds: Iterable[str] = ("shared",)) -> list[str]:
-        kinds = tuple(kinds)
-        return sorted({lab.label for lab in self.labels if lab.label and lab.kind in kinds})
-
     def counts(self) -> dict[str, int]:
         return dict(Counter(lab.kind for lab in self.labels))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"concepts": self.concepts, "labels": [asdict(lab) for lab in self.labels]}, indent=1))
-        tmp.replace(path)
+        """``labels.json`` (atomic): the concepts, one record per feature and, when known, the labelling data."""
+        from jsae.files import write_atomic
+
+        out: dict[str, Any] = {"concepts": self.concepts, "labels": [asdict(lab) for lab in self.labels]}
+        if self.data is not None:
+            out["data"] = self.data
+        write_atomic(path, json.dumps(out, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureLabels":
         data = json.loads(Path(path).read_text())
-        return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"])
+        return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"], data.get("data"))
 
 
 def correlation_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -95,6 +95,7 @@ def label_features(
     concepts: Float[Tensor, "n c"],
     concept_names: list[str],
     min_corr: float = 0.3,
+    data: dict[str, Any] | None = None,
 ) -> FeatureLabels:
     """Label every latent from held-out paired codes and concept presence (0/1 per pair)."""
     if len(concept_names) != concepts.shape[1]:
@@ -120,7 +121,7 @@ def label_features(
                 purities.append(float((mass * y[:, c]).sum() / mass.sum()))
         labels.append(FeatureLabel(j, concept_names[c], kind, sum(purities) / max(len(purities), 1),
                                    float(cv[j, c]), float(ct[j, c])))
-    return FeatureLabels(labels, list(concept_names))
+    return FeatureLabels(labels, list(concept_names), data)
 
 
 def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: Iterable[str] = ()) -> tuple[Tensor, list[str]]:

@@ -65,6 +65,18 @@ def distinct_2(text: str) -> float:
     return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 2 else 1.0
 
 
+def caption_presence(items: Sequence[dict], concepts: list[str]) -> Tensor:
+    """[N, C] 0/1: does a row's reference caption(s) have concept word c (plural tolerant)?"""
+    y = torch.zeros(len(items), len(concepts))
+    index = {c: i for i, c in enumerate(concepts)}
+    for i, it in enumerate(items):
+        refs = it.get("captions") or [it["caption"]]
+        for w in set().union(*(caption_words(r) for r in refs)):
+            if w in index:
+                y[i, index[w]] = 1.0
+    return y
+
+
 class CaptionJudge:
     """Real data: concepts are caption words (:func:`jsae.labels.concepts_from_captions`); an image
     *contains* a concept when its reference caption has the word; a generated caption *mentions* it on a
@@ -87,14 +99,7 @@ class CaptionJudge:
         self._fixed = max_perplexity is not None
 
     def presence(self, items: Sequence[dict]) -> Tensor:
-        y = torch.zeros(len(items), len(self.concepts))
-        index = {c: i for i, c in enumerate(self.concepts)}
-        for i, it in enumerate(items):
-            refs = it.get("captions") or [it["caption"]]
-            for w in set().union(*(caption_words(r) for r in refs)):
-                if w in index:
-                    y[i, index[w]] = 1.0
-        return y
+        return caption_presence(items, self.concepts)
 
     def mentions(self, text: str, concept: str) -> bool:
         return concept in caption_words(text)
@@ -151,4 +156,4 @@ def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: in
     return np.array(out)
 
 
-__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_words", "distinct_2", "text_perplexity"]
+__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "caption_words", "distinct_2", "text_perplexity"]

@@ -1,14 +1,23 @@
-"""``jsae demo``: the JSAE protocol end to end on one VLM (by default the shipped toy LLaVA).
+"""The JSAE paper's protocol end to end on one VLM (``jsae demo``; by default the shipped toy LLaVA), one
+function per stage, called in order by :func:`run_protocol`:
 
-Writes into ``out``: ``capture/`` (pooled pairs at every layer), ``saes/<method>/layer_<L>/`` (SAELens
-directories), ``labels/``, ``metrics.json`` (schema in the README), ``report.md``, ``layer_sweep.png``
-and ``features.html``; ``run.json`` records the configuration so that a directory holding another run is
+1. :func:`capture_stage` — pooled (image, caption) pairs at every layer, per data part;
+2. :func:`train_stage` — every method of :mod:`jsae.protocol.methods` at every swept layer;
+3. :func:`label_stage` — each SAE's features labelled on held-out pairs, SAE metrics, saved SAELens-style;
+4. :func:`choose_concepts` — the concepts to sweep;
+5. :func:`sweep_stage` — strengths chosen by the fluency guard, then steering and suppression cells
+   (:mod:`jsae.protocol.sweep`);
+6. :func:`statistics_stage` — per measure, method and layer (:mod:`jsae.protocol.stats`);
+7. :func:`jsae.report.write_run_report` — ``report.md``, ``layer_sweep.png``, ``features.html`` read back
+   from the run directory.
+
+Writes into ``out`` (layout in :mod:`jsae.report.rundir`): ``run.json`` records the configuration and the
+fingerprint of every data part, so that a directory holding another run, or the same run on other data, is
 refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,20 +28,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from jsae.labels import FeatureLabels, label_features
-from jsae.adapters.base import GRID_COL, GRID_REGION, GRID_ROW
-from jsae.protocol.methods import METHODS, Method, train_methods
-from jsae.data.judges import CaptionJudge, Judge, WorldJudge, text_perplexity
-from jsae.protocol.sweep import Cell, SweepConfig, run_sweep
-from jsae.protocol.stats import summarise
+from jsae.data.sources import CaptionSource, DataSource, WorldSource, check_fingerprint
 from jsae.files import write_json
-from jsae.report.plots import feature_browser, markdown_table, plot_layer_sweep
+from jsae.labels import FeatureLabels, label_features
+from jsae.protocol.methods import METHODS, Method, train_methods
+from jsae.protocol.stats import summarise
+from jsae.protocol.sweep import Cell, SweepConfig, run_sweep
+from jsae.report.rundir import RunDir
+from jsae.vlm import VLM
 
 ARTEFACTS = ("report.md", "metrics.json", "layer_sweep.png", "features.html")
 
 
 @dataclass
-class DemoConfig:
+class ProtocolConfig:
     model: str = "llava"
     n_train: int = 2000
     n_label: int = 400
@@ -58,222 +67,145 @@ class DemoConfig:
     min_count: int = 5  # real data: a caption word is a concept when it occurs in this many labelling captions
     max_perplexity: float | None = None  # real data: fluency threshold (default 1.5x the unsteered 95th percentile)
 
-    def key(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items()}
 
-
-def _check_out(out: Path, cfg: DemoConfig, overwrite: bool) -> None:
-    run = out / "run.json"
-    if out.exists() and any(out.iterdir()):
-        if not run.exists() and not overwrite:
-            raise FileExistsError(f"{out} is not empty and holds no jsae run; choose a new --out or pass --overwrite")
-        if run.exists():
-            old = json.loads(run.read_text()).get("config")
-            if old != json.loads(json.dumps(cfg.key())) and not overwrite:
-                raise FileExistsError(f"{out} holds another run (model {old.get('model')!r}); "
-                                      "pass --overwrite to replace it or choose a new --out")
-        if overwrite:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(run, {"config": cfg.key(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def load_model(name: str) -> tuple[Any, Any, Any, bool]:
-    """(model, processor, adapter, is_world_model)."""
-    from jsae.vlm import load_vlm
-    from jsae.world import MODEL_NAMES
-
-    model, processor, adapter = load_vlm(name)
-    return model, processor, adapter, name in MODEL_NAMES
+def data_source(cfg: ProtocolConfig) -> DataSource:
+    """The world, or consecutive slices of ``cfg.data``: parts ``train``, ``label`` and ``eval``."""
+    if cfg.data is None:
+        return WorldSource.protocol(cfg.n_train, cfg.n_label, cfg.n_eval, cfg.seed)
+    return CaptionSource.protocol(cfg.data, cfg.data_split, cfg.n_train, cfg.n_label, cfg.n_eval, min_count=cfg.min_count,
+                                  max_perplexity=cfg.max_perplexity)
 
 
 def default_layers(n_layers: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, k)})
 
 
-def make_captioner(model: Any, processor: Any, adapter: Any, cfg: DemoConfig):
-    """(images, interventions) -> greedy captions, in batches, through ``jsae.generate``."""
-    from jsae.interventions import generate
+def check_config(cfg: ProtocolConfig) -> None:
+    """One-line errors for a configuration that cannot run, before anything is loaded or written."""
+    from jsae.world import MODEL_NAMES, world_concepts
 
-    text = cfg.prompt if cfg.prompt is not None else ("" if cfg.data is None and cfg.model in _world_names() else
-                                                          "Describe the image.")
-    prompt = adapter.render_prompt(processor, text, 1, add_generation_prompt=True)
-    tok = getattr(processor, "tokenizer", processor)
-    tok.padding_side = "left"
-
-    def caption(images: list[Any], interventions: list[Any]) -> list[str]:
-        out: list[str] = []
-        for i in range(0, len(images), cfg.gen_batch):
-            chunk = images[i:i + cfg.gen_batch]
-            enc = processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
-            enc = adapter.complete_inputs(enc)
-            out += generate(model, enc, interventions, max_new_tokens=cfg.max_new_tokens, processor=processor,
-                            adapter=adapter)
-        return [c.strip() for c in out]
-
-    return caption
-
-
-def run_demo(out: str | Path, cfg: DemoConfig | None = None, overwrite: bool = False, progress: bool = True,
-             scores_out: bool = False) -> dict[str, Any]:
-    """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
-    from jsae.capture import capture_pairs
-    from jsae.training import load_pairs
-    from jsae import world
-    from jsae.interventions import Ablate, Steer
-
-    cfg = cfg or DemoConfig()
-    if cfg.model in world.MODEL_NAMES and cfg.data is None and cfg.concepts:
-        _check_concepts(cfg.concepts, WorldJudge().concepts, "the world's")
-    if cfg.model not in world.MODEL_NAMES and cfg.data is None:
-        raise ValueError(f"{cfg.model!r} is not a shipped toy model ({', '.join(world.MODEL_NAMES)}): pass --data with a "
+    if cfg.model not in MODEL_NAMES and cfg.data is None:
+        raise ValueError(f"{cfg.model!r} is not a shipped toy model ({', '.join(MODEL_NAMES)}): pass --data with a "
                          "COCO-captions-style dataset (path or hub id) to run the protocol on it")
-    out = Path(out)
-    _check_out(out, cfg, overwrite)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    model, processor, adapter, _ = load_model(cfg.model)
-    n_layers = adapter.n_layers
-    layers = cfg.layers or default_layers(n_layers, cfg.n_sweep_layers)
-    for layer in layers:
-        adapter.check_layer(layer)
-
-    # 1. data and capture at every layer
-    splits, test = _load_splits(cfg)
-    caps = {}
-    for split, ds in splits.items():
-        pairs = [(ex["image"], ex["caption"]) for ex in ds]
-        where = f"data:{cfg.data}:{cfg.data_split}" if cfg.data else "world"
-        caps[split] = capture_pairs(model, pairs, layers=list(range(n_layers)), out_dir=out / "capture" / split,
-                                    processor=processor, adapter=adapter, batch_size=64, progress=progress,
-                                    fingerprint=f"{where}:{split}:{len(pairs)}:{cfg.seed}")
-    timings["capture_s"] = time.time() - t0
-
-    # 2. train every method at every swept layer; 3. label its features on held-out pairs
-    judge = _judge(cfg, model, processor, splits["label"])
-    if cfg.concepts:
-        _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
-    concepts_all = judge.concepts
-    y_label = judge.presence(list(splits["label"]))
-    methods_by_layer: dict[int, dict[str, Method]] = {}
-    labels_by_layer: dict[int, dict[str, FeatureLabels]] = {}
-    sae_rows: list[dict[str, Any]] = []
-    norms: dict[int, float] = {}
-    for layer in tqdm(layers, desc="training SAEs", disable=not progress):
-        v, t = _tensors(load_pairs(caps["train"], layer, batch_size=1))
-        vl, tl = _tensors(load_pairs(caps["label"], layer, batch_size=1))
-        norms[layer] = float(v.norm(dim=-1).mean())
-        meta = {"model_name": cfg.model, "hook_name": adapter.hook_name(layer), "pooling": "mean"}
-        methods = train_methods(v, t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps, batch_size=cfg.batch_size,
-                                lr=cfg.lr, seed=cfg.seed, methods=cfg.methods, metadata=meta)
-        methods_by_layer[layer], labels_by_layer[layer] = methods, {}
-        for name, m in methods.items():
-            zv = m.codes(vl, "vision")
-            zt = m.codes(tl, "text") if m.joint else torch.zeros_like(zv)
-            labels = label_features(zv, zt, y_label, concepts_all)
-            labels_by_layer[layer][name] = labels
-            d = out / "saes" / name / f"layer_{layer}"
-            m.sae.save_model(d) if m.joint else m.sae.save_model(str(d))
-            labels.save(d / "labels.json")
-            sae_rows.append({"layer": layer, "method": name, **_sae_metrics(m, vl, tl), **labels.counts()})
-    timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
-
-    # 4. the sweep, on held-out test images
-    images, items = [ex["image"] for ex in test], list(test)
-    if cfg.concepts:
-        labelled = sorted({lab.label for L in layers for lab in labels_by_layer[L]["jsae"].labels
-                           if lab.label and lab.kind == "shared"})
-        missing = [c for c in cfg.concepts if c not in labelled]
-        if missing:
-            raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; "
-                             f"concepts with one: {labelled}")
-    # a concept can be steered and suppressed only if some sweep images lack it and some have it
-    rate = judge.presence(items).mean(0)
-    eligible = [c for c, r in zip(judge.concepts, rate.tolist()) if 0.05 <= r <= 0.8]
-    concepts = cfg.concepts or _pick_concepts(labels_by_layer, layers, cfg.max_concepts, eligible)
-    if not concepts:
-        raise RuntimeError("no concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
-    captioner = make_captioner(model, processor, adapter, cfg)
-    sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start,
-                            n_max=cfg.n_max, halfwidth=cfg.halfwidth)
-    cells = run_sweep(
-        captioner,
-        lambda layer, direction, alpha: Steer(layer=layer, positions="image", timing="prefill", direction=direction,
-                                              strength=alpha),
-        lambda layer, sae, feats, modality: Ablate(layer=layer, positions="image", timing="prefill", sae=sae,
-                                                   features=feats, sae_modality=modality),
-        methods_by_layer, labels_by_layer, norms, images, items, sweep_cfg, progress=progress, judge=judge)
-    timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
-
-    # 5. report
-    summary = summarise(cells)
-    metrics = {
-        "model": cfg.model, "data": cfg.data or "world", "judge": type(judge).__name__, "n_layers": n_layers,
-        "layers": layers, "concepts": concepts, "methods": list(cfg.methods),
-        "config": cfg.key(), "saes": sae_rows, "cells": [_cell_dict(c) for c in cells], "summary": summary,
-        "timings": timings,
-    }
-    write_json(out / "metrics.json", metrics)
-    plot_layer_sweep(summary, n_layers, out / "layer_sweep.png", title=f"{cfg.model}: steering vs suppression by layer")
-    mid = layers[len(layers) // 2]
-    feature_browser(_browser_features(model, processor, adapter, methods_by_layer[mid]["jsae"], labels_by_layer[mid]["jsae"],
-                                      splits["label"], mid, cells), out / "features.html",
-                    title=f"{cfg.model} layer {mid}: JSAE features")
-    (out / "report.md").write_text(_report_md(metrics))
-    timings["total_s"] = time.time() - t0
-    write_json(out / "metrics.json", metrics)
-    if scores_out:
-        metrics["_cells"] = cells
-    return metrics
-
-
-def _world_names() -> tuple[str, ...]:
-    from jsae import world
-
-    return tuple(world.MODEL_NAMES)
-
-
-def _check_concepts(asked: list[str], known: list[str], whose: str) -> None:
-    unknown = [c for c in asked if c not in known]
+    if cfg.data is None and cfg.concepts:
+        _check_concepts(cfg.concepts, world_concepts(), "the world's")
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown concept(s) {unknown}; {whose} concepts are {known[:60]}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
 
 
-def _load_splits(cfg: DemoConfig) -> tuple[dict[str, Any], Any]:
-    """({"train", "label"} datasets, sweep dataset): world splits, or consecutive slices of ``cfg.data``."""
-    from jsae.world import load_caption_dataset, world_dataset
-
-    if cfg.data is None:
-        return ({"train": world_dataset("train", cfg.n_train, cfg.seed),
-                 "label": world_dataset("validation", cfg.n_label, cfg.seed)}, world_dataset("test", cfg.n_eval, cfg.seed))
-    need = cfg.n_train + cfg.n_label + cfg.n_eval
-    ds = load_caption_dataset(cfg.data, split=cfg.data_split, limit=need)
-    if len(ds) < need:
-        raise ValueError(f"{cfg.data!r} ({cfg.data_split}) has {len(ds)} rows but n_train + n_label + n_eval = {need}; "
-                         "lower --n-train / --n-label / --n-eval or use a larger dataset")
-    a, b = cfg.n_train, cfg.n_train + cfg.n_label
-    return {"train": ds.select(range(a)), "label": ds.select(range(a, b))}, ds.select(range(b, need))
-
-
-def _judge(cfg: DemoConfig, model: Any, processor: Any, label_ds: Any) -> Judge:
-    """The world's exact judge, or on real data caption words as concepts and a perplexity fluency guard."""
-    if cfg.data is None:
-        return WorldJudge()
-    from jsae.labels import concepts_from_captions
-
-    _, words = concepts_from_captions([ex["caption"] for ex in label_ds], min_count=cfg.min_count)
-    return CaptionJudge(words, lambda texts: text_perplexity(model, processor, texts), max_perplexity=cfg.max_perplexity)
+def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool) -> RunDir:
+    """The run directory for ``cfg``: a new one, the same run to resume, or (``overwrite``) a replaced one;
+    a directory holding another run, or this run on other data, is refused."""
+    run = RunDir(out)
+    config = _jsonable(asdict(cfg))
+    fingerprints = {part: source.fingerprint(part) for part in source.parts}
+    if out.exists() and any(out.iterdir()):
+        if not run.exists() and not overwrite:
+            raise FileExistsError(f"{out} is not empty and holds no jsae run; choose a new --out or pass --overwrite")
+        if run.exists() and not overwrite:
+            old = run.run_info()
+            if old.get("config") != config:
+                raise FileExistsError(f"{out} holds another run (model {old.get('config', {}).get('model')!r}); "
+                                      "pass --overwrite to replace it or choose a new --out")
+            for part, fp in fingerprints.items():
+                check_fingerprint(old.get("data", {}).get(part), fp, f"the run in {out} ({part} part)",
+                                  "pass --overwrite to redo it or choose a new --out")
+        if overwrite:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(run.run_file, {"config": config, "data": fingerprints, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return run
 
 
-def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "vision") and hasattr(data, "text"):
-        return data.vision.float(), data.text.float()
-    vs, ts = zip(*list(data))
-    return torch.cat(vs).float(), torch.cat(ts).float()
+def _jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+# ---- 1. capture ---------------------------------------------------------------------------------------
+
+
+def capture_stage(run: RunDir, vlm: VLM, source: DataSource, parts: tuple[str, ...] = ("train", "label"),
+                  progress: bool = True) -> dict[str, Path]:
+    """Pooled pairs of every part at every decoder layer (resumable; the manifest holds the fingerprint)."""
+    from jsae.capture import capture_pairs
+
+    model, processor, adapter = vlm
+    return {part: capture_pairs(model, source.pairs(part), layers=list(range(adapter.n_layers)), out_dir=run.capture_dir(part),
+                                processor=processor, adapter=adapter, batch_size=64, progress=progress,
+                                fingerprint=source.fingerprint(part))
+            for part in parts}
+
+
+# ---- 2. train -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerData:
+    """One layer's pooled pairs: training (``v``, ``t``) and held-out labelling (``vl``, ``tl``)."""
+
+    v: torch.Tensor
+    t: torch.Tensor
+    vl: torch.Tensor
+    tl: torch.Tensor
+
+    @property
+    def state_norm(self) -> float:
+        """Mean norm of the pooled vision vectors (the steering strength unit)."""
+        return float(self.v.norm(dim=-1).mean())
+
+
+def layer_data(captures: dict[str, Path], layer: int) -> LayerData:
+    from jsae.capture import read_layer
+
+    v, t, _ = read_layer(captures["train"], layer)
+    vl, tl, _ = read_layer(captures["label"], layer)
+    return LayerData(v.float(), t.float(), vl.float(), tl.float())
+
+
+def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers: list[int],
+                progress: bool = True) -> tuple[dict[int, dict[str, Method]], dict[int, LayerData]]:
+    """Every method at every swept layer, on the same pairs and budget."""
+    methods_by_layer, data = {}, {}
+    for layer in tqdm(layers, desc="training SAEs", disable=not progress):
+        data[layer] = d = layer_data(captures, layer)
+        meta = {"model_name": cfg.model, "hook_name": vlm.adapter.hook_name(layer), "pooling": "mean"}
+        methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
+                                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
+                                                metadata=meta)
+    return methods_by_layer, data
+
+
+# ---- 3. label -----------------------------------------------------------------------------------------
+
+
+def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dict[str, Method]],
+                data: dict[int, LayerData]) -> tuple[dict[int, dict[str, FeatureLabels]], list[dict[str, Any]]]:
+    """Label every SAE's features on the held-out pairs, measure it, and save it with its labels."""
+    y, names = source.presence("label")
+    described = source.describe("label")
+    labels_by_layer: dict[int, dict[str, FeatureLabels]] = {}
+    rows: list[dict[str, Any]] = []
+    for layer, methods in methods_by_layer.items():
+        d = data[layer]
+        labels_by_layer[layer] = {}
+        for name, m in methods.items():
+            zv = m.codes(d.vl, "vision")
+            zt = m.codes(d.tl, "text") if m.joint else torch.zeros_like(zv)
+            labels = label_features(zv, zt, y, names, data=described)
+            labels_by_layer[layer][name] = labels
+            folder = run.sae_dir(name, layer)
+            m.sae.save_model(folder) if m.joint else m.sae.save_model(str(folder))
+            labels.save(folder / "labels.json")
+            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl), **labels.counts()})
+    return labels_by_layer, rows
 
 
 @torch.no_grad()
-def _sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """FVU, L0 and dead latents per modality on held-out pools; the paired-code cosine of a JSAE."""
     out: dict[str, float] = {}
     for name, x in (("vision", v), ("text", t)):
         if not m.joint and name == "text":
@@ -289,107 +221,125 @@ def _sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float
     return out
 
 
-def _pick_concepts(labels_by_layer: dict[int, dict[str, FeatureLabels]], layers: list[int], k: int,
-                   concepts: list[str]) -> list[str]:
-    """The concepts with a shared JSAE feature at the most swept layers (then the most features)."""
+# ---- 4. concepts --------------------------------------------------------------------------------------
+
+
+def choose_concepts(cfg: ProtocolConfig, judge: Any, labels_by_layer: dict[int, dict[str, FeatureLabels]],
+                    layers: list[int], items: list[dict]) -> list[str]:
+    """``cfg.concepts`` (each must have a shared JSAE feature), or the ``max_concepts`` concepts that some
+    sweep images have and some lack (5-80%) with a shared JSAE feature at the most swept layers."""
+    if cfg.concepts:
+        _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
+        labelled = sorted({lab.label for L in layers for lab in labels_by_layer[L]["jsae"].labels
+                           if lab.label and lab.kind == "shared"})
+        missing = [c for c in cfg.concepts if c not in labelled]
+        if missing:
+            raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; concepts with one: {labelled}")
+        return list(cfg.concepts)
+    rate = judge.presence(items).mean(0)
+    eligible = [c for c, r in zip(judge.concepts, rate.tolist()) if 0.05 <= r <= 0.8]
     scores = []
-    for c in concepts:
-        per_layer = [sum(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels)
-                     for L in layers]
+    for c in eligible:
+        per_layer = [sum(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels) for L in layers]
         if any(per_layer):
             scores.append((-sum(n > 0 for n in per_layer), -sum(per_layer), c))
-    return [c for *_, c in sorted(scores)[:k]]
+    concepts = [c for *_, c in sorted(scores)[:cfg.max_concepts]]
+    if not concepts:
+        raise RuntimeError("no concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
+    return concepts
 
 
-def _cell_dict(c: Cell) -> dict[str, Any]:
+def _check_concepts(asked: list[str], known: list[str], whose: str) -> None:
+    unknown = [c for c in asked if c not in known]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; {whose} concepts are {known[:60]}")
+
+
+# ---- 5. sweep -----------------------------------------------------------------------------------------
+
+
+def captioner_for(cfg: ProtocolConfig, vlm: VLM) -> Any:
+    """Greedy captions of images with interventions (no prompt text on the world, a question on real data)."""
+    from jsae.interventions import Captioner
+
+    prompt = cfg.prompt if cfg.prompt is not None else ("" if cfg.data is None else "Describe the image.")
+    return Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt, batch_size=cfg.gen_batch,
+                     max_new_tokens=cfg.max_new_tokens)
+
+
+def sweep_stage(cfg: ProtocolConfig, vlm: VLM, judge: Any, methods_by_layer: dict[int, dict[str, Method]],
+                labels_by_layer: dict[int, dict[str, FeatureLabels]], data: dict[int, LayerData], layers: list[int],
+                concepts: list[str], items: list[dict], progress: bool = True) -> list[Cell]:
+    """Strengths by the fluency guard, then the steering and suppression cells, on the held-out sweep images."""
+    sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start, n_max=cfg.n_max,
+                            halfwidth=cfg.halfwidth)
+    return run_sweep(captioner_for(cfg, vlm), methods_by_layer, labels_by_layer,
+                     {L: d.state_norm for L, d in data.items()}, [ex["image"] for ex in items], items, sweep_cfg,
+                     progress=progress, judge=judge)
+
+
+# ---- 6. statistics ------------------------------------------------------------------------------------
+
+
+def cell_record(c: Cell) -> dict[str, Any]:
+    """A cell as stored in metrics.json (without the per-image scores)."""
     d = asdict(c)
     d.pop("scores")
     return d
 
 
-@torch.no_grad()
-def _browser_features(model: Any, processor: Any, adapter: Any, method: Method, labels: FeatureLabels, ds: Any,
-                      layer: int, cells: list[Cell], n_features: int = 24, n_images: int = 4) -> list[dict[str, Any]]:
-    """Per labelled feature: top images with the per-patch activation map, top captions, steering result."""
-    items = [ds[i] for i in range(min(len(ds), 200))]
-    images, captions = [ex["image"] for ex in items], [ex["caption"] for ex in items]
-    states, image_mask, grid, caption_mask = _per_token_states(model, processor, adapter, images, captions, layer)
-    sae = method.sae
-    zv_tok = sae.encode(states, "vision")  # [B, S, d_sae]
-    img_w = image_mask.float()
-    zv = (zv_tok * img_w[..., None]).sum(1) / img_w.sum(1, keepdim=True).clamp(min=1)
-    zt_tok = sae.encode(states, "text")
-    cap_w = caption_mask.float()
-    zt = (zt_tok * cap_w[..., None]).sum(1) / cap_w.sum(1, keepdim=True).clamp(min=1)
-    steer = {(c.concept, tuple(c.features)): c for c in cells if c.measure == "steering" and c.method == "jsae" and c.layer == layer}
-    chosen = sorted([lab for lab in labels.labels if lab.label], key=lambda lab: -(lab.vision_corr + lab.text_corr))[:n_features]
-    feats = []
-    for lab in chosen:
-        j = lab.feature
-        top_img = zv[:, j].argsort(descending=True)[:n_images].tolist()
-        top_cap = zt[:, j].argsort(descending=True)[:n_images].tolist()
-        tops = []
-        for b in top_img:
-            sel = image_mask[b] & (grid[b, :, GRID_ROW] >= 0) & (grid[b, :, GRID_REGION] == 0)
-            g = grid[b][sel]
-            heat = np.zeros((int(g[:, GRID_ROW].max()) + 1, int(g[:, GRID_COL].max()) + 1))
-            for r, c_, a in zip(g[:, GRID_ROW].tolist(), g[:, GRID_COL].tolist(), zv_tok[b][sel][:, j].tolist()):
-                heat[r, c_] = max(heat[r, c_], a)
-            tops.append((images[b], heat))
-        st = next((c for (concept, fs), c in steer.items() if j in fs), None)
-        feats.append({"feature": j, "layer": layer, "label": lab.label, "kind": lab.kind, "purity": lab.purity,
-                      "top_images": tops, "top_captions": [captions[b] for b in top_cap],
-                      "steering": None if st is None else f"'{st.concept}' {st.mean:+.2f} [{st.low:+.2f}, {st.high:+.2f}] at α={st.alpha:.1f}"})
-    return feats
+def statistics_stage(cfg: ProtocolConfig, judge: Any, n_layers: int, layers: list[int], concepts: list[str],
+                     sae_rows: list[dict[str, Any]], cells: list[Cell], timings: dict[str, float]) -> dict[str, Any]:
+    """The run's metrics: SAE rows, cells and their summary per measure, method and layer."""
+    return {
+        "model": cfg.model, "data": cfg.data or "world", "judge": type(judge).__name__, "n_layers": n_layers,
+        "layers": layers, "concepts": concepts, "methods": list(cfg.methods), "config": _jsonable(asdict(cfg)),
+        "saes": sae_rows, "cells": [cell_record(c) for c in cells], "summary": summarise(cells), "timings": timings,
+    }
 
 
-@torch.no_grad()
-def _per_token_states(model: Any, processor: Any, adapter: Any, images: list[Any], captions: list[str], layer: int,
-                      batch: int = 50) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token states of decoder layer ``layer`` for (image, caption) pairs, with the image mask, patch
-    grid and caption mask of each token (a plain forward hook on the adapter's layer module)."""
-    from jsae.adapters import unwrap
-
-    hf, outs = unwrap(model), []
-    for i in range(0, len(images), batch):
-        enc = adapter.build_inputs(processor, images[i:i + batch], captions[i:i + batch])
-        got: list[torch.Tensor] = []
-        handle = adapter.layer_module(layer).register_forward_hook(
-            lambda mod, args, output: got.append(output[0] if isinstance(output, tuple) else output))
-        try:
-            hf(**adapter.model_kwargs(enc))
-        finally:
-            handle.remove()
-        outs.append((got[0].float(), adapter.image_token_mask(enc), adapter.patch_grid(enc), enc["caption_mask"]))
-    width = max(o[0].shape[1] for o in outs)
-
-    def pad(x: torch.Tensor, value: float) -> torch.Tensor:  # left padding, as the processor pads
-        return torch.nn.functional.pad(x, (0, 0, width - x.shape[1], 0) if x.dim() == 3 else (width - x.shape[1], 0), value=value)
-
-    return (torch.cat([pad(o[0], 0.0) for o in outs]), torch.cat([pad(o[1], False) for o in outs]),
-            torch.cat([pad(o[2], -1) for o in outs]), torch.cat([pad(o[3], False) for o in outs]))
+# ---- the runner ---------------------------------------------------------------------------------------
 
 
-def _report_md(m: dict[str, Any]) -> str:
-    lines = [f"# jsae demo: {m['model']}", "",
-             f"{m['n_layers']} decoder layers; swept layers {m['layers']}; concepts {m['concepts']}; methods {m['methods']}.", "",
-             "## SAEs (held-out pairs)", "",
-             markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "l0_vision", "l0_text", "paired_cosine",
-                                        "shared", "vision-only", "text-only"]),
-             "## Steering and suppression per layer (mean over concepts, 95% CI)", ""]
-    rows = []
-    for measure, by_method in m["summary"].items():
-        for method, by_layer in by_method.items():
-            for layer, s in sorted(by_layer.items(), key=lambda kv: int(kv[0])):
-                rows.append({"measure": measure, "method": method, "layer": int(layer), "effect": s["mean"],
-                             "ci": f"[{s['low']:.3f}, {s['high']:.3f}]", "cohens_h": s["cohens_h"], "images": s["n_images"]})
-    lines += [markdown_table(rows, ["measure", "method", "layer", "effect", "ci", "cohens_h", "images"]),
-              "## Cells", "", markdown_table(m["cells"], ["measure", "method", "layer", "concept", "n", "mean", "low", "high",
-                                                          "alpha", "rate_before", "rate_after", "preservation"]),
-              "![layer sweep](layer_sweep.png)", "", "Feature browser: [features.html](features.html)", ""]
-    if "interaction" in m:
-        lines += ["## Model × layer interaction", "", f"```\n{json.dumps(m['interaction'], indent=1)}\n```", ""]
-    return "\n".join(lines)
+def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: bool = False, progress: bool = True,
+                 scores_out: bool = False) -> dict[str, Any]:
+    """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
+    from jsae.report import write_run_report
+    from jsae.vlm import load_vlm
+
+    cfg = cfg or ProtocolConfig()
+    check_config(cfg)
+    source = data_source(cfg)
+    out = Path(out)
+    run = open_run(out, cfg, source, overwrite)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    vlm = load_vlm(cfg.model)
+    layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers)
+    for layer in layers:
+        vlm.adapter.check_layer(layer)
+
+    captures = capture_stage(run, vlm, source, progress=progress)
+    timings["capture_s"] = time.time() - t0
+    judge = source.judge(vlm.model, vlm.processor)
+    if cfg.concepts:
+        _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
+    methods_by_layer, data = train_stage(cfg, vlm, captures, layers, progress)
+    labels_by_layer, sae_rows = label_stage(run, source, methods_by_layer, data)
+    timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
+    items = source.items("eval")
+    concepts = choose_concepts(cfg, judge, labels_by_layer, layers, items)
+    cells = sweep_stage(cfg, vlm, judge, methods_by_layer, labels_by_layer, data, layers, concepts, items, progress)
+    timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
+    metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, cells, timings)
+    write_json(run.metrics_file, metrics)
+    write_run_report(run, vlm, source.pairs("label"))
+    timings["total_s"] = time.time() - t0
+    write_json(run.metrics_file, metrics)
+    if scores_out:
+        metrics["_cells"] = cells
+    return metrics
 
 
-__all__ = ["ARTEFACTS", "DemoConfig", "load_model", "run_demo"]
+__all__ = ["ARTEFACTS", "LayerData", "ProtocolConfig", "capture_stage", "check_config", "choose_concepts", "data_source",
+           "default_layers", "label_stage", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage"]

@@ -55,7 +55,7 @@ class Cell:
     scores: list[float] = field(default_factory=list)  # per image, for the interaction test
 
 
-CaptionFn = Callable[[list[Any], list[Any]], list[str]]  # (images, interventions) -> captions
+CaptionFn = Callable[[list[Any], Any], list[str]]  # (images, interventions) -> captions (jsae.interventions.Captioner)
 
 
 def _grow(score_fn: Callable[[int, int], np.ndarray], n_start: int, n_max: int, halfwidth: float) -> np.ndarray:
@@ -78,22 +78,171 @@ class SweepConfig:
     alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     n_calibration: int = 32
     min_fluency: float = 0.9
+    positions: str = "image"  # where steering and suppression edit
+    timing: str = "prefill"  # "prefill" or "every_step"
 
 
-def run_sweep(
-    caption: CaptionFn,
-    steer_factory: Callable[[int, Tensor, float], Any],
-    ablate_factory: Callable[[int, Any, list[int], str | None], Any],
-    methods_by_layer: dict[int, dict[str, Method]],
-    labels_by_layer: dict[int, dict[str, FeatureLabels]],
-    state_norms: dict[int, float],
-    images: list[Any],
-    items: list[dict],
-    cfg: SweepConfig,
-    progress: bool = True,
-    judge: Judge | None = None,
-) -> list[Cell]:
-    """Steering and suppression cells for every (method, layer, concept).
+@dataclass
+class CellPlan:
+    """One (concept, layer, method) of the sweep: its labelled features, steering direction and strength."""
+
+    concept: str
+    layer: int
+    method: str
+    features: list[int]
+    direction: Tensor
+    alpha: float = 0.0
+
+
+@dataclass
+class SweepImages:
+    """The sweep's images split per concept (calibration, without, with) and their unsteered captions."""
+
+    caption: CaptionFn
+    images: list[Any]
+    items: list[dict]
+    judge: Any
+    cfg: SweepConfig
+    _base: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        y = self.judge.presence(self.items)
+        self.present = y[:, [self.judge.concepts.index(c) for c in self.cfg.concepts]].bool()
+
+    def split(self, concept: str) -> tuple[list[int], list[int], list[int]]:
+        """(calibration images, other images without ``concept``, images with it)."""
+        ci = self.cfg.concepts.index(concept)
+        without = [i for i in range(len(self.images)) if not self.present[i, ci]]
+        with_c = [i for i in range(len(self.images)) if self.present[i, ci]]
+        return without[: self.cfg.n_calibration], without[self.cfg.n_calibration:], with_c
+
+    def base(self, idx: list[int], key: str) -> list[str]:
+        """Unsteered captions of images ``idx`` (cached under ``key``)."""
+        if key not in self._base:
+            self._base[key] = self.caption([self.images[i] for i in idx], [])
+        return self._base[key]
+
+    def captions(self, idx: list[int], interventions: list[Any]) -> list[str]:
+        return self.caption([self.images[i] for i in idx], interventions)
+
+
+def _steer(cfg: SweepConfig, layer: int, direction: Tensor, alpha: float) -> Any:
+    from jsae.interventions import Steer
+
+    return Steer(layer=layer, positions=cfg.positions, timing=cfg.timing, direction=direction, strength=alpha)  # type: ignore[arg-type]
+
+
+def _ablate(cfg: SweepConfig, layer: int, m: Method, feats: list[int]) -> Any:
+    from jsae.interventions import Ablate
+
+    return Ablate(layer=layer, positions=cfg.positions, timing=cfg.timing, sae=m.sae, features=feats,  # type: ignore[arg-type]
+                  sae_modality="vision" if m.joint else None)
+
+
+def plan_cells(methods_by_layer: dict[int, dict[str, Method]], labels_by_layer: dict[int, dict[str, FeatureLabels]],
+               cfg: SweepConfig) -> list[CellPlan]:
+    """Every (concept, layer, method) with a feature labelled with the concept (shared features for a JSAE;
+    vision-only or shared for the vision-only baseline); the others are recorded as missing."""
+    plans = []
+    for concept in cfg.concepts:
+        for layer in cfg.layers:
+            for method in cfg.methods:
+                m, labels = methods_by_layer[layer][method], labels_by_layer[layer][method]
+                kinds = ("shared",) if m.joint else ("vision-only", "shared")
+                try:
+                    feats = labels.features_for(concept, kinds=kinds)
+                except ValueError:
+                    continue
+                plans.append(CellPlan(concept, layer, method, feats, m.steer_direction(feats)))
+    return plans
+
+
+def choose_strengths(plans: list[CellPlan], sweep: SweepImages, state_norms: dict[int, float]) -> None:
+    """The fluency guard, as in the reference code: per plan the largest ``α = r · m_L / ‖d‖`` (``r`` in
+    ``cfg.alpha_ratios``, ``m_L`` the mean norm of the layer's states) whose captions of the concept's
+    calibration images are still fluent under the judge; sets ``plan.alpha`` (0 when none is)."""
+    cfg, judge = sweep.cfg, sweep.judge
+    for concept in cfg.concepts:
+        calib, _, _ = sweep.split(concept)
+        if judge.needs_calibration and calib:
+            judge.calibrate(sweep.base(calib, f"calibration-{concept}"))
+        for plan in (p for p in plans if p.concept == concept):
+            plan.alpha = 0.0
+            for r in cfg.alpha_ratios:
+                a = r * state_norms[plan.layer] / max(float(plan.direction.norm()), 1e-8)
+                caps = sweep.captions(calib, [_steer(cfg, plan.layer, plan.direction, a)])
+                if judge.fluency(caps) < cfg.min_fluency:
+                    break
+                plan.alpha = a
+
+
+def measure_cells(plans: list[CellPlan], sweep: SweepImages, methods_by_layer: dict[int, dict[str, Method]],
+                  progress: bool = True) -> list[Cell]:
+    """Steering cells (images without the concept, at the chosen strength; score = mention minus unsteered
+    mention) and suppression cells (images with it, its features ablated; score = unsteered mention minus
+    mention; preservation of the other objects), each grown to a ±halfwidth interval."""
+    cfg, judge = sweep.cfg, sweep.judge
+    mentions = judge.mentions
+    cells: list[Cell] = []
+    bar = tqdm(total=len(cfg.layers) * len(cfg.methods) * len(cfg.concepts), desc="steering/suppression sweep",
+               disable=not progress)
+    for concept in cfg.concepts:
+        _, without, with_c = sweep.split(concept)
+        base_without = sweep.base(without[: cfg.n_max], f"without-{concept}")
+        base_with = sweep.base(with_c[: cfg.n_max], f"with-{concept}")
+        by_key = {(p.layer, p.method): p for p in plans if p.concept == concept}
+        for layer in cfg.layers:
+            for method in cfg.methods:
+                bar.update(1)
+                plan = by_key.get((layer, method))
+                if plan is None:
+                    continue  # no feature of this method is labelled c at this layer: recorded as missing
+                m, feats = methods_by_layer[layer][method], plan.features
+                if plan.alpha > 0 and without:
+                    iv = [_steer(cfg, layer, plan.direction, plan.alpha)]
+
+                    def steer_scores(lo: int, hi: int) -> np.ndarray:
+                        caps = sweep.captions(without[lo:hi], iv)
+                        return np.array([float(mentions(c, concept)) - float(mentions(b, concept))
+                                         for c, b in zip(caps, base_without[lo:hi])])
+
+                    s = _grow(steer_scores, cfg.n_start, min(cfg.n_max, len(without)), cfg.halfwidth)
+                    before = np.mean([mentions(b, concept) for b in base_without[: len(s)]])
+                    ci = bootstrap_ci(s)
+                    cells.append(Cell("steering", method, layer, concept, len(s), ci.mean, ci.low, ci.high,
+                                      cohens_h(before + ci.mean, before), plan.alpha, float(before),
+                                      float(before + ci.mean), None, feats, s.tolist()))
+                if not with_c:
+                    continue  # no sweep image contains c: nothing to suppress
+                ab = [_ablate(cfg, layer, m, feats)]
+                others_kept: list[float] = []
+
+                def supp_scores(lo: int, hi: int) -> np.ndarray:
+                    idx = with_c[lo:hi]
+                    caps = sweep.captions(idx, ab)
+                    out = []
+                    for cap, base, i in zip(caps, base_with[lo:hi], idx):
+                        out.append(float(mentions(base, concept)) - float(mentions(cap, concept)))
+                        said = [o for o in judge.others(sweep.items[i], concept) if mentions(base, o)]
+                        if said:
+                            others_kept.append(np.mean([mentions(cap, o) for o in said]))
+                    return np.array(out)
+
+                s = _grow(supp_scores, cfg.n_start, min(cfg.n_max, len(with_c)), cfg.halfwidth)
+                before = np.mean([mentions(b, concept) for b in base_with[: len(s)]])
+                ci = bootstrap_ci(s)
+                cells.append(Cell("suppression", method, layer, concept, len(s), ci.mean, ci.low, ci.high,
+                                  cohens_h(before, before - ci.mean), None, float(before), float(before - ci.mean),
+                                  float(np.mean(others_kept)) if others_kept else None, feats, s.tolist()))
+    bar.close()
+    return cells
+
+
+def run_sweep(caption: CaptionFn, methods_by_layer: dict[int, dict[str, Method]],
+              labels_by_layer: dict[int, dict[str, FeatureLabels]], state_norms: dict[int, float], images: list[Any],
+              items: list[dict], cfg: SweepConfig, progress: bool = True, judge: Judge | None = None) -> list[Cell]:
+    """Steering and suppression cells for every (method, layer, concept): :func:`plan_cells`, then
+    :func:`choose_strengths`, then :func:`measure_cells`.
 
     ``items[i]`` is the record of ``images[i]`` (world: with ``objects``; real data: with ``caption``);
     ``judge`` (default :class:`WorldJudge`) reads presence, mentions and fluency."""
@@ -101,84 +250,10 @@ def run_sweep(
     unknown = [c for c in cfg.concepts if c not in judge.concepts]
     if unknown:
         raise ValueError(f"unknown concept(s) {unknown}; this judge's concepts are {judge.concepts[:50]}")
-    cells: list[Cell] = []
-    y = judge.presence(items)
-    present = y[:, [judge.concepts.index(c) for c in cfg.concepts]].bool()
-    mentions = judge.mentions
-    base_cache: dict[str, list[str]] = {}
-
-    def base_captions(idx: list[int], key: str) -> list[str]:
-        if key not in base_cache:
-            base_cache[key] = caption([images[i] for i in idx], [])
-        return base_cache[key]
-
-    total = len(cfg.layers) * len(cfg.methods) * len(cfg.concepts)
-    bar = tqdm(total=total, desc="steering/suppression sweep", disable=not progress)
-    for ci, concept in enumerate(cfg.concepts):
-        without = [i for i in range(len(images)) if not present[i, ci]]
-        with_c = [i for i in range(len(images)) if present[i, ci]]
-        calib, without = without[: cfg.n_calibration], without[cfg.n_calibration:]
-        if judge.needs_calibration and calib:
-            judge.calibrate(base_captions(calib, f"calibration-{concept}"))
-        base_without = base_captions(without[: cfg.n_max], f"without-{concept}")
-        base_with = base_captions(with_c[: cfg.n_max], f"with-{concept}")
-        for layer in cfg.layers:
-            for method in cfg.methods:
-                bar.update(1)
-                m, labels = methods_by_layer[layer][method], labels_by_layer[layer][method]
-                kinds = ("shared",) if m.joint else ("vision-only", "shared")
-                try:
-                    feats = labels.features_for(concept, kinds=kinds)
-                except ValueError:
-                    continue  # no feature of this method is labelled c at this layer: recorded as missing
-                direction = m.steer_direction(feats)
-                # fluency guard: the largest alpha whose calibration captions still parse
-                alpha = 0.0
-                for r in cfg.alpha_ratios:
-                    a = r * state_norms[layer] / max(float(direction.norm()), 1e-8)
-                    caps = caption([images[i] for i in calib], [steer_factory(layer, direction, a)])
-                    if judge.fluency(caps) < cfg.min_fluency:
-                        break
-                    alpha = a
-                if alpha > 0 and without:
-                    iv = [steer_factory(layer, direction, alpha)]
-
-                    def steer_scores(lo: int, hi: int) -> np.ndarray:
-                        caps = caption([images[i] for i in without[lo:hi]], iv)
-                        return np.array([float(mentions(c, concept)) - float(mentions(b, concept))
-                                         for c, b in zip(caps, base_without[lo:hi])])
-
-                    s = _grow(steer_scores, cfg.n_start, min(cfg.n_max, len(without)), cfg.halfwidth)
-                    before = np.mean([mentions(b, concept) for b in base_without[: len(s)]])
-                    iv_ci = bootstrap_ci(s)
-                    cells.append(Cell("steering", method, layer, concept, len(s), iv_ci.mean, iv_ci.low, iv_ci.high,
-                                      cohens_h(before + iv_ci.mean, before), alpha, float(before),
-                                      float(before + iv_ci.mean), None, feats, s.tolist()))
-                if not with_c:
-                    continue  # no sweep image contains c: nothing to suppress
-                # suppression
-                ab = [ablate_factory(layer, m.sae, feats, None if not m.joint else "vision")]
-                others_kept: list[float] = []
-
-                def supp_scores(lo: int, hi: int) -> np.ndarray:
-                    idx = with_c[lo:hi]
-                    caps = caption([images[i] for i in idx], ab)
-                    out = []
-                    for cap, base, i in zip(caps, base_with[lo:hi], idx):
-                        out.append(float(mentions(base, concept)) - float(mentions(cap, concept)))
-                        said = [o for o in judge.others(items[i], concept) if mentions(base, o)]
-                        if said:
-                            others_kept.append(np.mean([mentions(cap, o) for o in said]))
-                    return np.array(out)
-
-                s = _grow(supp_scores, cfg.n_start, min(cfg.n_max, len(with_c)), cfg.halfwidth)
-                before = np.mean([mentions(b, concept) for b in base_with[: len(s)]])
-                iv_ci = bootstrap_ci(s)
-                cells.append(Cell("suppression", method, layer, concept, len(s), iv_ci.mean, iv_ci.low, iv_ci.high,
-                                  cohens_h(before, before - iv_ci.mean), None, float(before), float(before - iv_ci.mean),
-                                  float(np.mean(others_kept)) if others_kept else None, feats, s.tolist()))
-    bar.close()
-    return cells
+    sweep = SweepImages(caption, images, items, judge, cfg)
+    plans = plan_cells(methods_by_layer, labels_by_layer, cfg)
+    choose_strengths(plans, sweep, state_norms)
+    return measure_cells(plans, sweep, methods_by_layer, progress)
 
 
-__all__ = ["Cell", "SweepConfig", "run_sweep"]
+__all__ = ["Cell", "CellPlan", "SweepConfig", "SweepImages", "choose_strengths", "measure_cells", "plan_cells", "run_sweep"]

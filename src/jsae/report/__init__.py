@@ -1,3 +1,32 @@
 """What people look at, read from a run directory (:mod:`jsae.report.rundir`): markdown and plots
 (:mod:`jsae.report.plots`), the feature browser (:mod:`jsae.report.browser`) and the Neuronpedia export
 (:mod:`jsae.report.neuronpedia`)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_browser_pairs: int = 200) -> None:
+    """``layer_sweep.png``, ``features.html`` (the JSAE of the middle swept layer, on the first
+    ``n_browser_pairs`` of ``pairs``) and ``report.md`` of a protocol run, read from its directory
+    (:class:`jsae.report.rundir.RunDir`) after its ``metrics.json`` is written."""
+    from jsae.files import write_atomic
+    from jsae.report.browser import browser_features, feature_browser, token_codes
+    from jsae.report.markdown import protocol_report
+    from jsae.report.plots import plot_layer_sweep
+    from jsae.report.rundir import load_labelled_sae
+
+    m = run.metrics()
+    plot_layer_sweep(m["summary"], m["n_layers"], run.path / "layer_sweep.png",
+                     title=f"{m['model']}: steering vs suppression by layer")
+    layers = m["layers"]
+    mid = layers[len(layers) // 2]
+    sae, labels, _ = load_labelled_sae(run.sae_dir("jsae", mid))
+    codes = token_codes(vlm, sae, list(pairs[:n_browser_pairs]), mid)
+    feature_browser(browser_features(codes, labels, mid, run.cells(layer=mid)), run.path / "features.html",
+                    title=f"{m['model']} layer {mid}: JSAE features")
+    write_atomic(run.path / "report.md", protocol_report(m))
+
+
+__all__ = ["write_run_report"]

@@ -1,0 +1,230 @@
+"""Data sources: the one owner of where (image, caption) pairs come from.
+
+A source has named *parts* (the protocol uses ``"train"``, ``"label"`` and ``"eval"``; the CLI a single
+world split), and for each part the rows (``datasets.Dataset`` in the world schema: ``image``,
+``caption``, ``objects``, ...), the pairs, the concept presence used for labelling, and a **fingerprint**:
+the sha256 of every image and caption of the part, in order (:func:`jsae.capture.dataset_fingerprint`).
+The fingerprint is written into every capture manifest, labels file and run directory, and whatever reads
+them back (``jsae label``, ``jsae steer``, the protocol) refuses data whose fingerprint does not match.
+
+* :class:`WorldSource`: the embedded world (exact ground truth; concepts are object types, categories and
+  colours; the judge is :class:`~jsae.data.judges.WorldJudge`).
+* :class:`CaptionSource`: a COCO-captions-style dataset (path or hub id), cut into consecutive slices;
+  concepts are caption words; the judge is :class:`~jsae.data.judges.CaptionJudge` with the VLM's own
+  no-image perplexity as fluency guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from jsae.capture import dataset_fingerprint
+
+WORLD_SPLITS = ("train", "validation", "test")
+
+
+def check_fingerprint(found: str | None, expected: str, what: str, fix: str) -> None:
+    """One-line error when ``found`` (read from a capture, labels file or run) is not ``expected``."""
+    if found is not None and found != expected:
+        raise ValueError(f"{what} was made from other data (fingerprint {found[:12]}…, this data {expected[:12]}…); {fix}")
+
+
+@dataclass
+class _Source:
+    """Shared behaviour: cached rows per part, pairs, items, fingerprints."""
+
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    kind = "source"
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _load(self, part: str) -> Any:
+        raise NotImplementedError
+
+    def _check_part(self, part: str) -> str:
+        if part not in self.parts:
+            raise ValueError(f"unknown part {part!r} of this {self.kind} source; its parts are {list(self.parts)}")
+        return part
+
+    def dataset(self, part: str) -> Any:
+        """The rows of ``part`` (a ``datasets.Dataset`` in the world schema)."""
+        if part not in self._cache:
+            self._cache[part] = self._load(self._check_part(part))
+        return self._cache[part]
+
+    def items(self, part: str) -> list[dict]:
+        ds = self.dataset(part)
+        return [ds[i] for i in range(len(ds))]
+
+    def pairs(self, part: str) -> list[tuple[Any, str]]:
+        return [(ex["image"], ex["caption"]) for ex in self.dataset(part)]
+
+    def fingerprint(self, part: str) -> str:
+        key = f"fingerprint:{part}"
+        if key not in self._cache:
+            self._cache[key] = dataset_fingerprint(self.pairs(part))
+        return self._cache[key]
+
+    def describe(self, part: str) -> dict[str, Any]:
+        """What a manifest or labels file records about the data of ``part``."""
+        return {"kind": self.kind, "part": part, "n": len(self.dataset(part)), "fingerprint": self.fingerprint(part),
+                **self._settings(part)}
+
+    def _settings(self, part: str) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class WorldSource(_Source):
+    """The embedded world: ``parts`` maps a part name to ``(world split, n)``; deterministic for ``seed``."""
+
+    split_sizes: Mapping[str, tuple[str, int]] = field(default_factory=lambda: {
+        "train": ("train", 2000), "label": ("validation", 400), "eval": ("test", 1200)})
+    seed: int = 0
+    kind = "world"
+
+    def __post_init__(self) -> None:
+        for part, (split, n) in self.split_sizes.items():
+            if split not in WORLD_SPLITS:
+                raise ValueError(f"unknown world split {split!r} for part {part!r}; use one of {list(WORLD_SPLITS)}")
+            if int(n) <= 0:
+                raise ValueError(f"part {part!r} needs a positive number of pairs, got {n}")
+
+    @classmethod
+    def protocol(cls, n_train: int, n_label: int, n_eval: int, seed: int = 0) -> "WorldSource":
+        return cls({"train": ("train", n_train), "label": ("validation", n_label), "eval": ("test", n_eval)}, seed)
+
+    @classmethod
+    def split(cls, split: str, n: int, seed: int = 0) -> "WorldSource":
+        """One world split as the only part (named after the split), as the CLI's ``--split/--n/--seed``."""
+        return cls({split: (split, n)}, seed)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.split_sizes)
+
+    def _load(self, part: str) -> Any:
+        from jsae.world.data import world_dataset
+
+        split, n = self.split_sizes[part]
+        return world_dataset(split, int(n), self.seed)
+
+    def _settings(self, part: str) -> dict[str, Any]:
+        split, n = self.split_sizes[part]
+        return {"split": split, "seed": self.seed}
+
+    @property
+    def concepts(self) -> list[str]:
+        from jsae.world.concepts import world_concepts
+
+        return world_concepts()
+
+    def presence(self, part: str) -> tuple[Tensor, list[str]]:
+        """``([n, C] 0/1, concept names)``: which world concepts each image of ``part`` contains."""
+        from jsae.world.concepts import concept_presence
+
+        names = self.concepts
+        return concept_presence([ex["objects"] for ex in self.dataset(part)], names), names
+
+    def judge(self, model: Any = None, processor: Any = None) -> Any:
+        from jsae.data.judges import WorldJudge
+
+        return WorldJudge()
+
+
+@dataclass
+class CaptionSource(_Source):
+    """A caption dataset (path or hub id) cut into consecutive slices ``part -> n`` in the order of
+    ``sizes``; caption words that occur in ``min_count`` labelling captions are the concepts."""
+
+    path: str = ""
+    data_split: str = "train"
+    sizes: Mapping[str, int] = field(default_factory=lambda: {"train": 2000, "label": 400, "eval": 1200})
+    min_count: int = 5
+    max_perplexity: float | None = None
+    label_part: str = "label"
+    kind = "captions"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("CaptionSource needs path=, a COCO-captions-style dataset (path or hub id)")
+        if any(int(n) <= 0 for n in self.sizes.values()):
+            raise ValueError(f"every part needs a positive number of rows, got {dict(self.sizes)}")
+
+    @classmethod
+    def protocol(cls, path: str, data_split: str, n_train: int, n_label: int, n_eval: int, *, min_count: int = 5,
+                 max_perplexity: float | None = None) -> "CaptionSource":
+        return cls(path=path, data_split=data_split, sizes={"train": n_train, "label": n_label, "eval": n_eval},
+                   min_count=min_count, max_perplexity=max_perplexity)
+
+    @classmethod
+    def whole(cls, path: str, data_split: str = "train", min_count: int = 5) -> "CaptionSource":
+        """Every row of ``data_split`` as one part named after it (the CLI's ``--data``)."""
+        return cls(path=path, data_split=data_split, sizes={data_split: 10**12}, min_count=min_count, label_part=data_split)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.sizes)
+
+    def _rows(self) -> Any:
+        if "rows" not in self._cache:
+            from jsae.world.data import load_caption_dataset
+
+            need = sum(int(n) for n in self.sizes.values())
+            limit = None if need >= 10**12 else need
+            ds = load_caption_dataset(self.path, split=self.data_split, limit=limit)
+            if limit is not None and len(ds) < need:
+                names = " + ".join(f"n_{part}" for part in self.sizes)
+                flags = " / ".join(f"--n-{part.replace('_', '-')}" for part in self.sizes)
+                raise ValueError(f"{self.path!r} ({self.data_split}) has {len(ds)} rows but {names} = {need}; "
+                                 f"lower {flags} or use a larger dataset")
+            self._cache["rows"] = ds
+        return self._cache["rows"]
+
+    def _load(self, part: str) -> Any:
+        ds, start = self._rows(), 0
+        for name, n in self.sizes.items():
+            stop = min(start + int(n), len(ds))
+            if name == part:
+                return ds if (start, stop) == (0, len(ds)) else ds.select(range(start, stop))
+            start = stop
+        raise AssertionError(part)
+
+    def _settings(self, part: str) -> dict[str, Any]:
+        return {"path": self.path, "split": self.data_split}
+
+    @property
+    def concepts(self) -> list[str]:
+        from jsae.labels import concepts_from_captions
+
+        key = "concepts"
+        if key not in self._cache:
+            _, self._cache[key] = concepts_from_captions([ex["caption"] for ex in self.dataset(self.label_part)],
+                                                         min_count=self.min_count)
+        return self._cache[key]
+
+    def presence(self, part: str) -> tuple[Tensor, list[str]]:
+        """``([n, C] 0/1, concept words)``: which caption words each row's reference captions have."""
+        from jsae.data.judges import caption_presence
+
+        names = self.concepts
+        return caption_presence(self.items(part), names), names
+
+    def judge(self, model: Any = None, processor: Any = None) -> Any:
+        """The caption judge; its fluency guard is the no-image perplexity under ``model``."""
+        from jsae.data.judges import CaptionJudge, text_perplexity
+
+        if model is None:
+            raise ValueError("the caption judge needs the VLM for its perplexity guard: pass model= and processor=")
+        return CaptionJudge(self.concepts, lambda texts: text_perplexity(model, processor, texts),
+                            max_perplexity=self.max_perplexity)
+
+
+DataSource = WorldSource | CaptionSource
+
+__all__ = ["CaptionSource", "DataSource", "WorldSource", "check_fingerprint"]

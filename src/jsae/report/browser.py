@@ -1,0 +1,235 @@
+"""The feature browser: a self-contained HTML page of an SAE's labelled features, each with its top
+images (the per-patch activation map laid over them), its top captions and, from a protocol run, its
+steering result.
+
+:func:`token_codes` runs the VLM on (image, caption) pairs (through :func:`jsae.activations.read_layers`)
+and encodes every token with the JSAE's vision and text branches; the browser and the Neuronpedia export
+both read features from it (:func:`top_examples`, :func:`heat_map`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from jsae.adapters import sae_layer
+from jsae.adapters.base import GRID_COL, GRID_REGION, GRID_ROW
+from jsae.files import write_atomic
+from jsae.labels import FeatureLabels
+
+
+# ---- per-token codes ------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenCodes:
+    """Per-token JSAE codes of a set of pairs at one layer (rows left-padded to one length)."""
+
+    images: list[Any]
+    captions: list[str]
+    zv_tok: Tensor  # [B, S, d_sae] vision-branch codes of every token
+    zt_tok: Tensor  # [B, S, d_sae] text-branch codes of every token
+    image_mask: Tensor  # [B, S]
+    caption_mask: Tensor  # [B, S]
+    grid: Tensor  # [B, S, 4] adapter.patch_grid
+
+    @property
+    def zv(self) -> Tensor:
+        """[B, d_sae] vision codes mean-pooled over each image's tokens."""
+        w = self.image_mask.float()
+        return (self.zv_tok * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    @property
+    def zt(self) -> Tensor:
+        """[B, d_sae] text codes mean-pooled over each caption's tokens."""
+        w = self.caption_mask.float()
+        return (self.zt_tok * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+
+@torch.no_grad()
+def token_codes(vlm: Any, sae: Any, pairs: Sequence[tuple[Any, str]], layer: int | None = None,
+                batch_size: int = 50) -> TokenCodes:
+    """Run ``vlm`` (``jsae.load_vlm``) on ``pairs`` and encode every token of decoder layer ``layer``
+    (default: the SAE's) with both branches of the JSAE ``sae``."""
+    from jsae.activations import read_layers
+
+    model, processor, adapter = vlm
+    layer = sae_layer(sae) if layer is None else layer
+    images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    outs = []
+    for i in range(0, len(images), batch_size):
+        enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
+        states = read_layers(model, adapter, enc, [layer])[layer].float()
+        outs.append((states, adapter.image_token_mask(enc), adapter.patch_grid(enc), enc["caption_mask"]))
+    width = max(o[0].shape[1] for o in outs)
+
+    def pad(x: Tensor, value: float) -> Tensor:  # left padding, as the processor pads
+        return torch.nn.functional.pad(x, (0, 0, width - x.shape[1], 0) if x.dim() == 3 else (width - x.shape[1], 0), value=value)
+
+    states = torch.cat([pad(o[0], 0.0) for o in outs])
+    return TokenCodes(images, captions, sae.encode(states, "vision"), sae.encode(states, "text"),
+                      torch.cat([pad(o[1], False) for o in outs]), torch.cat([pad(o[3], False) for o in outs]),
+                      torch.cat([pad(o[2], -1) for o in outs]))
+
+
+def heat_map(codes: TokenCodes, b: int, feature: int) -> np.ndarray:
+    """[rows, cols] activation of ``feature`` on the base patch grid of image ``b`` (max over duplicates)."""
+    g = codes.grid[b]
+    sel = codes.image_mask[b] & (g[:, GRID_ROW] >= 0) & (g[:, GRID_REGION] == 0)
+    cells = g[sel]
+    heat = np.zeros((int(cells[:, GRID_ROW].max()) + 1, int(cells[:, GRID_COL].max()) + 1))
+    for r, c, a in zip(cells[:, GRID_ROW].tolist(), cells[:, GRID_COL].tolist(), codes.zv_tok[b][sel][:, feature].tolist()):
+        heat[r, c] = max(heat[r, c], a)
+    return heat
+
+
+def top_examples(codes: TokenCodes, feature: int, n: int) -> tuple[list[int], list[int]]:
+    """Indices of the ``n`` images and ``n`` captions on which ``feature`` fires most (pooled codes)."""
+    return (codes.zv[:, feature].argsort(descending=True)[:n].tolist(),
+            codes.zt[:, feature].argsort(descending=True)[:n].tolist())
+
+
+def strongest_labelled(labels: FeatureLabels, n: int | None = None) -> list[Any]:
+    """The labelled features, strongest (vision + text correlation) first."""
+    chosen = sorted((lab for lab in labels.labels if lab.label), key=lambda lab: -(lab.vision_corr + lab.text_corr))
+    return chosen[:n] if n else chosen
+
+
+def browser_features(codes: TokenCodes, labels: FeatureLabels, layer: int, cells: Sequence[Any] = (),
+                     n_features: int = 24, n_images: int = 4) -> list[dict[str, Any]]:
+    """Per labelled feature: top images with their heat maps, top captions and the JSAE steering cell that
+    used it (``cells`` of a protocol run)."""
+    steer = [c for c in cells if c.measure == "steering" and c.method == "jsae" and c.layer == layer]
+    feats = []
+    for lab in strongest_labelled(labels, n_features):
+        j = lab.feature
+        top_img, top_cap = top_examples(codes, j, n_images)
+        st = next((c for c in steer if j in c.features), None)
+        feats.append({"feature": j, "layer": layer, "label": lab.label, "kind": lab.kind, "purity": lab.purity,
+                      "top_images": [(codes.images[b], heat_map(codes, b, j)) for b in top_img],
+                      "top_captions": [codes.captions[b] for b in top_cap],
+                      "steering": None if st is None else f"'{st.concept}' {st.mean:+.2f} [{st.low:+.2f}, {st.high:+.2f}] at α={st.alpha:.1f}"})
+    return feats
+
+
+# ---- the page -------------------------------------------------------------------------------------
+
+
+def heatmap_overlay(image: Image.Image, grid: np.ndarray, scale: int = 3) -> Image.Image:
+    """The image with a per-patch activation grid ``[rows, cols]`` laid over it in red."""
+    img = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    g = np.asarray(grid, dtype=float)
+    g = g / g.max() if g.max() > 0 else g
+    heat = Image.fromarray((g * 255).astype(np.uint8), mode="L").resize(img.size, Image.NEAREST)
+    red = Image.new("RGB", img.size, (255, 0, 0))
+    return Image.composite(red, img, heat.point(lambda v: int(v * 0.6)))
+
+
+def png_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- feature browser ----------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+#q{font-size:1.1em;padding:.3em;width:24em}
+.feature{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.8em;margin:.8em 0}
+.feature h2{font-size:1.05em;margin:0 0 .4em}
+.kind{font-size:.8em;padding:.1em .4em;border-radius:3px;background:#eee}
+.shared{background:#d4f4d4}.vision-only{background:#d4e4f8}.text-only{background:#f8e8cc}
+.imgs img{margin:2px;border:1px solid #ccc;image-rendering:pixelated}
+.caps{font-size:.9em;color:#444}.steer{font-size:.9em}
+"""
+
+_JS = """
+function filt(){const q=document.getElementById('q').value.toLowerCase();
+for(const f of document.querySelectorAll('.feature')){f.style.display=f.dataset.search.includes(q)?'':'none';}
+document.getElementById('count').textContent=[...document.querySelectorAll('.feature')].filter(f=>f.style.display!=='none').length;}
+"""
+
+
+def feature_browser(features: Iterable[dict[str, Any]], path: str | Path, title: str = "jsae features") -> Path:
+    """A self-contained static page (no CDN, no network).  Each feature dict has ``feature``, ``label``,
+    ``kind``, ``purity``, optional ``layer``, ``top_images`` (list of (PIL image, patch grid or None)),
+    ``top_captions`` (list of str) and optional ``steering`` (str)."""
+    cards = []
+    for f in features:
+        imgs = "".join(
+            f'<img alt="top image" src="{png_data_uri(heatmap_overlay(im, grid) if grid is not None else im)}">'
+            for im, grid in f.get("top_images", [])
+        )
+        caps = "".join(f"<li>{html.escape(c)}</li>" for c in f.get("top_captions", []))
+        label = f.get("label") or "unlabelled"
+        layer = f" · layer {f['layer']}" if "layer" in f else ""
+        search = html.escape(f"{f['feature']} {label} {f.get('kind', '')}{layer}".lower())
+        steer = f'<div class="steer">steering: {html.escape(str(f["steering"]))}</div>' if f.get("steering") else ""
+        cards.append(
+            f'<div class="feature" data-search="{search}"><h2>feature {f["feature"]}{layer}: {html.escape(label)} '
+            f'<span class="kind {html.escape(f.get("kind", ""))}">{html.escape(f.get("kind", ""))}</span> '
+            f'purity {f.get("purity", 0):.2f}</h2><div class="imgs">{imgs}</div><ul class="caps">{caps}</ul>{steer}</div>'
+        )
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
+            f"<script>{_JS}</script></head><body><h1>{html.escape(title)}</h1>"
+            f"<input id='q' placeholder='search label, kind, feature id' oninput='filt()'> "
+            f"<span id='count'>{len(cards)}</span> features{''.join(cards)}</body></html>")
+    return write_atomic(path, page)
+
+
+
+
+# ---- the page of one SAE folder or release ----------------------------------------------------------
+
+
+def world_model_for(sae: Any, model: str | None = None) -> tuple[Any, str]:
+    """(VLM, name) of the toy model an SAE was trained on (``model`` overrides ``metadata.model_name``)."""
+    from jsae import world
+
+    name = model or sae.cfg.metadata.get("model_name")
+    if name is None:
+        raise ValueError("the SAE's cfg.json names no model (metadata.model_name); pass model=")
+    if name not in world.MODEL_NAMES:
+        raise NotImplementedError(f"feature pages and exports are built on the embedded world's images; {name!r} is a real "
+                                  "VLM: pass the toy model, or build the page from your own pairs with jsae.report.browser (token_codes, browser_features)")
+    from jsae.vlm import load_vlm
+
+    return load_vlm(name), name
+
+
+def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str | None = None, n_pairs: int = 200,
+                 n_features: int = 24, n_images: int = 4, seed: int = 0) -> Path:
+    """Write ``features.html`` (default: into the SAE folder; for a release name ``./<release>-features.html``)
+    for a labelled JSAE folder or shipped release:
+    per labelled feature its label, purity, kind, top images with the patch heat map, top captions and,
+    when the SAE comes from a ``jsae demo`` run, its steering result."""
+    from jsae.report.rundir import RunDir, load_labelled_sae
+    from jsae.world import world_dataset
+
+    sae_model, labels, path = load_labelled_sae(sae)
+    if not any(lab.label for lab in labels.labels):
+        raise ValueError(f"{path}/labels.json labels no feature (all unlabelled); train longer or lower min_corr in `jsae label`")
+    vlm, name = world_model_for(sae_model, model)
+    layer = sae_layer(sae_model)
+    ds = world_dataset("validation", n_pairs, seed)
+    run = RunDir.of_sae(path)
+    cells = run.cells(layer=layer) if run is not None else []
+    codes = token_codes(vlm, sae_model, [(ex["image"], ex["caption"]) for ex in ds], layer)
+    feats = browser_features(codes, labels, layer, cells, n_features=n_features, n_images=n_images)
+    if out is None:  # next to the SAE; for a shipped release (inside the package), in the current directory
+        out = path / "features.html" if Path(sae).is_dir() else Path(f"{sae}-features.html")
+    return feature_browser(feats, out, title=f"{name} layer {layer}: JSAE features ({path.name})")
+
+
+__all__ = ["TokenCodes", "browser_features", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
+           "png_data_uri", "strongest_labelled", "token_codes", "top_examples", "world_model_for"]

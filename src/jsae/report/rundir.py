@@ -1,0 +1,117 @@
+"""The one reader of what jsae writes to disk for people to look at.
+
+A **run directory** (``jsae demo --out RUN``)::
+
+    RUN/run.json                      the configuration and the data fingerprint of every part
+    RUN/capture/<part>/               pooled captures (manifest.json + shards)
+    RUN/saes/<method>/layer_<L>/      SAELens directories (cfg.json, sae_weights.safetensors, labels.json)
+    RUN/metrics.json                  SAE metrics, cells, summary (schema in the README)
+    RUN/report.md, layer_sweep.png, features.html
+
+:class:`RunDir` finds each of these; :func:`resolve_sae_dir` / :func:`load_labelled_sae` read one SAE
+folder (or a shipped release by name) with its labels, and :meth:`RunDir.of_sae` finds the run that holds
+an SAE folder, if any.  Reports, plots, the feature browser and the Neuronpedia export read through here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jsae.labels import FeatureLabels
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A protocol run directory (see the module docstring)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def exists(self) -> bool:
+        return self.run_file.is_file()
+
+    def capture_dir(self, part: str) -> Path:
+        return self.path / "capture" / part
+
+    def sae_dir(self, method: str, layer: int) -> Path:
+        return self.path / "saes" / method / f"layer_{layer}"
+
+    def run_info(self) -> dict[str, Any]:
+        return json.loads(self.run_file.read_text()) if self.exists() else {}
+
+    def metrics(self) -> dict[str, Any]:
+        if not self.metrics_file.is_file():
+            raise FileNotFoundError(f"{self.path} has no {METRICS_FILE}; run `jsae demo --out {self.path}` first")
+        return json.loads(self.metrics_file.read_text())
+
+    def cells(self, *, layer: int | None = None, method: str | None = None, measure: str | None = None) -> list[Any]:
+        """The run's cells as :class:`jsae.protocol.sweep.Cell` (per-image scores are not kept in metrics.json);
+        [] when the run has no readable metrics yet."""
+        from jsae.protocol.sweep import Cell
+
+        try:
+            rows = self.metrics().get("cells", [])
+        except (FileNotFoundError, ValueError):
+            return []
+        names = set(Cell.__dataclass_fields__)
+        out = [Cell(**{k: v for k, v in r.items() if k in names}) for r in rows]
+        return [c for c in out if (layer is None or c.layer == layer) and (method is None or c.method == method)
+                and (measure is None or c.measure == measure)]
+
+    @classmethod
+    def of_sae(cls, sae_dir: str | Path) -> "RunDir | None":
+        """The run that holds ``sae_dir`` as ``RUN/saes/<method>/layer_<L>``, or None."""
+        p = Path(sae_dir).resolve()
+        if p.parent.parent.name != "saes" or not p.name.startswith("layer_"):
+            return None
+        run = cls(p.parent.parent.parent)
+        return run if run.exists() or run.metrics_file.is_file() else None
+
+
+def resolve_sae_dir(sae: str | Path) -> Path:
+    """A SAE folder, or the folder of a shipped (``jsae_local``) release given by name."""
+    from jsae.releases.registry import RELEASES, _local_dir, resolve_sae_id
+
+    p = Path(sae)
+    if p.is_dir():
+        return p
+    name = str(sae)
+    if name in RELEASES and RELEASES[name].conversion_func == "jsae_local":
+        lk = RELEASES[name]
+        return _local_dir(lk.repo_id, lk.saes_map[resolve_sae_id(name, None)])
+    if name in RELEASES:
+        raise ValueError(f"release {name!r} is not shipped with jsae; pull it first (`jsae release pull {RELEASES[name].repo_id}`)"
+                         " and pass the SAE folder")
+    resolve_sae_id(name, None)  # unknown names: one-line error with close names
+    raise FileNotFoundError(f"{sae} is not a directory")
+
+
+def load_labelled_sae(sae: str | Path) -> tuple[Any, FeatureLabels, Path]:
+    """(JointSAE, its labels, folder); a one-line error when the folder has no labels.json."""
+    from jsae.saes.joint_sae import JointSAE
+
+    path = resolve_sae_dir(sae)
+    model = JointSAE.load_from_disk(path)
+    if not (path / "labels.json").is_file():
+        raise FileNotFoundError(f"{path} has no labels.json, so there are no features to show; label it first: "
+                                f"`jsae label --sae {path} --capture CAPTURE --layer {model.cfg.metadata.get('layer')}`")
+    return model, FeatureLabels.load(path / "labels.json"), path
+
+
+__all__ = ["METRICS_FILE", "RUN_FILE", "RunDir", "load_labelled_sae", "resolve_sae_dir"]
