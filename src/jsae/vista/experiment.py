@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jsae.files import write_atomic, write_json
-from jsae.report.plots import markdown_table
+from jsae.report.markdown import markdown_table
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
 from jsae.vista.metrics import (image_concepts, interval, label_latents_from_patches, label_latents_from_text, label_latents_from_words,
