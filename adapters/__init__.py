@@ -1,13 +1,15 @@
 """VLM adapters (installed as ``jsae.adapters``): everything model-specific lives here.
 
-``for_model(model)`` picks the adapter from the model's class; third-party adapters register through
-``register_adapter`` or the ``jsae.adapters`` entry-point group (see :mod:`jsae.adapters.base`).
+``for_model(model)`` picks the adapter from the model's class (``adapter_class(model_class)`` gives the
+class without a model instance); third-party adapters register through ``register_adapter`` or the
+``jsae.adapters`` entry-point group (see :mod:`jsae.adapters.base`).
 """
 
 from jsae.adapters.base import (
     ENTRY_POINT_GROUP,
     ImageTokens,
     VLMAdapter,
+    adapter_class,
     for_model,
     layer_of_hook,
     mark_remote,
@@ -27,6 +29,7 @@ __all__ = [
     "LlavaAdapter",
     "Qwen3VLAdapter",
     "VLMAdapter",
+    "adapter_class",
     "for_model",
     "layer_of_hook",
     "mark_remote",

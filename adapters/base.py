@@ -6,6 +6,8 @@ and a batch of inputs only:
 
 * structure: :attr:`~VLMAdapter.layers` (decoder-layer envoys), :attr:`~VLMAdapter.n_layers`,
   :attr:`~VLMAdapter.d_in` (hidden size), :attr:`~VLMAdapter.vision_tower`, :attr:`~VLMAdapter.projector`;
+* vision features: :meth:`~VLMAdapter.patch_features` (the vision tower's output, one vector per image
+  token of each image, ``[n_images, n_patches, d_vision]``) and :attr:`~VLMAdapter.d_vision`;
 * positions: :meth:`~VLMAdapter.image_token_mask`, :meth:`~VLMAdapter.caption_token_mask` and
   :meth:`~VLMAdapter.patch_grid` (``[B, S, 4]``: image index, region, row, column of every image token);
 * inputs: :meth:`~VLMAdapter.build_inputs` turns (images, captions) into model inputs through the
@@ -19,7 +21,7 @@ last, where transformers reports the final-norm output instead.
 
 Registering a new family: subclass :class:`VLMAdapter`, set ``model_classes`` to the class names it
 handles, and either call :func:`register_adapter` or expose the class in your package's
-``pyproject.toml``::
+``pyproject.toml`` (:func:`adapter_class` finds the class for a model class without a model instance)::
 
     [project.entry-points."jsae.adapters"]
     my_vlm = "my_package.adapters:MyVLMAdapter"
@@ -38,7 +40,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from beartype import beartype
-from jaxtyping import Bool, Int, jaxtyped
+from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor, nn
 
 ENTRY_POINT_GROUP = "jsae.adapters"
@@ -110,6 +112,11 @@ class VLMAdapter(abc.ABC):
     model_classes: ClassVar[tuple[str, ...]] = ()
     #: what the plain (no chat template) prompt layout looks like, for the docs and error messages
     plain_layout: ClassVar[str] = ""
+    #: the placeholder string of one image token in a prompt
+    image_token: ClassVar[str] = "<image>"
+    #: what one image is in the plain prompt when that is not just the processor's image token (e.g. with
+    #: vision start/end markers); None: ``processor.image_token``, else :attr:`image_token`
+    plain_image: ClassVar[str | None] = None
 
     def __init__(self, model: Any):
         self.model = model
@@ -173,6 +180,19 @@ class VLMAdapter(abc.ABC):
     def projector(self) -> Any:
         """The module mapping vision features into the language model's embedding space (VISTA trains it)."""
 
+    @property
+    def d_vision(self) -> int:
+        """Width of :meth:`patch_features`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement d_vision")
+
+    def patch_features(self, inputs: Mapping[str, Any]) -> Float[Tensor, "n_images n_patches d_vision"]:
+        """The vision tower's output for the images of ``inputs`` (``pixel_values`` and the family's
+        image keys), one vector per image token in row-major patch order: ``[n_images, n_patches,
+        d_vision]``.  Runs the underlying ``torch`` modules (with autograd, outside any trace), so a
+        caller can train the tower on it.  Each family documents what its tokens are (LLaVA: CLIP
+        patches before the projector; Qwen3-VL: the merged patches of its tower)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement patch_features")
+
     def check_layer(self, layer: Any) -> int:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise ValueError(
@@ -184,11 +204,6 @@ class VLMAdapter(abc.ABC):
     @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
-
-    @property
-    def image_token(self) -> str:
-        """The placeholder string of one image token in a prompt."""
-        return "<image>"
 
     def special_token_ids(self) -> set[int]:
         """Token ids that are never caption tokens (image, video, vision markers, pad/bos/eos)."""
@@ -319,10 +334,15 @@ class VLMAdapter(abc.ABC):
         return {k: v for k, v in inputs.items() if k not in EXTRA_KEYS and v is not None}
 
     # ---- building inputs ----------------------------------------------------------------------
-    def plain_prompt(self, caption: str, n_images: int = 1, processor: Any = None) -> str:
+    @classmethod
+    def plain_prompt(cls, caption: str, n_images: int = 1, processor: Any = None) -> str:
         """The prompt used when the processor has no chat template: the image placeholder(s)
-        (``processor.image_token`` when it has one), a space, then the caption."""
-        image = getattr(processor, "image_token", None) or self.image_token
+        (:attr:`plain_image`, else ``processor.image_token`` when it has one, else :attr:`image_token`),
+        a space, then the caption.  A class method: ``plain_prompt("")`` is what one image is in a prompt."""
+        image = cls.plain_image or getattr(processor, "image_token", None) or cls.image_token
+        if not isinstance(image, str):
+            raise TypeError(f"{cls.__name__}.image_token / plain_image must be class attributes holding strings, "
+                            f"got {type(image).__name__}")
         return " ".join([image] * n_images + ([caption] if caption else []))
 
     def render_prompt(self, processor: Any, caption: str, n_images: int = 1, chat_template: bool | None = None,
@@ -457,15 +477,22 @@ def supported_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def for_model(model: Any) -> VLMAdapter:
-    """The adapter for ``model`` (nnsight-wrapped or bare transformers VLM), chosen by its class."""
+def adapter_class(model_class: type | str) -> type[VLMAdapter]:
+    """The adapter class registered for a transformers model class (a class, looked up along its MRO, or
+    a class name), without a model instance."""
     _load_entry_points()
-    hf = unwrap(model)
-    for klass in type(hf).__mro__:
-        cls = _REGISTRY.get(klass.__name__)
+    names = [model_class] if isinstance(model_class, str) else [k.__name__ for k in model_class.__mro__]
+    for name in names:
+        cls = _REGISTRY.get(name)
         if cls is not None:
-            return cls(model)
+            return cls
+    shown = model_class if isinstance(model_class, str) else model_class.__name__
     raise ValueError(
-        f"no jsae adapter for {type(hf).__name__}; supported: {', '.join(sorted(_REGISTRY))}. "
+        f"no jsae adapter for {shown}; supported: {', '.join(sorted(_REGISTRY))}. "
         f"Register one with jsae.adapters.register_adapter(MyAdapter) or the entry-point group {ENTRY_POINT_GROUP!r}"
     )
+
+
+def for_model(model: Any) -> VLMAdapter:
+    """The adapter for ``model`` (nnsight-wrapped or bare transformers VLM), chosen by its class."""
+    return adapter_class(type(unwrap(model)))(model)

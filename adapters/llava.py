@@ -11,7 +11,9 @@ expands each ``<image>`` in the prompt to one token per image feature.
   col -1).  Coordinates of region 1 are in the cropped grid, so (0, 0) is the top-left of the picture.
 
 Vision tower: ``model.model.vision_tower`` (a ``CLIPVisionModel``; in transformers 5 there is no
-``.vision_model`` level).  Projector: ``model.model.multi_modal_projector``.
+``.vision_model`` level).  Projector: ``model.model.multi_modal_projector``.  Patch features
+(:meth:`LlavaAdapter.patch_features`, LLaVA-1.5 only): the CLIP hidden states the projector reads
+(``vision_feature_layer``; the encoder's ``last_hidden_state`` for -1) without the CLS token.
 Plain layout (processor without chat template): ``"<image> caption"``.
 """
 
@@ -20,9 +22,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter
+from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter, unwrap
 
 
 class LlavaAdapter(VLMAdapter):
@@ -40,6 +44,30 @@ class LlavaAdapter(VLMAdapter):
     @property
     def projector(self) -> Any:
         return self.model.model.multi_modal_projector
+
+    @property
+    def d_vision(self) -> int:
+        layer = self.config.vision_feature_layer
+        return int(self.config.vision_config.hidden_size) * (len(layer) if isinstance(layer, (list, tuple)) else 1)
+
+    @jaxtyped(typechecker=beartype)
+    def patch_features(self, inputs: Mapping[str, Any]) -> Float[Tensor, "n_images n_patches d_vision"]:
+        """CLIP's features of every patch (CLS dropped) at ``vision_feature_layer`` (a list of layers is
+        concatenated, as the model does), before the projector: ``[n_images, (H/patch)·(W/patch), d_vision]``."""
+        if self.is_next:
+            raise NotImplementedError("LLaVA-NeXT images are several tiles of patches, not one grid; "
+                                      "run adapter.vision_tower on the tiles instead")
+        pv = inputs.get("pixel_values")
+        if pv is None or pv.dim() != 4:
+            raise ValueError("LLaVA patch_features needs 'pixel_values' of shape [n_images, 3, H, W]; let the image processor make them")
+        tower = unwrap(self.vision_tower)
+        layer = self.config.vision_feature_layer
+        if layer == -1:
+            out = tower(pv).last_hidden_state
+        else:
+            hidden = tower(pv, output_hidden_states=True).hidden_states
+            out = torch.cat([hidden[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else hidden[layer]
+        return out[:, 1:]
 
     @property
     def _tile_side(self) -> int:

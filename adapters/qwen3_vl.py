@@ -14,7 +14,10 @@ layer ``k`` returns (``k < len(vision_config.deepstack_visual_indexes)``), so ``
 state before that injection (and so is ``output_hidden_states[k + 1]``).
 
 Vision tower: ``model.model.visual``.  Projector: ``model.model.visual.merger`` (the patch merger into
-the LM width; the DeepStack mergers are ``visual.deepstack_merger_list``).
+the LM width; the DeepStack mergers are ``visual.deepstack_merger_list``).  Patch features
+(:meth:`Qwen3VLAdapter.patch_features`): the tower's merged tokens (``visual(...).pooler_output``, one per
+image token, width ``vision_config.out_hidden_size``): the merger is part of ``visual``, and only its output
+sits on the image-token grid.
 Plain layout (processor without chat template): ``"<|vision_start|><|image_pad|><|vision_end|> caption"``.
 """
 
@@ -23,8 +26,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
 
-from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter
+from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter, unwrap
 
 # Qwen3-VL image processor defaults (preprocessor_config.json of the Qwen3-VL checkpoints)
 DEFAULT_MIN_PIXELS = 65536
@@ -34,10 +40,8 @@ DEFAULT_MAX_PIXELS = 16777216
 class Qwen3VLAdapter(VLMAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     plain_layout = "<|vision_start|><|image_pad|><|vision_end|> caption"
-
-    @property
-    def image_token(self) -> str:
-        return "<|image_pad|>"
+    image_token = "<|image_pad|>"
+    plain_image = "<|vision_start|><|image_pad|><|vision_end|>"
 
     @property
     def vision_tower(self) -> Any:
@@ -50,6 +54,23 @@ class Qwen3VLAdapter(VLMAdapter):
     @property
     def _merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
+
+    @property
+    def d_vision(self) -> int:
+        return int(self.config.vision_config.out_hidden_size)
+
+    @jaxtyped(typechecker=beartype)
+    def patch_features(self, inputs: Mapping[str, Any]) -> Float[Tensor, "n_images n_patches d_vision"]:
+        """The merged tokens of each image (``visual(pixel_values, grid_thw=image_grid_thw).pooler_output``),
+        row-major over ``(h / merge, w / merge)``; all images must give the same number of tokens."""
+        pv, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        if pv is None or thw is None:
+            raise ValueError("Qwen3-VL patch_features needs 'pixel_values' and 'image_grid_thw'; let the image processor make them")
+        counts = {int(n) for n in (torch.as_tensor(thw).prod(-1) // self._merge ** 2).tolist()}
+        if len(counts) > 1:
+            raise ValueError(f"images give different numbers of tokens ({sorted(counts)}); pass images of one size")
+        out = unwrap(self.vision_tower)(pv, grid_thw=thw).pooler_output
+        return out.view(thw.shape[0], -1, out.shape[-1])
 
     def _marker_ids(self) -> list[int]:
         c = self.config
@@ -87,10 +108,6 @@ class Qwen3VLAdapter(VLMAdapter):
         h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo or DEFAULT_MIN_PIXELS,
                             max_pixels=hi or DEFAULT_MAX_PIXELS)
         return (h // patch) * (w // patch) // (merge * merge)
-
-    def plain_prompt(self, caption: str, n_images: int = 1, processor: Any = None) -> str:
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        return " ".join([image] * n_images + ([caption] if caption else []))
 
     def _type_ids(self, ids: torch.Tensor) -> torch.Tensor:
         c = self.config

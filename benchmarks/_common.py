@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import jsae  # noqa: F401  (before nnsight)
+import torch
+from nnsight import NNsight
 
-import jsae  # noqa: E402,F401  (before nnsight)
-import torch  # noqa: E402
-from conftest import build_hf, tiny_vlm  # noqa: E402
-from nnsight import NNsight  # noqa: E402
-
-from jsae.adapters import for_model  # noqa: E402
+from jsae.adapters import for_model
+from jsae.testing import build_hf, tiny_vlm
 
 
 def wrapped_and_plain(kind: str, layers: int, hidden: int, batch: int) -> tuple[Any, Any, Any, Any, list, list]:

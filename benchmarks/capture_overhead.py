@@ -9,7 +9,7 @@
 Times are this process's CPU time (``time.process_time``, one torch thread), medians of interleaved
 repeats: on a CPU shared with other jobs, wall time mostly measures the neighbours.
 
-Tiny random-config model from tests/conftest.py, scaled up as far as is comfortable on a small CPU:
+Tiny random-config model from jsae.testing, scaled up as far as is comfortable on a small CPU:
     python benchmarks/capture_overhead.py [--kind llava] [--hidden 512] [--layers 8] [--batch 16] [--repeats 15]
 """
 
@@ -19,13 +19,12 @@ import argparse
 import statistics
 import time
 
-from _common import wrapped_and_plain  # noqa: E402  (also puts tests/ on the path)
+import jsae  # noqa: F401  (before nnsight)
+import torch
+from _common import wrapped_and_plain
 
-import jsae  # noqa: E402,F401  (before nnsight)
-import torch  # noqa: E402
-from conftest import build_processor  # noqa: E402
-
-from jsae.capture import _capture_batch  # noqa: E402
+from jsae.capture import _capture_batch
+from jsae.testing import build_processor
 
 
 def timed(fn, repeats: int) -> list[float]:

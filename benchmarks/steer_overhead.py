@@ -15,13 +15,12 @@ import argparse
 import statistics
 import time
 
-from _common import wrapped_and_plain  # noqa: E402  (also puts tests/ on the path)
+import jsae  # (before nnsight)
+import torch
+from _common import wrapped_and_plain
 
-import jsae  # noqa: E402  (before nnsight)
-import torch  # noqa: E402
-from conftest import build_processor  # noqa: E402
-
-from jsae.interventions import Clamp, Steer, generate  # noqa: E402
+from jsae.interventions import Clamp, Steer, generate
+from jsae.testing import build_processor
 
 
 def main() -> None:

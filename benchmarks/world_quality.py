@@ -7,6 +7,7 @@ Measures, on ``--n`` test-split scenes per model (default 500), with greedy deco
   question that follows its own caption) and, with ``--direct-qa``, questions asked right after the image.
 
 Usage: python benchmarks/world_quality.py [--n 500] [--models llava qwen3-vl-moe] [--models-dir DIR] [--out results.json]
+(``--models`` defaults to every toy model, ``jsae.world.models.MODEL_NAMES``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500, help="held-out test scenes per model")
-    ap.add_argument("--models", nargs="+", default=["llava", "qwen3-vl-moe"])
+    ap.add_argument("--models", nargs="+", default=None, help="toy models (default: all of them)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -33,11 +34,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from jsae.files import write_json
     from jsae.world.evaluate import evaluate
-    from jsae.world.models import load_toy_hf, model_dir
+    from jsae.world.models import MODEL_NAMES, load_toy_hf, model_dir
 
     results = {}
-    for name in args.models:
+    for name in args.models or MODEL_NAMES:
         where = model_dir(name) if args.models_dir is None else os.path.join(args.models_dir, name)
         model, processor = load_toy_hf(name, directory=where)
         t0 = time.time()
@@ -58,10 +60,7 @@ def main() -> None:
         print(f"| {name} | {r['n_images']} | {100 * r['object_accuracy']:.1f}% | {100 * r['no_hallucination']:.1f}% | "
               f"{100 * r['qa_accuracy']:.1f}% ({r['n_questions']} q) | {d} | {100 * r['captions_exact']:.1f}% |")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(tmp, args.out)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

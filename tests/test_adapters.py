@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import transformers as T
-from conftest import CAPTIONS, build_processor, make_image, tiny_vlm
+from conftest import CAPTIONS, build_hf, build_processor, make_image, tiny_vlm
 from nnsight import NNsight
 
 import jsae.adapters as A
@@ -73,6 +73,31 @@ def test_register_adapter_and_entry_point(tmp_path, monkeypatch):
         A.register_adapter(int)
 
 
+def test_adapter_class_and_plain_prompt_without_a_model():
+    """The adapter class of a model class (a name, or a class along its MRO) and its plain prompt, no model built."""
+
+    class MyQwen(T.Qwen3VLMoeForConditionalGeneration):
+        pass
+
+    assert A.adapter_class("LlavaForConditionalGeneration") is A.LlavaAdapter
+    assert A.adapter_class(T.LlavaNextForConditionalGeneration) is A.LlavaAdapter
+    assert A.adapter_class(MyQwen) is A.Qwen3VLAdapter
+    with pytest.raises(ValueError, match="no jsae adapter for LlamaForCausalLM; supported: .*register_adapter"):
+        A.adapter_class(T.LlamaForCausalLM)
+    assert A.LlavaAdapter.plain_prompt("") == "<image>"
+    assert A.LlavaAdapter.plain_prompt("a cat", 2) == "<image> <image> a cat"
+    q = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert A.Qwen3VLAdapter.plain_prompt("") == q and A.Qwen3VLAdapter.plain_prompt("a cat") == f"{q} a cat"
+    # an instance gives the same prompt; a processor's own image token wins where the family has no markers
+    assert tiny_vlm("qwen3_vl").adapter.plain_prompt("a cat", processor=build_processor("qwen3_vl")) == f"{q} a cat"
+    assert tiny_vlm("llava").adapter.plain_prompt("a cat", processor=build_processor("llava")) == "<image> a cat"
+
+    class Tagged:
+        image_token = "<img>"
+
+    assert A.LlavaAdapter.plain_prompt("a cat", processor=Tagged()) == "<img> a cat"
+
+
 # ---- structure ------------------------------------------------------------------------------------
 def test_structure(vlm):
     a, hf = vlm.adapter, vlm.hf
@@ -89,6 +114,49 @@ def test_layer_out_of_range(vlm):
     for bad in (-1, 3, 1.0, True):
         with pytest.raises(ValueError, match="out of range"):
             vlm.adapter.check_layer(bad)
+
+
+# ---- vision features ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl", "qwen3_vl_moe"])
+def test_patch_features_are_what_the_model_writes_at_its_image_tokens(kind):
+    """One vector per image token of each image: the model's own image features are their projection
+    (LLaVA: CLIP patches before the projector) or themselves (Qwen3-VL: its merger is inside the tower)."""
+    v = tiny_vlm(kind)
+    images = [make_image(16, 16, seed) for seed in range(3)]
+    enc = v.adapter.build_inputs(v.processor, images, CAPTIONS[:3])
+    per_image = v.adapter.image_token_mask(enc).sum(1)
+    feats = v.adapter.patch_features(enc)
+    assert feats.shape == (3, int(per_image[0]), v.adapter.d_vision) and bool((per_image == per_image[0]).all())
+    assert feats.requires_grad  # the tower can be trained on them (the world's vision pretraining does)
+    with torch.no_grad():
+        if kind == "llava":
+            own = v.hf.model.get_image_features(enc["pixel_values"], vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default").pooler_output
+            torch.testing.assert_close(v.adapter.projector(feats), torch.stack(list(own)))
+        else:
+            own = v.hf.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output
+            assert torch.equal(feats.detach(), torch.stack(list(own)))
+    # LLaVA reads the layer its projector reads: vision_feature_layer -2, or several layers concatenated
+    if kind == "llava":
+        hf = build_hf("llava")
+        hf.config.vision_feature_layer = -2
+        a = A.for_model(hf)
+        with torch.no_grad():
+            own = hf.model.get_image_features(enc["pixel_values"], vision_feature_layer=-2,
+                                              vision_feature_select_strategy="default").pooler_output
+            torch.testing.assert_close(a.projector(a.patch_features(enc)), torch.stack(list(own)))
+            hf.config.vision_feature_layer = [-2, -1]
+            assert a.patch_features(enc).shape == (3, 16, 64) and a.d_vision == 64
+
+
+def test_patch_features_refuse_what_has_no_single_grid():
+    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
+        tiny_vlm("llava_next").adapter.patch_features(tiny_vlm("llava_next").inputs(1))
+    v = tiny_vlm("qwen3_vl")
+    with pytest.raises(ValueError, match=r"different numbers of tokens \(\[4, 8\]\)"):
+        v.adapter.patch_features(v.inputs(2))  # 16x16 and 16x32 images
+    with pytest.raises(ValueError, match="needs 'pixel_values' and 'image_grid_thw'"):
+        v.adapter.patch_features({"input_ids": torch.zeros(1, 3, dtype=torch.long)})
 
 
 # ---- positions ------------------------------------------------------------------------------------

@@ -364,3 +364,47 @@ def test_folding_a_norm_scaling_factor_keeps_the_function(kw):
     for m in jsae.MODALITIES:
         torch.testing.assert_close(sae.encode(x, m), codes[m], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(sae(x, m), outs[m], atol=1e-3, rtol=1e-4)
+
+
+def test_import_registers_without_parsing_saelens_release_yaml_or_importing_nnsight():
+    """``import jsae`` registers the architecture and the releases only: SAELens's ~170-release YAML is
+    not parsed (its cache stays empty) and nnsight is not imported; the first load merges the releases."""
+    code = """
+import sys, jsae
+from sae_lens.loading import pretrained_saes_directory as d
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+original = d.get_pretrained_saes_directory.__jsae_wrapped__
+print("cache", original.cache_info().currsize, "nnsight", "nnsight" in sys.modules)
+print("registered", "jsae" in SAE_CLASS_REGISTRY and "jsae" in SAE_TRAINING_CLASS_REGISTRY)
+print("releases", "jsae-shapes-llava-l4" in jsae.releases.RELEASES, "jsae-vista-toy-llava-text-sae" in jsae.releases.RELEASES)
+from sae_lens import SAE
+sae = SAE.from_pretrained("jsae-shapes-llava-l4")   # the design card's one-argument call
+print("loaded", type(sae).__name__, original.cache_info().currsize, "jsae-shapes-llava-l4" in original())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert "cache 0 nnsight False" in lines
+    assert "registered True" in lines and "releases True True" in lines
+    assert "loaded JointSAE 1 True" in lines
+
+
+def test_one_argument_from_pretrained_needs_a_single_sae_release():
+    with pytest.raises(ValueError, match="has 3 SAEs; pass sae_id"):
+        SAE.from_pretrained("jsae-vista-toy-llava-text-sae")
+
+
+def test_saelens_yaml_has_only_saelens_keys_and_loads_back():
+    import yaml
+
+    from jsae.releases.registry import SAELENS_RELEASE_KEYS, SAELENS_SAE_KEYS, saelens_yaml
+
+    data = yaml.safe_load(saelens_yaml())
+    assert "jsae-shapes-llava-l4" in data and "jsae-llava-l16" in data
+    for name, entry in data.items():
+        assert set(entry) <= set(SAELENS_RELEASE_KEYS) | {"saes"} and {"repo_id", "model", "saes"} <= set(entry)
+        assert all(set(s) <= set(SAELENS_SAE_KEYS) and {"id", "path"} <= set(s) for s in entry["saes"])
+    (s,) = data["jsae-shapes-llava-l4"]["saes"]
+    assert s["l0"] > 0 and 0 < s["variance_explained"] <= 1
+    with pytest.raises(ValueError, match="unknown release"):
+        saelens_yaml(["jsae-nope"])

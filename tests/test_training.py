@@ -83,12 +83,36 @@ def test_lr_warm_up_and_decay():
     assert all(a >= b for a, b in zip(factors[15:], factors[16:]))
 
 
+class _Recorded:
+    """A plain iterable (no ``batches()``) that records which of its batches were handed out, per ``iter()``."""
+
+    def __init__(self, batches):
+        self.items, self.epochs = batches, []
+
+    def __iter__(self):
+        self.epochs.append([])
+        for i, batch in enumerate(self.items):
+            self.epochs[-1].append(i)
+            yield batch
+
+
 def test_plain_iterables_are_accepted_and_re_iterated():
     v, t = pairs(64)
     data = [(v[i:i + 16], t[i:i + 16]) for i in range(0, 64, 16)]  # 4 batches per epoch, 10 steps
-    tr = trainer(steps=10, data=data)
-    tr.fit()
+    recorded = _Recorded(data)
+    tr = trainer(steps=10, data=recorded)
+    sae = tr.fit()
     assert tr.step == 10
+    # re-iterated once per epoch, each time in order from the first batch: 4 + 4 + 2 batches
+    assert recorded.epochs == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1]]
+    # a plain list trains exactly like the same batches served by PairedTensorData without shuffling
+    from_list = trainer(steps=10, data=data).fit()
+    in_order = trainer(steps=10, data=PairedTensorData(v, t, batch_size=16, shuffle=False)).fit()
+    for (k, a), b, c in zip(sae.state_dict().items(), from_list.state_dict().values(), in_order.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), k
+    # and the order matters: the same batches reversed give other weights
+    reversed_order = trainer(steps=10, data=data[::-1]).fit()
+    assert not torch.equal(reversed_order.W_enc_of("vision"), sae.W_enc_of("vision"))
 
 
 # ---- checkpoints and exact resume -----------------------------------------------------------------

@@ -247,10 +247,51 @@ def test_describe_then_answer_batches_keep_the_caption_loss():
 
 
 def _shipped(name):
+    """The shipped directory of ``name`` (the weights are part of the package: missing files are a failure)."""
     d = model_dir(name)
-    if not all((d / f).is_file() for f in REQUIRED_FILES):
-        pytest.skip(f"shipped weights of {name} not built yet (jsae world train-models)")
+    missing = [f for f in REQUIRED_FILES if not (d / f).is_file()]
+    assert not missing, f"shipped weights of {name} lack {missing}; rebuild them with `jsae world train-models`"
     return d
+
+
+def test_toy_models_are_one_table_entry_each():
+    """Each toy model is one TOY_MODELS entry; its image prefix is its adapter's plain prompt."""
+    from jsae.adapters import adapter_class
+    from jsae.world.models import TOY_MODELS, build_config, model_class, processor_class
+    from jsae.world.training import DEFAULTS
+
+    assert MODEL_NAMES == tuple(TOY_MODELS) == tuple(DEFAULTS) == ("llava", "qwen3-vl-moe")
+    assert image_prefix("llava") == "<image>"
+    assert image_prefix("qwen3-vl-moe") == "<|vision_start|><|image_pad|><|vision_end|>"
+    for name in MODEL_NAMES:
+        assert image_prefix(name) == adapter_class(model_class(name)).plain_prompt("")
+        assert isinstance(build_processor(name), processor_class(name))
+        cfg = build_config(name, 60, "tiny")
+        assert cfg.text_config.num_hidden_layers == 2 and cfg.text_config.vocab_size == 64
+    with pytest.raises(ValueError, match="unknown toy model 'gpt'"):
+        image_prefix("gpt")
+
+
+def test_world_calls_restore_the_padding_side():
+    """Batches are built and captions generated with the padding the code needs, whatever the tokenizer's
+    setting, and the setting is left as it was."""
+    from jsae.world.evaluate import generate_text
+    from jsae.world.training import _lm_batch, _scenes, build_batch
+
+    _shipped("llava")
+    model, proc = load_toy_hf("llava")
+    tok = proc.tokenizer
+    images = [generate_scene(30_000 + i).image for i in range(3)]
+    outs = {}
+    for side in ("left", "right"):
+        tok.padding_side = side
+        outs[side] = generate_text(model, proc, "llava", images, ["", "where is the cat ?", ""], max_new_tokens=6)
+        assert tok.padding_side == side
+        sc = _scenes(0, 3, 0, 2)
+        build_batch("llava", proc, sc, [("", "a cat"), ("what color is it ?", "red")])
+        _lm_batch(sc, tok, np.random.default_rng(0))
+        assert tok.padding_side == side
+    assert outs["left"] == outs["right"]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -275,17 +316,15 @@ def test_shipped_toy_vlm_loads_offline_and_captions(name, monkeypatch):
     assert all(ended)
     ok = sum(score_caption(c, s.objects)["correct"] for c, s in zip(caps, scenes))
     assert ok >= 0.75 * sum(len(s.objects) for s in scenes)
-    try:
-        from jsae.adapters import for_model  # noqa: F401
-    except ImportError:
-        assert adapter is None
-    else:
-        assert adapter is not None
+    assert adapter is not None
 
 
 def test_bad_model_name():
+    # load_vlm reads a name that is not a toy model as a hub id (jsae.vlm); the world's loader refuses it
     with pytest.raises(ValueError, match="unknown toy model 'gpt'"):
-        load_vlm("gpt")
+        load_toy_hf("gpt")
+    with pytest.raises(ValueError, match=r"unknown toy model 'gpt'; choose one of \['llava', 'qwen3-vl-moe'\]"):
+        model_dir("gpt")
 
 
 def test_missing_or_corrupt_weights(tmp_path):
@@ -308,16 +347,16 @@ def test_missing_or_corrupt_weights(tmp_path):
 def test_cli_sample_and_bad_inputs(tmp_path):
     from typer.testing import CliRunner
 
-    from jsae.cli.world import world_app
+    from jsae.cli import app
 
-    r = CliRunner().invoke(world_app, ["sample", "--out", str(tmp_path / "s"), "--n", "3", "--seed", "2"])
+    r = CliRunner().invoke(app, ["world", "sample", "--out", str(tmp_path / "s"), "--n", "3", "--seed", "2"])
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "s" / "truth.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["objects"]
     assert len(list((tmp_path / "s").glob("*.png"))) == 3
-    r = CliRunner().invoke(world_app, ["sample", "--out", str(tmp_path / "t"), "--seed", "abc"])
+    r = CliRunner().invoke(app, ["world", "sample", "--out", str(tmp_path / "t"), "--seed", "abc"])
     assert r.exit_code != 0 and "seed" in r.output.lower()
-    r = CliRunner().invoke(world_app, ["train-models", "--model", "gpt"])
+    r = CliRunner().invoke(app, ["world", "train-models", "--model", "gpt"])
     assert r.exit_code != 0 and "unknown model 'gpt'" in r.output
 
 

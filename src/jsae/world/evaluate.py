@@ -5,20 +5,19 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from jsae.adapters import padding_side
 from jsae.world import grammar
 from jsae.world.data import iter_world
 from jsae.world.models import _check_name, image_prefix
-
-
 
 
 @torch.no_grad()
 def generate_text(model, processor, name: str, images, prompts: list[str], max_new_tokens: int = 48) -> tuple[list[str], list[bool]]:
     """Greedy continuation of ``prompts`` (text after the image) for ``images``; returns (texts, ended_with_eos)."""
     tok = processor.tokenizer
-    tok.padding_side = "left"
     texts = [f"{image_prefix(name)} {p}".rstrip() for p in prompts]
-    enc = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    with padding_side(processor, "left"):
+        enc = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
     dev = next(model.parameters()).device
     enc = {k: v.to(dev) for k, v in enc.items()}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,

@@ -1,4 +1,9 @@
-"""Configs of the two toy VLMs (real transformers classes), saving and offline loading of shipped weights."""
+"""The toy VLMs (real transformers classes): one :class:`ToyModelSpec` per model in :data:`TOY_MODELS`
+(config, model class, processor), saving and offline loading of shipped weights.
+
+Adding a toy model is one entry of :data:`TOY_MODELS`; its prompt layout comes from the jsae adapter of
+its model class.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,97 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
+from transformers import LlavaProcessor
 
-MODEL_NAMES = ("llava", "qwen3-vl-moe")
+from jsae.world.processors import SPECIALS, ToyQwen3VLProcessor, build_llava_processor, build_qwen_processor
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "processor_config.json")
 IMAGE_SIZE = 48
 
 
+def _llava_config(vocab_size: int, d: int, layers: int, vision_depth: int, ids: dict[str, int]) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vis = CLIPVisionConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=vision_depth, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8, projection_dim=d)
+    txt = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=160,
+                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    return LlavaConfig(vision_config=vis, text_config=txt, image_token_index=ids["<image>"],
+                       image_seq_length=(IMAGE_SIZE // 8) ** 2, projector_hidden_act="gelu",
+                       vision_feature_select_strategy="default", vision_feature_layer=-1)
+
+
+def _qwen3_vl_moe_config(vocab_size: int, d: int, layers: int, vision_depth: int, ids: dict[str, int]) -> Any:
+    from transformers import Qwen3VLMoeConfig
+
+    head_dim = d // 4
+    q = head_dim // 2
+    section = [q - 2 * (q // 3), q // 3, q // 3]
+    text = dict(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=160,
+                pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3 * d // 2, decoder_sparse_step=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section,
+                                 "mrope_interleaved": True})
+    grid = IMAGE_SIZE // 4
+    vision = dict(depth=vision_depth, hidden_size=d, intermediate_size=4 * d, num_heads=4, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=d, num_position_embeddings=grid * grid,
+                  deepstack_visual_indexes=[vision_depth - 2] if vision_depth > 1 else [0])
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"])
+
+
+@dataclass(frozen=True)
+class ToyModelSpec:
+    """Everything model-specific about one toy VLM.
+
+    ``config(vocab_size, d, layers, vision_depth, ids)`` gives its transformers config (``ids``: the
+    tokenizer's special-token ids by string); ``model_class`` is the transformers class name (its jsae
+    adapter gives the prompt layout); ``processor_builder(tokenizer, image_size)`` builds a fresh processor
+    and ``processor_class`` loads a saved one; ``train_steps`` are the default step counts of
+    ``jsae.world.training`` (``TrainConfig`` fields)."""
+
+    config: Callable[[int, int, int, int, dict[str, int]], Any]
+    model_class: str
+    processor_builder: Callable[[Any, int], Any]
+    processor_class: type
+    train_steps: Mapping[str, int]
+
+
+#: default step counts are sized for 30 minutes on 2 CPU cores (torch 2 threads + 1 data worker); measured
+#: step rates: llava lm 3.7/s, vision 6.7/s, vlm 1.9/s, cqa 1.6/s; qwen3-vl-moe lm 2.3/s, vision 2.0/s,
+#: vlm/cqa ~1.1/s (see the README)
+TOY_MODELS: dict[str, ToyModelSpec] = {
+    "llava": ToyModelSpec(
+        config=_llava_config, model_class="LlavaForConditionalGeneration",
+        processor_builder=build_llava_processor, processor_class=LlavaProcessor,
+        train_steps=dict(lm_steps=300, vision_steps=1200, vlm_steps=1100, qa_steps=0, cqa_steps=1000)),
+    "qwen3-vl-moe": ToyModelSpec(
+        config=_qwen3_vl_moe_config, model_class="Qwen3VLMoeForConditionalGeneration",
+        processor_builder=build_qwen_processor, processor_class=ToyQwen3VLProcessor,
+        train_steps=dict(lm_steps=200, vision_steps=500, vlm_steps=650, qa_steps=0, cqa_steps=450)),
+}
+MODEL_NAMES = tuple(TOY_MODELS)
+
+
 def _check_name(name) -> str:
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown toy model {name!r}; choose one of {list(MODEL_NAMES)}")
     return name
+
+
+def toy_spec(name: str) -> ToyModelSpec:
+    """The :class:`ToyModelSpec` of toy model ``name`` (one-line error for an unknown name)."""
+    return TOY_MODELS[_check_name(name)]
 
 
 def model_dir(name: str) -> Path:
@@ -30,67 +111,34 @@ def model_dir(name: str) -> Path:
 
 def build_config(name: str, vocab_size: int, size: str = "default"):
     """Config of toy model ``name``. ``size="tiny"`` gives a 2-layer config for smoke tests."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen3VLMoeConfig
-
-    from jsae.world.processors import SPECIALS
-
-    tiny = size == "tiny"
+    spec = toy_spec(name)
     ids = {t: SPECIALS.index(t) for t in SPECIALS}
-    d, layers, vdepth = (32, 2, 1) if tiny else (128, 8, 3)
+    d, layers, vision_depth = (32, 2, 1) if size == "tiny" else (128, 8, 3)
     vocab_size = int((vocab_size + 7) // 8 * 8)
-    if _check_name(name) == "llava":
-        vis = CLIPVisionConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=vdepth, num_attention_heads=4,
-                               image_size=IMAGE_SIZE, patch_size=8, projection_dim=d)
-        txt = LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=160,
-                          bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
-        cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=ids["<image>"],
-                          image_seq_length=(IMAGE_SIZE // 8) ** 2, projector_hidden_act="gelu",
-                          vision_feature_select_strategy="default", vision_feature_layer=-1)
-    else:
-        head_dim = d // 4
-        q = head_dim // 2
-        section = [q - 2 * (q // 3), q // 3, q // 3]
-        text = dict(vocab_size=vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=160,
-                    pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
-                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3 * d // 2, decoder_sparse_step=1,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section,
-                                     "mrope_interleaved": True})
-        grid = IMAGE_SIZE // 4
-        vision = dict(depth=vdepth, hidden_size=d, intermediate_size=4 * d, num_heads=4, patch_size=4,
-                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=d,
-                      num_position_embeddings=grid * grid, deepstack_visual_indexes=[vdepth - 2] if vdepth > 1 else [0])
-        cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                               vision_end_token_id=ids["<|vision_end|>"])
-    return cfg
-
-
-def image_prefix(name: str) -> str:
-    """The image placeholder a toy model's prompts start with (its processor expands it)."""
-    return "<image>" if _check_name(name) == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    return spec.config(vocab_size, d, layers, vision_depth, ids)
 
 
 def model_class(name: str):
-    from transformers import LlavaForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    """The transformers class of toy model ``name``."""
+    import transformers
 
-    return LlavaForConditionalGeneration if _check_name(name) == "llava" else Qwen3VLMoeForConditionalGeneration
+    return getattr(transformers, toy_spec(name).model_class)
+
+
+def image_prefix(name: str) -> str:
+    """The image placeholder a toy model's prompts start with (its processor expands it): the plain prompt
+    of its adapter with no caption."""
+    from jsae.adapters import adapter_class
+
+    return adapter_class(toy_spec(name).model_class).plain_prompt("")
 
 
 def build_processor(name: str, tokenizer=None):
-    from jsae.world.processors import build_llava_processor, build_qwen_processor
-
-    return build_llava_processor(tokenizer, IMAGE_SIZE) if _check_name(name) == "llava" else \
-        build_qwen_processor(tokenizer, IMAGE_SIZE)
+    return toy_spec(name).processor_builder(tokenizer, IMAGE_SIZE)
 
 
 def processor_class(name: str):
-    from transformers import LlavaProcessor
-
-    from jsae.world.processors import ToyQwen3VLProcessor
-
-    return LlavaProcessor if _check_name(name) == "llava" else ToyQwen3VLProcessor
+    return toy_spec(name).processor_class
 
 
 def build_model(name: str, tokenizer, size: str = "default", seed: int = 0):

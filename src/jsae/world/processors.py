@@ -81,11 +81,15 @@ class ToyQwen3VLProcessor(Qwen3VLProcessor):
         return super().__call__(images=images, text=text, **kwargs)
 
 
-def build_qwen_processor(tokenizer=None, image_size: int = 48, patch_size: int = 4,
-                         merge_size: int = 2) -> ToyQwen3VLProcessor:
+def build_qwen_processor(tokenizer=None, image_size: int = 48, patch_size: int = 4, merge_size: int = 2, *,
+                         min_pixels: int | None = None, max_pixels: int | None = None,
+                         chat_template: str | None = None) -> ToyQwen3VLProcessor:
+    """``ToyQwen3VLProcessor`` with ``Qwen2VLImageProcessorPil``; images are resized to ``image_size²`` pixels
+    unless ``min_pixels`` / ``max_pixels`` say otherwise (``jsae.testing`` keeps images of different sizes)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     ip = Qwen2VLImageProcessorPil(patch_size=patch_size, temporal_patch_size=2, merge_size=merge_size,
-                                  min_pixels=image_size * image_size, max_pixels=image_size * image_size,
+                                  min_pixels=image_size * image_size if min_pixels is None else min_pixels,
+                                  max_pixels=image_size * image_size if max_pixels is None else max_pixels,
                                   image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
-    return ToyQwen3VLProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer())
+    return ToyQwen3VLProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), chat_template=chat_template)

@@ -4,9 +4,10 @@ The default recipe fits in 30 minutes per model on 2 CPU cores (measured: toy LL
 Qwen3-VL-MoE 1315 s; see the README) and is what produced the shipped weights:
 
 1. **Language model on captions as plain text** (every template), so that a *text* SAE on it means something.
-2. **Vision pretraining**: the vision tower (LLaVA: CLIP encoder tokens; Qwen: merged tokens) with small
-   linear heads predicting, per cell of the 2×2 position grid, the object type (or none), colour and
-   size, from the scene generator's labels (captioning alone teaches shape far too slowly).
+2. **Vision pretraining**: the vision tower (its adapter's ``patch_features``: LLaVA's CLIP encoder tokens,
+   Qwen's merged tokens) with small linear heads predicting, per cell of the 2×2 position grid, the object
+   type (or none), colour and size, from the scene generator's labels (captioning alone teaches shape far
+   too slowly).
 3. **Whole VLM on canonical captions** (``vlm``; loss on the caption tokens + ``</s>``).
 4. **Describe-then-answer** (``cqa``): 75% of the samples are ``"<caption> : <question> <answer>"`` with the
    loss on the caption *and* the answer (not on the question), the rest plain captions; at inference the model
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
 import math
 import os
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +38,11 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from jsae.adapters import for_model, padding_side
 from jsae.world import grammar
 from jsae.world.data import scene_seed
-from jsae.world.models import build_model, build_processor, image_prefix, model_dir, save_toy_vlm, _check_name
+from jsae.world.models import (TOY_MODELS, _check_name, build_model, build_processor, check_weights, image_prefix,
+                               model_class, model_dir, save_toy_vlm)
 from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
 
@@ -74,13 +78,9 @@ class TrainConfig:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
 
 
-#: default step counts per model (deterministic; see the README for measured times)
-#: sized for 30 minutes on 2 CPU cores (torch 2 threads + 1 data worker), measured step rates:
-#: llava lm 3.7/s, vision 6.7/s, vlm 1.9/s, cqa 1.6/s; qwen3-vl-moe lm 2.3/s, vision 2.0/s, vlm/cqa ~1.1/s
-DEFAULTS: dict[str, dict] = {
-    "llava": dict(lm_steps=300, vision_steps=1200, vlm_steps=1100, qa_steps=0, cqa_steps=1000),
-    "qwen3-vl-moe": dict(lm_steps=200, vision_steps=500, vlm_steps=650, qa_steps=0, cqa_steps=450),
-}
+#: default step counts per model (deterministic; from ``jsae.world.models.TOY_MODELS``, where the measured
+#: step rates are; see the README for measured times)
+DEFAULTS: dict[str, dict] = {name: dict(spec.train_steps) for name, spec in TOY_MODELS.items()}
 
 
 def default_config(name: str, **overrides) -> TrainConfig:
@@ -106,8 +106,6 @@ def describe_prompt(caption: str, question: str) -> str:
     return f"{caption} : {question}"
 
 
-
-
 def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], prompt_loss_words: list[int] | None = None):
     """Model inputs + labels for (prompt, target) pairs: loss on the target tokens and ``</s>``, and on the
     first ``prompt_loss_words[i]`` words of prompt ``i`` (the caption of a describe-then-answer prompt)."""
@@ -116,13 +114,9 @@ def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], pr
     prompts = [f"{prefix} {p}".rstrip() for p, _ in targets]
     full = [f"{prefix} {p} {t} </s>".replace("  ", " ") for p, t in targets]
     images = [s.image for s in scenes]
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
+    with padding_side(tok, "right"):
         enc = processor(images=images, text=full, return_tensors="pt", padding=True)
         plen = processor(images=images, text=prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
-    finally:
-        tok.padding_side = side
     labels = enc["input_ids"].clone()
     pos = torch.arange(labels.shape[1])[None, :]
     keep = (pos >= plen[:, None]) & (enc["attention_mask"] == 1)
@@ -132,15 +126,6 @@ def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], pr
         keep |= (pos >= start[:, None]) & (pos < (start + n)[:, None])
     labels[~keep] = -100
     return dict(enc), labels
-
-
-def vision_tokens(name: str, model, enc) -> Float[torch.Tensor, "batch tokens d"]:
-    """Image-token features on the token grid: ``[B, grid*grid, D]`` (LLaVA: CLIP tokens without CLS;
-    Qwen: merged tokens)."""
-    if name == "llava":
-        return model.model.vision_tower(enc["pixel_values"]).last_hidden_state[:, 1:]
-    out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
-    return out.view(enc["image_grid_thw"].shape[0], -1, out.shape[-1])
 
 
 class CellHeads(nn.Module):
@@ -177,12 +162,8 @@ def _cell_labels(scenes):
 
 def _lm_batch(scenes, tok, rng):
     texts = [grammar.caption(s.objects, int(rng.integers(grammar.N_TEMPLATES))) + " </s>" for s in scenes]
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
+    with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
     return dict(enc), labels
@@ -235,8 +216,6 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     tok = build_tokenizer()
     processor = build_processor(name, tok)
     if init_from is not None:  # continue from saved weights (e.g. run only the later phases)
-        from jsae.world.models import check_weights, model_class
-
         model = model_class(name).from_pretrained(str(check_weights(name, init_from)), local_files_only=True,
                                                   use_safetensors=True, dtype=torch.float32).to(device)
     else:
@@ -295,10 +274,10 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     run_phase("lm", cfg.lm_steps, list(lm.parameters()) + list(model.lm_head.parameters()), cfg.lm_lr, lm_batch,
               lm_loss)
 
-    # 2. vision pretraining on the generator's labels
-    vt = model.model.vision_tower if name == "llava" else model.model.visual
-    d = vt.config.hidden_size if name == "llava" else vt.config.out_hidden_size
-    heads = CellHeads(d).to(device)
+    # 2. vision pretraining on the generator's labels (the adapter's patch features: one per image token)
+    adapter = for_model(model)
+    vt = adapter.vision_tower
+    heads = CellHeads(adapter.d_vision).to(device)
 
     def vision_batch(step):
         scenes = _scenes(cfg.seed, 2, step, cfg.batch_size)
@@ -307,7 +286,7 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
 
     def vision_loss(batch):
         enc, (ty, co, si) = batch
-        t, c, s = heads(vision_tokens(name, model, enc))
+        t, c, s = heads(adapter.patch_features(enc))
         return (F.cross_entropy(t.flatten(0, 1), ty.flatten()) + F.cross_entropy(c.flatten(0, 1), co.flatten())
                 + F.cross_entropy(s.flatten(0, 1), si.flatten()))
 
@@ -346,19 +325,16 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     # 5. describe-then-answer: the question follows the image's (own) canonical caption
     run_phase("cqa", cfg.cqa_steps, [p for p in model.parameters() if p.requires_grad], cfg.cqa_lr,
               functools.partial(vlm_batch, phase=5, qa_fraction=cfg.cqa_fraction, describe_first=True), vlm_loss)
+
     # 6. text-only describe-then-answer on the language model (the answer copied from the caption in context)
     def tqa_batch(step):
         scenes = _scenes(cfg.seed, 6, step, cfg.batch_size)
         srng = np.random.default_rng([cfg.seed, 6, step])
         pairs = [grammar.sample_questions(s, 1, srng)[0] for s in scenes]
         prompts = [describe_prompt(grammar.caption(s.objects, 0), q) for s, (q, _) in zip(scenes, pairs)]
-        side = tok.padding_side
-        tok.padding_side = "right"
-        try:
+        with padding_side(tok, "right"):
             enc = tok([f"{p} {a} </s>" for p, (_, a) in zip(prompts, pairs)], return_tensors="pt", padding=True)
             plen = tok(prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
-        finally:
-            tok.padding_side = side
         labels = enc["input_ids"].clone()
         pos = torch.arange(labels.shape[1])[None, :]
         labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
@@ -380,8 +356,6 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     save_toy_vlm(model, processor, out_dir, summary)
     ck = out_dir.with_name(out_dir.name + ".checkpoint")
     if ck.exists():
-        import shutil
-
         shutil.rmtree(ck, ignore_errors=True)
     log(f"[{name}] saved to {out_dir} (training {summary['total_seconds']:.0f}s)")
     return model, processor, summary
