@@ -120,7 +120,7 @@ def test_features_command_for_a_shipped_release(tmp_path: Path, monkeypatch: pyt
     import typer
     from typer.testing import CliRunner
 
-    from jsae.releases.build import features_cmd
+    from jsae.cli.look import features as features_cmd
 
     app = typer.Typer()
     app.command("features")(features_cmd)

@@ -27,7 +27,7 @@ needs_release = pytest.mark.skipif(read_releases_yaml().get(RELEASE, {}).get("co
 
 @needs_release
 def test_neuronpedia_export_layout_and_image_extension(tmp_path: Path) -> None:
-    from jsae.report.neuronpedia import resolve_sae_dir
+    from jsae.report.rundir import resolve_sae_dir
 
     sae = JointSAE.from_pretrained(RELEASE)
     labels = FeatureLabels.load(resolve_sae_dir(RELEASE) / "labels.json")
@@ -131,30 +131,20 @@ def test_core_metrics_on_the_toy_lm() -> None:
     assert out["layer"] == 4 and out["hook_name"] == "model.language_model.layers.4"
 
 
-def _cli() -> "typer.Typer":
-    import typer
-
-    from jsae.releases.build import core_metrics_cmd, export_cmd, features_cmd
-
-    app = typer.Typer()
-    app.command("features")(features_cmd)
-    app.command("export")(export_cmd)
-    app.command("core-metrics")(core_metrics_cmd)
-    return app
-
-
 @needs_release
 def test_cli_export_and_core_metrics(tmp_path: Path) -> None:
     import json
 
     from typer.testing import CliRunner
 
+    from jsae.cli import app
+
     runner = CliRunner()
-    r = runner.invoke(_cli(), ["export", RELEASE, "--out", str(tmp_path / "np"), "--n-features", "2", "--n-examples", "2",
-                               "--n-pairs", "40"])
+    r = runner.invoke(app, ["look", "export-neuronpedia", RELEASE, "--out", str(tmp_path / "np"), "--n-features", "2",
+                            "--n-examples", "2", "--n-pairs", "40"])
     assert r.exit_code == 0, r.output
     assert len(read_export(tmp_path / "np" / "jsae-toy-llava" / "4-jsae")["features"]) == 2
-    r = runner.invoke(_cli(), ["core-metrics", RELEASE, "--n-captions", "16", "--out", str(tmp_path / "m.json")])
+    r = runner.invoke(app, ["look", "core-metrics", RELEASE, "--n-captions", "16", "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["sparsity"]["l0"] > 0
 
@@ -162,8 +152,11 @@ def test_cli_export_and_core_metrics(tmp_path: Path) -> None:
 def test_cli_features_without_labels(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from jsae.cli import app
+
     cfg = JointSAEConfig(d_in=128, d_sae=16)
     cfg.metadata["model_name"], cfg.metadata["layer"] = "llava", 4
     JointSAE(cfg).save_model(tmp_path / "sae")
-    r = CliRunner().invoke(_cli(), ["features", str(tmp_path / "sae")])
-    assert r.exit_code == 2 and "has no labels.json" in r.output and "jsae label" in r.output
+    for args in (["look", "features"], ["features"]):  # the group command, and the hidden flat name of earlier versions
+        r = CliRunner().invoke(app, [*args, str(tmp_path / "sae")])
+        assert r.exit_code == 2 and "has no labels.json" in r.output and "jsae label" in r.output

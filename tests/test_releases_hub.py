@@ -12,7 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from jsae.releases import hub
-from jsae.releases.build import BuildConfig, list_releases, read_releases_yaml, release_app
+from jsae.cli.release import release_app
+from jsae.releases.build import BuildConfig, list_releases, read_releases_yaml
 from jsae.releases.registry import PACKAGE_ROOT, RELEASES, register_release, unregister_release
 from jsae.saes.joint_sae import JointSAE
 

@@ -222,12 +222,12 @@ def test_adapter_without_projector(world):
 
 
 def test_cli_bad_inputs(tmp_path):
-    from jsae.cli.vista import vista_app
+    from jsae.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(vista_app, ["eval", "--run", str(tmp_path / "missing")])
+    r = runner.invoke(app, ["vista", "eval", "--run", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "jsae vista train" in r.output
-    r = runner.invoke(vista_app, ["train", "--out", str(tmp_path / "x"), "--lam", "-1", "--layers", "4"])
+    r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--lam", "-1", "--layers", "4"])
     assert r.exit_code == 2 and "must be >= 0" in r.output
-    r = runner.invoke(vista_app, ["train", "--out", str(tmp_path / "x"), "--layers", "4,x"])
+    r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--layers", "4,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output

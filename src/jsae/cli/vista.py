@@ -1,5 +1,4 @@
-"""``jsae vista train`` and ``jsae vista eval`` (add to the main CLI with
-``app.add_typer(vista_app, name="vista")``)."""
+"""``jsae vista train`` and ``jsae vista eval``: VISTA on the toy world (:mod:`jsae.vista.experiment`)."""
 
 from __future__ import annotations
 
@@ -8,22 +7,17 @@ from typing import Optional
 
 import typer
 
+from jsae.cli._common import fail, int_list
+
 vista_app = typer.Typer(help="VISTA: regularise the visual projector with the language model's text SAE; "
-                             "matching rate and patch-local object removal / replacement.", no_args_is_help=True)
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+                             "matching rate and patch-local object removal / replacement.",
+                        no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _ints(spec: str, flag: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        _fail(f"{flag} must be comma-separated integers like 2,4,6, got {spec!r}")
+    out = tuple(int_list(spec, flag))
     if not out:
-        _fail(f"{flag} needs at least one layer, e.g. {flag} 4")
+        fail(f"{flag} needs at least one layer, e.g. {flag} 4")
     return out
 
 
@@ -62,7 +56,7 @@ def train(
                                lr=lr, reinit=reinit)
         summary = train_world(out, cfg, overwrite=overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for name, h in summary["projectors"].items():
         last = h["history"][-1]
         typer.echo(f"{name}: ce {last['ce']:.4f} " + " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("err_")))
@@ -82,11 +76,11 @@ def evaluate(
     from jsae.vista.experiment import EvalConfig, eval_world
 
     if k < 1:
-        _fail(f"--k must be >= 1, got {k}")
+        fail(f"--k must be >= 1, got {k}")
     try:
         m = eval_world(run, EvalConfig(n_eval=n_eval, k=k, edit_layer=edit_layer, vista=vista, seed=seed))
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for layer, r in m["matching_ratio"].items():
         typer.echo(f"layer {layer}: matching-rate ratio vs baseline " +
                    ", ".join(f"{n} {v['ratio']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for n, v in r.items()))

@@ -8,13 +8,10 @@ from typing import Optional
 
 import typer
 
+from jsae.cli._common import fail
+
 world_app = typer.Typer(help="The embedded world: procedural scenes and the toy VLMs trained on it.",
                         no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 def _models(model: str) -> list[str]:
@@ -23,7 +20,7 @@ def _models(model: str) -> list[str]:
     if model == "all":
         return list(MODEL_NAMES)
     if model not in MODEL_NAMES:
-        _fail(f"unknown model {model!r}; choose one of {list(MODEL_NAMES) + ['all']}")
+        fail(f"unknown model {model!r}; choose one of {list(MODEL_NAMES) + ['all']}")
     return [model]
 
 
@@ -41,7 +38,7 @@ def sample(out: Path = typer.Option(..., help="directory for PNGs and ground tru
     try:
         items = list(iter_world(split, n, seed))
     except (TypeError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".truth.jsonl.tmp"
     with open(tmp, "w") as fh:
@@ -81,13 +78,15 @@ def train_models(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
                  batch_size: Optional[int] = typer.Option(None, min=1),
                  size: str = typer.Option("default", help="default | tiny (smoke tests)"),
                  eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated at the end")) -> None:
-    """Train the toy VLMs from scratch (deterministic for a seed) and write weights, config, tokenizer and
-    processor to <out>/<model> (default: inside the installed package, so `jsae.load_vlm` finds them)."""
+    """Train the toy VLMs from scratch (deterministic for a seed).
+
+    Writes weights, config, tokenizer and processor to <out>/<model> (default: inside the installed package,
+    so `jsae.load_vlm` finds them)."""
     from jsae.world.models import MODELS_DIR
     from jsae.world.training import default_config, train_toy_vlm
 
     if size not in ("default", "tiny"):
-        _fail(f"unknown size {size!r}; choose default or tiny")
+        fail(f"unknown size {size!r}; choose default or tiny")
     for name in _models(model):
         cfg = default_config(name, seed=seed, lm_steps=lm_steps, vision_steps=vision_steps, vlm_steps=vlm_steps,
                              qa_steps=qa_steps, cqa_steps=cqa_steps, tqa_steps=tqa_steps, checkpoint_every=checkpoint_every, batch_size=batch_size, size=size, eval_n=eval_n)
@@ -111,7 +110,7 @@ def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
         try:
             m, p = load_toy_hf(name, device=device, directory=directory)
         except (FileNotFoundError, RuntimeError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(json.dumps({"model": name} | evaluate(m, p, name, n=n)))
 
 

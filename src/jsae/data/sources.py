@@ -61,7 +61,9 @@ class _Source:
         ds = self.dataset(part)
         return [ds[i] for i in range(len(ds))]
 
-    def pairs(self, part: str) -> list[tuple[Any, str]]:
+    def pairs(self, part: str) -> Any:
+        """The (image, caption) pairs of ``part``: a list (world) or a lazy sequence that decodes each image
+        when it is read (a caption dataset may not fit in memory); both have ``len`` and indexing."""
         return [(ex["image"], ex["caption"]) for ex in self.dataset(part)]
 
     def fingerprint(self, part: str) -> str:
@@ -198,6 +200,9 @@ class CaptionSource(_Source):
     def _settings(self, part: str) -> dict[str, Any]:
         return {"path": self.path, "split": self.data_split}
 
+    def pairs(self, part: str) -> Any:
+        return LazyPairs(self.dataset(part))
+
     @property
     def concepts(self) -> list[str]:
         from jsae.labels import concepts_from_captions
@@ -225,6 +230,25 @@ class CaptionSource(_Source):
                             max_perplexity=self.max_perplexity)
 
 
+class LazyPairs:
+    """``(image, caption)`` pairs read from a dataset on demand (``len``, indexing and slicing)."""
+
+    def __init__(self, ds: Any):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ex = self.ds[int(i)]
+        return ex["image"], ex["caption"]
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self)))
+
+
 DataSource = WorldSource | CaptionSource
 
-__all__ = ["CaptionSource", "DataSource", "WorldSource", "check_fingerprint"]
+__all__ = ["CaptionSource", "DataSource", "LazyPairs", "WorldSource", "check_fingerprint"]

@@ -309,15 +309,14 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
 
     cfg = cfg or ProtocolConfig()
     check_config(cfg)
-    source = data_source(cfg)
-    out = Path(out)
-    run = open_run(out, cfg, source, overwrite)
     t0 = time.time()
     timings: dict[str, float] = {}
     vlm = load_vlm(cfg.model)
     layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers)
     for layer in layers:
         vlm.adapter.check_layer(layer)
+    source = data_source(cfg)
+    run = open_run(Path(out), cfg, source, overwrite)  # refuses another run before anything is written
 
     captures = capture_stage(run, vlm, source, progress=progress)
     timings["capture_s"] = time.time() - t0

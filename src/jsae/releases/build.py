@@ -1,45 +1,35 @@
-"""``jsae release``: build, list, push and pull jsae releases.
+"""Building jsae releases (the pipeline behind ``jsae release build`` and ``build-shipped``, whose commands
+are in :mod:`jsae.cli.release`).
 
-* ``jsae release build --config FILE`` runs one release recipe (a YAML file: model, data, layer, SAE and
+* :func:`build_release` runs release recipes (:class:`BuildConfig`, a YAML file: model, data, layer, SAE and
   training settings): capture of pooled (image, caption) pairs, JSAE training, feature labels, and a
-  SAELens directory ``OUT/<sae_id>/{cfg.json, sae_weights.safetensors, labels.json, metrics.json}``.
+  SAELens directory ``OUT/<release>/<sae_id>/{cfg.json, sae_weights.safetensors, labels.json, metrics.json}``.
   The real-model recipes ship in ``jsae/pretrained/recipes/``.
-* ``jsae release build-shipped`` re-trains the toy releases shipped in the package
-  (``jsae/pretrained/<release>/<sae_id>/``) and rewrites their entries in ``jsae/releases.yaml``.
-* ``jsae release list`` prints every jsae release (shipped, cached or only listed).
-* ``jsae release push DIR --repo ORG/NAME`` / ``jsae release pull ORG/NAME`` (see :mod:`jsae.hub`).
+* :func:`build_shipped` re-trains the toy releases shipped in the package
+  (``jsae/pretrained/<release>/<sae_id>/``) and rewrites their entries in ``jsae/releases.yaml``
+  (:func:`write_releases_yaml`).
+* :func:`list_releases`: every jsae release (shipped, cached or only listed).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import typer
 import yaml
 
 from jsae.files import replace_dir
 from jsae.releases.registry import PACKAGE_ROOT, RECIPES, RELEASES, read_releases_yaml, releases_yaml_path
 
-release_app = typer.Typer(help="jsae releases: build, list, push to and pull from the Hugging Face Hub.",
-                          no_args_is_help=True, pretty_exceptions_enable=False)
-
 PRETRAINED = "pretrained"
 RECIPE_DIR = PACKAGE_ROOT / PRETRAINED / "recipes"
 SHIPPED_MODELS = {"llava": "shapes-llava", "qwen3-vl-moe": "shapes-qwen3-vl-moe"}
 SHIPPED_LAYERS = (4, 6)
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 # ---- one release from a recipe ------------------------------------------------------------------
@@ -92,38 +82,14 @@ class BuildConfig:
         return cls(**data)
 
 
-def _pairs(cfg: BuildConfig, split: str, n: int) -> tuple[Any, Any, list[str], str]:
-    """(pairs, concept presence [N, C], concept names, fingerprint) of one split."""
-    from jsae.labels import concepts_from_captions
-    from jsae.world.concepts import concept_presence, world_concepts
+def _source(cfg: BuildConfig, part: str, split: str, n: int) -> Any:
+    """The data of one part (``train`` or ``label``): ``n`` world pairs of ``split``, or the first ``n`` rows of
+    ``split`` of the caption dataset (read lazily)."""
+    from jsae.data.sources import CaptionSource, WorldSource
 
     if cfg.data is None:
-        from jsae.world import world_dataset
-
-        ds = world_dataset(split, n, cfg.seed)
-        names = world_concepts()
-        return ([(ex["image"], ex["caption"]) for ex in ds], concept_presence([ex["objects"] for ex in ds], names),
-                names, f"world:{split}:{n}:{cfg.seed}")
-    from jsae.world import load_caption_dataset
-
-    ds = load_caption_dataset(cfg.data, split=split, limit=n)
-    captions = list(ds["caption"])
-    y, names = concepts_from_captions(captions)
-    return _LazyPairs(ds), y, names, f"{cfg.data}:{split}:{len(captions)}"
-
-
-class _LazyPairs:
-    """(image, caption) pairs read from a dataset on demand (capture_pairs needs len() and indexing)."""
-
-    def __init__(self, ds: Any):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[Any, str]:
-        ex = self.ds[int(i)]
-        return ex["image"], ex["caption"]
+        return WorldSource({part: (split, n)}, cfg.seed)
+    return CaptionSource(path=cfg.data, data_split=split, sizes={part: n}, label_part=part)
 
 
 def _load_model(cfg: BuildConfig) -> tuple[Any, Any, Any]:
@@ -142,8 +108,8 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
     import torch
 
     from jsae.capture import capture_pairs
-    from jsae.training import load_pairs
     from jsae.labels import label_features
+    from jsae.training import load_pairs
 
     cfgs = [cfgs] if isinstance(cfgs, BuildConfig) else list(cfgs)
     base = cfgs[0]
@@ -159,13 +125,14 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
     layers = sorted({adapter.check_layer(c.layer) for c in cfgs})
     entries = []
     try:
-        caps, concept = {}, {}
+        caps, sources = {}, {}
         for part, split, n in (("train", base.split, base.n_train), ("label", base.label_split, base.n_label)):
-            pairs, y, names, fp = _pairs(base, split, n)
-            concept[part] = (y, names)
-            caps[part] = capture_pairs(model, pairs, layers=layers, out_dir=work / part, processor=processor, adapter=adapter,
-                                       pooling=base.pooling, batch_size=base.capture_batch_size, fingerprint=fp,
-                                       progress=progress)  # type: ignore[arg-type]
+            source = sources[part] = _source(base, part, split, n)
+            caps[part] = capture_pairs(model, source.pairs(part), layers=layers, out_dir=work / part, processor=processor,
+                                       adapter=adapter, pooling=base.pooling, batch_size=base.capture_batch_size,
+                                       fingerprint=source.fingerprint(part), progress=progress)  # type: ignore[arg-type]
+        y, names = sources["label"].presence("label")
+        described = sources["label"].describe("label")
         for cfg in cfgs:
             tr = load_pairs(caps["train"], cfg.layer, batch_size=1, shuffle=False)
             ho = load_pairs(caps["label"], cfg.layer, batch_size=1, shuffle=False)
@@ -184,8 +151,7 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
                     "paired_cosine": float(torch.nn.functional.cosine_similarity(zv, zt, dim=-1).mean()),
                     "n_heldout_pairs": int(v.shape[0]),
                 }
-            y, names = concept["label"]
-            labels = label_features(zv, zt, y.float(), names)
+            labels = label_features(zv, zt, y.float(), names, data=described)
             metrics.update({f"features_{k}": n for k, n in labels.counts().items()})
             final = out_root / cfg.release / sae_id
             tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -205,15 +171,15 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
 
 def _train(cfg: BuildConfig, vision: Any, text: Any, meta: dict[str, Any], checkpoint_dir: Path | None = None,
            progress: bool = False) -> Any:
-    """Train one JSAE as ``jsae.protocol.train_methods`` does (at mean norm sqrt(d_in), scale folded back
-    afterwards, so the saved SAE takes raw activations), with the recipe's architecture and losses."""
+    """Train one JSAE by the protocol's unit-norm recipe (:func:`jsae.training.recipes.train_jsae_unit_norm`: at
+    mean norm sqrt(d_in), scale folded back afterwards, so the saved SAE takes raw activations), with the
+    recipe's architecture and losses."""
     import torch
 
     from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+    from jsae.training import JointTrainerConfig
+    from jsae.training.recipes import train_jsae_unit_norm
 
-    scale = math.sqrt(vision.shape[1]) / float(torch.cat([vision, text]).norm(dim=-1).mean())
-    data = PairedTensorData(vision * scale, text * scale, batch_size=min(cfg.batch_size, vision.shape[0]), seed=cfg.seed)
     device = cfg.train_device if cfg.train_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tcfg = JointTrainerConfig(total_steps=cfg.steps, lr=cfg.lr, lr_warm_up_steps=cfg.steps // 20,
                               lr_decay_steps=cfg.steps // 5, seed=cfg.seed, progress=progress and cfg.steps >= 2000,
@@ -224,9 +190,7 @@ def _train(cfg: BuildConfig, vision: Any, text: Any, meta: dict[str, Any], check
                                   k=cfg.k, mse_normalization="variance", l1_coefficient=cfg.l1_coefficient)
     for key, value in {**meta, "layer": cfg.layer, "alignment": cfg.alignment}.items():
         scfg.metadata[key] = value
-    sae = JointSAETrainer.from_config(scfg, tcfg, data).fit().eval()
-    sae.fold_activation_norm_scaling_factor(scale)
-    return sae
+    return train_jsae_unit_norm(scfg, tcfg, vision, text, cfg.batch_size)
 
 
 def toy_model_sha256(name: str) -> str | None:
@@ -297,58 +261,12 @@ def build_shipped(models: tuple[str, ...] = tuple(SHIPPED_MODELS), layers: tuple
     return data
 
 
-# ---- commands -----------------------------------------------------------------------------------
-
-
-@release_app.command("build")
-def build_cmd(
-    config: Path = typer.Option(..., help="recipe YAML, or the name of a shipped recipe (jsae-llava-l16, ...)"),
-    out: Path = typer.Option(Path("releases"), help="output root: OUT/<release>/<sae_id>/"),
-    work_dir: Optional[Path] = typer.Option(None, help="keep the captures and training checkpoints here (a re-run resumes)"),
-) -> None:
-    """Produce a release from its recipe: capture, train the JSAE, label its features."""
-    try:
-        cfg = BuildConfig.from_file(config)
-        entries = build_release(cfg, out, work_dir=work_dir)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
-    e = entries[0]
-    typer.echo(f"built {out / e['name'] / e['hook']} (L0 {e['sae']['l0']:.1f}, variance explained "
-               f"{e['sae']['variance_explained']:.3f}); publish it with: jsae release push {out / e['name']} --repo "
-               f"{cfg.repo_id or 'ORG/NAME'}")
-
-
-@release_app.command("build-shipped")
-def build_shipped_cmd(
-    models: str = typer.Option(",".join(SHIPPED_MODELS), help="comma-separated toy models"),
-    layers: str = typer.Option(",".join(map(str, SHIPPED_LAYERS)), help="comma-separated decoder layers"),
-    steps: int = typer.Option(600),
-    d_sae: int = typer.Option(128),
-    out: Optional[Path] = typer.Option(None, help="default: the installed package's pretrained/ (and its releases.yaml)"),
-) -> None:
-    """Re-train the toy releases shipped with jsae and rewrite their releases.yaml entries."""
-    t0 = time.time()
-    try:
-        data = build_shipped(tuple(m for m in models.split(",") if m), tuple(int(x) for x in layers.split(",") if x),
-                             out_root=out, yaml_path=(out / "releases.yaml") if out else None, steps=steps, d_sae=d_sae)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-        return
-    for name, e in data.items():
-        if e.get("conversion_func") == "jsae_local":
-            s = e["saes"][0]
-            typer.echo(f"{name}: L0 {s['l0']:.1f}, variance explained {s['variance_explained']:.3f}")
-    typer.echo(f"done in {time.time() - t0:.0f} s")
-
-
-@release_app.command("list")
-def list_cmd() -> None:
-    """List jsae releases: name, model, layer, where it lives, L0, variance explained, and how to produce it."""
-    typer.echo(json.dumps(list_releases(), indent=1))
+# ---- listing ---------------------------------------------------------------------------------------
 
 
 def list_releases() -> list[dict[str, Any]]:
+    """One row per registered jsae release: name, model, layer, hook, where it lives, L0, variance explained,
+    and the recipe that produces it."""
     data = read_releases_yaml()
     rows = []
     for name, lk in sorted(RELEASES.items()):
@@ -361,112 +279,5 @@ def list_releases() -> list[dict[str, Any]]:
     return rows
 
 
-@release_app.command("push")
-def push_cmd(
-    directory: Path = typer.Argument(..., help="a jsae SAE directory (cfg.json) or a folder of them (<sae_id>/cfg.json)"),
-    repo: str = typer.Option(..., help="ORG/NAME"),
-    hub: Optional[str] = typer.Option(None, help="hub endpoint URL, or a local directory / file:// URL standing in for it"),
-    token: Optional[str] = typer.Option(None, envvar="HF_TOKEN"),
-    private: bool = typer.Option(False),
-) -> None:
-    """Upload a JSAE (SAELens layout + model card) to the Hugging Face Hub."""
-    from jsae.releases.hub import push
-
-    try:
-        url = push(directory, repo, endpoint=hub, token=token, private=private)
-    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(f"pushed {directory} -> {url}")
-
-
-@release_app.command("pull")
-def pull_cmd(
-    repo: str = typer.Argument(..., help="ORG/NAME, or the name of a listed hub release (jsae-llava-l16)"),
-    out: Optional[Path] = typer.Option(None, help="local directory (default: the Hugging Face cache, where "
-                                                  "SAE.from_pretrained finds it offline)"),
-    hub: Optional[str] = typer.Option(None, help="hub endpoint URL, or a local directory / file:// URL standing in for it"),
-    revision: Optional[str] = typer.Option(None),
-    token: Optional[str] = typer.Option(None, envvar="HF_TOKEN"),
-) -> None:
-    """Download a pushed JSAE repo and check every SAE in it."""
-    from jsae.releases.hub import pull
-
-    if repo in RELEASES and RELEASES[repo].conversion_func == "jsae_hub":
-        repo = RELEASES[repo].repo_id
-    try:
-        path = pull(repo, out, endpoint=hub, revision=revision, token=token)
-    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(str(path))
-
-
-# ---- looking at a JSAE (registered at the top level of `jsae` by cli.py) --------------------------
-
-
-def features_cmd(
-    sae: str = typer.Argument(..., help="a labelled JSAE folder (e.g. RUN/saes/jsae/layer_4) or a shipped release name"),
-    out: Optional[Path] = typer.Option(None, help="HTML file (default: SAE/features.html; for a release name ./RELEASE-features.html)"),
-    model: Optional[str] = typer.Option(None, help="toy model (default: the SAE's metadata.model_name)"),
-    n_features: int = typer.Option(24),
-    n_pairs: int = typer.Option(200, help="held-out world pairs to rank images and captions"),
-) -> None:
-    """Write the self-contained feature browser (features.html) of one labelled JSAE."""
-    from jsae.report.neuronpedia import feature_page
-
-    try:
-        path = feature_page(sae, out, model=model, n_features=n_features, n_pairs=n_pairs)
-    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(str(path))
-
-
-def export_cmd(
-    sae: str = typer.Argument(..., help="a labelled JSAE folder or a shipped release name"),
-    out: Path = typer.Option(Path("neuronpedia"), help="export root: OUT/{model}/{source}/"),
-    source_set: str = typer.Option("jsae", help="Neuronpedia source set id (the source is LAYER-SOURCE_SET)"),
-    hf_repo_id: Optional[str] = typer.Option(None, help="where the weights are published (source.hfRepoId)"),
-    n_features: Optional[int] = typer.Option(None, help="default: every labelled feature"),
-    n_examples: int = typer.Option(8, help="top images and top captions per feature"),
-    n_pairs: int = typer.Option(200),
-) -> None:
-    """Export labelled features in SAEDashboard's Neuronpedia layout, with jsae's image extension."""
-    from jsae.report.neuronpedia import export_neuronpedia
-
-    try:
-        path = export_neuronpedia(sae, out, source_set=source_set, hf_repo_id=hf_repo_id, n_features=n_features,
-                                  n_examples=n_examples, n_pairs=n_pairs)
-    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
-        _fail(str(exc))
-        return
-    typer.echo(str(path))
-
-
-def core_metrics_cmd(
-    sae: str = typer.Argument(..., help="a JSAE folder or a release name"),
-    model: Optional[str] = typer.Option(None, help="toy model (default: the SAE's metadata.model_name)"),
-    modality: str = typer.Option("text", help="branch to evaluate"),
-    n_captions: int = typer.Option(256),
-    out: Optional[Path] = typer.Option(None, help="write the metrics JSON here too"),
-) -> None:
-    """SAELens's core metrics of one JSAE branch (as a SAEBench custom SAE) on the toy VLM's language model."""
-    from jsae.report.neuronpedia import resolve_sae_dir
-    from jsae.saes.joint_sae import JointSAE
-    from jsae.releases.saebench import JSAEBranchSAE, core_metrics
-
-    try:
-        jointsae = JointSAE.load_from_disk(resolve_sae_dir(sae))
-        bench = JSAEBranchSAE(jointsae, modality)
-        result = core_metrics(bench, model or jointsae.cfg.metadata.get("model_name") or "llava", n_captions=n_captions)
-    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
-        _fail(str(exc))
-        return
-    text = json.dumps(result, indent=1)
-    if out:
-        out.write_text(text)
-    typer.echo(text)
-
-
-__all__ = ["BuildConfig", "core_metrics_cmd", "export_cmd", "features_cmd", "build_release", "build_shipped", "list_releases", "release_app"]
+__all__ = ["BuildConfig", "SHIPPED_LAYERS", "SHIPPED_MODELS", "build_release", "build_shipped", "list_releases",
+           "read_releases_yaml", "shipped_entry", "toy_model_sha256", "write_releases_yaml"]

@@ -1,0 +1,114 @@
+"""``jsae run ...``: run the protocol (``demo``, also at the top level as ``jsae demo``), ``sweep`` several
+models, or ``capture`` pooled pairs of one data split for ``jsae sae train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jsae.cli._common import data_source, fail, int_list
+
+run_app = typer.Typer(help="Run things on a VLM: the whole protocol (demo), a sweep over models, or a capture of "
+                           "pooled (image, caption) activations.", no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@run_app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="results directory (report.md, metrics.json, layer_sweep.png, features.html)"),
+    model: str = typer.Option("llava", help="llava | qwen3-vl-moe (shipped toy models), or a hub id / path of a real VLM (needs --data)"),
+    data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id): caption words become the concepts"),
+    data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
+    steps: int = typer.Option(600, help="training steps of every SAE"),
+    d_sae: int = typer.Option(128, help="SAE width"),
+    n_train: int = typer.Option(2000, min=1, help="training pairs"),
+    n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
+    n_eval: int = typer.Option(1200, min=1, help="held-out images for the steering/suppression sweep"),
+    n_max: int = typer.Option(400, help="most images per (concept, layer, method) cell"),
+    concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
+    min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
+    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)"),
+    max_new_tokens: int = typer.Option(28, min=1, help="greedy caption length"),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
+) -> None:
+    """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
+    layer_list = int_list(layers, "--layers") if layers else None
+    from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
+
+    cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, d_sae=d_sae, n_train=n_train,
+                         n_label=n_label, n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None,
+                         seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
+                         max_perplexity=max_perplexity, max_new_tokens=max_new_tokens)
+    try:
+        metrics = run_protocol(out, cfg, overwrite=overwrite)
+    except (FileExistsError, ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"done in {metrics['timings']['total_s']:.0f} s: " + ", ".join(str(out / a) for a in ARTEFACTS))
+
+
+@run_app.command()
+def sweep(
+    out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
+    models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
+    steps: int = typer.Option(600),
+    n_max: int = typer.Option(400),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """The demo on several models, plus the model × layer interaction test on the per-image scores."""
+    from jsae.files import write_atomic, write_json
+    from jsae.protocol.run import ProtocolConfig, run_protocol
+    from jsae.protocol.stats import interaction
+    from jsae.report.markdown import sweep_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    cells: dict[str, list] = {}
+    for name in (m for m in models.split(",") if m):
+        try:
+            metrics = run_protocol(out / name, ProtocolConfig(model=name, steps=steps, n_max=n_max), overwrite=overwrite,
+                                   scores_out=True)
+        except (FileExistsError, ValueError, NotImplementedError, OSError) as exc:
+            fail(str(exc))
+        cells[name] = metrics.pop("_cells")
+    result = {m: interaction(cells, m) for m in ("steering", "suppression")}
+    write_json(out / "interaction.json", result)
+    write_atomic(out / "report.md", sweep_report(list(cells), result))
+    typer.echo(json.dumps(result, indent=1))
+
+
+@run_app.command()
+def capture(
+    out: Path = typer.Option(..., help="capture directory (manifest.json + shards)"),
+    model: str = typer.Option("llava", help="toy model name, or a hub id / path of a real VLM"),
+    layers: str = typer.Option(..., help="comma-separated decoder layers"),
+    split: str = typer.Option("train", help="world split (train | validation | test), or the split of --data"),
+    n: int = typer.Option(2000, help="number of world pairs (the world only; --data captures every row of --split)"),
+    data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id) instead of the world"),
+    pooling: str = typer.Option("mean", help="mean | max | last"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0, help="world seed"),
+) -> None:
+    """Capture pooled (image, caption) activations at the given layers (resumable).
+
+    The manifest records the data's fingerprint, which `jsae sae label` checks."""
+    layer_list = int_list(layers, "--layers")
+    if not layer_list:
+        fail("--layers needs at least one layer, e.g. --layers 4")
+    from jsae import capture_pairs, load_vlm
+
+    try:
+        source, part = data_source(data, split, n, seed)
+        pairs = source.pairs(part)
+        model_, processor, adapter = load_vlm(model)
+        capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
+                      pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part))  # type: ignore[arg-type]
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"captured {len(pairs)} pairs into {out}")
+
+
+__all__ = ["capture", "demo", "run_app", "sweep"]

@@ -1,0 +1,169 @@
+"""``jsae sae ...``: one JSAE from a capture: ``train`` it, ``label`` its features on held-out pairs (checked
+against the capture's data fingerprint), ``steer`` toward or suppress a labelled concept."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from jsae.cli._common import data_source, fail
+
+sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
+                      no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@sae_app.command()
+def train(
+    capture_dir: Path = typer.Option(..., "--capture", help="capture directory (jsae run capture)"),
+    layer: int = typer.Option(..., help="captured layer to train on"),
+    out: Path = typer.Option(..., help="SAE directory to write (SAELens layout)"),
+    alignment: str = typer.Option("cosine", help="cosine | infonce | l2 | none"),
+    activation: str = typer.Option("relu", help="relu (with L1) | topk"),
+    k: int = typer.Option(32, help="k of topk"),
+    d_sae: int = typer.Option(1024),
+    steps: int = typer.Option(2000),
+    batch_size: int = typer.Option(256),
+    lr: float = typer.Option(3e-4),
+    l1_coefficient: float = typer.Option(0.03),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="checkpoints every 500 steps; resumes if it holds one"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a JSAE on captured pairs of one layer."""
+    from jsae.capture import read_manifest
+    from jsae.saes.joint_sae import TrainingJointSAEConfig
+    from jsae.training import JointSAETrainer, JointTrainerConfig, load_pairs
+
+    try:
+        data = load_pairs(capture_dir, layer, batch_size=batch_size, seed=seed)
+        manifest = read_manifest(capture_dir)
+        cfg = TrainingJointSAEConfig(d_in=data.d_in, d_sae=d_sae, alignment=alignment, activation=activation, k=k,
+                                     l1_coefficient=l1_coefficient, mse_normalization="variance")
+        for key, value in {"model_name": manifest.get("model"), "layer": layer, "pooling": manifest.get("pooling"),
+                           "hook_name": dict(zip(manifest["layers"], manifest["hook_names"])).get(layer)}.items():
+            cfg.metadata[key] = value
+        tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
+                                  checkpoint_every=500 if checkpoint_dir else 0,
+                                  checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed)
+        sae = JointSAETrainer.from_config(cfg, tcfg, data).fit()
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    sae.save_inference_model(out)
+    typer.echo(f"saved {out}")
+
+
+def _check_layer(sae: object, layer: int) -> None:
+    trained = getattr(getattr(sae, "cfg", None), "metadata", {}).get("layer")
+    if trained is not None and int(trained) != layer:
+        fail(f"this SAE was trained on layer {trained}, not {layer}; pass --layer {trained} or use that layer's SAE")
+
+
+@sae_app.command()
+def label(
+    sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory"),
+    capture_dir: Path = typer.Option(..., "--capture", help="capture of held-out pairs (jsae run capture)"),
+    layer: int = typer.Option(...),
+    split: str = typer.Option("validation", help="world split the capture was made from (or the split of --data)"),
+    n: int = typer.Option(400, help="number of world pairs the capture was made from"),
+    data: Optional[str] = typer.Option(None, help="caption dataset the capture was made from (words become concepts)"),
+    seed: int = typer.Option(0, help="world seed the capture was made with"),
+    min_corr: float = typer.Option(0.3),
+) -> None:
+    """Label every feature with its concept (world ground truth, or caption words) -> labels.json.
+
+    --split/--n/--seed (or --data) must give the data the capture was made from: its fingerprint is checked."""
+    import torch
+
+    from jsae.capture import read_manifest
+    from jsae.data.sources import check_fingerprint
+    from jsae.labels import label_features
+    from jsae.saes.joint_sae import JointSAE
+    from jsae.training import load_pairs
+
+    try:
+        sae = JointSAE.load_from_disk(sae_dir)
+        _check_layer(sae, layer)
+        source, part = data_source(data, split, n, seed)
+        manifest = read_manifest(capture_dir)
+        flags = "--data/--split" if data else "--split/--n/--seed"
+        check_fingerprint(manifest.get("fingerprint"), source.fingerprint(part), f"the capture in {capture_dir}",
+                          f"pass the {flags} it was captured with")
+        pairs = load_pairs(capture_dir, layer, batch_size=1, shuffle=False)
+        y, names = source.presence(part)
+        if y.shape[0] != pairs.vision.shape[0]:
+            fail(f"the capture holds {pairs.vision.shape[0]} pairs but the data has {y.shape[0]}; "
+                 "label with the data it was captured from")
+        with torch.no_grad():
+            labels = label_features(sae.encode(pairs.vision, "vision"), sae.encode(pairs.text, "text"), y.float(), names,
+                                    min_corr, data=source.describe(part))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        fail(str(exc))
+    labels.save(sae_dir / "labels.json")
+    typer.echo(f"{labels.counts()} -> {sae_dir / 'labels.json'}")
+
+
+@sae_app.command()
+def steer(
+    sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory with labels.json (labelled on the world)"),
+    concept: str = typer.Option(...),
+    layer: int = typer.Option(...),
+    alpha: float = typer.Option(..., help="strength added along the sum of unit decoder directions"),
+    model: str = typer.Option("llava", help="the VLM the SAE belongs to (it captions world images)"),
+    n: int = typer.Option(8, help="world test images without the concept"),
+    suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Steer toward (or suppress) a labelled concept on world images; print captions before and after."""
+    if not math.isfinite(alpha):
+        fail(f"--alpha must be a finite number, got {alpha}")
+    from jsae import load_vlm
+    from jsae.data.sources import WorldSource
+    from jsae.interventions import Ablate, Captioner, Steer
+    from jsae.labels import FeatureLabels
+    from jsae.protocol.methods import Method
+    from jsae.saes.joint_sae import JointSAE
+    from jsae.world.concepts import mentions
+
+    try:
+        sae = JointSAE.load_from_disk(sae_dir)
+        _check_layer(sae, layer)
+        path = sae_dir / "labels.json"
+        if not path.exists():
+            fail(f"{sae_dir} has no labels.json; run `jsae sae label` first")
+        labels = FeatureLabels.load(path)
+        kind = (labels.data or {}).get("kind", "world")
+        if kind != "world":
+            fail(f"{path} labels features on {kind} data, but steer edits captions of world images; "
+                 "label this SAE on the world first (`jsae sae label` without --data)")
+        feats = labels.features_for(concept)
+        source = WorldSource.split("test", 200, seed)
+        y, names = source.presence("test")
+        if concept not in names:
+            fail(f"{concept!r} is not a world concept; world concepts: {names}")
+        has = y[:, names.index(concept)].bool()
+        images = [ex["image"] for ex, h in zip(source.dataset("test"), has) if bool(h) == suppress][:n]
+        if not images:
+            fail(f"no world test image (seed {seed}) {'has' if suppress else 'lacks'} {concept!r}; try another --seed")
+        vlm = load_vlm(model)
+        vlm.adapter.check_layer(layer)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        fail(str(exc))
+    if suppress:
+        iv = Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")
+    else:
+        d = Method("jsae", sae, True).steer_direction(feats)
+        iv = Steer(layer=layer, positions="image", timing="prefill", direction=d, strength=alpha)
+    caption = Captioner(vlm.model, vlm.processor, vlm.adapter)
+    before, after = caption(images, []), caption(images, [iv])
+    for b, a in zip(before, after):
+        typer.echo(f"- {b}\n+ {a}")
+
+    def rate(caps: list[str]) -> float:
+        return sum(mentions(c, concept) for c in caps) / max(len(caps), 1)
+
+    typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} (features {feats})")
+
+
+__all__ = ["label", "sae_app", "steer", "train"]
