@@ -69,6 +69,7 @@ def test_page_is_self_contained_with_labels_images_captions_and_steering(run_pag
     assert html.count('class="steer"') == 1  # only the steered feature has a steering result
 
 
+@pytest.mark.slow
 @needs_release
 @needs_chromium
 def test_page_renders_in_headless_chromium(run_page: tuple[Path, FeatureLabels], tmp_path: Path) -> None:

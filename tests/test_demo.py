@@ -12,6 +12,7 @@ from jsae.cli import app
 from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # the protocol end to end (~1 min in all)
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,33 @@ def _pairs(n=512, d=16, seed=0):
     return a @ torch.randn(6, d, generator=g), a @ torch.randn(6, d, generator=g)
 
 
-def test_train_methods_equal_budget_and_separate_alignment():
+def test_train_methods_equal_budget_and_separate_alignment(monkeypatch):
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from jsae.training import JointSAETrainer
+
+    # record every optimiser step of both trainers: batch size and learning rate (the real trainers run)
+    seen: dict[str, list[tuple[int, float]]] = {"jsae": [], "saelens": []}
+    jsae_step, saelens_step = JointSAETrainer._train_step, SAETrainer._train_step
+
+    def jsae_rec(self, vision, text):
+        seen["jsae"].append((vision.shape[0], self.cfg.lr))
+        return jsae_step(self, vision, text)
+
+    def saelens_rec(self, sae, sae_in):
+        seen["saelens"].append((sae_in.shape[0], self.cfg.lr))
+        return saelens_step(self, sae=sae, sae_in=sae_in)
+
+    monkeypatch.setattr(JointSAETrainer, "_train_step", jsae_rec)
+    monkeypatch.setattr(SAETrainer, "_train_step", saelens_rec)
     v, t = _pairs()
     methods = train_methods(v, t, layer=3, d_sae=24, steps=60, batch_size=64, lr=3e-3, seed=0,
                             methods=("jsae", "jsae-none", "separate", "saelens-topk"), metadata={"model_name": "x"}, k=4)
     assert list(methods) == ["jsae", "jsae-none", "separate", "saelens-topk"]
+    # the same budget: width, steps, batch and learning rate ("separate" reuses the jsae-none training)
+    assert {m.sae.cfg.d_sae for m in methods.values()} == {24}
+    assert seen["jsae"] == [(64, 3e-3)] * 120  # jsae and jsae-none, 60 steps each
+    assert seen["saelens"] == [(64, 3e-3)] * 60
     from sae_lens import SAE
 
     assert isinstance(methods["saelens-topk"].sae, SAE) and not methods["saelens-topk"].joint

@@ -45,6 +45,7 @@ def test_registered_in_both_saelens_registries():
     assert SAE_TRAINING_CLASS_REGISTRY["jsae"] == (TrainingJointSAE, TrainingJointSAEConfig)
 
 
+@pytest.mark.slow
 def test_reimport_is_idempotent():
     import importlib
 
@@ -254,6 +255,7 @@ def test_from_pretrained_local_release_and_saelens_cached_lookup(tmp_path):
         jsae.releases.unregister_release("jsae-test-local")
 
 
+@pytest.mark.slow
 def test_from_pretrained_offline_from_hf_cache(tmp_path):
     sae = make()
     _fake_hf_cache(tmp_path / "hub", "jsae-org/jsae-toy", "layer_2", sae)
@@ -366,6 +368,7 @@ def test_folding_a_norm_scaling_factor_keeps_the_function(kw):
         torch.testing.assert_close(sae(x, m), outs[m], atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_import_registers_without_parsing_saelens_release_yaml_or_importing_nnsight():
     """``import jsae`` registers the architecture and the releases only: SAELens's ~170-release YAML is
     not parsed (its cache stays empty) and nnsight is not imported; the first load merges the releases."""

@@ -144,6 +144,7 @@ def test_code_agreement_and_fvu_definitions():
 # ---- the benchmark, small: alignment beats no alignment ------------------------------------------
 
 
+@pytest.mark.slow
 def test_alignment_beats_none_on_shared_concept_recovery(one_thread):
     bench = _load_benchmark("synthetic_recovery")
     out = bench.run(d_in=32, n_shared=12, n_private=6, d_sae=64, steps=400, batch=128, lr=2e-3, l1=0.1,

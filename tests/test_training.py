@@ -118,6 +118,7 @@ def test_plain_iterables_are_accepted_and_re_iterated():
 # ---- checkpoints and exact resume -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
     ckpt = tmp_path / "ckpt"
     proc = run_script(str(tmp_path / "killed.safetensors"), str(ckpt), str(STEPS), "--slow", "0.2", wait=False)
@@ -143,6 +144,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
     assert len(list(ckpt.glob("step-*"))) <= 2  # keep_checkpoints
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, reference):
     out = tmp_path / "ddp.safetensors"
     run_script(str(out), "-", str(STEPS), torchrun=True)

@@ -45,6 +45,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 # ---- the VISTA loss ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vista_loss_lowers_text_sae_error_on_image_tokens(world, sae4):
     model, processor, adapter, ds = world
     images, caps = [ex["image"] for ex in ds], [ex["captions"][0] for ex in ds]
