@@ -68,7 +68,7 @@ def run(d_in: int = 64, n_shared: int = 32, n_private: int = 16, d_sae: int = 25
     import jsae  # noqa: F401  (registers the architecture)
     from jsae.training.recipes import match_separate_saes
     from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.data.synthetic import PairedSyntheticConfig, PairedSyntheticData, evaluate_sae
+    from jsae.protocol.synthetic import PairedSyntheticConfig, PairedSyntheticData, evaluate_sae
     from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 
     gen = PairedSyntheticData(PairedSyntheticConfig(d_in=d_in, n_shared=n_shared, n_private=n_private,

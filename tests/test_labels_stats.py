@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jsae.labels import FeatureLabels, concepts_from_captions, label_features
+from jsae.data.judges import concepts_from_captions
+from jsae.labels import FeatureLabels, label_features
 from jsae.protocol.stats import bootstrap_ci, cohens_h, images_for_halfwidth, interaction_test
 
 

@@ -16,8 +16,8 @@ from jsae.saes.alignment import cosine
 from jsae.training.recipes import hungarian_match
 from jsae.saes.sparse_topk import sparse_cosine_alignment, topk_encode
 from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
-from jsae.data.synthetic import PairedSyntheticConfig, PairedSyntheticData, recovery_metrics
-from jsae.labels import correlation_matrix
+from jsae.protocol.synthetic import PairedSyntheticConfig, PairedSyntheticData, recovery_metrics
+from jsae.correlation import correlation_matrix
 from jsae.training import PairedTensorData
 
 ROOT = Path(__file__).resolve().parents[1]

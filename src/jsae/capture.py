@@ -16,13 +16,11 @@ Memory: one batch of activations plus one shard of pooled vectors, whatever the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
@@ -32,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.activations import read_layers
+from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
 from jsae.files import write_json
 
@@ -66,26 +65,6 @@ def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], 
 # ================================================================================================
 # Capture
 # ================================================================================================
-
-
-def _image_bytes(image: Any) -> bytes:
-    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL
-        return f"{image.mode}{image.size}".encode() + image.tobytes()
-    if isinstance(image, Tensor):
-        return str(tuple(image.shape)).encode() + image.detach().cpu().contiguous().numpy().tobytes()
-    arr = np.ascontiguousarray(np.asarray(image))
-    return str(arr.shape).encode() + arr.tobytes()
-
-
-def dataset_fingerprint(pairs: Sequence[tuple[Any, str]]) -> str:
-    """sha256 over every caption and image (pixels, mode and size), in order."""
-    h = hashlib.sha256()
-    for image, caption in pairs:
-        images = image if isinstance(image, (list, tuple)) else [image]
-        for im in images:
-            h.update(_image_bytes(im))
-        h.update(b"\x00" + str(caption).encode() + b"\x01")
-    return h.hexdigest()[:32]
 
 
 def _model_name(adapter: VLMAdapter) -> str:

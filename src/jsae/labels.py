@@ -8,13 +8,12 @@ that concept (averaged over the modalities where it fires); its **kind** is ``"s
 correlates with the concept in both modalities, ``"vision-only"`` / ``"text-only"`` otherwise.
 
 Concepts come from the world's ground truth, or, on real data, from caption words
-(:func:`concepts_from_captions`).
+(:func:`jsae.data.judges.concepts_from_captions`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
+
+from jsae.correlation import correlation_matrix
 
 Kind = Literal["shared", "vision-only", "text-only", "unlabelled"]
 
@@ -73,21 +74,6 @@ class FeatureLabels:
         return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"], data.get("data"))
 
 
-def correlation_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of every column of ``a`` [N, p] with every column of ``b`` [N, q] -> [p, q].
-
-    Computed in float64; a column with zero variance correlates 0 with everything.
-    """
-    a = a.double() - a.double().mean(0)
-    b = b.double() - b.double().mean(0)
-    na, nb = a.norm(dim=0), b.norm(dim=0)
-    c = (a.T @ b) / (na[:, None] * nb[None, :]).clamp(min=1e-30)
-    c[na < 1e-12] = 0.0
-    c[:, nb < 1e-12] = 0.0
-    return c
-
-
-
 @jaxtyped(typechecker=beartype)
 def label_features(
     z_vision: Float[Tensor, "n d_sae"],
@@ -122,20 +108,3 @@ def label_features(
         labels.append(FeatureLabel(j, concept_names[c], kind, sum(purities) / max(len(purities), 1),
                                    float(cv[j, c]), float(ct[j, c])))
     return FeatureLabels(labels, list(concept_names), data)
-
-
-def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: Iterable[str] = ()) -> tuple[Tensor, list[str]]:
-    """Real data: caption words as concepts -> (presence [N, C] float, words)."""
-    stop = {"a", "an", "the", "of", "on", "in", "and", "with", "is", "at", "to", "its", "it", *stopwords}
-    tokens = [set(re.findall(r"[a-z]+", c.lower())) - stop for c in captions]
-    counts = Counter(w for t in tokens for w in t)
-    words = sorted(w for w, n in counts.items() if n >= min_count)
-    if not words:
-        raise ValueError(f"no caption word occurs {min_count} times; lower min_count or use more captions")
-    index = {w: i for i, w in enumerate(words)}
-    y = torch.zeros(len(captions), len(words))
-    for i, t in enumerate(tokens):
-        for w in t:
-            if w in index:
-                y[i, index[w]] = 1.0
-    return y, words

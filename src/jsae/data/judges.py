@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections import Counter
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,23 @@ def distinct_2(text: str) -> float:
     return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 2 else 1.0
 
 
+def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: Iterable[str] = ()) -> tuple[Tensor, list[str]]:
+    """Real data: caption words as concepts -> (presence [N, C] float, words)."""
+    stop = {"a", "an", "the", "of", "on", "in", "and", "with", "is", "at", "to", "its", "it", *stopwords}
+    tokens = [set(re.findall(r"[a-z]+", c.lower())) - stop for c in captions]
+    counts = Counter(w for t in tokens for w in t)
+    words = sorted(w for w, n in counts.items() if n >= min_count)
+    if not words:
+        raise ValueError(f"no caption word occurs {min_count} times; lower min_count or use more captions")
+    index = {w: i for i, w in enumerate(words)}
+    y = torch.zeros(len(captions), len(words))
+    for i, t in enumerate(tokens):
+        for w in t:
+            if w in index:
+                y[i, index[w]] = 1.0
+    return y, words
+
+
 def caption_presence(items: Sequence[dict], concepts: list[str]) -> Tensor:
     """[N, C] 0/1: does a row's reference caption(s) have concept word c (plural tolerant)?"""
     y = torch.zeros(len(items), len(concepts))
@@ -78,7 +96,7 @@ def caption_presence(items: Sequence[dict], concepts: list[str]) -> Tensor:
 
 
 class CaptionJudge:
-    """Real data: concepts are caption words (:func:`jsae.labels.concepts_from_captions`); an image
+    """Real data: concepts are caption words (:func:`concepts_from_captions`); an image
     *contains* a concept when its reference caption has the word; a generated caption *mentions* it on a
     word match (plural tolerant).  Fluency guard (the reference code's perplexity guard, with the VLM
     itself as the language model): a caption is fluent when its perplexity under the model **without the
@@ -156,4 +174,4 @@ def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: in
     return np.array(out)
 
 
-__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "caption_words", "distinct_2", "text_perplexity"]
+__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "concepts_from_captions", "caption_words", "distinct_2", "text_perplexity"]

@@ -3,7 +3,7 @@
 A source has named *parts* (the protocol uses ``"train"``, ``"label"`` and ``"eval"``; the CLI a single
 world split), and for each part the rows (``datasets.Dataset`` in the world schema: ``image``,
 ``caption``, ``objects``, ...), the pairs, the concept presence used for labelling, and a **fingerprint**:
-the sha256 of every image and caption of the part, in order (:func:`jsae.capture.dataset_fingerprint`).
+the sha256 of every image and caption of the part, in order (:func:`dataset_fingerprint`).
 The fingerprint is written into every capture manifest, labels file and run directory, and whatever reads
 them back (``jsae label``, ``jsae steer``, the protocol) refuses data whose fingerprint does not match.
 
@@ -16,14 +16,36 @@ them back (``jsae label``, ``jsae steer``, the protocol) refuses data whose fing
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from torch import Tensor
 
-from jsae.capture import dataset_fingerprint
 
 WORLD_SPLITS = ("train", "validation", "test")
+
+
+def _image_bytes(image: Any) -> bytes:
+    if hasattr(image, "tobytes") and hasattr(image, "mode"):  # PIL
+        return f"{image.mode}{image.size}".encode() + image.tobytes()
+    if isinstance(image, Tensor):
+        return str(tuple(image.shape)).encode() + image.detach().cpu().contiguous().numpy().tobytes()
+    arr = np.ascontiguousarray(np.asarray(image))
+    return str(arr.shape).encode() + arr.tobytes()
+
+
+def dataset_fingerprint(pairs: Sequence[tuple[Any, str]]) -> str:
+    """sha256 over every caption and image (pixels, mode and size), in order."""
+    h = hashlib.sha256()
+    for image, caption in pairs:
+        images = image if isinstance(image, (list, tuple)) else [image]
+        for im in images:
+            h.update(_image_bytes(im))
+        h.update(b"\x00" + str(caption).encode() + b"\x01")
+    return h.hexdigest()[:32]
 
 
 def check_fingerprint(found: str | None, expected: str, what: str, fix: str) -> None:
@@ -205,7 +227,7 @@ class CaptionSource(_Source):
 
     @property
     def concepts(self) -> list[str]:
-        from jsae.labels import concepts_from_captions
+        from jsae.data.judges import concepts_from_captions
 
         key = "concepts"
         if key not in self._cache:
@@ -251,4 +273,4 @@ class LazyPairs:
 
 DataSource = WorldSource | CaptionSource
 
-__all__ = ["CaptionSource", "DataSource", "LazyPairs", "WorldSource", "check_fingerprint"]
+__all__ = ["CaptionSource", "DataSource", "LazyPairs", "WorldSource", "check_fingerprint", "dataset_fingerprint"]

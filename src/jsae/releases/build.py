@@ -198,7 +198,7 @@ def toy_model_sha256(name: str) -> str | None:
     it was trained on."""
     import hashlib
 
-    from jsae import world
+    from jsae.world import models as world
 
     if name not in world.MODEL_NAMES:
         return None

@@ -194,7 +194,7 @@ def feature_browser(features: Iterable[dict[str, Any]], path: str | Path, title:
 
 def world_model_for(sae: Any, model: str | None = None) -> tuple[Any, str]:
     """(VLM, name) of the toy model an SAE was trained on (``model`` overrides ``metadata.model_name``)."""
-    from jsae import world
+    from jsae.world import models as world
 
     name = model or sae.cfg.metadata.get("model_name")
     if name is None:

@@ -30,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from jsae.labels import correlation_matrix
+from jsae.correlation import correlation_matrix
 from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.training.data import PairedTensorData
 from jsae.training.trainer import JointSAETrainer, JointTrainerConfig
@@ -78,7 +78,7 @@ def train_separate_saes(sae_cfg: Any, trainer_cfg: Any, data: Iterable[tuple[Ten
                         match_vision: Tensor, match_text: Tensor) -> tuple[Any, Tensor]:
     """Train two independent SAEs (see the module docstring) and pair their latents on
     ``(match_vision, match_text)``.  Returns ``(sae, perm)``; evaluate with
-    ``jsae.data.synthetic.evaluate_sae(sae, pairs, text_permutation=perm)``."""
+    ``jsae.protocol.synthetic.evaluate_sae(sae, pairs, text_permutation=perm)``."""
     sae = JointSAETrainer.from_config(separate_config(sae_cfg), trainer_cfg, data).fit()
     perm, _ = match_separate_saes(sae, match_vision, match_text)
     return sae, perm

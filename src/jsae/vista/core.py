@@ -48,7 +48,6 @@ def load_text_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> 
     Llama Scope release or jsae's ``jsae-vista-toy-llava-text-sae``."""
     from sae_lens import SAE
 
-    import jsae  # noqa: F401  (installs jsae releases into SAELens)
     from jsae.releases.registry import resolve_sae_id
 
     path = Path(spec)

@@ -50,13 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jsae.labels import correlation_matrix
+from jsae.correlation import correlation_matrix
 
 __all__ = [
     "PairedSyntheticConfig",
     "PairedSyntheticData",
     "SyntheticPairs",
-    "correlation_matrix",
     "evaluate_sae",
     "recovery_metrics",
 ]
