@@ -330,11 +330,10 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     concepts = choose_concepts(cfg, judge, labels_by_layer, layers, items)
     cells = sweep_stage(cfg, vlm, judge, methods_by_layer, labels_by_layer, data, layers, concepts, items, progress)
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
+    timings["total_s"] = time.time() - t0  # capture to statistics (the report is written from the files after)
     metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, cells, timings)
     write_json(run.metrics_file, metrics)
     write_run_report(run, vlm, source.pairs("label"))
-    timings["total_s"] = time.time() - t0
-    write_json(run.metrics_file, metrics)
     if scores_out:
         metrics["_cells"] = cells
     return metrics
