@@ -269,6 +269,12 @@ class VLMAdapter(abc.ABC):
         last = torch.where(img, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
         return keep & (pos > last)
 
+    @jaxtyped(typechecker=beartype)
+    def non_image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
+        """True at every attended token that is not an image token (BOS, template words, caption: the
+        JSAE reference's text view)."""
+        return self._attention(inputs) & ~self.image_token_mask(inputs)
+
     def _vision_marker_mask(self, ids: Tensor) -> Tensor:
         """Image tokens and any markers around them (overridden by families that have markers)."""
         return ids == self.image_token_id
@@ -346,10 +352,14 @@ class VLMAdapter(abc.ABC):
         return " ".join([image] * n_images + ([caption] if caption else []))
 
     def render_prompt(self, processor: Any, caption: str, n_images: int = 1, chat_template: bool | None = None,
-                      add_generation_prompt: bool = False) -> str:
+                      add_generation_prompt: bool = False, prompt_template: str | None = None) -> str:
         """The prompt text of one sample: the processor's chat template with one user turn holding the
         image(s) then the caption, or :meth:`plain_prompt` when there is no template (or
-        ``chat_template=False``)."""
+        ``chat_template=False``).  A raw ``prompt_template`` (e.g. ``"USER: <image>\n{caption}\nASSISTANT:"``)
+        replaces both: ``{caption}`` is filled in and the template's own image placeholder(s) stay; it is used
+        as written, so ``add_generation_prompt`` does not apply to it."""
+        if prompt_template is not None:
+            return self.fill_template(processor, prompt_template, caption, n_images)
         template = getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
         if chat_template is True and template is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; pass chat_template=False for the plain layout")
@@ -362,9 +372,21 @@ class VLMAdapter(abc.ABC):
         fn = processor.apply_chat_template if hasattr(processor, "apply_chat_template") else _tokenizer(processor).apply_chat_template
         return fn(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def fill_template(self, processor: Any, prompt_template: str, caption: str, n_images: int = 1) -> str:
+        """``prompt_template`` with ``{caption}`` filled in; one-line errors when it lacks ``{caption}`` or does
+        not hold one image placeholder per image."""
+        image = getattr(processor, "image_token", None) or self.image_token
+        if "{caption}" not in prompt_template:
+            raise ValueError(f"prompt template {prompt_template!r} has no {{caption}}; write where the caption goes, "
+                             f"e.g. 'USER: {image}\\n{{caption}}\\nASSISTANT:'")
+        if prompt_template.count(image) != n_images:
+            raise ValueError(f"prompt template {prompt_template!r} holds {prompt_template.count(image)} image placeholder(s) "
+                             f"{image!r} for {n_images} image(s); put one per image")
+        return prompt_template.replace("{caption}", caption)
+
     def build_inputs(self, processor: Any, images: Sequence[Any], texts: Sequence[str], *,
                      chat_template: bool | None = None, add_generation_prompt: bool = False,
-                     return_tensors: str = "pt") -> Any:
+                     prompt_template: str | None = None, return_tensors: str = "pt") -> Any:
         """Model inputs for ``images[i]`` (one image, or a list of images) paired with ``texts[i]``.
 
         Goes through ``processor(images=..., text=...)`` and its chat template (plain layout when it has
@@ -382,8 +404,8 @@ class VLMAdapter(abc.ABC):
         for i, (text, k) in enumerate(zip(texts, n_imgs)):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is {type(text).__name__}; pass strings")
-            full = self.render_prompt(processor, text, k, chat_template, add_generation_prompt)
-            bare = self.render_prompt(processor, "", k, chat_template, add_generation_prompt)
+            full = self.render_prompt(processor, text, k, chat_template, add_generation_prompt, prompt_template)
+            bare = self.render_prompt(processor, "", k, chat_template, add_generation_prompt, prompt_template)
             a, b = tok(full).input_ids, tok(bare).input_ids
             pre = 0
             while pre < min(len(a), len(b)) and a[pre] == b[pre]:

@@ -35,6 +35,7 @@ from jsae.adapters import VLMAdapter
 from jsae.files import write_json
 
 POOLINGS = ("mean", "max", "last")
+TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
 MANIFEST = "manifest.json"
 FORMAT = "jsae-capture/1"
 Pooling = Literal["mean", "max", "last"]
@@ -48,10 +49,12 @@ Pooling = Literal["mean", "max", "last"]
 @jaxtyped(typechecker=beartype)
 def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], pooling: str = "mean") -> Float[Tensor, "batch d"]:
     """Pool ``hidden`` over the positions of ``mask`` per row: ``"mean"``, ``"max"`` or ``"last"`` (the
-    last masked position).  Every row needs at least one masked position."""
+    last masked position), always in float32 (a mean of thousands of fp16 states would overflow: 2,928
+    tokens of value 30.0 sum past fp16's 65,504).  Every row needs at least one masked position."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
     mask = mask.to(hidden.device)
+    hidden = hidden.float()
     if pooling == "mean":
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1)
@@ -91,6 +94,8 @@ def capture_pairs(
     dtype: torch.dtype = torch.float32,
     fingerprint: str | None = None,
     chat_template: bool | None = None,
+    prompt_template: str | None = None,
+    text_positions: str = "caption",
     adapter: VLMAdapter | None = None,
     progress: bool = True,
 ) -> Path:
@@ -100,6 +105,10 @@ def capture_pairs(
     inputs (``adapter.build_inputs``; default ``model.processor``).  Re-running on a directory with the
     same model, layers, pooling and data resumes; a finished capture returns at once.
     ``fingerprint`` replaces the default sha256 of the data (e.g. a dataset name and revision).
+    ``prompt_template`` is a raw prompt string instead of the chat template (e.g. the JSAE reference's
+    ``"USER: <image>\n{caption}\nASSISTANT:"``); ``text_positions`` pools the text view over the caption tokens
+    (``"caption"``) or every attended non-image token (``"non_image"``: BOS, template words and caption, as
+    the reference does).
     """
     from jsae.vlm import as_vlm
 
@@ -110,6 +119,8 @@ def capture_pairs(
         raise ValueError("layers is empty; pass the decoder layer(s) to capture, e.g. layers=[4]")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    if text_positions not in TEXT_POSITIONS:
+        raise ValueError(f"unknown text_positions {text_positions!r}; choose one of {list(TEXT_POSITIONS)}")
     if batch_size <= 0 or shard_size <= 0:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -124,6 +135,8 @@ def capture_pairs(
         "layers": layer_list,
         "hook_names": [adapter.hook_name(L) for L in layer_list],
         "pooling": pooling,
+        "text_positions": text_positions,
+        "prompt_template": prompt_template,
         "fingerprint": fingerprint or dataset_fingerprint(pairs),
         "total": len(pairs),
         "dtype": str(dtype).removeprefix("torch."),
@@ -142,10 +155,11 @@ def capture_pairs(
             batch = [pairs[i] for i in range(start, min(start + batch_size, n))]
             images, texts = [p[0] for p in batch], [p[1] for p in batch]
             try:
-                inputs = adapter.build_inputs(processor, images, texts, chat_template=chat_template)
+                inputs = adapter.build_inputs(processor, images, texts, chat_template=chat_template,
+                                              prompt_template=prompt_template)
             except ValueError as err:
                 raise ValueError(f"pairs {start}..{start + len(batch) - 1}: {err}") from None
-            for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling).items():
+            for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling, text_positions).items():
                 pending[key].append(value.to(dtype).cpu())
             pending_n += len(batch)
             bar.update(len(batch))
@@ -161,10 +175,11 @@ def capture_pairs(
     return out
 
 
-def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str) -> dict[str, Tensor]:
-    """Every layer in ``layers`` pooled over image and caption tokens (one trace, stopping after the last)."""
+def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str,
+                   text_positions: str = "caption") -> dict[str, Tensor]:
+    """Every layer in ``layers`` pooled over image and text tokens (one trace, stopping after the last)."""
     image_mask = adapter.image_token_mask(inputs)
-    caption_mask = adapter.caption_token_mask(inputs)
+    caption_mask = adapter.caption_token_mask(inputs) if text_positions == "caption" else adapter.non_image_token_mask(inputs)
 
     def both(hidden: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         return pool(hidden, image_mask, pooling), pool(hidden, caption_mask, pooling)
@@ -181,8 +196,10 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     path = out / MANIFEST
     if path.exists():
         manifest = json.loads(path.read_text())
-        for key in ("format", "model", "model_class", "layers", "pooling", "fingerprint", "total", "dtype", "batch_size", "shard_size"):
-            if manifest.get(key) != settings[key]:
+        defaults = {"text_positions": "caption", "prompt_template": None}  # captures made before these existed
+        for key in ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template", "fingerprint",
+                    "total", "dtype", "batch_size", "shard_size"):
+            if manifest.get(key, defaults.get(key)) != settings[key]:
                 raise ValueError(
                     f"{out} holds a capture with {key}={manifest.get(key)!r}, not {settings[key]!r}; "
                     "use a new out_dir or the same settings to resume"

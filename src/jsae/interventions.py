@@ -436,9 +436,11 @@ class Captioner:
     prompt: str = ""
     batch_size: int = 64
     max_new_tokens: int = 28
+    prompt_template: str | None = None  # a raw prompt ("[INST] <image>\n{caption} [/INST]"; {caption} = prompt)
 
     def __call__(self, images: Sequence[Any], interventions: Any = ()) -> list[str]:
-        text = self.adapter.render_prompt(self.processor, self.prompt, 1, add_generation_prompt=True)
+        text = self.adapter.render_prompt(self.processor, self.prompt, 1, add_generation_prompt=True,
+                                          prompt_template=self.prompt_template)
         out: list[str] = []
         with padding_side(self.processor, "left"):
             for i in range(0, len(images), self.batch_size):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -46,6 +47,10 @@ def dataset_fingerprint(pairs: Sequence[tuple[Any, str]]) -> str:
             h.update(_image_bytes(im))
         h.update(b"\x00" + str(caption).encode() + b"\x01")
     return h.hexdigest()[:32]
+
+
+def _image_key(image: Any) -> str:
+    return hashlib.sha256(_image_bytes(image)).hexdigest()
 
 
 def check_fingerprint(found: str | None, expected: str, what: str, fix: str) -> None:
@@ -172,6 +177,9 @@ class CaptionSource(_Source):
     min_count: int = 5
     max_perplexity: float | None = None
     label_part: str = "label"
+    dedup_images: bool = True  # one row per image (COCO has one row per caption), so the parts are disjoint in images
+    seed: int = 0  # picks each image's caption among its captions, and the image order when ``shuffle``
+    shuffle: bool = False  # a seeded sample of the images instead of the dataset's order
     kind = "captions"
 
     def __post_init__(self) -> None:
@@ -200,15 +208,45 @@ class CaptionSource(_Source):
             from jsae.world.data import load_caption_dataset
 
             need = sum(int(n) for n in self.sizes.values())
-            limit = None if need >= 10**12 else need
+            limit = None if need >= 10**12 or self.dedup_images or self.shuffle else need
             ds = load_caption_dataset(self.path, split=self.data_split, limit=limit)
-            if limit is not None and len(ds) < need:
+            if self.dedup_images or self.shuffle:
+                ds = self._one_row_per_image(ds, None if need >= 10**12 else need)
+            if limit is None and need < 10**12 and len(ds) >= need:
+                ds = ds.select(range(need))
+            if need < 10**12 and len(ds) < need:
                 names = " + ".join(f"n_{part}" for part in self.sizes)
                 flags = " / ".join(f"--n-{part.replace('_', '-')}" for part in self.sizes)
                 raise ValueError(f"{self.path!r} ({self.data_split}) has {len(ds)} rows but {names} = {need}; "
                                  f"lower {flags} or use a larger dataset")
             self._cache["rows"] = ds
         return self._cache["rows"]
+
+    def _one_row_per_image(self, ds: Any, need: int | None) -> Any:
+        """One row per image (``image_id``; the pixels where the data has no id column), its caption drawn
+        with ``seed`` among the image's captions; the images in dataset order, or a seeded sample."""
+        rng = np.random.default_rng(self.seed)
+        ids = ds["image_id"]
+        has_ids = len(set(ids)) < len(ids) or not all(str(i).startswith(f"{Path(self.path).name}-") for i in ids)
+        groups: dict[str, list[int]] = {}
+        for i in range(len(ds)):
+            key = str(ids[i]) if has_ids or not self.dedup_images else _image_key(ds[i]["image"])
+            groups.setdefault(key if self.dedup_images else str(i), []).append(i)
+        order = list(groups)
+        if self.shuffle:
+            order = [order[j] for j in rng.permutation(len(order))]
+        if need is not None:
+            order = order[:need]
+        keep, captions = [], []
+        for key in order:
+            rows = groups[key]
+            refs = [c for r in rows for c in (ds[r]["captions"] or [ds[r]["caption"]])]
+            keep.append(rows[0])
+            captions.append(refs[int(rng.integers(len(refs)))] if len(refs) > 1 else refs[0])
+        out = ds.select(keep)
+        refs_all = [[c for r in groups[key] for c in (ds[r]["captions"] or [ds[r]["caption"]])] for key in order]
+        out = out.remove_columns(["caption", "captions"]).add_column("caption", captions).add_column("captions", refs_all)
+        return out.cast(ds.features)
 
     def _load(self, part: str) -> Any:
         ds, start = self._rows(), 0

@@ -66,14 +66,22 @@ class ProtocolConfig:
     prompt: str | None = None  # captioning prompt; default "" on the world, "Describe the image." on real data
     min_count: int = 5  # real data: a caption word is a concept when it occurs in this many labelling captions
     max_perplexity: float | None = None  # real data: fluency threshold (default 1.5x the unsteered 95th percentile)
+    text_positions: str = "caption"  # text pooling: "caption" tokens | every attended "non_image" token (the reference)
+    prompt_template: str | None = None  # a raw capture prompt instead of the chat template, e.g. "USER: <image>\n{caption}\nASSISTANT:"
+    caption_template: str | None = None  # a raw captioning prompt ({caption} = prompt), e.g. "[INST] <image>\n{caption} [/INST]"
+    steer_at: str = "image"  # "image" (prefill) | "image+generated" (and every generated token, the reference)
+    alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2..3.0) instead of relative ratios
+    dedup_images: bool = True  # real data: one row per image, caption drawn with the seed
 
 
 def data_source(cfg: ProtocolConfig) -> DataSource:
     """The world, or consecutive slices of ``cfg.data``: parts ``train``, ``label`` and ``eval``."""
     if cfg.data is None:
         return WorldSource.protocol(cfg.n_train, cfg.n_label, cfg.n_eval, cfg.seed)
-    return CaptionSource.protocol(cfg.data, cfg.data_split, cfg.n_train, cfg.n_label, cfg.n_eval, min_count=cfg.min_count,
-                                  max_perplexity=cfg.max_perplexity)
+    src = CaptionSource.protocol(cfg.data, cfg.data_split, cfg.n_train, cfg.n_label, cfg.n_eval, min_count=cfg.min_count,
+                                 max_perplexity=cfg.max_perplexity)
+    src.dedup_images, src.seed = cfg.dedup_images, cfg.seed
+    return src
 
 
 def default_layers(n_layers: int, k: int) -> list[int]:
@@ -92,6 +100,13 @@ def check_config(cfg: ProtocolConfig) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    from jsae.capture import TEXT_POSITIONS
+    from jsae.protocol.sweep import STEER_AT
+
+    if cfg.text_positions not in TEXT_POSITIONS:
+        raise ValueError(f"unknown text pooling {cfg.text_positions!r}; choose one of {list(TEXT_POSITIONS)}")
+    if cfg.steer_at not in STEER_AT:
+        raise ValueError(f"unknown steer_at {cfg.steer_at!r}; choose one of {list(STEER_AT)}")
 
 
 def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool) -> RunDir:
@@ -127,7 +142,7 @@ def _jsonable(obj: Any) -> Any:
 # ---- 1. capture ---------------------------------------------------------------------------------------
 
 
-def capture_stage(run: RunDir, vlm: VLM, source: DataSource, parts: tuple[str, ...] = ("train", "label"),
+def capture_stage(run: RunDir, cfg: ProtocolConfig, vlm: VLM, source: DataSource, parts: tuple[str, ...] = ("train", "label"),
                   progress: bool = True) -> dict[str, Path]:
     """Pooled pairs of every part at every decoder layer (resumable; the manifest holds the fingerprint)."""
     from jsae.capture import capture_pairs
@@ -135,7 +150,8 @@ def capture_stage(run: RunDir, vlm: VLM, source: DataSource, parts: tuple[str, .
     model, processor, adapter = vlm
     return {part: capture_pairs(model, source.pairs(part), layers=list(range(adapter.n_layers)), out_dir=run.capture_dir(part),
                                 processor=processor, adapter=adapter, batch_size=64, progress=progress,
-                                fingerprint=source.fingerprint(part))
+                                fingerprint=source.fingerprint(part), prompt_template=cfg.prompt_template,
+                                text_positions=cfg.text_positions)
             for part in parts}
 
 
@@ -264,7 +280,7 @@ def captioner_for(cfg: ProtocolConfig, vlm: VLM) -> Any:
 
     prompt = cfg.prompt if cfg.prompt is not None else ("" if cfg.data is None else "Describe the image.")
     return Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt, batch_size=cfg.gen_batch,
-                     max_new_tokens=cfg.max_new_tokens)
+                     max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.caption_template)
 
 
 def sweep_stage(cfg: ProtocolConfig, vlm: VLM, judge: Any, methods_by_layer: dict[int, dict[str, Method]],
@@ -272,7 +288,8 @@ def sweep_stage(cfg: ProtocolConfig, vlm: VLM, judge: Any, methods_by_layer: dic
                 concepts: list[str], items: list[dict], progress: bool = True) -> list[Cell]:
     """Strengths by the fluency guard, then the steering and suppression cells, on the held-out sweep images."""
     sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start, n_max=cfg.n_max,
-                            halfwidth=cfg.halfwidth)
+                            halfwidth=cfg.halfwidth, steer_at=cfg.steer_at,
+                            alphas=tuple(cfg.alphas) if cfg.alphas is not None else None)
     return run_sweep(captioner_for(cfg, vlm), methods_by_layer, labels_by_layer,
                      {L: d.state_norm for L, d in data.items()}, [ex["image"] for ex in items], items, sweep_cfg,
                      progress=progress, judge=judge)
@@ -318,7 +335,7 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     source = data_source(cfg)
     run = open_run(Path(out), cfg, source, overwrite)  # refuses another run before anything is written
 
-    captures = capture_stage(run, vlm, source, progress=progress)
+    captures = capture_stage(run, cfg, vlm, source, progress=progress)
     timings["capture_s"] = time.time() - t0
     judge = source.judge(vlm.model, vlm.processor)
     if cfg.concepts:

@@ -67,6 +67,9 @@ def _grow(score_fn: Callable[[int, int], np.ndarray], n_start: int, n_max: int, 
     return scores
 
 
+STEER_AT = ("image", "image+generated")
+
+
 @dataclass
 class SweepConfig:
     layers: list[int]
@@ -76,10 +79,16 @@ class SweepConfig:
     n_max: int = 600
     halfwidth: float = 0.05
     alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2, 0.4, ..., 3.0) instead of ratios
     n_calibration: int = 32
     min_fluency: float = 0.9
-    positions: str = "image"  # where steering and suppression edit
-    timing: str = "prefill"  # "prefill" or "every_step"
+    steer_at: str = "image"  # "image": the image tokens at prefill; "image+generated": and every generated token
+
+    def __post_init__(self) -> None:
+        if self.steer_at not in STEER_AT:
+            raise ValueError(f"unknown steer_at {self.steer_at!r}; choose one of {list(STEER_AT)}")
+        if self.alphas is not None and (not self.alphas or any(not a > 0 for a in self.alphas)):
+            raise ValueError(f"alphas must be positive strengths, e.g. (0.2, 0.4, ..., 3.0), got {self.alphas}")
 
 
 @dataclass
@@ -126,17 +135,29 @@ class SweepImages:
         return self.caption([self.images[i] for i in idx], interventions)
 
 
-def _steer(cfg: SweepConfig, layer: int, direction: Tensor, alpha: float) -> Any:
+def _steer(cfg: SweepConfig, layer: int, direction: Tensor, alpha: float) -> list[Any]:
+    """Steering at the image tokens (prefill) and, with ``steer_at="image+generated"``, at every generated token."""
     from jsae.interventions import Steer
 
-    return Steer(layer=layer, positions=cfg.positions, timing=cfg.timing, direction=direction, strength=alpha)  # type: ignore[arg-type]
+    ivs = [Steer(layer=layer, positions="image", timing="prefill", direction=direction, strength=alpha)]
+    if cfg.steer_at == "image+generated":
+        ivs.append(Steer(layer=layer, positions="generated", timing="every_step", direction=direction, strength=alpha))
+    return ivs
 
 
 def _ablate(cfg: SweepConfig, layer: int, m: Method, feats: list[int]) -> Any:
     from jsae.interventions import Ablate
 
-    return Ablate(layer=layer, positions=cfg.positions, timing=cfg.timing, sae=m.sae, features=feats,  # type: ignore[arg-type]
+    return Ablate(layer=layer, positions="image", timing="prefill", sae=m.sae, features=feats,
                   sae_modality="vision" if m.joint else None)
+
+
+def strengths(cfg: SweepConfig, state_norm: float, direction: Tensor) -> list[float]:
+    """The strengths tried, weakest first: ``cfg.alphas`` as given, or ``r · state_norm / ‖d‖`` for each ratio ``r``
+    (``state_norm``: the mean norm of the layer's pooled image vectors)."""
+    if cfg.alphas is not None:
+        return list(cfg.alphas)
+    return [r * state_norm / max(float(direction.norm()), 1e-8) for r in cfg.alpha_ratios]
 
 
 def plan_cells(methods_by_layer: dict[int, dict[str, Method]], labels_by_layer: dict[int, dict[str, FeatureLabels]],
@@ -158,9 +179,9 @@ def plan_cells(methods_by_layer: dict[int, dict[str, Method]], labels_by_layer: 
 
 
 def choose_strengths(plans: list[CellPlan], sweep: SweepImages, state_norms: dict[int, float]) -> None:
-    """The fluency guard, as in the reference code: per plan the largest ``α = r · m_L / ‖d‖`` (``r`` in
-    ``cfg.alpha_ratios``, ``m_L`` the mean norm of the layer's states) whose captions of the concept's
-    calibration images are still fluent under the judge; sets ``plan.alpha`` (0 when none is)."""
+    """The fluency guard, as in the reference code: per plan the largest strength of :func:`strengths` whose
+    captions of the concept's calibration images are still fluent under the judge; sets ``plan.alpha`` (0 when
+    none is)."""
     cfg, judge = sweep.cfg, sweep.judge
     for concept in cfg.concepts:
         calib, _, _ = sweep.split(concept)
@@ -168,9 +189,8 @@ def choose_strengths(plans: list[CellPlan], sweep: SweepImages, state_norms: dic
             judge.calibrate(sweep.base(calib, f"calibration-{concept}"))
         for plan in (p for p in plans if p.concept == concept):
             plan.alpha = 0.0
-            for r in cfg.alpha_ratios:
-                a = r * state_norms[plan.layer] / max(float(plan.direction.norm()), 1e-8)
-                caps = sweep.captions(calib, [_steer(cfg, plan.layer, plan.direction, a)])
+            for a in strengths(cfg, state_norms[plan.layer], plan.direction):
+                caps = sweep.captions(calib, _steer(cfg, plan.layer, plan.direction, a))
                 if judge.fluency(caps) < cfg.min_fluency:
                     break
                 plan.alpha = a
@@ -199,7 +219,7 @@ def measure_cells(plans: list[CellPlan], sweep: SweepImages, methods_by_layer: d
                     continue  # no feature of this method is labelled c at this layer: recorded as missing
                 m, feats = methods_by_layer[layer][method], plan.features
                 if plan.alpha > 0 and without:
-                    iv = [_steer(cfg, layer, plan.direction, plan.alpha)]
+                    iv = _steer(cfg, layer, plan.direction, plan.alpha)
 
                     def steer_scores(lo: int, hi: int) -> np.ndarray:
                         caps = sweep.captions(without[lo:hi], iv)
@@ -256,4 +276,5 @@ def run_sweep(caption: CaptionFn, methods_by_layer: dict[int, dict[str, Method]]
     return measure_cells(plans, sweep, methods_by_layer, progress)
 
 
-__all__ = ["Cell", "CellPlan", "SweepConfig", "SweepImages", "choose_strengths", "measure_cells", "plan_cells", "run_sweep"]
+__all__ = ["STEER_AT", "Cell", "CellPlan", "SweepConfig", "SweepImages", "choose_strengths", "measure_cells", "plan_cells",
+           "run_sweep", "strengths"]

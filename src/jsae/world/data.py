@@ -93,6 +93,7 @@ def world_splits(n_train: int = 2000, n_validation: int = 500, n_test: int = 500
 
 _CAPTION_COLUMNS = ("caption", "captions", "sentences", "text", "sentences_raw", "answer")
 _IMAGE_COLUMNS = ("image", "img", "picture")
+_ID_COLUMNS = ("image_id", "cocoid", "id", "filename", "file_name")  # what identifies an image (COCO: one row per caption)
 
 
 def _as_captions(v) -> list[str]:
@@ -191,7 +192,8 @@ def load_caption_dataset(path_or_id: str, split: str = "train", image_column: st
             img = ex[image_column]
             if img.mode != "RGB":
                 img = img.convert("RGB")
-            yield {"image_id": str(ex.get("image_id", ex.get("id", f"{base}-{split}-{i}"))), "image": img,
+            key = next((k for k in _ID_COLUMNS if ex.get(k) is not None), None)
+            yield {"image_id": str(ex[key]) if key else f"{base}-{split}-{i}", "image": img,
                    "caption": caps[0] if caps else "", "captions": caps,
                    "objects": _as_objects(ex.get(objects_column), names) if objects_column in cols else [],
                    "qa": []}
