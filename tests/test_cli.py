@@ -96,3 +96,31 @@ def test_label_refuses_a_capture_of_other_data(tmp_path: Path) -> None:
     r = runner.invoke(app, ["sae", "steer", "--sae", str(sae), "--concept", "red", "--layer", "1", "--alpha", "5"])
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert r.exit_code == 2 and len(errors) == 1 and "captions data" in errors[0] and "world" in errors[0], r.output
+
+
+def test_steer_on_a_vlm_directory_with_an_image_folder_or_a_caption_dataset(tmp_path: Path) -> None:
+    """`jsae sae steer` beyond the world: a VLM loaded from a directory (as a hub id would be), the pictures of
+    a folder or the rows of a caption dataset; labels of another kind of data are refused."""
+    from jsae.labels import FeatureLabels
+    from jsae.releases.registry import PACKAGE_ROOT, RELEASES
+    from jsae.world import world_dataset
+    from jsae.world.models import model_dir
+
+    lk = RELEASES["jsae-shapes-llava-l4"]
+    sae_dir = PACKAGE_ROOT / lk.repo_id / next(iter(lk.saes_map.values()))
+    concept = next(lab.label for lab in FeatureLabels.load(sae_dir / "labels.json").labels if lab.kind == "shared")
+    ds = world_dataset("test", 3, seed=4)
+    (tmp_path / "pics").mkdir()
+    for i, ex in enumerate(ds):
+        ex["image"].save(tmp_path / "pics" / f"{i}.png")
+    args = ["sae", "steer", "--sae", str(sae_dir), "--concept", concept, "--layer", "4", "--alpha", "200",
+            "--model", str(model_dir("llava")), "--n", "3", "--prompt", "", "--max-new-tokens", "8"]
+    res = runner.invoke(app, [*args, "--images", str(tmp_path / "pics")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.replace("\r", "\n").split("\n")
+    assert sum(line.startswith("+ ") for line in lines) == 3 and f"'{concept}' mentioned:" in res.output
+    ds.save_to_disk(str(tmp_path / "captions"))
+    res = runner.invoke(app, [*args, "--data", str(tmp_path / "captions")])
+    assert res.exit_code == 2 and "labels features on world data, but these images are captions data" in res.output
+    res = runner.invoke(app, [*args, "--images", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "holds no images" in res.output

@@ -78,13 +78,14 @@ def _resolve_dtype(dtype: Any) -> Any:
     raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
 
 
-def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, remote: bool = False,
+def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, device: Any = None, remote: bool = False,
              revision: str | None = None, **kwargs: Any) -> VLM:
     """Load ``name_or_path`` (a shipped toy model's name, a hub id or a local directory): returns
     ``VLM(model, processor, adapter)`` with ``model`` an nnsight envoy.  Toy models load in float32 unless
     ``dtype`` says otherwise.
 
-    ``dtype`` and ``device_map`` go to ``from_pretrained``; ``remote=True`` builds the model on the meta
+    ``dtype`` and ``device_map`` go to ``from_pretrained`` (``device_map="auto"`` spreads a large model over the
+    GPUs); ``device`` moves the loaded model to one device (``"cuda"``, ``"cuda:1"``); ``remote=True`` builds the model on the meta
     device through ``nnsight.TransformersModel`` for NDIF (pass ``remote=True`` to your traces).
     Raises a one-line ``OSError`` when the model is neither local nor reachable (offline, not cached) and
     a ``ValueError`` when its architecture has no jsae adapter.
@@ -98,7 +99,7 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
         from nnsight import NNsight
 
         hf, processor = load_toy_hf(name_or_path, dtype=torch.float32 if dtype in (None, "auto") else dtype,
-                                    device=device_map if isinstance(device_map, (str, torch.device)) else "cpu")
+                                    device=device or (device_map if isinstance(device_map, (str, torch.device)) else "cpu"))
         model = NNsight(hf)
         return VLM(model, processor, for_model(model))
     common = dict(revision=revision, trust_remote_code=False)
@@ -132,6 +133,8 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
                                                              use_safetensors=True, **common, **kwargs)
         except OSError as err:
             raise _not_found(name_or_path, err) from None
+        if device is not None and device_map is None:
+            hf = hf.to(device)
         model = NNsight(hf.eval())
     if remote:
         mark_remote(model)

@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import data_source, fail, int_list
+from jsae.cli._common import data_source, fail, float_list, int_list, model_options
+
+_M = model_options()
 
 run_app = typer.Typer(help="Run things on a VLM: the whole protocol (demo), a sweep over models, or a capture of "
                            "pooled (image, caption) activations.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -35,15 +37,28 @@ def demo(
     max_new_tokens: int = typer.Option(28, min=1, help="greedy caption length"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
+    text_pooling: str = typer.Option("caption", help="text view: caption tokens | non_image (every attended non-image token, the JSAE reference)"),
+    prompt_template: Optional[str] = typer.Option(None, help="raw capture prompt instead of the chat template, e.g. 'USER: <image>\\n{caption}\\nASSISTANT:'"),
+    caption_template: Optional[str] = typer.Option(None, help="raw captioning prompt ({caption} = --prompt), e.g. the Mistral instruction form with <image> and {caption} (escape brackets in the shell)"),
+    steer_at: str = typer.Option("image", help="image (image tokens at prefill) | image+generated (and every generated token, the reference)"),
+    alphas: Optional[str] = typer.Option(None, help="absolute steering strengths, e.g. 0.2,0.4,...,3.0 (default: ratios of the state norm)"),
+    dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
     layer_list = int_list(layers, "--layers") if layers else None
+    alpha_grid = float_list(alphas, "--alphas") if alphas else None
     from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
 
-    cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, d_sae=d_sae, n_train=n_train,
-                         n_label=n_label, n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None,
-                         seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
-                         max_perplexity=max_perplexity, max_new_tokens=max_new_tokens)
+    try:
+        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, d_sae=d_sae, n_train=n_train,
+                             n_label=n_label, n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None,
+                             seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
+                             max_perplexity=max_perplexity, max_new_tokens=max_new_tokens, text_positions=text_pooling,
+                             prompt_template=prompt_template, caption_template=caption_template, steer_at=steer_at,
+                             alphas=tuple(alpha_grid) if alpha_grid else None, dtype=dtype, device=device,
+                             device_map=device_map)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         metrics = run_protocol(out, cfg, overwrite=overwrite)
     except (FileExistsError, ValueError, OSError) as exc:
@@ -91,6 +106,9 @@ def capture(
     pooling: str = typer.Option("mean", help="mean | max | last"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0, help="world seed"),
+    text_pooling: str = typer.Option("caption", help="text view: caption tokens | non_image (every attended non-image token)"),
+    prompt_template: Optional[str] = typer.Option(None, help="raw prompt instead of the chat template, with {caption}"),
+    dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """Capture pooled (image, caption) activations at the given layers (resumable).
 
@@ -103,9 +121,10 @@ def capture(
     try:
         source, part = data_source(data, split, n, seed)
         pairs = source.pairs(part)
-        model_, processor, adapter = load_vlm(model)
+        model_, processor, adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
         capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
-                      pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part))  # type: ignore[arg-type]
+                      pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part),  # type: ignore[arg-type]
+                      prompt_template=prompt_template, text_positions=text_pooling)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"captured {len(pairs)} pairs into {out}")

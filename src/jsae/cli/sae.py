@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from jsae.cli._common import data_source, fail
+from jsae.cli._common import data_source, fail, model_options
+
+_M = model_options()
 
 sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
                       no_args_is_help=True, pretty_exceptions_enable=False)
@@ -104,27 +106,40 @@ def label(
     typer.echo(f"{labels.counts()} -> {sae_dir / 'labels.json'}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 @sae_app.command()
 def steer(
-    sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory with labels.json (labelled on the world)"),
+    sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory with labels.json"),
     concept: str = typer.Option(...),
     layer: int = typer.Option(...),
     alpha: float = typer.Option(..., help="strength added along the sum of unit decoder directions"),
-    model: str = typer.Option("llava", help="the VLM the SAE belongs to (it captions world images)"),
-    n: int = typer.Option(8, help="world test images without the concept"),
+    model: str = typer.Option("llava", help="the VLM the SAE belongs to: a toy name, a hub id or a directory"),
+    n: int = typer.Option(8, help="images to caption (without the concept; with it for --suppress)"),
+    data: Optional[str] = typer.Option(None, help="caption the images of this caption dataset (path or hub id) instead of world images"),
+    split: str = typer.Option("train", help="split of --data"),
+    images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
+    steer_at: str = typer.Option("image", help="image (image tokens at prefill) | image+generated (and every generated token)"),
+    max_new_tokens: int = typer.Option(28, min=1),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
     seed: int = typer.Option(0),
+    dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
-    """Steer toward (or suppress) a labelled concept on world images; print captions before and after."""
+    """Steer toward (or suppress) a labelled concept; print captions before and after.  Images: world test
+    images (default), a caption dataset (--data) or an image folder (--images)."""
     if not math.isfinite(alpha):
         fail(f"--alpha must be a finite number, got {alpha}")
+    if data and images:
+        fail("pass --data or --images, not both")
     from jsae import load_vlm
-    from jsae.data.sources import WorldSource
-    from jsae.interventions import Ablate, Captioner, Steer
+    from jsae.interventions import Ablate, Captioner
     from jsae.labels import FeatureLabels
     from jsae.protocol.methods import Method
+    from jsae.protocol.sweep import SweepConfig, _steer
     from jsae.saes.joint_sae import JointSAE
-    from jsae.world.concepts import mentions
+    from jsae.world.concepts import mentions as world_mentions
 
     try:
         sae = JointSAE.load_from_disk(sae_dir)
@@ -134,29 +149,26 @@ def steer(
             fail(f"{sae_dir} has no labels.json; run `jsae sae label` first")
         labels = FeatureLabels.load(path)
         kind = (labels.data or {}).get("kind", "world")
-        if kind != "world":
-            fail(f"{path} labels features on {kind} data, but steer edits captions of world images; "
-                 "label this SAE on the world first (`jsae sae label` without --data)")
+        want = "world" if not (data or images) else "captions"
+        if kind != want and not images:
+            fail(f"{path} labels features on {kind} data, but these images are {want} data; label this SAE on "
+                 f"{'the world (`jsae sae label` without --data)' if want == 'world' else 'caption data (`jsae sae label --data`)'}")
         feats = labels.features_for(concept)
-        source = WorldSource.split("test", 200, seed)
-        y, names = source.presence("test")
-        if concept not in names:
-            fail(f"{concept!r} is not a world concept; world concepts: {names}")
-        has = y[:, names.index(concept)].bool()
-        images = [ex["image"] for ex, h in zip(source.dataset("test"), has) if bool(h) == suppress][:n]
-        if not images:
-            fail(f"no world test image (seed {seed}) {'has' if suppress else 'lacks'} {concept!r}; try another --seed")
-        vlm = load_vlm(model)
+        picked, mentions = _steer_images(concept, n, data, split, images, suppress, seed)
+        if mentions is None:
+            mentions = world_mentions
+        vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
         vlm.adapter.check_layer(layer)
+        cfg = SweepConfig([layer], [concept], steer_at=steer_at)
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     if suppress:
-        iv = Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")
+        ivs = [Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")]
     else:
-        d = Method("jsae", sae, True).steer_direction(feats)
-        iv = Steer(layer=layer, positions="image", timing="prefill", direction=d, strength=alpha)
-    caption = Captioner(vlm.model, vlm.processor, vlm.adapter)
-    before, after = caption(images, []), caption(images, [iv])
+        ivs = _steer(cfg, layer, Method("jsae", sae, True).steer_direction(feats), alpha)
+    text = prompt if prompt is not None else ("" if not (data or images) else "Describe the image.")
+    caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=text, max_new_tokens=max_new_tokens)
+    before, after = caption(picked, []), caption(picked, ivs)
     for b, a in zip(before, after):
         typer.echo(f"- {b}\n+ {a}")
 
@@ -164,6 +176,37 @@ def steer(
         return sum(mentions(c, concept) for c in caps) / max(len(caps), 1)
 
     typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} (features {feats})")
+
+
+def _steer_images(concept: str, n: int, data: str | None, split: str, images: Path | None, suppress: bool,
+                  seed: int) -> tuple[list, Any]:
+    """(images, mention test): world test images, rows of a caption dataset, or the files of a folder; the
+    first two filtered to images that lack the concept (have it, for suppression)."""
+    from jsae.data.judges import caption_presence, caption_words
+    from jsae.data.sources import CaptionSource, WorldSource
+
+    if images is not None:
+        from PIL import Image
+
+        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
+        if not files:
+            fail(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of pictures")
+        return [Image.open(p).convert("RGB") for p in files[:n]], (lambda text, c: c in caption_words(text))
+    if data:
+        source = CaptionSource.whole(data, split)
+        items = source.items(split)
+        has = caption_presence(items, [concept])[:, 0].bool()
+        mentions = (lambda text, c: c in caption_words(text))
+    else:
+        source = WorldSource.split("test", 200, seed)
+        y, names = source.presence("test")
+        if concept not in names:
+            fail(f"{concept!r} is not a world concept; world concepts: {names}")
+        items, has, mentions = source.items("test"), y[:, names.index(concept)].bool(), None
+    picked = [ex["image"] for ex, h in zip(items, has) if bool(h) == suppress][:n]
+    if not picked:
+        fail(f"no image {'has' if suppress else 'lacks'} {concept!r}; try another --seed or more data")
+    return picked, mentions
 
 
 __all__ = ["label", "sae_app", "steer", "train"]

@@ -72,6 +72,9 @@ class ProtocolConfig:
     steer_at: str = "image"  # "image" (prefill) | "image+generated" (and every generated token, the reference)
     alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2..3.0) instead of relative ratios
     dedup_images: bool = True  # real data: one row per image, caption drawn with the seed
+    dtype: str = "auto"  # of the VLM's weights ("auto": the checkpoint's; the toy models load in float32)
+    device: str | None = None  # move the VLM to this device ("cuda")
+    device_map: str | None = None  # or spread it with transformers' device_map ("auto")
 
 
 def data_source(cfg: ProtocolConfig) -> DataSource:
@@ -328,7 +331,7 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     check_config(cfg)
     t0 = time.time()
     timings: dict[str, float] = {}
-    vlm = load_vlm(cfg.model)
+    vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers)
     for layer in layers:
         vlm.adapter.check_layer(layer)

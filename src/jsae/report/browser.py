@@ -68,7 +68,7 @@ def token_codes(vlm: Any, sae: Any, pairs: Sequence[tuple[Any, str]], layer: int
     outs = []
     for i in range(0, len(images), batch_size):
         enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
-        states = read_layers(model, adapter, enc, [layer])[layer].float()
+        states = read_layers(model, adapter, enc, [layer])[layer].float().cpu()
         outs.append((states, adapter.image_token_mask(enc), adapter.patch_grid(enc), enc["caption_mask"]))
     width = max(o[0].shape[1] for o in outs)
 
