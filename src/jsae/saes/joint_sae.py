@@ -13,6 +13,7 @@ State-dict keys are ``vision.*``, ``text.*`` and ``shared.*``.  The SAELens attr
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -294,9 +295,41 @@ class JointStepOutput:
     sae_out: dict[str, Tensor]
 
 
+LOSS_REDUCTIONS: tuple[str, str] = ("sum", "mean")
+INITS: tuple[str, str] = ("tied", "torch-linear")
+# options added after the first trained results: left out of cfg.json and checkpoint fingerprints while at
+# their default, so files written with the defaults stay byte-identical and old checkpoints stay resumable
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"loss_reduction": "sum", "init": "tied"}
+
+
 @dataclass(kw_only=True)
 class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
-    """Training config: the paper's defaults are MSE 1.0, L1 0.03, cosine alignment 1.0 (ReLU)."""
+    """Training config: the paper's defaults are MSE 1.0, L1 0.03, cosine alignment 1.0 (ReLU).
+
+    ``loss_reduction`` says how the reconstruction (MSE, TopK auxiliary) and L1 terms are reduced:
+
+    * ``"sum"`` (default): per sample, the sum over ``d_in`` (MSE) or ``d_sae`` (L1), then the mean over the
+      batch; the two modalities' terms are added.  The loss is
+      ``Σ_m [mse·mean_b Σ_i (x̂-x)² + l1·mean_b Σ_j z] + align·A``.
+    * ``"mean"``: the reference code's element means, *and* the mean over the two modalities: each
+      modality's term is ``½ · mean over batch × d_in`` of the squared error (``½ · mean over batch × d_sae``
+      of ``|z|`` for L1), so the loss is
+      ``mse·½(MSE_v+MSE_t) + l1·½(mean|z_v|+mean|z_t|) + align·A``, exactly the reference objective
+      ``½(MSE_v+MSE_t) + 0.03·½(mean|z_v|+mean|z_t|) + 1·(1 − mean cos(z_v, z_t))`` at the paper's
+      coefficients.  The ½ is folded into ``"mean"`` (a mean over batch × modality × features), so there is
+      no separate modality weighting; the per-modality entries of ``losses`` each carry their ½.  The
+      alignment term is a mean over pairs under both reductions.  With ``mse_normalization="variance"`` the
+      element mean is divided by the mean per-element variance (``mse_scale / d_in``), so the normalised MSE
+      is ½·(fraction of variance unexplained) per modality.
+
+    ``init`` says how the weights start: ``"tied"`` (default; unit-free Kaiming-uniform decoder rows, each
+    encoder the transpose of its decoder, zero biases) or ``"torch-linear"`` (PyTorch's ``nn.Linear``
+    default: the encoder is ``Linear(d_in, d_sae)`` and the decoder ``Linear(d_sae, d_in)``, each weight
+    Kaiming-uniform with ``a=√5`` (bound ``1/√fan_in``) and each bias uniform in ``±1/√fan_in``, so ``b_enc``
+    and ``b_dec`` start non-zero, as in the reference).  Input centring is SAELens's ``apply_b_dec_to_input``
+    (the reference has none: ``False``); the unit-norm decoder constraint is the trainer's
+    ``JointTrainerConfig.normalize_decoder``.
+    """
 
     mse_coefficient: float = 1.0
     mse_normalization: Literal["none", "variance"] = "none"
@@ -309,10 +342,17 @@ class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
     aux_loss_coefficient: float = 1.0 / 32
     aux_k: int | None = None  # dead latents used by the TopK auxiliary loss (default: d_in // 2)
     decoder_init_norm: float | None = None
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    init: Literal["tied", "torch-linear"] = "tied"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         get_alignment_loss(self.alignment)
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"unknown loss_reduction {self.loss_reduction!r}; choose 'sum' (per-sample sums) "
+                             "or 'mean' (the reference's element means)")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose 'tied' or 'torch-linear' (PyTorch nn.Linear default)")
         if self.mse_normalization not in ("none", "variance"):
             raise ValueError(f"unknown mse_normalization {self.mse_normalization!r}; choose 'none' or 'variance'")
         for name in ("mse_coefficient", "l1_coefficient", "alignment_coefficient", "aux_loss_coefficient"):
@@ -323,6 +363,26 @@ class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         return JointSAEConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_optional_defaults(super().to_dict())
+
+    def get_training_architecture_details(self) -> dict[str, Any]:
+        return _drop_optional_defaults(super().get_training_architecture_details())
+
+
+def _drop_optional_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]}
+
+
+def torch_linear_init(n_in: int, n_out: int, **kw: Any) -> tuple[Tensor, Tensor]:
+    """The weight ``[n_out, n_in]`` and bias ``[n_out]`` that ``nn.Linear(n_in, n_out)`` starts with (same
+    random draws in the same order: Kaiming-uniform ``a=√5`` weight, then bias uniform in ``±1/√n_in``)."""
+    w = torch.empty(n_out, n_in, **kw)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    bound = 1 / math.sqrt(n_in) if n_in > 0 else 0.0
+    b = nn.init.uniform_(torch.empty(n_out, **kw), -bound, bound)
+    return w, b
 
 
 class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: ignore[misc]
@@ -337,11 +397,40 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         self.register_buffer("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device=self.device))
 
     def initialize_weights(self) -> None:
-        JointSAE.initialize_weights(self)
+        if self.cfg.init == "torch-linear":
+            self._initialize_torch_linear()
+        else:
+            JointSAE.initialize_weights(self)
         if self.cfg.decoder_init_norm is not None:
             with torch.no_grad():
                 for w in self.unique_params("W_dec"):
                     w.mul_(self.cfg.decoder_init_norm / w.norm(dim=-1, keepdim=True))
+
+    def _initialize_torch_linear(self) -> None:
+        """``init="torch-linear"``: per modality an encoder ``nn.Linear(d_in, d_sae)`` and a decoder
+        ``nn.Linear(d_sae, d_in)``, drawn in the order vision encoder, vision decoder, text encoder, text
+        decoder (the reference's construction order, so one seed gives the same numbers).  A shared encoder
+        or decoder is drawn once, at vision; a shared decoder's text ``Linear`` is still drawn for its bias
+        (each modality keeps its own ``b_dec``).  Parameters are registered in the tied init's order."""
+        cfg, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
+        enc: dict[str, tuple[Tensor, Tensor]] = {}
+        dec: dict[str, Tensor] = {}
+        b_dec: dict[str, Tensor] = {}
+        for m in MODALITIES:
+            e = "shared" if cfg.shared_encoder else m
+            if e not in enc:
+                w, b = torch_linear_init(cfg.d_in, cfg.d_sae, **kw)
+                enc[e] = (w.T.contiguous(), b)
+            w, b_dec[m] = torch_linear_init(cfg.d_sae, cfg.d_in, **kw)
+            dec.setdefault("shared" if cfg.shared_decoder else m, w.T.contiguous())
+        self.vision, self.text, self.shared = _Branch(), _Branch(), _Branch()
+        for name, w in dec.items():
+            getattr(self, name).W_dec = nn.Parameter(w)
+        for name, (w, b) in enc.items():
+            getattr(self, name).W_enc = nn.Parameter(w)
+            getattr(self, name).b_enc = nn.Parameter(b)
+        for m in MODALITIES:
+            getattr(self, m).b_dec = nn.Parameter(b_dec[m])
 
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         state_dict.pop("mse_scale", None)
@@ -384,9 +473,27 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
             return self._sparse_topk_branch(x, modality, coefficients, dead, sparse_codes)
         return self._dense_branch(x, modality, coefficients, dead)
 
+    def _mean_scale(self, modality: str) -> Tensor:
+        """The divisor of a ``loss_reduction="mean"`` reconstruction term: the mean per-element variance under
+        ``mse_normalization="variance"``, else ``mse_scale`` (ones)."""
+        scale = self.mse_scale[MODALITIES.index(modality)]
+        return scale / self.cfg.d_in if self.cfg.mse_normalization == "variance" else scale
+
     def _scaled_mse(self, recon: Tensor, x: Tensor, modality: str) -> Tensor:
+        if self.cfg.loss_reduction == "mean":  # ½ · element mean (see TrainingJointSAEConfig)
+            return self.cfg.mse_coefficient * (0.5 * (recon - x).pow(2).mean()) / self._mean_scale(modality)
         err = (recon - x).pow(2).sum(-1)
         return self.cfg.mse_coefficient * err.mean() / self.mse_scale[MODALITIES.index(modality)]
+
+    def _l1(self, z: Tensor) -> Tensor:
+        return 0.5 * z.abs().mean() if self.cfg.loss_reduction == "mean" else z.sum(-1).mean()
+
+    def _aux(self, aux_recon: Tensor, residual: Tensor, coefficient: float, modality: str) -> Tensor:
+        """The TopK auxiliary term: how well the dead latents reconstruct the residual, reduced as the MSE."""
+        if self.cfg.loss_reduction == "mean":
+            return coefficient * (0.5 * (aux_recon - residual).pow(2).mean()) / self._mean_scale(modality)
+        aux = (aux_recon - residual).pow(2).sum(-1).mean()  # a mean over samples: exact under DDP
+        return coefficient * aux / self.mse_scale[MODALITIES.index(modality)]
 
     def _dense_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None) -> BranchOutput:
         pre = self._pre(x, modality)
@@ -403,14 +510,13 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
             recon = z @ dec.W_dec + b_dec
         losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
         if self.cfg.activation == "relu":
-            losses[f"l1_loss_{modality}"] = coefficients["l1"] * z.sum(-1).mean()
+            losses[f"l1_loss_{modality}"] = coefficients["l1"] * self._l1(z)
         elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
             k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
             top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
             aux_recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum")
-            aux = (aux_recon - (x - recon.detach())).pow(2).sum(-1).mean()  # a mean over samples: exact under DDP
             losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                coefficients["aux"] * aux / self.mse_scale[MODALITIES.index(modality)]
+                self._aux(aux_recon, x - recon.detach(), coefficients["aux"], modality)
         return BranchOutput(losses, z, pre, recon)
 
     def _sparse_topk_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
@@ -433,9 +539,8 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                 top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
             # live latents picked only as zero-valued fillers must contribute 0, as in the dense path
             aux_vals = F.relu(sparse_gather(sae_in, enc.W_enc, enc.b_enc, top.indices, top.values)) * dead[top.indices]
-            aux = (sparse_decode(top.indices, aux_vals, dec.W_dec) - residual).pow(2).sum(-1).mean()
             losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                coefficients["aux"] * aux / self.mse_scale[MODALITIES.index(modality)]
+                self._aux(sparse_decode(top.indices, aux_vals, dec.W_dec), residual, coefficients["aux"], modality)
         return BranchOutput(losses, z, pre, recon, (idx, values) if sparse_codes else None)
 
     def paired_forward_pass(self, vision: Tensor, text: Tensor, coefficients: dict[str, float],

@@ -35,8 +35,59 @@ from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.training.data import PairedTensorData
 from jsae.training.trainer import JointSAETrainer, JointTrainerConfig
 
-__all__ = ["hungarian_match", "match_separate_saes", "separate_config", "train_jsae_unit_norm", "train_saelens_topk",
-           "train_separate_saes", "unit_norm_scale"]
+__all__ = ["REFERENCE_BATCH_SIZE", "hungarian_match", "match_separate_saes", "reference_configs", "separate_config",
+           "train_jsae_unit_norm", "train_saelens_topk", "train_separate_saes", "unit_norm_scale"]
+
+#: The reference's batch: 8 (image, caption) pairs.  A data choice, not a trainer option: pass it to the data,
+#: e.g. ``PairedTensorData(vision, text, batch_size=REFERENCE_BATCH_SIZE)`` or ``load_pairs(..., batch_size=8)``.
+REFERENCE_BATCH_SIZE = 8
+
+
+def reference_configs(d_in: int, d_sae: int | None = None) -> tuple[TrainingJointSAEConfig, JointTrainerConfig]:
+    """The JSAE reference code's training choices (``anonymous-lab25/anonymous-jsae``, ``src/train_jsae.py``)
+    as ``(sae_cfg, trainer_cfg)`` for :class:`~jsae.training.JointSAETrainer`.
+
+    SAE (:class:`TrainingJointSAEConfig`), reference value → option:
+
+    * two ReLU SAEs ``Linear(d, 4d) → ReLU → Linear(4d, d)`` → ``activation="relu"``, ``d_sae = 4 · d_in``
+      (unless ``d_sae`` is given), separate encoders and decoders;
+    * loss ``1.0·½(MSE_v+MSE_t) + 0.03·½(mean|z_v|+mean|z_t|) + 1.0·(1 − mean cos(z_v, z_t))`` with element
+      means → ``loss_reduction="mean"`` (the ½ is part of ``"mean"``), ``mse_coefficient=1.0``,
+      ``l1_coefficient=0.03``, ``alignment="cosine"``, ``alignment_coefficient=1.0``, no warm-up of either
+      coefficient, ``mse_normalization="none"``;
+    * PyTorch's default ``nn.Linear`` init, biases on both layers → ``init="torch-linear"``;
+    * no input centring (the encoder sees the raw input) → ``apply_b_dec_to_input=False``;
+    * activations as captured → ``normalize_activations="none"``.
+
+    Trainer (:class:`JointTrainerConfig`):
+
+    * Adam, lr 1e-5, betas (0.9, 0.999), no weight decay → ``optimizer="adam"``, ``lr=1e-5``;
+    * no decoder-norm constraint → ``normalize_decoder=False`` (no renormalisation, no gradient projection);
+    * no gradient clipping → ``grad_clip_norm=None``;
+    * 20 epochs → ``epochs=20`` (``epochs × len(data)`` steps);
+    * ``ReduceLROnPlateau(mode="min", factor=0.3, patience=3, min_lr=1e-7)`` stepped on the epoch's mean
+      loss → ``lr_scheduler="plateau"``, ``plateau_factor=0.3``, ``plateau_patience=3``,
+      ``plateau_min_lr=1e-7`` (torch's default threshold 1e-4, relative, as in the reference);
+    * the best epoch's weights are the result → ``keep_best_epoch=True``;
+    * batch of 8 pairs → a data choice: build the data with ``batch_size=REFERENCE_BATCH_SIZE`` (8).
+
+    Remaining differences: :class:`~jsae.training.PairedTensorData` drops a last partial batch (the
+    reference's ``DataLoader`` keeps it) and uses fused Adam on CPU/GPU (the same update up to float
+    rounding); the reference saves the best epoch to a file and returns the last, jsae returns the best.
+    Change any choice with :func:`dataclasses.replace`.
+    """
+    if d_in <= 0:
+        raise ValueError(f"d_in must be positive, got {d_in}")
+    sae_cfg = TrainingJointSAEConfig(
+        d_in=d_in, d_sae=4 * d_in if d_sae is None else d_sae, activation="relu", shared_encoder=False,
+        shared_decoder=False, loss_reduction="mean", mse_coefficient=1.0, mse_normalization="none",
+        l1_coefficient=0.03, l1_warm_up_steps=0, alignment="cosine", alignment_coefficient=1.0,
+        alignment_warm_up_steps=0, init="torch-linear", apply_b_dec_to_input=False, normalize_activations="none")
+    trainer_cfg = JointTrainerConfig(
+        epochs=20, lr=1e-5, optimizer="adam", adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
+        lr_scheduler="plateau", plateau_factor=0.3, plateau_patience=3, plateau_min_lr=1e-7, keep_best_epoch=True,
+        grad_clip_norm=None, normalize_decoder=False)
+    return sae_cfg, trainer_cfg
 
 
 def hungarian_match(z_vision: Tensor, z_text: Tensor) -> tuple[Tensor, Tensor]:

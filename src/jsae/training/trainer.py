@@ -6,6 +6,14 @@ dead-latent tracking (which feeds the TopK auxiliary loss), atomic checkpoints e
 **exact resume**: weights, optimiser, RNG and data position are restored, so a run killed with SIGKILL
 and resumed ends with the same weights as one that was never interrupted.
 
+Epochs (the reference protocol's way, all options): ``epochs`` trains ``epochs × steps_per_epoch`` steps
+(``steps_per_epoch`` defaults to ``len(data)``); ``lr_scheduler="plateau"`` is PyTorch's
+``ReduceLROnPlateau`` stepped once per epoch on the epoch's mean loss; ``keep_best_epoch`` restores, at
+the end, the weights of the epoch with the lowest mean loss.  An epoch's mean loss is the mean of the
+steps' total losses over that epoch (averaged over ranks under data parallelism); only complete epochs
+count.  The scheduler state, the epoch losses, the running sum of the current epoch and the best weights
+are part of every checkpoint, so resume stays exact.
+
 Data position: if ``data`` has ``batches(start)`` (yielding the batches from global index ``start`` on,
 across epochs, as :class:`PairedTensorData` and the capture reader do) it is used; otherwise the trainer
 re-iterates ``data`` once per epoch and skips the batches already consumed.
@@ -40,13 +48,26 @@ LATEST = "latest.json"
 
 @dataclass
 class JointTrainerConfig:
-    """Optimisation and bookkeeping of a JSAE run (the SAE's own losses live in its config)."""
+    """Optimisation and bookkeeping of a JSAE run (the SAE's own losses live in its config).
 
-    total_steps: int
+    Give ``total_steps`` or ``epochs`` (``epochs × steps_per_epoch`` steps, ``steps_per_epoch`` defaulting to
+    ``len(data)``).  ``lr_scheduler="plateau"`` (torch's ``ReduceLROnPlateau(plateau_factor, plateau_patience,
+    plateau_min_lr)`` on each epoch's mean loss) and ``keep_best_epoch`` work in epochs too; see the module
+    docstring.  :func:`jsae.training.recipes.reference_configs` sets them as the JSAE reference code does."""
+
+    total_steps: int | None = None  # or give epochs
     lr: float = 3e-4
     lr_warm_up_steps: int = 0
     lr_decay_steps: int = 0  # linear decay to lr_end over the last lr_decay_steps steps
     lr_end: float | None = None  # default lr / 10
+    # "warmup-decay": the schedule above, per step; "plateau": torch's ReduceLROnPlateau on each epoch's mean loss
+    lr_scheduler: Literal["warmup-decay", "plateau"] = "warmup-decay"
+    plateau_factor: float = 0.1  # ReduceLROnPlateau(factor, patience, min_lr); these are torch's defaults
+    plateau_patience: int = 10
+    plateau_min_lr: float = 0.0
+    epochs: int | None = None  # train epochs × steps_per_epoch steps instead of total_steps
+    steps_per_epoch: int | None = None  # default len(data); needed when data has no len()
+    keep_best_epoch: bool = False  # at the end, restore the weights of the epoch with the lowest mean loss
     optimizer: Literal["adam", "adamw"] = "adam"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -67,16 +88,48 @@ class JointTrainerConfig:
     wandb_run_name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.total_steps <= 0:
+        if self.total_steps is None and self.epochs is None:
+            raise ValueError("give total_steps or epochs (e.g. JointTrainerConfig(total_steps=1000))")
+        if self.total_steps is not None and self.epochs is not None:
+            raise ValueError(f"give total_steps or epochs, not both (got total_steps={self.total_steps}, "
+                             f"epochs={self.epochs}); drop one")
+        if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive (or None for len(data)), got {self.steps_per_epoch}")
+        if self.lr_scheduler not in ("warmup-decay", "plateau"):
+            raise ValueError(f"unknown lr_scheduler {self.lr_scheduler!r}; choose 'warmup-decay' or 'plateau'")
+        if self.lr_scheduler == "plateau" and (self.lr_warm_up_steps or self.lr_decay_steps):
+            raise ValueError("lr_warm_up_steps and lr_decay_steps belong to lr_scheduler='warmup-decay'; "
+                             "set them to 0 with lr_scheduler='plateau'")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau_factor must be between 0 and 1 (exclusive), got {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            raise ValueError(f"plateau_patience must be >= 0 epochs, got {self.plateau_patience}")
+        if not 0 <= self.plateau_min_lr < math.inf:
+            raise ValueError(f"plateau_min_lr must be a finite number >= 0, got {self.plateau_min_lr}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam' or 'adamw'")
-        if self.lr_warm_up_steps + self.lr_decay_steps > self.total_steps:
+        if self.total_steps is not None and self.lr_warm_up_steps + self.lr_decay_steps > self.total_steps:
             raise ValueError("lr_warm_up_steps + lr_decay_steps exceeds total_steps; shorten them")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
+
+    @property
+    def uses_epochs(self) -> bool:
+        """Whether the run needs epoch boundaries (epochs, the plateau scheduler or best-epoch selection)."""
+        return self.epochs is not None or self.lr_scheduler == "plateau" or self.keep_best_epoch
+
+
+# trainer options added after the first trained results: left out of checkpoint fingerprints while at their
+# default, so checkpoints written before them stay resumable
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"lr_scheduler": "warmup-decay", "plateau_factor": 0.1, "plateau_patience": 10,
+                                      "plateau_min_lr": 0.0, "epochs": None, "steps_per_epoch": None,
+                                      "keep_best_epoch": False}
 
 
 def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -132,8 +185,22 @@ class JointSAETrainer:
         fused = torch.device(cfg.device).type in ("cpu", "cuda")
         self.optimizer = opt_cls(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                  fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.epoch_length, self.total_steps = self._resolve_steps()
+        self.scheduler: Any
+        if cfg.lr_scheduler == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                min_lr=cfg.plateau_min_lr)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        # epoch bookkeeping (only when cfg.uses_epochs): complete epochs' mean losses, the running loss sum of
+        # the current epoch, and the best epoch's index, loss and weights (keep_best_epoch)
+        self.epoch_losses: list[float] = []
+        self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)
+        self.best_epoch: int | None = None
+        self.best_loss = math.inf
+        self.best_state: dict[str, Tensor] | None = None
         self.steps_since_fired = torch.zeros(len(MODALITIES), sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
         self.history: list[dict[str, float]] = []
         self._wandb: Any = None
@@ -145,12 +212,30 @@ class JointSAETrainer:
         torch.manual_seed(cfg.seed)
         return cls(TrainingJointSAE(sae_cfg), cfg, data)
 
+    def _resolve_steps(self) -> tuple[int | None, int]:
+        """(steps per epoch or None when the run needs no epochs, total steps)."""
+        c, epoch_length = self.cfg, None
+        if c.uses_epochs:
+            epoch_length = c.steps_per_epoch
+            if epoch_length is None:
+                try:
+                    epoch_length = len(self.data)  # type: ignore[arg-type]
+                except TypeError:
+                    raise ValueError(f"epochs, lr_scheduler='plateau' and keep_best_epoch need the epoch length, but the "
+                                     f"data ({type(self.data).__name__}) has no len(); set steps_per_epoch") from None
+                if epoch_length <= 0:
+                    raise ValueError("the training data has len() 0; check that the dataset is not empty")
+        total = c.total_steps if c.total_steps is not None else c.epochs * epoch_length  # type: ignore[operator]
+        if c.lr_warm_up_steps + c.lr_decay_steps > total:
+            raise ValueError(f"lr_warm_up_steps + lr_decay_steps exceeds the {total} training steps; shorten them")
+        return epoch_length, total
+
     # ---- schedules ---------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
         c = self.cfg
         if step < c.lr_warm_up_steps:
             return (step + 1) / c.lr_warm_up_steps
-        decay_start = c.total_steps - c.lr_decay_steps
+        decay_start = self.total_steps - c.lr_decay_steps
         if c.lr_decay_steps and step >= decay_start:
             end = (c.lr_end if c.lr_end is not None else c.lr / 10) / c.lr
             return 1.0 + (end - 1.0) * (step - decay_start + 1) / c.lr_decay_steps
@@ -167,7 +252,8 @@ class JointSAETrainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainingJointSAE:
-        """Train to ``total_steps``; with ``resume`` (default) continue from the latest checkpoint."""
+        """Train to ``total_steps`` (or ``epochs``); with ``resume`` (default) continue from the latest
+        checkpoint.  With ``keep_best_epoch`` the returned SAE holds the best epoch's weights."""
         c = self.cfg
         flush = torch.device(c.device).type == "cpu"
         before = _flush_denormal_enabled()
@@ -198,20 +284,24 @@ class JointSAETrainer:
             self._wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name,
                                      config={"sae": self.sae.cfg.to_dict(), "trainer": asdict(c)})
         stream = _stream(self.data, self.step)
-        bar = tqdm(total=c.total_steps, initial=self.step, desc="training JSAE", disable=not c.progress or self.rank != 0)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training JSAE", disable=not c.progress or self.rank != 0)
         try:
-            while self.step < c.total_steps:
+            while self.step < self.total_steps:
                 vision, text = check_paired_batch(next(stream), self.sae.cfg.d_in, self.step)
                 metrics = self._train_step(vision, text)
                 self.step += 1
                 bar.update(1)
-                if self.step % c.log_every == 0 or self.step == c.total_steps:
+                if self.epoch_length is not None and self.step % self.epoch_length == 0:
+                    self._end_epoch()
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
                     self._log(metrics)
                     bar.set_postfix(loss=f"{metrics['losses/overall_loss']:.4g}")
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.total_steps:
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
+        if c.keep_best_epoch and self.best_state is not None:
+            self.sae.load_state_dict(self.best_state)
         if c.checkpoint_dir:
             self.save_checkpoint()
         if self._wandb is not None:
@@ -245,7 +335,10 @@ class JointSAETrainer:
         if c.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if c.lr_scheduler == "warmup-decay":
+            self.scheduler.step()
+        if self.epoch_length is not None:
+            self._epoch_loss_sum += out.loss.detach().to(torch.float64)
         if c.normalize_decoder:
             self.sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
@@ -253,7 +346,7 @@ class JointSAETrainer:
             if self.world_size > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
-        if (self.step + 1) % c.log_every and self.step + 1 != c.total_steps:
+        if (self.step + 1) % c.log_every and self.step + 1 != self.total_steps:
             return {"losses/overall_loss": float("nan")}
         return self._metrics(out, vision, text)
 
@@ -271,6 +364,25 @@ class JointSAETrainer:
         m["details/current_learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         m["details/n_training_steps"] = float(self.step + 1)
         return m
+
+    def _end_epoch(self) -> None:
+        """Close an epoch: its mean loss, the plateau scheduler's step, the best epoch's weights."""
+        mean = self._epoch_loss_sum / self.epoch_length
+        if self.world_size > 1:
+            dist.all_reduce(mean)
+            mean = mean / self.world_size
+        loss = float(mean)
+        self._epoch_loss_sum.zero_()
+        self.epoch_losses.append(loss)
+        if self.cfg.lr_scheduler == "plateau":
+            self.scheduler.step(loss)
+        if self.cfg.keep_best_epoch and loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, len(self.epoch_losses) - 1
+            self.best_state = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+        if self._wandb is not None:
+            self._wandb.log({"losses/epoch_mean_loss": loss, "details/epoch": float(len(self.epoch_losses)),
+                             "details/current_learning_rate": float(self.optimizer.param_groups[0]["lr"])},
+                            step=self.step)
 
     def _log(self, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "details/n_training_steps": float(self.step)}
@@ -293,7 +405,8 @@ class JointSAETrainer:
         sae_cfg = {k: v for k, v in self.sae.cfg.to_dict().items() if k not in ("metadata", "device")}
         trainer_cfg = {k: v for k, v in asdict(self.cfg).items()
                        if k not in ("checkpoint_every", "checkpoint_dir", "keep_checkpoints", "progress", "device",
-                                    "log_to_wandb", "wandb_project", "wandb_run_name", "log_every")}
+                                    "log_to_wandb", "wandb_project", "wandb_run_name", "log_every")
+                       and not (k in _OPTIONAL_DEFAULTS and v == _OPTIONAL_DEFAULTS[k])}
         return {"sae": sae_cfg, "trainer": trainer_cfg, "world_size": self.world_size}
 
     def save_checkpoint(self) -> Path:
@@ -309,9 +422,18 @@ class JointSAETrainer:
             tensors["rng"] = torch.get_rng_state()
             tensors["steps_since_fired"] = self.steps_since_fired.cpu()
             tensors["mse_scale"] = self.sae.mse_scale.detach().cpu()
+            state: dict[str, Any] = {"step": self.step, "fingerprint": self._fingerprint(), "param_groups": groups,
+                                     "history": self.history}
+            if self.epoch_length is not None:
+                tensors["epoch_loss_sum"] = self._epoch_loss_sum.detach().cpu()
+                for k, v in (self.best_state or {}).items():
+                    tensors[f"best.{k}"] = v.detach().cpu().contiguous()
+                state["epochs"] = {"epoch_losses": self.epoch_losses, "best_epoch": self.best_epoch,
+                                   "best_loss": None if self.best_epoch is None else self.best_loss}
+                if self.cfg.lr_scheduler == "plateau":
+                    state["scheduler"] = self.scheduler.state_dict()
             save_file(tensors, tmp / "trainer_state.safetensors")
-            write_json(tmp / "trainer_state.json", {"step": self.step, "fingerprint": self._fingerprint(),
-                                                     "param_groups": groups, "history": self.history})
+            write_json(tmp / "trainer_state.json", state)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -355,16 +477,27 @@ class JointSAETrainer:
                 opt_state["state"].setdefault(int(i), {})[name] = value.to(self.cfg.device) if value.ndim else value
         self.optimizer.load_state_dict(opt_state)
         self.step = int(state["step"])
-        self.scheduler.last_epoch = self.step
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * self._lr_factor(self.step)
+        if self.cfg.lr_scheduler == "plateau":  # the optimiser's param groups hold the reduced lr
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            self.scheduler.last_epoch = self.step
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * self._lr_factor(self.step)
         torch.set_rng_state(tensors["rng"])
         self.steps_since_fired = tensors["steps_since_fired"].to(self.cfg.device)
         self.history = state.get("history", [])
+        if self.epoch_length is not None:
+            epochs = state["epochs"]
+            self.epoch_losses = list(epochs["epoch_losses"])
+            self._epoch_loss_sum = tensors["epoch_loss_sum"].to(self.cfg.device)
+            self.best_epoch = epochs["best_epoch"]
+            self.best_loss = math.inf if epochs["best_loss"] is None else float(epochs["best_loss"])
+            best = {k.removeprefix("best."): v.to(self.cfg.device) for k, v in tensors.items() if k.startswith("best.")}
+            self.best_state = best or None
 
 
 def train_jsae(sae_cfg: TrainingJointSAEConfig, data: Iterable[tuple[Tensor, Tensor]], **trainer_kwargs: Any) -> TrainingJointSAE:
-    """One-call training: ``train_jsae(cfg, data, total_steps=1000, lr=1e-3)``."""
+    """One-call training: ``train_jsae(cfg, data, total_steps=1000, lr=1e-3)`` (or ``epochs=20``)."""
     return JointSAETrainer.from_config(sae_cfg, JointTrainerConfig(**trainer_kwargs), data).fit()
 
 
