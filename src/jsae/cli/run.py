@@ -25,8 +25,9 @@ def demo(
     data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
-    steps: int = typer.Option(600, help="training steps of every SAE"),
-    d_sae: int = typer.Option(128, help="SAE width"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)"),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)"),
     n_train: int = typer.Option(2000, min=1, help="training pairs"),
     n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
     n_eval: int = typer.Option(1200, min=1, help="held-out images for the steering/suppression sweep"),
@@ -34,14 +35,15 @@ def demo(
     concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
     min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
     max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)"),
-    max_new_tokens: int = typer.Option(28, min=1, help="greedy caption length"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
-    text_pooling: str = typer.Option("caption", help="text view: caption tokens | non_image (every attended non-image token, the JSAE reference)"),
+    text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token, the JSAE reference)"),
     prompt_template: Optional[str] = typer.Option(None, help="raw capture prompt instead of the chat template, e.g. 'USER: <image>\\n{caption}\\nASSISTANT:'"),
     caption_template: Optional[str] = typer.Option(None, help="raw captioning prompt ({caption} = --prompt), e.g. the Mistral instruction form with <image> and {caption} (escape brackets in the shell)"),
-    steer_at: str = typer.Option("image", help="image (image tokens at prefill) | image+generated (and every generated token, the reference)"),
-    alphas: Optional[str] = typer.Option(None, help="absolute steering strengths, e.g. 0.2,0.4,...,3.0 (default: ratios of the state norm)"),
+    steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token, the reference)"),
+    alphas: Optional[str] = typer.Option(None, help="absolute steering strengths, e.g. 0.2,0.4,...,3.0 (default: ratios of the state norm; --preset reference: 0.2..3.0)"),
+    preset: str = typer.Option("default", help="default | reference (the JSAE reference code's protocol; explicit options win; the report lists what still differs)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
@@ -50,13 +52,13 @@ def demo(
     from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
 
     try:
-        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, d_sae=d_sae, n_train=n_train,
+        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae, n_train=n_train,
                              n_label=n_label, n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None,
                              seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
                              max_perplexity=max_perplexity, max_new_tokens=max_new_tokens, text_positions=text_pooling,
                              prompt_template=prompt_template, caption_template=caption_template, steer_at=steer_at,
                              alphas=tuple(alpha_grid) if alpha_grid else None, dtype=dtype, device=device,
-                             device_map=device_map)
+                             device_map=device_map, preset=preset)
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -106,13 +108,18 @@ def capture(
     pooling: str = typer.Option("mean", help="mean | max | last"),
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0, help="world seed"),
-    text_pooling: str = typer.Option("caption", help="text view: caption tokens | non_image (every attended non-image token)"),
+    text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token; --preset reference)"),
     prompt_template: Optional[str] = typer.Option(None, help="raw prompt instead of the chat template, with {caption}"),
+    preset: str = typer.Option("default", help="default | reference (non_image pooling and the reference's 'USER: <image>\\n{caption}\\nASSISTANT:' prompt when the tokenizer knows its words; explicit options win)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """Capture pooled (image, caption) activations at the given layers (resumable).
 
     The manifest records the data's fingerprint, which `jsae sae label` checks."""
+    from jsae.protocol.run import PRESETS
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     layer_list = int_list(layers, "--layers")
     if not layer_list:
         fail("--layers needs at least one layer, e.g. --layers 4")
@@ -122,6 +129,16 @@ def capture(
         source, part = data_source(data, split, n, seed)
         pairs = source.pairs(part)
         model_, processor, adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
+        if preset == "reference":
+            from jsae.protocol.run import ProtocolConfig, reference_prompts
+
+            ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", text_positions=text_pooling,
+                                                          prompt_template=prompt_template), processor, adapter)
+            text_pooling, prompt_template = ref.text_positions, ref.prompt_template
+            if not notes["capture"]["used"] and "unknown_words" in notes["capture"]:
+                typer.echo(f"note: the model's own prompt is kept: its tokenizer lacks {notes['capture']['unknown_words']} "
+                           f"of the reference's {notes['capture']['reference']!r}", err=True)
+        text_pooling = text_pooling or "caption"
         capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
                       pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part),  # type: ignore[arg-type]
                       prompt_template=prompt_template, text_positions=text_pooling)

@@ -25,30 +25,52 @@ def train(
     alignment: str = typer.Option("cosine", help="cosine | infonce | l2 | none"),
     activation: str = typer.Option("relu", help="relu (with L1) | topk"),
     k: int = typer.Option(32, help="k of topk"),
-    d_sae: int = typer.Option(1024),
-    steps: int = typer.Option(2000),
-    batch_size: int = typer.Option(256),
-    lr: float = typer.Option(3e-4),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 1024; --preset reference: 4 x d_in)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default 2000; --preset reference trains --epochs instead unless given)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs (default 20)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="pairs per batch (default 256; --preset reference: 8)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-4; --preset reference: 1e-5, Adam, plateau scheduler)"),
     l1_coefficient: float = typer.Option(0.03),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="checkpoints every 500 steps; resumes if it holds one"),
     seed: int = typer.Option(0),
+    preset: str = typer.Option("default", help="default | reference (the JSAE reference code's recipe: element-mean loss, "
+                                               "PyTorch Linear init, no centring, no decoder-norm constraint, Adam 1e-5, "
+                                               "batch 8, 20 epochs, plateau scheduler, best epoch kept)"),
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
+    from dataclasses import replace
+
     from jsae.capture import read_manifest
     from jsae.saes.joint_sae import TrainingJointSAEConfig
     from jsae.training import JointSAETrainer, JointTrainerConfig, load_pairs
+    from jsae.training.recipes import REFERENCE_BATCH_SIZE, reference_configs
 
+    if preset not in ("default", "reference"):
+        fail(f"unknown preset {preset!r}; choose one of ['default', 'reference']")
+    if epochs is not None and preset != "reference":
+        fail("--epochs belongs to --preset reference; the default recipe trains --steps steps")
+    reference = preset == "reference"
+    if batch_size is None:
+        batch_size = REFERENCE_BATCH_SIZE if reference else 256
     try:
         data = load_pairs(capture_dir, layer, batch_size=batch_size, seed=seed)
         manifest = read_manifest(capture_dir)
-        cfg = TrainingJointSAEConfig(d_in=data.d_in, d_sae=d_sae, alignment=alignment, activation=activation, k=k,
-                                     l1_coefficient=l1_coefficient, mse_normalization="variance")
+        ckpt = {"checkpoint_every": 500 if checkpoint_dir else 0,
+                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "seed": seed}
+        if reference:
+            cfg, tcfg = reference_configs(data.d_in, d_sae)
+            cfg = replace(cfg, alignment=alignment, activation=activation, k=k, l1_coefficient=l1_coefficient)
+            timing = {"epochs": epochs or 20} if steps is None else {"epochs": None, "total_steps": steps}
+            tcfg = replace(tcfg, **timing, **ckpt, **({"lr": lr} if lr is not None else {}))
+        else:
+            steps = steps or 2000
+            cfg = TrainingJointSAEConfig(d_in=data.d_in, d_sae=d_sae or 1024, alignment=alignment, activation=activation,
+                                         k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
+            tcfg = JointTrainerConfig(total_steps=steps, lr=3e-4 if lr is None else lr, lr_warm_up_steps=steps // 20,
+                                      lr_decay_steps=steps // 5, **ckpt)
         for key, value in {"model_name": manifest.get("model"), "layer": layer, "pooling": manifest.get("pooling"),
                            "hook_name": dict(zip(manifest["layers"], manifest["hook_names"])).get(layer)}.items():
             cfg.metadata[key] = value
-        tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
-                                  checkpoint_every=500 if checkpoint_dir else 0,
-                                  checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=seed)
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit()
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -121,10 +143,13 @@ def steer(
     split: str = typer.Option("train", help="split of --data"),
     images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
-    steer_at: str = typer.Option("image", help="image (image tokens at prefill) | image+generated (and every generated token)"),
-    max_new_tokens: int = typer.Option(28, min=1),
+    steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token; --preset reference)"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
     seed: int = typer.Option(0),
+    preset: str = typer.Option("default", help="default | reference (steering at the image tokens and every generated token, 50 new "
+                                               "tokens, the reference's Mistral instruction prompt 'Describe the image.' when "
+                                               "the tokenizer knows its words; explicit options win)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """Steer toward (or suppress) a labelled concept; print captions before and after.  Images: world test
@@ -133,6 +158,12 @@ def steer(
         fail(f"--alpha must be a finite number, got {alpha}")
     if data and images:
         fail("pass --data or --images, not both")
+    from jsae.protocol.run import PRESET_CHOICES, PRESETS, ProtocolConfig, reference_prompts
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    steer_at = steer_at or PRESET_CHOICES[preset]["steer_at"]
+    max_new_tokens = max_new_tokens or PRESET_CHOICES[preset]["max_new_tokens"]
     from jsae import load_vlm
     from jsae.interventions import Ablate, Captioner
     from jsae.labels import FeatureLabels
@@ -167,7 +198,16 @@ def steer(
     else:
         ivs = _steer(cfg, layer, Method("jsae", sae, True).steer_direction(feats), alpha)
     text = prompt if prompt is not None else ("" if not (data or images) else "Describe the image.")
-    caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=text, max_new_tokens=max_new_tokens)
+    template = None
+    if preset == "reference":  # the reference's captioning prompt when the tokenizer knows its words
+        ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", prompt=prompt), vlm.processor, vlm.adapter)
+        if ref.caption_template is not None:
+            text, template = ref.prompt or "", ref.caption_template
+        elif "unknown_words" in notes["caption"]:
+            typer.echo(f"note: the model's own prompt is kept: its tokenizer lacks {notes['caption']['unknown_words']} "
+                       f"of the reference's {notes['caption']['reference']!r}", err=True)
+    caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=text, max_new_tokens=max_new_tokens,
+                        prompt_template=template)
     before, after = caption(picked, []), caption(picked, ivs)
     for b, a in zip(before, after):
         typer.echo(f"- {b}\n+ {a}")

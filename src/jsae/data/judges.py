@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
@@ -64,6 +65,32 @@ def distinct_2(text: str) -> float:
     w = text.split()
     bigrams = list(zip(w, w[1:]))
     return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 2 else 1.0
+
+
+def distinct_3(text: str) -> float | None:
+    """The reference's distinct-3 of one text: distinct word trigrams / word trigrams (1.0 = no repeated
+    trigram); ``None`` for a text of under 3 words (no trigram)."""
+    w = text.split()
+    trigrams = list(zip(w, w[1:], w[2:]))
+    return len(set(trigrams)) / len(trigrams) if trigrams else None
+
+
+def zlib_ratio(text: str) -> float | None:
+    """The reference's compression ratio of one text: UTF-8 bytes / zlib-compressed bytes (higher = more
+    repetitive); ``None`` for an empty text."""
+    raw = text.strip().encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else None
+
+
+def text_quality(texts: Iterable[str]) -> dict[str, float | None]:
+    """Mean :func:`distinct_3` and :func:`zlib_ratio` over ``texts`` (each over the texts where it is defined;
+    ``None`` when it is defined for none)."""
+    texts = list(texts)
+    out: dict[str, float | None] = {}
+    for name, fn in (("distinct_3", distinct_3), ("zlib_ratio", zlib_ratio)):
+        vals = [v for v in map(fn, texts) if v is not None]
+        out[name] = float(np.mean(vals)) if vals else None
+    return out
 
 
 def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: Iterable[str] = ()) -> tuple[Tensor, list[str]]:
@@ -174,4 +201,5 @@ def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: in
     return np.array(out)
 
 
-__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "concepts_from_captions", "caption_words", "distinct_2", "text_perplexity"]
+__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "concepts_from_captions", "caption_words", "distinct_2", "distinct_3",
+           "text_perplexity", "text_quality", "zlib_ratio"]

@@ -7,13 +7,28 @@ learning rate at every swept layer:
   the ``jsae-none`` weights with the text latents permuted, see :mod:`jsae.training.recipes`);
 - ``saelens-topk``: a plain SAELens TopK SAE trained on the vision pools only, by SAELens's ``SAETrainer``.
 
+Two recipes for the JSAE methods (``jsae``, ``jsae-none`` and, through it, ``separate``):
+
+- ``recipe="default"``: :func:`~jsae.training.recipes.train_jsae_unit_norm` (variance-normalised per-sample
+  MSE, unit-norm decoder rows, ``steps`` steps at ``lr`` with warm-up and decay, batch ``batch_size``);
+- ``recipe="reference"``: the JSAE reference code's choices, :func:`~jsae.training.recipes.reference_configs`
+  (element-mean loss, PyTorch ``Linear`` init, no centring, no decoder-norm constraint, Adam 1e-5, 20 epochs of
+  batches of :data:`~jsae.training.recipes.REFERENCE_BATCH_SIZE`, plateau scheduler, best epoch kept), with
+  ``d_sae = 4 · d_in`` unless ``d_sae`` is given; ``reference`` overrides fields of its trainer config (e.g.
+  ``{"epochs": 2}``; ``"batch_size"`` sets the data's batch).
+
+The SAELens TopK baseline keeps its own recipe in both (``steps`` steps of ``batch_size`` at ``lr``, at the
+same width): under ``recipe="reference"`` it is therefore *not* a matched budget with the JSAE methods (other
+optimiser, steps and batch), only a matched width.
+
 A new method is one more branch of :func:`train_methods` returning a :class:`Method` (its SAE, whether
 it is joint) and its name in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -21,9 +36,12 @@ from torch import Tensor
 
 from jsae.saes.joint_sae import JointSAE, TrainingJointSAEConfig
 from jsae.training import JointTrainerConfig
-from jsae.training.recipes import match_separate_saes, train_jsae_unit_norm, train_saelens_topk
+from jsae.training.data import PairedTensorData
+from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, reference_configs, train_jsae_unit_norm,
+                                   train_saelens_topk)
 
 METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
+RECIPES = ("default", "reference")
 
 
 @dataclass
@@ -58,9 +76,20 @@ def permute_text_branch(sae: JointSAE, text_order: Tensor) -> JointSAE:
     return out
 
 
-def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps: int, batch_size: int, lr: float,
-                  seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int = 16) -> dict[str, Method]:
-    """Train every method on the same pairs with the same width, steps, batch and learning rate."""
+def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None, steps: int, batch_size: int, lr: float,
+                  seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int = 16, recipe: str = "default",
+                  reference: dict[str, Any] | None = None) -> dict[str, Method]:
+    """Train every method on the same pairs at the same width: with ``recipe="default"`` all with the same
+    steps, batch and learning rate; with ``recipe="reference"`` the JSAE methods by the reference's configs
+    (``reference`` overrides their trainer fields; ``d_sae=None``: ``4 · d_in``) and the TopK baseline by its
+    own recipe (``steps``, ``batch_size``, ``lr``), see the module docstring."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
+    if recipe == "reference":
+        return _train_reference(vision, text, layer=layer, d_sae=d_sae, steps=steps, batch_size=batch_size, lr=lr,
+                                seed=seed, methods=methods, metadata=metadata, k=k, reference=reference or {})
+    if d_sae is None:
+        raise ValueError("d_sae is required by the default recipe (only the reference recipe defaults it to 4 * d_in)")
     out: dict[str, Method] = {}
     # trained at mean norm sqrt(d_in), the scale folded back (train_jsae_unit_norm): the SAEs take raw activations
     tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
@@ -79,9 +108,35 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int, steps
     return {m: out[m] for m in methods}
 
 
+def _train_reference(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None, steps: int, batch_size: int,
+                     lr: float, seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int,
+                     reference: dict[str, Any]) -> dict[str, Method]:
+    """``train_methods(..., recipe="reference")``: the JSAE methods on the raw pools by :func:`reference_configs`."""
+    from jsae.training import JointSAETrainer
+
+    reference = dict(reference)
+    ref_batch = int(reference.pop("batch_size", REFERENCE_BATCH_SIZE))
+    sae_cfg, tcfg = reference_configs(vision.shape[1], d_sae)
+    tcfg = replace(tcfg, seed=seed, progress=False, **reference)
+    out: dict[str, Method] = {}
+    for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
+        cfg = replace(sae_cfg, alignment="cosine" if name == "jsae" else "none", metadata=copy.deepcopy(sae_cfg.metadata))
+        for key, value in {**metadata, "layer": layer}.items():
+            cfg.metadata[key] = value
+        data = PairedTensorData(vision, text, batch_size=min(ref_batch, vision.shape[0]), seed=seed)
+        out[name] = Method(name, JointSAETrainer.from_config(cfg, tcfg, data).fit().eval(), True)
+    if "separate" in methods:
+        text_order, _ = match_separate_saes(out["jsae-none"].sae, vision, text)
+        out["separate"] = Method("separate", permute_text_branch(out["jsae-none"].sae, text_order), True)
+    if "saelens-topk" in methods:  # its own recipe at the same width: see the module docstring
+        out["saelens-topk"] = Method("saelens-topk", _train_saelens_topk(vision, sae_cfg.d_sae, k, steps, batch_size, lr,
+                                                                         seed), False)
+    return {m: out[m] for m in methods}
+
+
 def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int) -> Any:
     """The vision-only baseline: a plain SAELens TopK SAE on the vision pools (SAELens's ``SAETrainer``)."""
     return train_saelens_topk(vision, d_sae, k, steps, min(batch_size, vision.shape[0]), lr, seed).eval()
 
 
-__all__ = ["METHODS", "Method", "permute_text_branch", "train_methods"]
+__all__ = ["METHODS", "RECIPES", "Method", "permute_text_branch", "train_methods"]

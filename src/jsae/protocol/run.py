@@ -11,6 +11,10 @@ function per stage, called in order by :func:`run_protocol`:
 7. :func:`jsae.report.write_run_report` — ``report.md``, ``layer_sweep.png``, ``features.html`` read back
    from the run directory.
 
+``ProtocolConfig(preset="reference")`` (``jsae demo --preset reference``) runs the JSAE reference code's
+protocol as closely as this runner allows (:func:`apply_preset`; the prompts by :func:`reference_prompts`),
+and the report lists every remaining difference (:func:`reference_differences`).
+
 Writes into ``out`` (layout in :mod:`jsae.report.rundir`): ``run.json`` records the configuration and the
 fingerprint of every data part, so that a directory holding another run, or the same run on other data, is
 refused unless ``overwrite``.
@@ -40,8 +44,32 @@ from jsae.vlm import VLM
 ARTEFACTS = ("report.md", "metrics.json", "layer_sweep.png", "features.html")
 
 
+PRESETS = ("default", "reference")
+#: The reference's absolute steering strengths: 0.2, 0.4, ..., 3.0.
+REFERENCE_ALPHAS = tuple(round(0.2 * i, 1) for i in range(1, 16))
+#: The reference's capture prompt (text view pooled over every attended non-image token of it).
+REFERENCE_CAPTURE_TEMPLATE = "USER: <image>\n{caption}\nASSISTANT:"
+#: The reference's captioning prompt: ``[INST] <image>\nDescribe the image. [/INST]``.
+REFERENCE_CAPTION_TEMPLATE = "[INST] <image>\n{caption} [/INST]"
+REFERENCE_CAPTION_PROMPT = "Describe the image."
+REFERENCE_EPOCHS = 20
+
+#: What each preset sets for the fields left unset (``None``) — explicit values always win.  Under
+#: ``"reference"``, ``d_sae=None`` means ``4 · d_in`` and ``steps`` is the TopK baseline's budget only (the JSAE
+#: methods train ``epochs`` epochs by the reference recipe).
+PRESET_CHOICES: dict[str, dict[str, Any]] = {
+    "default": {"d_sae": 128, "steps": 600, "max_new_tokens": 28, "text_positions": "caption", "steer_at": "image",
+                "alphas": None, "epochs": None},
+    "reference": {"d_sae": None, "steps": 600, "max_new_tokens": 50, "text_positions": "non_image",
+                  "steer_at": "image+generated", "alphas": REFERENCE_ALPHAS, "epochs": REFERENCE_EPOCHS},
+}
+
+
 @dataclass
 class ProtocolConfig:
+    """The protocol's settings.  Fields marked *preset* are filled by :func:`apply_preset` when left unset
+    (``None``): ``preset="default"`` gives jsae's own protocol, ``preset="reference"`` the JSAE reference code's."""
+
     model: str = "llava"
     n_train: int = 2000
     n_label: int = 400
@@ -51,30 +79,110 @@ class ProtocolConfig:
     concepts: list[str] | None = None  # default: the object types with a shared JSAE feature at every layer
     max_concepts: int = 2
     methods: tuple[str, ...] = METHODS
-    d_sae: int = 128
-    steps: int = 600
+    d_sae: int | None = None  # preset: 128 (default) | None = 4 · d_in (reference)
+    steps: int | None = None  # preset: 600 (default: every method; reference: the TopK baseline only)
+    epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
     lr: float = 3e-3
     n_start: int = 200
     n_max: int = 400  # 385 images give ±0.05 at the worst-case rate 0.5
     halfwidth: float = 0.05
     gen_batch: int = 200
-    max_new_tokens: int = 28
+    max_new_tokens: int | None = None  # preset: 28 (default) | 50 (reference)
     seed: int = 0
     data: str | None = None  # a COCO-captions-style dataset (path or hub id); required for a real VLM
     data_split: str = "train"
     prompt: str | None = None  # captioning prompt; default "" on the world, "Describe the image." on real data
     min_count: int = 5  # real data: a caption word is a concept when it occurs in this many labelling captions
     max_perplexity: float | None = None  # real data: fluency threshold (default 1.5x the unsteered 95th percentile)
-    text_positions: str = "caption"  # text pooling: "caption" tokens | every attended "non_image" token (the reference)
+    text_positions: str | None = None  # preset: "caption" | "non_image" (reference). Text pooling: "caption" tokens | every attended "non_image" token (the reference)
     prompt_template: str | None = None  # a raw capture prompt instead of the chat template, e.g. "USER: <image>\n{caption}\nASSISTANT:"
     caption_template: str | None = None  # a raw captioning prompt ({caption} = prompt), e.g. "[INST] <image>\n{caption} [/INST]"
-    steer_at: str = "image"  # "image" (prefill) | "image+generated" (and every generated token, the reference)
-    alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2..3.0) instead of relative ratios
+    steer_at: str | None = None  # preset: "image" | "image+generated" (reference). "image" (prefill) | "image+generated" (and every generated token, the reference)
+    alphas: tuple[float, ...] | None = None  # preset: None = relative ratios (default) | 0.2..3.0 absolute (reference)
     dedup_images: bool = True  # real data: one row per image, caption drawn with the seed
     dtype: str = "auto"  # of the VLM's weights ("auto": the checkpoint's; the toy models load in float32)
     device: str | None = None  # move the VLM to this device ("cuda")
     device_map: str | None = None  # or spread it with transformers' device_map ("auto")
+    preset: str = "default"  # "default" | "reference" (see apply_preset)
+
+    def __post_init__(self) -> None:
+        apply_preset(self)
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> "ProtocolConfig":
+        """The JSAE reference protocol (:func:`apply_preset`), with ``overrides`` winning."""
+        return cls(preset="reference", **overrides)
+
+    @property
+    def recipe(self) -> str:
+        """The JSAE methods' training recipe (:func:`jsae.protocol.methods.train_methods`)."""
+        return "reference" if self.preset == "reference" else "default"
+
+
+def apply_preset(cfg: ProtocolConfig) -> ProtocolConfig:
+    """Fill the unset (``None``) preset fields of ``cfg`` with the choices of ``cfg.preset`` (in place; returns
+    ``cfg``).  Explicit values win.  ``"reference"`` (the JSAE reference code, ``anonymous-lab25/anonymous-jsae``):
+    text pooled over every attended non-image token; steering at the image tokens and every generated token;
+    absolute strengths 0.2, 0.4, ..., 3.0; 50 new tokens; the JSAE methods trained by
+    :func:`jsae.training.recipes.reference_configs` (``d_sae = 4 · d_in``, batch 8, 20 epochs); the reference's
+    prompts when the tokenizer knows their words (:func:`reference_prompts`, at run time)."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {list(PRESETS)}")
+    for key, value in PRESET_CHOICES[cfg.preset].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.alphas is not None:
+        cfg.alphas = tuple(float(a) for a in cfg.alphas)
+    if cfg.epochs is not None and cfg.preset != "reference":
+        raise ValueError("epochs is an option of the reference recipe (preset 'reference'); the default recipe "
+                         "trains --steps steps")
+    return cfg
+
+
+def _unknown_words(processor: Any, text: str) -> list[str]:
+    """The words of ``text`` that the processor's tokenizer maps to its unknown token (none for a tokenizer
+    without one, e.g. byte-level BPE)."""
+    tok = getattr(processor, "tokenizer", processor)
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return []
+    return [w for w in text.split() if unk in tok(w, add_special_tokens=False).input_ids]
+
+
+def reference_prompts(cfg: ProtocolConfig, processor: Any, adapter: Any) -> tuple[ProtocolConfig, dict[str, Any]]:
+    """Under ``preset="reference"``, the reference's raw prompts (capture ``USER: <image>\n{caption}\nASSISTANT:``,
+    captioning ``[INST] <image>\nDescribe the image. [/INST]``) for the templates left unset, each only when
+    the processor's tokenizer knows every word of it (decided from the vocabulary, not the model's name;
+    ``<image>`` becomes the model's own image placeholder).  Otherwise the model's own prompt is kept and the
+    note says why.  Returns ``(cfg with the templates set, notes)``; the default preset returns ``cfg``
+    unchanged and no notes."""
+    from dataclasses import replace
+
+    if cfg.preset != "reference":
+        return cfg, {}
+    image = adapter.plain_prompt("", 1, processor)
+    notes: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
+    if cfg.prompt_template is None:
+        unknown = _unknown_words(processor, REFERENCE_CAPTURE_TEMPLATE.replace("<image>", " ").replace("{caption}", " "))
+        notes["capture"] = {"reference": REFERENCE_CAPTURE_TEMPLATE, "used": not unknown, "unknown_words": unknown}
+        if not unknown:
+            changes["prompt_template"] = REFERENCE_CAPTURE_TEMPLATE.replace("<image>", image)
+    else:
+        notes["capture"] = {"reference": REFERENCE_CAPTURE_TEMPLATE, "used": False, "given": cfg.prompt_template}
+    if cfg.caption_template is None and cfg.prompt in (None, REFERENCE_CAPTION_PROMPT):
+        text = REFERENCE_CAPTION_TEMPLATE.replace("<image>", " ").replace("{caption}", REFERENCE_CAPTION_PROMPT)
+        unknown = _unknown_words(processor, text)
+        notes["caption"] = {"reference": REFERENCE_CAPTION_TEMPLATE.replace("{caption}", REFERENCE_CAPTION_PROMPT),
+                            "used": not unknown, "unknown_words": unknown}
+        if not unknown:
+            changes["caption_template"] = REFERENCE_CAPTION_TEMPLATE.replace("<image>", image)
+            changes["prompt"] = REFERENCE_CAPTION_PROMPT
+    else:
+        notes["caption"] = {"reference": REFERENCE_CAPTION_TEMPLATE.replace("{caption}", REFERENCE_CAPTION_PROMPT),
+                            "used": False, "given": cfg.caption_template or cfg.prompt}
+    return (replace(cfg, **changes) if changes else cfg), notes
 
 
 def data_source(cfg: ProtocolConfig) -> DataSource:
@@ -110,6 +218,8 @@ def check_config(cfg: ProtocolConfig) -> None:
         raise ValueError(f"unknown text pooling {cfg.text_positions!r}; choose one of {list(TEXT_POSITIONS)}")
     if cfg.steer_at not in STEER_AT:
         raise ValueError(f"unknown steer_at {cfg.steer_at!r}; choose one of {list(STEER_AT)}")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {list(PRESETS)}")
 
 
 def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool) -> RunDir:
@@ -193,7 +303,8 @@ def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers
         meta = {"model_name": cfg.model, "hook_name": vlm.adapter.hook_name(layer), "pooling": "mean"}
         methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
                                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
-                                                metadata=meta)
+                                                metadata=meta, recipe=cfg.recipe,
+                                                reference={"epochs": cfg.epochs} if cfg.recipe == "reference" else None)
     return methods_by_layer, data
 
 
@@ -309,13 +420,82 @@ def cell_record(c: Cell) -> dict[str, Any]:
 
 
 def statistics_stage(cfg: ProtocolConfig, judge: Any, n_layers: int, layers: list[int], concepts: list[str],
-                     sae_rows: list[dict[str, Any]], cells: list[Cell], timings: dict[str, float]) -> dict[str, Any]:
-    """The run's metrics: SAE rows, cells and their summary per measure, method and layer."""
-    return {
+                     sae_rows: list[dict[str, Any]], cells: list[Cell], timings: dict[str, float],
+                     prompt_notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's metrics: SAE rows, cells and their summary per measure, method and layer (and, under the
+    reference preset, the remaining differences from the reference)."""
+    metrics = {
         "model": cfg.model, "data": cfg.data or "world", "judge": type(judge).__name__, "n_layers": n_layers,
         "layers": layers, "concepts": concepts, "methods": list(cfg.methods), "config": _jsonable(asdict(cfg)),
         "saes": sae_rows, "cells": [cell_record(c) for c in cells], "summary": summarise(cells), "timings": timings,
     }
+    if cfg.preset == "reference":
+        metrics["reference"] = {"prompts": prompt_notes or {}, "differences": reference_differences(cfg, prompt_notes or {},
+                                                                                                     n_layers, layers)}
+    return metrics
+
+
+def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_layers: int, layers: list[int]) -> list[str]:
+    """Every remaining difference of a ``preset="reference"`` run from the JSAE reference code, in plain words
+    (from the run's own configuration where it decides)."""
+    from jsae.world import MODEL_NAMES
+
+    out: list[str] = []
+    if cfg.model in MODEL_NAMES:
+        out.append(f"Model: the shipped toy `{cfg.model}` (a small model trained on the embedded world), not "
+                   "LLaVA-v1.6-Mistral-7B / Llama3-LLaVA-8B / Qwen3-VL-30B.")
+    if cfg.data is None:
+        out.append("Data: the embedded toy world (rendered scenes, grammar captions), not COCO captions "
+                   "(`jxie/coco_captions`, a seeded sample of 50k unique images, one random caption each).")
+    else:
+        out.append(f"Data: {cfg.data} ({cfg.data_split}), cut into disjoint train / label / eval images"
+                   + (" deduplicated by image with a seeded caption" if cfg.dedup_images else "")
+                   + f" ({cfg.n_train} / {cfg.n_label} / {cfg.n_eval}), not the reference's 50k seeded sample whose "
+                   "evaluation images come from the JSAE's training set (a reference fault not reproduced).")
+    out.append(f"Training pairs: {cfg.n_train} (the reference: 50,000).")
+    out.append("Concepts: one word each (" + ("an object type, category or colour of the world" if cfg.data is None
+               else "a caption word") + ", " + ("given" if cfg.concepts else "chosen by shared-feature coverage")
+               + "), not the reference's 7 hand-listed scene categories (3-16 latent ids per layer + keywords + a target "
+               "sentence each, from `experiments_config.xlsx`); no experiment table is read.")
+    out.append("Latents: chosen per concept by code-concept correlation on held-out labelling pairs (sound), not by "
+               "hand / in-sample as in the reference.")
+    grid = "the reference grid 0.2..3.0" if cfg.alphas == REFERENCE_ALPHAS else f"the grid {list(cfg.alphas or [])}"
+    out.append(f"Strength: absolute α from {grid}, one α per (concept, layer, method), the largest whose captions "
+               "of calibration images stay fluent under the judge; the reference picks α per image with the evaluation "
+               "metric itself and early stops on GPT-2 perplexity (one rule sign-reversed) — a reference fault not "
+               "reproduced.")
+    out.append("Metrics: keyword hit = whole-word mention rate of the concept against the unsteered caption, plus "
+               "distinct-3 and zlib ratio of the steered captions; no SBERT similarity gain to a target sentence and no "
+               "GPT-2 perplexity (not implemented here).")
+    for part, what in (("capture", "Capture prompt"), ("caption", "Captioning prompt")):
+        note = prompt_notes.get(part, {})
+        if note.get("used"):
+            continue
+        if "given" in note:
+            out.append(f"{what}: {note['given']!r} given explicitly instead of the reference's {note['reference']!r}.")
+        else:
+            out.append(f"{what}: the model's own prompt kept, because its tokenizer lacks words of the reference's "
+                       f"{note.get('reference')!r} (unknown: {note.get('unknown_words')}).")
+    out.append(f"Layers: {layers} of {n_layers} (the reference: 7, 13, 25, 30 of LLaVA-v1.6-Mistral-7B's 32).")
+    out.append("Training: `PairedTensorData` drops a last partial batch (the reference's DataLoader keeps it); fused "
+               "Adam (the same update up to float rounding); the best epoch's weights are returned (the reference "
+               "saves the best epoch and returns the last).")
+    if "saelens-topk" in cfg.methods:
+        out.append(f"Baseline not in the reference: `saelens-topk` keeps its own recipe ({cfg.steps} steps of batch "
+                   f"{cfg.batch_size} at lr {cfg.lr}, unit-norm scaling) at the JSAEs' width: a matched width, not a "
+                   "matched budget.")
+    if "separate" in cfg.methods:
+        out.append("Baseline not in the reference: `separate` = the no-alignment JSAE (reference recipe) with its text "
+                   "latents paired to the vision latents afterwards (Hungarian matching of codes).")
+    out.append("Reference faults: none is reproduced (no `--reference-faults` option yet): evaluation images disjoint "
+               "from training images, latents chosen out of sample, one α per cell by the fluency guard, no perplexity "
+               "stopping rule.")
+    ref = PRESET_CHOICES["reference"]
+    for key in ("text_positions", "steer_at", "max_new_tokens", "epochs", "d_sae"):
+        if getattr(cfg, key) != ref[key]:
+            out.append(f"Overridden: {key} = {getattr(cfg, key)!r} (the reference: "
+                       f"{'4 · d_in' if key == 'd_sae' else repr(ref[key])}).")
+    return out
 
 
 # ---- the runner ---------------------------------------------------------------------------------------
@@ -335,6 +515,7 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers)
     for layer in layers:
         vlm.adapter.check_layer(layer)
+    cfg, prompt_notes = reference_prompts(cfg, vlm.processor, vlm.adapter)
     source = data_source(cfg)
     run = open_run(Path(out), cfg, source, overwrite)  # refuses another run before anything is written
 
@@ -351,7 +532,7 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     cells = sweep_stage(cfg, vlm, judge, methods_by_layer, labels_by_layer, data, layers, concepts, items, progress)
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
     timings["total_s"] = time.time() - t0  # capture to statistics (the report is written from the files after)
-    metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, cells, timings)
+    metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, cells, timings, prompt_notes)
     write_json(run.metrics_file, metrics)
     write_run_report(run, vlm, source.pairs("label"))
     if scores_out:
@@ -359,5 +540,7 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     return metrics
 
 
-__all__ = ["ARTEFACTS", "LayerData", "ProtocolConfig", "capture_stage", "check_config", "choose_concepts", "data_source",
+__all__ = ["ARTEFACTS", "PRESETS", "PRESET_CHOICES", "REFERENCE_ALPHAS", "REFERENCE_CAPTION_PROMPT",
+           "REFERENCE_CAPTION_TEMPLATE", "REFERENCE_CAPTURE_TEMPLATE", "LayerData", "ProtocolConfig", "apply_preset",
+           "reference_differences", "reference_prompts", "capture_stage", "check_config", "choose_concepts", "data_source",
            "default_layers", "label_stage", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage"]

@@ -12,6 +12,10 @@ first ``r`` whose captions on calibration images are no longer fluent (≥ 90%) 
 positions through the SAE with its error term; score = drop of the mention rate of ``c``;
 preservation = fraction of the *other* objects mentioned unsteered that are still mentioned.
 
+Beside the mention rate each steering cell records the reference's text-quality metrics of its steered
+captions and of the same images' unsteered captions: distinct-3 and zlib compression ratio
+(:func:`jsae.data.judges.text_quality`).
+
 What counts as a concept, a mention and a fluent caption is a :class:`Judge`: :class:`WorldJudge` on the
 embedded world (exact ground truth, the grammar as fluency guard), :class:`CaptionJudge` on real data
 (caption words as concepts, word matches as mentions, and as fluency guard the perplexity of the generated
@@ -30,7 +34,7 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from jsae.data.judges import Judge, WorldJudge
+from jsae.data.judges import Judge, WorldJudge, text_quality
 from jsae.labels import FeatureLabels
 from jsae.protocol.methods import METHODS, Method
 from jsae.protocol.stats import bootstrap_ci, cohens_h
@@ -53,6 +57,11 @@ class Cell:
     preservation: float | None = None
     features: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # per image, for the interaction test
+    # steering cells: the reference's text quality of the steered captions (after) and unsteered ones (before)
+    distinct_3: float | None = None
+    zlib_ratio: float | None = None
+    distinct_3_before: float | None = None
+    zlib_ratio_before: float | None = None
 
 
 CaptionFn = Callable[[list[Any], Any], list[str]]  # (images, interventions) -> captions (jsae.interventions.Captioner)
@@ -220,18 +229,22 @@ def measure_cells(plans: list[CellPlan], sweep: SweepImages, methods_by_layer: d
                 m, feats = methods_by_layer[layer][method], plan.features
                 if plan.alpha > 0 and without:
                     iv = _steer(cfg, layer, plan.direction, plan.alpha)
+                    steered: list[str] = []
 
                     def steer_scores(lo: int, hi: int) -> np.ndarray:
                         caps = sweep.captions(without[lo:hi], iv)
+                        steered.extend(caps)
                         return np.array([float(mentions(c, concept)) - float(mentions(b, concept))
                                          for c, b in zip(caps, base_without[lo:hi])])
 
                     s = _grow(steer_scores, cfg.n_start, min(cfg.n_max, len(without)), cfg.halfwidth)
                     before = np.mean([mentions(b, concept) for b in base_without[: len(s)]])
                     ci = bootstrap_ci(s)
+                    after_q, before_q = text_quality(steered), text_quality(base_without[: len(s)])
                     cells.append(Cell("steering", method, layer, concept, len(s), ci.mean, ci.low, ci.high,
                                       cohens_h(before + ci.mean, before), plan.alpha, float(before),
-                                      float(before + ci.mean), None, feats, s.tolist()))
+                                      float(before + ci.mean), None, feats, s.tolist(), after_q["distinct_3"],
+                                      after_q["zlib_ratio"], before_q["distinct_3"], before_q["zlib_ratio"]))
                 if not with_c:
                     continue  # no sweep image contains c: nothing to suppress
                 ab = [_ablate(cfg, layer, m, feats)]

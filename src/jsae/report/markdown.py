@@ -30,9 +30,29 @@ def protocol_report(m: dict[str, Any]) -> str:
               "## Cells", "", markdown_table(m["cells"], ["measure", "method", "layer", "concept", "n", "mean", "low", "high",
                                                           "alpha", "rate_before", "rate_after", "preservation"]),
               "![layer sweep](layer_sweep.png)", "", "Feature browser: [features.html](features.html)", ""]
+    steering = [c for c in m["cells"] if c["measure"] == "steering" and c.get("distinct_3_before") is not None]
+    if steering:
+        lines += ["## Text quality of the steered captions (the reference's distinct-3 and zlib ratio)", "",
+                  "Mean over each cell's captions, unsteered → steered (distinct-3: distinct word trigrams / trigrams, "
+                  "1 = no repetition; zlib ratio: bytes / compressed bytes, higher = more repetitive).", "",
+                  markdown_table([{**c, "distinct_3": _pair(c, "distinct_3"), "zlib_ratio": _pair(c, "zlib_ratio")}
+                                  for c in steering], ["method", "layer", "concept", "alpha", "distinct_3", "zlib_ratio"])]
+    ref = m.get("reference")
+    if ref is not None:
+        lines += ["## Differences from the reference", "",
+                  "Run with `--preset reference` (the JSAE reference code, `anonymous-lab25/anonymous-jsae`): text pooled "
+                  "over every attended non-image token, steering at the image tokens and every generated token, absolute "
+                  "α 0.2..3.0, 50 new tokens, the JSAE methods trained by the reference's recipe. What still differs:", "",
+                  *[f"- {d}" for d in ref.get("differences", [])], ""]
     if "interaction" in m:
         lines += ["## Model × layer interaction", "", f"```\n{json.dumps(m['interaction'], indent=1)}\n```", ""]
     return "\n".join(lines)
+
+
+def _pair(cell: dict[str, Any], key: str) -> str:
+    """``"before → after"`` of a steering cell's text-quality metric ``key``."""
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"{fmt(cell.get(key + '_before'))} → {fmt(cell.get(key))}"
 
 
 def sweep_report(models: list[str], interaction: dict[str, Any]) -> str:

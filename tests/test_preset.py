@@ -1,0 +1,163 @@
+"""`--preset reference`: the JSAE reference code's protocol as options of the ordinary protocol (preset filling,
+the reference training recipe, the reference's text-quality metrics, prompts decided from the vocabulary, the
+report's list of remaining differences, the CLI option)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from jsae.cli import app
+from jsae.data.judges import distinct_3, text_quality, zlib_ratio
+from jsae.protocol.methods import train_methods
+from jsae.protocol.run import (REFERENCE_ALPHAS, ProtocolConfig, apply_preset, reference_differences,
+                               reference_prompts)
+
+runner = CliRunner()
+
+
+def test_default_preset_keeps_the_defaults():
+    cfg = ProtocolConfig()
+    assert (cfg.preset, cfg.recipe, cfg.d_sae, cfg.steps, cfg.epochs, cfg.max_new_tokens) == ("default", "default", 128, 600,
+                                                                                            None, 28)
+    assert (cfg.text_positions, cfg.steer_at, cfg.alphas) == ("caption", "image", None)
+
+
+def test_reference_preset_fills_the_reference_choices():
+    cfg = ProtocolConfig(preset="reference")
+    assert cfg.recipe == "reference" and cfg.text_positions == "non_image" and cfg.steer_at == "image+generated"
+    assert cfg.alphas == REFERENCE_ALPHAS and len(REFERENCE_ALPHAS) == 15
+    assert REFERENCE_ALPHAS[0] == 0.2 and REFERENCE_ALPHAS[-1] == 3.0
+    assert all(abs(b - a - 0.2) < 1e-9 for a, b in zip(REFERENCE_ALPHAS, REFERENCE_ALPHAS[1:]))
+    assert cfg.max_new_tokens == 50 and cfg.epochs == 20 and cfg.d_sae is None  # None: 4 * d_in at training
+    assert ProtocolConfig.reference() == cfg and apply_preset(cfg) == cfg  # idempotent
+
+
+def test_explicit_overrides_win():
+    cfg = ProtocolConfig.reference(steer_at="image", text_positions="caption", d_sae=64, max_new_tokens=10,
+                                   alphas=(1.0, 2.0), epochs=3)
+    assert (cfg.steer_at, cfg.text_positions, cfg.d_sae, cfg.max_new_tokens, cfg.alphas, cfg.epochs) == \
+        ("image", "caption", 64, 10, (1.0, 2.0), 3)
+    diffs = reference_differences(cfg, {}, 8, [1, 6])
+    assert any("steer_at = 'image'" in d for d in diffs) and any("d_sae = 64" in d for d in diffs)
+
+
+def test_bad_preset_and_epochs_without_reference():
+    with pytest.raises(ValueError, match="unknown preset"):
+        ProtocolConfig(preset="paper")
+    with pytest.raises(ValueError, match="epochs"):
+        ProtocolConfig(epochs=3)
+
+
+def test_train_methods_reference_recipe():
+    torch.manual_seed(0)
+    v = torch.randn(96, 16)
+    t = v + 0.1 * torch.randn(96, 16)
+    out = train_methods(v, t, layer=2, d_sae=None, steps=10, batch_size=32, lr=3e-3, seed=0,
+                        methods=("jsae", "jsae-none", "separate"), metadata={"model_name": "toy"}, recipe="reference",
+                        reference={"epochs": 2})
+    for name, alignment in (("jsae", "cosine"), ("jsae-none", "none"), ("separate", "none")):
+        c = out[name].sae.cfg
+        assert (c.loss_reduction, c.init, c.apply_b_dec_to_input, c.d_sae, c.alignment) == \
+            ("mean", "torch-linear", False, 64, alignment)
+        assert c.mse_normalization == "none" and c.l1_coefficient == 0.03 and c.metadata.layer == 2
+    assert out["jsae"].sae.cfg.metadata is not out["jsae-none"].sae.cfg.metadata
+    with pytest.raises(ValueError, match="recipe"):
+        train_methods(v, t, layer=2, d_sae=8, steps=1, batch_size=8, lr=1e-3, seed=0, methods=("jsae",), metadata={},
+                      recipe="paper")
+
+
+def test_distinct_3_and_zlib_ratio():
+    assert distinct_3("a b c d") == 1.0
+    assert distinct_3("a b c a b c") == pytest.approx(3 / 4)  # abc, bca, cab, abc
+    assert distinct_3("the cat the cat the cat") == pytest.approx(2 / 4)
+    assert distinct_3("a b") is None and distinct_3("") is None
+    text = "a red cake a red cake a red cake a red cake"
+    assert zlib_ratio(text) == pytest.approx(len(text.encode()) / len(zlib.compress(text.encode())))
+    assert zlib_ratio(text) > zlib_ratio("a red cake next to a blue car")
+    assert zlib_ratio("") is None and zlib_ratio("   ") is None
+    q = text_quality(["a b c a b c", "a b c d", "x"])
+    assert q["distinct_3"] == pytest.approx((0.75 + 1.0) / 2) and q["zlib_ratio"] is not None
+    assert text_quality([]) == {"distinct_3": None, "zlib_ratio": None}
+
+
+class _Tok:
+    def __init__(self, vocab):
+        self.vocab, self.unk_token_id = vocab, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        class Enc:
+            input_ids = [self.vocab.get(w, 0) for w in text.split()]
+        return Enc()
+
+
+class _Processor:
+    image_token = "<image>"
+
+    def __init__(self, vocab):
+        self.tokenizer = _Tok(vocab)
+
+
+class _Adapter:
+    @staticmethod
+    def plain_prompt(caption, n_images=1, processor=None):
+        return "<img>"
+
+
+def test_reference_prompts_decided_from_the_vocabulary():
+    words = "USER: ASSISTANT: [INST] [/INST] Describe the image.".split()
+    knows = _Processor({w: i + 1 for i, w in enumerate(words)})
+    cfg, notes = reference_prompts(ProtocolConfig(preset="reference"), knows, _Adapter())
+    assert cfg.prompt_template == "USER: <img>\n{caption}\nASSISTANT:" and notes["capture"]["used"]
+    assert cfg.caption_template == "[INST] <img>\n{caption} [/INST]" and cfg.prompt == "Describe the image."
+    lacks = _Processor({"the": 1})
+    cfg, notes = reference_prompts(ProtocolConfig(preset="reference"), lacks, _Adapter())
+    assert cfg.prompt_template is None and cfg.caption_template is None and cfg.prompt is None
+    assert "USER:" in notes["capture"]["unknown_words"] and "[INST]" in notes["caption"]["unknown_words"]
+    diffs = reference_differences(cfg, notes, 8, [1])
+    assert any("Capture prompt: the model's own prompt kept" in d for d in diffs)
+    # the default preset never touches the prompts
+    cfg, notes = reference_prompts(ProtocolConfig(), knows, _Adapter())
+    assert cfg.prompt_template is None and notes == {}
+
+
+def test_cli_lists_the_preset_and_refuses_a_bad_one(tmp_path):
+    r = runner.invoke(app, ["demo", "--preset", "reference", "--help"])
+    assert r.exit_code == 0 and "--preset" in r.output
+    r = runner.invoke(app, ["demo", "--preset", "paper", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown preset" in lines[0]
+    for group in (["run", "capture"], ["sae", "train"], ["sae", "steer"]):
+        assert "--preset" in runner.invoke(app, [*group, "--help"]).output
+
+
+@pytest.mark.slow
+def test_reference_preset_end_to_end(tmp_path):
+    from jsae.protocol.run import run_protocol
+
+    out = tmp_path / "run"
+    cfg = ProtocolConfig(preset="reference", n_train=200, n_label=100, n_eval=120, layers=[1, 6], epochs=3, steps=40,
+                         methods=("jsae", "saelens-topk"), n_start=16, n_max=32, max_concepts=1, gen_batch=64,
+                         max_new_tokens=12, alphas=(0.5, 1.5, 3.0))
+    metrics = run_protocol(out, cfg, progress=False)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["preset"] == "reference" and saved["config"]["text_positions"] == "non_image"
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(out / "saes" / "jsae" / "layer_1")
+    assert sae.cfg.d_sae == 4 * sae.cfg.d_in
+    # the toy tokenizer lacks the reference's words: its own prompts are kept, and the report says so
+    assert not metrics["reference"]["prompts"]["capture"]["used"] and not metrics["reference"]["prompts"]["caption"]["used"]
+    report = (out / "report.md").read_text()
+    assert "## Differences from the reference" in report
+    for phrase in ("embedded toy world", "7 hand-listed", "held-out labelling pairs", "fluent", "SBERT", "GPT-2",
+                   "model's own prompt kept", "drops a last partial batch", "fused Adam", "best epoch"):
+        assert phrase in report, phrase
+    steering = [c for c in saved["cells"] if c["measure"] == "steering"]
+    for c in steering:
+        assert c["alpha"] in (0.5, 1.5, 3.0) and "distinct_3" in c and "zlib_ratio" in c
