@@ -411,3 +411,16 @@ def test_saelens_yaml_has_only_saelens_keys_and_loads_back():
     assert s["l0"] > 0 and 0 < s["variance_explained"] <= 1
     with pytest.raises(ValueError, match="unknown release"):
         saelens_yaml(["jsae-nope"])
+
+
+@pytest.mark.slow
+def test_importing_nnsight_first_gives_a_one_line_fix():
+    """nnsight's `.save` mount on every object breaks beartype's import; jsae says how to avoid it instead of a
+    traceback from inside beartype (and `import jsae` first, the documented order, works with nnsight after)."""
+    bad = subprocess.run([sys.executable, "-c", "import nnsight, jsae"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: import jsae before nnsight") and "PYMOUNT" in last
+    good = subprocess.run([sys.executable, "-c", "import jsae, nnsight; print(jsae.JointSAE.__name__)"],
+                          capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.strip() == "JointSAE", good.stderr[-500:]
