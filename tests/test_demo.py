@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow  # the protocol end to end (~1 min in all)
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = ProtocolConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_start=24, n_max=48,
-                     max_concepts=1, gen_batch=48, max_new_tokens=16,
-                     methods=("jsae", "jsae-none", "separate", "saelens-topk"))
+    cfg = ProtocolConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_images=6,
+                         concepts=["cat", "cake"], gen_batch=96, max_new_tokens=24, ratios=(0.5, 1.0, 2.0, 4.0),
+                         methods=("jsae", "jsae-none", "separate", "saelens-topk"))
     return out, run_protocol(out, cfg, progress=False)
 
 
@@ -31,46 +31,57 @@ def test_demo_writes_the_four_artefacts(small_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["layers"] == [1, 6] and saved["n_layers"] >= 8
     assert {row["method"] for row in saved["saes"]} == {"jsae", "jsae-none", "separate", "saelens-topk"}
-    assert saved["concepts"] and all(c["n"] >= 24 for c in saved["cells"])
-    for c in saved["cells"]:
-        assert c["low"] <= c["mean"] <= c["high"]
-        assert c["measure"] in ("steering", "suppression")
-    # every cell used features labelled with its concept in the SAE saved for its (method, layer)
+    curves, scores = saved["curves"], saved["scores"]
+    keys = {c["key"] for c in curves}
+    # the oracle and every method × decoder has a curve at every layer and concept; separate says why it has none
+    assert keys == {"oracle", "jsae:text", "jsae:vision", "jsae-none:text", "jsae-none:vision", "saelens-topk:vision"}
+    assert "jsae-none" in saved["skipped"]["separate"]
+    for measure in ("steering", "suppression", "clamp"):
+        for key in keys:
+            for layer in (1, 6):
+                got = {c["concept"] for c in curves if (c["measure"], c["key"], c["layer"]) == (measure, key, layer)}
+                assert got == {"cat", "cake"}, (measure, key, layer)
     from jsae.labels import FeatureLabels
 
-    for c in saved["cells"]:
-        labels = FeatureLabels.load(out / "saes" / c["method"] / f"layer_{c['layer']}" / "labels.json")
-        by_feature = {lab.feature: lab for lab in labels.labels}
-        assert c["features"] and all(by_feature[f].label == c["concept"] for f in c["features"])
-        if c["method"] in ("jsae", "jsae-none", "separate"):
-            assert all(by_feature[f].kind == "shared" for f in c["features"])
-        assert labels.data["kind"] == "world" and labels.data["part"] == "label"
-        if c["measure"] == "steering":  # the chosen strength, and the rates the mean is the difference of
-            assert c["alpha"] > 0 and c["rate_after"] - c["rate_before"] == pytest.approx(c["mean"])
-        else:
-            assert c["rate_before"] - c["rate_after"] == pytest.approx(c["mean"]) and 0 <= c["rate_after"] <= 1
+    for c, sc in zip(curves, scores):
+        # the same images at every strength; per-image scores kept; the steering grid is the configured one
+        assert c["n_images"] == len(sc["image_ids"]) == 6 and len(sc["effect"]) == len(c["strengths"])
+        if c["measure"] == "steering":
+            assert c["strengths"] == [0.5, 1.0, 2.0, 4.0]
+            assert c["alphas"][1] == pytest.approx(saved["token_norms"][str(c["layer"])])  # r · per-token norm
+        if c["key"] != "oracle":
+            assert len(c["features"]) == 3 and c["feature_corr"] == sorted(c["feature_corr"], reverse=True)
+            assert -1 <= c["cosine_to_oracle"] <= 1
+            labels = FeatureLabels.load(out / "saes" / c["method"] / f"layer_{c['layer']}" / "labels.json")
+            assert labels.data["kind"] == "world" and labels.data["part"] == "label"
     # steering changes what the model says (an intervention that did nothing would score 0 everywhere)
-    assert any(c["mean"] > 0 for c in saved["cells"] if c["measure"] == "steering")
-    # the summary is the mean over the concepts of the cells of each (measure, method, layer)
-    for c in saved["cells"]:
-        same = [d["mean"] for d in saved["cells"] if (d["measure"], d["method"], d["layer"]) == (c["measure"], c["method"], c["layer"])]
-        assert saved["summary"][c["measure"]][c["method"]][str(c["layer"])]["mean"] == pytest.approx(sum(same) / len(same))
+    assert any(v > 0 for c in curves if c["measure"] == "steering" for v in c["effect"])
+    # the summary has a row per (measure, positions, key, layer) and intervals around its estimates
+    rows = saved["summary"]["rows"]
+    assert {(r["measure"], r["key"], r["layer"]) for r in rows} == {(c["measure"], c["key"], c["layer"]) for c in curves}
+    for r in rows:
+        if r.get("effect_small_low") is not None:
+            assert r["effect_small_low"] - 1e-9 <= r["effect_small"] <= r["effect_small_high"] + 1e-9
+    assert all(v["p_holm"] >= v["p_value"] for v in saved["summary"]["tests"].values())
     # the run records the fingerprint of its data, and the captures were made from exactly that data
     run = json.loads((out / "run.json").read_text())
     for part in ("train", "label"):
         manifest = json.loads((out / "capture" / part / "manifest.json").read_text())
         assert manifest["fingerprint"] == run["data"][part] and manifest["complete"]
-    # the JSAE's paired codes agree far more than the ablation's (the alignment loss works on real pools)
+        assert manifest["prompt_template"].endswith("assistant : {caption}")  # the caption where the model expects it
+    # the JSAE's paired codes agree far more than the ablation's, also once each modality's mean code is removed
     by = {(r["layer"], r["method"]): r for r in saved["saes"]}
     for layer in (1, 6):
         assert by[(layer, "jsae")]["paired_cosine"] > by[(layer, "jsae-none")]["paired_cosine"] + 0.3
+        assert by[(layer, "jsae")]["centred_paired_cosine"] > by[(layer, "jsae-none")]["centred_paired_cosine"]
+        assert 0 < by[(layer, "jsae")]["fvu_vision_tokens"]
     html = (out / "features.html").read_text()
     assert "data:image/png;base64," in html and "feature " in html
-    # the browser shows the middle swept layer's JSAE features with the labels saved for them
     mid = FeatureLabels.load(out / "saes" / "jsae" / "layer_6" / "labels.json")
     shown = re.findall(r"<h2>feature (\d+) · layer 6: ([a-z]+) ", html)
     assert shown and all(mid.labels[int(j)].label == lab for j, lab in shown)
-    assert "| measure | method | layer |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| positions | key | layer | reached | r50 |" in report and "dose_response.png" in report
     # SAEs are saved the SAELens way and reload as jsae classes
     from sae_lens import SAE
 
@@ -110,19 +121,18 @@ def test_demo_on_a_vlm_directory_with_a_caption_dataset(tmp_path):
     ds = world_dataset("validation", 560, seed=3)
     ds = ds.remove_columns([c for c in ds.column_names if c not in ("image", "caption")])
     ds.save_to_disk(str(tmp_path / "data"))
-    cfg = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="", n_train=300, n_label=100,
-                     n_eval=160, layers=[2, 5], steps=150, d_sae=64, n_start=24, n_max=48, max_concepts=1, gen_batch=80,
-                     max_new_tokens=16, methods=("jsae", "saelens-topk"))
+    cfg = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="describe the image",
+                         n_train=300, n_label=100, n_eval=160, layers=[2, 5], steps=150, d_sae=64, n_images=6, max_concepts=2,
+                         gen_batch=80, max_new_tokens=16, methods=("jsae", "saelens-topk"), ratios=(0.5, 1.0, 2.0))
     metrics = run_protocol(tmp_path / "run", cfg, progress=False)
     assert metrics["judge"] == "CaptionJudge" and metrics["data"] == str(tmp_path / "data")
     for name in ARTEFACTS:
         assert (tmp_path / "run" / name).stat().st_size > 0, name
-    # the concepts are caption words, and the cells were scored by word matches on held-out rows; the
-    # perplexity guard let steering through at some strength (unsteered captions pass it by construction)
-    assert metrics["concepts"] and all(c.isalpha() for c in metrics["concepts"])
-    assert {c["measure"] for c in metrics["cells"]} == {"steering", "suppression"}
-    assert all(c["alpha"] > 0 for c in metrics["cells"] if c["measure"] == "steering")
-    assert all(c["low"] <= c["mean"] <= c["high"] and c["n"] >= 1 for c in metrics["cells"])
+    # the concepts are the most frequent caption words, scored by word matches on held-out rows; the
+    # perplexity judge rates fluency per caption (unsteered captions pass it by construction)
+    assert len(metrics["concepts"]) == 2 and all(c.isalpha() for c in metrics["concepts"])
+    assert {c["measure"] for c in metrics["curves"]} == {"steering", "suppression", "clamp"}
+    assert all(c["n_images"] >= 1 and 0 <= c["fluency"][0] <= 1 for c in metrics["curves"])
     # too few rows for the slices asked: a one-line error that says what to lower
     bad = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), n_train=400, n_label=100, n_eval=200)
     with pytest.raises(ValueError, match="has 560 rows but n_train"):

@@ -279,3 +279,48 @@ def test_patches_in_llava_next_high_resolution_grid():
     with pytest.raises(ValueError, match=r"patch \(3, 5\) is outside the 8×4 grid of prompt 1"):
         with intervene(v.model, Steer(LAYER, Patches(((3, 5),), region=1), direction=d), enc):
             pass
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl"])
+def test_per_prompt_steer_equals_one_steer_per_row(kind):
+    """One batch holding two (direction, strength) cells gives exactly what each row gets alone."""
+    v = tiny_vlm(kind)
+    enc = _enc(v)
+    g = torch.Generator().manual_seed(5)
+    D = torch.randn(2, 32, generator=g)
+    S = torch.tensor([2.0, -1.5])
+    with intervene(v.model, [Steer(LAYER, "image", direction=D, strength=S)], enc):
+        got = _logits(v, enc)
+    mask = _manual_mask(v, enc, "image")
+    h = _manual_hooks(v, LAYER, lambda o: o + (S[:, None] * D)[:, None, :] * mask[..., None])
+    try:
+        want = _logits(v, enc)
+    finally:
+        h.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="3 strengths for 2 per-prompt directions"):
+        Steer(LAYER, "image", direction=D, strength=[1.0, 2.0, 3.0])
+
+
+def test_project_out_and_the_last_positions():
+    """ProjectOut leaves no component along the direction; 'last' is the last prompt token of each row (left
+    padding), 'image_but_last' every image token but the last."""
+    from jsae.interventions import ProjectOut, _prefill_mask
+
+    v = tiny_vlm("llava")
+    enc = _enc(v)
+    u = torch.randn(32, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(7))
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    m[:, 1:3] = True
+    y = ProjectOut(LAYER, "image", direction=u).apply(x, m)
+    assert torch.allclose((y[m] @ (u / u.norm())), torch.zeros(4), atol=1e-5) and torch.equal(y[~m], x[~m])
+    last = _prefill_mask(Steer(LAYER, "last", direction=u), v.adapter, enc, {})
+    am = enc["attention_mask"].bool()
+    assert last.sum(1).tolist() == [1, 1] and bool(am[last].all())
+    assert all(int(last[b].nonzero()) == int(am[b].nonzero().max()) for b in range(2))
+    img = _manual_mask(v, enc, "image")
+    but = _prefill_mask(Steer(LAYER, "image_but_last", direction=u), v.adapter, enc, {})
+    assert (but.sum(1) == img.sum(1) - 1).all() and not (but & ~img).any()
+    with pytest.raises(ValueError, match="non-zero direction"):
+        ProjectOut(LAYER, "image", direction=torch.zeros(32))

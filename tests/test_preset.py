@@ -142,7 +142,7 @@ def test_reference_preset_end_to_end(tmp_path):
 
     out = tmp_path / "run"
     cfg = ProtocolConfig(preset="reference", n_train=200, n_label=100, n_eval=120, layers=[1, 6], epochs=3, steps=40,
-                         methods=("jsae", "saelens-topk"), n_start=16, n_max=32, max_concepts=1, gen_batch=64,
+                         methods=("jsae", "saelens-topk"), n_images=4, concepts=["cat"], gen_batch=64,
                          max_new_tokens=12, alphas=(0.5, 1.5, 3.0))
     metrics = run_protocol(out, cfg, progress=False)
     saved = json.loads((out / "metrics.json").read_text())
@@ -151,13 +151,14 @@ def test_reference_preset_end_to_end(tmp_path):
 
     sae = SAE.load_from_disk(out / "saes" / "jsae" / "layer_1")
     assert sae.cfg.d_sae == 4 * sae.cfg.d_in
-    # the toy tokenizer lacks the reference's words: its own prompts are kept, and the report says so
-    assert not metrics["reference"]["prompts"]["capture"]["used"] and not metrics["reference"]["prompts"]["caption"]["used"]
+    # the toy tokenizer knows the reference's capture words (USER / ASSISTANT) but not its Mistral
+    # instruction ([INST], "."): the capture template is the reference's, the captioning prompt the model's own
+    assert metrics["reference"]["prompts"]["capture"]["used"] and not metrics["reference"]["prompts"]["caption"]["used"]
+    assert saved["config"]["prompt_template"].startswith("USER: <image>")
     report = (out / "report.md").read_text()
     assert "## Differences from the reference" in report
     for phrase in ("embedded toy world", "7 hand-listed", "held-out labelling pairs", "fluent", "SBERT", "GPT-2",
                    "model's own prompt kept", "drops a last partial batch", "fused Adam", "best epoch"):
         assert phrase in report, phrase
-    steering = [c for c in saved["cells"] if c["measure"] == "steering"]
-    for c in steering:
-        assert c["alpha"] in (0.5, 1.5, 3.0) and "distinct_3" in c and "zlib_ratio" in c
+    steering = [c for c in saved["curves"] if c["measure"] == "steering"]
+    assert steering and all(c["strengths"] == [0.5, 1.5, 3.0] and c["positions"] == "image+generated" for c in steering)

@@ -12,11 +12,10 @@ from jsae.world.concepts import fluent, mentions
 
 from jsae.protocol.methods import permute_text_branch, train_methods
 
-from jsae.protocol.stats import summarise
-
-from jsae.protocol.sweep import Cell
+from jsae.protocol.summary import model_layer_interaction, summarise_curves
+from jsae.protocol.sweep import Curve
 from jsae.report.browser import feature_browser
-from jsae.report.plots import plot_layer_sweep
+from jsae.report.plots import plot_dose_response
 
 
 def _pairs(n=512, d=16, seed=0):
@@ -91,16 +90,49 @@ def test_world_judges():
     assert not fluent("")
 
 
-def test_report_files(tmp_path):
-    cells = [Cell("steering", m, L, c, 100, 0.1 * L, 0.1 * L - 0.04, 0.1 * L + 0.04, 0.3)
-             for m in ("jsae", "jsae-none") for L in (0, 2, 5) for c in ("cat", "apple")]
-    cells += [Cell("suppression", "jsae", L, "cat", 100, 0.5, 0.45, 0.55, 1.0) for L in (0, 2, 5)]
-    summary = summarise(cells)
-    assert summary["steering"]["jsae"]["5"]["mean"] == pytest.approx(0.5)
-    assert summary["steering"]["jsae"]["5"]["n_concepts"] == 2
-    png = plot_layer_sweep(summary, 8, tmp_path / "sweep.png")
+def _curve(key, layer, concept, r0, images, grid=(0.25, 0.5, 1.0, 2.0, 4.0), measure="steering", seed=0):
+    """A synthetic threshold response: image i mentions the concept from strength r0 · u_i on (u_i ~ U(0.5, 2))."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0.5, 2.0, len(images))
+    eff = np.array([[float(g >= r0 * x) for x in u] for g in grid])
+    pres = np.clip(1 - 0.2 * np.array(grid)[:, None] + 0 * eff, 0, 1)
+    method, _, decoder = key.partition(":")
+    return Curve(measure, method, decoder or "oracle", "image", layer, concept, list(grid), list(grid), list(images), eff,
+                 pres, np.ones_like(eff, bool), np.zeros_like(eff, bool), [1, 2, 3], [0.6, 0.5, 0.4],
+                 None if key == "oracle" else 0.5)
+
+
+def test_curve_summaries_and_report_files(tmp_path):
+    imgs = list(range(40))
+    curves = [_curve(k, L, c, r0 * (2 if L == 5 else 1), imgs, seed=i)
+              for i, (k, r0) in enumerate((("oracle", 0.5), ("jsae:text", 1.0), ("jsae-none:text", 1.0)))
+              for L in (0, 5) for c in ("cat", "apple")]
+    curves.append(_curve("jsae:vision", 0, "cat", 100.0, imgs))  # never reaches +0.5: r50 = inf, kept as a value
+    s = summarise_curves(curves, n_boot=200)
+    by = {(r["key"], r["layer"], r["concept"]): r for r in s["curves"]}
+    assert by[("jsae:vision", 0, "cat")]["r50"] is None or by[("jsae:vision", 0, "cat")]["r50"] == float("inf")
+    assert by[("jsae:vision", 0, "cat")]["p_not_reached"] == 1.0
+    o, j = by[("oracle", 0, "cat")], by[("jsae:text", 0, "cat")]
+    assert o["r50_low"] <= o["r50"] <= o["r50_high"] and o["r50"] < j["r50"]  # the oracle needs half the strength
+    rows = {(r["key"], r["layer"]): r for r in s["rows"] if r["measure"] == "steering"}
+    # jsae:text needs about twice the oracle's strength: log2 ratio ~ +1 with an interval around it
+    assert 0.4 < rows[("jsae:text", 0)]["log2_vs_oracle"] < 1.6
+    assert rows[("jsae:text", 0)]["log2_vs_oracle_low"] <= rows[("jsae:text", 0)]["log2_vs_oracle"]
+    assert rows[("jsae:text", 0)]["reached"] == "2/2"
+    assert all(v["p_holm"] is None or v["p_holm"] >= v["p_value"] for v in s["tests"].values())
+    png = plot_dose_response(s["bands"]["steering"]["image"], 8, tmp_path / "dose.png", title="t")
     with Image.open(png) as im:
         assert im.size[0] > 500 and im.format == "PNG"
+    # the model x layer interaction across two runs of the same design
+    def run(shift):
+        cs = [_curve(k, L, c, r0 * (shift if L == 5 else 1), imgs, seed=i)
+              for i, (k, r0) in enumerate((("oracle", 0.5), ("jsae:text", 1.0)))
+              for L in (0, 5) for c in ("cat", "apple", "cake", "fish", "bird", "banana")]
+        return {"layers": [0, 5], "config": {"positions": ["image"], "ratios": [0.25, 0.5, 1.0, 2.0, 4.0]},
+                "summary": summarise_curves(cs, n_boot=50)}
+    res = model_layer_interaction({"a": run(1.0), "b": run(4.0)})
+    assert set(res) == {"oracle", "jsae:text"} and all(0 < v["p_value"] <= 1 and v["p_holm"] >= v["p_value"] for v in res.values())
+    assert res["oracle"]["mean_contrast"][0][1] != 0  # model b needs 4x more at layer 5: an interaction
     img = Image.new("RGB", (48, 48), (200, 30, 30))
     page = feature_browser([{"feature": 7, "label": "cat", "kind": "shared", "purity": 0.8, "layer": 2,
                              "top_images": [(img, np.eye(6))], "top_captions": ["a red cat"], "steering": "+0.4"}],
@@ -136,3 +168,26 @@ def test_caption_judge_on_the_toy_model():
     assert judge.fluency(good) == 1.0 and judge.fluency(salad) == 0.0 and judge.fluency(["", good[0]]) == 0.5
     with pytest.raises(ValueError, match="max_perplexity must be a finite number"):
         CaptionJudge(["cat"], lambda t: t, max_perplexity=float("nan"))
+
+
+def test_strict_fluency_and_hallucination():
+    """The strict check accepts every template of every scene and rejects the degenerate outputs the old
+    guard let through; a named object that is neither in the image nor the concept is a hallucination."""
+    from jsae.data.judges import WorldJudge
+    from jsae.world.grammar import N_TEMPLATES, caption, parses
+    from jsae.world.scenes import generate_scene
+
+    for i in range(200):
+        objs = generate_scene(i).objects
+        assert all(parses(caption(objs, t)) for t in range(N_TEMPLATES))
+    for bad in ("a cake at the cake , a cake red cake red cake", "cat", "right at the bottom left and a large purple cat",
+                "a large red cake at the top left and a small blue", "the animal at the top left is a large red cake",
+                "a large red cake at the top left , a small blue cat at the top left", ""):
+        assert not parses(bad), bad
+        assert not WorldJudge().fluent_each([bad])[0]
+    item = {"objects": [{"name": "cat", "color": "red", "size": "small", "position": "top left"}]}
+    j = WorldJudge()
+    assert not j.hallucinated("a small red cat at the top left", item, "cake")
+    assert not j.hallucinated("a small red cat at the top left and a large blue cake at the top right", item, "cake")
+    assert not j.hallucinated("a small red cat at the top left and a large blue apple at the top right", item, "food")
+    assert j.hallucinated("a small red cat at the top left and a large blue bird at the top right", item, "cake")

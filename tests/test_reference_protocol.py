@@ -85,25 +85,23 @@ def test_steering_every_generated_token_reaches_the_last_layer():
     steering cannot change a caption; steering every generated token does (the reference's timing)."""
     from jsae import load_vlm
     from jsae.interventions import Captioner
-    from jsae.protocol.sweep import SweepConfig, _steer, strengths
+    from jsae.protocol.sweep import POSITION_SETS, SweepConfig, steer_interventions, token_norm
     from jsae.world import world_dataset
+    from jsae.world.processors import CAPTION_PROMPT
 
     vlm = load_vlm("llava")
     last = vlm.adapter.n_layers - 1
     images = [ex["image"] for ex in world_dataset("test", 6, 0)]
-    caption = Captioner(vlm.model, vlm.processor, vlm.adapter, max_new_tokens=8)
+    caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=CAPTION_PROMPT, max_new_tokens=8)
     direction = torch.nn.functional.normalize(torch.randn(vlm.adapter.d_in, generator=torch.Generator().manual_seed(0)), dim=0)
-    from jsae.activations import read_layers
-
-    enc = vlm.adapter.build_inputs(vlm.processor, images, ["a cat"] * len(images))
-    alpha = 3 * float(read_layers(vlm.model, vlm.adapter, enc, [last])[last].norm(dim=-1).mean())  # 3x the state norm
+    alpha = 3 * token_norm(vlm, images, last, CAPTION_PROMPT)  # 3x the per-token state norm
     base = caption(images)
-    prefill = caption(images, _steer(SweepConfig([last], ["cat"]), last, direction, alpha))
-    every = caption(images, _steer(SweepConfig([last], ["cat"], steer_at="image+generated"), last, direction, alpha))
-    assert prefill == base  # (the toy prompt ends on an image token, so a far larger push would hijack the first word)
+    prefill = caption(images, steer_interventions(last, "image", direction, alpha))
+    every = caption(images, steer_interventions(last, "image+generated", direction, alpha))
+    assert prefill == base
     assert sum(a != b for a, b in zip(every, base)) >= len(images) // 2
-    grid = SweepConfig([last], ["cat"], alphas=tuple(round(0.2 * i, 1) for i in range(1, 16)))
-    assert strengths(grid, 123.0, direction) == [round(0.2 * i, 1) for i in range(1, 16)]
-    assert strengths(SweepConfig([last], ["cat"]), 10.0, direction * 2)[0] == pytest.approx(0.5 * 10.0 / 2)
-    with pytest.raises(ValueError, match="unknown steer_at"):
-        SweepConfig([last], ["cat"], steer_at="everywhere")
+    assert [p for p, _ in POSITION_SETS["image+generated"]] == ["image", "generated"]
+    with pytest.raises(ValueError, match="unknown steering positions"):
+        SweepConfig([last], ["cat"], positions=("everywhere",))
+    with pytest.raises(ValueError, match="unknown steering positions"):
+        steer_interventions(last, "everywhere", direction, 1.0)

@@ -14,7 +14,7 @@ from jsae.world.models import load_toy_hf
 from jsae.world import (COLORS, POSITIONS, TYPES, WorldConfig, all_captions, build_llava_processor,
                         build_qwen_processor, build_tokenizer, caption, features, generate_scene, load_caption_dataset,
                         parse_caption, questions, world_dataset)
-from jsae.world.models import MODEL_NAMES, REQUIRED_FILES, build_processor, image_prefix, model_dir
+from jsae.world.models import MODEL_NAMES, REQUIRED_FILES, build_processor, caption_prompt, model_dir
 from jsae.world.scenes import DETAIL_RGB
 
 
@@ -223,7 +223,7 @@ def test_training_smoke_and_loading_a_trained_directory(tmp_path, name):
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     model, proc = load_toy_hf(name, directory=tmp_path / "a")
     assert model.config.text_config.num_hidden_layers == 2
-    enc = proc(images=[generate_scene(0).image], text=[image_prefix(name)], return_tensors="pt")
+    enc = proc(images=[generate_scene(0).image], text=[caption_prompt(name, proc)], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     assert out.shape[1] <= enc["input_ids"].shape[1] + 3
 
@@ -255,21 +255,31 @@ def _shipped(name):
 
 
 def test_toy_models_are_one_table_entry_each():
-    """Each toy model is one TOY_MODELS entry; its image prefix is its adapter's plain prompt."""
+    """Each toy model is one TOY_MODELS entry; its captioning prompt puts text after the image (as real LLaVA
+    and Qwen prompts do), so the last prompt token is not an image token."""
     from jsae.adapters import adapter_class
     from jsae.world.models import TOY_MODELS, build_config, model_class, processor_class
     from jsae.world.training import DEFAULTS
 
     assert MODEL_NAMES == tuple(TOY_MODELS) == tuple(DEFAULTS) == ("llava", "qwen3-vl-moe")
-    assert image_prefix("llava") == "<image>"
-    assert image_prefix("qwen3-vl-moe") == "<|vision_start|><|image_pad|><|vision_end|>"
+    from jsae.world.models import answer_template
+    from jsae.world.scenes import generate_scene
+
+    assert caption_prompt("llava", build_processor("llava")) == "user : <image> describe the image assistant :"
+    assert caption_prompt("qwen3-vl-moe", build_processor("qwen3-vl-moe")) == "user : <|image_pad|> describe the image assistant :"
     for name in MODEL_NAMES:
-        assert image_prefix(name) == adapter_class(model_class(name)).plain_prompt("")
-        assert isinstance(build_processor(name), processor_class(name))
+        proc = build_processor(name)
+        assert isinstance(proc, processor_class(name))
+        adapter = adapter_class(model_class(name))
+        enc = proc(images=[generate_scene(0).image], text=[caption_prompt(name, proc)], return_tensors="pt")
+        ids = enc["input_ids"][0]
+        img = (ids == proc.tokenizer.convert_tokens_to_ids(adapter.image_token)).nonzero().flatten()
+        assert int(img.max()) < len(ids) - 5  # five text tokens follow the image: "describe the image assistant :"
+        assert answer_template(name, proc).endswith("assistant : {caption}")
         cfg = build_config(name, 60, "tiny")
         assert cfg.text_config.num_hidden_layers == 2 and cfg.text_config.vocab_size == 64
     with pytest.raises(ValueError, match="unknown toy model 'gpt'"):
-        image_prefix("gpt")
+        caption_prompt("gpt", build_processor("llava"))
 
 
 def test_world_calls_restore_the_padding_side():

@@ -22,7 +22,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY, r
 
 from jsae import adapters, releases
 from jsae.capture import capture_pairs
-from jsae.interventions import Ablate, Clamp, Intervention, Patches, Splice, Steer, generate, intervene
+from jsae.interventions import Ablate, Clamp, Intervention, Patches, ProjectOut, Splice, Steer, generate, intervene
 from jsae.labels import FeatureLabels, label_features
 from jsae.saes import MODALITIES, JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig, get_alignment_loss
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedActivations, PairedTensorData, load_pairs, train_jsae
@@ -53,6 +53,6 @@ __all__ = [
     "MODALITIES", "JointSAE", "JointSAEConfig", "TrainingJointSAE", "TrainingJointSAEConfig", "get_alignment_loss",
     "JointSAETrainer", "JointTrainerConfig", "PairedActivations", "PairedTensorData", "load_pairs", "train_jsae",
     "VLM", "load_vlm", "capture_pairs", "FeatureLabels", "label_features",
-    "Ablate", "Clamp", "Intervention", "Patches", "Splice", "Steer", "generate", "intervene",
+    "Ablate", "Clamp", "Intervention", "Patches", "ProjectOut", "Splice", "Steer", "generate", "intervene",
     "adapters", "releases", "run_protocol",
 ]

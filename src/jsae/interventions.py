@@ -6,7 +6,9 @@ them to 0), and ``timing`` (``"prefill"``: only the forward over the prompt; ``"
 prompt and every generated token).  Positions:
 
 * ``"image"``: the image tokens; ``"text"``: the caption / user-text tokens (``adapter.caption_token_mask``);
-  both exist only in the prompt, so they are edited at the prefill step;
+  ``"image_but_last"``: the image tokens except the last one of each prompt; ``"last"``: the last prompt
+  token (the one that predicts the first generated token); all exist only in the prompt, so they are
+  edited at the prefill step;
 * ``"generated"``: the generated tokens (the decode steps; nothing at prefill);
 * ``"all"``: every non-padding prompt token and every generated token;
 * :class:`Patches`: a subset of the image tokens by patch-grid cell (``adapter.patch_grid``), the same
@@ -44,7 +46,7 @@ from jsae.activations import layer_output, model_device, to_model_kwargs, with_l
 from jsae.adapters import VLMAdapter, for_model, padding_side, unwrap
 from jsae.adapters.base import GRID_COL, GRID_IMAGE, GRID_REGION, GRID_ROW
 
-POSITION_NAMES = ("image", "text", "generated", "all")
+POSITION_NAMES = ("image", "text", "generated", "all", "image_but_last", "last")
 TIMINGS = ("prefill", "every_step")
 Timing = Literal["prefill", "every_step"]
 
@@ -102,7 +104,7 @@ class Patches:
         return sel & want
 
 
-Positions = Literal["image", "text", "generated", "all"] | Patches
+Positions = Literal["image", "text", "generated", "all", "image_but_last", "last"] | Patches
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +125,7 @@ class Intervention:
 
     @property
     def modality(self) -> str:
-        return "vision" if self.positions == "image" or isinstance(self.positions, Patches) else "text"
+        return "vision" if self.positions in ("image", "image_but_last") or isinstance(self.positions, Patches) else "text"
 
     def validate(self, adapter: VLMAdapter) -> None:
         """One-line errors for an intervention that does not fit ``adapter``'s model."""
@@ -144,26 +146,68 @@ class Intervention:
         return hidden.index_put((mask,), self.edit(hidden[mask], rows).to(hidden.dtype))
 
 
+def _per_row(value: Tensor, rows: Tensor, x: Tensor) -> Tensor:
+    """``value`` (one row per prompt) gathered for the selected positions' prompts ``rows``."""
+    if rows.numel() and int(rows.max()) >= value.shape[0]:
+        raise ValueError(f"per-prompt values are given for {value.shape[0]} prompts but the batch has more")
+    return value.to(x.device, x.dtype)[rows.to(x.device)]
+
+
 @dataclass(frozen=True, eq=False)
 class Steer(Intervention):
-    """Add ``strength · direction`` (``[d_in]``) at the positions."""
+    """Add ``strength · direction`` at the positions.  ``direction`` is ``[d_in]`` (every prompt) or
+    ``[batch, d_in]`` (one per prompt); ``strength`` is a number or one per prompt (a sequence or 1-D
+    tensor), so one batch can hold many (direction, strength) cells of a dose–response grid."""
 
     direction: Tensor = field(default=None)  # type: ignore[assignment]
-    strength: float = 1.0
+    strength: Any = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.direction, Tensor) or self.direction.dim() != 1:
-            raise ValueError("Steer needs direction=, a 1-D tensor of size d_in")
+        if not isinstance(self.direction, Tensor) or self.direction.dim() not in (1, 2):
+            raise ValueError("Steer needs direction=, a tensor of size d_in (or [batch, d_in], one per prompt)")
+        if not isinstance(self.strength, (int, float)):
+            st = torch.as_tensor(self.strength, dtype=torch.float32).flatten()
+            if self.direction.dim() == 2 and st.numel() != self.direction.shape[0]:
+                raise ValueError(f"{st.numel()} strengths for {self.direction.shape[0]} per-prompt directions; give one each")
+            object.__setattr__(self, "strength", st)
 
     def validate(self, adapter: VLMAdapter) -> None:
         super().validate(adapter)
-        if self.direction.shape[0] != adapter.d_in:
-            raise ValueError(f"direction has size {self.direction.shape[0]} but the model's hidden size is {adapter.d_in}; "
+        if self.direction.shape[-1] != adapter.d_in:
+            raise ValueError(f"direction has size {self.direction.shape[-1]} but the model's hidden size is {adapter.d_in}; "
                              "pass a d_in-sized direction (e.g. a row of the SAE's W_dec)")
 
     def edit(self, x: Tensor, rows: Tensor) -> Tensor:
-        return x + self.strength * self.direction.to(x.device, x.dtype)
+        d = self.direction.to(x.device, x.dtype) if self.direction.dim() == 1 else _per_row(self.direction, rows, x)
+        if isinstance(self.strength, Tensor):
+            return x + _per_row(self.strength, rows, x)[:, None] * d
+        return x + self.strength * d
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectOut(Intervention):
+    """Remove the component along ``direction`` (``[d_in]`` or one per prompt ``[batch, d_in]``) at the
+    positions: ``x − (x·u) u`` with ``u`` the unit direction (directional ablation)."""
+
+    direction: Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.direction, Tensor) or self.direction.dim() not in (1, 2):
+            raise ValueError("ProjectOut needs direction=, a tensor of size d_in (or [batch, d_in], one per prompt)")
+        if not bool((self.direction.norm(dim=-1) > 0).all()):
+            raise ValueError("ProjectOut needs a non-zero direction")
+
+    def validate(self, adapter: VLMAdapter) -> None:
+        super().validate(adapter)
+        if self.direction.shape[-1] != adapter.d_in:
+            raise ValueError(f"direction has size {self.direction.shape[-1]} but the model's hidden size is {adapter.d_in}")
+
+    def edit(self, x: Tensor, rows: Tensor) -> Tensor:
+        d = self.direction.to(x.device, x.dtype) if self.direction.dim() == 1 else _per_row(self.direction, rows, x)
+        u = d / d.norm(dim=-1, keepdim=True)
+        return x - (x * u).sum(-1, keepdim=True) * u
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,9 +350,19 @@ def _prefill_mask(iv: Intervention, adapter: VLMAdapter, inputs: Mapping[str, An
         m = adapter._attention(inputs)
     elif pos == "generated":
         m = torch.zeros_like(ids, dtype=torch.bool)
+    elif pos == "image_but_last":
+        m = adapter.image_token_mask(inputs)
+        idx = torch.arange(m.shape[1], device=m.device).expand_as(m)
+        last = torch.where(m, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
+        m = m & (idx != last)
+    elif pos == "last":
+        att = adapter._attention(inputs)
+        idx = torch.arange(att.shape[1], device=att.device).expand_as(att)
+        last = torch.where(att, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
+        m = idx == last
     else:
         m = pos.mask(adapter.patch_grid(inputs))
-    if pos in ("image", "text") or isinstance(pos, Patches):
+    if pos in ("image", "text", "image_but_last") or isinstance(pos, Patches):
         empty = (~m.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"prompt {empty[0]} has no {pos if isinstance(pos, str) else 'selected patch'} tokens "

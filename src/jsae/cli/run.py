@@ -19,7 +19,7 @@ run_app = typer.Typer(help="Run things on a VLM: the whole protocol (demo), a sw
 
 @run_app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="results directory (report.md, metrics.json, layer_sweep.png, features.html)"),
+    out: Path = typer.Option(Path("runs/demo"), help="results directory (report.md, metrics.json, dose_response.png, features.html)"),
     model: str = typer.Option("llava", help="llava | qwen3-vl-moe (shipped toy models), or a hub id / path of a real VLM (needs --data)"),
     data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id): caption words become the concepts"),
     data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
@@ -30,9 +30,15 @@ def demo(
     d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)"),
     n_train: int = typer.Option(2000, min=1, help="training pairs"),
     n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
-    n_eval: int = typer.Option(1200, min=1, help="held-out images for the steering/suppression sweep"),
-    n_max: int = typer.Option(400, help="most images per (concept, layer, method) cell"),
-    concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: the best-covered by shared features)"),
+    n_eval: int = typer.Option(1200, min=1, help="held-out images the sweep images are drawn from"),
+    n_images: int = typer.Option(12, min=1, help="sweep images per concept (without it to steer, with it to suppress), the same at every strength"),
+    top_k: int = typer.Option(3, min=1, help="latents per (method, decoder, concept), ranked by correlation with the concept"),
+    ratios: Optional[str] = typer.Option(None, help="strength grid as multiples of the mean per-token image-state norm (default 0.25,0.35,0.5,0.7,1,1.4,2,2.8,4,8)"),
+    positions: Optional[str] = typer.Option(None, help="comma-separated steering position sets reported separately: image, image_but_last, last, generated, image+generated (default: --steer-at)"),
+    decoders: str = typer.Option("text,vision", help="decoders the joint methods steer with: text, vision, cross (vision labels, text rows)"),
+    concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: every object type of the world; real data: the most frequent words)"),
+    concept_set: str = typer.Option("types", help="world default concepts: types | types+colours | all"),
+    max_concepts: int = typer.Option(6, min=1, help="real data: at most this many concept words"),
     min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
     max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
@@ -44,21 +50,29 @@ def demo(
     steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token, the reference)"),
     alphas: Optional[str] = typer.Option(None, help="absolute steering strengths, e.g. 0.2,0.4,...,3.0 (default: ratios of the state norm; --preset reference: 0.2..3.0)"),
     preset: str = typer.Option("default", help="default | reference (the JSAE reference code's protocol; explicit options win; the report lists what still differs)"),
+    text_source: str = typer.Option("dataset", help="text view: the dataset's captions | generated (the VLM's own greedy captions of the train/label images)"),
+    reference_faults: bool = typer.Option(False, help="reproduce the reference's faults: sweep on training images, latents ranked in-sample, best α per image (each named in the report)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
     layer_list = int_list(layers, "--layers") if layers else None
     alpha_grid = float_list(alphas, "--alphas") if alphas else None
     from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
+    from jsae.protocol.sweep import RATIOS
 
     try:
         cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae, n_train=n_train,
-                             n_label=n_label, n_eval=n_eval, n_max=n_max, concepts=concepts.split(",") if concepts else None,
+                             n_label=n_label, n_eval=n_eval, n_images=n_images, top_k=top_k,
+                             ratios=tuple(float_list(ratios, "--ratios")) if ratios else RATIOS,
+                             positions=tuple(p for p in positions.split(",") if p) if positions else None,
+                             decoders=tuple(d for d in decoders.split(",") if d), concept_set=concept_set,
+                             max_concepts=max_concepts, concepts=concepts.split(",") if concepts else None,
                              seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
                              max_perplexity=max_perplexity, max_new_tokens=max_new_tokens, text_positions=text_pooling,
                              prompt_template=prompt_template, caption_template=caption_template, steer_at=steer_at,
                              alphas=tuple(alpha_grid) if alpha_grid else None, dtype=dtype, device=device,
-                             device_map=device_map, preset=preset)
+                             device_map=device_map, preset=preset, reference_faults=reference_faults,
+                             text_source=text_source)
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -72,28 +86,28 @@ def demo(
 def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
-    steps: int = typer.Option(600),
-    n_max: int = typer.Option(400),
+    steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)"),
+    n_images: int = typer.Option(12, min=1, help="sweep images per concept"),
     overwrite: bool = typer.Option(False),
 ) -> None:
-    """The demo on several models, plus the model × layer interaction test on the per-image scores."""
+    """The demo on several models, then the model × layer interaction of r50 (sign-flip test over concepts)
+    per method, Holm-corrected."""
     from jsae.files import write_atomic, write_json
     from jsae.protocol.run import ProtocolConfig, run_protocol
-    from jsae.protocol.stats import interaction
+    from jsae.protocol.summary import model_layer_interaction
     from jsae.report.markdown import sweep_report
 
     out.mkdir(parents=True, exist_ok=True)
-    cells: dict[str, list] = {}
+    runs: dict[str, dict] = {}
     for name in (m for m in models.split(",") if m):
         try:
-            metrics = run_protocol(out / name, ProtocolConfig(model=name, steps=steps, n_max=n_max), overwrite=overwrite,
-                                   scores_out=True)
+            runs[name] = run_protocol(out / name, ProtocolConfig(model=name, steps=steps, n_images=n_images),
+                                      overwrite=overwrite)
         except (FileExistsError, ValueError, NotImplementedError, OSError) as exc:
             fail(str(exc))
-        cells[name] = metrics.pop("_cells")
-    result = {m: interaction(cells, m) for m in ("steering", "suppression")}
+    result = model_layer_interaction(runs)
     write_json(out / "interaction.json", result)
-    write_atomic(out / "report.md", sweep_report(list(cells), result))
+    write_atomic(out / "report.md", sweep_report(list(runs), result))
     typer.echo(json.dumps(result, indent=1))
 
 
@@ -147,4 +161,46 @@ def capture(
     typer.echo(f"captured {len(pairs)} pairs into {out}")
 
 
-__all__ = ["capture", "demo", "run_app", "sweep"]
+@run_app.command()
+def experiments(
+    table: Path = typer.Option(..., help="experiment table: a CSV with columns name,layer,latents,keywords,target,image_ids (list cells separated by ';')"),
+    run: Path = typer.Option(..., "--run", help="a run directory of `jsae demo` holding saes/<method>/layer_<L> for every layer of the table"),
+    out: Optional[Path] = typer.Option(None, help="where experiments.json and experiments.md go (default: RUN/experiments)"),
+    model: str = typer.Option("llava", help="the VLM the run was made with: a toy model's name, a hub id or a path"),
+    data: Optional[str] = typer.Option(None, help="a caption dataset (path or hub id) whose image_id column (else row index) the table's image_ids name (default: the world, ids = row indices)"),
+    data_split: str = typer.Option("test", help="split of the world or of --data the image ids point into"),
+    method: str = typer.Option("jsae", help="the SAE of the run to steer with (saes/<method>/layer_<L>)"),
+    alphas: Optional[str] = typer.Option(None, help="steering strengths along the sum of unit text-decoder rows (default: the reference's 0.2,0.4,...,3.0)"),
+    positions: str = typer.Option("image+generated", help="where to add the direction: image+generated (the reference: image tokens at prefill and every generated token) | image | image_but_last | last | generated"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: the world's 'describe the image', 'Describe the image.' on --data)"),
+    caption_template: Optional[str] = typer.Option(None, help="raw captioning prompt ({caption} = --prompt), e.g. the reference's Mistral instruction form with <image>"),
+    similarity_model: Optional[str] = typer.Option(None, help="sentence-transformers model (hub id or folder) for the similarity gain to the target, e.g. sentence-transformers/all-MiniLM-L6-v2"),
+    perplexity_model: Optional[str] = typer.Option(None, help="causal LM (hub id or folder) for caption perplexity, e.g. gpt2"),
+    text_source: str = typer.Option("dataset", help="text view: the dataset's captions | generated (the VLM's own greedy captions of the train/label images)"),
+    reference_faults: bool = typer.Option(False, help="also replay the reference's per-image upward walk over alpha with its faulty stopping rules, and report each fault"),
+    max_new_tokens: int = typer.Option(50, min=1, help="greedy caption length (the reference: 50)"),
+    batch_size: int = typer.Option(64, min=1, help="captions generated per batch"),
+    dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
+) -> None:
+    """The reference's steering experiments from a table: every alpha on every image, keyword hit, similarity
+    gain, perplexity and repetition per alpha (optionally the reference's faulty walk, for contrast)."""
+    alpha_grid = float_list(alphas, "--alphas") if alphas else None
+    from jsae.protocol.experiments import run_experiments, write_experiments_report
+    from jsae.protocol.reference_metrics import LMPerplexity, SentenceSimilarity
+    from jsae.protocol.run import REFERENCE_ALPHAS
+
+    try:
+        similarity = SentenceSimilarity(similarity_model, device=device or "cpu") if similarity_model else None
+        perplexity = LMPerplexity(perplexity_model, device=device or "cpu") if perplexity_model else None
+        result = run_experiments(table, run, model=model, data=data, data_split=data_split, method=method,
+                                 alphas=tuple(alpha_grid) if alpha_grid else REFERENCE_ALPHAS, positions=positions,
+                                 prompt=prompt, caption_template=caption_template, max_new_tokens=max_new_tokens,
+                                 similarity=similarity, perplexity=perplexity, reference_faults=reference_faults,
+                                 batch_size=batch_size, dtype=dtype, device=device, device_map=device_map)
+        paths = write_experiments_report(result, out if out is not None else run / "experiments")
+    except (ImportError, ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"{len(result['experiments'])} experiment(s): " + ", ".join(str(p) for p in paths))
+
+
+__all__ = ["capture", "demo", "experiments", "run_app", "sweep"]

@@ -168,7 +168,7 @@ def steer(
     from jsae.interventions import Ablate, Captioner
     from jsae.labels import FeatureLabels
     from jsae.protocol.methods import Method
-    from jsae.protocol.sweep import SweepConfig, _steer
+    from jsae.protocol.sweep import POSITION_SETS, steer_interventions
     from jsae.saes.joint_sae import JointSAE
     from jsae.world.concepts import mentions as world_mentions
 
@@ -190,14 +190,17 @@ def steer(
             mentions = world_mentions
         vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
         vlm.adapter.check_layer(layer)
-        cfg = SweepConfig([layer], [concept], steer_at=steer_at)
+        if steer_at not in POSITION_SETS:
+            raise ValueError(f"unknown --steer-at {steer_at!r}; choose one of {list(POSITION_SETS)}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
     if suppress:
         ivs = [Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")]
     else:
-        ivs = _steer(cfg, layer, Method("jsae", sae, True).steer_direction(feats), alpha)
-    text = prompt if prompt is not None else ("" if not (data or images) else "Describe the image.")
+        ivs = steer_interventions(layer, steer_at, Method("jsae", sae, True).steer_direction(feats), alpha)
+    from jsae.world.processors import CAPTION_PROMPT
+
+    text = prompt if prompt is not None else (CAPTION_PROMPT if not (data or images) else "Describe the image.")
     template = None
     if preset == "reference":  # the reference's captioning prompt when the tokenizer knows its words
         ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", prompt=prompt), vlm.processor, vlm.adapter)

@@ -39,6 +39,21 @@ class WorldJudge:
     def fluency(self, captions: list[str]) -> float:
         return float(np.mean([fluent(c) for c in captions])) if captions else 0.0
 
+    def fluent_each(self, captions: list[str]) -> list[bool]:
+        """Strict fluency per caption: it parses completely under one caption template
+        (:func:`jsae.world.grammar.parses`)."""
+        from jsae.world.grammar import parses
+
+        return [parses(c) for c in captions]
+
+    def hallucinated(self, text: str, item: dict, concept: str) -> bool:
+        """The caption names an object type that is neither in the image nor an instance of ``concept``."""
+        from jsae.world.grammar import parse_caption
+
+        have = {o["name"] for o in item["objects"]}
+        return any(f["name"] not in have and f["name"] != concept and not is_concept_of(f["name"], concept)
+                   for f in parse_caption(text))
+
     def others(self, item: dict, concept: str) -> list[str]:
         """The image's other object types (not ``concept`` nor of its category), for preservation."""
         return sorted({o["name"] for o in item["objects"]} - {concept}
@@ -159,16 +174,26 @@ class CaptionJudge:
         self.max_perplexity = float(self.ratio * np.quantile(ppl, 0.95))
 
     def fluency(self, captions: list[str]) -> float:
+        return float(np.mean(self.fluent_each(captions))) if captions else 0.0
+
+    def hallucinated(self, text: str, item: dict, concept: str) -> bool:
+        """The caption names a concept word that none of the image's reference captions has (``concept`` aside)."""
+        refs = item.get("captions") or [item["caption"]]
+        have = set().union(*(caption_words(r) for r in refs))
+        return any(w in caption_words(text) and w not in have and w != concept for w in self.concepts)
+
+    def fluent_each(self, captions: list[str]) -> list[bool]:
+        """Per caption: perplexity without the image at most the threshold and distinct-bigram ratio at least
+        ``min_distinct`` (:meth:`calibrate` first)."""
         if not captions:
-            return 0.0
+            return []
         if self.max_perplexity is None:
             raise RuntimeError("CaptionJudge.calibrate(unsteered_captions) must run before fluency()")
         ppl = np.full(len(captions), np.inf)
         nonempty = [i for i, c in enumerate(captions) if c.strip()]
         if nonempty:
             ppl[nonempty] = self.perplexity([captions[i] for i in nonempty])
-        ok = [p <= self.max_perplexity and distinct_2(c) >= self.min_distinct for p, c in zip(ppl, captions)]
-        return float(np.mean(ok))
+        return [bool(p <= self.max_perplexity and distinct_2(c) >= self.min_distinct) for p, c in zip(ppl, captions)]
 
     def others(self, item: dict, concept: str) -> list[str]:
         refs = item.get("captions") or [item["caption"]]

@@ -84,6 +84,16 @@ class _Source:
             self._cache[part] = self._load(self._check_part(part))
         return self._cache[part]
 
+    def with_captions(self, part: str, captions: Sequence[str], how: str = "generated") -> None:
+        """Replace the captions of ``part`` (e.g. by the VLM's own greedy captions, so that the text view pools
+        text the model produces); the fingerprint and ``describe`` follow the new captions."""
+        ds = self.dataset(part)
+        if len(captions) != len(ds):
+            raise ValueError(f"{len(captions)} captions for the {len(ds)} rows of part {part!r}; give one per row")
+        self._cache[part] = ds.remove_columns(["caption"]).add_column("caption", [str(c) for c in captions])
+        self._cache.pop(f"fingerprint:{part}", None)
+        self._cache[f"captions:{part}"] = how
+
     def items(self, part: str) -> list[dict]:
         ds = self.dataset(part)
         return [ds[i] for i in range(len(ds))]
@@ -102,7 +112,7 @@ class _Source:
     def describe(self, part: str) -> dict[str, Any]:
         """What a manifest or labels file records about the data of ``part``."""
         return {"kind": self.kind, "part": part, "n": len(self.dataset(part)), "fingerprint": self.fingerprint(part),
-                **self._settings(part)}
+                "captions": self._cache.get(f"captions:{part}", "dataset"), **self._settings(part)}
 
     def _settings(self, part: str) -> dict[str, Any]:
         return {}

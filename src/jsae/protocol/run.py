@@ -5,10 +5,11 @@ function per stage, called in order by :func:`run_protocol`:
 2. :func:`train_stage` — every method of :mod:`jsae.protocol.methods` at every swept layer;
 3. :func:`label_stage` — each SAE's features labelled on held-out pairs, SAE metrics, saved SAELens-style;
 4. :func:`choose_concepts` — the concepts to sweep;
-5. :func:`sweep_stage` — strengths chosen by the fluency guard, then steering and suppression cells
-   (:mod:`jsae.protocol.sweep`);
-6. :func:`statistics_stage` — per measure, method and layer (:mod:`jsae.protocol.stats`);
-7. :func:`jsae.report.write_run_report` — ``report.md``, ``layer_sweep.png``, ``features.html`` read back
+5. :func:`sweep_stage` — dose–response steering and suppression curves of every method's directions and
+   of the oracle (difference of means) on a fixed strength grid (:mod:`jsae.protocol.sweep`);
+6. :func:`statistics_stage` — r50, effect at a small strength and at matched preservation, image-bootstrap
+   intervals, comparisons with the oracle (:mod:`jsae.protocol.stats`);
+7. :func:`jsae.report.write_run_report` — ``report.md``, ``dose_response.png``, ``features.html`` read back
    from the run directory.
 
 ``ProtocolConfig(preset="reference")`` (``jsae demo --preset reference``) runs the JSAE reference code's
@@ -36,12 +37,11 @@ from jsae.data.sources import CaptionSource, DataSource, WorldSource, check_fing
 from jsae.files import write_json
 from jsae.labels import FeatureLabels, label_features
 from jsae.protocol.methods import METHODS, Method, train_methods
-from jsae.protocol.stats import summarise
-from jsae.protocol.sweep import Cell, SweepConfig, run_sweep
+from jsae.protocol.sweep import RATIOS, Curve, SweepConfig, run_sweep, token_norm
 from jsae.report.rundir import RunDir
 from jsae.vlm import VLM
 
-ARTEFACTS = ("report.md", "metrics.json", "layer_sweep.png", "features.html")
+ARTEFACTS = ("report.md", "metrics.json", "dose_response.png", "features.html")
 
 
 PRESETS = ("default", "reference")
@@ -58,7 +58,7 @@ REFERENCE_EPOCHS = 20
 #: ``"reference"``, ``d_sae=None`` means ``4 · d_in`` and ``steps`` is the TopK baseline's budget only (the JSAE
 #: methods train ``epochs`` epochs by the reference recipe).
 PRESET_CHOICES: dict[str, dict[str, Any]] = {
-    "default": {"d_sae": 128, "steps": 600, "max_new_tokens": 28, "text_positions": "caption", "steer_at": "image",
+    "default": {"d_sae": 128, "steps": 2000, "max_new_tokens": 40, "text_positions": "caption", "steer_at": "image",
                 "alphas": None, "epochs": None},
     "reference": {"d_sae": None, "steps": 600, "max_new_tokens": 50, "text_positions": "non_image",
                   "steer_at": "image+generated", "alphas": REFERENCE_ALPHAS, "epochs": REFERENCE_EPOCHS},
@@ -76,18 +76,21 @@ class ProtocolConfig:
     n_eval: int = 1200
     layers: list[int] | None = None  # default: 4 layers spread over the depth
     n_sweep_layers: int = 4
-    concepts: list[str] | None = None  # default: the object types with a shared JSAE feature at every layer
-    max_concepts: int = 2
+    concepts: list[str] | None = None  # default: every object type of the world (real data: the most frequent words)
+    concept_set: str = "types"  # world default concepts: "types" | "types+colours" | "all" (types, categories, colours)
+    max_concepts: int = 6
     methods: tuple[str, ...] = METHODS
     d_sae: int | None = None  # preset: 128 (default) | None = 4 · d_in (reference)
     steps: int | None = None  # preset: 600 (default: every method; reference: the TopK baseline only)
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
     lr: float = 3e-3
-    n_start: int = 200
-    n_max: int = 400  # 385 images give ±0.05 at the worst-case rate 0.5
-    halfwidth: float = 0.05
-    gen_batch: int = 200
+    n_images: int = 12  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
+    top_k: int = 3  # latents per (method, decoder, concept), ranked by correlation with the concept
+    ratios: tuple[float, ...] = RATIOS  # strength grid × the mean per-token image-state norm (shared by every method)
+    positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: (steer_at,))
+    decoders: tuple[str, ...] = ("text", "vision")  # joint methods steer with each ("cross": vision labels, text rows)
+    gen_batch: int = 256
     max_new_tokens: int | None = None  # preset: 28 (default) | 50 (reference)
     seed: int = 0
     data: str | None = None  # a COCO-captions-style dataset (path or hub id); required for a real VLM
@@ -98,16 +101,22 @@ class ProtocolConfig:
     text_positions: str | None = None  # preset: "caption" | "non_image" (reference). Text pooling: "caption" tokens | every attended "non_image" token (the reference)
     prompt_template: str | None = None  # a raw capture prompt instead of the chat template, e.g. "USER: <image>\n{caption}\nASSISTANT:"
     caption_template: str | None = None  # a raw captioning prompt ({caption} = prompt), e.g. "[INST] <image>\n{caption} [/INST]"
-    steer_at: str | None = None  # preset: "image" | "image+generated" (reference). "image" (prefill) | "image+generated" (and every generated token, the reference)
+    steer_at: str | None = None  # preset: "image" | "image+generated" (reference); the first steering position set
     alphas: tuple[float, ...] | None = None  # preset: None = relative ratios (default) | 0.2..3.0 absolute (reference)
     dedup_images: bool = True  # real data: one row per image, caption drawn with the seed
     dtype: str = "auto"  # of the VLM's weights ("auto": the checkpoint's; the toy models load in float32)
     device: str | None = None  # move the VLM to this device ("cuda")
     device_map: str | None = None  # or spread it with transformers' device_map ("auto")
     preset: str = "default"  # "default" | "reference" (see apply_preset)
+    text_source: str = "dataset"  # text view: the dataset's captions | "generated": the VLM's own greedy captions
+    reference_faults: bool = False  # reproduce the reference's faults: sweep on training images, in-sample latents, best α per image
 
     def __post_init__(self) -> None:
         apply_preset(self)
+        if self.positions is None:
+            self.positions = (self.steer_at,)
+        self.positions = tuple(self.positions)
+        self.ratios, self.decoders = tuple(float(r) for r in self.ratios), tuple(self.decoders)
 
     @classmethod
     def reference(cls, **overrides: Any) -> "ProtocolConfig":
@@ -218,6 +227,13 @@ def check_config(cfg: ProtocolConfig) -> None:
         raise ValueError(f"unknown text pooling {cfg.text_positions!r}; choose one of {list(TEXT_POSITIONS)}")
     if cfg.steer_at not in STEER_AT:
         raise ValueError(f"unknown steer_at {cfg.steer_at!r}; choose one of {list(STEER_AT)}")
+    bad = [p for p in cfg.positions if p not in STEER_AT]
+    if bad:
+        raise ValueError(f"unknown steering positions {bad}; choose from {list(STEER_AT)}")
+    if cfg.text_source not in ("dataset", "generated"):
+        raise ValueError(f"unknown text source {cfg.text_source!r}; choose 'dataset' or 'generated'")
+    if cfg.concept_set not in CONCEPT_SETS:
+        raise ValueError(f"unknown concept set {cfg.concept_set!r}; choose one of {list(CONCEPT_SETS)}")
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {list(PRESETS)}")
 
@@ -312,14 +328,21 @@ def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers
 
 
 def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dict[str, Method]],
-                data: dict[int, LayerData]) -> tuple[dict[int, dict[str, FeatureLabels]], list[dict[str, Any]]]:
-    """Label every SAE's features on the held-out pairs, measure it, and save it with its labels."""
+                data: dict[int, LayerData], vlm: VLM | None = None,
+                cfg: ProtocolConfig | None = None) -> tuple[dict[int, dict[str, FeatureLabels]], list[dict[str, Any]]]:
+    """Label every SAE's features on the held-out pairs, measure it (also on per-token image states of 32
+    labelling images when ``vlm`` is given), and save it with its labels."""
+    from jsae.protocol.sweep import image_token_states
+
     y, names = source.presence("label")
     described = source.describe("label")
     labels_by_layer: dict[int, dict[str, FeatureLabels]] = {}
     rows: list[dict[str, Any]] = []
+    images = [ex["image"] for ex in source.items("label")[:32]] if vlm is not None else []
     for layer, methods in methods_by_layer.items():
         d = data[layer]
+        tokens = (image_token_states(vlm, images, layer, caption_prompt(cfg or ProtocolConfig()),
+                                     (cfg.caption_template if cfg else None)) if images else None)
         labels_by_layer[layer] = {}
         for name, m in methods.items():
             zv = m.codes(d.vl, "vision")
@@ -329,54 +352,88 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
             folder = run.sae_dir(name, layer)
             m.sae.save_model(folder) if m.joint else m.sae.save_model(str(folder))
             labels.save(folder / "labels.json")
-            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl), **labels.counts()})
+            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl, tokens), **labels.counts()})
     return labels_by_layer, rows
 
 
+def _fvu(m: Method, x: torch.Tensor, modality: str) -> tuple[float, torch.Tensor]:
+    z = m.codes(x, modality)
+    recon = m.sae.decode(z, modality) if m.joint else m.sae.decode(z)
+    return float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), z
+
+
 @torch.no_grad()
-def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
-    """FVU, L0 and dead latents per modality on held-out pools; the paired-code cosine of a JSAE."""
-    out: dict[str, float] = {}
+def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, Any]:
+    """FVU, L0 and dead latents per modality on held-out pools (and the vision FVU on per-token image states);
+    for a JSAE the alignment diagnostics: paired cosine of codes, *centred* paired cosine (each modality's
+    mean code removed, so always-on latents do not count), the median over latents alive in both of the
+    vision–text correlation of a latent's codes across pairs, and the share of code mass on the top latent.
+    ``converged``: fewer than 10% dead latents in every modality (the trainer's FVU plateau is not checked)."""
+    out: dict[str, Any] = {}
+    codes = {}
     for name, x in (("vision", v), ("text", t)):
         if not m.joint and name == "text":
             continue
-        z = m.codes(x, name)
-        recon = m.sae.decode(z, name) if m.joint else m.sae.decode(z)
-        out[f"fvu_{name}"] = float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        out[f"fvu_{name}"], z = _fvu(m, x, name)
+        codes[name] = z
         out[f"l0_{name}"] = float((z > 0).float().sum(-1).mean())
         out[f"dead_{name}"] = int((z.max(0).values <= 0).sum())
+    if tokens is not None and len(tokens):
+        out["fvu_vision_tokens"], _ = _fvu(m, tokens, "vision")
+    d_sae = codes["vision"].shape[1]
+    out["converged"] = all(out[f"dead_{k}"] < 0.1 * d_sae for k in codes)
     if m.joint:
-        zv, zt = m.codes(v, "vision"), m.codes(t, "text")
-        out["paired_cosine"] = float(torch.nn.functional.cosine_similarity(zv, zt, dim=-1).mean())
+        zv, zt = codes["vision"], codes["text"]
+        cos = torch.nn.functional.cosine_similarity
+        out["paired_cosine"] = float(cos(zv, zt, dim=-1).mean())
+        out["centred_paired_cosine"] = float(cos(zv - zv.mean(0), zt - zt.mean(0), dim=-1).mean())
+        alive = (zv.std(0) > 0) & (zt.std(0) > 0)
+        if alive.any():
+            a, b = zv[:, alive] - zv[:, alive].mean(0), zt[:, alive] - zt[:, alive].mean(0)
+            r = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp(min=1e-12)
+            out["median_latent_corr"] = float(r.median())
+        else:
+            out["median_latent_corr"] = None
+        mass = zv.clamp(min=0).sum(0) + zt.clamp(min=0).sum(0)
+        out["top_latent_mass"] = float(mass.max() / mass.sum().clamp(min=1e-12))
     return out
 
 
 # ---- 4. concepts --------------------------------------------------------------------------------------
 
+CONCEPT_SETS = ("types", "types+colours", "all")
 
-def choose_concepts(cfg: ProtocolConfig, judge: Any, labels_by_layer: dict[int, dict[str, FeatureLabels]],
-                    layers: list[int], items: list[dict]) -> list[str]:
-    """``cfg.concepts`` (each must have a shared JSAE feature), or the ``max_concepts`` concepts that some
-    sweep images have and some lack (5-80%) with a shared JSAE feature at the most swept layers."""
+
+def choose_concepts(cfg: ProtocolConfig, judge: Any, items: list[dict]) -> tuple[list[str], dict[str, str]]:
+    """``cfg.concepts``, or on the world every concept of ``cfg.concept_set`` (object types by default), or on
+    real data the ``max_concepts`` most frequent concept words; a concept that some sweep images have and
+    others lack (5–95%) is kept, the others are returned with the reason.  Returns (concepts, dropped)."""
+    from jsae.world.scenes import COLORS, TYPES
+
     if cfg.concepts:
         _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
-        labelled = sorted({lab.label for L in layers for lab in labels_by_layer[L]["jsae"].labels
-                           if lab.label and lab.kind == "shared"})
-        missing = [c for c in cfg.concepts if c not in labelled]
-        if missing:
-            raise ValueError(f"no shared JSAE feature is labelled {missing} at layers {layers}; concepts with one: {labelled}")
-        return list(cfg.concepts)
-    rate = judge.presence(items).mean(0)
-    eligible = [c for c, r in zip(judge.concepts, rate.tolist()) if 0.05 <= r <= 0.8]
-    scores = []
-    for c in eligible:
-        per_layer = [sum(lab.label == c and lab.kind == "shared" for lab in labels_by_layer[L]["jsae"].labels) for L in layers]
-        if any(per_layer):
-            scores.append((-sum(n > 0 for n in per_layer), -sum(per_layer), c))
-    concepts = [c for *_, c in sorted(scores)[:cfg.max_concepts]]
+        return list(cfg.concepts), {}
+    if cfg.data is None:
+        wanted = {"types": list(TYPES), "types+colours": list(TYPES) + list(COLORS), "all": list(judge.concepts)}[cfg.concept_set]
+    else:
+        wanted = list(judge.concepts)
+    rate = judge.presence(items).float().mean(0)
+    dropped: dict[str, str] = {}
+    kept = []
+    for c in wanted:
+        r = float(rate[judge.concepts.index(c)])
+        if 0.05 <= r <= 0.95:
+            kept.append((-r if cfg.data is not None else 0.0, c))
+        else:
+            dropped[c] = f"present in {r:.0%} of the sweep images (needs 5-95% to steer and suppress)"
+    concepts = [c for _, c in sorted(kept, key=lambda x: x[0])] if cfg.data is not None else [c for _, c in kept]
+    if cfg.data is not None:
+        for c in concepts[cfg.max_concepts:]:
+            dropped[c] = f"beyond the {cfg.max_concepts} most frequent (--max-concepts)"
+        concepts = concepts[:cfg.max_concepts]
     if not concepts:
-        raise RuntimeError("no concept has a shared JSAE feature at any swept layer; train longer (--steps) or wider (--d-sae)")
-    return concepts
+        raise RuntimeError("no concept is present in 5-95% of the sweep images; pass --concepts or more --n-eval")
+    return concepts, dropped
 
 
 def _check_concepts(asked: list[str], known: list[str], whose: str) -> None:
@@ -388,51 +445,79 @@ def _check_concepts(asked: list[str], known: list[str], whose: str) -> None:
 # ---- 5. sweep -----------------------------------------------------------------------------------------
 
 
+def caption_prompt(cfg: ProtocolConfig) -> str:
+    """The captioning prompt: ``cfg.prompt``, else the world's (``describe the image``) or the reference's."""
+    from jsae.world.processors import CAPTION_PROMPT
+
+    return cfg.prompt if cfg.prompt is not None else (CAPTION_PROMPT if cfg.data is None else "Describe the image.")
+
+
 def captioner_for(cfg: ProtocolConfig, vlm: VLM) -> Any:
-    """Greedy captions of images with interventions (no prompt text on the world, a question on real data)."""
+    """Greedy captions of images with interventions, after the captioning prompt."""
     from jsae.interventions import Captioner
 
-    prompt = cfg.prompt if cfg.prompt is not None else ("" if cfg.data is None else "Describe the image.")
-    return Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt, batch_size=cfg.gen_batch,
+    return Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=caption_prompt(cfg), batch_size=cfg.gen_batch,
                      max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.caption_template)
 
 
-def sweep_stage(cfg: ProtocolConfig, vlm: VLM, judge: Any, methods_by_layer: dict[int, dict[str, Method]],
-                labels_by_layer: dict[int, dict[str, FeatureLabels]], data: dict[int, LayerData], layers: list[int],
-                concepts: list[str], items: list[dict], progress: bool = True) -> list[Cell]:
-    """Strengths by the fluency guard, then the steering and suppression cells, on the held-out sweep images."""
-    sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, n_start=cfg.n_start, n_max=cfg.n_max,
-                            halfwidth=cfg.halfwidth, steer_at=cfg.steer_at,
-                            alphas=tuple(cfg.alphas) if cfg.alphas is not None else None)
-    return run_sweep(captioner_for(cfg, vlm), methods_by_layer, labels_by_layer,
-                     {L: d.state_norm for L, d in data.items()}, [ex["image"] for ex in items], items, sweep_cfg,
-                     progress=progress, judge=judge)
+def sweep_stage(cfg: ProtocolConfig, vlm: VLM, judge: Any, source: DataSource, methods_by_layer: dict[int, dict[str, Method]],
+                data: dict[int, LayerData], layers: list[int], concepts: list[str], items: list[dict],
+                progress: bool = True) -> tuple[list[Curve], list[Any], dict[str, str], dict[int, float]]:
+    """Dose–response curves of every direction (oracle and methods) at every layer on the sweep images.
+    Returns (curves, directions, skipped reasons, per-token image-state norm per layer)."""
+    y, names = source.presence("train" if cfg.reference_faults else "label")  # in-sample latents: a reference fault
+    pools = {L: (data[L].v, data[L].t) if cfg.reference_faults else (data[L].vl, data[L].tl) for L in layers}
+    sweep_cfg = SweepConfig(layers=layers, concepts=concepts, methods=cfg.methods, decoders=cfg.decoders,
+                            ratios=cfg.ratios, alphas=tuple(cfg.alphas) if cfg.alphas is not None else None,
+                            n_images=cfg.n_images, top_k=cfg.top_k, positions=cfg.positions)
+    images = [ex["image"] for ex in items]
+    norms = {L: token_norm(vlm, images[:32], L, caption_prompt(cfg), cfg.caption_template) for L in layers}
+    caption = captioner_for(cfg, vlm)
+    if getattr(judge, "needs_calibration", False):
+        judge.calibrate(caption(images[:64], []))
+    curves, dirs, skipped = run_sweep(vlm, caption, methods_by_layer, pools, y, names, images, items, sweep_cfg, judge,
+                                      norms, progress=progress)
+    return curves, dirs, skipped, norms
 
 
 # ---- 6. statistics ------------------------------------------------------------------------------------
 
 
-def cell_record(c: Cell) -> dict[str, Any]:
-    """A cell as stored in metrics.json (without the per-image scores)."""
-    d = asdict(c)
-    d.pop("scores")
-    return d
-
-
 def statistics_stage(cfg: ProtocolConfig, judge: Any, n_layers: int, layers: list[int], concepts: list[str],
-                     sae_rows: list[dict[str, Any]], cells: list[Cell], timings: dict[str, float],
-                     prompt_notes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's metrics: SAE rows, cells and their summary per measure, method and layer (and, under the
-    reference preset, the remaining differences from the reference)."""
+                     sae_rows: list[dict[str, Any]], curves: list[Curve], timings: dict[str, float],
+                     prompt_notes: dict[str, Any] | None = None, skipped: dict[str, str] | None = None,
+                     norms: dict[int, float] | None = None, dropped: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's metrics: SAE rows, every curve (per-strength means, per-image scores) with its summary and
+    image-bootstrap intervals, the oracle comparisons, and (under the reference preset) the remaining
+    differences from the reference."""
+    from jsae.protocol.summary import summarise_curves
+
     metrics = {
         "model": cfg.model, "data": cfg.data or "world", "judge": type(judge).__name__, "n_layers": n_layers,
-        "layers": layers, "concepts": concepts, "methods": list(cfg.methods), "config": _jsonable(asdict(cfg)),
-        "saes": sae_rows, "cells": [cell_record(c) for c in cells], "summary": summarise(cells), "timings": timings,
+        "layers": layers, "concepts": concepts, "concepts_dropped": dropped or {}, "methods": list(cfg.methods),
+        "config": _jsonable(asdict(cfg)), "saes": sae_rows, "token_norms": {str(k): v for k, v in (norms or {}).items()},
+        "curves": [c.record() for c in curves], "scores": [c.scores() for c in curves], "skipped": skipped or {},
+        "summary": summarise_curves(curves), "timings": timings,
     }
+    metrics["model_quality"] = _toy_quality(cfg.model)
     if cfg.preset == "reference":
         metrics["reference"] = {"prompts": prompt_notes or {}, "differences": reference_differences(cfg, prompt_notes or {},
                                                                                                      n_layers, layers)}
     return metrics
+
+
+def _toy_quality(model: str) -> dict[str, Any] | None:
+    """The shipped toy model's validation record (``training.json``: caption accuracy, caption cross-entropy per
+    template), None for other models."""
+    import json
+
+    from jsae.world import MODEL_NAMES
+    from jsae.world.models import model_dir
+
+    path = model_dir(model) / "training.json" if model in MODEL_NAMES else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("validation")
 
 
 def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_layers: int, layers: list[int]) -> list[str]:
@@ -454,19 +539,30 @@ def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_l
                    "evaluation images come from the JSAE's training set (a reference fault not reproduced).")
     out.append(f"Training pairs: {cfg.n_train} (the reference: 50,000).")
     out.append("Concepts: one word each (" + ("an object type, category or colour of the world" if cfg.data is None
-               else "a caption word") + ", " + ("given" if cfg.concepts else "chosen by shared-feature coverage")
+               else "a caption word") + ", " + ("given" if cfg.concepts else "every one present in 5-95% of the sweep images")
                + "), not the reference's 7 hand-listed scene categories (3-16 latent ids per layer + keywords + a target "
-               "sentence each, from `experiments_config.xlsx`); no experiment table is read.")
-    out.append("Latents: chosen per concept by code-concept correlation on held-out labelling pairs (sound), not by "
-               "hand / in-sample as in the reference.")
+               "sentence each, from `experiments_config.xlsx`); to run such a table use `jsae run experiments --table`.")
+    out.append("Latents: the top " + str(cfg.top_k) + " per concept and decoder ranked by code-concept correlation on "
+               + ("the *training* pairs (in-sample, the reference fault)" if cfg.reference_faults else
+                  "held-out labelling pairs (sound)") + ", not by hand as in the reference.")
     grid = "the reference grid 0.2..3.0" if cfg.alphas == REFERENCE_ALPHAS else f"the grid {list(cfg.alphas or [])}"
-    out.append(f"Strength: absolute α from {grid}, one α per (concept, layer, method), the largest whose captions "
-               "of calibration images stay fluent under the judge; the reference picks α per image with the evaluation "
-               "metric itself and early stops on GPT-2 perplexity (one rule sign-reversed) — a reference fault not "
-               "reproduced.")
-    out.append("Metrics: keyword hit = whole-word mention rate of the concept against the unsteered caption, plus "
-               "distinct-3 and zlib ratio of the steered captions; no SBERT similarity gain to a target sentence and no "
-               "GPT-2 perplexity (not implemented here).")
+    out.append(f"Strength: every absolute α of {grid} on the same images (a dose-response curve per concept, layer and "
+               "direction; r50 and effects read off it), not the reference's per-image upward walk that stops on the "
+               "evaluation metric and on a sign-reversed perplexity rule"
+               + (" (reproduced here as `effect_best_alpha`: each image's best α picked with the metric)."
+                  if cfg.reference_faults else " (`--reference-faults` reproduces the per-image pick)."))
+    out.append("Metrics: keyword hit = whole-word mention of the concept against the unsteered caption, preservation of "
+               "the other objects, strict fluency and hallucinations per strength; SBERT similarity gain and GPT-2 "
+               "perplexity need a target sentence per concept and are computed by `jsae run experiments` "
+               "(`--similarity-model`, `--perplexity-model`), not in the demo.")
+    if cfg.reference_faults:
+        out.append("Reference faults reproduced (`--reference-faults`): sweep images drawn from the SAE's training "
+                   "images; latents ranked in-sample on the training pairs; a per-image best α chosen with the "
+                   "evaluation metric (`effect_best_alpha`, beside the sound r50 and effects).")
+    else:
+        out.append("Reference faults not reproduced (pass `--reference-faults` to): evaluation images disjoint from "
+                   "training images, latents chosen out of sample, no α chosen with the evaluation metric, no "
+                   "perplexity stopping rule.")
     for part, what in (("capture", "Capture prompt"), ("caption", "Captioning prompt")):
         note = prompt_notes.get(part, {})
         if note.get("used"):
@@ -487,9 +583,6 @@ def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_l
     if "separate" in cfg.methods:
         out.append("Baseline not in the reference: `separate` = the no-alignment JSAE (reference recipe) with its text "
                    "latents paired to the vision latents afterwards (Hungarian matching of codes).")
-    out.append("Reference faults: none is reproduced (no `--reference-faults` option yet): evaluation images disjoint "
-               "from training images, latents chosen out of sample, one α per cell by the fluency guard, no perplexity "
-               "stopping rule.")
     ref = PRESET_CHOICES["reference"]
     for key in ("text_positions", "steer_at", "max_new_tokens", "epochs", "d_sae"):
         if getattr(cfg, key) != ref[key]:
@@ -503,7 +596,7 @@ def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_l
 
 def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: bool = False, progress: bool = True,
                  scores_out: bool = False) -> dict[str, Any]:
-    """Run the protocol into ``out``; returns the metrics (with the cells under ``"_cells"`` if ``scores_out``)."""
+    """Run the protocol into ``out``; returns the metrics (with the curves under ``"_curves"`` if ``scores_out``)."""
     from jsae.report import write_run_report
     from jsae.vlm import load_vlm
 
@@ -516,7 +609,12 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     for layer in layers:
         vlm.adapter.check_layer(layer)
     cfg, prompt_notes = reference_prompts(cfg, vlm.processor, vlm.adapter)
+    cfg = world_prompts(cfg, vlm.processor)
     source = data_source(cfg)
+    if cfg.text_source == "generated":  # the text view pools captions the model itself produces
+        caption = captioner_for(cfg, vlm)
+        for part in ("train", "label"):
+            source.with_captions(part, caption([ex["image"] for ex in source.items(part)], []))
     run = open_run(Path(out), cfg, source, overwrite)  # refuses another run before anything is written
 
     captures = capture_stage(run, cfg, vlm, source, progress=progress)
@@ -525,22 +623,38 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     if cfg.concepts:
         _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
     methods_by_layer, data = train_stage(cfg, vlm, captures, layers, progress)
-    labels_by_layer, sae_rows = label_stage(run, source, methods_by_layer, data)
+    labels_by_layer, sae_rows = label_stage(run, source, methods_by_layer, data, vlm, cfg)
     timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
-    items = source.items("eval")
-    concepts = choose_concepts(cfg, judge, labels_by_layer, layers, items)
-    cells = sweep_stage(cfg, vlm, judge, methods_by_layer, labels_by_layer, data, layers, concepts, items, progress)
+    items = source.items("train" if cfg.reference_faults else "eval")  # the reference evaluates on training images
+    concepts, dropped = choose_concepts(cfg, judge, items)
+    curves, _, skipped, norms = sweep_stage(cfg, vlm, judge, source, methods_by_layer, data, layers, concepts, items, progress)
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
     timings["total_s"] = time.time() - t0  # capture to statistics (the report is written from the files after)
-    metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, cells, timings, prompt_notes)
+    metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, curves, timings, prompt_notes,
+                               skipped, norms, dropped)
     write_json(run.metrics_file, metrics)
     write_run_report(run, vlm, source.pairs("label"))
     if scores_out:
-        metrics["_cells"] = cells
+        metrics["_curves"] = curves
     return metrics
+
+
+def world_prompts(cfg: ProtocolConfig, processor: Any) -> ProtocolConfig:
+    """On the world, text is pooled where the toy model expects a caption: as the answer to its captioning
+    prompt (:func:`jsae.world.models.answer_template`), unless a capture template is given."""
+    from dataclasses import replace
+
+    from jsae.world import MODEL_NAMES
+
+    if cfg.data is not None or cfg.prompt_template is not None or cfg.model not in MODEL_NAMES:
+        return cfg
+    from jsae.world.models import answer_template
+
+    return replace(cfg, prompt_template=answer_template(cfg.model, processor))
 
 
 __all__ = ["ARTEFACTS", "PRESETS", "PRESET_CHOICES", "REFERENCE_ALPHAS", "REFERENCE_CAPTION_PROMPT",
            "REFERENCE_CAPTION_TEMPLATE", "REFERENCE_CAPTURE_TEMPLATE", "LayerData", "ProtocolConfig", "apply_preset",
            "reference_differences", "reference_prompts", "capture_stage", "check_config", "choose_concepts", "data_source",
-           "default_layers", "label_stage", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage"]
+           "default_layers", "label_stage", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage",
+           "world_prompts"]

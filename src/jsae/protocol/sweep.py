@@ -1,28 +1,38 @@
-"""The protocol's steering and suppression cells, for every method of :mod:`jsae.protocol.methods`.
+"""Dose–response steering and suppression for every method of :mod:`jsae.protocol.methods`, against an
+oracle direction, on the same images at every strength.
 
-**Steering** (the paper's protocol): for concept ``c`` and images without ``c``, add
-``α · Σ_j W_dec[j] / ‖W_dec[j]‖`` (the text decoder's unit directions of the features labelled ``c``;
-the vision decoder for the vision-only baseline) at the image-token positions of layer ``L``, at the
-prefill step; score = rate of greedy captions that mention ``c`` minus the unsteered rate, per image.
-α is chosen per (layer, method, concept) by a fluency guard as in the reference code: ``α = r · m_L``
-with ``m_L`` the mean norm of image-token states at layer ``L`` and ``r`` swept upwards, stopping at the
-first ``r`` whose captions on calibration images are no longer fluent (≥ 90%) under the judge.
+**Directions** (per layer ``L`` and concept ``c``, from the held-out labelling pairs):
 
-**Suppression**: for images that contain ``c``, clamp the features labelled ``c`` to zero at the image
-positions through the SAE with its error term; score = drop of the mention rate of ``c``;
-preservation = fraction of the *other* objects mentioned unsteered that are still mentioned.
+- ``oracle``: the difference of mean pooled image-token states with and without ``c`` (what the model
+  itself separates ``c`` by; pooled means weigh every image equally);
+- each method × decoder: the ``top_k`` latents whose codes *of that branch* correlate most with ``c``
+  (each branch labelled by its own modality; ranked, never cut at a threshold, so every method has a
+  direction; their correlations are recorded), and the sum of their unit decoder rows of that branch
+  (the paper's ``Σ_j W_dec[j] / ‖W_dec[j]‖``).  Joint methods steer with their ``text`` decoder (the
+  paper's choice) and their ``vision`` decoder; the vision-only baseline with its decoder.  ``separate``
+  is ``jsae-none`` with its text latents permuted, so with own-modality labels its directions equal
+  ``jsae-none``'s: its curves are skipped with that reason unless ``decoders`` has ``"cross"`` (vision-
+  labelled latents steered with their *text* decoder rows, where the pairing matters).
 
-Beside the mention rate each steering cell records the reference's text-quality metrics of its steered
-captions and of the same images' unsteered captions: distinct-3 and zlib compression ratio
-(:func:`jsae.data.judges.text_quality`).
+**Strengths**: one fixed grid per layer shared by all methods: ``r · m_L`` along the *unit* direction,
+``m_L`` the mean norm of the layer's per-token image states (``cfg.ratios``, finer between 0.25 and 4),
+or the reference's absolute ``α`` along the un-normalised direction (``cfg.alphas``).  Nothing is chosen
+with the evaluation metric.
 
-What counts as a concept, a mention and a fluent caption is a :class:`Judge`: :class:`WorldJudge` on the
-embedded world (exact ground truth, the grammar as fluency guard), :class:`CaptionJudge` on real data
-(caption words as concepts, word matches as mentions, and as fluency guard the perplexity of the generated
-caption under the model *without* the image plus a repetition check).
+**Steering** (images without ``c``): per image and strength, the effect (mention of ``c`` in the steered
+caption minus in the unsteered one), preservation (share of the other objects named unsteered that are
+still named), strict fluency (the caption parses completely under the grammar) and hallucination (an
+object type named that is neither in the image nor ``c``).  **Suppression** (images with ``c``): clamping
+the latents to 0 through the SAE with its error term (the oracle: projecting its direction out), and
+negative steering over ``cfg.suppress_ratios``; effect = mention before minus after.
 
-Each cell's per-image scores get a 95% bootstrap interval; a cell is grown (up to the images available)
-until its interval is ±0.05 or tighter.  Effect sizes are Cohen's h.
+Positions (``cfg.positions``) are reported separately: ``image`` (the image tokens at prefill),
+``image_but_last``, ``last`` (the last prompt token), ``generated`` (every generated token) and
+``image+generated`` (the reference).  Every (direction, strength, image) of a layer and position runs
+in large batches through per-prompt :class:`~jsae.interventions.Steer`.
+
+Curves that cannot run say why (:attr:`Curve.reason`).  Statistics (r50, effect at a small strength and
+at matched preservation, image bootstrap) are in :mod:`jsae.protocol.stats`.
 """
 
 from __future__ import annotations
@@ -31,52 +41,27 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from jsae.data.judges import Judge, WorldJudge, text_quality
-from jsae.labels import FeatureLabels
+from jsae.correlation import correlation_matrix
 from jsae.protocol.methods import METHODS, Method
-from jsae.protocol.stats import bootstrap_ci, cohens_h
 
+#: strengths as multiples of the mean per-token image-state norm (finer between 0.25 and 4)
+RATIOS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 8.0)
+SUPPRESS_RATIOS = (0.5, 1.0, 2.0, 4.0)
+POSITION_SETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "image": (("image", "prefill"),),
+    "image_but_last": (("image_but_last", "prefill"),),
+    "last": (("last", "prefill"),),
+    "generated": (("generated", "every_step"),),
+    "image+generated": (("image", "prefill"), ("generated", "every_step")),
+}
+STEER_AT = tuple(POSITION_SETS)
+DECODERS = ("text", "vision", "cross")
 
-@dataclass
-class Cell:
-    measure: str
-    method: str
-    layer: int
-    concept: str
-    n: int
-    mean: float
-    low: float
-    high: float
-    cohens_h: float
-    alpha: float | None = None
-    rate_before: float = 0.0
-    rate_after: float = 0.0
-    preservation: float | None = None
-    features: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)  # per image, for the interaction test
-    # steering cells: the reference's text quality of the steered captions (after) and unsteered ones (before)
-    distinct_3: float | None = None
-    zlib_ratio: float | None = None
-    distinct_3_before: float | None = None
-    zlib_ratio_before: float | None = None
-
-
-CaptionFn = Callable[[list[Any], Any], list[str]]  # (images, interventions) -> captions (jsae.interventions.Captioner)
-
-
-def _grow(score_fn: Callable[[int, int], np.ndarray], n_start: int, n_max: int, halfwidth: float) -> np.ndarray:
-    """Score images in chunks until the 95% interval of the mean is ±halfwidth or the images run out."""
-    scores = score_fn(0, min(n_start, n_max))
-    while len(scores) < n_max and bootstrap_ci(scores).halfwidth > halfwidth:
-        extra = score_fn(len(scores), min(len(scores) + n_start, n_max))
-        scores = np.concatenate([scores, extra])
-    return scores
-
-
-STEER_AT = ("image", "image+generated")
+CaptionFn = Callable[..., list[str]]  # jsae.interventions.Captioner: (images, interventions | (start, stop) -> ...)
 
 
 @dataclass
@@ -84,210 +69,374 @@ class SweepConfig:
     layers: list[int]
     concepts: list[str]
     methods: tuple[str, ...] = METHODS
-    n_start: int = 200
-    n_max: int = 600
-    halfwidth: float = 0.05
-    alpha_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-    alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2, 0.4, ..., 3.0) instead of ratios
-    n_calibration: int = 32
-    min_fluency: float = 0.9
-    steer_at: str = "image"  # "image": the image tokens at prefill; "image+generated": and every generated token
+    decoders: tuple[str, ...] = ("text", "vision")
+    ratios: tuple[float, ...] = RATIOS
+    alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2, ..., 3.0) instead of ratios
+    suppress_ratios: tuple[float, ...] = SUPPRESS_RATIOS
+    n_images: int = 16  # images per concept (without it for steering, with it for suppression), same at every strength
+    top_k: int = 3
+    positions: tuple[str, ...] = ("image",)
+    oracle: bool = True
 
     def __post_init__(self) -> None:
-        if self.steer_at not in STEER_AT:
-            raise ValueError(f"unknown steer_at {self.steer_at!r}; choose one of {list(STEER_AT)}")
+        bad = [p for p in self.positions if p not in POSITION_SETS]
+        if bad:
+            raise ValueError(f"unknown steering positions {bad}; choose from {list(POSITION_SETS)}")
+        bad = [d for d in self.decoders if d not in DECODERS]
+        if bad:
+            raise ValueError(f"unknown decoders {bad}; choose from {list(DECODERS)}")
         if self.alphas is not None and (not self.alphas or any(not a > 0 for a in self.alphas)):
             raise ValueError(f"alphas must be positive strengths, e.g. (0.2, 0.4, ..., 3.0), got {self.alphas}")
+        if any(not r > 0 for r in self.ratios) or list(self.ratios) != sorted(self.ratios):
+            raise ValueError(f"ratios must be positive and increasing, got {self.ratios}")
+        if self.n_images < 1 or self.top_k < 1:
+            raise ValueError("n_images and top_k must be >= 1")
 
 
 @dataclass
-class CellPlan:
-    """One (concept, layer, method) of the sweep: its labelled features, steering direction and strength."""
+class Direction:
+    """One steering direction: ``method`` (``"oracle"`` or a method name) × ``decoder`` at ``layer`` for
+    ``concept``; ``vector`` is unit-norm (``raw`` keeps Σ of unit rows for absolute strengths)."""
 
-    concept: str
-    layer: int
     method: str
-    features: list[int]
-    direction: Tensor
-    alpha: float = 0.0
+    decoder: str
+    layer: int
+    concept: str
+    vector: Tensor
+    raw: Tensor
+    features: list[int] = field(default_factory=list)
+    feature_corr: list[float] = field(default_factory=list)
+    cosine_to_oracle: float | None = None
+    sae_branch: str | None = None  # the JSAE branch clamped at image tokens (suppression by clamping)
+
+    @property
+    def key(self) -> str:
+        return self.method if self.method == "oracle" else f"{self.method}:{self.decoder}"
+
+
+@dataclass
+class Curve:
+    """Per-image scores of one direction, measure and position set at a grid of strengths."""
+
+    measure: str  # "steering" | "suppression" (negative steering) | "clamp" (SAE clamp / oracle projection)
+    method: str
+    decoder: str
+    positions: str
+    layer: int
+    concept: str
+    strengths: list[float]  # grid values (ratios, or absolute α with cfg.alphas); [0.0] for a clamp
+    alphas: list[float]  # the absolute added norms (‖α d‖)
+    image_ids: list[int]
+    effect: np.ndarray  # [K, n]
+    preservation: np.ndarray  # [K, n] (NaN where the image has no other object named unsteered)
+    fluent: np.ndarray  # [K, n] bool
+    hallucinated: np.ndarray  # [K, n] bool
+    features: list[int] = field(default_factory=list)
+    feature_corr: list[float] = field(default_factory=list)
+    cosine_to_oracle: float | None = None
+    base_rate: float = 0.0  # mention rate of the concept in the unsteered captions of these images
+    reason: str | None = None  # why the curve is empty
+
+    @property
+    def key(self) -> str:
+        return self.method if self.method == "oracle" else f"{self.method}:{self.decoder}"
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able: per-strength means and the identity of the curve (per-image scores in ``scores``)."""
+        mean = lambda a: [None if np.all(np.isnan(r)) else float(np.nanmean(r)) for r in a.astype(float)]  # noqa: E731
+        return {"measure": self.measure, "method": self.method, "decoder": self.decoder, "key": self.key,
+                "positions": self.positions, "layer": self.layer, "concept": self.concept, "strengths": self.strengths,
+                "alphas": self.alphas, "n_images": len(self.image_ids), "effect": mean(self.effect),
+                "preservation": mean(self.preservation), "fluency": mean(self.fluent),
+                "hallucination": mean(self.hallucinated), "features": self.features,
+                "feature_corr": [round(c, 4) for c in self.feature_corr], "cosine_to_oracle": self.cosine_to_oracle,
+                "base_rate": self.base_rate, "reason": self.reason}
+
+    def scores(self) -> dict[str, Any]:
+        return {"image_ids": self.image_ids, "effect": self.effect.tolist(),
+                "preservation": np.where(np.isnan(self.preservation), None, self.preservation).tolist()}
+
+
+# ---- directions --------------------------------------------------------------------------------------
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm().clamp(min=1e-8)
+
+
+def oracle_direction(v: Tensor, present: Tensor) -> Tensor:
+    """Mean pooled image state of pairs with the concept minus without it (``present``: 0/1 per pair)."""
+    p = present.bool()
+    if p.all() or not p.any():
+        raise ValueError("the oracle direction needs labelling pairs with and without the concept")
+    return v[p].mean(0) - v[~p].mean(0)
+
+
+def top_latents(z: Tensor, present: Tensor, k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` latents whose codes correlate most with ``present`` (ranked; dead latents last)."""
+    corr = correlation_matrix(z.float(), present.float()[:, None])[:, 0]
+    corr = torch.nan_to_num(corr, nan=-1.0)
+    order = torch.argsort(corr, descending=True)[:k]
+    return order.tolist(), corr[order].tolist()
+
+
+def method_directions(m: Method, layer: int, concept: str, present: Tensor, v: Tensor, t: Tensor,
+                      decoders: tuple[str, ...], k: int) -> list[Direction]:
+    """The directions of method ``m``: per decoder, the top-``k`` latents of that branch's codes on the
+    labelling pairs (``v``, ``t``), summed unit decoder rows."""
+    out = []
+    sides = [d for d in decoders if m.joint] if m.joint else ["vision"]
+    for side in sides:
+        label_side = "vision" if side == "cross" else side
+        z = m.codes(v if label_side == "vision" else t, label_side)
+        feats, corr = top_latents(z, present, k)
+        W = (m.sae.W_dec_of("text" if side == "cross" else side) if m.joint else m.sae.W_dec).detach().float()[feats]
+        raw = (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)).sum(0)
+        out.append(Direction(m.name, side, layer, concept, _unit(raw), raw, feats, corr,
+                             sae_branch=label_side if m.joint else None))
+    return out
+
+
+def build_directions(methods: dict[str, Method], layer: int, concepts: list[str], presence: Tensor,
+                     concept_names: list[str], v: Tensor, t: Tensor, cfg: SweepConfig) -> tuple[list[Direction], dict]:
+    """Every direction at ``layer`` (oracle first) and the reasons for the ones skipped."""
+    dirs: list[Direction] = []
+    skipped: dict[str, str] = {}
+    for c in concepts:
+        y = presence[:, concept_names.index(c)]
+        oracle = None
+        try:
+            oracle = oracle_direction(v, y)
+        except ValueError as e:
+            skipped[f"oracle/{c}"] = str(e)
+        if oracle is not None and cfg.oracle:
+            dirs.append(Direction("oracle", "oracle", layer, c, _unit(oracle), _unit(oracle)))
+        for name, m in methods.items():
+            if name == "separate" and "cross" not in cfg.decoders:
+                skipped["separate"] = ("separate = jsae-none with its text latents permuted: with each branch "
+                                            "labelled by its own modality its directions are jsae-none's (add the "
+                                            "'cross' decoder to steer its paired latents)")
+                continue
+            for d in method_directions(m, layer, c, y, v, t, cfg.decoders, cfg.top_k):
+                if oracle is not None:
+                    d.cosine_to_oracle = float(torch.nn.functional.cosine_similarity(d.vector, oracle, dim=0))
+                dirs.append(d)
+    return dirs, skipped
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
 
 
 @dataclass
 class SweepImages:
-    """The sweep's images split per concept (calibration, without, with) and their unsteered captions."""
+    """The sweep's images per concept (``n_images`` without it, ``n_images`` with it) and their
+    unsteered captions (each image captioned once)."""
 
     caption: CaptionFn
     images: list[Any]
     items: list[dict]
     judge: Any
     cfg: SweepConfig
-    _base: dict[str, list[str]] = field(default_factory=dict)
+    _base: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         y = self.judge.presence(self.items)
         self.present = y[:, [self.judge.concepts.index(c) for c in self.cfg.concepts]].bool()
 
-    def split(self, concept: str) -> tuple[list[int], list[int], list[int]]:
-        """(calibration images, other images without ``concept``, images with it)."""
+    def split(self, concept: str) -> tuple[list[int], list[int]]:
+        """(images without ``concept``, images with it), ``n_images`` each at most, in order."""
         ci = self.cfg.concepts.index(concept)
-        without = [i for i in range(len(self.images)) if not self.present[i, ci]]
-        with_c = [i for i in range(len(self.images)) if self.present[i, ci]]
-        return without[: self.cfg.n_calibration], without[self.cfg.n_calibration:], with_c
+        n = self.cfg.n_images
+        return ([i for i in range(len(self.images)) if not self.present[i, ci]][:n],
+                [i for i in range(len(self.images)) if self.present[i, ci]][:n])
 
-    def base(self, idx: list[int], key: str) -> list[str]:
-        """Unsteered captions of images ``idx`` (cached under ``key``)."""
-        if key not in self._base:
-            self._base[key] = self.caption([self.images[i] for i in idx], [])
-        return self._base[key]
+    def used(self) -> list[int]:
+        return sorted({i for c in self.cfg.concepts for part in self.split(c) for i in part})
 
-    def captions(self, idx: list[int], interventions: list[Any]) -> list[str]:
-        return self.caption([self.images[i] for i in idx], interventions)
+    def base(self, idx: list[int]) -> list[str]:
+        todo = [i for i in idx if i not in self._base]
+        if todo:
+            for i, cap in zip(todo, self.caption([self.images[i] for i in todo], [])):
+                self._base[i] = cap
+        return [self._base[i] for i in idx]
+
+    def score(self, concept: str, i: int, cap: str, sign: int) -> tuple[float, float, bool]:
+        """(effect, preservation, hallucinated) of caption ``cap`` of image ``i`` against its unsteered caption
+        (``sign`` -1: suppression, effect = mention before minus after)."""
+        j = self.judge
+        base = self._base[i]
+        effect = sign * (float(j.mentions(cap, concept)) - float(j.mentions(base, concept)))
+        said = [o for o in j.others(self.items[i], concept) if j.mentions(base, o)]
+        pres = float(np.mean([j.mentions(cap, o) for o in said])) if said else float("nan")
+        return effect, pres, bool(j.hallucinated(cap, self.items[i], concept))
 
 
-def _steer(cfg: SweepConfig, layer: int, direction: Tensor, alpha: float) -> list[Any]:
-    """Steering at the image tokens (prefill) and, with ``steer_at="image+generated"``, at every generated token."""
+def _steer_rows(layer: int, pos: str, directions: Tensor, strengths: Tensor) -> Callable[[int, int], list[Any]]:
+    return lambda lo, hi: steer_interventions(layer, pos, directions[lo:hi], strengths[lo:hi])
+
+
+def _run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
+              bar: Any) -> list[str]:
+    """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches."""
+    step = max(1, getattr(sweep.caption, "batch_size", 64))
+    out: list[str] = []
+    for lo in range(0, len(rows), step):
+        hi = min(lo + step, len(rows))
+        imgs = [sweep.images[r[0]] for r in rows[lo:hi]]
+        out += sweep.caption(imgs, lambda a, b, lo=lo: make(lo + a, lo + b))
+        bar.update(hi - lo)
+    return out
+
+
+def _curves_from(sweep: SweepImages, rows, caps, dirs, grids, measure, pos, sign, norm) -> list[Curve]:
+    """Assemble curves from the captions of rows ``(image, direction index, strength index)``."""
+    by: dict[tuple[int, int], dict[int, str]] = {}
+    for (i, di, si), cap in zip(rows, caps):
+        by.setdefault((di, si), {})[i] = cap
+    curves = []
+    for di, d in enumerate(dirs):
+        without, with_c = sweep.split(d.concept)
+        imgs = with_c if sign < 0 else without
+        grid = grids[di]
+        K, n = len(grid), len(imgs)
+        eff, pres = np.zeros((K, n)), np.full((K, n), np.nan)
+        flu, hal = np.zeros((K, n), bool), np.zeros((K, n), bool)
+        for si in range(K):
+            caps_k = [by[(di, si)][i] for i in imgs]
+            flu[si] = sweep.judge.fluent_each(caps_k) if caps_k else []
+            for k, (i, cap) in enumerate(zip(imgs, caps_k)):
+                eff[si, k], pres[si, k], hal[si, k] = sweep.score(d.concept, i, cap, sign)
+        base = sweep.base(imgs)
+        curves.append(Curve(measure, d.method, d.decoder, pos, d.layer, d.concept, [float(g) for g in grid],
+                            [float(a) for a in _alphas(d, grid, norm, sweep.cfg)], imgs, eff, pres, flu, hal,
+                            d.features, d.feature_corr, d.cosine_to_oracle,
+                            float(np.mean([sweep.judge.mentions(b, d.concept) for b in base])) if base else 0.0))
+    return curves
+
+
+def _alphas(d: Direction, grid, norm: float, cfg: SweepConfig) -> list[float]:
+    """The norm of what is added at each grid point."""
+    if cfg.alphas is not None and grid is not cfg.suppress_ratios:
+        return [a * float(d.raw.norm()) for a in grid]
+    return [r * norm for r in grid]
+
+
+def _vectors(d: Direction, grid, norm: float, cfg: SweepConfig, sign: int) -> list[Tensor]:
+    if cfg.alphas is not None and sign > 0:
+        return [a * d.raw for a in grid]
+    return [sign * r * norm * d.vector for r in grid]
+
+
+def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Direction], layer: int, norm: float,
+                  progress: bool = True) -> list[Curve]:
+    """Every curve of one layer: steering and negative steering at each position set, then clamps."""
+    from jsae.interventions import Ablate, ProjectOut
+
+    cfg = sweep.cfg
+    sweep.base(sweep.used())
+    curves: list[Curve] = []
+    for sign, measure in ((1, "steering"), (-1, "suppression")):
+        grids = [cfg.alphas if (cfg.alphas is not None and sign > 0) else (cfg.ratios if sign > 0 else cfg.suppress_ratios)
+                 for _ in dirs]
+        rows, vecs = [], []
+        for di, d in enumerate(dirs):
+            without, with_c = sweep.split(d.concept)
+            for si, vec in enumerate(_vectors(d, grids[di], norm, cfg, sign)):
+                for i in (with_c if sign < 0 else without):
+                    rows.append((i, di, si))
+                    vecs.append(vec)
+        if not rows:
+            continue
+        D = torch.stack(vecs)
+        ones = torch.ones(len(rows))
+        for pos in (cfg.positions if sign > 0 else cfg.positions[:1]):
+            with tqdm(total=len(rows), desc=f"layer {layer}: {measure} at {pos}", disable=not progress,
+                      mininterval=5) as bar:
+                caps = _run_rows(sweep, rows, _steer_rows(layer, pos, D, ones), bar)
+            curves += _curves_from(sweep, rows, caps, dirs, grids, measure, pos, sign, norm)
+    # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
+    # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
+    at = POSITION_SETS[cfg.positions[0]][0][0]
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for di, d in enumerate(dirs):
+        groups.setdefault((d.method, d.sae_branch), []).append(di)
+    rows_all: list[tuple[int, int, int]] = []
+    caps_all: list[str] = []
+    total = sum(len(sweep.split(d.concept)[1]) for d in dirs)
+    with tqdm(total=total, desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
+        for (method, branch), dis in groups.items():
+            rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
+            if not rows:
+                continue
+            if method == "oracle":
+                P = torch.stack([dirs[di].vector for _, di, _ in rows])
+                make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing="prefill", direction=P[lo:hi])]  # noqa: E731
+            else:
+                feats = [dirs[di].features for _, di, _ in rows]
+                make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
+                    Ablate(layer=layer, positions=at, timing="prefill", sae=m.sae, features=feats[lo:hi], sae_modality=br)]
+            rows_all += rows
+            caps_all += _run_rows(sweep, rows, make, bar)
+    curves += _curves_from(sweep, rows_all, caps_all, dirs, [[0.0] for _ in dirs], "clamp", at, -1, norm)
+    return curves
+
+
+def image_token_states(vlm: Any, images: list[Any], layer: int, prompt: str,
+                       prompt_template: str | None = None) -> Tensor:
+    """``[n_tokens, d]`` per-token image states at ``layer`` (float32) for ``images`` after the captioning prompt."""
+    from jsae.activations import read_layers
+
+    model, processor, adapter = vlm
+    text = adapter.render_prompt(processor, prompt, 1, add_generation_prompt=True, prompt_template=prompt_template)
+    enc = adapter.complete_inputs(processor(images=list(images), text=[text] * len(images), return_tensors="pt",
+                                            padding=True))
+    h = read_layers(model, adapter, enc, [layer])[layer]
+    return h[adapter.image_token_mask(enc).to(h.device)].float().cpu()
+
+
+def token_norm(vlm: Any, images: list[Any], layer: int, prompt: str, prompt_template: str | None = None) -> float:
+    """Mean norm of the per-token image states at ``layer`` over ``images`` (the strength unit)."""
+    return float(image_token_states(vlm, images, layer, prompt, prompt_template).norm(dim=-1).mean())
+
+
+def steer_interventions(layer: int, positions: str, direction: Tensor, strength: Any) -> list[Any]:
+    """The :class:`~jsae.interventions.Steer` edits of one position set (:data:`POSITION_SETS`)."""
     from jsae.interventions import Steer
 
-    ivs = [Steer(layer=layer, positions="image", timing="prefill", direction=direction, strength=alpha)]
-    if cfg.steer_at == "image+generated":
-        ivs.append(Steer(layer=layer, positions="generated", timing="every_step", direction=direction, strength=alpha))
-    return ivs
+    if positions not in POSITION_SETS:
+        raise ValueError(f"unknown steering positions {positions!r}; choose from {list(POSITION_SETS)}")
+    return [Steer(layer=layer, positions=p, timing=timing, direction=direction, strength=strength)
+            for p, timing in POSITION_SETS[positions]]
 
 
-def _ablate(cfg: SweepConfig, layer: int, m: Method, feats: list[int]) -> Any:
-    from jsae.interventions import Ablate
-
-    return Ablate(layer=layer, positions="image", timing="prefill", sae=m.sae, features=feats,
-                  sae_modality="vision" if m.joint else None)
-
-
-def strengths(cfg: SweepConfig, state_norm: float, direction: Tensor) -> list[float]:
-    """The strengths tried, weakest first: ``cfg.alphas`` as given, or ``r · state_norm / ‖d‖`` for each ratio ``r``
-    (``state_norm``: the mean norm of the layer's pooled image vectors)."""
-    if cfg.alphas is not None:
-        return list(cfg.alphas)
-    return [r * state_norm / max(float(direction.norm()), 1e-8) for r in cfg.alpha_ratios]
-
-
-def plan_cells(methods_by_layer: dict[int, dict[str, Method]], labels_by_layer: dict[int, dict[str, FeatureLabels]],
-               cfg: SweepConfig) -> list[CellPlan]:
-    """Every (concept, layer, method) with a feature labelled with the concept (shared features for a JSAE;
-    vision-only or shared for the vision-only baseline); the others are recorded as missing."""
-    plans = []
-    for concept in cfg.concepts:
-        for layer in cfg.layers:
-            for method in cfg.methods:
-                m, labels = methods_by_layer[layer][method], labels_by_layer[layer][method]
-                kinds = ("shared",) if m.joint else ("vision-only", "shared")
-                try:
-                    feats = labels.features_for(concept, kinds=kinds)
-                except ValueError:
-                    continue
-                plans.append(CellPlan(concept, layer, method, feats, m.steer_direction(feats)))
-    return plans
-
-
-def choose_strengths(plans: list[CellPlan], sweep: SweepImages, state_norms: dict[int, float]) -> None:
-    """The fluency guard, as in the reference code: per plan the largest strength of :func:`strengths` whose
-    captions of the concept's calibration images are still fluent under the judge; sets ``plan.alpha`` (0 when
-    none is)."""
-    cfg, judge = sweep.cfg, sweep.judge
-    for concept in cfg.concepts:
-        calib, _, _ = sweep.split(concept)
-        if judge.needs_calibration and calib:
-            judge.calibrate(sweep.base(calib, f"calibration-{concept}"))
-        for plan in (p for p in plans if p.concept == concept):
-            plan.alpha = 0.0
-            for a in strengths(cfg, state_norms[plan.layer], plan.direction):
-                caps = sweep.captions(calib, _steer(cfg, plan.layer, plan.direction, a))
-                if judge.fluency(caps) < cfg.min_fluency:
-                    break
-                plan.alpha = a
-
-
-def measure_cells(plans: list[CellPlan], sweep: SweepImages, methods_by_layer: dict[int, dict[str, Method]],
-                  progress: bool = True) -> list[Cell]:
-    """Steering cells (images without the concept, at the chosen strength; score = mention minus unsteered
-    mention) and suppression cells (images with it, its features ablated; score = unsteered mention minus
-    mention; preservation of the other objects), each grown to a ±halfwidth interval."""
-    cfg, judge = sweep.cfg, sweep.judge
-    mentions = judge.mentions
-    cells: list[Cell] = []
-    bar = tqdm(total=len(cfg.layers) * len(cfg.methods) * len(cfg.concepts), desc="steering/suppression sweep",
-               disable=not progress)
-    for concept in cfg.concepts:
-        _, without, with_c = sweep.split(concept)
-        base_without = sweep.base(without[: cfg.n_max], f"without-{concept}")
-        base_with = sweep.base(with_c[: cfg.n_max], f"with-{concept}")
-        by_key = {(p.layer, p.method): p for p in plans if p.concept == concept}
-        for layer in cfg.layers:
-            for method in cfg.methods:
-                bar.update(1)
-                plan = by_key.get((layer, method))
-                if plan is None:
-                    continue  # no feature of this method is labelled c at this layer: recorded as missing
-                m, feats = methods_by_layer[layer][method], plan.features
-                if plan.alpha > 0 and without:
-                    iv = _steer(cfg, layer, plan.direction, plan.alpha)
-                    steered: list[str] = []
-
-                    def steer_scores(lo: int, hi: int) -> np.ndarray:
-                        caps = sweep.captions(without[lo:hi], iv)
-                        steered.extend(caps)
-                        return np.array([float(mentions(c, concept)) - float(mentions(b, concept))
-                                         for c, b in zip(caps, base_without[lo:hi])])
-
-                    s = _grow(steer_scores, cfg.n_start, min(cfg.n_max, len(without)), cfg.halfwidth)
-                    before = np.mean([mentions(b, concept) for b in base_without[: len(s)]])
-                    ci = bootstrap_ci(s)
-                    after_q, before_q = text_quality(steered), text_quality(base_without[: len(s)])
-                    cells.append(Cell("steering", method, layer, concept, len(s), ci.mean, ci.low, ci.high,
-                                      cohens_h(before + ci.mean, before), plan.alpha, float(before),
-                                      float(before + ci.mean), None, feats, s.tolist(), after_q["distinct_3"],
-                                      after_q["zlib_ratio"], before_q["distinct_3"], before_q["zlib_ratio"]))
-                if not with_c:
-                    continue  # no sweep image contains c: nothing to suppress
-                ab = [_ablate(cfg, layer, m, feats)]
-                others_kept: list[float] = []
-
-                def supp_scores(lo: int, hi: int) -> np.ndarray:
-                    idx = with_c[lo:hi]
-                    caps = sweep.captions(idx, ab)
-                    out = []
-                    for cap, base, i in zip(caps, base_with[lo:hi], idx):
-                        out.append(float(mentions(base, concept)) - float(mentions(cap, concept)))
-                        said = [o for o in judge.others(sweep.items[i], concept) if mentions(base, o)]
-                        if said:
-                            others_kept.append(np.mean([mentions(cap, o) for o in said]))
-                    return np.array(out)
-
-                s = _grow(supp_scores, cfg.n_start, min(cfg.n_max, len(with_c)), cfg.halfwidth)
-                before = np.mean([mentions(b, concept) for b in base_with[: len(s)]])
-                ci = bootstrap_ci(s)
-                cells.append(Cell("suppression", method, layer, concept, len(s), ci.mean, ci.low, ci.high,
-                                  cohens_h(before, before - ci.mean), None, float(before), float(before - ci.mean),
-                                  float(np.mean(others_kept)) if others_kept else None, feats, s.tolist()))
-    bar.close()
-    return cells
-
-
-def run_sweep(caption: CaptionFn, methods_by_layer: dict[int, dict[str, Method]],
-              labels_by_layer: dict[int, dict[str, FeatureLabels]], state_norms: dict[int, float], images: list[Any],
-              items: list[dict], cfg: SweepConfig, progress: bool = True, judge: Judge | None = None) -> list[Cell]:
-    """Steering and suppression cells for every (method, layer, concept): :func:`plan_cells`, then
-    :func:`choose_strengths`, then :func:`measure_cells`.
-
-    ``items[i]`` is the record of ``images[i]`` (world: with ``objects``; real data: with ``caption``);
-    ``judge`` (default :class:`WorldJudge`) reads presence, mentions and fluency."""
-    judge = judge or WorldJudge()
+def run_sweep(vlm: Any, caption: CaptionFn, methods_by_layer: dict[int, dict[str, Method]],
+              pools: dict[int, tuple[Tensor, Tensor]], presence: Tensor, concept_names: list[str],
+              images: list[Any], items: list[dict], cfg: SweepConfig, judge: Any, norms: dict[int, float],
+              progress: bool = True) -> tuple[list[Curve], list[Direction], dict[str, str]]:
+    """Directions from the labelling pools (``pools[L] = (v, t)`` with ``presence`` [n, C] over
+    ``concept_names``), then every curve at every layer on the sweep images.  ``norms[L]``: the
+    per-token image-state norm (the strength unit).  Returns (curves, directions, skipped reasons)."""
     unknown = [c for c in cfg.concepts if c not in judge.concepts]
     if unknown:
         raise ValueError(f"unknown concept(s) {unknown}; this judge's concepts are {judge.concepts[:50]}")
     sweep = SweepImages(caption, images, items, judge, cfg)
-    plans = plan_cells(methods_by_layer, labels_by_layer, cfg)
-    choose_strengths(plans, sweep, state_norms)
-    return measure_cells(plans, sweep, methods_by_layer, progress)
+    curves: list[Curve] = []
+    all_dirs: list[Direction] = []
+    skipped: dict[str, str] = {}
+    for c in cfg.concepts:
+        without, with_c = sweep.split(c)
+        if not without or not with_c:
+            skipped[f"images/{c}"] = (f"the sweep images have {len(without)} without and {len(with_c)} with {c!r}; "
+                                      "pass more evaluation images (--n-eval)")
+    for layer in cfg.layers:
+        v, t = pools[layer]
+        dirs, sk = build_directions(methods_by_layer[layer], layer, cfg.concepts, presence, concept_names, v, t, cfg)
+        skipped.update({k if k == "separate" else f"{layer}/{k}": r for k, r in sk.items()})
+        all_dirs += dirs
+        curves += measure_layer(sweep, methods_by_layer[layer], dirs, layer, norms[layer], progress)
+    return curves, all_dirs, skipped
 
 
-__all__ = ["STEER_AT", "Cell", "CellPlan", "SweepConfig", "SweepImages", "choose_strengths", "measure_cells", "plan_cells",
-           "run_sweep", "strengths"]
+__all__ = ["DECODERS", "POSITION_SETS", "RATIOS", "STEER_AT", "SUPPRESS_RATIOS", "Curve", "Direction", "SweepConfig",
+           "SweepImages", "build_directions", "image_token_states", "measure_layer", "method_directions", "oracle_direction",
+           "run_sweep", "steer_interventions", "token_norm", "top_latents"]

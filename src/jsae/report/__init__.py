@@ -8,23 +8,28 @@ from typing import Any, Sequence
 
 
 def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_browser_pairs: int = 200) -> None:
-    """``layer_sweep.png``, ``features.html`` (the JSAE of the middle swept layer, on the first
+    """``dose_response.png``, ``features.html`` (the JSAE of the middle swept layer, on the first
     ``n_browser_pairs`` of ``pairs``) and ``report.md`` of a protocol run, read from its directory
     (:class:`jsae.report.rundir.RunDir`) after its ``metrics.json`` is written."""
     from jsae.files import write_atomic
     from jsae.report.browser import browser_features, feature_browser, token_codes
     from jsae.report.markdown import protocol_report
-    from jsae.report.plots import plot_layer_sweep
+    from jsae.report.plots import plot_dose_response
     from jsae.report.rundir import load_labelled_sae
 
     m = run.metrics()
-    plot_layer_sweep(m["summary"], m["n_layers"], run.path / "layer_sweep.png",
-                     title=f"{m['model']}: steering vs suppression by layer")
+    pos = (m.get("config", {}).get("positions") or ["image"])[0]
+    bands = m["summary"].get("bands", {}).get("steering", {}).get(pos, {})
+    if bands:
+        plot_dose_response(bands, m["n_layers"], run.path / "dose_response.png",
+                           title=f"{m['model']}: steering at {pos} (mean over concepts)",
+                           xlabel="absolute α" if m.get("config", {}).get("alphas") else
+                           "strength (× mean per-token image-state norm)")
     layers = m["layers"]
     mid = layers[len(layers) // 2]
     sae, labels, _ = load_labelled_sae(run.sae_dir("jsae", mid))
     codes = token_codes(vlm, sae, list(pairs[:n_browser_pairs]), mid)
-    feature_browser(browser_features(codes, labels, mid, run.cells(layer=mid)), run.path / "features.html",
+    feature_browser(browser_features(codes, labels, mid, run.curves(layer=mid)), run.path / "features.html",
                     title=f"{m['model']} layer {mid}: JSAE features")
     write_atomic(run.path / "report.md", protocol_report(m))
 

@@ -106,18 +106,19 @@ def strongest_labelled(labels: FeatureLabels, n: int | None = None) -> list[Any]
 
 def browser_features(codes: TokenCodes, labels: FeatureLabels, layer: int, cells: Sequence[Any] = (),
                      n_features: int = 24, n_images: int = 4) -> list[dict[str, Any]]:
-    """Per labelled feature: top images with their heat maps, top captions and the JSAE steering cell that
-    used it (``cells`` of a protocol run)."""
-    steer = [c for c in cells if c.measure == "steering" and c.method == "jsae" and c.layer == layer]
+    """Per labelled feature: top images with their heat maps, top captions and the JSAE steering curve that
+    used it (``cells``: the curve summaries of a protocol run, :meth:`RunDir.curves`)."""
+    steer = [c for c in cells if c["measure"] == "steering" and c["key"].startswith("jsae:") and c["layer"] == layer]
     feats = []
     for lab in strongest_labelled(labels, n_features):
         j = lab.feature
         top_img, top_cap = top_examples(codes, j, n_images)
-        st = next((c for c in steer if j in c.features), None)
+        st = next((c for c in steer if j in c.get("features", [])), None)
         feats.append({"feature": j, "layer": layer, "label": lab.label, "kind": lab.kind, "purity": lab.purity,
                       "top_images": [(codes.images[b], heat_map(codes, b, j)) for b in top_img],
                       "top_captions": [codes.captions[b] for b in top_cap],
-                      "steering": None if st is None else f"'{st.concept}' {st.mean:+.2f} [{st.low:+.2f}, {st.high:+.2f}] at α={st.alpha:.1f}"})
+                      "steering": None if st is None else
+                      f"'{st['concept']}' via {st['key']}: r50 {st['r50']:.2f}, effect at 1: {st['effect_small']:+.2f}"})
     return feats
 
 
@@ -223,7 +224,7 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
     layer = sae_layer(sae_model)
     ds = world_dataset("validation", n_pairs, seed)
     run = RunDir.of_sae(path)
-    cells = run.cells(layer=layer) if run is not None else []
+    cells = run.curves(layer=layer) if run is not None else []
     codes = token_codes(vlm, sae_model, [(ex["image"], ex["caption"]) for ex in ds], layer)
     feats = browser_features(codes, labels, layer, cells, n_features=n_features, n_images=n_images)
     if out is None:  # next to the SAE; for a shipped release (inside the package), in the current directory

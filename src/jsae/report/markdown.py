@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 
@@ -12,31 +11,82 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return head + "".join("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
 
 
+def _ci(row: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+    """``"v [lo, hi]"`` of ``row[key]`` with ``row[key + "_low"]`` / ``row[key + "_high"]`` (``–`` when missing)."""
+    v = row.get(key)
+    if v is None:
+        return "–"
+    f = lambda x: "∞" if x == float("inf") else ("–" if x is None else fmt.format(x))  # noqa: E731
+    if row.get(key + "_low") is None:
+        return f(v)
+    return f"{f(v)} [{f(row[key + '_low'])}, {f(row[key + '_high'])}]"
+
+
 def protocol_report(m: dict[str, Any]) -> str:
     """``report.md`` of a protocol run from its ``metrics.json``."""
+    cfg = m.get("config", {})
+    s = m["summary"]
+    unit = "absolute α" if cfg.get("alphas") else "× the mean per-token image-state norm"
     lines = [f"# jsae demo: {m['model']}", "",
-             f"{m['n_layers']} decoder layers; swept layers {m['layers']}; concepts {m['concepts']}; methods {m['methods']}.", "",
-             "## SAEs (held-out pairs)", "",
-             markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "l0_vision", "l0_text", "paired_cosine",
-                                        "shared", "vision-only", "text-only"]),
-             "## Steering and suppression per layer (mean over concepts, 95% CI)", ""]
-    rows = []
-    for measure, by_method in m["summary"].items():
-        for method, by_layer in by_method.items():
-            for layer, s in sorted(by_layer.items(), key=lambda kv: int(kv[0])):
-                rows.append({"measure": measure, "method": method, "layer": int(layer), "effect": s["mean"],
-                             "ci": f"[{s['low']:.3f}, {s['high']:.3f}]", "cohens_h": s["cohens_h"], "images": s["n_images"]})
-    lines += [markdown_table(rows, ["measure", "method", "layer", "effect", "ci", "cohens_h", "images"]),
-              "## Cells", "", markdown_table(m["cells"], ["measure", "method", "layer", "concept", "n", "mean", "low", "high",
-                                                          "alpha", "rate_before", "rate_after", "preservation"]),
-              "![layer sweep](layer_sweep.png)", "", "Feature browser: [features.html](features.html)", ""]
-    steering = [c for c in m["cells"] if c["measure"] == "steering" and c.get("distinct_3_before") is not None]
-    if steering:
-        lines += ["## Text quality of the steered captions (the reference's distinct-3 and zlib ratio)", "",
-                  "Mean over each cell's captions, unsteered → steered (distinct-3: distinct word trigrams / trigrams, "
-                  "1 = no repetition; zlib ratio: bytes / compressed bytes, higher = more repetitive).", "",
-                  markdown_table([{**c, "distinct_3": _pair(c, "distinct_3"), "zlib_ratio": _pair(c, "zlib_ratio")}
-                                  for c in steering], ["method", "layer", "concept", "alpha", "distinct_3", "zlib_ratio"])]
+             f"{m['n_layers']} decoder layers; swept layers {m['layers']}; concepts {m['concepts']}; methods {m['methods']}; "
+             f"{cfg.get('n_images')} images per concept at every strength; strengths {unit}: "
+             f"{cfg.get('alphas') or cfg.get('ratios')}.", ""]
+    if m.get("concepts_dropped"):
+        lines += ["Concepts not swept: " + "; ".join(f"{c}: {r}" for c, r in m["concepts_dropped"].items()), ""]
+    q = m.get("model_quality") or {}
+    if q.get("caption_nats_per_template"):
+        lines += [f"Toy model on validation scenes: object accuracy {q.get('object_accuracy')}, captions without "
+                  f"hallucination {q.get('no_hallucination')}; caption cross-entropy per template (nats per token, "
+                  "low = the model expects it): " + ", ".join(f"{k}: {v:.2f}" for k, v in q["caption_nats_per_template"].items())
+                  + ".", ""]
+    lines += ["## SAEs (held-out pairs)", "",
+              "FVU on pooled pairs and on per-token image states (`fvu_vision_tokens`: edits are per token); dead = "
+              "latents that never fire on the held-out pairs; alignment diagnostics of the joint SAEs: paired cosine of "
+              "codes, centred paired cosine (mean code removed), median per-latent vision–text correlation, share of code "
+              "mass on the top latent.", "",
+              markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "fvu_vision_tokens", "l0_vision",
+                                         "l0_text", "dead_vision", "dead_text", "converged", "paired_cosine",
+                                         "centred_paired_cosine", "median_latent_corr", "top_latent_mass"])]
+    for measure, what in (("steering", "Steering (images without the concept)"),
+                          ("suppression", "Suppression by negative steering (images with the concept)")):
+        rows = [r for r in s.get("rows", []) if r["measure"] == measure]
+        if not rows:
+            continue
+        lines += [f"## {what}", "",
+                  "Per layer and direction, over concepts with 95% intervals resampling images (an image's scores across "
+                  "concepts, layers and methods together) and concepts: r50 = strength for a +0.5 effect (geometric mean "
+                  "over the concepts where it is reached; `reached` counts them), its ratio to the oracle's (log2, < 0 = "
+                  "needs less than the oracle), the effect at strength 1, and the effect at matched preservation "
+                  f"(the strongest point keeping ≥ {s.get('level', 0.75):.0%} of the other objects).", "",
+                  markdown_table([{**r, "r50": _ci(r, "r50"), "log2_vs_oracle": _ci(r, "log2_vs_oracle"),
+                                   "effect_small": _ci(r, "effect_small"), "effect_matched": _ci(r, "effect_matched")}
+                                  for r in rows],
+                                 ["positions", "key", "layer", "reached", "r50", "log2_vs_oracle", "effect_small",
+                                  "effect_matched", "cos_oracle"])]
+    clamp = [r for r in s.get("rows", []) if r["measure"] == "clamp"]
+    if clamp:
+        lines += ["## Suppression by clamping (SAE latents to 0 with the error term; oracle: its direction projected out)", "",
+                  markdown_table([{**r, "effect": _ci(r, "effect_small"), "preservation": _ci(r, "preservation")}
+                                  for r in clamp], ["key", "layer", "effect", "preservation"])]
+    if s.get("tests"):
+        lines += ["## Tests (Holm-corrected across the tests listed)", "",
+                  markdown_table([{"test": k, **v} for k, v in s["tests"].items()],
+                                 ["test", "statistic", "p_value", "p_holm", "n", "note"])]
+    lines += ["## Curves", "", "One row per (measure, positions, direction, layer, concept).", "",
+              markdown_table([{**r, "r50": _ci(r, "r50"), "effect_small": _ci(r, "effect_small"),
+                               "effect_matched": _ci(r, "effect_matched")} for r in s.get("curves", [])],
+                             ["measure", "positions", "key", "layer", "concept", "r50", "effect_small", "effect_matched",
+                              "fluency_max", "hallucination_max", "cos_oracle", "top_corr"]),
+              "![dose response](dose_response.png)", "", "Feature browser: [features.html](features.html)", ""]
+    if cfg.get("reference_faults"):
+        lines += ["## Reference faults reproduced", "",
+                  "Sweep images are the SAEs' training images and latents are ranked in-sample; `effect_best_alpha` is "
+                  "the mean over images of each image's best effect over the strength grid (α picked per image with "
+                  "the evaluation metric, as the reference does) — compare it with the sound effects above.", "",
+                  markdown_table([r for r in s.get("curves", []) if r["measure"] == "steering"],
+                                 ["key", "layer", "concept", "effect_best_alpha", "effect_small"])]
+    if m.get("skipped"):
+        lines += ["## Not run", "", *[f"- {k}: {v}" for k, v in m["skipped"].items()], ""]
     ref = m.get("reference")
     if ref is not None:
         lines += ["## Differences from the reference", "",
@@ -44,8 +94,6 @@ def protocol_report(m: dict[str, Any]) -> str:
                   "over every attended non-image token, steering at the image tokens and every generated token, absolute "
                   "α 0.2..3.0, 50 new tokens, the JSAE methods trained by the reference's recipe. What still differs:", "",
                   *[f"- {d}" for d in ref.get("differences", [])], ""]
-    if "interaction" in m:
-        lines += ["## Model × layer interaction", "", f"```\n{json.dumps(m['interaction'], indent=1)}\n```", ""]
     return "\n".join(lines)
 
 
@@ -56,12 +104,14 @@ def _pair(cell: dict[str, Any], key: str) -> str:
 
 
 def sweep_report(models: list[str], interaction: dict[str, Any]) -> str:
-    """``report.md`` of a multi-model sweep: the model × layer interaction test per measure, and links."""
-    lines = ["# jsae sweep", "", f"models: {models}", "", "## Model × layer interaction (jsae, per-image scores)", ""]
-    for measure, r in interaction.items():
-        lines.append(f"- {measure}: " + ("not testable (needs both models with cells at >= 2 layers)" if r is None else
-                                         f"F = {r['f_statistic']:.2f}, permutation p = {r['p_value']:.4f} "
-                                         f"(df {r['df_interaction']}, {r['df_residual']})"))
+    """``report.md`` of a multi-model sweep: the model × layer interaction of log r50 per direction (sign-flip
+    test over concepts, Holm-corrected), and links."""
+    lines = ["# jsae sweep", "", f"models: {models}", "",
+             "## Model × layer interaction of log r50 (sign flips of each concept's interaction table)", ""]
+    for key, r in interaction.items():
+        lines.append(f"- {key}: " + (r["note"] if r.get("p_value") is None else
+                                     f"T = {r['statistic']:.2f}, p = {r['p_value']:.4f}, Holm p = {r.get('p_holm', r['p_value']):.4f} "
+                                     f"({r['n_concepts']} concepts)"))
     lines += ["", *[f"- [{m}]({m}/report.md)" for m in models]]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""The layer-sweep plot (PNG) of a protocol run.  Takes plain data and writes the file atomically."""
+"""The dose–response plot (PNG) of a protocol run.  Takes plain data and writes the file atomically."""
 
 from __future__ import annotations
 
@@ -13,37 +13,47 @@ from jsae.files import write_atomic
 # ---- plots --------------------------------------------------------------------------------------
 
 
-def plot_layer_sweep(summary: dict[str, dict[str, dict[str, dict[str, float]]]], n_layers: int, path: str | Path,
-                     title: str = "") -> Path:
-    """``summary[measure][method][layer] = {"mean", "low", "high"}`` for measure in steering/suppression."""
+def plot_dose_response(bands: dict[str, dict[str, dict[str, dict[str, float | list]]]], n_layers: int,
+                       path: str | Path, title: str = "", xlabel: str = "strength (× mean per-token image-state norm)") -> Path:
+    """Effect (solid) and preservation (dashed) against strength, a panel per layer, a line per direction,
+    95% image-bootstrap intervals of the effect shaded.  ``bands[key][layer]`` holds ``strengths``,
+    ``effect``, ``low``, ``high`` and ``preservation`` (means over concepts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measures = [m for m in ("steering", "suppression") if m in summary]
-    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
-    for ax, measure in zip(axes[0], measures):
-        for i, (method, by_layer) in enumerate(sorted(summary[measure].items())):
-            layers = sorted(by_layer, key=int)
-            x = np.array([int(l) for l in layers]) + (i - 1) * 0.08
-            mean = np.array([by_layer[l]["mean"] for l in layers])
-            err = np.array([[by_layer[l]["mean"] - by_layer[l]["low"], by_layer[l]["high"] - by_layer[l]["mean"]]
-                            for l in layers]).T
-            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=method)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlim(-0.5, n_layers - 0.5)
-        ax.set_xlabel(f"decoder layer (of {n_layers})")
-        ax.set_ylabel("mention rate change" if measure == "steering" else "mention rate drop")
-        ax.set_title(f"{measure} (95% bootstrap CI)")
-        ax.legend(fontsize=8)
+    layers = sorted({int(L) for by_layer in bands.values() for L in by_layer})
+    if not layers:
+        raise ValueError("nothing to plot: no dose-response bands")
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, L in zip(axes[0], layers):
+        for i, key in enumerate(sorted(bands, key=lambda k: (k != "oracle", k))):
+            b = bands[key].get(str(L)) or bands[key].get(L)
+            if not b:
+                continue
+            x = np.asarray(b["strengths"], float)
+            col = "black" if key == "oracle" else colours[i % len(colours)]
+            ax.plot(x, b["effect"], marker="o", ms=3, color=col, label=key, lw=2 if key == "oracle" else 1.2)
+            ax.fill_between(x, b["low"], b["high"], color=col, alpha=0.15)
+            if b.get("preservation") is not None:
+                pres = np.array([np.nan if v is None else v for v in b["preservation"]], float)
+                ax.plot(x, pres, ls="--", color=col, lw=0.8)
+        ax.set_xscale("log")
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(f"layer {L} of {n_layers}")
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel("effect (solid), preservation (dashed)")
+    axes[0][-1].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return write_atomic(path, buf.getvalue())
 
 
-__all__ = ["plot_layer_sweep"]
+__all__ = ["plot_dose_response"]

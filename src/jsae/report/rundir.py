@@ -6,7 +6,7 @@ A **run directory** (``jsae demo --out RUN``)::
     RUN/capture/<part>/               pooled captures (manifest.json + shards)
     RUN/saes/<method>/layer_<L>/      SAELens directories (cfg.json, sae_weights.safetensors, labels.json)
     RUN/metrics.json                  SAE metrics, cells, summary (schema in the README)
-    RUN/report.md, layer_sweep.png, features.html
+    RUN/report.md, dose_response.png, features.html
 
 :class:`RunDir` finds each of these; :func:`resolve_sae_dir` / :func:`load_labelled_sae` read one SAE
 folder (or a shipped release by name) with its labels, and :meth:`RunDir.of_sae` finds the run that holds
@@ -60,19 +60,15 @@ class RunDir:
             raise FileNotFoundError(f"{self.path} has no {METRICS_FILE}; run `jsae demo --out {self.path}` first")
         return json.loads(self.metrics_file.read_text())
 
-    def cells(self, *, layer: int | None = None, method: str | None = None, measure: str | None = None) -> list[Any]:
-        """The run's cells as :class:`jsae.protocol.sweep.Cell` (per-image scores are not kept in metrics.json);
-        [] when the run has no readable metrics yet."""
-        from jsae.protocol.sweep import Cell
-
+    def curves(self, *, layer: int | None = None, key: str | None = None, measure: str | None = None) -> list[dict[str, Any]]:
+        """The run's curve summaries (``metrics.json`` ``summary.curves``: measure, positions, key, layer, concept,
+        features, r50, ...); [] when the run has no readable metrics yet."""
         try:
-            rows = self.metrics().get("cells", [])
+            rows = self.metrics().get("summary", {}).get("curves", [])
         except (FileNotFoundError, ValueError):
             return []
-        names = set(Cell.__dataclass_fields__)
-        out = [Cell(**{k: v for k, v in r.items() if k in names}) for r in rows]
-        return [c for c in out if (layer is None or c.layer == layer) and (method is None or c.method == method)
-                and (measure is None or c.measure == measure)]
+        return [r for r in rows if (layer is None or r["layer"] == layer) and (key is None or r["key"] == key)
+                and (measure is None or r["measure"] == measure)]
 
     @classmethod
     def of_sae(cls, sae_dir: str | Path) -> "RunDir | None":

@@ -8,14 +8,15 @@ from tqdm.auto import tqdm
 from jsae.adapters import padding_side
 from jsae.world import grammar
 from jsae.world.data import iter_world
-from jsae.world.models import _check_name, image_prefix
+from jsae.world.models import _check_name, caption_prompt
 
 
 @torch.no_grad()
 def generate_text(model, processor, name: str, images, prompts: list[str], max_new_tokens: int = 48) -> tuple[list[str], list[bool]]:
-    """Greedy continuation of ``prompts`` (text after the image) for ``images``; returns (texts, ended_with_eos)."""
+    """Greedy continuation of ``prompts`` (text after the captioning prompt) for ``images``; returns
+    (texts, ended_with_eos)."""
     tok = processor.tokenizer
-    texts = [f"{image_prefix(name)} {p}".rstrip() for p in prompts]
+    texts = [f"{caption_prompt(name, processor)} {p}".rstrip() for p in prompts]
     with padding_side(processor, "left"):
         enc = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
     dev = next(model.parameters()).device
@@ -43,6 +44,32 @@ def answer_questions(model, processor, name: str, images, questions: list[str], 
         prompts = list(questions)
     outs, _ = generate_text(model, processor, name, images, prompts, max_new_tokens=8)
     return [o.strip() for o in outs]
+
+
+@torch.no_grad()
+def caption_cross_entropy(model, processor, name: str, n: int = 100, split: str = "test", seed: int = 0,
+                          batch_size: int = 50) -> dict[int, float]:
+    """Mean cross-entropy (nats per caption token, ``</s>`` included) of each caption template of ``n``
+    held-out scenes after the captioning prompt: how much the model expects each template (a template the
+    model has collapsed away from costs several nats; ``log |V|`` is chance)."""
+    from jsae.world.training import build_batch
+
+    _check_name(name)
+    scenes = [s for s, _ in iter_world(split, n, seed)]
+    dev = next(model.parameters()).device
+    out: dict[int, float] = {}
+    for t in range(grammar.N_TEMPLATES):
+        tot = cnt = 0.0
+        for i in range(0, n, batch_size):
+            chunk = scenes[i:i + batch_size]
+            enc, labels = build_batch(name, processor, chunk, [("", grammar.caption(s.objects, t)) for s in chunk])
+            logits = model(**{k: v.to(dev) for k, v in enc.items()}).logits.float()
+            lab = labels[:, 1:].to(dev)
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), lab.flatten(), reduction="sum")
+            tot += float(ce)
+            cnt += float((lab != -100).sum())
+        out[t] = round(tot / cnt, 4)
+    return out
 
 
 def score_caption(text: str, objects: list) -> dict:
@@ -108,6 +135,8 @@ def evaluate(model, processor, name: str, n: int = 500, split: str = "test", see
            "qa_accuracy": round(qa_ok / max(1, qa_tot), 4),
            "qa_accuracy_direct": round(qa_direct_ok / max(1, qa_tot), 4) if direct_qa else None,
            "n_questions": qa_tot}
+    res["caption_nats_per_template"] = caption_cross_entropy(model, processor, name, n=min(n, 100), split=split,
+                                                             seed=seed)
     if examples:
         res["examples"] = shown
     return res

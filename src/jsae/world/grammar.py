@@ -7,6 +7,8 @@ framing, in whether they give positions, and in their use of category words ("fo
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from jsae.world.scenes import CATEGORIES, COLORS, POSITIONS, SIZES, TYPES, TYPE_TO_CATEGORY, Scene, SceneObject
@@ -119,10 +121,61 @@ def parse_caption(text: str) -> list[dict]:
     return found
 
 
+def _alt(words) -> str:
+    return "(?:" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+def _template_patterns() -> list[re.Pattern]:
+    np_ = f"a (?:{_alt(SIZES)}) (?:{_alt(COLORS)}) (?P<type>{_alt(TYPES)})"
+    pos = _alt(POSITIONS)
+    cat = _alt(CATEGORIES)
+    items = [f"{np_} at the {pos}", f"{np_} at the {pos}", None, f"the (?P<cat>{cat}) at the {pos} is {np_}", np_,
+             f"at the {pos} there is {np_} , (?:a|an) (?P<cat>{cat})"]
+    count = f"(?:{_alt(NUMBERS[1:])}) (?:{_alt(list(CATEGORIES) + list(PLURAL.values()))})"
+    out = []
+    for t, item in enumerate(items):
+        item = item or items[0]
+        plain = re.sub(r"\(\?P<\w+>", "(?:", item)
+        join = f"{plain}(?: , {plain})* and {plain}|{plain}"
+        prefix = {1: "there is ", 2: f"{count}(?: and {count})? : "}.get(t, "")
+        out.append(re.compile(f"^{prefix}(?:{join})$"))
+    return out
+
+
+_PATTERNS: list[re.Pattern] | None = None
+
+
+def parses(text: str) -> bool:
+    """Strict fluency: ``text`` is a complete caption of one of the templates (every object phrase complete,
+    the joins right, at most four objects at distinct positions, every category word the category of its
+    object), not merely a string that names an object."""
+    global _PATTERNS
+    if _PATTERNS is None:
+        _PATTERNS = _template_patterns()
+    t = " ".join(text.replace(",", " , ").split())
+    if not any(p.match(t) for p in _PATTERNS):
+        return False
+    found = parse_caption(t)
+    if not 1 <= len(found) <= len(POSITIONS):
+        return False
+    positions = [f["position"] for f in found if f["position"]]
+    if len(positions) != len(set(positions)):
+        return False
+    words = t.split()
+    for i, w in enumerate(words):  # "the food at ... is a ... cake" / "there is a ... cake , a food": categories agree
+        if w in CATEGORIES:
+            near = [x for x in (words[i + 6:i + 10] if i >= 1 and words[i - 1] == "the" else words[max(0, i - 4):i])
+                    if x in TYPE_TO_CATEGORY]
+            if near and TYPE_TO_CATEGORY[near[-1] if words[i - 1] != "the" else near[0]] != w:
+                return False
+    return True
+
+
 def vocabulary() -> list[str]:
     """Every word the grammar can produce (captions, questions, answers), sorted."""
     words = {"a", "at", "the", "and", ",", ":", "?", "there", "is", "what", "color", "size", "where", "how",
-             "many", "are", "nothing", "yes", "no", "of", "with", "image", "in", "an", "picture", "objects", "object"}
+             "many", "are", "nothing", "yes", "no", "of", "with", "image", "in", "an", "picture", "objects", "object",
+             "user", "assistant", "describe"}  # the last three: the toy VLMs' chat template and captioning prompt
     words |= set(NUMBERS) | set(PLURAL.values()) | set(CATEGORIES) | set(TYPES) | set(COLORS) | set(SIZES)
     for p in POSITIONS:
         words |= set(p.split())

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from transformers import LlavaProcessor
 
-from jsae.world.processors import SPECIALS, ToyQwen3VLProcessor, build_llava_processor, build_qwen_processor
+from jsae.world.processors import CAPTION_PROMPT, SPECIALS, ToyQwen3VLProcessor, build_llava_processor, build_qwen_processor
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -87,7 +87,7 @@ TOY_MODELS: dict[str, ToyModelSpec] = {
         train_steps=dict(lm_steps=300, vision_steps=1200, vlm_steps=1100, qa_steps=0, cqa_steps=1000)),
     "qwen3-vl-moe": ToyModelSpec(
         config=_qwen3_vl_moe_config, model_class="Qwen3VLMoeForConditionalGeneration",
-        processor_builder=build_qwen_processor, processor_class=ToyQwen3VLProcessor,
+        processor_builder=lambda tok, size: build_qwen_processor(tok, size, chat_template="world"), processor_class=ToyQwen3VLProcessor,
         train_steps=dict(lm_steps=200, vision_steps=500, vlm_steps=650, qa_steps=0, cqa_steps=450)),
 }
 MODEL_NAMES = tuple(TOY_MODELS)
@@ -131,6 +131,20 @@ def image_prefix(name: str) -> str:
     from jsae.adapters import adapter_class
 
     return adapter_class(toy_spec(name).model_class).plain_prompt("")
+
+
+def caption_prompt(name: str, processor) -> str:
+    """The full prompt a toy model captions from: its chat template with one image and
+    :data:`~jsae.world.processors.CAPTION_PROMPT`, generation prompt added (text follows the image)."""
+    _check_name(name)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def answer_template(name: str, processor) -> str:
+    """Raw prompt template (``{caption}`` in the answer turn) laying a caption out as the toy model expects
+    it: :func:`caption_prompt` followed by the caption."""
+    return caption_prompt(name, processor) + " {caption}"
 
 
 def build_processor(name: str, tokenizer=None):

@@ -22,6 +22,20 @@ IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP statistics (both proces
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+#: what the toy VLMs are asked when they caption (the world's captioning prompt; text after the image)
+CAPTION_PROMPT = "describe the image"
+
+
+def world_chat_template(image_token: str) -> str:
+    """The toy VLMs' chat template: ``user : <image> {text} assistant : {answer}`` (a LLaVA-1.5-style
+    single-turn layout in the world's words), with ``image_token`` for each image of a user turn."""
+    return ("{%- for message in messages -%}{{- message['role'] + ' :' -}}"
+            "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}{%- else -%}"
+            "{%- for c in message['content'] -%}{%- if c['type'] == 'image' -%}{{- ' " + image_token + "' -}}"
+            "{%- elif c['type'] == 'text' -%}{{- ' ' + c['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{- ' ' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- 'assistant :' -}}{%- endif -%}")
+
+
 def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: specials first (``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<unk>`` = 3)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -42,13 +56,16 @@ def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizer
     return tok
 
 
-def build_llava_processor(tokenizer=None, image_size: int = 48, patch_size: int = 8) -> LlavaProcessor:
+def build_llava_processor(tokenizer=None, image_size: int = 48, patch_size: int = 8,
+                          chat_template: str | None = "world") -> LlavaProcessor:
+    """The toy LLaVA's processor (``chat_template="world"``: :func:`world_chat_template`; ``None``: none)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                                image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=world_chat_template("<image>") if chat_template == "world" else chat_template)
 
 
 class ToyQwen3VLProcessor(Qwen3VLProcessor):
@@ -92,4 +109,6 @@ def build_qwen_processor(tokenizer=None, image_size: int = 48, patch_size: int =
                                   min_pixels=image_size * image_size if min_pixels is None else min_pixels,
                                   max_pixels=image_size * image_size if max_pixels is None else max_pixels,
                                   image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+    if chat_template == "world":
+        chat_template = world_chat_template("<|image_pad|>")
     return ToyQwen3VLProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), chat_template=chat_template)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from jsae.adapters import for_model, padding_side
 from jsae.world import grammar
 from jsae.world.data import scene_seed
-from jsae.world.models import (TOY_MODELS, _check_name, build_model, build_processor, check_weights, image_prefix,
+from jsae.world.models import (TOY_MODELS, _check_name, build_model, build_processor, caption_prompt, check_weights,
                                model_class, model_dir, save_toy_vlm)
 from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
@@ -110,7 +110,7 @@ def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], pr
     """Model inputs + labels for (prompt, target) pairs: loss on the target tokens and ``</s>``, and on the
     first ``prompt_loss_words[i]`` words of prompt ``i`` (the caption of a describe-then-answer prompt)."""
     tok = processor.tokenizer
-    prefix = image_prefix(name)
+    prefix = caption_prompt(name, processor)
     prompts = [f"{prefix} {p}".rstrip() for p, _ in targets]
     full = [f"{prefix} {p} {t} </s>".replace("  ", " ") for p, t in targets]
     images = [s.image for s in scenes]
@@ -298,8 +298,8 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
         scenes = _scenes(cfg.seed, phase, step, cfg.batch_size)
         srng = np.random.default_rng([cfg.seed, phase, step])
         targets, caption_words = [], []
-        for s in scenes:
-            cap = grammar.caption(s.objects, 0)
+        for s in scenes:  # every caption template, so that none collapses (the text SAE sees them all)
+            cap = grammar.caption(s.objects, int(srng.integers(grammar.N_TEMPLATES)))
             if srng.random() < qa_fraction:
                 q, a = grammar.sample_questions(s, 1, srng)[0]
                 targets.append((describe_prompt(cap, q) if describe_first else q, a))
@@ -322,7 +322,7 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     run_phase("qa", cfg.qa_steps, [p for p in model.parameters() if p.requires_grad], cfg.qa_lr,
               functools.partial(vlm_batch, phase=4, qa_fraction=cfg.qa_phase_fraction), vlm_loss)
 
-    # 5. describe-then-answer: the question follows the image's (own) canonical caption
+    # 5. describe-then-answer: the question follows the image's (own) caption
     run_phase("cqa", cfg.cqa_steps, [p for p in model.parameters() if p.requires_grad], cfg.cqa_lr,
               functools.partial(vlm_batch, phase=5, qa_fraction=cfg.cqa_fraction, describe_first=True), vlm_loss)
 
