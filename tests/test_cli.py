@@ -16,7 +16,7 @@ from jsae.cli import app
 runner = CliRunner()
 
 GROUPS = {
-    "run": ["demo", "sweep", "capture"],
+    "run": ["demo", "sweep", "capture", "experiments"],
     "sae": ["train", "label", "steer"],
     "look": ["features", "export-neuronpedia", "core-metrics"],
     "release": ["build", "build-shipped", "list", "push", "pull", "yaml"],

@@ -13,8 +13,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from jsae.protocol.experiments import FAULTS, reference_repetition, reference_walk, run_experiments, steering_direction, write_experiments_report
-from jsae.protocol.reference_metrics import Experiment, LMPerplexity, write_experiment_table
+from jsae.protocol.experiments import (
+    FAULTS,
+    reference_repetition,
+    reference_walk,
+    run_experiments,
+    steering_direction,
+    write_experiments_report,
+)
+from jsae.protocol.reference_metrics import (
+    Experiment,
+    LMPerplexity,
+    write_experiment_table,
+)
 
 torch.set_num_threads(1)
 
@@ -117,6 +128,32 @@ def test_world_image_ids_are_indices_into_the_split(tiny, run_dir: Path, tmp_pat
     assert direct["experiments"][0]["unsteered"] == e["unsteered"]
 
 
+def test_dataset_image_ids(tiny, run_dir: Path, images: list, tmp_path: Path) -> None:
+    """``data``: a saved caption dataset, matched by its image_id column, else by row index."""
+    import datasets as hf
+
+    feats = {"image": hf.Image(), "caption": hf.Value("string")}
+    rows = [{"image": im, "caption": "a cat"} for im in images]
+    hf.Dataset.from_list([{**r, "image_id": f"img{10 + i}"} for i, r in enumerate(rows)],
+                         features=hf.Features({**feats, "image_id": hf.Value("string")})).save_to_disk(tmp_path / "ids")
+    hf.Dataset.from_list(rows, features=hf.Features(feats)).save_to_disk(tmp_path / "rows")
+    kw = {"vlm": tiny, "alphas": (0.0,), "max_new_tokens": 3, "progress": False, "data_split": "train"}
+    want = run_experiments([Experiment("x", LAYER, [1], ["cat"], "", ["2", "0"])], run_dir, images=images,
+                           prompt="describe the image", **kw)["experiments"][0]["unsteered"]
+    got = run_experiments([Experiment("x", LAYER, [1], ["cat"], "", ["img12", "img10"])], run_dir,
+                          data=str(tmp_path / "ids"), prompt="describe the image", **kw)
+    assert got["experiments"][0]["unsteered"] == want and got["config"]["prompt"] == "describe the image"
+    got = run_experiments([Experiment("x", LAYER, [1], ["cat"], "", ["2", "0"])], run_dir, data=str(tmp_path / "rows"),
+                          prompt="describe the image", **kw)
+    assert got["experiments"][0]["unsteered"] == want
+    with pytest.raises(ValueError) as info:
+        run_experiments([Experiment("x", LAYER, [1], ["cat"], "", ["img3"])], run_dir, data=str(tmp_path / "ids"), **kw)
+    assert "unknown image id 'img3'" in _one_line(info.value) and "image_id column" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        run_experiments([Experiment("x", LAYER, [1], ["cat"], "", ["3"])], run_dir, data=str(tmp_path / "rows"), **kw)
+    assert "unknown image id '3'" in _one_line(info.value) and "rows 0..2" in str(info.value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the reference's walk and its faults
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +223,7 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> LMPerplexity:
 def test_reference_faults_walk_stops_on_perplexity(tiny, run_dir: Path, images: list, gpt2: LMPerplexity,
                                                     tmp_path: Path) -> None:
     table = _table(tmp_path / "t.csv", Experiment("cats", LAYER, [3], ["cat"], "a red cat", ["0", "1"]))
-    alphas = (0.2, 0.4, 0.6)
+    alphas = (0.005, 0.01, 0.02)  # small: the tiny model's states have norms ~0.1, larger α gives one-word captions
     res = run_experiments(table, run_dir, vlm=tiny, images=images, alphas=alphas, max_new_tokens=6, perplexity=gpt2,
                           reference_faults=True, progress=False)
     json.dumps(res, allow_nan=False)
@@ -196,10 +233,10 @@ def test_reference_faults_walk_stops_on_perplexity(tiny, run_dir: Path, images: 
     walks = e["reference_walk"]
     assert [w["image_id"] for w in walks] == ["0", "1"]
     for w in walks:  # ppl > 40 fires at the second α (the first has no prev_ppl): stopped early
-        assert (w["alpha"], w["stopped_at"], w["rule"]) == (0.2, 0.4, "b_over_40")
+        assert (w["alpha"], w["stopped_at"], w["rule"]) == (0.005, 0.01, "b_over_40")
         assert w["perplexity"] > 40 and w["caption"] == e["grid"][0]["captions"][int(w["image_id"])]
     assert e["reference_walk_summary"]["stopped_by"]["b_over_40"] == 2
-    assert e["reference_walk_summary"]["grid_at_fixed_alpha"]["alpha"] == 0.2
+    assert e["reference_walk_summary"]["grid_at_fixed_alpha"]["alpha"] == 0.005
     faults = {f["name"]: f for f in res["faults"]}
     assert list(faults) == list(FAULTS)
     assert faults["perplexity_rule_sign_reversed"]["active"] and not faults["alpha_by_eval_metric"]["active"]
@@ -210,13 +247,72 @@ def test_reference_faults_walk_stops_on_perplexity(tiny, run_dir: Path, images: 
     assert "perplexity_rule_sign_reversed" in md and "perplexity > 40" in md
 
 
+@pytest.fixture(scope="module")
+def sbert(tmp_path_factory: pytest.TempPathFactory):
+    """A random BERT over the tiny VLM's words as a local sentence-transformers model."""
+    pytest.importorskip("sentence_transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import (
+            Pooling,
+            Transformer,
+        )
+    except ImportError:  # sentence-transformers 5
+        from sentence_transformers.models import Pooling, Transformer
+    from sentence_transformers import SentenceTransformer
+
+    from jsae.protocol.reference_metrics import SentenceSimilarity
+    from jsae.testing import WORDS
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", model_max_length=64)
+    root = tmp_path_factory.mktemp("st")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=0)).eval().save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    transformer = Transformer(str(root / "bert"))
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                        device="cpu").save(str(root / "st"))
+    return SentenceSimilarity(root / "st")
+
+
+def test_similarity_gain_and_its_rules(tiny, run_dir: Path, images: list, sbert, tmp_path: Path) -> None:
+    exp = Experiment("cats", LAYER, [3], ["cat"], "a red cat on the left", ["0", "1"])
+    alphas = (0.005, 0.05)
+    res = run_experiments([exp], run_dir, vlm=tiny, images=images, alphas=alphas, max_new_tokens=5, similarity=sbert,
+                          reference_faults=True, progress=False)
+    json.dumps(res, allow_nan=False)
+    (e,) = res["experiments"]
+    for g in e["grid"]:  # the mean over images of sim(steered, target) - sim(unsteered, target)
+        want = sbert.gain(g["captions"], e["unsteered"], exp.target).mean()
+        assert g["similarity_gain"] == pytest.approx(float(want), abs=1e-5)
+    for i, w in enumerate(e["reference_walk"]):
+        k = alphas.index(w["alpha"])
+        assert w["similarity_gain"] == pytest.approx(float(sbert.gain([e["grid"][k]["captions"][i]], [e["unsteered"][i]],
+                                                                      exp.target)[0]), abs=1e-5)
+    rules = res["config"]["reference_rules"]
+    assert rules["a"]["active"] and rules["d"]["active"] and not rules["b"]["active"]
+    faults = {f["name"]: f for f in res["faults"]}
+    assert faults["alpha_by_eval_metric"]["active"] and not faults["perplexity_rule_sign_reversed"]["active"]
+    assert faults["last_not_best"]["by_experiment"]["cats"]["metric"] == "similarity_gain"
+    with pytest.raises(ValueError) as info:  # the gain needs a target sentence
+        run_experiments([Experiment("t", LAYER, [3], ["cat"], "", ["0"])], run_dir, vlm=tiny, images=images,
+                        similarity=sbert, progress=False)
+    assert "no target sentence" in _one_line(info.value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one-line errors
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_errors(tiny, run_dir: Path, images: list, tmp_path: Path) -> None:
-    kw = dict(vlm=tiny, images=images, alphas=(1.0,), max_new_tokens=2, progress=False)
+    kw = {"vlm": tiny, "images": images, "alphas": (1.0,), "max_new_tokens": 2, "progress": False}
     with pytest.raises(FileNotFoundError) as info:
         run_experiments([Experiment("x", 2, [1], ["cat"], "", ["0"])], run_dir, **kw)
     msg = _one_line(info.value)

@@ -176,7 +176,6 @@ def experiments(
     caption_template: Optional[str] = typer.Option(None, help="raw captioning prompt ({caption} = --prompt), e.g. the reference's Mistral instruction form with <image>"),
     similarity_model: Optional[str] = typer.Option(None, help="sentence-transformers model (hub id or folder) for the similarity gain to the target, e.g. sentence-transformers/all-MiniLM-L6-v2"),
     perplexity_model: Optional[str] = typer.Option(None, help="causal LM (hub id or folder) for caption perplexity, e.g. gpt2"),
-    text_source: str = typer.Option("dataset", help="text view: the dataset's captions | generated (the VLM's own greedy captions of the train/label images)"),
     reference_faults: bool = typer.Option(False, help="also replay the reference's per-image upward walk over alpha with its faulty stopping rules, and report each fault"),
     max_new_tokens: int = typer.Option(50, min=1, help="greedy caption length (the reference: 50)"),
     batch_size: int = typer.Option(64, min=1, help="captions generated per batch"),

@@ -31,13 +31,19 @@ from __future__ import annotations
 
 import math
 import zlib
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from jsae.protocol.reference_metrics import Experiment, caption_metrics, keyword_hit, read_experiment_table
+from jsae.protocol.reference_metrics import (
+    Experiment,
+    caption_metrics,
+    keyword_hit,
+    read_experiment_table,
+)
 from jsae.protocol.run import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
 from jsae.protocol.sweep import POSITION_SETS, steer_interventions
 
@@ -381,8 +387,8 @@ def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Pat
         unsteered = captioner(ims)
         strengths = [a for a in alphas for _ in range(n)]  # rows: α-major, image-minor
         rows = [im for _ in alphas for im in ims]
-        steered = captioner(rows, lambda start, stop, d=direction, layer=e.layer:
-                            steer_interventions(layer, positions, d, strengths[start:stop]))
+        steered = captioner(rows, lambda start, stop, d=direction, layer=e.layer, st=strengths:
+                            steer_interventions(layer, positions, d, st[start:stop]))
         by_alpha = [steered[k * n:(k + 1) * n] for k in range(len(alphas))]
         texts = unsteered + steered
         sim = _SimilarityTable(similarity, texts, e.target) if similarity is not None else None
@@ -406,8 +412,8 @@ def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Pat
                                    "perplexity": ppl.table[c] if ppl else None, "distinct_3": d3, "compression_ratio": cr})
                 walk = reference_walk(alphas, scores, use_similarity=sim is not None, use_perplexity=ppl is not None)
                 grid_ppl = [ppl.table[caps[i]] for caps in by_alpha] if ppl else []
-                walk["grid_perplexity_rose_gt_10"] = any(b - a > 10 for a, b in zip(grid_ppl, grid_ppl[1:]))
-                walk["grid_perplexity_dropped_gt_10"] = any(a - b > 10 for a, b in zip(grid_ppl, grid_ppl[1:]))
+                walk["grid_perplexity_rose_gt_10"] = any(b - a > 10 for a, b in pairwise(grid_ppl))
+                walk["grid_perplexity_dropped_gt_10"] = any(a - b > 10 for a, b in pairwise(grid_ppl))
                 walks.append({"image_id": e.image_ids[i], "unsteered": unsteered[i], **walk})
             rec["reference_walk"] = walks
             rec["reference_walk_summary"] = _walk_summary(walks, grid, alphas)
@@ -508,14 +514,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def experiments_markdown(result: Mapping[str, Any]) -> str:
     """A markdown report: the configuration, one grid table per experiment, the walk and the faults."""
     cfg = result.get("config", {})
-    lines = ["# Steering experiments", "",
-             f"Run `{cfg.get('run_dir')}`, method `{cfg.get('method')}`, positions `{cfg.get('positions')}`, "
+    intro = (f"Run `{cfg.get('run_dir')}`, method `{cfg.get('method')}`, positions `{cfg.get('positions')}`, "
              f"α grid {cfg.get('alphas')}, {cfg.get('max_new_tokens')} new tokens, prompt {cfg.get('prompt')!r}.  "
-             "Every α runs on every image; no α is chosen.", ""]
+             "Every α runs on every image; no α is chosen.")
+    lines = ["# Steering experiments", "", intro, ""]
     for e in result.get("experiments", []):
-        lines += [f"## {e['name']}", "",
-                  f"Layer {e['layer']}, latents {e['latents']}, keywords {e['keywords']}, target {e['target']!r}, "
-                  f"{e['n_images']} image(s).", "",
+        what = (f"Layer {e['layer']}, latents {e['latents']}, keywords {e['keywords']}, target {e['target']!r}, "
+                f"{e['n_images']} image(s).")
+        lines += [f"## {e['name']}", "", what, "",
                   "| α | keyword hit | hit unsteered | hit gain | similarity gain | perplexity | distinct-3 | zlib ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         for g in e["grid"]:
@@ -528,7 +534,8 @@ def experiments_markdown(result: Mapping[str, Any]) -> str:
                       "| image | reported α | stopped at | rule | keyword hit | similarity gain | perplexity |",
                       "|---|---|---|---|---|---|---|"]
             for w in e["reference_walk"]:
-                lines.append(f"| {_fmt(w['image_id'])} | {_fmt(w['alpha'], 1)} | {_fmt(w['stopped_at'], 1)} | "
+                alpha, stop = (("–" if a is None else f"{a:g}") for a in (w["alpha"], w["stopped_at"]))
+                lines.append(f"| {_fmt(w['image_id'])} | {alpha} | {stop} | "
                              f"{_fmt(w['rule_text'])} | {_fmt(w.get('keyword_hit'))} | {_fmt(w.get('similarity_gain'))} | "
                              f"{_fmt(w.get('perplexity'), 1)} |")
         lines.append("")
@@ -537,6 +544,16 @@ def experiments_markdown(result: Mapping[str, Any]) -> str:
                   "|---|---|---|---|"]
         for f in result["faults"]:
             lines.append(f"| `{f['name']}` | {_fmt(f['active'])} | {f['fired']} | {_fmt(f['fault'])} |")
+        lines += ["", "The walk's reported metrics (α per image) against the sound grid at one α for all images "
+                      "(the grid α nearest the walk's median):", ""]
+        for e in result.get("experiments", []):
+            summ = e.get("reference_walk_summary") or {}
+            g = summ.get("grid_at_fixed_alpha") or {}
+            fixed = "–" if g.get("alpha") is None else f"{g['alpha']:g}"
+            lines.append(f"- {e['name']}: walk keyword hit {_fmt(summ.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_fmt(summ.get('similarity_gain'))}, perplexity {_fmt(summ.get('perplexity'), 1)}; grid at "
+                         f"α={fixed}: keyword hit {_fmt(g.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_fmt(g.get('similarity_gain'))}, perplexity {_fmt(g.get('perplexity'), 1)}")
         lines.append("")
     return "\n".join(lines)
 
