@@ -124,3 +124,27 @@ def test_steer_on_a_vlm_directory_with_an_image_folder_or_a_caption_dataset(tmp_
     assert res.exit_code == 2 and "labels features on world data, but these images are captions data" in res.output
     res = runner.invoke(app, [*args, "--images", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "holds no images" in res.output
+
+
+def test_thread_policy(monkeypatch):
+    """One torch thread per two cores by default (the toy world's small matrices thrash with a thread per core on
+    a busy machine); --threads wins; a user's OMP_NUM_THREADS is kept."""
+    import os
+
+    import torch
+
+    from jsae.cli import THREAD_VARS, thread_policy
+
+    assert [thread_policy(None, c) for c in (1, 2, 4, 16, 64)] == [1, 1, 2, 8, 8]
+    before = torch.get_num_threads()
+    try:
+        for var in THREAD_VARS:
+            monkeypatch.delenv(var, raising=False)
+        res = runner.invoke(app, ["--threads", "1", "version"])
+        assert res.exit_code == 0 and os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert runner.invoke(app, ["version"]).exit_code == 0 and os.environ["OMP_NUM_THREADS"] == "3"
+        res = runner.invoke(app, ["--threads", "0", "version"])
+        assert res.exit_code == 2 and "--threads must be at least 1" in res.output
+    finally:
+        torch.set_num_threads(before)

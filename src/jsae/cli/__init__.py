@@ -52,10 +52,36 @@ app = typer.Typer(help="Joint Sparse Autoencoders, VISTA and SAE steering for vi
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def thread_policy(threads: int | None, cores: int | None = None) -> int:
+    """torch CPU threads for a command: ``threads`` when given, else one per two cores (at least 1, at most 8):
+    the toy world's small matrices thrash with a thread per core on a busy machine (2 threads on 2 shared
+    cores made the demo 7x slower), and gain little from more threads when idle (see the README)."""
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter("--threads must be at least 1")
+        return threads
+    import os
+
+    return max(1, min(8, (cores or os.cpu_count() or 1) // 2))
+
+
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                       help="Print the jsae version and exit.")) -> None:
-    pass
+                                       help="Print the jsae version and exit."),
+          threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: one per two cores, at most 8; "
+                                                             "OMP_NUM_THREADS set by you wins)")) -> None:
+    import os
+
+    if threads is None and any(v in os.environ for v in THREAD_VARS):
+        return  # the user's own setting
+    n = str(thread_policy(threads))
+    for var in THREAD_VARS:  # read by torch when a command first imports it
+        os.environ[var] = n
+    if "torch" in __import__("sys").modules:
+        __import__("torch").set_num_threads(int(n))
 
 
 app.add_typer(run_app, name="run")

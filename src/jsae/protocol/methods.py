@@ -93,7 +93,7 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None
     out: dict[str, Method] = {}
     # trained at mean norm sqrt(d_in), the scale folded back (train_jsae_unit_norm): the SAEs take raw activations
     tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
-                              seed=seed, progress=False, log_every=max(steps // 4, 1), grad_clip_norm=None)
+                              seed=seed, progress=False, log_every=max(steps // 20, 1), grad_clip_norm=None)
     for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
         cfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, alignment="cosine" if name == "jsae" else "none",
                                      mse_normalization="variance", l1_coefficient=0.03)

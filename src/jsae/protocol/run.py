@@ -362,13 +362,25 @@ def _fvu(m: Method, x: torch.Tensor, modality: str) -> tuple[float, torch.Tensor
     return float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), z
 
 
+def _late_loss_drop(history: list[dict[str, float]] | None) -> float | None:
+    """Relative drop of the logged training loss from the third to the last quarter of training (< 0.05: a
+    plateau); None without a history of at least 8 points (SAELens's trainer keeps none here)."""
+    losses = [h["losses/overall_loss"] for h in history or [] if "losses/overall_loss" in h]
+    if len(losses) < 8:
+        return None
+    q = len(losses) // 4
+    prev, last = float(np.mean(losses[-2 * q:-q])), float(np.mean(losses[-q:]))
+    return (prev - last) / prev if prev > 0 else None
+
+
 @torch.no_grad()
 def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, Any]:
     """FVU, L0 and dead latents per modality on held-out pools (and the vision FVU on per-token image states);
     for a JSAE the alignment diagnostics: paired cosine of codes, *centred* paired cosine (each modality's
     mean code removed, so always-on latents do not count), the median over latents alive in both of the
     vision–text correlation of a latent's codes across pairs, and the share of code mass on the top latent.
-    ``converged``: fewer than 10% dead latents in every modality (the trainer's FVU plateau is not checked)."""
+    ``converged``: fewer than 10% dead latents in every modality and (when the trainer logged its loss) a late
+    plateau: the loss fell by less than 5% from the third to the last quarter of training."""
     out: dict[str, Any] = {}
     codes = {}
     for name, x in (("vision", v), ("text", t)):
@@ -381,7 +393,9 @@ def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tenso
     if tokens is not None and len(tokens):
         out["fvu_vision_tokens"], _ = _fvu(m, tokens, "vision")
     d_sae = codes["vision"].shape[1]
-    out["converged"] = all(out[f"dead_{k}"] < 0.1 * d_sae for k in codes)
+    out["loss_drop_last_quarter"] = _late_loss_drop(getattr(m.sae, "training_history", None))
+    out["converged"] = all(out[f"dead_{k}"] < 0.1 * d_sae for k in codes) and (
+        out["loss_drop_last_quarter"] is None or out["loss_drop_last_quarter"] < 0.05)
     if m.joint:
         zv, zt = codes["vision"], codes["text"]
         cos = torch.nn.functional.cosine_similarity

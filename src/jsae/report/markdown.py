@@ -45,7 +45,7 @@ def protocol_report(m: dict[str, Any]) -> str:
               "codes, centred paired cosine (mean code removed), median per-latent vision–text correlation, share of code "
               "mass on the top latent.", "",
               markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "fvu_vision_tokens", "l0_vision",
-                                         "l0_text", "dead_vision", "dead_text", "converged", "paired_cosine",
+                                         "l0_text", "dead_vision", "dead_text", "loss_drop_last_quarter", "converged", "paired_cosine",
                                          "centred_paired_cosine", "median_latent_corr", "top_latent_mass"])]
     for measure, what in (("steering", "Steering (images without the concept)"),
                           ("suppression", "Suppression by negative steering (images with the concept)")):

@@ -147,8 +147,10 @@ def train_jsae_unit_norm(sae_cfg: TrainingJointSAEConfig, trainer_cfg: JointTrai
     so the returned SAE (in eval mode) takes raw activations.  Deterministic for ``trainer_cfg.seed``."""
     scale = unit_norm_scale(vision, text)
     data = PairedTensorData(vision * scale, text * scale, batch_size=min(batch_size, vision.shape[0]), seed=trainer_cfg.seed)
-    sae = JointSAETrainer.from_config(sae_cfg, trainer_cfg, data).fit().eval()
+    trainer = JointSAETrainer.from_config(sae_cfg, trainer_cfg, data)
+    sae = trainer.fit().eval()
     sae.fold_activation_norm_scaling_factor(scale)
+    sae.training_history = list(trainer.history)  # logged losses, for convergence checks
     return sae
 
 
