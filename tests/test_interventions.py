@@ -324,3 +324,19 @@ def test_project_out_and_the_last_positions():
     assert (but.sum(1) == img.sum(1) - 1).all() and not (but & ~img).any()
     with pytest.raises(ValueError, match="non-zero direction"):
         ProjectOut(LAYER, "image", direction=torch.zeros(32))
+
+
+def test_caption_helper_is_the_protocols_captioner():
+    """jsae.caption (the public helper) gives what Captioner gives, with and without interventions; jsae.world is
+    reachable after a bare import jsae."""
+    from jsae.interventions import Captioner
+
+    v = tiny_vlm("llava")
+    vlm = (v.model, v.processor, v.adapter)
+    imgs = v.images(2, start=1)
+    d = torch.randn(32, generator=torch.Generator().manual_seed(9)) * 50
+    ivs = [Steer(LAYER, "image", timing="prefill", direction=d)]
+    want = Captioner(v.model, v.processor, v.adapter, prompt="a dog", max_new_tokens=5)(imgs, ivs)
+    assert jsae.caption(vlm, imgs, "a dog", ivs, max_new_tokens=5) == want
+    assert jsae.caption(vlm, imgs, "a dog", max_new_tokens=5) != want  # the steer reached the captions
+    assert jsae.world.MODEL_NAMES == ("llava", "qwen3-vl-moe")

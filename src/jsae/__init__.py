@@ -22,7 +22,8 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY, r
 
 from jsae import adapters, releases
 from jsae.capture import capture_pairs
-from jsae.interventions import Ablate, Clamp, Intervention, Patches, ProjectOut, Splice, Steer, generate, intervene
+from jsae.interventions import (Ablate, Clamp, Intervention, Patches, ProjectOut, Splice, Steer, caption, generate,
+                                intervene)
 from jsae.labels import FeatureLabels, label_features
 from jsae.saes import MODALITIES, JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig, get_alignment_loss
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedActivations, PairedTensorData, load_pairs, train_jsae
@@ -49,10 +50,22 @@ def run_protocol(out: str, cfg: object = None, **kwargs: object) -> dict:
     return _run(out, cfg, **kwargs)  # type: ignore[arg-type]
 
 
+_LAZY = ("world", "protocol", "report", "data", "vista", "cli")
+
+
+def __getattr__(name: str) -> object:
+    """``jsae.world`` (and the other heavy subpackages) after a bare ``import jsae``, imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"jsae.{name}")
+    raise AttributeError(f"module 'jsae' has no attribute {name!r}")
+
+
 __all__ = [
     "MODALITIES", "JointSAE", "JointSAEConfig", "TrainingJointSAE", "TrainingJointSAEConfig", "get_alignment_loss",
     "JointSAETrainer", "JointTrainerConfig", "PairedActivations", "PairedTensorData", "load_pairs", "train_jsae",
     "VLM", "load_vlm", "capture_pairs", "FeatureLabels", "label_features",
-    "Ablate", "Clamp", "Intervention", "Patches", "ProjectOut", "Splice", "Steer", "generate", "intervene",
+    "Ablate", "Clamp", "Intervention", "Patches", "ProjectOut", "Splice", "Steer", "caption", "generate", "intervene",
     "adapters", "releases", "run_protocol",
 ]

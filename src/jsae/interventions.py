@@ -505,3 +505,15 @@ class Captioner:
                 out += generate(self.model, enc, ivs, max_new_tokens=self.max_new_tokens, processor=self.processor,
                                 adapter=self.adapter)
         return [c.strip() for c in out]
+
+
+def caption(vlm: Any, images: Sequence[Any], prompt: str, interventions: Any = (), *, max_new_tokens: int = 40,
+            batch_size: int = 64, prompt_template: str | None = None) -> list[str]:
+    """Greedy captions of ``images`` by ``vlm`` (``jsae.load_vlm(...)``) after ``prompt`` (the processor's chat
+    template with one image and the prompt, generation prompt added; ``prompt_template`` a raw prompt with
+    ``{caption}`` for the prompt), with ``interventions`` applied: what the protocol itself calls
+    (:class:`Captioner`).  The toy models' prompt is ``jsae.world.processors.CAPTION_PROMPT``."""
+    model, processor, adapter = vlm
+    return Captioner(model, processor, adapter, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     prompt_template=prompt_template)(list(images), interventions)
+
