@@ -340,3 +340,11 @@ def test_caption_helper_is_the_protocols_captioner():
     assert jsae.caption(vlm, imgs, "a dog", ivs, max_new_tokens=5) == want
     assert jsae.caption(vlm, imgs, "a dog", max_new_tokens=5) != want  # the steer reached the captions
     assert jsae.world.MODEL_NAMES == ("llava", "qwen3-vl-moe")
+
+
+def test_non_finite_steering_is_refused():
+    d = torch.ones(32)
+    for bad in (dict(direction=d * float("nan")), dict(direction=d, strength=float("inf")),
+                dict(direction=torch.ones(2, 32), strength=[1.0, float("nan")])):
+        with pytest.raises(ValueError, match="must be finite"):
+            Steer(LAYER, "image", **bad)

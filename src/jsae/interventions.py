@@ -166,6 +166,8 @@ class Steer(Intervention):
         super().__post_init__()
         if not isinstance(self.direction, Tensor) or self.direction.dim() not in (1, 2):
             raise ValueError("Steer needs direction=, a tensor of size d_in (or [batch, d_in], one per prompt)")
+        if not bool(torch.isfinite(self.direction).all()) or not bool(torch.isfinite(torch.as_tensor(self.strength)).all()):
+            raise ValueError("Steer's direction and strength must be finite numbers (got NaN or inf)")
         if not isinstance(self.strength, (int, float)):
             st = torch.as_tensor(self.strength, dtype=torch.float32).flatten()
             if self.direction.dim() == 2 and st.numel() != self.direction.shape[0]:
