@@ -58,7 +58,7 @@ REFERENCE_EPOCHS = 20
 #: ``"reference"``, ``d_sae=None`` means ``4 · d_in`` and ``steps`` is the TopK baseline's budget only (the JSAE
 #: methods train ``epochs`` epochs by the reference recipe).
 PRESET_CHOICES: dict[str, dict[str, Any]] = {
-    "default": {"d_sae": 128, "steps": 2000, "max_new_tokens": 40, "text_positions": "caption", "steer_at": "image",
+    "default": {"d_sae": 128, "steps": 2000, "max_new_tokens": 32, "text_positions": "caption", "steer_at": "image",
                 "alphas": None, "epochs": None},
     "reference": {"d_sae": None, "steps": 600, "max_new_tokens": 50, "text_positions": "non_image",
                   "steer_at": "image+generated", "alphas": REFERENCE_ALPHAS, "epochs": REFERENCE_EPOCHS},
@@ -85,7 +85,7 @@ class ProtocolConfig:
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
     lr: float = 3e-3
-    n_images: int = 12  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
+    n_images: int = 8  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
     top_k: int = 3  # latents per (method, decoder, concept), ranked by correlation with the concept
     ratios: tuple[float, ...] = RATIOS  # strength grid × the mean per-token image-state norm (shared by every method)
     positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: (steer_at,))
@@ -204,8 +204,11 @@ def data_source(cfg: ProtocolConfig) -> DataSource:
     return src
 
 
-def default_layers(n_layers: int, k: int) -> list[int]:
-    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, k)})
+def default_layers(n_layers: int, k: int, last: bool = False) -> list[int]:
+    """``k`` layers spread from the first to the last decoder layer (``last``) or to the one before it: at the
+    last layer, edits of the prompt's states at prefill are read by nothing, so they are null by construction."""
+    top = n_layers - 1 if last or n_layers < 2 else n_layers - 2
+    return sorted({int(round(x)) for x in np.linspace(0, top, k)})
 
 
 def check_config(cfg: ProtocolConfig) -> None:
@@ -619,7 +622,10 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
     t0 = time.time()
     timings: dict[str, float] = {}
     vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
-    layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers)
+    from jsae.protocol.sweep import POSITION_SETS
+
+    every_step = any(tm == "every_step" for p in cfg.positions for _, tm in POSITION_SETS[p])
+    layers = cfg.layers or default_layers(vlm.adapter.n_layers, cfg.n_sweep_layers, last=every_step)
     for layer in layers:
         vlm.adapter.check_layer(layer)
     cfg, prompt_notes = reference_prompts(cfg, vlm.processor, vlm.adapter)

@@ -20,6 +20,7 @@ the grid so that "not reached" counts), the mean ``effect_small`` and ``effect_m
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -134,15 +135,20 @@ def summarise_curves(curves: Sequence[Any], n_boot: int = 400, seed: int = 0) ->
             r50 = np.stack([per[id(c)]["r50"] for c in cs], 1)
             reached = np.isfinite(r50[0])
             row["reached"] = f"{int(reached.sum())}/{len(cs)}"
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # draws where no concept reaches +0.5
                 g = np.where(np.isfinite(r50), np.log(r50), np.nan)
                 geo = np.exp(np.nanmean(g, 1)) if reached.any() else np.full(len(r50), np.nan)
             _with_ci(row, "r50", geo)
-            stash[(measure, pos, key, layer)] = {c.concept: log_r50(c) for c in cs}
+            stash[(measure, pos, key, layer)] = {c.concept: (log_r50(c), bool(np.isfinite(per[id(c)]["r50"][0]))) for c in cs}
+            # the ratio to the oracle only where the oracle itself reaches +0.5 (else there is nothing to compare with)
             ratios = {c.concept: log_r50(c) - log_r50(oracle[(measure, pos, layer, c.concept)]) for c in cs
-                      if (measure, pos, layer, c.concept) in oracle}
-            if ratios and key != "oracle":
-                _with_ci(row, "log2_vs_oracle", bs.over_concepts(ratios))
+                      if (measure, pos, layer, c.concept) in oracle
+                      and np.isfinite(per[id(oracle[(measure, pos, layer, c.concept)])]["r50"][0])}
+            if key != "oracle":
+                row["oracle_reached"] = len(ratios)
+                if ratios:
+                    _with_ci(row, "log2_vs_oracle", bs.over_concepts(ratios))
             cos = [c.cosine_to_oracle for c in cs if c.cosine_to_oracle is not None]
             row["cos_oracle"] = float(np.mean(cos)) if cos else None
             if len(cs[0].strengths) > 1:
@@ -168,7 +174,8 @@ COMPARISONS = (("jsae:text", "jsae-none:text"), ("jsae:vision", "jsae-none:visio
                ("jsae:vision", "saelens-topk:vision"), ("jsae:text", "saelens-topk:vision"), ("jsae:text", "oracle"))
 
 
-def _comparisons(stash: dict[tuple, dict[str, np.ndarray]], bs: Bootstrap) -> dict[str, dict[str, Any]]:
+def _comparisons(stash: dict[tuple, dict[str, tuple[np.ndarray, bool]]], bs: Bootstrap) -> dict[str, dict[str, Any]]:
+    """``stash[(measure, positions, key, layer)][concept] = (censored log2 r50 per draw, reached at the point)``."""
     out: dict[str, dict[str, Any]] = {}
     for (measure, pos, key, layer), a in stash.items():
         if measure != "steering":
@@ -177,12 +184,16 @@ def _comparisons(stash: dict[tuple, dict[str, np.ndarray]], bs: Bootstrap) -> di
             if key != ka or (measure, pos, kb, layer) not in stash:
                 continue
             b = stash[(measure, pos, kb, layer)]
-            common = [c for c in a if c in b]
+            # a concept neither direction moves to +0.5 on the grid says nothing about which needs less
+            common = [c for c in a if c in b and (a[c][1] or b[c][1])]
+            name = f"{measure}@{pos} L{layer}: log2 r50 {ka} − {kb}"
             if not common:
+                out[name] = {"statistic": None, "low": None, "high": None, "p_value": None, "n": 0,
+                             "note": "neither direction reaches +0.5 for any concept: not compared"}
                 continue
-            diff = bs.over_concepts({c: a[c] - b[c] for c in common})
+            diff = bs.over_concepts({c: a[c][0] - b[c][0] for c in common})
             lo, hi = _interval(diff)
-            out[f"{measure}@{pos} L{layer}: log2 r50 {ka} − {kb}"] = {
+            out[name] = {
                 "statistic": float(diff[0]), "low": lo, "high": hi, "p_value": _boot_p(diff), "n": len(common),
                 "note": "bootstrap over images and concepts; r50 censored at 2× the grid top"}
     return out

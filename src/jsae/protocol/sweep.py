@@ -49,8 +49,8 @@ from jsae.correlation import correlation_matrix
 from jsae.protocol.methods import METHODS, Method
 
 #: strengths as multiples of the mean per-token image-state norm (finer between 0.25 and 4)
-RATIOS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 8.0)
-SUPPRESS_RATIOS = (0.5, 1.0, 2.0, 4.0)
+RATIOS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0, 8.0)
+SUPPRESS_RATIOS = (1.0, 2.0, 4.0)
 POSITION_SETS: dict[str, tuple[tuple[str, str], ...]] = {
     "image": (("image", "prefill"),),
     "image_but_last": (("image_but_last", "prefill"),),
@@ -73,7 +73,7 @@ class SweepConfig:
     ratios: tuple[float, ...] = RATIOS
     alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2, ..., 3.0) instead of ratios
     suppress_ratios: tuple[float, ...] = SUPPRESS_RATIOS
-    n_images: int = 16  # images per concept (without it for steering, with it for suppression), same at every strength
+    n_images: int = 8  # images per concept (without it for steering, with it for suppression), same at every strength
     top_k: int = 3
     positions: tuple[str, ...] = ("image",)
     oracle: bool = True
@@ -328,11 +328,12 @@ def _vectors(d: Direction, grid, norm: float, cfg: SweepConfig, sign: int) -> li
 
 
 def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Direction], layer: int, norm: float,
-                  progress: bool = True) -> list[Curve]:
+                  progress: bool = True, positions: tuple[str, ...] | None = None) -> list[Curve]:
     """Every curve of one layer: steering and negative steering at each position set, then clamps."""
     from jsae.interventions import Ablate, ProjectOut
 
     cfg = sweep.cfg
+    positions = tuple(positions or cfg.positions)
     sweep.base(sweep.used())
     curves: list[Curve] = []
     for sign, measure in ((1, "steering"), (-1, "suppression")):
@@ -349,14 +350,14 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
             continue
         D = torch.stack(vecs)
         ones = torch.ones(len(rows))
-        for pos in (cfg.positions if sign > 0 else cfg.positions[:1]):
+        for pos in (positions if sign > 0 else positions[:1]):
             with tqdm(total=len(rows), desc=f"layer {layer}: {measure} at {pos}", disable=not progress,
                       mininterval=5) as bar:
                 caps = _run_rows(sweep, rows, _steer_rows(layer, pos, D, ones), bar)
             curves += _curves_from(sweep, rows, caps, dirs, grids, measure, pos, sign, norm)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
-    at = POSITION_SETS[cfg.positions[0]][0][0]
+    at = POSITION_SETS[positions[0]][0][0]
     groups: dict[tuple[str, str | None], list[int]] = {}
     for di, d in enumerate(dirs):
         groups.setdefault((d.method, d.sae_branch), []).append(di)
@@ -377,7 +378,7 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                     Ablate(layer=layer, positions=at, timing="prefill", sae=m.sae, features=feats[lo:hi], sae_modality=br)]
             rows_all += rows
             caps_all += _run_rows(sweep, rows, make, bar)
-    curves += _curves_from(sweep, rows_all, caps_all, dirs, [[0.0] for _ in dirs], "clamp", at, -1, norm)
+    curves += _curves_from(sweep, rows_all, caps_all, dirs, [[0.0] for _ in dirs], "clamp", positions[0], -1, norm)
     return curves
 
 
@@ -428,12 +429,23 @@ def run_sweep(vlm: Any, caption: CaptionFn, methods_by_layer: dict[int, dict[str
         if not without or not with_c:
             skipped[f"images/{c}"] = (f"the sweep images have {len(without)} without and {len(with_c)} with {c!r}; "
                                       "pass more evaluation images (--n-eval)")
+    n_layers = vlm.adapter.n_layers if vlm is not None else None
     for layer in cfg.layers:
         v, t = pools[layer]
+        positions = tuple(cfg.positions)
+        if n_layers is not None and layer == n_layers - 1:
+            null = [p for p in positions if not any(tm == "every_step" for _, tm in POSITION_SETS[p])]
+            if null:
+                skipped[f"{layer}/positions"] = (f"at the last decoder layer the prompt's states are read by nothing "
+                                                 f"(only generated tokens are): steering at {null} there is null by "
+                                                 "construction, so it is not run; sweep it with --positions image+generated")
+                positions = tuple(p for p in positions if p not in null)
+                if not positions:
+                    continue
         dirs, sk = build_directions(methods_by_layer[layer], layer, cfg.concepts, presence, concept_names, v, t, cfg)
         skipped.update({k if k == "separate" else f"{layer}/{k}": r for k, r in sk.items()})
         all_dirs += dirs
-        curves += measure_layer(sweep, methods_by_layer[layer], dirs, layer, norms[layer], progress)
+        curves += measure_layer(sweep, methods_by_layer[layer], dirs, layer, norms[layer], progress, positions)
     return curves, all_dirs, skipped
 
 
