@@ -191,3 +191,24 @@ def test_strict_fluency_and_hallucination():
     assert not j.hallucinated("a small red cat at the top left and a large blue cake at the top right", item, "cake")
     assert not j.hallucinated("a small red cat at the top left and a large blue apple at the top right", item, "food")
     assert j.hallucinated("a small red cat at the top left and a large blue bird at the top right", item, "cake")
+
+
+def test_default_layers_stop_below_the_last_for_prefill_edits():
+    from jsae.protocol.run import default_layers
+
+    assert default_layers(8, 4) == [0, 2, 4, 6]  # image-token edits at prefill are null at the last layer
+    assert default_layers(8, 4, last=True) == [0, 2, 5, 7]  # every-step edits reach it
+    assert default_layers(1, 4) == [0]
+
+
+def test_comparisons_skip_concepts_no_direction_moves():
+    """A layer where neither direction reaches +0.5 is reported as not compared (no p-value), not as 'equal'."""
+    imgs = list(range(20))
+    curves = [_curve(k, 0, c, r0, imgs, seed=i) for i, (k, r0) in enumerate((("oracle", 100.0), ("jsae:text", 100.0),
+                                                                             ("jsae-none:text", 100.0)))
+              for c in ("cat", "apple")]
+    s = summarise_curves(curves, n_boot=50)
+    t = s["tests"]["steering@image L0: log2 r50 jsae:text − jsae-none:text"]
+    assert t["p_value"] is None and t["n"] == 0 and "not compared" in t["note"]
+    row = next(r for r in s["rows"] if r["key"] == "jsae:text" and r["measure"] == "steering")
+    assert row["oracle_reached"] == 0 and row.get("log2_vs_oracle") is None and row["reached"] == "0/2"

@@ -101,14 +101,38 @@ def sweep(
     runs: dict[str, dict] = {}
     for name in (m for m in models.split(",") if m):
         try:
-            runs[name] = run_protocol(out / name, ProtocolConfig(model=name, steps=steps, n_images=n_images),
-                                      overwrite=overwrite)
+            cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images)
+            done = _finished_run(out / name, cfg) if not overwrite else None
+            if done is not None:
+                typer.echo(f"{name}: reusing the finished run in {out / name} (same configuration)")
+                runs[name] = done
+                continue
+            runs[name] = run_protocol(out / name, cfg, overwrite=overwrite)
         except (FileExistsError, ValueError, NotImplementedError, OSError) as exc:
             fail(str(exc))
     result = model_layer_interaction(runs)
     write_json(out / "interaction.json", result)
     write_atomic(out / "report.md", sweep_report(list(runs), result))
     typer.echo(json.dumps(result, indent=1))
+
+
+def _finished_run(path: Path, cfg: object) -> dict | None:
+    """The metrics of a finished run in ``path`` made with exactly ``cfg`` (else None)."""
+    from dataclasses import asdict
+
+    from jsae.report.rundir import RunDir
+
+    run = RunDir(path)
+    try:
+        metrics = run.metrics()
+    except (FileNotFoundError, ValueError):
+        return None
+    want, got = json.loads(json.dumps(asdict(cfg))), dict(metrics.get("config", {}))
+    for key in ("prompt_template", "caption_template", "prompt"):  # filled in at run time when left unset
+        if want.get(key) is None:
+            want.pop(key, None)
+            got.pop(key, None)
+    return metrics if got == want else None
 
 
 @run_app.command()

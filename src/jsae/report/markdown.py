@@ -22,6 +22,36 @@ def _ci(row: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
     return f"{f(v)} [{f(row[key + '_low'])}, {f(row[key + '_high'])}]"
 
 
+def what_this_shows(s: dict[str, Any]) -> list[str]:
+    """One generated sentence per (positions, layer) of steering: how far the oracle gets, and each direction's
+    r50 relative to the oracle's with its interval (the numbers of the table below, in words)."""
+    out = []
+    rows = [r for r in s.get("rows", []) if r["measure"] == "steering"]
+    for pos, layer in sorted({(r["positions"], r["layer"]) for r in rows}, key=lambda x: (x[0], x[1])):
+        here = [r for r in rows if (r["positions"], r["layer"]) == (pos, layer)]
+        oracle = next((r for r in here if r["key"] == "oracle"), None)
+        if oracle is None:
+            continue
+        if oracle.get("r50") is None:
+            out.append(f"- Layer {layer} ({pos}): even the oracle direction does not reach +0.5 on the grid; nothing is "
+                       "compared there.")
+            continue
+        parts = []
+        for r in sorted((r for r in here if r["key"] != "oracle"), key=lambda r: (r.get("log2_vs_oracle") is None,
+                                                                                 r.get("log2_vs_oracle") or 0)):
+            if r.get("log2_vs_oracle") is None:
+                parts.append(f"{r['key']} never reaches it ({r['reached']})")
+            else:
+                ratio = 2 ** r["log2_vs_oracle"]
+                a, b = r["reached"].split("/")
+                least = "" if a == b else "at least "  # concepts not reached count at the censoring cap
+                parts.append(f"{r['key']} needs {least}{ratio:.1f}× the oracle's strength "
+                             f"[{2 ** r['log2_vs_oracle_low']:.1f}, {2 ** r['log2_vs_oracle_high']:.1f}] ({r['reached']} concepts)")
+        out.append(f"- Layer {layer} ({pos}): the oracle reaches +0.5 at r50 = {oracle['r50']:.2f} ({oracle['reached']} "
+                   "concepts); " + "; ".join(parts) + ".")
+    return out
+
+
 def protocol_report(m: dict[str, Any]) -> str:
     """``report.md`` of a protocol run from its ``metrics.json``."""
     cfg = m.get("config", {})
@@ -39,6 +69,9 @@ def protocol_report(m: dict[str, Any]) -> str:
                   f"hallucination {q.get('no_hallucination')}; caption cross-entropy per template (nats per token, "
                   "low = the model expects it): " + ", ".join(f"{k}: {v:.2f}" for k, v in q["caption_nats_per_template"].items())
                   + ".", ""]
+    shows = what_this_shows(s)
+    if shows:
+        lines += ["## What this shows", "", *shows, ""]
     lines += ["## SAEs (held-out pairs)", "",
               "FVU on pooled pairs and on per-token image states (`fvu_vision_tokens`: edits are per token); dead = "
               "latents that never fire on the held-out pairs; alignment diagnostics of the joint SAEs: paired cosine of "
@@ -61,8 +94,8 @@ def protocol_report(m: dict[str, Any]) -> str:
                   markdown_table([{**r, "r50": _ci(r, "r50"), "log2_vs_oracle": _ci(r, "log2_vs_oracle"),
                                    "effect_small": _ci(r, "effect_small"), "effect_matched": _ci(r, "effect_matched")}
                                   for r in rows],
-                                 ["positions", "key", "layer", "reached", "r50", "log2_vs_oracle", "effect_small",
-                                  "effect_matched", "cos_oracle"])]
+                                 ["positions", "key", "layer", "reached", "r50", "log2_vs_oracle", "oracle_reached",
+                                  "effect_small", "effect_matched", "cos_oracle"])]
     clamp = [r for r in s.get("rows", []) if r["measure"] == "clamp"]
     if clamp:
         lines += ["## Suppression by clamping (SAE latents to 0 with the error term; oracle: its direction projected out)", "",
@@ -116,4 +149,4 @@ def sweep_report(models: list[str], interaction: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table", "protocol_report", "sweep_report"]
+__all__ = ["markdown_table", "protocol_report", "sweep_report", "what_this_shows"]
