@@ -112,7 +112,7 @@ def sweep(
             fail(str(exc))
     result = model_layer_interaction(runs)
     write_json(out / "interaction.json", result)
-    write_atomic(out / "report.md", sweep_report(list(runs), result))
+    write_atomic(out / "report.md", sweep_report(list(runs), result, runs))
     typer.echo(json.dumps(result, indent=1))
 
 

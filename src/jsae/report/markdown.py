@@ -136,11 +136,67 @@ def _pair(cell: dict[str, Any], key: str) -> str:
     return f"{fmt(cell.get(key + '_before'))} → {fmt(cell.get(key))}"
 
 
-def sweep_report(models: list[str], interaction: dict[str, Any]) -> str:
-    """``report.md`` of a multi-model sweep: the model × layer interaction of log r50 per direction (sign-flip
-    test over concepts, Holm-corrected), and links."""
-    lines = ["# jsae sweep", "", f"models: {models}", "",
-             "## Model × layer interaction of log r50 (sign flips of each concept's interaction table)", ""]
+def _cell(r: dict[str, Any] | None, what: str) -> str:
+    if r is None:
+        return "–"
+    if what == "r50":
+        return "n.r." if r.get("r50") is None else f"{r['r50']:.2f} ({r['reached']})"
+    if what == "ratio":
+        if r.get("log2_vs_oracle") is None:
+            return "n.r."
+        a, b = r["reached"].split("/")
+        return (f"{'≥' if a != b else ''}{2 ** r['log2_vs_oracle']:.1f}× [{2 ** r['log2_vs_oracle_low']:.1f}, "
+                f"{2 ** r['log2_vs_oracle_high']:.1f}]")
+    v = r.get(what)
+    return "–" if v is None else f"{v:+.2f} [{r[what + '_low']:+.2f}, {r[what + '_high']:+.2f}]"
+
+
+def sweep_tables(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Per model: steering r50 of the oracle and every direction's r50 relative to it per layer, the effect at
+    matched preservation, clamping, and the joint SAEs' alignment diagnostics (markdown lines)."""
+    lines: list[str] = []
+    for model, m in runs.items():
+        rows = m["summary"]["rows"]
+        pos = (m["config"].get("positions") or ["image"])[0]
+        layers = m["layers"]
+        keys = sorted({r["key"] for r in rows}, key=lambda k: (k != "oracle", k))
+        get = lambda meas, k, L: next((r for r in rows if (r["measure"], r["positions"], r["key"], r["layer"])  # noqa: E731
+                                       == (meas, pos, k, L)), None)
+        head = "| direction | " + " | ".join(f"layer {L}" for L in layers) + " |\n|---|" + "---|" * len(layers)
+        lines += [f"**{model}** — steering at `{pos}`: r50 of the oracle (× per-token state norm; concepts reaching +0.5), "
+                  "then each direction's r50 relative to the oracle's [95% CI] (n.r.: no concept reaches +0.5):", "", head]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L), "r50" if k == "oracle" else "ratio")
+                                                  for L in layers) + " |")
+        lines += ["", f"**{model}** — effect at matched preservation (the strongest strength keeping ≥ 75% of the other "
+                  "objects) [95% CI]:", "", head]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L), "effect_matched") for L in layers) + " |")
+        lines += ["", f"**{model}** — suppression by clamping (mention drop) [95% CI]:", "", head]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(_cell(get("clamp", k, L), "effect_small") for L in layers) + " |")
+        lines += ["", f"**{model}** — joint SAEs (held-out pairs): paired cosine / centred / median per-latent corr / "
+                  "top-latent mass / dead vision latents:", "", "| method | " + " | ".join(f"layer {L}" for L in layers)
+                  + " |\n|---|" + "---|" * len(layers)]
+        for meth in ("jsae", "jsae-none"):
+            cells = []
+            for L in layers:
+                r = next((x for x in m["saes"] if x["layer"] == L and x["method"] == meth), None)
+                cells.append("–" if r is None or r.get("paired_cosine") is None else
+                             f"{r['paired_cosine']:.2f} / {r['centred_paired_cosine']:.2f} / "
+                             f"{r['median_latent_corr']:.2f} / {r['top_latent_mass']:.2f} / {r['dead_vision']}")
+            lines.append(f"| {meth} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def sweep_report(models: list[str], interaction: dict[str, Any], runs: dict[str, dict[str, Any]] | None = None) -> str:
+    """``report.md`` of a multi-model sweep: per-model tables, the model × layer interaction of log r50 per
+    direction (sign-flip test over concepts, Holm-corrected), and links."""
+    lines = ["# jsae sweep", "", f"models: {models}", ""]
+    if runs:
+        lines += sweep_tables(runs)
+    lines += ["## Model × layer interaction of log r50 (sign flips of each concept's interaction table)", ""]
     for key, r in interaction.items():
         lines.append(f"- {key}: " + (r["note"] if r.get("p_value") is None else
                                      f"T = {r['statistic']:.2f}, p = {r['p_value']:.4f}, Holm p = {r.get('p_holm', r['p_value']):.4f} "
@@ -149,4 +205,4 @@ def sweep_report(models: list[str], interaction: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table", "protocol_report", "sweep_report", "what_this_shows"]
+__all__ = ["markdown_table", "protocol_report", "sweep_report", "sweep_tables", "what_this_shows"]
