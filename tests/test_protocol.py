@@ -129,8 +129,13 @@ def test_curve_summaries_and_report_files(tmp_path):
               for i, (k, r0) in enumerate((("oracle", 0.5), ("jsae:text", 1.0)))
               for L in (0, 5) for c in ("cat", "apple", "cake", "fish", "bird", "banana")]
         return {"layers": [0, 5], "config": {"positions": ["image"], "ratios": [0.25, 0.5, 1.0, 2.0, 4.0]},
-                "summary": summarise_curves(cs, n_boot=50)}
-    res = model_layer_interaction({"a": run(1.0), "b": run(4.0)})
+                "summary": summarise_curves(cs, n_boot=50), "saes": []}
+    runs = {"a": run(1.0), "b": run(4.0)}
+    res = model_layer_interaction(runs)
+    from jsae.report.markdown import sweep_report
+
+    text = sweep_report(list(runs), res, runs)
+    assert "| oracle | " in text and "**b** — steering at `image`" in text and "Holm p" in text
     assert set(res) == {"oracle", "jsae:text"} and all(0 < v["p_value"] <= 1 and v["p_holm"] >= v["p_value"] for v in res.values())
     assert res["oracle"]["mean_contrast"][0][1] != 0  # model b needs 4x more at layer 5: an interaction
     img = Image.new("RGB", (48, 48), (200, 30, 30))

@@ -39,7 +39,7 @@ def what_this_shows(s: dict[str, Any]) -> list[str]:
         parts = []
         for r in sorted((r for r in here if r["key"] != "oracle"), key=lambda r: (r.get("log2_vs_oracle") is None,
                                                                                  r.get("log2_vs_oracle") or 0)):
-            if r.get("log2_vs_oracle") is None:
+            if r.get("log2_vs_oracle") is None or r["reached"].startswith("0/"):
                 parts.append(f"{r['key']} never reaches it ({r['reached']})")
             else:
                 ratio = 2 ** r["log2_vs_oracle"]
@@ -142,11 +142,11 @@ def _cell(r: dict[str, Any] | None, what: str) -> str:
     if what == "r50":
         return "n.r." if r.get("r50") is None else f"{r['r50']:.2f} ({r['reached']})"
     if what == "ratio":
-        if r.get("log2_vs_oracle") is None:
-            return "n.r."
+        if r.get("log2_vs_oracle") is None or r["reached"].startswith("0/"):
+            return f"n.r. ({r['reached']})"
         a, b = r["reached"].split("/")
         return (f"{'≥' if a != b else ''}{2 ** r['log2_vs_oracle']:.1f}× [{2 ** r['log2_vs_oracle_low']:.1f}, "
-                f"{2 ** r['log2_vs_oracle_high']:.1f}]")
+                f"{2 ** r['log2_vs_oracle_high']:.1f}]" + ("" if a == b else f" ({r['reached']})"))
     v = r.get(what)
     return "–" if v is None else f"{v:+.2f} [{r[what + '_low']:+.2f}, {r[what + '_high']:+.2f}]"
 

@@ -1,14 +1,16 @@
 """Deterministic training of the toy VLMs on the world (``jsae world train-models``).
 
-The default recipe fits in 30 minutes per model on 2 CPU cores (measured: toy LLaVA 1348 s, toy
-Qwen3-VL-MoE 1315 s; see the README) and is what produced the shipped weights:
+The default recipe takes about 30 minutes per model on 2 CPU cores (measured with other work sharing the
+cores: toy LLaVA 1815 s, toy Qwen3-VL-MoE 1885 s; see the README) and is what produced the shipped weights:
 
 1. **Language model on captions as plain text** (every template), so that a *text* SAE on it means something.
 2. **Vision pretraining**: the vision tower (its adapter's ``patch_features``: LLaVA's CLIP encoder tokens,
    Qwen's merged tokens) with small linear heads predicting, per cell of the 2×2 position grid, the object
    type (or none), colour and size, from the scene generator's labels (captioning alone teaches shape far
    too slowly).
-3. **Whole VLM on canonical captions** (``vlm``; loss on the caption tokens + ``</s>``).
+3. **Whole VLM on captions of every template** (``vlm``; drawn at random so that no template collapses; the
+   prompt is the model's chat template with ``describe the image``, text after the image; loss on the
+   caption tokens + ``</s>``).
 4. **Describe-then-answer** (``cqa``): 75% of the samples are ``"<caption> : <question> <answer>"`` with the
    loss on the caption *and* the answer (not on the question), the rest plain captions; at inference the model
    captions first and answers after its own caption (``jsae.world.evaluate.answer_questions``).
