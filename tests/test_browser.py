@@ -47,9 +47,9 @@ def run_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FeatureLab
     shutil.copytree(src, sae_dir)
     labels = FeatureLabels.load(sae_dir / "labels.json")
     lab = max((lab for lab in labels.labels if lab.label), key=lambda lab: lab.vision_corr + lab.text_corr)
-    cell = {"measure": "steering", "method": "jsae", "layer": 4, "concept": lab.label, "n": 200, "mean": 0.31, "low": 0.25,
-            "high": 0.37, "cohens_h": 0.8, "alpha": 12.5, "features": [lab.feature]}
-    (run / "metrics.json").write_text(json.dumps({"cells": [cell]}))
+    curve = {"measure": "steering", "key": "jsae:text", "positions": "image", "layer": 4, "concept": lab.label,
+             "r50": 1.25, "effect_small": 0.31, "features": [lab.feature]}
+    (run / "metrics.json").write_text(json.dumps({"summary": {"curves": [curve]}}))
     return feature_page(sae_dir, n_pairs=120, n_features=12), labels
 
 
@@ -65,7 +65,7 @@ def test_page_is_self_contained_with_labels_images_captions_and_steering(run_pag
         if any(lab.kind == kind for lab in labels.labels if lab.label):
             assert f'class="kind {kind}"' in html
     steered = next(lab for lab in labels.labels if lab.label and lab.feature == _steered(page))
-    assert "purity" in html and f"steering: &#x27;{steered.label}&#x27; +0.31 [+0.25, +0.37] at α=12.5" in html
+    assert "purity" in html and f"steering: &#x27;{steered.label}&#x27; via jsae:text: r50 1.25, effect at 1: +0.31" in html
     assert html.count('class="steer"') == 1  # only the steered feature has a steering result
 
 
@@ -99,7 +99,7 @@ def test_page_renders_in_headless_chromium(run_page: tuple[Path, FeatureLabels],
 
 
 def _steered(page: Path) -> int:
-    return json.loads((page.parent.parent.parent.parent / "metrics.json").read_text())["cells"][0]["features"][0]
+    return json.loads((page.parent.parent.parent.parent / "metrics.json").read_text())["summary"]["curves"][0]["features"][0]
 
 
 def html_count(page: Path) -> int:

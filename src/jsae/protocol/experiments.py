@@ -362,7 +362,7 @@ def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Pat
 
     vlm_given = vlm is not None
     if vlm is None:
-        from jsae import load_vlm
+        from jsae.vlm import load_vlm
 
         vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
     from jsae.vlm import as_vlm
