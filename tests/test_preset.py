@@ -158,7 +158,7 @@ def test_reference_preset_end_to_end(tmp_path):
     assert saved["config"]["prompt_template"].startswith("USER: <image>")
     report = (out / "report.md").read_text()
     assert "## Differences from the reference" in report
-    for phrase in ("embedded toy world", "7 hand-listed", "held-out labelling pairs", "fluent", "SBERT", "GPT-2",
+    for phrase in ("embedded toy world", "7 hand-listed", "held-out labelling pairs", "dose-response", "SBERT", "GPT-2", "Reference faults not reproduced",
                    "model's own prompt kept", "drops a last partial batch", "fused Adam", "best epoch"):
         assert phrase in report, phrase
     steering = [c for c in saved["curves"] if c["measure"] == "steering"]
