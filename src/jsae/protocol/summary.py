@@ -112,6 +112,8 @@ def summarise_curves(curves: Sequence[Any], n_boot: int = 400, seed: int = 0) ->
         for k in ("r50", "effect_small", "effect_matched"):
             _with_ci(r, k, d[k])
         r["p_not_reached"] = float(np.mean(np.isinf(d["r50"][1:]))) if c.measure != "clamp" else None
+        # r50 at the grid's first strength: already reached there, so the true r50 is at most that (a floor)
+        r["r50_at_floor"] = bool(c.measure != "clamp" and r["r50"] is not None and r["r50"] <= min(c.strengths))
         # the reference's per-image pick: each image's best strength chosen with the evaluation metric (optimistic)
         r["effect_best_alpha"] = float(np.mean(np.max(np.asarray(c.effect, float), 0))) if c.measure != "clamp" else None
         rows_c.append(r)
@@ -135,6 +137,7 @@ def summarise_curves(curves: Sequence[Any], n_boot: int = 400, seed: int = 0) ->
             r50 = np.stack([per[id(c)]["r50"] for c in cs], 1)
             reached = np.isfinite(r50[0])
             row["reached"] = f"{int(reached.sum())}/{len(cs)}"
+            row["at_floor"] = int(sum(float(r50[0, j]) <= min(c.strengths) for j, c in enumerate(cs)))
             with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # draws where no concept reaches +0.5
                 g = np.where(np.isfinite(r50), np.log(r50), np.nan)

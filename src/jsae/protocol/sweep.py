@@ -50,7 +50,7 @@ from jsae.protocol.methods import METHODS, Method
 
 #: strengths as multiples of the mean per-token image-state norm (finer between 0.25 and 4)
 RATIOS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0, 8.0)
-SUPPRESS_RATIOS = (1.0, 2.0, 4.0)
+SUPPRESS_RATIOS = (0.25, 0.5, 1.0, 2.0, 4.0)
 POSITION_SETS: dict[str, tuple[tuple[str, str], ...]] = {
     "image": (("image", "prefill"),),
     "image_but_last": (("image_but_last", "prefill"),),

@@ -94,7 +94,7 @@ def protocol_report(m: dict[str, Any]) -> str:
                   markdown_table([{**r, "r50": _ci(r, "r50"), "log2_vs_oracle": _ci(r, "log2_vs_oracle"),
                                    "effect_small": _ci(r, "effect_small"), "effect_matched": _ci(r, "effect_matched")}
                                   for r in rows],
-                                 ["positions", "key", "layer", "reached", "r50", "log2_vs_oracle", "oracle_reached",
+                                 ["positions", "key", "layer", "reached", "at_floor", "r50", "log2_vs_oracle", "oracle_reached",
                                   "effect_small", "effect_matched", "cos_oracle"])]
     clamp = [r for r in s.get("rows", []) if r["measure"] == "clamp"]
     if clamp:
