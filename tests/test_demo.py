@@ -81,7 +81,8 @@ def test_demo_writes_the_four_artefacts(small_run):
     shown = re.findall(r"<h2>feature (\d+) · layer 6: ([a-z]+) ", html)
     assert shown and all(mid.labels[int(j)].label == lab for j, lab in shown)
     report = (out / "report.md").read_text()
-    assert "| positions | key | layer | reached | r50 |" in report and "dose_response.png" in report
+    assert "| positions | key | layer | reached | at_floor | r50 |" in report and "dose_response.png" in report
+    assert "## What this shows" in report and ("the oracle reaches +0.5" in report or "even the oracle" in report)
     # SAEs are saved the SAELens way and reload as jsae classes
     from sae_lens import SAE
 
