@@ -31,7 +31,7 @@ def demo(
     n_train: int = typer.Option(2000, min=1, help="training pairs"),
     n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
     n_eval: int = typer.Option(1200, min=1, help="held-out images the sweep images are drawn from"),
-    n_images: int = typer.Option(8, min=1, help="sweep images per concept (without it to steer, with it to suppress), the same at every strength"),
+    n_images: int = typer.Option(5, min=1, help="sweep images per concept (without it to steer, with it to suppress), the same at every strength"),
     top_k: int = typer.Option(3, min=1, help="latents per (method, decoder, concept), ranked by correlation with the concept"),
     ratios: Optional[str] = typer.Option(None, help="strength grid as multiples of the mean per-token image-state norm (default 0.25,0.5,0.7,1,1.4,2,4,8)"),
     positions: Optional[str] = typer.Option(None, help="comma-separated steering position sets reported separately: image, image_but_last, last, generated, image+generated (default: --steer-at)"),
@@ -87,7 +87,7 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
     steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)"),
-    n_images: int = typer.Option(8, min=1, help="sweep images per concept"),
+    n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """The demo on several models, then the model × layer interaction of r50 (sign-flip test over concepts)

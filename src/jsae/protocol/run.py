@@ -85,7 +85,7 @@ class ProtocolConfig:
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
     lr: float = 3e-3
-    n_images: int = 8  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
+    n_images: int = 5  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
     top_k: int = 3  # latents per (method, decoder, concept), ranked by correlation with the concept
     ratios: tuple[float, ...] = RATIOS  # strength grid × the mean per-token image-state norm (shared by every method)
     positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: (steer_at,))

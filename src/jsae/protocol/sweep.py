@@ -73,7 +73,7 @@ class SweepConfig:
     ratios: tuple[float, ...] = RATIOS
     alphas: tuple[float, ...] | None = None  # absolute strengths (the reference: 0.2, ..., 3.0) instead of ratios
     suppress_ratios: tuple[float, ...] = SUPPRESS_RATIOS
-    n_images: int = 8  # images per concept (without it for steering, with it for suppression), same at every strength
+    n_images: int = 5  # images per concept (without it for steering, with it for suppression), same at every strength
     top_k: int = 3
     positions: tuple[str, ...] = ("image",)
     oracle: bool = True
