@@ -7,7 +7,6 @@
   model × layer F statistic on per-image scores, its p-value by Freedman–Lane permutation of the
   residuals of the additive model (no distributional assumption on 0/±1 scores).
 - :func:`images_for_halfwidth`: how many images a cell needs for a ±h 95% interval at worst-case variance.
-- :func:`summarise` and :func:`interaction`: the protocol's statistics stage over its cells.
 
 Dose–response statistics (a direction applied at a grid of strengths ``s`` [K], increasing and positive, to the
 same images at every strength; one *curve* is a method × layer × concept with per-image scores ``effect[K, n]``
@@ -30,7 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -123,41 +122,6 @@ def interaction_test(scores: np.ndarray, models: np.ndarray, layers: np.ndarray,
     rng = np.random.default_rng(seed)
     exceed = sum(f_stat(fitted_add + rng.permutation(resid)) >= observed for _ in range(n_perm))
     return InteractionResult(float(observed), (exceed + 1) / (n_perm + 1), int(df_int), int(df_res), n_perm)
-
-
-# ---- the protocol's statistics stage ----------------------------------------------------------------
-
-
-def summarise(cells: list[Any]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """Per measure, method and layer: the mean over concepts with a bootstrap interval over images."""
-    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    groups: dict[tuple[str, str, int], list[Any]] = {}
-    for c in cells:
-        groups.setdefault((c.measure, c.method, c.layer), []).append(c)
-    for (measure, method, layer), cs in groups.items():
-        mean = float(np.mean([c.mean for c in cs]))
-        half = math.sqrt(sum(((c.high - c.low) / 2) ** 2 for c in cs)) / len(cs)
-        out.setdefault(measure, {}).setdefault(method, {})[str(layer)] = {
-            "mean": mean, "low": mean - half, "high": mean + half, "n_concepts": len(cs),
-            "cohens_h": float(np.mean([c.cohens_h for c in cs])), "n_images": int(sum(c.n for c in cs))}
-    return out
-
-
-def interaction(cells_by_model: dict[str, list[Any]], measure: str, method: str = "jsae") -> dict[str, Any] | None:
-    """Model × layer interaction test on per-image scores of ``method`` (layers as relative depth bins)."""
-    ys: list[float] = []
-    ms: list[str] = []
-    ls: list[int] = []
-    for model, cells in cells_by_model.items():
-        layers = sorted({c.layer for c in cells})
-        for c in cells:
-            if c.measure == measure and c.method == method:
-                ys += c.scores
-                ms += [model] * len(c.scores)
-                ls += [layers.index(c.layer)] * len(c.scores)  # i-th swept layer of each model
-    if len(set(ms)) < 2 or len(set(ls)) < 2:
-        return None
-    return asdict(interaction_test(np.array(ys), np.array(ms), np.array(ls), n_perm=1000))
 
 
 # ---- dose–response curves -----------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def _run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callab
     return out
 
 
-def _curves_from(sweep: SweepImages, rows, caps, dirs, grids, measure, pos, sign, norm) -> list[Curve]:
+def _curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
     """Assemble curves from the captions of rows ``(image, direction index, strength index)``."""
     by: dict[tuple[int, int], dict[int, str]] = {}
     for (i, di, si), cap in zip(rows, caps):
@@ -297,7 +297,6 @@ def _curves_from(sweep: SweepImages, rows, caps, dirs, grids, measure, pos, sign
     for di, d in enumerate(dirs):
         without, with_c = sweep.split(d.concept)
         imgs = with_c if sign < 0 else without
-        grid = grids[di]
         K, n = len(grid), len(imgs)
         eff, pres = np.zeros((K, n)), np.full((K, n), np.nan)
         flu, hal = np.zeros((K, n), bool), np.zeros((K, n), bool)
@@ -308,23 +307,24 @@ def _curves_from(sweep: SweepImages, rows, caps, dirs, grids, measure, pos, sign
                 eff[si, k], pres[si, k], hal[si, k] = sweep.score(d.concept, i, cap, sign)
         base = sweep.base(imgs)
         curves.append(Curve(measure, d.method, d.decoder, pos, d.layer, d.concept, [float(g) for g in grid],
-                            [float(a) for a in _alphas(d, grid, norm, sweep.cfg)], imgs, eff, pres, flu, hal,
+                            _added_norms(d, grid, absolute, norm), imgs, eff, pres, flu, hal,
                             d.features, d.feature_corr, d.cosine_to_oracle,
                             float(np.mean([sweep.judge.mentions(b, d.concept) for b in base])) if base else 0.0))
     return curves
 
 
-def _alphas(d: Direction, grid, norm: float, cfg: SweepConfig) -> list[float]:
-    """The norm of what is added at each grid point."""
-    if cfg.alphas is not None and grid is not cfg.suppress_ratios:
-        return [a * float(d.raw.norm()) for a in grid]
-    return [r * norm for r in grid]
+def _grid(cfg: SweepConfig, sign: int) -> tuple[tuple[float, ...], bool]:
+    """The strengths of a measure and whether they are absolute α (the reference's, steering only) rather than
+    ratios of the per-token state norm."""
+    if sign > 0:
+        return (cfg.alphas, True) if cfg.alphas is not None else (cfg.ratios, False)
+    return cfg.suppress_ratios, False
 
 
-def _vectors(d: Direction, grid, norm: float, cfg: SweepConfig, sign: int) -> list[Tensor]:
-    if cfg.alphas is not None and sign > 0:
-        return [a * d.raw for a in grid]
-    return [sign * r * norm * d.vector for r in grid]
+def _added_norms(d: Direction, grid, absolute: bool, norm: float) -> list[float]:
+    """The norm of what is added at each grid point (α along Σ of unit rows, or r along the unit direction)."""
+    scale = float(d.raw.norm()) if absolute else norm
+    return [g * scale for g in grid]
 
 
 def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Direction], layer: int, norm: float,
@@ -337,15 +337,15 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
     sweep.base(sweep.used())
     curves: list[Curve] = []
     for sign, measure in ((1, "steering"), (-1, "suppression")):
-        grids = [cfg.alphas if (cfg.alphas is not None and sign > 0) else (cfg.ratios if sign > 0 else cfg.suppress_ratios)
-                 for _ in dirs]
+        grid, absolute = _grid(cfg, sign)
         rows, vecs = [], []
         for di, d in enumerate(dirs):
             without, with_c = sweep.split(d.concept)
-            for si, vec in enumerate(_vectors(d, grids[di], norm, cfg, sign)):
+            base = d.raw if absolute else sign * norm * d.vector
+            for si, g in enumerate(grid):
                 for i in (with_c if sign < 0 else without):
                     rows.append((i, di, si))
-                    vecs.append(vec)
+                    vecs.append(g * base)
         if not rows:
             continue
         D = torch.stack(vecs)
@@ -354,7 +354,7 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
             with tqdm(total=len(rows), desc=f"layer {layer}: {measure} at {pos}", disable=not progress,
                       mininterval=5) as bar:
                 caps = _run_rows(sweep, rows, _steer_rows(layer, pos, D, ones), bar)
-            curves += _curves_from(sweep, rows, caps, dirs, grids, measure, pos, sign, norm)
+            curves += _curves_from(sweep, rows, caps, dirs, grid, absolute, measure, pos, sign, norm)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
     at = POSITION_SETS[positions[0]][0][0]
@@ -378,7 +378,7 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                     Ablate(layer=layer, positions=at, timing="prefill", sae=m.sae, features=feats[lo:hi], sae_modality=br)]
             rows_all += rows
             caps_all += _run_rows(sweep, rows, make, bar)
-    curves += _curves_from(sweep, rows_all, caps_all, dirs, [[0.0] for _ in dirs], "clamp", positions[0], -1, norm)
+    curves += _curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
     return curves
 
 
