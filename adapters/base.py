@@ -392,7 +392,8 @@ class VLMAdapter(abc.ABC):
         Goes through ``processor(images=..., text=...)`` and its chat template (plain layout when it has
         none); the result also holds ``caption_mask`` (``[B, S]`` bool), exactly the tokens of each
         caption, found by rendering every prompt with and without its caption and counting from the end
-        of the prompt (so the image-token expansion before it does not matter).
+        of the prompt (so the image-token expansion before it does not matter).  Captions are stripped of
+        surrounding whitespace first.
         """
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts; pass one image (or list of images) per text")
@@ -404,6 +405,9 @@ class VLMAdapter(abc.ABC):
         for i, (text, k) in enumerate(zip(texts, n_imgs)):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is {type(text).__name__}; pass strings")
+            # surrounding whitespace is dropped: in a SentencePiece vocabulary a trailing space merges with the
+            # template's next piece ("space  [/INST]" -> "▁▁["), which would then count as a caption token
+            text = text.strip()
             full = self.render_prompt(processor, text, k, chat_template, add_generation_prompt, prompt_template)
             bare = self.render_prompt(processor, "", k, chat_template, add_generation_prompt, prompt_template)
             a, b = tok(full).input_ids, tok(bare).input_ids

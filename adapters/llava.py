@@ -13,7 +13,7 @@ expands each ``<image>`` in the prompt to one token per image feature.
 Vision tower: ``model.model.vision_tower`` (a ``CLIPVisionModel``; in transformers 5 there is no
 ``.vision_model`` level).  Projector: ``model.model.multi_modal_projector``.  Patch features
 (:meth:`LlavaAdapter.patch_features`, LLaVA-1.5 only): the CLIP hidden states the projector reads
-(``vision_feature_layer``; the encoder's ``last_hidden_state`` for -1) without the CLS token.
+(``vision_feature_layer``: the encoder's hidden state, as the model reads it) without the CLS token (SigLIP has none).
 Plain layout (processor without chat template): ``"<image> caption"``.
 """
 
@@ -62,12 +62,10 @@ class LlavaAdapter(VLMAdapter):
             raise ValueError("LLaVA patch_features needs 'pixel_values' of shape [n_images, 3, H, W]; let the image processor make them")
         tower = unwrap(self.vision_tower)
         layer = self.config.vision_feature_layer
-        if layer == -1:
-            out = tower(pv).last_hidden_state
-        else:
-            hidden = tower(pv, output_hidden_states=True).hidden_states
-            out = torch.cat([hidden[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else hidden[layer]
-        return out[:, 1:]
+        # hidden_states, as the model reads them (DINOv2 / SigLIP's last_hidden_state is after a final norm)
+        hidden = tower(pv, output_hidden_states=True).hidden_states
+        out = torch.cat([hidden[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else hidden[layer]
+        return out[:, int(self._encoder_has_cls):]
 
     @property
     def _tile_side(self) -> int:
@@ -75,8 +73,13 @@ class LlavaAdapter(VLMAdapter):
         return int(v.image_size) // int(v.patch_size)
 
     @property
+    def _encoder_has_cls(self) -> bool:
+        """CLIP and DINOv2 put a CLS token before the patches; SigLIP does not."""
+        return "siglip" not in str(getattr(self.config.vision_config, "model_type", ""))
+
+    @property
     def _has_cls(self) -> bool:
-        return self.config.vision_feature_select_strategy == "full"
+        return self.config.vision_feature_select_strategy == "full" and self._encoder_has_cls
 
     # ---- image tokens ---------------------------------------------------------------------------
     def _grid(self, rows: int, cols: int, region: int = 0, newline: bool = False) -> Tensor:

@@ -17,11 +17,11 @@ ADAPTERS = Path(jsae.adapters.__file__).resolve().parent
 
 # (module prefix, stage); the longest matching prefix wins
 STAGES = {
-    "jsae.files": 0, "jsae.correlation": 0, "jsae.world": 0,
+    "jsae.files": 0, "jsae.correlation": 0, "jsae.world": 0, "jsae.locks": 0, "jsae.guards": 0, "jsae.provenance": 0,
     "jsae.adapters": 1, "jsae.data": 1,
     "jsae.world.models": 2, "jsae.world.training": 2, "jsae.world.evaluate": 2, "jsae.world.processors": 2,
     "jsae.vlm": 2, "jsae.activations": 2,
-    "jsae.capture": 3,
+    "jsae.capture": 3, "jsae.cost": 3,
     "jsae.saes": 4, "jsae.training": 4,
     "jsae.labels": 5,
     "jsae.interventions": 6,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import KINDS, tiny_vlm
@@ -181,10 +179,9 @@ def test_bad_capture_inputs(tmp_path):
         capture_pairs(v.model, pairs, layers=[3], out_dir=tmp_path / "a", **kw)
     with pytest.raises(ValueError, match="unknown pooling 'median'"):
         capture_pairs(v.model, pairs, layers=[0], pooling="median", out_dir=tmp_path / "b", **kw)
-    with pytest.raises(ValueError, match=r"pairs 2\.\.3: caption 1 .* is empty"):
+    with pytest.raises(ValueError, match=r"pair 3: the caption is empty"):
         capture_pairs(v.model, pairs + [pairs[0], (pairs[1][0], "")], layers=[0], batch_size=2, out_dir=tmp_path / "c", **kw)
-    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert m["count"] == 0 and sorted(p.name for p in (tmp_path / "c").iterdir()) == ["manifest.json"]
+    assert not (tmp_path / "c").exists()  # a fresh capture of bad data leaves nothing that would refuse the fixed data
     with pytest.raises(ValueError, match="needs the model's processor"):
         capture_pairs(v.model, pairs, layers=[0], out_dir=tmp_path / "d", progress=False)
     with pytest.raises(TypeError, match="sequence"):

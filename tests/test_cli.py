@@ -128,7 +128,7 @@ def test_steer_on_a_vlm_directory_with_an_image_folder_or_a_caption_dataset(tmp_
 
 def test_thread_policy(monkeypatch):
     """One torch thread per two cores by default (the toy world's small matrices thrash with a thread per core on
-    a busy machine); --threads wins; a user's OMP_NUM_THREADS is kept."""
+    a busy machine), OpenMP threads that sleep when idle; --threads wins; a user's OMP_NUM_THREADS is kept."""
     import os
 
     import torch
@@ -138,10 +138,11 @@ def test_thread_policy(monkeypatch):
     assert [thread_policy(None, c) for c in (1, 2, 4, 16, 64)] == [1, 1, 2, 8, 8]
     before = torch.get_num_threads()
     try:
-        for var in THREAD_VARS:
+        for var in (*THREAD_VARS, "OMP_WAIT_POLICY"):
             monkeypatch.delenv(var, raising=False)
         res = runner.invoke(app, ["--threads", "1", "version"])
         assert res.exit_code == 0 and os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # idle OpenMP threads sleep, not spin (a user's value wins)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert runner.invoke(app, ["version"]).exit_code == 0 and os.environ["OMP_NUM_THREADS"] == "3"
         res = runner.invoke(app, ["--threads", "0", "version"])

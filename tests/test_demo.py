@@ -76,10 +76,16 @@ def test_demo_writes_the_four_artefacts(small_run):
         assert by[(layer, "jsae")]["centred_paired_cosine"] > by[(layer, "jsae-none")]["centred_paired_cosine"]
         assert 0 < by[(layer, "jsae")]["fvu_vision_tokens"]
     html = (out / "features.html").read_text()
-    assert "data:image/png;base64," in html and "feature " in html
-    mid = FeatureLabels.load(out / "saes" / "jsae" / "layer_6" / "labels.json")
-    shown = re.findall(r"<h2>feature (\d+) · layer 6: ([a-z]+) ", html)
-    assert shown and all(mid.labels[int(j)].label == lab for j, lab in shown)
+    assert "data:image/png;base64," in html and "feature " in html and "<b>purity</b>" in html
+    joint = [m for m in ("jsae", "jsae-none", "separate") if (out / "saes" / m / "layer_1").is_dir()]
+    assert joint[:2] == ["jsae", "jsae-none"]
+    assert re.findall(r"<option value='([^']+)'>", html) == [f"{m} · layer {L}" for m in joint
+                                                              for L in saved["layers"]]  # one selector: SAE and layer
+    for method in ("jsae", "jsae-none"):
+        mid = FeatureLabels.load(out / "saes" / method / "layer_6" / "labels.json")
+        part = html.split(f'data-section="{method} · layer 6">')[1].split('<div class="section"')[0]
+        shown = re.findall(r"<h2>feature (\d+) · layer 6: ([a-z]+) ", part)
+        assert shown and all(mid.labels[int(j)].label == lab for j, lab in shown), method
     report = (out / "report.md").read_text()
     assert "| positions | key | layer | reached | at_floor | r50 |" in report and "dose_response.png" in report
     assert "## What this shows" in report and ("the oracle reaches +0.5" in report or "even the oracle" in report)

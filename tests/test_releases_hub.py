@@ -74,15 +74,35 @@ def test_shipped_release_loads_by_name_offline(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_listed_real_release_offline_gives_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unpublished release (placeholder repo) fails at once naming its recipe; a published one that is neither
+    cached nor reachable fails at once too (no retries of the hub client: well under a second)."""
+    import time
+
     import huggingface_hub.constants as C
 
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1, with an empty cache
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    from jsae.releases.registry import register_release, unregister_release
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # an empty cache
     with pytest.raises(RuntimeError) as err:
         JointSAE.from_pretrained("jsae-llava-l16")
     msg = str(err.value)
-    assert "'jsae-llava-l16'" in msg and "not in the local Hugging Face cache" in msg and "\n" not in msg
+    assert "'jsae-llava-l16' is not published yet" in msg and "\n" not in msg
     assert "jsae release build --config jsae-llava-l16" in msg
+    register_release("jsae-test-uncached", repo_id="someone/uncached", model="m", saes=[{"id": "a", "path": "a"}],
+                     recipe="jsae release build --config X")
+    try:
+        for offline in (True, False):  # HF_HUB_OFFLINE=1, or online mode on a machine without a route to the hub
+            monkeypatch.setattr(C, "HF_HUB_OFFLINE", offline)
+            monkeypatch.setattr(C, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+            t0 = time.perf_counter()
+            with pytest.raises(RuntimeError) as err:
+                JointSAE.from_pretrained("jsae-test-uncached", "a")
+            assert time.perf_counter() - t0 < 5
+            msg = str(err.value)
+            assert "'jsae-test-uncached'" in msg and "not in the local Hugging Face cache" in msg and "\n" not in msg
+            assert "jsae release build --config X" in msg
+    finally:
+        unregister_release("jsae-test-uncached")
 
 
 def test_unknown_release_lists_close_names() -> None:
@@ -96,8 +116,17 @@ def test_release_list_and_recipes() -> None:
     rows = {r["release"]: r for r in list_releases()}
     assert rows["jsae-llava-l16"]["model"] == "llava-hf/llava-v1.6-mistral-7b-hf" and rows["jsae-llava-l16"]["layer"] == 16
     assert rows["jsae-llava-l16"]["kind"] == "jsae_hub" and "jsae release build" in rows["jsae-llava-l16"]["recipe"]
+    assert rows["jsae-llava-l16"]["status"] == "unpublished" and rows["jsae-llava-l16"]["l0"] is None
+    assert rows["jsae-shapes-llava-l4"]["status"] == "shipped" and 0 < rows["jsae-shapes-llava-l4"]["l0"] < 128
     r = CliRunner().invoke(release_app, ["list"])
-    assert r.exit_code == 0 and "jsae-llava-l16" in r.output
+    assert r.exit_code == 0, r.output
+    table = {line.split()[0]: line.split() for line in r.output.splitlines()[2:] if line.startswith("jsae-")
+             and "not published" not in line}
+    assert table["jsae-llava-l16"][1:] == ["unpublished", "llava-hf/llava-v1.6-mistral-7b-hf", "16"]  # no metrics
+    assert table["jsae-shapes-llava-l4"][1] == "shipped" and float(table["jsae-shapes-llava-l4"][4]) > 0
+    assert "jsae-llava-l16 is not published yet; produce it with: jsae release build" in r.output
+    r = CliRunner().invoke(release_app, ["list", "--json"])
+    assert {row["release"] for row in json.loads(r.output)} == set(rows)
     cfg = BuildConfig.from_file("jsae-llava-l16")  # a shipped recipe, by name
     assert (cfg.model, cfg.layer, cfg.release) == ("llava-hf/llava-v1.6-mistral-7b-hf", 16, "jsae-llava-l16")
 

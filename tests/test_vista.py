@@ -1,7 +1,10 @@
-"""VISTA: the projector loss, the matching rate and localisation, patch-local edits, bad inputs, CLI.
+"""VISTA: composing a VLM from any encoder + any LM, the projector loss (from scratch, both forms), text-derived
+labels (top examples; Neuronpedia explanations), JumpReLU SAEs in Gemma Scope's format, the matching rate and
+localisation, patch-local edits, bad inputs, CLI.
 
-Real objects throughout: the shipped toy LLaVA and the shipped text-SAE release
-(``jsae-vista-toy-llava-text-sae``, SAELens TopK SAEs trained on its plain-text caption activations)."""
+Real objects throughout: tiny real transformers encoders / LMs (Dinov2Model, CLIPVisionModel, SiglipVisionModel,
+Gemma2ForCausalLM, LlamaForCausalLM), the shipped toy LLaVA and its parts (text-only LM, vision tower), the
+shipped text-SAE releases, and a locally built JumpReLU SAE."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from jsae.adapters import layer_of_hook
 from jsae.vista.core import _batches
 from jsae.vista.metrics import (edit_interventions, label_latents_from_words, localisation_scores,
                                 matching_scores, object_cells, patch_edit, ratio_interval)
-from jsae.vista.experiment import RELEASE
+from jsae.vista.experiment import LLAVA_RELEASE
 
 torch.set_num_threads(1)
 
@@ -33,7 +36,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def sae4():
-    return load_text_sae(RELEASE, "model.language_model.layers.4")
+    return load_text_sae(LLAVA_RELEASE, "model.language_model.layers.4")
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -232,3 +235,364 @@ def test_cli_bad_inputs(tmp_path):
     assert r.exit_code == 2 and "must be >= 0" in r.output
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--layers", "4,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
+
+
+# ---- composing a VLM from any encoder and any LM -------------------------------------------------------
+
+def _tiny_encoder(kind: str):
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig,
+                              SiglipVisionModel)
+
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=48, patch_size=8)
+    torch.manual_seed(1)
+    cls = {"dinov2": (Dinov2Model, Dinov2Config), "clip": (CLIPVisionModel, CLIPVisionConfig),
+           "siglip": (SiglipVisionModel, SiglipVisionConfig)}[kind]
+    return cls[0](cls[1](**kw)).eval()
+
+
+def _tiny_lm(kind: str, vocab: int):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                              num_attention_heads=2, num_key_value_heads=1, head_dim=24)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def toy_parts():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from jsae.world import world_dataset
+    from jsae.world.processors import IMAGE_MEAN, IMAGE_STD, build_tokenizer
+
+    tok = build_tokenizer()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, image_mean=IMAGE_MEAN,
+                               image_std=IMAGE_STD)
+    return tok, ip, world_dataset("validation", 3, 0)
+
+
+@pytest.mark.parametrize("encoder", ["dinov2", "clip", "siglip"])
+@pytest.mark.parametrize("lm_kind", ["gemma2", "llama"])
+def test_compose_any_encoder_with_any_lm(toy_parts, encoder, lm_kind):
+    from transformers import LlavaForConditionalGeneration
+
+    from jsae.activations import read_layers
+    from jsae.vista import compose
+
+    tok, ip, ds = toy_parts
+    vision, lm = _tiny_encoder(encoder), _tiny_lm(lm_kind, len(tok))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    model, processor, adapter = compose(vision, lm, image_processor=ip, tokenizer=tok, projector_seed=3)
+    hf = adapter.hf_model
+    assert type(hf) is LlavaForConditionalGeneration
+    assert hf.config.vision_feature_select_strategy == ("full" if encoder == "siglip" else "default")
+    # the LM is the given one: shared weights, frozen, text logits identical (Gemma-2's soft-cap included)
+    assert hf.model.language_model.embed_tokens.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    assert not any(p.requires_grad for p in hf.model.language_model.parameters())
+    text = tok(["a red circle on the left"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**text).logits, lm(**text).logits, atol=1e-5, rtol=1e-5)
+    # one image token per patch (no CLS), in the patch grid the adapter reports
+    enc = adapter.build_inputs(processor, list(ds["image"]), list(ds["caption"]))
+    assert adapter.image_token_mask(enc).sum(1).tolist() == [36, 36, 36]
+    assert adapter.patch_grid(enc)[adapter.image_token_mask(enc)][:, -2:].amax(0).tolist() == [5, 5]
+    # the projector reads exactly the encoder's patch tokens
+    with torch.no_grad():
+        own = vision(enc["pixel_values"], output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(adapter.patch_features(enc), own[:, 0 if encoder == "siglip" else 1:])
+    # states at a decoder layer through jsae's reader; the composed model trains only the projector
+    got = read_layers(model, adapter, enc, [1])
+    assert got[1].shape[:2] == enc["input_ids"].shape
+    proj = check_projector(adapter)
+    again = compose(vision, lm, image_processor=ip, tokenizer=tok, projector_seed=3).adapter
+    other = compose(vision, lm, image_processor=ip, tokenizer=tok, projector_seed=4).adapter
+    w = proj.linear_1.weight
+    assert torch.equal(w, check_projector(again).linear_1.weight) and not torch.equal(w, check_projector(other).linear_1.weight)
+    hist = train_projector(model, processor, adapter, {}, list(ds["image"]), list(ds["caption"]),
+                           VistaConfig(lam=0.0, layers=(), steps=2, batch_size=3), progress=False)
+    assert len(hist["history"]) == 2
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())  # untouched
+
+
+def test_compose_adds_a_missing_image_token_and_refuses_bad_models(toy_parts):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from jsae.vista import compose
+    from jsae.world.processors import build_tokenizer
+
+    tok, ip, ds = toy_parts
+    vision, lm = _tiny_encoder("clip"), _tiny_lm("llama", len(tok))
+    bare = build_tokenizer()
+    bare_vocab = set(bare.get_vocab())
+    # a tokenizer without "<img>": added to a copy; the composed model gets one new embedding row, the LM none
+    model, processor, adapter = compose(vision, lm, image_processor=ip, tokenizer=bare, image_token="<img>")
+    assert "<img>" not in bare_vocab and set(bare.get_vocab()) == bare_vocab
+    assert adapter.hf_model.config.image_token_id == len(bare) and lm.model.embed_tokens.weight.shape[0] == len(tok)
+    enc = adapter.build_inputs(processor, [ds["image"][0]], [ds["caption"][0]])
+    assert int(adapter.image_token_mask(enc).sum()) == 36
+    adapter.hf_model(**adapter.model_kwargs(enc))
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=48, patch_size=8)
+    for bad, match in [(CLIPModel(CLIPConfig(vision_config=CLIPVisionConfig(**small).to_dict(),
+                                             text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                          "intermediate_size": 64})), "vision half"),
+                       (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**small, num_register_tokens=4)), "registers")]:
+        with pytest.raises((TypeError, ValueError)) as exc:
+            compose(bad, lm, image_processor=ip, tokenizer=tok)
+        assert match in _one_line(exc)
+    with pytest.raises(TypeError) as exc:
+        compose(vision, lm.model, image_processor=ip, tokenizer=tok)
+    assert "ForCausalLM" in _one_line(exc)
+
+
+def test_toy_parts_are_the_text_only_lm_and_the_tower(world):
+    from transformers import AutoModelForCausalLM
+
+    from jsae.vista import compose_toy
+    from jsae.world.training import part_dir, save_parts
+
+    model, processor, adapter = compose_toy("text-only")
+    lm = AutoModelForCausalLM.from_pretrained(str(part_dir("lm")), local_files_only=True, dtype=torch.float32)
+    text = processor.tokenizer(["a small red circle on the left"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.hf_model(**text).logits, lm(**text).logits)
+        # ... and not the shipped VLM's LM, which was fine-tuned with images afterwards
+        vlm_logits = world[2].hf_model(**text).logits
+    assert (vlm_logits - lm(**text).logits).abs().max() > 1e-2
+    # compose_toy("vlm"): the toy LLaVA's own tower and LM recomposed with a new projector computes the VLM's text
+    _, _, recomposed = compose_toy("vlm")
+    with torch.no_grad():
+        torch.testing.assert_close(recomposed.hf_model(**text).logits, vlm_logits)
+    assert not torch.equal(check_projector(recomposed).linear_1.weight, check_projector(world[2]).linear_1.weight)
+    # save_parts writes a VLM's LM and tower as standalone transformers models that compute the same
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        written = save_parts(world[2].hf_model, world[1], d, {"test": True}, dtype=torch.float32)
+        back = AutoModelForCausalLM.from_pretrained(str(written["lm"]), local_files_only=True, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(back(**text).logits, vlm_logits)
+        assert (written["vision"] / "preprocessor_config.json").exists()
+
+
+# ---- the VISTA loss from scratch, on the composed toy --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def composed():
+    from jsae.vista import compose_toy
+    from jsae.world import world_dataset
+
+    model, processor, adapter = compose_toy("vlm")
+    sae = load_text_sae(RELEASE_TEXT_LM, "model.language_model.layers.4")
+    return model, processor, adapter, sae, world_dataset("validation", 48, 0)
+
+
+RELEASE_TEXT_LM = "jsae-vista-toy-lm-text-sae"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["normalised", "mse"])
+def test_vista_from_scratch_lowers_text_sae_error(composed, form):
+    model, processor, adapter, sae, ds = composed
+    images, caps = list(ds["image"]), [c[0] for c in ds["captions"]]
+    held = _batches(adapter, processor, images[32:], caps[32:], 16)
+    errs = {}
+    for lam in (0.0, 5.0):  # both from the same seeded re-initialisation
+        train_projector(model, processor, adapter, {4: sae}, images[:32], caps[:32],
+                        VistaConfig(lam=lam, layers=(4,), steps=8, batch_size=16, lr=2e-3, loss_form=form), progress=False)
+        errs[lam] = recon_error_on_images(model, adapter, {4: sae}, held)
+    assert errs[5.0][4] < errs[0.0][4] - 0.05, errs
+
+
+def test_vista_config_loss_form():
+    assert VistaConfig().reinit is True and VistaConfig().loss_form == "normalised"
+    with pytest.raises(ValueError) as exc:
+        VistaConfig(loss_form="l1")
+    assert "normalised" in _one_line(exc)
+
+
+def test_raw_and_normalised_sae_error(sae4):
+    from jsae.vista import sae_recon_error
+
+    h = torch.randn(5, 128) * 3
+    r = sae4.decode(sae4.encode(h))
+    torch.testing.assert_close(sae_recon_error(sae4, h, "mse"), (r - h).pow(2).mean())
+    torch.testing.assert_close(sae_recon_error(sae4, h), ((r - h).pow(2).sum(-1) / h.pow(2).sum(-1)).mean())
+
+
+# ---- labels from text ----------------------------------------------------------------------------------
+
+def test_labels_from_top_examples():
+    from jsae.vista import label_from_top_examples, label_summary
+    from jsae.vista.metrics import context_concepts
+
+    words = ["a", "red", "cat", "and", "a", "blue", "fish"] * 8
+    owners = [i // 7 for i in range(len(words))]
+    codes = torch.zeros(len(words), 5)
+    for t, w in enumerate(words):
+        codes[t, 0] = 2.0 if w == "red" else 0.0  # 8 active tokens, all 'red'
+        codes[t, 1] = {"cat": 1.0, "fish": 1.1}.get(w, 0.0)  # top 12: 8 fish + 4 cat -> 'animal' lifts most
+        codes[t, 2] = 1.0  # fires everywhere: no lift
+        codes[t, 3] = 3.0 if w == "cat" else (1.0 if w == "a" else 0.0)  # top 12: 8 cat + 4 'a'
+        codes[t, 4] = 1.0 if t < 4 else 0.0  # active on 4 tokens only: too few to label
+    concepts = ["cat", "fish", "animal", "red", "blue"]
+    labels, purity = label_from_top_examples(codes, context_concepts(words, owners), concepts, top_n=12, min_purity=0.5)
+    assert labels == ["red", "animal", None, "cat", None]
+    assert purity[0] == 1.0 and purity[1] == 1.0 and purity[3] == pytest.approx(8 / 12)
+    s = label_summary(labels, purity)
+    assert s["labelled"] == 3 and s["labelled_fraction"] == 0.6 and s["concepts_covered"] == 3
+    # context: the token after 'red' also carries 'red'
+    ctx = context_concepts(words, owners, window=1)
+    assert ctx[2] == {"cat", "animal", "red"} and ctx[7] == set()  # 'a' at a caption start sees nothing before it
+    with pytest.raises(ValueError) as exc:
+        label_from_top_examples(codes, ctx[:3], concepts)
+    assert "one concept set per example" in _one_line(exc)
+
+
+def test_neuronpedia_explanations(tmp_path):
+    import gzip
+    import json
+
+    from jsae.vista import labels_from_explanations, load_neuronpedia_explanations
+
+    recs = [{"modelId": "gemma-2-2b", "layer": "4-gemmascope-res-16k", "index": "0", "description": "the color red",
+             "explanationModelName": "gpt-4o-mini", "typeName": "oai_token-act-pair"},
+            {"modelId": "gemma-2-2b", "layer": "4-gemmascope-res-16k", "index": "2", "description": "Cats and other felines"},
+            {"modelId": "gemma-2-2b", "layer": "4-gemmascope-res-16k", "index": "3", "description": "red or blue objects"},
+            {"modelId": "gemma-2-2b", "layer": "4-gemmascope-res-16k", "index": "0", "description": "a second explanation"}]
+    jl = tmp_path / "explanations.jsonl.gz"
+    with gzip.open(jl, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in recs))
+    arr = tmp_path / "explanations.json"
+    arr.write_text(json.dumps(recs))
+    for path in (jl, arr):
+        desc = load_neuronpedia_explanations(str(path), d_sae=5)
+        assert desc == ["the color red", None, "Cats and other felines", "red or blue objects", None]
+    labels = labels_from_explanations(desc, ["cat", "red", "blue"], synonyms={"cats": "cat"})
+    assert labels == ["red", None, "cat", None, None]  # two concepts named: ambiguous, unlabelled
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"idx": 1}]))
+    with pytest.raises(ValueError) as exc:
+        load_neuronpedia_explanations(str(bad))
+    assert "'index' and 'description'" in _one_line(exc)
+    with pytest.raises(ValueError) as exc:
+        load_neuronpedia_explanations(str(arr), d_sae=2)
+    assert "latent 2" in _one_line(exc)
+
+
+def test_jumprelu_sae_in_gemma_scope_format(tmp_path, composed):
+    """A JumpReLU SAE saved as Gemma Scope's SAELens folders are (architecture jumprelu, threshold, hook
+    blocks.L.hook_resid_post, no b_dec on the input), built from the toy text SAE: it loads, checks, is
+    labelled from text, and the VISTA loss reaches the projector through it."""
+    import json
+
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from jsae.vista import collect_text_states, vista_losses
+    from jsae.vista.experiment import label_text_sae, world_concept_names
+
+    model, processor, adapter, topk, ds = composed
+    caps = [c for cs in ds["captions"] for c in cs]
+    states, owners, ids = collect_text_states(model, processor, adapter, caps, [4], progress=False)
+    x = states[4]
+    cfg = JumpReLUSAEConfig(d_in=128, d_sae=topk.cfg.d_sae, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = "blocks.4.hook_resid_post"
+    cfg.metadata.model_name = "jsae-toy-text-lm"
+    cfg.metadata.neuronpedia_id = "jsae-toy-text-lm/4-local-res"
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(topk.W_enc)
+        sae.W_dec.copy_(topk.W_dec)
+        sae.b_dec.copy_(topk.b_dec)
+        sae.b_enc.copy_(topk.b_enc - topk.b_dec @ topk.W_enc)
+        pre = x @ sae.W_enc + sae.b_enc
+        sae.threshold.copy_(pre.clamp(min=0).quantile(0.9, dim=0).clamp(min=1e-3))
+    sae.save_model(str(tmp_path / "blocks.4.hook_resid_post"))
+    saved = json.loads((tmp_path / "blocks.4.hook_resid_post" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu" and saved["apply_b_dec_to_input"] is False
+    loaded = load_text_sae(str(tmp_path / "blocks.4.hook_resid_post"))
+    assert type(loaded).__name__ == "JumpReLUSAE"
+    check_text_sae(loaded, adapter, 4)
+    with pytest.raises(ValueError):
+        check_text_sae(loaded, adapter, 5)
+    with torch.no_grad():
+        fvu = float((loaded.decode(loaded.encode(x)) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.5
+    got = label_text_sae(loaded, x, processor.tokenizer.convert_ids_to_tokens(ids), owners.tolist(), world_concept_names())
+    assert got["summary"]["labelled"] > 10 and got["summary"]["mean_purity"] > 0.6
+    enc = adapter.build_inputs(processor, list(ds["image"][:4]), [c[0] for c in ds["captions"][:4]])
+    proj = check_projector(adapter)
+    proj.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for p in proj.parameters():
+            p.requires_grad_(True)
+        ce, errs = vista_losses(model, adapter, {4: loaded}, enc)
+        errs[4].backward()
+    assert proj.linear_1.weight.grad is not None and proj.linear_1.weight.grad.abs().sum() > 0
+    for p in proj.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+
+
+def test_cli_train_defaults_and_bad_inputs(tmp_path):
+    from jsae.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["vista", "train", "--help"])
+    assert r.exit_code == 0 and "toy-composed" in r.output and "--from-scratch" in r.output
+    r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--model", "bogus"])
+    assert r.exit_code == 2 and "toy-composed" in r.output
+    r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--layers", "4", "--loss-form", "l1"])
+    assert r.exit_code == 2 and "loss_form" in r.output
+    r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--text-layers", "2,3", "--edit-layer", "4"])
+    assert r.exit_code == 2 and "edit layer 4 has no text SAE" in r.output
+    r = runner.invoke(app, ["vista", "toy-parts", "--out", str(tmp_path / "p"), "--stages", "vlm"])
+    assert r.exit_code == 2 and "stages must be" in r.output
+
+
+@pytest.mark.slow
+def test_world_run_end_to_end_small(tmp_path):
+    """`jsae vista train` (from scratch on the composed toy, shipped text SAEs) then eval, at toy sizes: the run
+    directory holds every artefact and the report every section, with three edit methods."""
+    import json
+
+    from jsae.cli import app
+    from jsae.vista.experiment import EvalConfig, eval_world
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["vista", "train", "--out", str(out), "--text-sae", RELEASE_TEXT_LM, "--text-layers", "3,4,5",
+                            "--steps", "3", "--n-train", "32"])
+    assert r.exit_code == 0, r.output
+    train = json.loads((out / "train.json").read_text())
+    assert train["config"]["model"] == "toy-composed" and train["config"]["reinit"] is True
+    assert [s[0] for s in train["config"]["settings"]] == ["baseline", "vista-l4", "vista-l34", "vista-l3-5", "vista-l4-mse"]
+    assert "latents labelled from text" in r.output
+    lab = json.loads((out / "text_sae" / "model.language_model.layers.4" / "labels.json").read_text())
+    assert 0 < lab["summary"]["labelled_fraction"] <= 1 and len(lab["labels"]) == 256
+    m = eval_world(out, EvalConfig(n_eval=24, vision_steps=30, n_calib=2, gains=(1.0,), max_new_tokens=20), progress=False)
+    assert set(m["edits"]) >= {"vista", "vision-only", "vision-only-masks"}
+    assert set(m["vision_only_sae"]) == {"vision-only", "vision-only-masks"}
+    report = (out / "report.md").read_text()
+    for section in ("## Text SAEs", "## Matching rate", "## Task performance", "## Vision-only SAE", "## Patch-local edits"):
+        assert section in report
+
+
+def test_text_only_context_stage():
+    """The optional text-only stage of the toy LM: the loss covers the second description only, and it trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jsae.world.training import _context_batch, part_dir, train_lm_context
+
+    tok = AutoTokenizer.from_pretrained(str(part_dir("lm")), local_files_only=True)
+    enc, labels = _context_batch(0, 0, 4, tok)
+    for ids, lab in zip(enc["input_ids"], labels):
+        words = tok.convert_ids_to_tokens(ids.tolist())
+        first_end = words.index("</s>")
+        assert (lab[: first_end + 1] == -100).all() and (lab[first_end + 1:] != -100).any()
+    lm = AutoModelForCausalLM.from_pretrained(str(part_dir("lm")), local_files_only=True, dtype=torch.float32)
+    w = lm.lm_head.weight.detach().clone()
+    loss = train_lm_context(lm, tok, steps=2, batch_size=4, log=lambda *_: None)
+    assert np.isfinite(loss) and not torch.equal(w, lm.lm_head.weight)

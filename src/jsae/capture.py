@@ -18,21 +18,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from beartype import beartype
-from jaxtyping import Bool, Float, jaxtyped
+from jaxtyping import Bool, Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from jsae.guards import shape_checked
 from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
-from jsae.files import write_json
+from jsae.files import apply_umask, tmp_sibling, write_json
 
 POOLINGS = ("mean", "max", "last")
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
@@ -46,7 +47,7 @@ Pooling = Literal["mean", "max", "last"]
 # ================================================================================================
 
 
-@jaxtyped(typechecker=beartype)
+@shape_checked
 def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], pooling: str = "mean") -> Float[Tensor, "batch d"]:
     """Pool ``hidden`` over the positions of ``mask`` per row: ``"mean"``, ``"max"`` or ``"last"`` (the
     last masked position), always in float32 (a mean of thousands of fp16 states would overflow: 2,928
@@ -71,7 +72,11 @@ def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], 
 
 
 def _model_name(adapter: VLMAdapter) -> str:
-    return str(getattr(adapter.config, "_name_or_path", "") or type(adapter.hf_model).__name__)
+    """The model's hub id or path, or a shipped toy model's name (not its installed directory)."""
+    from jsae.world.models import toy_name
+
+    path = str(getattr(adapter.config, "_name_or_path", "") or "")
+    return toy_name(path) or path or type(adapter.hf_model).__name__
 
 
 def _check_pairs(pairs: Any) -> None:
@@ -126,8 +131,57 @@ def capture_pairs(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     shard_size = -(-shard_size // batch_size) * batch_size  # whole batches per shard: resume sees the same batches
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from jsae.guards import check_output_dir
+    from jsae.locks import DirLock
+
+    out = check_output_dir(out_dir, "out_dir")
+    created = not out.exists()
+    existed = not created and (out / MANIFEST).exists()
+    try:
+        with DirLock(out, "jsae capture"):
+            try:
+                return _capture_locked(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size,
+                                       dtype, fingerprint, chat_template, prompt_template, text_positions, progress)
+            except _PairError:
+                if not existed:  # a fresh capture of bad data: remove it, so the corrected data is not refused
+                    _remove_capture(out)
+                raise
+    except _PairError:
+        if created and {f.name for f in out.iterdir()} <= {".jsae.lock"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+class _PairError(ValueError):
+    """A pair of the data cannot be captured (its image or caption is malformed)."""
+
+
+def _remove_capture(out: Path) -> None:
+    for f in out.iterdir():
+        if f.name == MANIFEST or f.name.startswith(("shard-", ".shard-", f".{MANIFEST}.tmp-")):
+            f.unlink(missing_ok=True)
+
+
+def _check_batch(batch: list[Any], start: int) -> None:
+    """One-line errors naming the pair (its index in ``pairs``) whose image or caption is malformed."""
+    for i, p in enumerate(batch, start):
+        if not (isinstance(p, (tuple, list)) and len(p) == 2):
+            raise _PairError(f"pair {i} is {type(p).__name__}, not an (image, caption) pair; give every pair as (image, caption)")
+        image, text = p
+        if image is None:
+            raise _PairError(f"pair {i}: the image is None; drop the pair or give its image")
+        if not isinstance(text, str):
+            raise _PairError(f"pair {i}: the caption is {type(text).__name__} ({text!r:.40}), not a string; drop the pair "
+                             "or give its caption as text")
+        if not text.strip():
+            raise _PairError(f"pair {i}: the caption is empty; drop the pair or give its caption")
+
+
+def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layer_list: list[int],
+                    pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, fingerprint: str | None,
+                    chat_template: bool | None, prompt_template: str | None, text_positions: str, progress: bool) -> Path:
+    if fingerprint is None:  # the fingerprint reads every pair anyway: check them all before writing anything
+        _check_batch([pairs[i] for i in range(len(pairs))], 0)
     settings = {
         "format": FORMAT,
         "model": _model_name(adapter),
@@ -153,12 +207,13 @@ def capture_pairs(
     try:
         for start in range(done, n, batch_size):
             batch = [pairs[i] for i in range(start, min(start + batch_size, n))]
+            _check_batch(batch, start)
             images, texts = [p[0] for p in batch], [p[1] for p in batch]
             try:
                 inputs = adapter.build_inputs(processor, images, texts, chat_template=chat_template,
                                               prompt_template=prompt_template)
-            except ValueError as err:
-                raise ValueError(f"pairs {start}..{start + len(batch) - 1}: {err}") from None
+            except (ValueError, TypeError) as err:
+                raise _PairError(f"pairs {start}..{start + len(batch) - 1}: {str(err).splitlines()[0]}") from None
             for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling, text_positions).items():
                 pending[key].append(value.to(dtype).cpu())
             pending_n += len(batch)
@@ -195,7 +250,13 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     killed run (temporary files, shards the manifest does not list)."""
     path = out / MANIFEST
     if path.exists():
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+                raise ValueError("not a jsae capture manifest")
+        except ValueError as exc:
+            raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); delete {out} to capture anew, or use "
+                             "a new out_dir") from None
         defaults = {"text_positions": "caption", "prompt_template": None}  # captures made before these existed
         for key in ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template", "fingerprint",
                     "total", "dtype", "batch_size", "shard_size"):
@@ -208,7 +269,8 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         manifest = {**settings, "count": 0, "shards": [], "complete": False}
     listed = {s["file"] for s in manifest["shards"]}
     for f in out.iterdir():
-        if f.name.endswith(".tmp") or f.name.startswith(f".{MANIFEST}.tmp-") or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed):
+        if (f.name.endswith(".tmp") or f.name.startswith((f".{MANIFEST}.tmp-", ".shard-"))
+                or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed)):
             f.unlink()
     if not path.exists():
         write_json(path, manifest)
@@ -218,9 +280,9 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
 def _flush(out: Path, manifest: dict[str, Any], pending: dict[str, list[Tensor]], n: int) -> dict[str, Any]:
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
-    tmp = out / (name + ".tmp")
+    tmp = tmp_sibling(out / name)
     save_file(tensors, str(tmp), metadata={"count": str(n)})
-    os.replace(tmp, out / name)
+    os.replace(apply_umask(tmp), out / name)
     for v in pending.values():
         v.clear()
     manifest = {**manifest, "shards": [*manifest["shards"], {"file": name, "count": n}], "count": manifest["count"] + n}
@@ -237,7 +299,14 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run jsae.capture_pairs(..., out_dir={str(out_dir)!r}) first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        missing = [k for k in ("layers", "shards", "count") if not isinstance(manifest, dict) or k not in manifest]
+        if missing:
+            raise ValueError(f"no {missing}")
+    except ValueError as exc:
+        raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); capture again into a new folder") from None
+    return manifest
 
 
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,

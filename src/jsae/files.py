@@ -24,9 +24,22 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def apply_umask(path: str | Path) -> Path:
+    """Give ``path`` (and, for a directory, every file under it) the mode a plain ``open`` would: 0666 less the
+    process umask.  safetensors writes through a private temporary file (mode 0600); weights should be as readable
+    as every other file the user writes."""
+    path = Path(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        os.chmod(f, 0o666 & ~mask)
+    return path
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory ``tmp`` to ``final``, replacing what is there without a moment where
-    ``final`` holds a mix of old and new files."""
+    ``final`` holds a mix of old and new files (its files get the umask's mode: :func:`apply_umask`)."""
+    apply_umask(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
@@ -61,4 +74,4 @@ def write_dir_atomic(final: str | Path, fill: Any) -> Path:
     return final
 
 
-__all__ = ["replace_dir", "tmp_sibling", "write_atomic", "write_dir_atomic", "write_json"]
+__all__ = ["apply_umask", "replace_dir", "tmp_sibling", "write_atomic", "write_dir_atomic", "write_json"]

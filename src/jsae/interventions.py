@@ -34,17 +34,18 @@ own nnsight trace, use :meth:`Intervention.apply` on ``layers[L].output`` direct
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
-from beartype import beartype
-from jaxtyping import Bool, Float, jaxtyped
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from jsae.activations import layer_output, model_device, to_model_kwargs, with_layer_output
 from jsae.adapters import VLMAdapter, for_model, padding_side, unwrap
 from jsae.adapters.base import GRID_COL, GRID_IMAGE, GRID_REGION, GRID_ROW
+from jsae.guards import shape_checked
 
 POSITION_NAMES = ("image", "text", "generated", "all", "image_but_last", "last")
 TIMINGS = ("prefill", "every_step")
@@ -136,7 +137,7 @@ class Intervention:
         position ``i`` (for per-prompt edits)."""
         raise NotImplementedError
 
-    @jaxtyped(typechecker=beartype)
+    @shape_checked
     def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d"]:
         """``hidden`` with :meth:`edit` applied at ``mask`` (out of place; other positions untouched)."""
         mask = mask.to(hidden.device)
@@ -198,6 +199,8 @@ class ProjectOut(Intervention):
         super().__post_init__()
         if not isinstance(self.direction, Tensor) or self.direction.dim() not in (1, 2):
             raise ValueError("ProjectOut needs direction=, a tensor of size d_in (or [batch, d_in], one per prompt)")
+        if not bool(torch.isfinite(self.direction).all()):
+            raise ValueError("ProjectOut's direction must be finite numbers (got NaN or inf)")
         if not bool((self.direction.norm(dim=-1) > 0).all()):
             raise ValueError("ProjectOut needs a non-zero direction")
 
@@ -212,6 +215,20 @@ class ProjectOut(Intervention):
         return x - (x * u).sum(-1, keepdim=True) * u
 
 
+def check_sae_site(sae: Any, layer: int, adapter: VLMAdapter, what: str = "the intervention") -> None:
+    """One-line error when ``sae`` was trained at another layer, hook or model than ``adapter``'s layer ``layer``
+    (judged from its ``cfg.metadata``; unknown fields are not checked)."""
+    from jsae.capture import _model_name
+    from jsae.provenance import check_same, sae_record
+
+    found = {k: v for k, v in sae_record(sae).items() if k in ("model", "model_class", "layer", "hook_name")}
+    here = {"model": _model_name(adapter), "model_class": type(adapter.hf_model).__name__, "layer": layer,
+            "hook_name": adapter.hook_name(layer)}
+    check_same(found, here, f"the SAE of this {what}", f"layer {layer} of {here['model']}",
+               f"use the SAE trained there (metadata: layer {found.get('layer')}, model {found.get('model')}), "
+               "or pass allow_other_site=True")
+
+
 @dataclass(frozen=True, eq=False)
 class Clamp(Intervention):
     """Set SAE features ``features`` to ``strength`` at the positions, keeping the reconstruction error."""
@@ -220,11 +237,16 @@ class Clamp(Intervention):
     features: Any = ()  # feature indices, or one list per prompt
     strength: Any = 0.0  # one value, one per feature, or (per-prompt features) one list per prompt
     sae_modality: str | None = None  # JSAE branch; default: "vision" on image/patch positions, else "text"
+    allow_other_site: bool = False  # apply an SAE trained at another layer / hook / model anyway
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sae is None or not hasattr(self.sae, "encode") or not hasattr(self.sae, "decode"):
             raise ValueError(f"{type(self).__name__} needs sae=, an SAE with encode/decode (SAELens SAE or jsae.JointSAE)")
+        flat = [self.strength] if isinstance(self.strength, (int, float)) else \
+            [v for vs in self.strength for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in flat):
+            raise ValueError(f"{type(self).__name__}'s strength must be finite numbers, got {self.strength!r}")
         per_prompt = not isinstance(self.features, int) and any(not isinstance(f, int) for f in self.features)
         if per_prompt:
             feats: Any = tuple(tuple(int(f) for f in fs) for fs in self.features)
@@ -260,6 +282,8 @@ class Clamp(Intervention):
         bad = [f for f in self._all_features() if not 0 <= f < d_sae]
         if bad:
             raise ValueError(f"feature index {bad[0]} is out of range: the SAE has features 0..{d_sae - 1}")
+        if not self.allow_other_site:
+            check_sae_site(self.sae, self.layer, adapter, type(self).__name__)
 
     def _kw(self) -> dict[str, Any]:
         if hasattr(self.sae, "W_dec_of"):  # a JointSAE: pick its branch
@@ -314,6 +338,7 @@ class Splice(Intervention):
 
     sae: Any = None
     sae_modality: str | None = None
+    allow_other_site: bool = False  # apply an SAE trained at another layer / hook / model anyway
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -325,6 +350,8 @@ class Splice(Intervention):
         if int(self.sae.cfg.d_in) != adapter.d_in:
             raise ValueError(f"the SAE has d_in={self.sae.cfg.d_in} but the model's hidden size is {adapter.d_in}; "
                              "use an SAE trained on this model's residual stream")
+        if not self.allow_other_site:
+            check_sae_site(self.sae, self.layer, adapter, "Splice")
 
     def edit(self, x: Tensor, rows: Tensor) -> Tensor:
         sae = self.sae
@@ -412,8 +439,11 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
             hidden = layer_output(output)
             step = steps[layer]
             steps[layer] = step + 1
+            # a forward over the whole prompt (the first, or another plain forward inside the block) has the
+            # prompt's shape; a decode step (KV cache) has one position per prompt
+            prefill = step == 0 or tuple(hidden.shape[:2]) == tuple(items[0][1].shape)
             for iv, prefill_mask in items:
-                if step == 0:
+                if prefill:
                     mask = prefill_mask
                 elif iv.timing == "prefill" or iv.positions not in ("generated", "all"):
                     continue

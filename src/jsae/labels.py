@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float
 from torch import Tensor
 
 from jsae.correlation import correlation_matrix
+from jsae.guards import shape_checked
 
 Kind = Literal["shared", "vision-only", "text-only", "unlabelled"]
 
@@ -46,6 +46,18 @@ class FeatureLabels:
     labels: list[FeatureLabel]
     concepts: list[str]
     data: dict[str, Any] | None = None  # the labelling data (jsae.data.sources ``describe``: kind, fingerprint, ...)
+    provenance: dict[str, Any] | None = None  # the labelled SAE's record (jsae.provenance.sae_record) and the capture's
+
+    def check_sae(self, sae: Any, where: str = "this SAE") -> None:
+        """One-line :class:`~jsae.provenance.ProvenanceError` when these labels were made for an SAE of another
+        model, layer or hook than ``sae`` (labels without a record are not checked)."""
+        from jsae.provenance import check_same, sae_record
+
+        found = (self.provenance or {}).get("sae")
+        if found:
+            check_same({k: v for k, v in found.items() if k != "data"},
+                       {k: v for k, v in sae_record(sae).items() if k != "data"}, "this labels file", where,
+                       "label this SAE itself (`jsae sae label`)")
 
     def features_for(self, concept: str, kinds: Iterable[str] = ("shared",)) -> list[int]:
         """Latents labelled ``concept`` (shared ones by default), strongest first."""
@@ -66,15 +78,22 @@ class FeatureLabels:
         out: dict[str, Any] = {"concepts": self.concepts, "labels": [asdict(lab) for lab in self.labels]}
         if self.data is not None:
             out["data"] = self.data
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
         write_atomic(path, json.dumps(out, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureLabels":
-        data = json.loads(Path(path).read_text())
-        return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"], data.get("data"))
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls([FeatureLabel(**lab) for lab in data["labels"]], data["concepts"], data.get("data"),
+                       data.get("provenance"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a readable jsae labels file ({str(exc).splitlines()[0]}); label the SAE "
+                             "again with `jsae sae label`") from None
 
 
-@jaxtyped(typechecker=beartype)
+@shape_checked
 def label_features(
     z_vision: Float[Tensor, "n d_sae"],
     z_text: Float[Tensor, "n d_sae"],
@@ -82,8 +101,10 @@ def label_features(
     concept_names: list[str],
     min_corr: float = 0.3,
     data: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> FeatureLabels:
-    """Label every latent from held-out paired codes and concept presence (0/1 per pair)."""
+    """Label every latent from held-out paired codes and concept presence (0/1 per pair); ``data`` and
+    ``provenance`` (the SAE's and the capture's records) are stored with the labels."""
     if len(concept_names) != concepts.shape[1]:
         raise ValueError(f"{len(concept_names)} concept names for {concepts.shape[1]} concept columns")
     if not 0 < min_corr < 1:
@@ -107,4 +128,4 @@ def label_features(
                 purities.append(float((mass * y[:, c]).sum() / mass.sum()))
         labels.append(FeatureLabel(j, concept_names[c], kind, sum(purities) / max(len(purities), 1),
                                    float(cv[j, c]), float(ct[j, c])))
-    return FeatureLabels(labels, list(concept_names), data)
+    return FeatureLabels(labels, list(concept_names), data, provenance)

@@ -62,6 +62,11 @@ def _offline() -> bool:
 
 
 def _not_found(name: str, err: Exception) -> OSError:
+    if "/" not in str(name) and not os.path.exists(str(name)):  # not a hub id (ORG/NAME) nor a path: a typo
+        from jsae.world.models import MODEL_NAMES
+
+        return OSError(f"unknown model {name!r}: not a shipped toy model ({', '.join(MODEL_NAMES)}), not a local folder "
+                       "and not a hub id (ORG/NAME); check the name")
     where = "not a local directory and not in the Hugging Face cache"
     why = "the hub is offline (HF_HUB_OFFLINE)" if _offline() else f"the hub could not provide it ({type(err).__name__})"
     return OSError(
@@ -92,6 +97,9 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from jsae.guards import check_device
+
+    check_device(device, "device")
     dtype = _resolve_dtype(dtype)
     from jsae.world.models import MODEL_NAMES, load_toy_hf
 
@@ -103,8 +111,10 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
         model = NNsight(hf)
         return VLM(model, processor, for_model(model))
     common = dict(revision=revision, trust_remote_code=False)
+    # a bare name (no ORG/, not a folder) is a typo of a toy name or a cached id: never ask the hub for it
+    local_only = {"local_files_only": True} if "/" not in str(name_or_path) and not os.path.exists(str(name_or_path)) else {}
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **common)
+        config = AutoConfig.from_pretrained(name_or_path, **common, **local_only)
     except (OSError, ValueError) as err:
         if os.path.isdir(name_or_path):
             raise OSError(f"cannot load {name_or_path!r}: the directory has no usable config.json ({err})") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import typer
 
+from jsae.cli._common import guard_app, set_debug
 from jsae.cli.look import core_metrics, export_neuronpedia, features, look_app
 from jsae.cli.release import release_app
 from jsae.cli.run import capture, demo, run_app, sweep
@@ -72,9 +73,14 @@ def thread_policy(threads: int | None, cores: int | None = None) -> int:
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                        help="Print the jsae version and exit."),
           threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: one per two cores, at most 8; "
-                                                             "OMP_NUM_THREADS set by you wins)")) -> None:
+                                                             "OMP_NUM_THREADS set by you wins)"),
+          debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error instead of one line")) -> None:
     import os
 
+    set_debug(debug)
+    # OpenMP threads sleep between parallel regions instead of spinning: the sparse training step is hundreds of
+    # small operations, and spinning threads on a shared machine made it 2-4x slower (benchmarks/train_throughput.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads is None and any(v in os.environ for v in THREAD_VARS):
         return  # the user's own setting
     n = str(thread_policy(threads))
@@ -104,6 +110,8 @@ for _name, _command in {"capture": capture, "sweep": sweep, "train": train, "lab
                         "features": features, "export-neuronpedia": export_neuronpedia, "core-metrics": core_metrics,
                         "version": version}.items():
     app.command(_name, hidden=True)(_command)  # the flat names of earlier versions
+
+guard_app(app)  # every command: one-line errors, never a traceback (unless --debug)
 
 __all__ = ["app"]
 

@@ -76,11 +76,13 @@ def build_shipped(
 
 
 @release_app.command("list")
-def list_() -> None:
-    """List jsae releases: name, model, layer, where it lives, L0, variance explained, and how to produce it."""
-    from jsae.releases.build import list_releases
+def list_(as_json: bool = typer.Option(False, "--json", help="every field (hook, SAE ids, where, recipe) as JSON")) -> None:
+    """List jsae releases as a table: name, status (shipped / hub / unpublished), model, layer, L0, variance
+    explained; how to produce the unpublished ones."""
+    from jsae.releases.build import list_releases, releases_table
 
-    typer.echo(json.dumps(list_releases(), indent=1))
+    rows = list_releases()
+    typer.echo(json.dumps(rows, indent=1) if as_json else releases_table(rows))
 
 
 @release_app.command("push")

@@ -77,7 +77,7 @@ def demo(
         fail(str(exc))
     try:
         metrics = run_protocol(out, cfg, overwrite=overwrite)
-    except (FileExistsError, ValueError, OSError) as exc:
+    except (FileExistsError, ValueError, OSError, RuntimeError, MemoryError) as exc:
         fail(str(exc))
     typer.echo(f"done in {metrics['timings']['total_s']:.0f} s: " + ", ".join(str(out / a) for a in ARTEFACTS))
 
@@ -135,9 +135,34 @@ def _finished_run(path: Path, cfg: object) -> dict | None:
     return metrics if got == want else None
 
 
+def _check_capture_options(out: Path, split: str, n: int, data: Optional[str], pooling: str, batch_size: int,
+                           text_pooling: Optional[str]) -> None:
+    """One-line errors for `capture` options, before the model or the data is loaded."""
+    from jsae.capture import POOLINGS, TEXT_POSITIONS
+    from jsae.guards import check_output_dir
+
+    try:
+        check_output_dir(out, "--out")
+    except OSError as exc:
+        fail(str(exc))
+    if data is None:
+        from jsae.world.data import SPLITS
+
+        if split not in SPLITS:
+            fail(f"--split {split!r} is not a world split; choose one of {list(SPLITS)} (or pass --data for a dataset's split)")
+        if n < 1:
+            fail(f"--n must be at least 1 pair, got {n}")
+    if pooling not in POOLINGS:
+        fail(f"--pooling {pooling!r}: choose one of {list(POOLINGS)}")
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    if text_pooling is not None and text_pooling not in TEXT_POSITIONS:
+        fail(f"--text-pooling {text_pooling!r}: choose one of {list(TEXT_POSITIONS)}")
+
+
 @run_app.command()
 def capture(
-    out: Path = typer.Option(..., help="capture directory (manifest.json + shards)"),
+    out: Optional[Path] = typer.Option(None, help="capture directory (manifest.json + shards); not needed with --dry-run"),
     model: str = typer.Option("llava", help="toy model name, or a hub id / path of a real VLM"),
     layers: str = typer.Option(..., help="comma-separated decoder layers"),
     split: str = typer.Option("train", help="world split (train | validation | test), or the split of --data"),
@@ -150,10 +175,15 @@ def capture(
     prompt_template: Optional[str] = typer.Option(None, help="raw prompt instead of the chat template, with {caption}"),
     preset: str = typer.Option("default", help="default | reference (non_image pooling and the reference's 'USER: <image>\\n{caption}\\nASSISTANT:' prompt when the tokenizer knows its words; explicit options win)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what the capture costs (tokens per image, disk, memory, "
+                                                           "compute) without loading weights or running anything"),
+    n_pairs: Optional[int] = typer.Option(None, min=1, help="--dry-run: scale the figures to this many pairs of the same kind "
+                                                           "(default: the rows of the data)"),
 ) -> None:
     """Capture pooled (image, caption) activations at the given layers (resumable).
 
-    The manifest records the data's fingerprint, which `jsae sae label` checks."""
+    The manifest records the data's fingerprint, which `jsae sae label` checks.  --model may also be a
+    config.json or a spec JSON (config + processor settings) with --dry-run."""
     from jsae.protocol.run import PRESETS
 
     if preset not in PRESETS:
@@ -161,6 +191,12 @@ def capture(
     layer_list = int_list(layers, "--layers")
     if not layer_list:
         fail("--layers needs at least one layer, e.g. --layers 4")
+    if dry_run:
+        _capture_dry_run(model, layer_list, split, n, data, seed, batch_size, n_pairs, dtype)
+        return
+    if out is None:
+        fail("--out is required (the capture directory), unless --dry-run")
+    _check_capture_options(out, split, n, data, pooling, batch_size, text_pooling)
     from jsae import capture_pairs, load_vlm
 
     try:
@@ -183,6 +219,38 @@ def capture(
     except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"captured {len(pairs)} pairs into {out}")
+
+
+def _capture_dry_run(model: str, layers: list[int], split: str, n: int, data: Optional[str], seed: int, batch_size: int,
+                     n_pairs: Optional[int], dtype: str) -> None:
+    """`capture --dry-run`: jsae.cost.estimate_capture on the model's config and the data, printed as a table."""
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    import torch
+
+    from jsae.cost import estimate_capture
+
+    try:
+        source, part = data_source(data, split, n, seed)
+        pairs = source.pairs(part)
+        processor = None
+        from jsae.world.models import MODEL_NAMES
+
+        if model in MODEL_NAMES:  # a shipped toy model: its own processor counts text tokens exactly
+            from jsae import load_vlm
+
+            target = load_vlm(model)
+            processor = target.processor
+        else:
+            target = model
+        model_dtype = (torch.float32 if processor is not None else torch.bfloat16) if dtype == "auto" else getattr(torch, dtype, None)
+        if not isinstance(model_dtype, torch.dtype):
+            fail(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        est = estimate_capture(target, pairs, layers, batch_size=batch_size, n_pairs=n_pairs, processor=processor,
+                               model_dtype=model_dtype)
+    except (ValueError, TypeError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(str(est))
 
 
 @run_app.command()

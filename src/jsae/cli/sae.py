@@ -36,6 +36,8 @@ def train(
     preset: str = typer.Option("default", help="default | reference (the JSAE reference code's recipe: element-mean loss, "
                                                "PyTorch Linear init, no centring, no decoder-norm constraint, Adam 1e-5, "
                                                "batch 8, 20 epochs, plateau scheduler, best epoch kept)"),
+    allow_provenance_mismatch: bool = typer.Option(False, help="resume a --checkpoint-dir made for another model, layer "
+                                                                "or data anyway"),
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
     from dataclasses import replace
@@ -52,6 +54,14 @@ def train(
     reference = preset == "reference"
     if batch_size is None:
         batch_size = REFERENCE_BATCH_SIZE if reference else 256
+    from jsae.guards import check_output_dir
+
+    try:  # before any work: a bad --out or --checkpoint-dir must not lose a finished training run
+        check_output_dir(out, "--out")
+        if checkpoint_dir is not None:
+            check_output_dir(checkpoint_dir, "--checkpoint-dir")
+    except OSError as exc:
+        fail(str(exc))
     try:
         data = load_pairs(capture_dir, layer, batch_size=batch_size, seed=seed)
         manifest = read_manifest(capture_dir)
@@ -69,12 +79,13 @@ def train(
             tcfg = JointTrainerConfig(total_steps=steps, lr=3e-4 if lr is None else lr, lr_warm_up_steps=steps // 20,
                                       lr_decay_steps=steps // 5, **ckpt)
         for key, value in {"model_name": manifest.get("model"), "layer": layer, "pooling": manifest.get("pooling"),
-                           "hook_name": dict(zip(manifest["layers"], manifest["hook_names"])).get(layer)}.items():
+                           "hook_name": dict(zip(manifest["layers"], manifest["hook_names"])).get(layer),
+                           "model_class": manifest.get("model_class"), "data_fingerprint": manifest.get("fingerprint")}.items():
             cfg.metadata[key] = value
-        sae = JointSAETrainer.from_config(cfg, tcfg, data).fit()
-    except (ValueError, FileNotFoundError) as exc:
+        sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
+        sae.save_inference_model(out)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, MemoryError) as exc:
         fail(str(exc))
-    sae.save_inference_model(out)
     typer.echo(f"saved {out}")
 
 
@@ -106,11 +117,18 @@ def label(
     from jsae.saes.joint_sae import JointSAE
     from jsae.training import load_pairs
 
+    from jsae.provenance import check_same, manifest_record, sae_record
+
     try:
         sae = JointSAE.load_from_disk(sae_dir)
         _check_layer(sae, layer)
         source, part = data_source(data, split, n, seed)
         manifest = read_manifest(capture_dir)
+        same_site = ("model", "model_class", "layer", "hook_name", "pooling", "d_in")
+        check_same({k: v for k, v in sae_record(sae).items() if k in same_site},
+                   {k: v for k, v in manifest_record(manifest, layer).items() if k in same_site},
+                   f"the SAE in {sae_dir}", f"the capture in {capture_dir}", "label it on a capture of the model, layer "
+                   "and pooling it was trained on")
         flags = "--data/--split" if data else "--split/--n/--seed"
         check_fingerprint(manifest.get("fingerprint"), source.fingerprint(part), f"the capture in {capture_dir}",
                           f"pass the {flags} it was captured with")
@@ -121,10 +139,11 @@ def label(
                  "label with the data it was captured from")
         with torch.no_grad():
             labels = label_features(sae.encode(pairs.vision, "vision"), sae.encode(pairs.text, "text"), y.float(), names,
-                                    min_corr, data=source.describe(part))
+                                    min_corr, data=source.describe(part),
+                                    provenance={"sae": sae_record(sae), "capture": manifest_record(manifest, layer)})
+        labels.save(sae_dir / "labels.json")
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    labels.save(sae_dir / "labels.json")
     typer.echo(f"{labels.counts()} -> {sae_dir / 'labels.json'}")
 
 
@@ -146,6 +165,11 @@ def steer(
     steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token; --preset reference)"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
+    kinds: str = typer.Option("shared,vision-only,text-only", help="which labelled features of the concept to use "
+                                                                  "(labels.json kinds, comma-separated; strongest first)"),
+    n_features: int = typer.Option(3, min=0, help="use the concept's N strongest features (the protocol's 3; 0: all)"),
+    decoder: str = typer.Option("vision", help="steer along the features' vision decoder rows (default: in the world "
+                                               "only these steer the image) or their text rows (the JSAE paper's choice)"),
     seed: int = typer.Option(0),
     preset: str = typer.Option("default", help="default | reference (steering at the image tokens and every generated token, 50 new "
                                                "tokens, the reference's Mistral instruction prompt 'Describe the image.' when "
@@ -158,6 +182,12 @@ def steer(
         fail(f"--alpha must be a finite number, got {alpha}")
     if data and images:
         fail("pass --data or --images, not both")
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    known_kinds = ("shared", "vision-only", "text-only")
+    if not kind_list or any(k not in known_kinds for k in kind_list):
+        fail(f"--kinds {kinds!r}: give one or more of {', '.join(known_kinds)}, comma-separated")
+    if decoder not in ("vision", "text"):
+        fail(f"--decoder {decoder!r}: choose vision or text")
     from jsae.protocol.run import PRESET_CHOICES, PRESETS, ProtocolConfig, reference_prompts
 
     if preset not in PRESETS:
@@ -179,12 +209,14 @@ def steer(
         if not path.exists():
             fail(f"{sae_dir} has no labels.json; run `jsae sae label` first")
         labels = FeatureLabels.load(path)
+        labels.check_sae(sae, f"the SAE in {sae_dir}")
         kind = (labels.data or {}).get("kind", "world")
         want = "world" if not (data or images) else "captions"
         if kind != want and not images:
             fail(f"{path} labels features on {kind} data, but these images are {want} data; label this SAE on "
                  f"{'the world (`jsae sae label` without --data)' if want == 'world' else 'caption data (`jsae sae label --data`)'}")
-        feats = labels.features_for(concept)
+        feats = labels.features_for(concept, kind_list)
+        feats = feats[:n_features] if n_features else feats
         picked, mentions = _steer_images(concept, n, data, split, images, suppress, seed)
         if mentions is None:
             mentions = world_mentions
@@ -197,7 +229,7 @@ def steer(
     if suppress:
         ivs = [Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")]
     else:
-        ivs = steer_interventions(layer, steer_at, Method("jsae", sae, True).steer_direction(feats), alpha)
+        ivs = steer_interventions(layer, steer_at, Method("jsae", sae, True).steer_direction(feats, decoder), alpha)
     from jsae.world.processors import CAPTION_PROMPT
 
     text = prompt if prompt is not None else (CAPTION_PROMPT if not (data or images) else "Describe the image.")

@@ -24,43 +24,71 @@ def _ints(spec: str, flag: str) -> tuple[int, ...]:
 @vista_app.command("train")
 def train(
     out: Path = typer.Option(..., help="run directory (text SAEs, labels, projectors, train.json)"),
-    model: str = typer.Option("llava", help="toy model of the embedded world"),
+    model: str = typer.Option("toy-composed", help="toy-composed: the toy text-only LM + the toy vision tower + a new "
+                                                   "projector (the paper's setup); llava: the shipped toy LLaVA"),
     text_sae: Optional[str] = typer.Option(None, help="text SAEs to use instead of training: a release "
-                                                      "(jsae-vista-toy-llava-text-sae) or a directory of SAE folders named by hook"),
-    text_layers: str = typer.Option("2,4,6", help="layers with a text SAE (comma-separated)"),
-    layers: Optional[str] = typer.Option(None, help="constrained layers of the single VISTA setting; default: the "
-                                                    "middle text layer and all text layers (two settings)"),
+                                                      "(jsae-vista-toy-text-lm-text-sae) or a directory of SAE folders named by hook"),
+    text_layers: str = typer.Option("0,1,2,3,4,5,6,7", help="layers with a text SAE (comma-separated)"),
+    edit_layer: int = typer.Option(4, help="the single constrained layer of the default settings (and of the edits)"),
+    layers: Optional[str] = typer.Option(None, help="constrained layers of one VISTA setting instead of the default ones "
+                                                    "(one layer; layers 0..edit layer; all text layers; one layer with raw MSE)"),
     lam: float = typer.Option(1.0, help="λ, the weight of the text-SAE reconstruction loss (0 = baseline)"),
-    steps: int = typer.Option(300, help="projector steps (the same for every setting)"),
+    loss_form: str = typer.Option("normalised", help="with --layers: normalised (‖e‖²/‖h‖²) or mse (the paper's raw MSE)"),
+    steps: int = typer.Option(600, help="projector steps (the same for every setting)"),
     batch_size: int = typer.Option(16),
-    lr: float = typer.Option(1e-3),
-    reinit: bool = typer.Option(False, help="re-initialise the projector (same seed for every setting) instead of "
-                                            "starting from the shipped one"),
+    lr: float = typer.Option(2e-3),
+    from_scratch: bool = typer.Option(True, "--from-scratch/--from-model", help="train every projector from scratch (same seed; "
+                                                                               "the paper's way) or from the model's own"),
     n_train: int = typer.Option(1000, help="training images (and their captions for the text SAE)"),
     sae_steps: int = typer.Option(2000, help="text SAE steps (SAELens SAETrainer)"),
     d_sae: int = typer.Option(256),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
 ) -> None:
-    """Train text SAEs (or load them), label them from text, and train the baseline and VISTA projectors."""
+    """Train text SAEs (or load them), label them from text, and train the baseline and VISTA projectors from scratch."""
     from jsae.vista.experiment import WorldVistaConfig, train_world
 
     tl = _ints(text_layers, "--text-layers")
-    settings = ()
+    settings: tuple = ()
     if layers is not None:
         ls = _ints(layers, "--layers")
-        settings = (("baseline", 0.0, ()), ("vista-l" + "".join(map(str, ls)), lam, ls))
+        settings = (("baseline", 0.0, ()), ("vista-l" + "".join(map(str, ls)) + ("-mse" if loss_form == "mse" else ""), lam, ls, loss_form))
     try:
-        cfg = WorldVistaConfig(model=model, seed=seed, n_train=n_train, text_layers=tl, text_sae=text_sae, d_sae=d_sae,
-                               sae_steps=sae_steps, lam=lam, settings=settings, proj_steps=steps, batch_size=batch_size,
-                               lr=lr, reinit=reinit)
+        cfg = WorldVistaConfig(model=model, seed=seed, n_train=n_train, text_layers=tl, edit_layer=edit_layer, text_sae=text_sae,
+                               d_sae=d_sae, sae_steps=sae_steps, lam=lam, settings=settings, proj_steps=steps,
+                               batch_size=batch_size, lr=lr, reinit=from_scratch)
         summary = train_world(out, cfg, overwrite=overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         fail(str(exc))
+    for row in summary["text_saes"]:
+        typer.echo(f"text SAE layer {row['layer']}: {row['labelled']}/{row['d_sae']} latents labelled from text, "
+                   f"purity {row['mean_purity']:.2f}")
     for name, h in summary["projectors"].items():
         last = h["history"][-1]
         typer.echo(f"{name}: ce {last['ce']:.4f} " + " ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith("err_")))
     typer.echo(f"wrote {out}/train.json; next: jsae vista eval --run {out}")
+
+
+@vista_app.command("toy-parts")
+def toy_parts(
+    out: Optional[Path] = typer.Option(None, help="where to write llava-text-lm/ and llava-vision-tower/ (default: the package's "
+                                                  "jsae/world/models, i.e. rebuild the shipped parts)"),
+    stages: str = typer.Option("lm,vision", help="lm (text-only LM), vision (vision tower), or both; add context for a "
+                                                 "further text-only in-context stage of the LM (not in the shipped part)"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="torch threads (the result is deterministic for a seed and thread count)"),
+) -> None:
+    """Train the toy LLaVA's first stages only — its LM on captions as plain text, its vision tower on the scene
+    labels — and save them as a text-only LM and a vision tower (what `jsae vista train` composes)."""
+    from jsae.world.training import train_parts
+
+    parts = tuple(x.strip() for x in stages.split(",") if x.strip())
+    try:
+        written = train_parts("llava", out, parts, seed=seed, threads=threads)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for stage, d in written.items():
+        typer.echo(f"{stage}: {d}")
 
 
 @vista_app.command("eval")
@@ -84,8 +112,9 @@ def evaluate(
     for layer, r in m["matching_ratio"].items():
         typer.echo(f"layer {layer}: matching-rate ratio vs baseline " +
                    ", ".join(f"{n} {v['ratio']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for n, v in r.items()))
-    for measure, g in m["edit_gains_vs_vision_only"].items():
-        typer.echo(f"{measure}: VISTA {g['vista']:.3f} vs vision-only {g['vision_only']:.3f}")
+    for ref, gains in m["edit_gains"].items():
+        for measure, g in gains.items():
+            typer.echo(f"{measure}: VISTA {g['vista']:.3f} vs {ref} {g['reference']:.3f}")
     typer.echo(f"wrote {run}/report.md, {run}/metrics.json")
 
 

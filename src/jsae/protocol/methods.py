@@ -58,8 +58,10 @@ class Method:
                 return self.sae.encode(x, modality)
             return self.sae.encode(x)
 
-    def steer_direction(self, features: list[int]) -> Tensor:
-        W = self.sae.W_dec_of("text") if self.joint else self.sae.W_dec
+    def steer_direction(self, features: list[int], decoder: str = "text") -> Tensor:
+        """Σ of the features' unit decoder rows: a joint SAE's ``decoder`` branch ("text", the paper's choice, or
+        "vision"); a single-modality SAE's only decoder."""
+        W = self.sae.W_dec_of(decoder) if self.joint else self.sae.W_dec
         W = W.detach()[features]
         return (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)).sum(0)
 

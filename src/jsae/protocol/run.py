@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jsae.data.sources import CaptionSource, DataSource, WorldSource, check_fingerprint
-from jsae.files import write_json
+from jsae.files import apply_umask, write_json
 from jsae.labels import FeatureLabels, label_features
 from jsae.protocol.methods import METHODS, Method, train_methods
 from jsae.protocol.sweep import RATIOS, Curve, SweepConfig, run_sweep, token_norm
@@ -244,10 +244,12 @@ def check_config(cfg: ProtocolConfig) -> None:
 def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool) -> RunDir:
     """The run directory for ``cfg``: a new one, the same run to resume, or (``overwrite``) a replaced one;
     a directory holding another run, or this run on other data, is refused."""
+    from jsae.locks import LOCK_FILE
+
     run = RunDir(out)
     config = _jsonable(asdict(cfg))
     fingerprints = {part: source.fingerprint(part) for part in source.parts}
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(f.name != LOCK_FILE for f in out.iterdir()):
         if not run.exists() and not overwrite:
             raise FileExistsError(f"{out} is not empty and holds no jsae run; choose a new --out or pass --overwrite")
         if run.exists() and not overwrite:
@@ -259,10 +261,23 @@ def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool
                 check_fingerprint(old.get("data", {}).get(part), fp, f"the run in {out} ({part} part)",
                                   "pass --overwrite to redo it or choose a new --out")
         if overwrite:
-            shutil.rmtree(out)
+            _empty(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(run.run_file, {"config": config, "data": fingerprints, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return run
+
+
+def _empty(out: Path) -> None:
+    """Remove everything in ``out`` but its lock file (held by this process)."""
+    from jsae.locks import LOCK_FILE
+
+    for f in out.iterdir():
+        if f.name == LOCK_FILE:
+            continue
+        if f.is_dir() and not f.is_symlink():
+            shutil.rmtree(f)
+        else:
+            f.unlink()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -319,7 +334,8 @@ def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers
     methods_by_layer, data = {}, {}
     for layer in tqdm(layers, desc="training SAEs", disable=not progress):
         data[layer] = d = layer_data(captures, layer)
-        meta = {"model_name": cfg.model, "hook_name": vlm.adapter.hook_name(layer), "pooling": "mean"}
+        meta = {"model_name": cfg.model, "hook_name": vlm.adapter.hook_name(layer), "pooling": "mean",
+                "model_class": type(vlm.adapter.hf_model).__name__}
         methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
                                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
                                                 metadata=meta, recipe=cfg.recipe,
@@ -353,7 +369,7 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
             labels = label_features(zv, zt, y, names, data=described)
             labels_by_layer[layer][name] = labels
             folder = run.sae_dir(name, layer)
-            m.sae.save_model(folder) if m.joint else m.sae.save_model(str(folder))
+            m.sae.save_model(folder) if m.joint else apply_umask(m.sae.save_model(str(folder))[0])
             labels.save(folder / "labels.json")
             rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl, tokens), **labels.counts()})
     return labels_by_layer, rows
@@ -613,12 +629,37 @@ def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_l
 
 def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: bool = False, progress: bool = True,
                  scores_out: bool = False) -> dict[str, Any]:
-    """Run the protocol into ``out``; returns the metrics (with the curves under ``"_curves"`` if ``scores_out``)."""
-    from jsae.report import write_run_report
-    from jsae.vlm import load_vlm
+    """Run the protocol into ``out``; returns the metrics (with the curves under ``"_curves"`` if ``scores_out``).
+
+    ``out`` is checked before anything is loaded and locked for the run (a second run on it gets a one-line
+    error naming this process's pid).  A run that fails in a new (or empty) ``out`` removes what it wrote, so
+    the corrected retry starts clean; an interrupted one (Ctrl-C, a kill) leaves it to resume."""
+    from jsae.guards import check_output_dir
+    from jsae.locks import LOCK_FILE, DirLock
 
     cfg = cfg or ProtocolConfig()
     check_config(cfg)
+    out = check_output_dir(out, "--out")
+    created = not out.exists()
+    fresh = created or not any(f.name != LOCK_FILE for f in out.iterdir())
+    try:
+        with DirLock(out, "jsae demo run"):
+            try:
+                return _run_protocol(out, cfg, overwrite, progress, scores_out)
+            except Exception:
+                if fresh:
+                    _empty(out)
+                raise
+    except Exception:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: bool, scores_out: bool) -> dict[str, Any]:
+    from jsae.report import write_run_report
+    from jsae.vlm import load_vlm
+
     t0 = time.time()
     timings: dict[str, float] = {}
     vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)

@@ -71,7 +71,15 @@ class BuildConfig:
             path = RECIPE_DIR / f"{path.name}.yaml"  # a shipped recipe, by release name
         if not path.is_file():
             raise FileNotFoundError(f"no recipe file {path}; shipped recipes: {sorted(p.name for p in RECIPE_DIR.glob('*.yaml'))}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ValueError(f"{path} is not valid recipe YAML{at} ({getattr(exc, 'problem', None) or type(exc).__name__}); "
+                             "write plain `key: value` lines (no tags such as !!python)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of `key: value` lines, got a {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -79,7 +87,26 @@ class BuildConfig:
         missing = [k for k in ("release", "model", "layer") if k not in data]
         if missing:
             raise ValueError(f"{path}: the recipe lacks {missing}")
+        _check_types(path, data)
         return cls(**data)
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """One line per recipe value of the wrong kind (``steps: many``), before anything runs."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,)}
+    for f in fields(BuildConfig):
+        if f.name not in data:
+            continue
+        v, ann = data[f.name], str(f.type)
+        base = ann.split("|")[0].strip()
+        if v is None and "None" in ann:
+            continue
+        ok = kinds.get(base)
+        if ok is not None and (not isinstance(v, ok) or isinstance(v, bool)):
+            raise ValueError(f"{path}: {f.name} must be {'a number' if base == 'float' else 'an integer' if base == 'int' else 'text'}"
+                             f", got {v!r}; fix that line of the recipe")
+        if base in ("int", "float") and isinstance(v, (int, float)) and f.name not in ("layer", "seed", "l1_coefficient") and v <= 0:
+            raise ValueError(f"{path}: {f.name} must be positive, got {v!r}; fix that line of the recipe")
 
 
 def _source(cfg: BuildConfig, part: str, split: str, n: int) -> Any:
@@ -267,17 +294,39 @@ def build_shipped(models: tuple[str, ...] = tuple(SHIPPED_MODELS), layers: tuple
 def list_releases() -> list[dict[str, Any]]:
     """One row per registered jsae release: name, model, layer, hook, where it lives, L0, variance explained,
     and the recipe that produces it."""
+    from jsae.releases.registry import UNPUBLISHED
+
     data = read_releases_yaml()
     rows = []
     for name, lk in sorted(RELEASES.items()):
         e = data.get(name, {})
         sid = next(iter(lk.saes_map))
-        rows.append({"release": name, "model": lk.model, "layer": e.get("layer"), "hook": e.get("hook", sid),
-                     "sae_ids": list(lk.saes_map), "where": lk.repo_id, "kind": lk.conversion_func,
-                     "l0": lk.expected_l0.get(sid), "variance_explained": lk.expected_var_explained.get(sid),
-                     "recipe": RECIPES.get(name)})
+        measured = next((s for s in e.get("saes", []) if s.get("id") == sid), {})  # SAELens's lookup fills in 0.0 / 1.0
+        status = ("shipped" if lk.conversion_func == "jsae_local" else "unpublished" if name in UNPUBLISHED else "hub")
+        rows.append({"release": name, "status": status, "model": lk.model, "layer": e.get("layer"),
+                     "hook": e.get("hook", sid), "sae_ids": list(lk.saes_map), "where": lk.repo_id,
+                     "kind": lk.conversion_func, "l0": measured.get("l0"),
+                     "variance_explained": measured.get("variance_explained"), "recipe": RECIPES.get(name)})
     return rows
 
 
-__all__ = ["BuildConfig", "SHIPPED_LAYERS", "SHIPPED_MODELS", "build_release", "build_shipped", "list_releases",
+def releases_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`list_releases` as a plain-text table (metrics blank where none were measured, e.g. unpublished)."""
+    def num(v: Any, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    head = ("release", "status", "model", "layer", "L0", "var. expl.")
+    body = [(r["release"], r["status"], r["model"], "" if r["layer"] is None else str(r["layer"]), num(r["l0"], ".1f"),
+             num(r["variance_explained"], ".3f")) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    todo = [r for r in rows if r["status"] == "unpublished"]
+    if todo:
+        lines.append("")
+        lines += [f"{r['release']} is not published yet; produce it with: {r['recipe']}" for r in todo]
+    return "\n".join(lines)
+
+
+__all__ = ["BuildConfig", "SHIPPED_LAYERS", "SHIPPED_MODELS", "build_release", "build_shipped", "list_releases", "releases_table",
            "read_releases_yaml", "shipped_entry", "toy_model_sha256", "write_releases_yaml"]

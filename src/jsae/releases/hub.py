@@ -24,7 +24,10 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
+
 from jsae.files import replace_dir
+from jsae.guards import check_output_dir, confined
 from jsae.saes.joint_sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
 
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
@@ -138,10 +141,10 @@ def _local_root(endpoint: str | os.PathLike[str] | None) -> Path | None:
         return None
     s = str(endpoint)
     if s.startswith("file://"):
-        return Path(s[len("file://"):])
+        return Path(s[len("file://"):]).resolve()
     if re.match(r"^https?://", s):
         return None
-    return Path(s)
+    return Path(s).resolve()  # a relative folder works too (its file:// URL needs an absolute path)
 
 
 class LocalHub:
@@ -203,20 +206,54 @@ class LocalHub:
         if not (src / MANIFEST).is_file():
             raise FileNotFoundError(f"repo {repo_id!r} not found on {self.root} (no complete revision); push it first with "
                                     f"`jsae release push DIR --repo {repo_id} --hub {self.root}`")
-        manifest = json.loads((src / MANIFEST).read_text())
+        try:
+            manifest = json.loads((src / MANIFEST).read_text())
+            files = dict(manifest["files"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"the manifest of {repo_id!r} on {self.root} is corrupt ({str(exc).splitlines()[0]}); push it again") from None
+        check_repo_paths(files, repo_id)
+        if out.is_dir() and any(out.iterdir()) and not (out / CARD).is_file():
+            raise FileExistsError(f"{out} is not empty and holds no pulled repo (no {CARD}); pull into a new or empty folder "
+                                  "(a pull replaces the folder)")
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            for f, info in manifest["files"].items():
-                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / f, tmp / f)
-                if _sha256(tmp / f) != info["sha256"]:
+            for f, info in files.items():
+                dst = confined(tmp, f, f"file {f!r} of {repo_id}")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(confined(src, f, f"file {f!r} of {repo_id}"), dst)
+                if _sha256(dst) != info["sha256"]:
                     raise ValueError(f"{repo_id}/{f} does not match its manifest checksum; the repo is corrupt, push it again")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def check_repo_paths(names: Any, repo_id: str) -> None:
+    """Every file name of a repo is a plain relative path that stays inside the folder it is pulled into."""
+    from pathlib import PurePosixPath
+
+    for name in names:
+        if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or name.startswith("~"):
+            raise ValueError(f"{repo_id} lists the file {name!r}, which is not a plain relative path; refusing to pull it")
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or any(part in ("", "..") for part in pure.parts):
+            raise ValueError(f"{repo_id} lists the file {name!r}, which points outside the download folder; refusing to "
+                             "pull it (the repo is corrupt or hostile)")
+
+
+def _check_inside(folder: Path, repo_id: str) -> None:
+    """After a download: no file or link of ``folder`` resolves outside it."""
+    base = folder.resolve()
+    for p in folder.rglob("*"):
+        if not p.resolve().is_relative_to(base) and not _in_hf_cache(p):
+            raise ValueError(f"{repo_id}: {p.relative_to(folder)} resolves outside {folder}; refusing the download")
+
+
+def _in_hf_cache(p: Path) -> bool:
+    """Hugging Face cache snapshots link into the repo's own ``blobs/`` folder (outside the snapshot, by design)."""
+    target = p.resolve()
+    return p.is_symlink() and target.parent.name == "blobs" and target.parent.parent in p.parents
 
 
 def _hf_error(action: str, repo_id: str, exc: Exception) -> RuntimeError:
@@ -256,6 +293,8 @@ def pull(repo_id: str, out: str | Path | None = None, *, endpoint: str | os.Path
     """Download ``repo_id`` into ``out``, or by default into the Hugging Face cache (where
     ``SAE.from_pretrained(repo_id, sae_id)`` then finds it offline), check every SAE in it; returns the folder."""
     check_repo_id(repo_id)
+    if out is not None:
+        check_output_dir(out, "--out")
     root = _local_root(endpoint)
     if root is not None:
         if out is None:
@@ -265,13 +304,19 @@ def pull(repo_id: str, out: str | Path | None = None, *, endpoint: str | os.Path
             out.parent.mkdir(parents=True, exist_ok=True)
             path = LocalHub(root).download(repo_id, out)
     else:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
+        try:
+            names = HfApi(endpoint=str(endpoint) if endpoint else None, token=token).list_repo_files(repo_id, revision=revision)
+        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many network/HTTP error types
+            raise _hf_error("pull", repo_id, exc) from exc
+        check_repo_paths(names, repo_id)  # before anything is written
         try:
             path = Path(snapshot_download(repo_id, revision=revision, local_dir=str(out) if out else None,
                                           endpoint=str(endpoint) if endpoint else None, token=token))
         except Exception as exc:  # noqa: BLE001
             raise _hf_error("pull", repo_id, exc) from exc
+        _check_inside(path, repo_id)
     find_saes(path)
     return path
 

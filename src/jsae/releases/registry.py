@@ -38,6 +38,7 @@ from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
 
 RELEASES: dict[str, PretrainedSAELookup] = {}
 RECIPES: dict[str, str] = {}  # release -> how to produce it (shown when it cannot be loaded)
+UNPUBLISHED: set[str] = set()  # hub releases whose repo is a placeholder until someone publishes them
 PACKAGE_ROOT = Path(str(files("jsae")))
 _ORIGINAL_DIRECTORY = getattr(directory_module.get_pretrained_saes_directory, "__jsae_wrapped__",
                               directory_module.get_pretrained_saes_directory)
@@ -74,11 +75,44 @@ def _offline_error(repo_id: str, folder_name: str, exc: Exception) -> RuntimeErr
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds (and offline mode is off)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_release(repo_id: str, folder_name: str, force_download: bool = False) -> None:
+    """Fail at once, without the hub client's retries, for a release that is not published yet (its repo is a
+    placeholder) or that is neither in the local Hugging Face cache nor reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    release = next((r for r, lk in RELEASES.items() if lk.repo_id == repo_id), repo_id)
+    if release in UNPUBLISHED:
+        raise RuntimeError(f"release {release!r} is not published yet ({repo_id} is a placeholder); produce it with: "
+                           f"{RECIPES.get(release, 'its recipe in jsae/releases.yaml')}")
+    cached = isinstance(try_to_load_from_cache(repo_id, f"{folder_name}/cfg.json"), str)
+    if (force_download or not cached) and not _hub_reachable():
+        raise _offline_error(repo_id, folder_name, ConnectionError("no connection"))
+
+
 def jsae_hub_loader(repo_id: str, folder_name: str, device: str = "cpu", force_download: bool = False,
                     cfg_overrides: dict[str, Any] | None = None):
-    """SAELens's Hugging Face loader with a one-line error when offline and not cached."""
+    """SAELens's Hugging Face loader with a one-line error, at once, when unpublished or offline and not cached."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    check_hub_release(repo_id, folder_name, force_download)
     try:
         return loaders.sae_lens_huggingface_loader(repo_id, folder_name, device, force_download, cfg_overrides)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
@@ -89,6 +123,7 @@ def jsae_hub_config_getter(repo_id: str, folder_name: str, device: str | None = 
                            cfg_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    check_hub_release(repo_id, folder_name, force_download)
     try:
         return loaders.get_sae_lens_config_from_hf(repo_id, folder_name, device, force_download, cfg_overrides)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
@@ -104,10 +139,13 @@ def register_release(
     conversion_func: str = "jsae_hub",
     recipe: str | None = None,
     overwrite: bool = False,
+    published: bool = True,
 ) -> PretrainedSAELookup:
     """Register a release so that ``SAE.from_pretrained(name, sae_id)`` and ``JointSAE.from_pretrained``
     find it.  ``saes`` holds SAELens's per-SAE entries: ``{"id", "path", "l0"?, "variance_explained"?}``.
-    ``conversion_func`` is ``"jsae_hub"`` (``repo_id`` is a hub repo) or ``"jsae_local"`` (a directory)."""
+    ``conversion_func`` is ``"jsae_hub"`` (``repo_id`` is a hub repo) or ``"jsae_local"`` (a directory);
+    ``published=False`` marks a hub release whose repo is still a placeholder (loading it fails at once, naming the
+    recipe)."""
     if name in RELEASES and not overwrite:
         raise ValueError(f"release {name!r} is already registered; pass overwrite=True to replace it")
     if conversion_func not in loaders.NAMED_PRETRAINED_SAE_LOADERS:
@@ -127,6 +165,7 @@ def register_release(
         config_overrides=None,
     )
     RELEASES[name] = lookup
+    (UNPUBLISHED.discard if published else UNPUBLISHED.add)(name)
     if recipe:
         RECIPES[name] = recipe
     if _ORIGINAL_DIRECTORY.cache_info().currsize:  # SAELens's dict exists already: add it now
@@ -137,6 +176,7 @@ def register_release(
 def unregister_release(name: str) -> None:
     RELEASES.pop(name, None)
     RECIPES.pop(name, None)
+    UNPUBLISHED.discard(name)
     if _ORIGINAL_DIRECTORY.cache_info().currsize:
         _ORIGINAL_DIRECTORY().pop(name, None)
 
@@ -227,7 +267,8 @@ def _register_file(path: Path) -> None:
     for name, entry in read_releases_yaml(path).items():
         if name not in RELEASES:
             register_release(name, repo_id=entry["repo_id"], model=entry["model"], saes=entry["saes"],
-                             conversion_func=entry.get("conversion_func", "jsae_hub"), recipe=entry.get("recipe"))
+                             conversion_func=entry.get("conversion_func", "jsae_hub"), recipe=entry.get("recipe"),
+                             published=bool(entry.get("published", True)))
 
 
 # ---- the releases.yaml of the package ------------------------------------------------------------
@@ -266,6 +307,6 @@ def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None)
     return yaml.safe_dump(out, sort_keys=False)
 
 
-__all__ = ["PACKAGE_ROOT", "RECIPES", "RELEASES", "directory", "install", "jsae_hub_loader", "jsae_local_loader",
+__all__ = ["PACKAGE_ROOT", "RECIPES", "RELEASES", "UNPUBLISHED", "check_hub_release", "directory", "install", "jsae_hub_loader", "jsae_local_loader",
            "read_releases_yaml", "register_release", "releases_yaml_path", "resolve_sae_id", "saelens_yaml",
            "unregister_release"]

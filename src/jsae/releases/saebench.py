@@ -52,7 +52,7 @@ class CustomSAEConfig:
     device: str = ""
     model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset_path: str = ""
-    dataset_trust_remote_code: bool = True
+    dataset_trust_remote_code: bool = False  # never run a dataset's own code unless asked
     seqpos_slice: tuple = (None,)
     training_tokens: int = -100_000
     sae_lens_training_version: str | None = None
@@ -106,6 +106,7 @@ class JSAEBranchSAE(nn.Module):
             hook_name=hook_name or saelens_hook_name(int(layer)),
         )
         self.cfg.architecture = f"jsae-{modality}"
+        self.cfg.dataset_trust_remote_code = False  # SAEBench's own default runs a dataset's code; never by default
         self.cfg.apply_b_dec_to_input = self.apply_b_dec_to_input
         self.cfg.activation_fn_str = self.activation
         self.cfg.dtype = "float32"

@@ -8,11 +8,11 @@ from typing import Any, Sequence
 
 
 def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_browser_pairs: int = 200) -> None:
-    """``dose_response.png``, ``features.html`` (the JSAE of the middle swept layer, on the first
-    ``n_browser_pairs`` of ``pairs``) and ``report.md`` of a protocol run, read from its directory
-    (:class:`jsae.report.rundir.RunDir`) after its ``metrics.json`` is written."""
+    """``dose_response.png``, ``features.html`` (every joint SAE of the run — each method at each swept layer, one
+    selector to switch — on the first ``n_browser_pairs`` of ``pairs``) and ``report.md`` of a protocol run, read
+    from its directory (:class:`jsae.report.rundir.RunDir`) after its ``metrics.json`` is written."""
     from jsae.files import write_atomic
-    from jsae.report.browser import browser_features, feature_browser, token_codes
+    from jsae.report.browser import browser_features, feature_browser, token_states
     from jsae.report.markdown import protocol_report
     from jsae.report.plots import plot_dose_response
     from jsae.report.rundir import load_labelled_sae
@@ -26,11 +26,17 @@ def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_bro
                            xlabel="absolute α" if m.get("config", {}).get("alphas") else
                            "strength (× mean per-token image-state norm)")
     layers = m["layers"]
-    mid = layers[len(layers) // 2]
-    sae, labels, _ = load_labelled_sae(run.sae_dir("jsae", mid))
-    codes = token_codes(vlm, sae, list(pairs[:n_browser_pairs]), mid)
-    feature_browser(browser_features(codes, labels, mid, run.curves(layer=mid)), run.path / "features.html",
-                    title=f"{m['model']} layer {mid}: JSAE features")
+    joint = [name for name in m.get("methods", ["jsae"]) if name in ("jsae", "jsae-none", "separate")
+             and all(run.sae_dir(name, L).is_dir() for L in layers)]
+    states = token_states(vlm, list(pairs[:n_browser_pairs]), layers)
+    sections = {}
+    for name in joint:
+        for layer in layers:
+            sae, labels, _ = load_labelled_sae(run.sae_dir(name, layer))
+            sections[f"{name} · layer {layer}"] = browser_features(states.codes(sae, layer), labels, layer,
+                                                                  run.curves(layer=layer), method=name)
+    feature_browser(sections, run.path / "features.html",
+                    title=f"{m['model']}: features of every joint SAE of the run (saes/<method>/layer_<L>)")
     write_atomic(run.path / "report.md", protocol_report(m))
 
 

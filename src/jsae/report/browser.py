@@ -14,7 +14,7 @@ import html
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -55,30 +55,54 @@ class TokenCodes:
         return (self.zt_tok * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
 
 
+@dataclass
+class TokenStates:
+    """Per-token states of a set of pairs at some layers (rows left-padded to one length), read in one pass."""
+
+    images: list[Any]
+    captions: list[str]
+    states: dict[int, Tensor]  # layer -> [B, S, d_in]
+    image_mask: Tensor  # [B, S]
+    caption_mask: Tensor  # [B, S]
+    grid: Tensor  # [B, S, 4] adapter.patch_grid
+
+    @torch.no_grad()
+    def codes(self, sae: Any, layer: int) -> TokenCodes:
+        """Both branches of the JSAE ``sae`` on every token of ``layer``."""
+        x = self.states[layer]
+        return TokenCodes(self.images, self.captions, sae.encode(x, "vision"), sae.encode(x, "text"), self.image_mask,
+                          self.caption_mask, self.grid)
+
+
 @torch.no_grad()
-def token_codes(vlm: Any, sae: Any, pairs: Sequence[tuple[Any, str]], layer: int | None = None,
-                batch_size: int = 50) -> TokenCodes:
-    """Run ``vlm`` (``jsae.load_vlm``) on ``pairs`` and encode every token of decoder layer ``layer``
-    (default: the SAE's) with both branches of the JSAE ``sae``."""
+def token_states(vlm: Any, pairs: Sequence[tuple[Any, str]], layers: Sequence[int], batch_size: int = 50) -> TokenStates:
+    """Run ``vlm`` (``jsae.load_vlm``) once on ``pairs`` and keep every token's state at ``layers``."""
     from jsae.activations import read_layers
 
     model, processor, adapter = vlm
-    layer = sae_layer(sae) if layer is None else layer
     images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
     outs = []
     for i in range(0, len(images), batch_size):
         enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
-        states = read_layers(model, adapter, enc, [layer])[layer].float().cpu()
-        outs.append((states, adapter.image_token_mask(enc), adapter.patch_grid(enc), enc["caption_mask"]))
-    width = max(o[0].shape[1] for o in outs)
+        states = read_layers(model, adapter, enc, list(layers))
+        outs.append(({L: states[L].float().cpu() for L in layers}, adapter.image_token_mask(enc), adapter.patch_grid(enc),
+                     enc["caption_mask"]))
+    width = max(o[1].shape[1] for o in outs)
 
     def pad(x: Tensor, value: float) -> Tensor:  # left padding, as the processor pads
         return torch.nn.functional.pad(x, (0, 0, width - x.shape[1], 0) if x.dim() == 3 else (width - x.shape[1], 0), value=value)
 
-    states = torch.cat([pad(o[0], 0.0) for o in outs])
-    return TokenCodes(images, captions, sae.encode(states, "vision"), sae.encode(states, "text"),
-                      torch.cat([pad(o[1], False) for o in outs]), torch.cat([pad(o[3], False) for o in outs]),
-                      torch.cat([pad(o[2], -1) for o in outs]))
+    return TokenStates(images, captions, {L: torch.cat([pad(o[0][L], 0.0) for o in outs]) for L in layers},
+                       torch.cat([pad(o[1], False) for o in outs]), torch.cat([pad(o[3], False) for o in outs]),
+                       torch.cat([pad(o[2], -1) for o in outs]))
+
+
+def token_codes(vlm: Any, sae: Any, pairs: Sequence[tuple[Any, str]], layer: int | None = None,
+                batch_size: int = 50) -> TokenCodes:
+    """Run ``vlm`` (``jsae.load_vlm``) on ``pairs`` and encode every token of decoder layer ``layer``
+    (default: the SAE's) with both branches of the JSAE ``sae``."""
+    layer = sae_layer(sae) if layer is None else layer
+    return token_states(vlm, pairs, [layer], batch_size).codes(sae, layer)
 
 
 def heat_map(codes: TokenCodes, b: int, feature: int) -> np.ndarray:
@@ -105,10 +129,10 @@ def strongest_labelled(labels: FeatureLabels, n: int | None = None) -> list[Any]
 
 
 def browser_features(codes: TokenCodes, labels: FeatureLabels, layer: int, cells: Sequence[Any] = (),
-                     n_features: int = 24, n_images: int = 4) -> list[dict[str, Any]]:
-    """Per labelled feature: top images with their heat maps, top captions and the JSAE steering curve that
-    used it (``cells``: the curve summaries of a protocol run, :meth:`RunDir.curves`)."""
-    steer = [c for c in cells if c["measure"] == "steering" and c["key"].startswith("jsae:") and c["layer"] == layer]
+                     n_features: int = 24, n_images: int = 4, method: str = "jsae") -> list[dict[str, Any]]:
+    """Per labelled feature: top images with their heat maps, top captions and the steering curve of ``method``
+    that used it (``cells``: the curve summaries of a protocol run, :meth:`RunDir.curves`)."""
+    steer = [c for c in cells if c["measure"] == "steering" and c["key"].startswith(f"{method}:") and c["layer"] == layer]
     feats = []
     for lab in strongest_labelled(labels, n_features):
         j = lab.feature
@@ -156,38 +180,58 @@ body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222
 
 _JS = """
 function filt(){const q=document.getElementById('q').value.toLowerCase();
-for(const f of document.querySelectorAll('.feature')){f.style.display=f.dataset.search.includes(q)?'':'none';}
-document.getElementById('count').textContent=[...document.querySelectorAll('.feature')].filter(f=>f.style.display!=='none').length;}
+const sel=document.getElementById('sae');const sec=sel?sel.value:null;let n=0;
+for(const s of document.querySelectorAll('.section')){s.style.display=(sec===null||s.dataset.section===sec)?'':'none';}
+for(const f of document.querySelectorAll('.feature')){const on=f.dataset.search.includes(q)&&(sec===null||f.closest('.section').dataset.section===sec);
+f.style.display=on?'':'none';n+=on;}
+document.getElementById('count').textContent=n;}
 """
 
+LEGEND = ("<p class='legend'><b>kind</b>: <span class='kind shared'>shared</span> the feature's image code and its caption "
+          "code both correlate with its label (≥ the labelling threshold) over held-out image–caption pairs; "
+          "<span class='kind vision-only'>vision-only</span> / <span class='kind text-only'>text-only</span>: only one "
+          "branch does. <b>purity</b>: the share of the feature's activation mass that falls on pairs containing its label "
+          "(1 = it fires only where the concept is; averaged over the branches where it fires). Top images carry the "
+          "feature's activation per image patch in red; top captions are those whose pooled text code is largest.</p>")
 
-def feature_browser(features: Iterable[dict[str, Any]], path: str | Path, title: str = "jsae features") -> Path:
+
+def _card(f: dict[str, Any]) -> str:
+    imgs = "".join(
+        f'<img alt="top image" src="{png_data_uri(heatmap_overlay(im, grid) if grid is not None else im)}">'
+        for im, grid in f.get("top_images", [])
+    )
+    caps = "".join(f"<li>{html.escape(c)}</li>" for c in f.get("top_captions", []))
+    label = f.get("label") or "unlabelled"
+    layer = f" · layer {f['layer']}" if "layer" in f else ""
+    search = html.escape(f"{f['feature']} {label} {f.get('kind', '')}{layer}".lower())
+    steer = f'<div class="steer">steering: {html.escape(str(f["steering"]))}</div>' if f.get("steering") else ""
+    return (f'<div class="feature" data-search="{search}"><h2>feature {f["feature"]}{layer}: {html.escape(label)} '
+            f'<span class="kind {html.escape(f.get("kind", ""))}">{html.escape(f.get("kind", ""))}</span> '
+            f'purity {f.get("purity", 0):.2f}</h2><div class="imgs">{imgs}</div><ul class="caps">{caps}</ul>{steer}</div>')
+
+
+def feature_browser(features: Iterable[dict[str, Any]] | Mapping[str, Iterable[dict[str, Any]]], path: str | Path,
+                    title: str = "jsae features") -> Path:
     """A self-contained static page (no CDN, no network).  Each feature dict has ``feature``, ``label``,
     ``kind``, ``purity``, optional ``layer``, ``top_images`` (list of (PIL image, patch grid or None)),
-    ``top_captions`` (list of str) and optional ``steering`` (str)."""
-    cards = []
-    for f in features:
-        imgs = "".join(
-            f'<img alt="top image" src="{png_data_uri(heatmap_overlay(im, grid) if grid is not None else im)}">'
-            for im, grid in f.get("top_images", [])
-        )
-        caps = "".join(f"<li>{html.escape(c)}</li>" for c in f.get("top_captions", []))
-        label = f.get("label") or "unlabelled"
-        layer = f" · layer {f['layer']}" if "layer" in f else ""
-        search = html.escape(f"{f['feature']} {label} {f.get('kind', '')}{layer}".lower())
-        steer = f'<div class="steer">steering: {html.escape(str(f["steering"]))}</div>' if f.get("steering") else ""
-        cards.append(
-            f'<div class="feature" data-search="{search}"><h2>feature {f["feature"]}{layer}: {html.escape(label)} '
-            f'<span class="kind {html.escape(f.get("kind", ""))}">{html.escape(f.get("kind", ""))}</span> '
-            f'purity {f.get("purity", 0):.2f}</h2><div class="imgs">{imgs}</div><ul class="caps">{caps}</ul>{steer}</div>'
-        )
+    ``top_captions`` (list of str) and optional ``steering`` (str).  ``features`` may be a mapping from a section
+    name (an SAE: "jsae · layer 4") to its features: the page then has a selector to switch between them."""
+    sections = dict(features) if isinstance(features, Mapping) else {"": features}
+    body, total = [], 0
+    for name, feats in sections.items():
+        cards = [_card(f) for f in feats]
+        total += len(cards) if not body else 0
+        body.append(f'<div class="section" data-section="{html.escape(name)}">'
+                    f'{"<h2>" + html.escape(name) + "</h2>" if name else ""}{"".join(cards)}</div>')
+    select = ""
+    if len(sections) > 1:
+        opts = "".join(f"<option value='{html.escape(n)}'>{html.escape(n)}</option>" for n in sections)
+        select = f"<label>SAE <select id='sae' onchange='filt()'>{opts}</select></label> "
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
-            f"<script>{_JS}</script></head><body><h1>{html.escape(title)}</h1>"
+            f"<script>{_JS}</script></head><body onload='filt()'><h1>{html.escape(title)}</h1>{LEGEND}{select}"
             f"<input id='q' placeholder='search label, kind, feature id' oninput='filt()'> "
-            f"<span id='count'>{len(cards)}</span> features{''.join(cards)}</body></html>")
+            f"<span id='count'>{total}</span> features{''.join(body)}</body></html>")
     return write_atomic(path, page)
-
-
 
 
 # ---- the page of one SAE folder or release ----------------------------------------------------------
@@ -200,6 +244,7 @@ def world_model_for(sae: Any, model: str | None = None) -> tuple[Any, str]:
     name = model or sae.cfg.metadata.get("model_name")
     if name is None:
         raise ValueError("the SAE's cfg.json names no model (metadata.model_name); pass model=")
+    name = world.toy_name(name) or name  # a capture of load_vlm("llava") records the shipped weights' directory
     if name not in world.MODEL_NAMES:
         raise NotImplementedError(f"feature pages and exports are built on the embedded world's images; {name!r} is a real "
                                   "VLM: pass the toy model, or build the page from your own pairs with jsae.report.browser (token_codes, browser_features)")
@@ -229,8 +274,8 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
     feats = browser_features(codes, labels, layer, cells, n_features=n_features, n_images=n_images)
     if out is None:  # next to the SAE; for a shipped release (inside the package), in the current directory
         out = path / "features.html" if Path(sae).is_dir() else Path(f"{sae}-features.html")
-    return feature_browser(feats, out, title=f"{name} layer {layer}: JSAE features ({path.name})")
+    return feature_browser(feats, out, title=f"{name}, layer {layer}: features of the JSAE in {path}")
 
 
-__all__ = ["TokenCodes", "browser_features", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
-           "png_data_uri", "strongest_labelled", "token_codes", "top_examples", "world_model_for"]
+__all__ = ["TokenCodes", "TokenStates", "browser_features", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
+           "png_data_uri", "strongest_labelled", "token_codes", "token_states", "top_examples", "world_model_for"]

@@ -7,7 +7,7 @@ from typing import Any
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     return head + "".join("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
 
 
@@ -16,6 +16,8 @@ def _ci(row: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
     v = row.get(key)
     if v is None:
         return "–"
+    if v == float("inf"):
+        return "not reached"
     f = lambda x: "∞" if x == float("inf") else ("–" if x is None else fmt.format(x))  # noqa: E731
     if row.get(key + "_low") is None:
         return f(v)
@@ -52,6 +54,35 @@ def what_this_shows(s: dict[str, Any]) -> list[str]:
     return out
 
 
+HOW_TO_READ = [
+    "## How to read this report", "",
+    "- **Directions** (`key`): `oracle` = difference of the mean image-token state of images with and without the concept "
+    "(what the model itself separates the concept by); `<method>:<decoder>` = the sum of the unit decoder rows of the "
+    "method's 3 latents most correlated with the concept, from its `text` or `vision` decoder. Methods: `jsae` (cosine "
+    "alignment, the paper), `jsae-none` (the same SAE without the alignment loss: the ablation), `separate` (`jsae-none` "
+    "with its text latents matched to its vision latents after training), `saelens-topk` (a vision-only SAELens TopK SAE).",
+    "- **Strength** r: the added vector's norm in units of the layer's mean per-token image-state norm (r = 1 adds a "
+    "vector as long as a typical image-token state).",
+    "- **Effect**: steering — the share of steered captions that mention the concept minus the unsteered share, on images "
+    "without it; suppression — the drop in mentions on images with it. **Preservation**: share of the image's other "
+    "objects still named. **Fluency**: the caption parses completely under the world's grammar. **Hallucination**: an "
+    "object type named that is neither in the image nor the concept.",
+    "- **r50**: the strength at which the mean effect reaches +0.5 (interpolated in log strength); `reached` counts "
+    "the concepts whose curve gets there; `log2_vs_oracle` is log2 of r50 over the oracle's r50 (0 = as easy as the "
+    "oracle, 1 = twice the strength; a concept never reaching +0.5 counts at twice the grid top); `at_floor` counts "
+    "curves already at +0.5 at the smallest strength. `effect_small`: effect at r = 1. `effect_matched`: effect at the "
+    "strongest point that still keeps ≥ 75% of the other objects.",
+    "- **Intervals** `v [lo, hi]`: 95% bootstrap intervals that resample images (an image's scores across concepts, "
+    "layers and methods together) and concepts. **Empty cells**: `–` = not reached on the grid (no r50 to report) or "
+    "no comparison possible; `not reached` = that concept never reaches +0.5; `n/a` = does not apply (the oracle's "
+    "cosine to itself, a TopK SAE's text branch, a loss plateau SAELens's trainer does not record).",
+    "- **SAEs**: FVU = fraction of variance unexplained on pooled held-out pairs (what the SAE is trained on) and "
+    "`fvu_vision_tokens` on single image-token states (what an edit touches; larger, because the SAEs are trained on "
+    "pooled vectors); `converged` = fewer than 10% of the latents are dead (never fire on held-out pairs) and the "
+    "loss fell by less than 5% from the third to the last quarter of training.", "",
+]
+
+
 def protocol_report(m: dict[str, Any]) -> str:
     """``report.md`` of a protocol run from its ``metrics.json``."""
     cfg = m.get("config", {})
@@ -72,6 +103,9 @@ def protocol_report(m: dict[str, Any]) -> str:
     shows = what_this_shows(s)
     if shows:
         lines += ["## What this shows", "", *shows, ""]
+    lines += ["![dose response](dose_response.png)", "",
+              "Feature browser (every joint SAE of the run, with a selector for SAE and layer): "
+              "[features.html](features.html)", "", *HOW_TO_READ]
     lines += ["## SAEs (held-out pairs)", "",
               "FVU on pooled pairs and on per-token image states (`fvu_vision_tokens`: edits are per token); dead = "
               "latents that never fire on the held-out pairs; alignment diagnostics of the joint SAEs: paired cosine of "
@@ -109,8 +143,7 @@ def protocol_report(m: dict[str, Any]) -> str:
               markdown_table([{**r, "r50": _ci(r, "r50"), "effect_small": _ci(r, "effect_small"),
                                "effect_matched": _ci(r, "effect_matched")} for r in s.get("curves", [])],
                              ["measure", "positions", "key", "layer", "concept", "r50", "effect_small", "effect_matched",
-                              "fluency_max", "hallucination_max", "cos_oracle", "top_corr"]),
-              "![dose response](dose_response.png)", "", "Feature browser: [features.html](features.html)", ""]
+                              "fluency_max", "hallucination_max", "cos_oracle", "top_corr"])]
     if cfg.get("reference_faults"):
         lines += ["## Reference faults reproduced", "",
                   "Sweep images are the SAEs' training images and latents are ranked in-sample; `effect_best_alpha` is "

@@ -94,6 +94,9 @@ def resolve_sae_dir(sae: str | Path) -> Path:
     if name in RELEASES:
         raise ValueError(f"release {name!r} is not shipped with jsae; pull it first (`jsae release pull {RELEASES[name].repo_id}`)"
                          " and pass the SAE folder")
+    if len(p.parts) > 1 or p.exists():  # a path, not a release name
+        what = "is a file, not an SAE folder" if p.exists() else "no such directory"
+        raise FileNotFoundError(f"{sae}: {what}; pass a SAE folder (cfg.json + sae_weights.safetensors) or a release name")
     resolve_sae_id(name, None)  # unknown names: one-line error with close names
     raise FileNotFoundError(f"{sae} is not a directory")
 
@@ -107,7 +110,9 @@ def load_labelled_sae(sae: str | Path) -> tuple[Any, FeatureLabels, Path]:
     if not (path / "labels.json").is_file():
         raise FileNotFoundError(f"{path} has no labels.json, so there are no features to show; label it first: "
                                 f"`jsae label --sae {path} --capture CAPTURE --layer {model.cfg.metadata.get('layer')}`")
-    return model, FeatureLabels.load(path / "labels.json"), path
+    labels = FeatureLabels.load(path / "labels.json")
+    labels.check_sae(model, f"the SAE in {path}")
+    return model, labels, path
 
 
 __all__ = ["METRICS_FILE", "RUN_FILE", "RunDir", "load_labelled_sae", "resolve_sae_dir"]

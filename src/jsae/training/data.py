@@ -8,10 +8,10 @@ import os
 from typing import Any, Iterator
 
 import torch
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float
 from torch import Tensor
 
+from jsae.guards import shape_checked
 from jsae.capture import read_layer
 
 
@@ -23,7 +23,7 @@ class PairedTensorData:
     on, epoch after epoch (the trainer's exact-resume hook).
     """
 
-    @jaxtyped(typechecker=beartype)
+    @shape_checked
     def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
                  shuffle: bool = True, seed: int = 0):
         if not 0 < batch_size <= vision.shape[0]:
@@ -91,7 +91,7 @@ class PairedActivations(PairedTensorData):
     ``seed`` (see :class:`PairedTensorData`), with the capture's ``manifest``.  The layer's vectors are held
     in memory (2 × count × d_in values)."""
 
-    @jaxtyped(typechecker=beartype)
+    @shape_checked
     def __init__(self, vision: Float[Tensor, "n d_in"], text: Float[Tensor, "n d_in"], batch_size: int,
                  shuffle: bool = True, seed: int = 0, manifest: dict[str, Any] | None = None):
         if vision.shape != text.shape:
@@ -103,8 +103,16 @@ class PairedActivations(PairedTensorData):
 def load_pairs(out_dir: str | os.PathLike[str], layer: int | None = None, *, batch_size: int = 256,
                shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
                allow_incomplete: bool = False) -> PairedActivations:
-    """The captured pairs of ``layer`` (default: the only captured layer) as a :class:`PairedActivations`."""
+    """The captured pairs of ``layer`` (default: the only captured layer) as a :class:`PairedActivations`.
+
+    A ``batch_size`` larger than the capture is clamped to the number of pairs, with a warning that says so."""
     vision, text, manifest = read_layer(out_dir, layer, dtype=dtype, allow_incomplete=allow_incomplete)
+    if batch_size > vision.shape[0] > 0:
+        import warnings
+
+        warnings.warn(f"batch_size {batch_size} is larger than the {vision.shape[0]} captured pairs of {out_dir}; "
+                      f"using batches of {vision.shape[0]}", stacklevel=2)
+        batch_size = int(vision.shape[0])
     return PairedActivations(vision, text, batch_size, shuffle, seed, manifest)
 
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -40,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
-from jsae.files import write_json
+from jsae.files import replace_dir, write_json
 from jsae.training.data import check_paired_batch
 
 LATEST = "latest.json"
@@ -118,6 +119,17 @@ class JointTrainerConfig:
             raise ValueError("lr_warm_up_steps + lr_decay_steps exceeds total_steps; shorten them")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
+        for name in ("log_every", "keep_checkpoints", "mse_norm_batches", "dead_feature_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be a whole number >= 0 (0: only the final checkpoint), got {self.checkpoint_every!r}")
+        if self.grad_clip_norm is not None and not (self.grad_clip_norm > 0 and math.isfinite(self.grad_clip_norm)):
+            raise ValueError(f"grad_clip_norm must be a positive finite number or None, got {self.grad_clip_norm}")
+        from jsae.guards import check_device
+
+        check_device(self.device, "JointTrainerConfig.device")
 
     @property
     def uses_epochs(self) -> bool:
@@ -164,6 +176,47 @@ def _distributed(device: str) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN/inf; the last good checkpoint is kept."""
+
+
+def _tidy_checkpoints(root: Path) -> None:
+    """Under the directory's lock: finish a re-save a kill interrupted (``latest.json`` names a folder moved
+    aside as ``.step-N.old-*``), then delete temporaries of killed writes."""
+    try:
+        name = json.loads((root / LATEST).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    if name and not (root / name).is_dir():
+        olds = sorted(root.glob(f".{name}.old-*"))
+        if olds:
+            os.replace(olds[-1], root / name)
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".step-*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def data_fingerprint(data: Any) -> dict[str, Any] | None:
+    """What identifies the training data for a checkpoint: ``data.provenance`` when the data defines it, else
+    for in-memory paired tensors a hash of their bytes with the batching settings; None when unknown."""
+    own = getattr(data, "provenance", None)
+    if own is not None:
+        return dict(own() if callable(own) else own)
+    vision, text = getattr(data, "vision", None), getattr(data, "text", None)
+    if not (isinstance(vision, Tensor) and isinstance(text, Tensor)):
+        return None
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for x in (vision, text):
+        x = x.detach().cpu().contiguous()
+        h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return {"sha": h.hexdigest(), "batch_size": getattr(data, "batch_size", None), "shuffle": getattr(data, "shuffle", None),
+            "seed": getattr(data, "seed", None)}
 
 
 class JointSAETrainer:
@@ -251,9 +304,14 @@ class JointSAETrainer:
         return out
 
     # ---- the loop ----------------------------------------------------------------------------
-    def fit(self, resume: bool = True) -> TrainingJointSAE:
+    def fit(self, resume: bool = True, *, allow_provenance_mismatch: bool = False) -> TrainingJointSAE:
         """Train to ``total_steps`` (or ``epochs``); with ``resume`` (default) continue from the latest
-        checkpoint.  With ``keep_best_epoch`` the returned SAE holds the best epoch's weights."""
+        checkpoint.  With ``keep_best_epoch`` the returned SAE holds the best epoch's weights.
+
+        The checkpoint directory is locked for the run (a second trainer on it gets a one-line error naming
+        this process's pid); a checkpoint made for another model, layer, hook or data is refused unless
+        ``allow_provenance_mismatch``.  A non-finite loss or weight stops the run with
+        :class:`TrainingDiverged`, keeping the last good checkpoint."""
         c = self.cfg
         flush = torch.device(c.device).type == "cpu"
         before = _flush_denormal_enabled()
@@ -263,15 +321,26 @@ class JointSAETrainer:
             # result.  Process-wide, so the previous setting is restored when fit() returns.
             torch.set_flush_denormal(True)
         try:
-            return self._fit(resume)
+            return self._fit(resume, allow_provenance_mismatch)
         finally:
             if flush:
                 torch.set_flush_denormal(before)
 
-    def _fit(self, resume: bool) -> TrainingJointSAE:
+    def _fit(self, resume: bool, allow_provenance_mismatch: bool = False) -> TrainingJointSAE:
+        if not self.cfg.checkpoint_dir or self.rank != 0:
+            return self._fit_locked(resume, allow_provenance_mismatch)
+        from jsae.guards import check_output_dir
+        from jsae.locks import DirLock
+
+        root = check_output_dir(self.cfg.checkpoint_dir, "checkpoint_dir")
+        with DirLock(root, "jsae trainer"):
+            _tidy_checkpoints(root)
+            return self._fit_locked(resume, allow_provenance_mismatch)
+
+    def _fit_locked(self, resume: bool, allow_provenance_mismatch: bool) -> TrainingJointSAE:
         c = self.cfg
         if resume and c.checkpoint_dir and (Path(c.checkpoint_dir) / LATEST).exists():
-            self.load_checkpoint(c.checkpoint_dir)
+            self.load_checkpoint(c.checkpoint_dir, allow_provenance_mismatch=allow_provenance_mismatch)
         else:
             torch.manual_seed(c.seed)
             if self.sae.cfg.mse_normalization == "variance":
@@ -293,10 +362,13 @@ class JointSAETrainer:
                 bar.update(1)
                 if self.epoch_length is not None and self.step % self.epoch_length == 0:
                     self._end_epoch()
+                saving = bool(c.checkpoint_every) and self.step % c.checkpoint_every == 0 and self.step < self.total_steps
+                if self.step == 1 or saving or self.step % c.log_every == 0 or self.step == self.total_steps:
+                    self._check_finite(metrics)  # before logging or saving: a diverged state is never kept
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     self._log(metrics)
                     bar.set_postfix(loss=f"{metrics['losses/overall_loss']:.4g}")
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < self.total_steps:
+                if saving:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -307,6 +379,21 @@ class JointSAETrainer:
         if self._wandb is not None:
             self._wandb.finish()
         return self.sae
+
+    @torch.no_grad()
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Stop with :class:`TrainingDiverged` when the logged loss or any weight is NaN/inf."""
+        loss = metrics.get("losses/overall_loss", float("nan"))
+        bad_loss = len(metrics) > 1 and not math.isfinite(loss)
+        bad = [n for n, p in self.sae.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not (bad_loss or bad):
+            return
+        where = ""
+        if self.cfg.checkpoint_dir and (Path(self.cfg.checkpoint_dir) / LATEST).is_file():
+            where = f"; the last good checkpoint ({json.loads((Path(self.cfg.checkpoint_dir) / LATEST).read_text())['checkpoint']}) is kept in {self.cfg.checkpoint_dir}"
+        what = f"loss {loss}" if bad_loss else f"non-finite weights in {bad[:3]}"
+        raise TrainingDiverged(f"training diverged by step {self.step} ({what}){where}; lower lr (now {self.cfg.lr:g}), "
+                               "keep grad_clip_norm on, or rescale the activations (check their magnitude)")
 
     def _slice(self, x: Tensor) -> Tensor:
         if self.world_size == 1:
@@ -342,7 +429,8 @@ class JointSAETrainer:
         if c.normalize_decoder:
             self.sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
-            fired = torch.stack([out.feature_acts[m].amax(0) > 0 for m in MODALITIES]).long()  # codes >= 0
+            # the sparse paths know which latents fired; otherwise a pass over the codes (codes >= 0)
+            fired = torch.stack([out.fired[m] if out.fired else out.feature_acts[m].amax(0) > 0 for m in MODALITIES]).long()
             if self.world_size > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
@@ -394,11 +482,26 @@ class JointSAETrainer:
     def _estimate_mse_scale(self) -> None:
         """Mean squared norm of the centred inputs of each modality over the first few batches."""
         stream, sums = _stream(self.data, 0), torch.zeros(len(MODALITIES), dtype=torch.float64)
+        norms = torch.zeros(len(MODALITIES), dtype=torch.float64)
+        fix = "or set mse_normalization='none'"
         for i in range(self.cfg.mse_norm_batches):
             for j, x in enumerate(check_paired_batch(next(stream), self.sae.cfg.d_in, i)):
+                if x.shape[0] < 2:
+                    raise ValueError(f"mse_normalization='variance' estimates the input variance from batches, but batch {i} "
+                                     f"holds {x.shape[0]} pair; use a batch size of at least 2 {fix}")
                 x = x.double()
                 sums[j] += (x - x.mean(0)).pow(2).sum(-1).mean()
-        self.sae.mse_scale.copy_((sums / self.cfg.mse_norm_batches).clamp(min=1e-12).to(self.sae.dtype))
+                norms[j] += x.pow(2).sum(-1).mean()
+        scale = sums / self.cfg.mse_norm_batches
+        for j, name in enumerate(MODALITIES):
+            if not float(scale[j]) > 1e-10 * float(norms[j] / self.cfg.mse_norm_batches) or float(scale[j]) == 0:
+                raise ValueError(f"mse_normalization='variance': the {name} activations of the first "
+                                 f"{self.cfg.mse_norm_batches} batches are constant (variance {float(scale[j]):.3g}), so "
+                                 f"their variance cannot normalise the loss; check the capture {fix}")
+            if not math.isfinite(float(scale[j].to(self.sae.dtype))):
+                raise ValueError(f"the {name} activations are too large to train in {self.sae.dtype} (mean squared norm "
+                                 f"{float(norms[j] / self.cfg.mse_norm_batches):.3g}); rescale them (e.g. divide by their norm)")
+        self.sae.mse_scale.copy_(scale.clamp(min=1e-12).to(self.sae.dtype))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -409,21 +512,28 @@ class JointSAETrainer:
                        and not (k in _OPTIONAL_DEFAULTS and v == _OPTIONAL_DEFAULTS[k])}
         return {"sae": sae_cfg, "trainer": trainer_cfg, "world_size": self.world_size}
 
+    def provenance(self) -> dict[str, Any]:
+        """Where this run's checkpoints come from: the SAE's model, layer, hook and pooling, and the data."""
+        from jsae.provenance import sae_record
+
+        if not hasattr(self, "_data_fp"):
+            self._data_fp = data_fingerprint(self.data)
+        return {"sae": {k: v for k, v in sae_record(self.sae).items() if k != "d_in"}, "data": self._data_fp}
+
     def save_checkpoint(self) -> Path:
         """Write ``step-XXXXXXX/`` atomically (tmp dir + rename), then point ``latest.json`` at it."""
         root = Path(self.cfg.checkpoint_dir)  # type: ignore[arg-type]
         final = root / f"step-{self.step:07d}"
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f".tmp-{final.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.sae.save_model(tmp)
             tensors, groups = self._optimizer_tensors()
             tensors["rng"] = torch.get_rng_state()
             tensors["steps_since_fired"] = self.steps_since_fired.cpu()
             tensors["mse_scale"] = self.sae.mse_scale.detach().cpu()
             state: dict[str, Any] = {"step": self.step, "fingerprint": self._fingerprint(), "param_groups": groups,
-                                     "history": self.history}
+                                     "history": self.history, "provenance": self.provenance()}
             if self.epoch_length is not None:
                 tensors["epoch_loss_sum"] = self._epoch_loss_sum.detach().cpu()
                 for k, v in (self.best_state or {}).items():
@@ -434,9 +544,7 @@ class JointSAETrainer:
                     state["scheduler"] = self.scheduler.state_dict()
             save_file(tensors, tmp / "trainer_state.safetensors")
             write_json(tmp / "trainer_state.json", state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # a re-saved step is moved aside first; _tidy_checkpoints finishes a killed swap
             write_json(root / LATEST, {"checkpoint": final.name, "step": self.step})
             for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints or None]:
                 if old != final:
@@ -450,24 +558,49 @@ class JointSAETrainer:
         tensors = {f"optim.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
         return tensors, sd["param_groups"]
 
-    def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
-        """Restore weights, optimiser, RNG, dead-latent counters and data position."""
+    def load_checkpoint(self, checkpoint_dir: str | Path, *, allow_provenance_mismatch: bool = False) -> None:
+        """Restore weights, optimiser, RNG, dead-latent counters and data position.  A checkpoint made for another
+        model, layer, hook, pooling or data is refused unless ``allow_provenance_mismatch``."""
+        from jsae.guards import confined
+
         root = Path(checkpoint_dir)
         try:
             latest = json.loads((root / LATEST).read_text())
-            ckpt = root / latest["checkpoint"]
+            ckpt = confined(root, latest["checkpoint"], f"the checkpoint named in {root / LATEST}")
             state = json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{root} holds no readable jsae checkpoint ({exc}); point checkpoint_dir at a "
-                             "trainer's checkpoint directory or start with resume=False") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{root} holds no readable jsae checkpoint ({str(exc).splitlines()[0]}); point checkpoint_dir "
+                             "at a trainer's checkpoint directory or start with resume=False") from None
+        theirs_p = state.get("provenance")
+        if theirs_p is not None and not allow_provenance_mismatch:
+            from jsae.provenance import ProvenanceError, mismatches
+
+            mine_p = self.provenance()
+            diff = [f"{k} {x!r} vs {y!r}" for k, x, y in mismatches(theirs_p.get("sae") or {}, mine_p["sae"])]
+            if theirs_p.get("data") is not None and mine_p["data"] is not None and theirs_p["data"] != mine_p["data"]:
+                keys = sorted(k for k in set(theirs_p["data"]) | set(mine_p["data"])
+                              if theirs_p["data"].get(k) != mine_p["data"].get(k))
+                diff.append(f"training data ({', '.join(keys)} differ)")
+            if diff:
+                raise ProvenanceError(f"checkpoint directory {root} holds a run of another model, layer or data "
+                                      f"(checkpoint vs this run: {'; '.join(diff)}); use a new checkpoint_dir, or pass "
+                                      "allow_provenance_mismatch=True to resume it anyway")
         mine, theirs = self._fingerprint(), state["fingerprint"]
         if mine != theirs:
             diff = sorted({f"{part}.{k}" for part in ("sae", "trainer") for k in set(mine[part]) | set(theirs[part])
                            if mine[part].get(k) != theirs[part].get(k)} | ({"world_size"} if mine["world_size"] != theirs["world_size"] else set()))
             raise ValueError(f"checkpoint directory {root} was written by a run with another config (differs in {diff}); "
                              "use a new checkpoint_dir or the same config")
-        weights = load_file(ckpt / "sae_weights.safetensors", device=str(self.cfg.device))
-        tensors = load_file(ckpt / "trainer_state.safetensors")
+        try:
+            weights = load_file(ckpt / "sae_weights.safetensors", device=str(self.cfg.device))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"{ckpt / 'sae_weights.safetensors'} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+                             f"delete {ckpt} and {root / LATEST} to resume from an older checkpoint, or start anew") from None
+        try:
+            tensors = load_file(ckpt / "trainer_state.safetensors")
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{ckpt / 'trainer_state.safetensors'} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+                             f"delete {ckpt} and {root / LATEST} to resume from an older checkpoint, or start anew") from None
         weights["mse_scale"] = tensors["mse_scale"].to(self.cfg.device)
         self.sae.load_state_dict(weights)
         opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}

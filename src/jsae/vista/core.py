@@ -5,6 +5,10 @@ Loss (vision tower and language model frozen, only ``adapter.projector`` trained
 
     L = CE(caption | image)  +  λ · Σ_{l ∈ layers} mean_{image tokens t} ‖SAE_l(h_l,t) − h_l,t‖² / ‖h_l,t‖²
 
+(``loss_form="normalised"``) or, the paper's raw form (``loss_form="mse"``), λ · Σ_l mean over image tokens
+and dimensions of (SAE_l(h_l,t) − h_l,t)².  The paper trains the projector *from scratch* (``reinit=True``,
+the default) for both the baseline and VISTA; :func:`jsae.vista.compose` builds the model it trains.
+
 where ``h_l`` is the output of decoder layer ``l`` (``adapter.layer_module(l)``, SAELens's
 ``blocks.l.hook_resid_post``) and ``SAE_l`` a frozen SAELens SAE trained on text.  λ = 0 is the baseline
 (the same training without the SAE term).
@@ -93,10 +97,18 @@ def check_projector(adapter: Any) -> nn.Module:
     return module
 
 
+LOSS_FORMS = ("normalised", "mse")
+
+
 @jaxtyped(typechecker=beartype)
-def sae_recon_error(sae: Any, h: Float[Tensor, "n d"]) -> Float[Tensor, ""]:
-    """Mean over rows of ‖SAE(h) − h‖² / ‖h‖² (differentiable in ``h``; the SAE stays as it is)."""
+def sae_recon_error(sae: Any, h: Float[Tensor, "n d"], form: str = "normalised") -> Float[Tensor, ""]:
+    """``"normalised"``: mean over rows of ‖SAE(h) − h‖² / ‖h‖²; ``"mse"``: the raw mean squared error over
+    rows and dimensions (the paper's form).  Differentiable in ``h``; the SAE stays as it is."""
     recon = sae.decode(sae.encode(h))
+    if form == "mse":
+        return (recon - h).pow(2).mean()
+    if form != "normalised":
+        raise ValueError(f"loss form must be one of {list(LOSS_FORMS)}, got {form!r}")
     return ((recon - h).pow(2).sum(-1) / h.pow(2).sum(-1).clamp(min=1e-8)).mean()
 
 
@@ -105,7 +117,8 @@ def sae_recon_error(sae: Any, h: Float[Tensor, "n d"]) -> Float[Tensor, ""]:
 
 @dataclass
 class VistaConfig:
-    """``lam`` (λ ≥ 0; 0 = the baseline), ``layers`` (constrained decoder layers), steps, batch, lr, seed."""
+    """``lam`` (λ ≥ 0; 0 = the baseline), ``layers`` (constrained decoder layers), steps, batch, lr, seed;
+    ``reinit`` (projector from scratch, seeded; the paper's way), ``loss_form`` ("normalised" | "mse")."""
 
     lam: float = 1.0
     layers: tuple[int, ...] = (4,)
@@ -114,8 +127,11 @@ class VistaConfig:
     lr: float = 1e-3
     seed: int = 0
     reinit: bool = True
+    loss_form: str = "normalised"
 
     def __post_init__(self) -> None:
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form must be one of {list(LOSS_FORMS)}, got {self.loss_form!r}")
         if not isinstance(self.lam, (int, float)) or math.isnan(self.lam) or self.lam < 0:
             raise ValueError(f"lam (λ) must be >= 0, got {self.lam}; use 0 for the baseline and a positive weight for VISTA")
         self.layers = tuple(int(x) for x in self.layers)
@@ -147,13 +163,14 @@ def _caption_ce(logits: Tensor, enc: Mapping[str, Any]) -> Tensor:
     return nn.functional.cross_entropy(logits[:, :-1][tgt].float(), ids[:, 1:][tgt])
 
 
-def vista_losses(model: Any, adapter: Any, saes: Mapping[int, Any], enc: Mapping[str, Any]) -> tuple[Tensor, dict[int, Tensor]]:
+def vista_losses(model: Any, adapter: Any, saes: Mapping[int, Any], enc: Mapping[str, Any],
+                 form: str = "normalised") -> tuple[Tensor, dict[int, Tensor]]:
     """(caption CE, {layer: normalised SAE error on image tokens}) for one batch (differentiable when
     gradients are enabled)."""
     img = adapter.image_token_mask(enc)
     got = read_layers(model, adapter, enc, list(saes), logits=True, grad=torch.is_grad_enabled())
     ce = _caption_ce(got["logits"], enc)
-    errs = {layer: sae_recon_error(saes[layer], got[layer][img].float()) for layer in saes}
+    errs = {layer: sae_recon_error(saes[layer], got[layer][img].float(), form) for layer in saes}
     return ce, errs
 
 
@@ -195,7 +212,7 @@ def train_projector(model: Any, processor: Any, adapter: Any, saes: Mapping[int,
             if not order:
                 order = torch.randperm(len(batches), generator=g).tolist()
             enc = batches[order.pop()]
-            ce, errs = vista_losses(model, adapter, saes, enc)
+            ce, errs = vista_losses(model, adapter, saes, enc, cfg.loss_form)
             loss = ce
             if cfg.lam > 0:
                 loss = loss + cfg.lam * sum(errs[layer] for layer in cfg.layers)
@@ -215,11 +232,13 @@ def save_projector(adapter: Any, path: str | Path, metadata: Mapping[str, Any] |
     """The projector's weights as safetensors (atomic), with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
+    from jsae.files import apply_umask
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in check_projector(adapter).state_dict().items()}
     save_file(state, str(tmp), metadata={"vista": json.dumps(dict(metadata or {}), default=str)})
-    tmp.replace(path)
+    apply_umask(tmp).replace(path)
     return path
 
 
@@ -319,7 +338,7 @@ def save_sae(sae: Any, directory: str | Path) -> Path:
 
 
 __all__ = [
-    "VistaConfig", "check_projector", "check_text_sae", "collect_text_states", "load_projector",
+    "LOSS_FORMS", "VistaConfig", "check_projector", "check_text_sae", "collect_text_states", "load_projector",
     "load_text_sae", "recon_error_on_images", "reinit_projector", "sae_recon_error", "save_projector", "save_sae",
     "train_projector", "train_text_sae", "vista_losses",
 ]

@@ -6,7 +6,8 @@ let ``m_i = mean over the image's tokens t of SAE_l.encode(h_l,t)`` (``[d_sae]``
 latents with the largest ``m_i`` among those with ``m_i > 0`` (fewer when fewer are active).  The
 image's score is ``#{top latents whose label is a concept present in image i} / k``: unlabelled latents
 and missing (inactive) slots count as misses, so a projector cannot score by silencing the SAE.  A
-latent's label comes from text only (the concept word it fires on; :func:`label_latents_from_text`).
+latent's label comes from text only: the concept words of its max-activating tokens, Neuronpedia-style
+(:func:`label_from_top_examples`), or a real SAE's explanations file (:func:`load_neuronpedia_explanations`).
 Concepts present in an image are its objects' types, categories and colours.  The rate is the mean
 score over images, with a 95% percentile-bootstrap interval; the VISTA / baseline ratio gets a paired
 bootstrap interval over images.
@@ -24,6 +25,11 @@ the image): ``o``'s type/category latents set to 0 and ``t'``'s type latents cla
 in-object activation × ``gain``; success: the caption names ``t'``, not ``o``'s type, and still every
 other object (``in_place`` additionally requires ``t'`` at ``o``'s position).  Only images whose
 unedited caption names all their objects (distinct types, ≥ 2 objects) are scored.
+
+**Baselines.**  A vision-only SAE on the λ=0 projector's image tokens, labelled the way the text SAE is — from
+its max-activating examples (images, max over patches) and the concept words of their captions — is the fair
+baseline; the same SAE labelled from ground-truth patch masks is an upper reference (stronger supervision than
+VISTA gets).
 """
 
 from __future__ import annotations
@@ -112,6 +118,123 @@ def label_latents_from_patches(codes: Float[Tensor, "n_patches d_sae"], patch_co
                 y[i, index[c]] = 1.0
     labs = label_features(codes.float(), codes.float(), y, concepts, min_corr=min_corr)
     return [lab.label for lab in labs.labels]
+
+
+def label_from_top_examples(codes: Float[Tensor, "n_examples d_sae"], example_concepts: Sequence[set[str]], concepts: list[str],
+                            top_n: int = 20, min_purity: float = 0.5, min_lift: float = 0.2,
+                            min_active: int = 5) -> tuple[list[str | None], list[float]]:
+    """Neuronpedia-style labels from each latent's max-activating examples.
+
+    An *example* is whatever the latent is read on — a token of a caption (its concepts: the word itself,
+    :func:`token_concepts`, plus the words of its context when asked) or an image (the concepts its caption
+    names).  For latent ``j``, take its ``top_n`` largest positive activations; for every concept ``c``,
+    ``p_top(c)`` = the fraction of those examples showing ``c`` and ``lift(c) = p_top(c) − p_all(c)`` (its
+    base rate over all examples).  The label is the concept of the largest lift, kept when
+    ``p_top ≥ min_purity`` and ``lift ≥ min_lift`` (and the latent is active on ≥ ``min_active`` examples).
+    Returns ``(labels, purity)`` with ``purity[j] = p_top(label)`` (the best concept's, labelled or not)."""
+    if codes.shape[0] != len(example_concepts):
+        raise ValueError(f"{codes.shape[0]} code rows for {len(example_concepts)} examples; pass one concept set per example")
+    if top_n < 1 or not 0 < min_purity <= 1:
+        raise ValueError(f"top_n must be >= 1 and min_purity in (0, 1], got {top_n}, {min_purity}")
+    index = {c: i for i, c in enumerate(concepts)}
+    y = torch.zeros(len(example_concepts), len(concepts))
+    for i, cs in enumerate(example_concepts):
+        for c in cs:
+            if c in index:
+                y[i, index[c]] = 1.0
+    codes = codes.float()
+    n = min(top_n, codes.shape[0])
+    vals, idx = codes.topk(n, dim=0)  # [n, d]
+    active = vals > 0
+    p_top = (y[idx] * active[..., None]).sum(0) / active.sum(0).clamp(min=1)[:, None]  # [d, C]
+    lift = p_top - y.mean(0)[None]
+    best_lift, best = lift.max(-1)
+    purity = p_top.gather(1, best[:, None]).squeeze(1)
+    n_active = (codes > 0).sum(0)
+    labels: list[str | None] = []
+    for j in range(codes.shape[1]):
+        ok = int(n_active[j]) >= min_active and float(purity[j]) >= min_purity and float(best_lift[j]) >= min_lift
+        labels.append(concepts[int(best[j])] if ok else None)
+    return labels, [float(v) for v in purity]
+
+
+def context_concepts(words: Sequence[str], owners: Sequence[int], window: int = 0) -> list[set[str]]:
+    """Per token: the concepts of the token itself and of the ``window`` tokens before it in the same caption."""
+    own = token_concepts(words)
+    if window <= 0:
+        return own
+    out = []
+    for t in range(len(words)):
+        cs = set(own[t])
+        for b in range(1, window + 1):
+            if t - b >= 0 and owners[t - b] == owners[t]:
+                cs |= own[t - b]
+        out.append(cs)
+    return out
+
+
+def label_summary(labels: Sequence[str | None], purity: Sequence[float]) -> dict[str, Any]:
+    """Fraction of latents labelled, mean purity of the labelled ones, and the concepts they cover."""
+    lab = [j for j, v in enumerate(labels) if v is not None]
+    return {"d_sae": len(labels), "labelled": len(lab), "labelled_fraction": len(lab) / max(len(labels), 1),
+            "mean_purity": float(np.mean([purity[j] for j in lab])) if lab else float("nan"),
+            "concepts_covered": len({labels[j] for j in lab})}
+
+
+# ---- Neuronpedia explanations -------------------------------------------------------------------
+
+
+def load_neuronpedia_explanations(path: str, d_sae: int | None = None) -> list[str | None]:
+    """Explanations of a real SAE's latents from a Neuronpedia export: a ``.json`` array (or
+    ``{"explanations": [...]}``) or ``.jsonl`` / ``.jsonl.gz`` of records with ``index`` and ``description``
+    (``modelId``, ``layer``, ``explanationModelName``… are ignored).  Returns one description (or None) per
+    latent, ``d_sae`` long (default: the largest index + 1); several explanations of one latent: the first."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no explanations file at {p}; export one from Neuronpedia (explanations of an SAE, JSON or JSONL)")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        records = data.get("explanations", []) if isinstance(data, dict) else data
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p} is neither JSON nor JSON lines ({exc}); pass Neuronpedia's explanation export") from None
+    if not isinstance(records, list) or any(not isinstance(r, dict) or "index" not in r or "description" not in r for r in records):
+        raise ValueError(f"{p} holds records without 'index' and 'description'; pass Neuronpedia's explanation export")
+    idx = [int(r["index"]) for r in records]
+    n = d_sae if d_sae is not None else (max(idx) + 1 if idx else 0)
+    out: list[str | None] = [None] * n
+    for i, r in zip(idx, records):
+        if not 0 <= i < n:
+            raise ValueError(f"{p}: explanation of latent {i} but the SAE has {n} latents; pass the SAE's explanations")
+        if out[i] is None and str(r["description"]).strip():
+            out[i] = str(r["description"]).strip()
+    return out
+
+
+def labels_from_explanations(descriptions: Sequence[str | None], concepts: list[str],
+                             synonyms: Mapping[str, str] | None = None) -> list[str | None]:
+    """A concept label per latent from its free-text explanation: the concept (or a synonym of it, e.g. a
+    plural) named as a whole word in the description; a description naming several concepts or none is
+    unlabelled."""
+    import re
+
+    words = {c: c for c in concepts}
+    words.update({k: v for k, v in (synonyms or {}).items() if v in concepts})
+    pats = {w: re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in words}
+    out: list[str | None] = []
+    for d in descriptions:
+        hit = {words[w] for w, pat in pats.items() if d and pat.search(d)}
+        out.append(hit.pop() if len(hit) == 1 else None)
+    return out
 
 
 # ---- matching rate and localisation -------------------------------------------------------------
@@ -228,6 +351,7 @@ def edit_interventions(layer: int, sae: Any, cells: Sequence[tuple[int, int]], r
 
 
 __all__ = [
+    "context_concepts", "label_from_top_examples", "label_summary", "labels_from_explanations", "load_neuronpedia_explanations",
     "edit_interventions", "image_concepts", "interval", "label_latents_from_patches",
     "label_latents_from_text", "label_latents_from_words", "localisation_scores", "token_concepts", "matching_scores", "object_cells", "object_concepts",
     "patch_edit", "ratio_interval",

@@ -104,6 +104,20 @@ def toy_spec(name: str) -> ToyModelSpec:
     return TOY_MODELS[_check_name(name)]
 
 
+def toy_name(name_or_path: str | Path | None) -> str | None:
+    """The toy model's name when ``name_or_path`` is one, or the directory of its shipped weights (as a capture of
+    ``load_vlm("llava")`` records it); else None."""
+    if name_or_path is None:
+        return None
+    if str(name_or_path) in MODEL_NAMES:
+        return str(name_or_path)
+    try:
+        resolved = Path(name_or_path).resolve()
+    except (OSError, ValueError):
+        return None
+    return next((name for name in MODEL_NAMES if resolved == (MODELS_DIR / name).resolve()), None)
+
+
 def model_dir(name: str) -> Path:
     """Directory of the shipped weights of toy model ``name`` (inside the installed package)."""
     return MODELS_DIR / _check_name(name)

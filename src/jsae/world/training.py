@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -361,3 +362,157 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
         shutil.rmtree(ck, ignore_errors=True)
     log(f"[{name}] saved to {out_dir} (training {summary['total_seconds']:.0f}s)")
     return model, processor, summary
+
+
+# ---- stage-only training: the toy text-only language model and the toy vision tower -------------------
+
+#: directories (under ``jsae/world/models``) of the shipped parts of the toy LLaVA before any VLM training
+PART_DIRS = {"lm": "llava-text-lm", "vision": "llava-vision-tower"}
+
+
+def _context_batch(seed: int, step: int, n: int, tok):
+    """Two captions of the same scene in different templates, one after the other: ``cap_a </s> cap_b </s>``
+    (loss on the second caption and its ``</s>``)."""
+    scenes = _scenes(seed, 7, step, n)
+    rng = np.random.default_rng([seed, 7, step])
+    firsts, texts = [], []
+    for s in scenes:
+        a, b = rng.choice(grammar.N_TEMPLATES, size=2, replace=False)
+        first = grammar.caption(s.objects, int(a)) + " </s>"
+        firsts.append(first)
+        texts.append(f"{first} {grammar.caption(s.objects, int(b))} </s>")
+    with padding_side(tok, "right"):
+        enc = tok(texts, return_tensors="pt", padding=True)
+        plen = tok(firsts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+    labels = enc["input_ids"].clone()
+    pos = torch.arange(labels.shape[1])[None, :]
+    labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
+    return dict(enc), labels
+
+
+def train_lm_context(lm, tok, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 1e-3, log=print) -> float:
+    """A text-only stage for a causal LM (``*ForCausalLM``): describe a scene again after a description of it in
+    context (:func:`_context_batch`), so that the LM reads what comes before a caption — the in-context use a real
+    LLM has and a projector into a frozen LM relies on.  Never sees an image.  Returns the final loss."""
+    torch.manual_seed(seed)
+    lm.train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    t0, ema = time.time(), None
+    for step in range(steps):
+        for gr in opt.param_groups:
+            gr["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 5))
+        enc, labels = _context_batch(seed, step, batch_size, tok)
+        logits = lm(**enc).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[context] step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
+    lm.eval()
+    return float(ema or 0.0)
+
+
+def train_parts(name: str = "llava", out_dir: str | Path | None = None, stages: tuple[str, ...] = ("lm", "vision"),
+                seed: int = 0, threads: int | None = 1, workers: int | None = None, log=print,
+                progress: bool = True, context_steps: int = 500) -> dict[str, Path]:
+    """Run only the first stages of toy model ``name``'s recipe (``"lm"``: the language model on captions as
+    plain text; ``"vision"``: vision pretraining on the generator's labels) — the same code, seeds and step
+    counts as :func:`train_toy_vlm`, every later stage skipped — and save the parts on their own:
+
+    * ``out_dir/llava-text-lm``: the text-only language model (``LlamaForCausalLM`` + the world tokenizer),
+      never trained with images;
+    * ``out_dir/llava-vision-tower``: the vision tower (``CLIPVisionModel`` + the image processor).
+
+    ``"context"`` (optional, after ``"lm"``; not in the shipped part) continues the LM, still text-only, on a scene's
+    caption after another caption of it (:func:`train_lm_context`, ``context_steps``) so that it reads its context.
+
+    ``out_dir`` defaults to the package's ``jsae/world/models``.  Returns ``{stage: directory}``.  A stage
+    not in ``stages`` runs for 0 steps (so ``stages=("lm",)`` leaves the tower at its seeded initialisation)."""
+    if name != "llava":
+        raise ValueError(f"parts are defined for the toy LLaVA only (a CLIP tower + a Llama LM), got {name!r}")
+    bad = [s for s in stages if s not in (*PART_DIRS, "context")]
+    if bad or not stages or "context" in stages and "lm" not in stages:
+        raise ValueError(f"stages must be a non-empty subset of {[*PART_DIRS, 'context']} (context needs lm), got {list(stages)}")
+    base = default_config(name, seed=seed)
+    cfg = TrainConfig(**{**asdict(base), "lm_steps": base.lm_steps if "lm" in stages else 0,
+                         "vision_steps": base.vision_steps if "vision" in stages else 0, "vlm_steps": 0, "qa_steps": 0,
+                         "cqa_steps": 0, "tqa_steps": 0, "eval_n": 0})
+    out_dir = Path(out_dir) if out_dir is not None else model_dir(name).parent
+    tmp = Path(tempfile.mkdtemp(prefix=".parts", dir=out_dir if out_dir.exists() else None))
+    try:
+        model, processor, summary = train_toy_vlm(name, tmp / "vlm", cfg, threads=threads, workers=workers, log=log,
+                                                  progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if "context" in stages:  # text-only, on a causal-LM view sharing the VLM's LM weights
+        from transformers import AutoModelForCausalLM
+
+        view = AutoModelForCausalLM.from_config(model.config.text_config)
+        view.model = model.model.language_model
+        view.lm_head = model.lm_head
+        summary["context_loss"] = train_lm_context(view, processor.tokenizer, seed, steps=context_steps, log=log)
+    return save_parts(model, processor, out_dir, {"stages": list(stages), **summary},
+                      tuple(x for x in stages if x in PART_DIRS))
+
+
+def save_parts(model, processor, out_dir: str | Path, extra: dict, stages: tuple[str, ...] = ("lm", "vision"),
+               dtype: torch.dtype = torch.float16) -> dict[str, Path]:
+    """Save a LLaVA's language model (as ``*ForCausalLM`` with its tokenizer) and vision tower (with its image
+    processor) as separate transformers directories (fp16 safetensors; atomic)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    written = {}
+    for stage in stages:
+        target = out_dir / PART_DIRS[stage]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=out_dir))
+        try:
+            if stage == "lm":
+                part = AutoModelForCausalLM.from_config(model.config.text_config)
+                part.model.load_state_dict(model.model.language_model.state_dict())
+                part.lm_head.load_state_dict(model.lm_head.state_dict())
+                g = part.generation_config
+                g.bos_token_id, g.eos_token_id, g.pad_token_id, g.do_sample = 1, 2, 0, False
+                side = processor.tokenizer
+            else:
+                part = AutoModel.from_config(model.config.vision_config)
+                part.load_state_dict(model.model.vision_tower.state_dict())
+                side = processor.image_processor
+            sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                  for k, v in part.state_dict().items()}
+            part.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            side.save_pretrained(tmp)
+            (tmp / "training.json").write_text(json.dumps({"part": stage, **extra}, indent=2, default=str))
+            from jsae.files import apply_umask
+
+            apply_umask(tmp)
+            os.chmod(tmp, 0o777 & ~_umask())
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        written[stage] = target
+    return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def part_dir(stage: str) -> Path:
+    """Directory of a shipped part of the toy LLaVA (``"lm"`` or ``"vision"``), checked."""
+    if stage not in PART_DIRS:
+        raise ValueError(f"unknown part {stage!r}; choose one of {list(PART_DIRS)}")
+    d = model_dir("llava").parent / PART_DIRS[stage]
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the toy {stage} part is missing at {d}; rebuild it with `jsae vista toy-parts`")
+    return d

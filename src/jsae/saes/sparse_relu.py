@@ -1,0 +1,307 @@
+"""Sparse-code training path (pure PyTorch, CPU and GPU) of ReLU and TopK JSAEs: encoder, decoder and
+alignment on the active codes only.
+
+An L1-trained ReLU SAE soon has only a few per cent of its codes non-zero, yet a plain autograd step spends
+six dense ``[B, d_in] x [d_in, d_sae]`` matmuls on it: the encoder forward, the decoder forward, and four in
+the backward (the code gradient ``grad_recon @ W_dec^T``, ``grad_W_dec = z^T @ grad_recon``,
+``grad_W_enc = sae_in^T @ grad_pre`` and ``grad_sae_in = grad_pre @ W_enc^T`` for ``b_dec``).  The
+gradient of every loss term with respect to an inactive pre-activation is zero (the ReLU's), so only the
+encoder forward must stay dense.  Here, with the active entries of ``relu(pre)`` as :class:`SparseCodes`:
+
+* the decoder forward is ``embedding_bag`` over ``W_dec`` with one bag per sample (:class:`CsrMM`);
+* the code gradient is needed only on the active entries: ``torch.sparse.sampled_addmm`` (a sampled
+  dense-dense product, SDDMM) instead of the dense ``grad_recon @ W_dec^T``;
+* ``grad_W_dec`` and ``grad_W_enc`` are ``embedding_bag`` over ``grad_recon`` and ``sae_in`` with the entries
+  grouped by latent (one bag per latent, :class:`~jsae.saes.sparse_topk.Bags`);
+* ``grad_b_dec`` through the centred input is ``-W_enc @ grad_b_enc`` (a matrix-vector product) instead of
+  the dense ``grad_pre @ W_enc^T``;
+* the L1 term is the sum of the active values, and the alignment terms (:data:`SPARSE_ALIGNMENTS`) are
+  computed from the codes of the two modalities directly: cosine (:class:`SparseCosine`, analytic backward)
+  and L2 from the matching entries (``searchsorted`` on the row-major linear indices), InfoNCE's ``[B, B]``
+  logits as one more :class:`CsrMM` against the other modality's normalised codes;
+* the entries are grouped by latent with one stable sort on one thread
+  (:func:`~jsae.saes.sparse_topk.argsort_latents`), and the trainer's dead-latent statistics come from the
+  per-latent counts (``JointStepOutput.fired``) instead of a pass over the dense codes.
+
+The TopK path uses the same functions on its ``k`` selected entries per sample (:func:`topk_codes`).
+
+Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work.  When the codes are
+dense (early in training) :class:`EncoderFromPre` still saves the ``grad_sae_in`` matmul: the caller picks
+the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
+autograd path up to float summation order (``tests/test_fast_relu.py``).  Everything here takes and
+returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jsae.saes.sparse_topk import Bags, argsort_latents
+
+__all__ = ["CsrMM", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
+           "active_entries", "csr_mm", "encoder_from_pre", "relu_codes", "sparse_relu_encode", "topk_codes"]
+
+
+class SparseCodes(NamedTuple):
+    """The active entries of codes ``[B, d_sae]`` (ReLU's positive ones, or TopK's ``k`` a row), in row-major
+    order; the values travel separately, as the differentiable tensor."""
+
+    rows: Tensor  # [nnz] the sample of each entry
+    cols: Tensor  # [nnz] the latent of each entry
+    linear: Tensor  # [nnz] rows * d_sae + cols, ascending
+    offsets: Tensor  # [B] where each sample's entries start (embedding_bag offsets)
+    bags: Bags  # the entries grouped by latent
+    latent_counts: Tensor  # [d_sae] how many samples fired each latent
+    shape: tuple[int, int]  # (B, d_sae)
+
+    @property
+    def density(self) -> float:
+        return self.rows.numel() / max(1, self.shape[0] * self.shape[1])
+
+
+def _starts(counts: Tensor) -> Tensor:
+    """Where each run starts, given the run lengths (an exclusive cumulative sum)."""
+    return counts.cumsum(0) - counts
+
+
+def active_entries(pre: Tensor) -> Tensor:
+    """The row-major linear indices of the positive entries of ``pre`` (their count is the measured density)."""
+    return torch.nonzero(pre.reshape(-1) > 0).squeeze(1)
+
+
+def relu_codes(pre: Tensor, linear: Tensor | None = None) -> tuple[SparseCodes, Tensor]:
+    """``(codes, values)``: the positive entries of ``pre [B, d_sae]`` (no gradient) and their values;
+    ``linear`` is :func:`active_entries` of ``pre`` when the caller has it already."""
+    n, d_sae = pre.shape
+    linear = active_entries(pre) if linear is None else linear
+    values = pre.reshape(-1)[linear]
+    rows = torch.div(linear, d_sae, rounding_mode="floor")
+    cols = linear - rows * d_sae
+    order = argsort_latents(cols)
+    counts = torch.bincount(cols, minlength=d_sae)
+    bags = Bags(order, rows[order], _starts(counts))
+    return SparseCodes(rows, cols, linear, _starts(torch.bincount(rows, minlength=n)), bags, counts, (n, d_sae)), values
+
+
+def topk_codes(pre: Tensor, k: int) -> tuple[SparseCodes, Tensor]:
+    """``(codes, values)`` of the ``k`` largest entries of each row of ``pre [B, d_sae]`` (values not clamped:
+    the caller applies the ReLU), each row's entries in ascending latent order so that ``linear`` ascends."""
+    n, d_sae = pre.shape
+    top = pre.topk(k, dim=-1, sorted=False)
+    idx, within = top.indices.sort(dim=-1)
+    cols = idx.reshape(-1)
+    rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+    order = argsort_latents(cols)
+    counts = torch.bincount(cols, minlength=d_sae)
+    bags = Bags(order, torch.div(order, k, rounding_mode="floor"), _starts(counts))
+    offsets = torch.arange(0, n * k, k, device=pre.device)
+    codes = SparseCodes(rows, cols, rows * d_sae + cols, offsets, bags, counts, (n, d_sae))
+    return codes, top.values.gather(-1, within).reshape(-1)
+
+
+def _by_latent(weights: Tensor, rows_of: Tensor, codes: SparseCodes) -> Tensor:
+    """``out[j] = sum over the entries e of latent j of weights[e] * rows_of[row(e)]``: ``[d_sae, d]``."""
+    bags = codes.bags
+    return F.embedding_bag(bags.sample_of_entry, rows_of.contiguous(), bags.offsets,
+                           per_sample_weights=weights[bags.order].to(rows_of.dtype), mode="sum")
+
+
+def _sampled(grad_out: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:
+    """``grad_out[row(e)] · W[col(e)]`` for every entry ``e`` (a sampled dense-dense product)."""
+    n, d_sae = codes.shape
+    if codes.rows.numel() == 0:
+        return grad_out.new_zeros(0)
+    crow = torch.cat([codes.offsets, codes.offsets.new_tensor([codes.rows.numel()])])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, codes.cols, grad_out.new_zeros(codes.rows.numel()), (n, d_sae),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, grad_out.contiguous(), W.t()).values()
+
+
+class CsrMM(torch.autograd.Function):
+    """``out[b] = sum over the entries e of sample b of values[e] * W[col(e)]``: the sparse codes times a dense
+    ``W [d_sae, d]``, with both gradients sparse (``values``: a sampled product; ``W``: one bag per latent)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values, W)
+        ctx.codes = codes
+        return F.embedding_bag(codes.cols, W, codes.offsets, per_sample_weights=values.to(W.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        values, W = ctx.saved_tensors
+        codes: SparseCodes = ctx.codes
+        grad_values = _sampled(grad_out, W, codes) if ctx.needs_input_grad[0] else None
+        grad_W = _by_latent(values, grad_out, codes) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_W, None
+
+
+class SparseReluEncoder(torch.autograd.Function):
+    """The active values of ``relu((x - b_dec) @ W_enc + b_enc)`` with a backward over the active entries only.
+
+    ``values`` and ``codes`` come from :func:`relu_codes` of the pre-activations the caller computed without
+    gradient, so the forward repeats no work.  ``x`` is data (no gradient); ``b_dec`` gets
+    ``-W_enc @ grad_b_enc`` when ``centre`` (SAELens's ``apply_b_dec_to_input``)."""
+
+    @staticmethod
+    def forward(ctx: Any, sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, values: Tensor,  # type: ignore[override]
+                codes: SparseCodes, centre: bool) -> Tensor:
+        ctx.save_for_backward(sae_in, W_enc)
+        ctx.codes, ctx.centre = codes, centre
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        sae_in, W_enc = ctx.saved_tensors
+        codes: SparseCodes = ctx.codes
+        grad_W = grad_b = grad_b_dec = None
+        if ctx.needs_input_grad[2]:
+            grad_W = _by_latent(grad, sae_in, codes).t()
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
+            grad_b = torch.zeros(codes.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, codes.cols, grad)
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ grad_b) if ctx.centre else torch.zeros_like(sae_in[0])
+        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
+
+
+class EncoderFromPre(torch.autograd.Function):
+    """``pre = (x - b_dec) @ W_enc + b_enc`` given ``pre`` (computed without gradient), with a dense backward
+    that returns ``grad_b_dec = -W_enc @ grad_b_enc`` instead of the ``[B, d_in]`` input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor,  # type: ignore[override]
+                centre: bool) -> Tensor:
+        ctx.save_for_backward(sae_in, W_enc)
+        ctx.centre = centre
+        return pre.view_as(pre)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        sae_in, W_enc = ctx.saved_tensors
+        grad_W = sae_in.t() @ grad if ctx.needs_input_grad[2] else None
+        grad_b = grad.sum(0)
+        grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc @ grad_b) if ctx.centre else torch.zeros_like(sae_in[0])
+        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
+
+
+def csr_mm(values: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:
+    """:class:`CsrMM` as a function."""
+    return CsrMM.apply(values, W, codes)  # type: ignore[no-any-return]
+
+
+def sparse_relu_encode(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, values: Tensor, codes: SparseCodes,
+                       centre: bool = True) -> Tensor:
+    """:class:`SparseReluEncoder` as a function."""
+    return SparseReluEncoder.apply(sae_in, b_dec, W_enc, b_enc, values, codes, centre)  # type: ignore[no-any-return]
+
+
+def encoder_from_pre(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, centre: bool = True) -> Tensor:
+    """:class:`EncoderFromPre` as a function."""
+    return EncoderFromPre.apply(sae_in, b_dec, W_enc, b_enc, pre, centre)  # type: ignore[no-any-return]
+
+
+# ---- alignment losses on sparse codes: the same values as jsae.saes.alignment on the dense codes -----------
+
+
+def _row_sums(values: Tensor, codes: SparseCodes) -> Tensor:
+    return values.new_zeros(codes.shape[0]).index_add(0, codes.rows, values)
+
+
+def _norms(values: Tensor, codes: SparseCodes, eps: float) -> Tensor:
+    """Per-sample norms clamped at ``eps`` (as ``F.cosine_similarity`` and ``F.normalize``; zero gradient below)."""
+    return _row_sums(values * values, codes).clamp(min=eps * eps).sqrt()
+
+
+def _matches(codes_v: SparseCodes, codes_t: SparseCodes) -> tuple[Tensor, Tensor]:
+    """Indices ``(i, j)`` of the entries active in both: ``codes_v`` entry ``i`` is ``codes_t`` entry ``j``."""
+    if codes_t.linear.numel() == 0 or codes_v.linear.numel() == 0:
+        empty = codes_v.linear.new_zeros(0)
+        return empty, empty
+    pos = torch.searchsorted(codes_t.linear, codes_v.linear).clamp(max=codes_t.linear.numel() - 1)
+    hit = torch.nonzero(codes_t.linear[pos] == codes_v.linear).squeeze(1)
+    return hit, pos[hit]
+
+
+def _dot(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes) -> Tensor:
+    i, j = _matches(codes_v, codes_t)
+    return val_v.new_zeros(codes_v.shape[0]).index_add(0, codes_v.rows[i], val_v[i] * val_t[j])
+
+
+class SparseCosine(torch.autograd.Function):
+    """``mean_b (1 - cos(z_v[b], z_t[b]))`` on sparse codes with an analytic backward (a dozen ``nnz``-sized
+    operations in all, where autograd would record some thirty).  Norms are clamped at ``eps`` as in
+    ``F.cosine_similarity``; below it the norm's gradient is zero."""
+
+    @staticmethod
+    def forward(ctx: Any, val_v: Tensor, val_t: Tensor, codes_v: SparseCodes, codes_t: SparseCodes,  # type: ignore[override]
+                eps: float = 1e-8) -> Tensor:
+        i, j = _matches(codes_v, codes_t)
+        sq_v, sq_t = _row_sums(val_v * val_v, codes_v), _row_sums(val_t * val_t, codes_t)
+        norm_v, norm_t = sq_v.clamp(min=eps * eps).sqrt(), sq_t.clamp(min=eps * eps).sqrt()
+        dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows[i], val_v[i] * val_t[j])
+        cos = dot / (norm_v * norm_t)
+        ctx.save_for_backward(val_v, val_t, i, j, cos, norm_v, norm_t, sq_v > eps * eps, sq_t > eps * eps)
+        ctx.codes = codes_v, codes_t
+        return (1.0 - cos).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        val_v, val_t, i, j, cos, norm_v, norm_t, live_v, live_t = ctx.saved_tensors
+        codes_v, codes_t = ctx.codes
+        scale = -grad / cos.numel()  # d loss / d cos_b
+        across = scale / (norm_v * norm_t)  # times the other modality's matching value
+        grads = []
+        for val, codes, other, mine, theirs, norm, live in ((val_v, codes_v, val_t, i, j, norm_v, live_v),
+                                                            (val_t, codes_t, val_v, j, i, norm_t, live_t)):
+            along = torch.where(live, scale * cos / (norm * norm), 0.0)  # times the own value
+            g = -along[codes.rows] * val
+            g.index_add_(0, mine, across[codes.rows[mine]] * other[theirs])
+            grads.append(g)
+        return grads[0], grads[1], None, None, None
+
+
+def sparse_cosine(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes, **_: float) -> Tensor:
+    """:func:`jsae.saes.alignment.cosine` on sparse codes: ``mean_b (1 - cos(z_v[b], z_t[b]))``."""
+    return SparseCosine.apply(val_v, val_t, codes_v, codes_t)  # type: ignore[no-any-return]
+
+
+def sparse_l2(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes, **_: float) -> Tensor:
+    """:func:`jsae.saes.alignment.l2` on sparse codes: ``mean_b |z_v[b] - z_t[b]|²``."""
+    sq = (val_v * val_v).sum() + (val_t * val_t).sum() - 2 * _dot(val_v, codes_v, val_t, codes_t).sum()
+    return sq / codes_v.shape[0]
+
+
+def sparse_infonce(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes, *,
+                   temperature: float = 0.07, **_: float) -> Tensor:
+    """:func:`jsae.saes.alignment.infonce` on sparse codes; the logits are one :class:`CsrMM` of the vision
+    codes against the text codes as a dense ``[d_sae, B]`` matrix."""
+    eps = 1e-8
+    n, d_sae = codes_v.shape
+    v = val_v / _norms(val_v, codes_v, eps)[codes_v.rows]
+    t = val_t / _norms(val_t, codes_t, eps)[codes_t.rows]
+    t_by_latent = val_t.new_zeros(d_sae, codes_t.shape[0]).index_put((codes_t.cols, codes_t.rows), t)
+    logits = csr_mm(v, t_by_latent, codes_v) / temperature
+    target = torch.arange(n, device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def sparse_none(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes, **_: float) -> Tensor:
+    return val_v.new_zeros(())
+
+
+SparseAlignment = Callable[..., Tensor]
+SPARSE_ALIGNMENTS: dict[str, SparseAlignment] = {
+    "cosine": sparse_cosine,
+    "infonce": sparse_infonce,
+    "l2": sparse_l2,
+    "none": sparse_none,
+}

@@ -1,0 +1,196 @@
+"""The fast ReLU training path (jsae.saes.sparse_relu) against the plain-autograd reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jsae import TrainingJointSAE, TrainingJointSAEConfig
+from jsae.saes.alignment import ALIGNMENT_LOSSES
+from jsae.saes.sparse_relu import relu_codes
+from jsae.saes.sparse_topk import argsort_latents
+from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+
+COEFFS = {"l1": 0.03, "alignment": 1.0, "aux": 0.0}
+VARIANTS = [{}, {"shared_decoder": True}, {"shared_encoder": True}, {"loss_reduction": "mean"},
+            {"apply_b_dec_to_input": False}, {"mse_normalization": "variance"}]
+
+
+def pairs(n=256, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.rand(n, 5, generator=g)
+    return latent @ torch.randn(5, d, generator=g), latent @ torch.randn(5, d, generator=g)
+
+
+def make_sae(alignment="cosine", d_in=16, d_sae=64, shift=0.3, seed=0, **kw) -> TrainingJointSAE:
+    torch.manual_seed(seed)
+    sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=d_in, d_sae=d_sae, alignment=alignment, init="torch-linear", **kw))
+    with torch.no_grad():  # negative encoder biases: part of the codes inactive, as in training
+        for b in sae.unique_params("b_enc"):
+            b.sub_(shift)
+    return sae
+
+
+def step_grads(sae: TrainingJointSAE, v, t, mode: str):
+    """(loss, {name: grad}, output) of one paired pass on ``mode`` = "reference", "sparse" or "dense-codes"."""
+    sae.zero_grad(set_to_none=True)
+    sae.sparse_relu_max_density = 1.0 if mode == "sparse" else 0.0
+    out = sae.paired_forward_pass(v, t, COEFFS, dense=mode == "reference")
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}, out
+
+
+@pytest.mark.parametrize("alignment", ["cosine", "infonce", "l2", "none"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_fast_paths_match_the_reference_losses_and_gradients(alignment, variant):
+    sae = make_sae(alignment, **variant)
+    sae.mse_scale.copy_(torch.tensor([2.0, 3.0]))
+    g = torch.Generator().manual_seed(1)
+    v, t = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g) + 0.5
+    ref_loss, ref_grads, ref = step_grads(sae, v, t, "reference")
+    for mode in ("sparse", "dense-codes"):
+        loss, grads, out = step_grads(sae, v, t, mode)
+        assert out.path == mode and 0.1 < out.density < 0.9
+        assert grads.keys() == ref_grads.keys()
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for k in ref.losses:
+            torch.testing.assert_close(out.losses[k], ref.losses[k], atol=1e-5, rtol=1e-5, msg=f"{mode} {k}")
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=f"{mode} {name}")
+        for m in ("vision", "text"):
+            torch.testing.assert_close(out.feature_acts[m], ref.feature_acts[m].detach())
+            torch.testing.assert_close(out.sae_out[m], ref.sae_out[m], atol=1e-6, rtol=1e-5)
+
+
+def test_a_user_registered_alignment_gets_dense_codes_with_the_sparse_gradient():
+    ALIGNMENT_LOSSES["test-dot"] = lambda zv, zt, **_: -(zv * zt).sum(-1).mean()
+    try:
+        sae = make_sae("test-dot")
+        v, t = torch.randn(16, 16), torch.randn(16, 16)
+        ref_loss, ref_grads, _ = step_grads(sae, v, t, "reference")
+        loss, grads, out = step_grads(sae, v, t, "sparse")
+        assert out.path == "sparse"
+        torch.testing.assert_close(loss, ref_loss)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    finally:
+        del ALIGNMENT_LOSSES["test-dot"]
+
+
+def test_the_path_follows_the_measured_density():
+    sae = make_sae(shift=0.0)  # the default threshold, sparse_relu_max_density
+    g = torch.Generator().manual_seed(2)
+    v, t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    measured = []
+    for shift in (0.0, 0.5, 1.0, 2.0):
+        with torch.no_grad():
+            for m in ("vision", "text"):
+                sae.b_enc_of(m).fill_(-shift)
+        out = sae.paired_forward_pass(v, t, COEFFS)
+        with torch.no_grad():
+            density = max(float((sae._pre(x, m) > 0).float().mean()) for m, x in (("vision", v), ("text", t)))
+        assert out.density == pytest.approx(density)
+        assert out.path == ("sparse" if density <= sae.sparse_relu_max_density else "dense-codes")
+        measured.append((density, out.path))
+    assert {p for _, p in measured} == {"sparse", "dense-codes"}  # both sides of the threshold were seen
+    assert sae.paired_forward_pass(v, t, COEFFS, dense=True).path == "dense"
+
+
+class ReferenceSAE(TrainingJointSAE):
+    """The trainer on the plain-autograd reference pass."""
+
+    def paired_forward_pass(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return super().paired_forward_pass(*args, **kwargs, dense=True)
+
+
+def train(cls, steps, max_density=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    sae = cls(TrainingJointSAEConfig(d_in=16, d_sae=32, **kw))
+    if max_density is not None:
+        sae.sparse_relu_max_density = max_density
+    paths: list[str] = []
+    inner = sae.paired_forward_pass
+
+    def record(*a, **k):  # type: ignore[no-untyped-def]
+        out = inner(*a, **k)
+        paths.append(out.path)
+        return out
+
+    sae.paired_forward_pass = record  # type: ignore[method-assign]
+    tr = JointSAETrainer(sae, JointTrainerConfig(total_steps=steps, lr=3e-3, progress=False, seed=seed, log_every=10,
+                                                 dead_feature_window=5),
+                         PairedTensorData(*pairs(), batch_size=32))
+    tr.fit()
+    return tr, paths
+
+
+@pytest.mark.parametrize("alignment", ["cosine", "infonce"])
+def test_training_on_the_fast_path_matches_the_reference_after_a_few_steps(alignment):
+    ref, ref_paths = train(ReferenceSAE, 10, alignment=alignment)
+    for max_density, path in ((1.0, "sparse"), (0.0, "dense-codes")):
+        fast, paths = train(TrainingJointSAE, 10, max_density=max_density, alignment=alignment)
+        assert set(ref_paths) == {"dense"} and set(paths) == {path}
+        for (name, a), b in zip(ref.sae.state_dict().items(), fast.sae.state_dict().values()):
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=f"{path} {name}")
+        assert torch.equal(fast.steps_since_fired, ref.steps_since_fired)  # dead-latent counters from the codes
+        for h_ref, h in zip(ref.history, fast.history):
+            assert h["losses/overall_loss"] == pytest.approx(h_ref["losses/overall_loss"], rel=1e-4)
+
+
+def test_fast_path_training_converges_like_the_reference():
+    """200 steps with the automatic switch (codes start dense, then go sparse) against the reference."""
+    ref, _ = train(ReferenceSAE, 200, l1_coefficient=0.3)
+    fast, paths = train(TrainingJointSAE, 200, max_density=0.3, l1_coefficient=0.3)
+    assert paths[0] == "dense-codes" and paths[-1] == "sparse"  # the switch happened during training
+    for key in ("losses/overall_loss", "metrics/explained_variance_vision", "metrics/explained_variance_text",
+                "metrics/l0_vision", "metrics/l0_text"):
+        assert fast.history[-1][key] == pytest.approx(ref.history[-1][key], rel=0.05, abs=0.02), key
+    assert fast.history[-1]["losses/overall_loss"] < 0.5 * fast.history[0]["losses/overall_loss"]
+
+
+def test_relu_codes_groups_entries_by_row_and_by_latent():
+    pre = torch.tensor([[0.5, -1.0, 2.0], [-0.1, -0.2, -0.3], [1.0, 3.0, 0.0]])
+    codes, values = relu_codes(pre)
+    assert values.tolist() == [0.5, 2.0, 1.0, 3.0]
+    assert codes.rows.tolist() == [0, 0, 2, 2] and codes.cols.tolist() == [0, 2, 0, 1]
+    assert codes.offsets.tolist() == [0, 2, 2]  # the empty row 1 is an empty bag
+    assert codes.latent_counts.tolist() == [2, 1, 1] and codes.bags.offsets.tolist() == [0, 2, 3]
+    assert codes.bags.sample_of_entry.tolist() == [0, 2, 2, 0]  # latent 0: rows 0, 2; latent 1: row 2; latent 2: row 0
+    assert codes.density == pytest.approx(4 / 9)
+
+
+def test_argsort_latents_is_stable_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    keys = torch.randint(0, 50, (10_000,))
+    order = argsort_latents(keys)
+    assert torch.equal(order, torch.argsort(keys, stable=True))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("alignment", ["cosine", "infonce", "l2", "none"])
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_topk_sparse_path_matches_the_reference_with_dead_latents(alignment, variant):
+    """TopK runs on the same sparse-code functions (its k entries per sample, and the auxiliary loss's)."""
+    torch.manual_seed(0)
+    sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=16, d_sae=64, activation="topk", k=6, alignment=alignment,
+                                                  init="torch-linear", **variant))
+    g = torch.Generator().manual_seed(4)
+    v, t = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    dead = torch.zeros(2, 64, dtype=torch.bool)
+    dead[:, ::3] = True
+    results = []
+    for dense in (True, False):
+        sae.zero_grad(set_to_none=True)
+        out = sae.paired_forward_pass(v, t, {"l1": 0.0, "alignment": 1.0, "aux": 0.5}, dead, dense=dense)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (out, grads) = results
+    assert ref.path == "dense" and out.path == "sparse" and "auxiliary_reconstruction_loss_text" in out.losses
+    for k in ref.losses:
+        torch.testing.assert_close(out.losses[k], ref.losses[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for m in ("vision", "text"):
+        torch.testing.assert_close(out.feature_acts[m], ref.feature_acts[m].detach())
+        assert torch.equal(out.fired[m], ref.feature_acts[m].amax(0) > 0)
