@@ -4,6 +4,9 @@ benchmark (:mod:`jsae.protocol.synthetic`)."""
 
 from __future__ import annotations
 
+from typing import Iterable, Sequence
+
+import torch
 from torch import Tensor
 
 
@@ -21,4 +24,15 @@ def correlation_matrix(a: Tensor, b: Tensor) -> Tensor:
     return c
 
 
-__all__ = ["correlation_matrix"]
+def presence_matrix(items: Sequence[Iterable[str]], names: Sequence[str]) -> Tensor:
+    """[N, C] float 0/1: whether item ``i`` (a set of concepts or words) holds ``names[c]`` (others ignored)."""
+    index = {c: i for i, c in enumerate(names)}
+    y = torch.zeros(len(items), len(names))
+    for i, cs in enumerate(items):
+        for c in cs:
+            if c in index:
+                y[i, index[c]] = 1.0
+    return y
+
+
+__all__ = ["correlation_matrix", "presence_matrix"]

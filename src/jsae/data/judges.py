@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from jsae.world.concepts import concept_presence, fluent, is_concept_of, mentions, world_concepts
+from jsae.correlation import presence_matrix
+from jsae.world.concepts import (
+    concept_presence,
+    fluent,
+    is_concept_of,
+    mentions,
+    world_concepts,
+)
 
 
 class WorldJudge:
@@ -116,13 +123,7 @@ def concepts_from_captions(captions: list[str], min_count: int = 5, stopwords: I
     words = sorted(w for w, n in counts.items() if n >= min_count)
     if not words:
         raise ValueError(f"no caption word occurs {min_count} times; lower min_count or use more captions")
-    index = {w: i for i, w in enumerate(words)}
-    y = torch.zeros(len(captions), len(words))
-    for i, t in enumerate(tokens):
-        for w in t:
-            if w in index:
-                y[i, index[w]] = 1.0
-    return y, words
+    return presence_matrix(tokens, words), words
 
 
 def caption_presence(items: Sequence[dict], concepts: list[str]) -> Tensor:
@@ -208,8 +209,7 @@ Judge = WorldJudge | CaptionJudge
 def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Perplexity of each text under the VLM's language model alone (no image): exp of the mean
     next-token loss over the text's tokens after the first."""
-    from jsae.adapters import unwrap
-    from jsae.adapters import padding_side
+    from jsae.adapters import padding_side, unwrap
 
     hf = unwrap(model)
     tok = getattr(processor, "tokenizer", processor)

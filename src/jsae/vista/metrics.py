@@ -42,6 +42,7 @@ from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
+from jsae.correlation import presence_matrix
 from jsae.protocol.stats import bootstrap_ci
 
 
@@ -136,12 +137,7 @@ def label_from_top_examples(codes: Float[Tensor, "n_examples d_sae"], example_co
         raise ValueError(f"{codes.shape[0]} code rows for {len(example_concepts)} examples; pass one concept set per example")
     if top_n < 1 or not 0 < min_purity <= 1:
         raise ValueError(f"top_n must be >= 1 and min_purity in (0, 1], got {top_n}, {min_purity}")
-    index = {c: i for i, c in enumerate(concepts)}
-    y = torch.zeros(len(example_concepts), len(concepts))
-    for i, cs in enumerate(example_concepts):
-        for c in cs:
-            if c in index:
-                y[i, index[c]] = 1.0
+    y = presence_matrix(example_concepts, concepts)
     codes = codes.float()
     n = min(top_n, codes.shape[0])
     vals, idx = codes.topk(n, dim=0)  # [n, d]
