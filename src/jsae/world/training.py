@@ -241,12 +241,7 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
         for step, batch in enumerate(bar):
             for gr in opt.param_groups:
                 gr["lr"] = _lr(step, steps, lr)
-            loss = loss_fn(_to(batch, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            ema = _adamw_step(opt, params, loss_fn(_to(batch, device)), ema)
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{ema:.3f}")
                 history.append({"phase": label, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
@@ -390,6 +385,15 @@ def _context_batch(seed: int, step: int, n: int, tok):
     return dict(enc), labels
 
 
+def _adamw_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, ema: float | None) -> float:
+    """One optimiser step of every toy-training stage (gradient norm clipped at 1); returns the loss's running mean."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+
+
 def train_lm_context(lm, tok, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 1e-3, log=print) -> float:
     """A text-only stage for a causal LM (``*ForCausalLM``): describe a scene again after a description of it in
     context (:func:`_context_batch`), so that the LM reads what comes before a caption — the in-context use a real
@@ -405,11 +409,7 @@ def train_lm_context(lm, tok, seed: int = 0, steps: int = 300, batch_size: int =
         enc, labels = _context_batch(seed, step, batch_size, tok)
         logits = lm(**enc).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _adamw_step(opt, params, loss, ema)
         if step % 100 == 0 or step == steps - 1:
             log(f"[context] step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
     lm.eval()
