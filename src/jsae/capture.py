@@ -177,11 +177,19 @@ def _check_batch(batch: list[Any], start: int) -> None:
             raise _PairError(f"pair {i}: the caption is empty; drop the pair or give its caption")
 
 
+def _checked_pairs(pairs: Any) -> Any:
+    """``pairs`` one at a time (never all images in memory), each checked by :func:`_check_batch`."""
+    for i in range(len(pairs)):
+        pair = pairs[i]
+        _check_batch([pair], i)
+        yield pair
+
+
 def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layer_list: list[int],
                     pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, fingerprint: str | None,
                     chat_template: bool | None, prompt_template: str | None, text_positions: str, progress: bool) -> Path:
-    if fingerprint is None:  # the fingerprint reads every pair anyway: check them all before writing anything
-        _check_batch([pairs[i] for i in range(len(pairs))], 0)
+    if fingerprint is None:  # one streaming pass reads every pair: check each before writing anything, and hash it
+        fingerprint = dataset_fingerprint(_checked_pairs(pairs))
     settings = {
         "format": FORMAT,
         "model": _model_name(adapter),
@@ -191,7 +199,7 @@ def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any,
         "pooling": pooling,
         "text_positions": text_positions,
         "prompt_template": prompt_template,
-        "fingerprint": fingerprint or dataset_fingerprint(pairs),
+        "fingerprint": fingerprint,
         "total": len(pairs),
         "dtype": str(dtype).removeprefix("torch."),
         "d_in": adapter.d_in,
