@@ -181,6 +181,20 @@ class VLMAdapter(abc.ABC):
         """The module mapping vision features into the language model's embedding space (VISTA trains it)."""
 
     @property
+    def projector_modules(self) -> list[nn.Module]:
+        """Every module that maps vision features into the language model (the projector a "feature
+        alignment" stage trains with the LM and the tower frozen); the family's extra mergers included."""
+        return [unwrap(self.projector)]
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """The logit lens: the language model's final norm, then ``lm_head`` (the underlying torch modules), on
+        hidden states of any decoder layer ``[..., d]`` -> logits ``[..., vocab]``."""
+        lm = unwrap(self.language_model)
+        head = self.hf_model.lm_head
+        w = head.weight
+        return head(lm.norm(hidden.to(w.device, w.dtype)))
+
+    @property
     def d_vision(self) -> int:
         """Width of :meth:`patch_features`."""
         raise NotImplementedError(f"{type(self).__name__} does not implement d_vision")

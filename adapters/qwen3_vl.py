@@ -52,6 +52,12 @@ class Qwen3VLAdapter(VLMAdapter):
         return self.model.model.visual.merger
 
     @property
+    def projector_modules(self) -> list:
+        """The merger and the DeepStack mergers (they write image features into the LM's middle layers)."""
+        visual = unwrap(self.vision_tower)
+        return [visual.merger, *list(getattr(visual, "deepstack_merger_list", []))]
+
+    @property
     def _merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 

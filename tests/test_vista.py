@@ -580,19 +580,3 @@ def test_world_run_end_to_end_small(tmp_path):
         assert section in report
 
 
-def test_text_only_context_stage():
-    """The optional text-only stage of the toy LM: the loss covers the second description only, and it trains."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from jsae.world.training import _context_batch, part_dir, train_lm_context
-
-    tok = AutoTokenizer.from_pretrained(str(part_dir("lm")), local_files_only=True)
-    enc, labels = _context_batch(0, 0, 4, tok)
-    for ids, lab in zip(enc["input_ids"], labels):
-        words = tok.convert_ids_to_tokens(ids.tolist())
-        first_end = words.index("</s>")
-        assert (lab[: first_end + 1] == -100).all() and (lab[first_end + 1:] != -100).any()
-    lm = AutoModelForCausalLM.from_pretrained(str(part_dir("lm")), local_files_only=True, dtype=torch.float32)
-    w = lm.lm_head.weight.detach().clone()
-    loss = train_lm_context(lm, tok, steps=2, batch_size=4, log=lambda *_: None)
-    assert np.isfinite(loss) and not torch.equal(w, lm.lm_head.weight)

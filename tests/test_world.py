@@ -209,23 +209,70 @@ def test_processor_round_trip(tmp_path, family):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_training_smoke_and_loading_a_trained_directory(tmp_path, name):
-    from jsae.world.training import TrainConfig, train_toy_vlm
-
-    cfg = TrainConfig(lm_steps=1, vision_steps=1, vlm_steps=2, qa_steps=0, cqa_steps=1, batch_size=4, size="tiny",
-                      eval_n=0, checkpoint_every=0)
-    _, _, summary = train_toy_vlm(name, tmp_path / "a", cfg, workers=0, progress=False, log=lambda *_: None)
-    assert set(summary["seconds"]) >= {"lm", "vision", "vlm", "cqa"}
-    # deterministic: a second run with the same seed gives the same weights
-    train_toy_vlm(name, tmp_path / "again", cfg, workers=0, progress=False, log=lambda *_: None)
+    """The LLaVA recipe on a tiny model: every stage runs, frozen parameters stay bit-identical through the stages
+    that freeze them, and a second run with the same seed gives the same weights."""
     from safetensors.torch import load_file
 
+    from jsae.adapters import for_model
+    from jsae.world.training import STAGES, TrainConfig, train_toy_vlm
+
+    cfg = TrainConfig(text_steps=2, vision_steps=2, align_steps=2, finetune_steps=4, finetune_text_every=2,
+                      batch_size=4, size="tiny", eval_n=0)
+    model, _, summary = train_toy_vlm(name, tmp_path / "a", cfg, workers=0, progress=False, log=lambda *_: None,
+                                      keep_stages=True)
+    assert list(summary["seconds"]) == list(STAGES) and all(v > 0 for v in summary["seconds"].values())
+    w = {st: dict(load_toy_hf(name, directory=tmp_path / f"a.stage-{st}")[0].named_parameters()) for st in STAGES}
+    adapter = for_model(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    group = lambda params: {names[id(p)] for p in params}  # noqa: E731
+    lm = group(list(adapter.language_model.parameters()) + list(model.lm_head.parameters()))
+    proj = group(p for m in adapter.projector_modules for p in m.parameters())
+    tower = group(adapter.vision_tower.parameters()) - proj
+    same = lambda a, b, keys: all(torch.equal(w[a][k], w[b][k]) for k in keys)  # noqa: E731
+    changed = lambda a, b, keys: any(not torch.equal(w[a][k], w[b][k]) for k in keys)  # noqa: E731
+    assert same("text_pretraining", "vision_pretraining", lm)  # the LM is frozen in vision pretraining ...
+    assert same("vision_pretraining", "feature_alignment", lm | tower)  # ... and with the tower in feature alignment
+    assert same("feature_alignment", "finetuning", tower)  # the tower stays frozen in fine-tuning
+    assert changed("vision_pretraining", "feature_alignment", proj)  # the projector alone learns in alignment
+    assert changed("feature_alignment", "finetuning", lm) and changed("feature_alignment", "finetuning", proj)
+    assert changed("text_pretraining", "vision_pretraining", tower)
+    # deterministic: a second run with the same seed gives the same weights
+    train_toy_vlm(name, tmp_path / "again", cfg, workers=0, progress=False, log=lambda *_: None)
     w1, w2 = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not (tmp_path / "again.stage-finetuning").exists()  # stage states are dropped once the run completes
     model, proc = load_toy_hf(name, directory=tmp_path / "a")
     assert model.config.text_config.num_hidden_layers == 2
     enc = proc(images=[generate_scene(0).image], text=[caption_prompt(name, proc)], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     assert out.shape[1] <= enc["input_ids"].shape[1] + 3
+
+
+def test_word_pictures_write_every_object_where_it_is():
+    """A word picture has one word per image token, names each object's type and colour on the patches it covers
+    (both, always), ``nothing`` elsewhere; text pretraining puts it where the image placeholder stands."""
+    import numpy as np
+
+    from jsae.world.grammar import NOTHING, word_picture
+    from jsae.world.training import PICTURE_GRID, PICTURE_MIN_FRACTION, picture_prompt, text_batch
+
+    for seed in range(30):
+        s = generate_scene(seed)
+        words = word_picture(s, np.random.default_rng(seed), PICTURE_GRID, noise=0.0, min_fraction=PICTURE_MIN_FRACTION)
+        owner = s.patch_owner(PICTURE_GRID, PICTURE_MIN_FRACTION)
+        assert len(words) == PICTURE_GRID ** 2
+        for k, o in enumerate(s.objects):
+            mine = [w for w, ow in zip(words, owner) if ow == k]
+            assert set(mine) == {o.name, o.color}  # both words of every object, nothing else on its patches
+        assert all(w == NOTHING for w, ow in zip(words, owner) if ow < 0)
+    tok = build_tokenizer()
+    for name in MODEL_NAMES:
+        proc = build_processor(name, tok)
+        prompt = picture_prompt(name, proc, ["cat"] * 36)
+        assert proc.image_token not in prompt and prompt.count("cat") == 36
+        enc, labels = text_batch(name, proc, [generate_scene(i) for i in range(8)], np.random.default_rng(0))
+        assert tok.unk_token_id not in enc["input_ids"]  # every word of the corpus is in the vocabulary
+        assert torch.equal(labels != -100, enc["attention_mask"] == 1)  # loss on every token, as an LM is pretrained
 
 
 def test_describe_then_answer_batches_keep_the_caption_loss():

@@ -83,6 +83,32 @@ def _resolve_dtype(dtype: Any) -> Any:
     raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
 
 
+def _toy_directory(path: Any) -> str | None:
+    """The toy model's name when ``path`` is a directory that ``jsae world train-models`` wrote (its
+    ``training.json`` names the model and its processor is the world's), else None."""
+    import json
+
+    from jsae.world.models import MODEL_NAMES
+
+    from jsae.world.models import TOY_MODELS
+
+    def read(fname: str) -> dict:
+        try:
+            with open(os.path.join(str(path), fname)) as fh:
+                out = json.load(fh)
+            return out if isinstance(out, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    name = read("training.json").get("name")
+    if name in MODEL_NAMES:
+        return name
+    # a processor only the world defines (transformers' AutoProcessor cannot load it)
+    cls = read("processor_config.json").get("processor_class")
+    return next((k for k, spec in TOY_MODELS.items() if spec.processor_class.__module__.startswith("jsae.")
+                 and spec.processor_class.__name__ == cls), None)
+
+
 def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, device: Any = None, remote: bool = False,
              revision: str | None = None, **kwargs: Any) -> VLM:
     """Load ``name_or_path`` (a shipped toy model's name, a hub id or a local directory): returns
@@ -108,6 +134,14 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
 
         hf, processor = load_toy_hf(name_or_path, dtype=torch.float32 if dtype in (None, "auto") else dtype,
                                     device=device or (device_map if isinstance(device_map, (str, torch.device)) else "cpu"))
+        model = NNsight(hf)
+        return VLM(model, processor, for_model(model))
+    toy = _toy_directory(name_or_path)
+    if toy is not None:  # a toy model's directory (an older world, a retrained one): the world's own processor
+        from nnsight import NNsight
+
+        hf, processor = load_toy_hf(toy, dtype=torch.float32 if dtype in (None, "auto") else dtype,
+                                    device=device or "cpu", directory=name_or_path)
         model = NNsight(hf)
         return VLM(model, processor, for_model(model))
     common = dict(revision=revision, trust_remote_code=False)

@@ -67,33 +67,33 @@ def train_models(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
                  out: Optional[Path] = typer.Option(None, help="parent directory (default: the package's shipped models dir)"),
                  seed: int = typer.Option(0, min=0, help="training seed"),
                  device: str = typer.Option("cpu", help="torch device (cpu, cuda)"),
-                 threads: int = typer.Option(2, min=1, help="torch CPU threads"),
+                 threads: int = typer.Option(1, min=1, help="torch CPU threads"),
                  workers: Optional[int] = typer.Option(None, min=0, help="data worker processes (default: cores-1, at most 4)"),
-                 lm_steps: Optional[int] = typer.Option(None, min=0), vision_steps: Optional[int] = typer.Option(None, min=0),
-                 vlm_steps: Optional[int] = typer.Option(None, min=0), qa_steps: Optional[int] = typer.Option(None, min=0),
-                 cqa_steps: Optional[int] = typer.Option(None, min=0),
-                 tqa_steps: Optional[int] = typer.Option(None, min=0),
-                 checkpoint_every: Optional[int] = typer.Option(None, min=0),
-                 init_from: Optional[Path] = typer.Option(None, help="start from these saved weights instead of scratch"),
+                 text_steps: Optional[int] = typer.Option(None, min=0, help="text pretraining steps (the LM alone)"),
+                 vision_steps: Optional[int] = typer.Option(None, min=0, help="vision pretraining steps (the tower alone)"),
+                 align_steps: Optional[int] = typer.Option(None, min=0, help="feature alignment steps (the projector alone)"),
+                 finetune_steps: Optional[int] = typer.Option(None, min=0, help="fine-tuning steps (projector + LM)"),
+                 init_from: Optional[Path] = typer.Option(None, help="start from these saved weights instead of scratch (e.g. <out>/<model>.stage-vision_pretraining with --text-steps 0 --vision-steps 0)"),
                  batch_size: Optional[int] = typer.Option(None, min=1),
                  size: str = typer.Option("default", help="default | tiny (smoke tests)"),
-                 eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated at the end")) -> None:
-    """Train the toy VLMs from scratch (deterministic for a seed).
+                 eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated after text pretraining and at the end")) -> None:
+    """Train the toy VLMs the way LLaVA is trained (deterministic for a seed and thread count): text pretraining
+    of the LM, vision pretraining of the tower, feature alignment (projector alone), fine-tuning (projector + LM).
 
     Writes weights, config, tokenizer and processor to <out>/<model> (default: inside the installed package,
-    so `jsae.load_vlm` finds them)."""
+    so `jsae.load_vlm` finds them); for the toy LLaVA also the text-only LM and the pre-VLM tower VISTA composes."""
     from jsae.world.models import MODELS_DIR
     from jsae.world.training import default_config, train_toy_vlm
 
     if size not in ("default", "tiny"):
         fail(f"unknown size {size!r}; choose default or tiny")
     for name in _models(model):
-        cfg = default_config(name, seed=seed, lm_steps=lm_steps, vision_steps=vision_steps, vlm_steps=vlm_steps,
-                             qa_steps=qa_steps, cqa_steps=cqa_steps, tqa_steps=tqa_steps, checkpoint_every=checkpoint_every, batch_size=batch_size, size=size, eval_n=eval_n)
+        cfg = default_config(name, seed=seed, text_steps=text_steps, vision_steps=vision_steps, align_steps=align_steps,
+                             finetune_steps=finetune_steps, batch_size=batch_size, size=size, eval_n=eval_n)
         target = (out or MODELS_DIR) / name
         _, _, summary = train_toy_vlm(name, target, cfg, device=device, threads=threads, workers=workers,
-                                      log=typer.echo, init_from=init_from)
-        typer.echo(json.dumps({k: summary[k] for k in ("name", "seconds", "total_seconds")} |
+                                      log=typer.echo, init_from=init_from, parts_dir=out or MODELS_DIR)
+        typer.echo(json.dumps({k: summary[k] for k in ("name", "seconds", "total_seconds", "gauges")} |
                               {"validation": summary.get("validation")}))
 
 
@@ -112,6 +112,43 @@ def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
         except (FileNotFoundError, RuntimeError) as e:
             fail(str(e))
         typer.echo(json.dumps({"model": name} | evaluate(m, p, name, n=n)))
+
+
+@world_app.command("fidelity")
+def fidelity_cmd(model: str = typer.Option(..., help="toy model name (llava | qwen3-vl-moe) or a model directory"),
+                 out: Optional[Path] = typer.Option(None, help="write the full result here (JSON)"),
+                 n_images: int = typer.Option(300, min=10, help="validation scenes read for the logit lens and the oracles"),
+                 n_steer: int = typer.Option(8, min=1, help="images per type steered by each oracle"),
+                 n_captions: int = typer.Option(300, min=0, help="test scenes captioned for caption quality (0: skip)"),
+                 steering: bool = typer.Option(True, "--steering/--no-steering", help="measure the oracles' r50 (the slow part)"),
+                 write_quality: bool = typer.Option(False, "--write-quality", help="record the result in the model directory's quality.json (key 'fidelity')"),
+                 threads: int = typer.Option(1, min=1, help="torch CPU threads")) -> None:
+    """Can this world answer the JSAE paper's question? Logit lens at single-object image tokens, image vs text
+    oracle (cosine; r50 at image and generated tokens), caption quality; per layer, with intervals over images."""
+    import torch
+
+    from jsae.files import write_json
+    from jsae.protocol.fidelity import fidelity_table, world_fidelity
+    from jsae.world.models import MODEL_NAMES, model_dir
+
+    if model not in MODEL_NAMES and not Path(model).is_dir():
+        fail(f"--model {model!r} is neither a toy model ({', '.join(MODEL_NAMES)}) nor a model directory; pass one of those")
+    if out is not None and out.is_dir():
+        fail(f"--out {out} is a directory; pass a file name such as {out / 'fidelity.json'}")
+    torch.set_num_threads(threads)
+    result = world_fidelity(model, n_images=n_images, n_steer=n_steer, n_captions=n_captions, steering=steering)
+    typer.echo(fidelity_table(result))
+    typer.echo(json.dumps(result["summary"]))
+    if out is not None:
+        write_json(out, result)
+        typer.echo(f"wrote {out}")
+    if write_quality:
+        d = model_dir(model) if model in MODEL_NAMES else Path(model)
+        q_path = d / "quality.json"
+        q = json.loads(q_path.read_text()) if q_path.is_file() else {}
+        q["fidelity"] = result
+        write_json(q_path, q)
+        typer.echo(f"recorded in {q_path}")
 
 
 @world_app.command("info")

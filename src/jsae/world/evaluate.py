@@ -78,6 +78,8 @@ def score_caption(text: str, objects: list) -> dict:
     found = grammar.parse_caption(text)
     names = {o.name for o in objects}
     correct = 0
+    named = {f["name"] for f in found}
+    types_named = sum(o.name in named for o in objects)
     for o in objects:
         ok = any(f["name"] == o.name and f["color"] == o.color and f["position"] in (None, o.position) for f in found)
         correct += ok
@@ -86,7 +88,7 @@ def score_caption(text: str, objects: list) -> dict:
     full = correct == len(objects) and len(found) == len(objects) and all(
         any(f["name"] == o.name and f["color"] == o.color and f["size"] == o.size and f["position"] == o.position
             for f in found) for o in objects)
-    return {"correct": correct, "total": len(objects), "hallucinated": halluc, "hallucinated_strict": strict,
+    return {"correct": correct, "types_named": types_named, "total": len(objects), "hallucinated": halluc, "hallucinated_strict": strict,
             "exact_all_attributes": full}
 
 
@@ -97,6 +99,7 @@ def evaluate(model, processor, name: str, n: int = 500, split: str = "test", see
     was_training = model.training
     model.eval()
     items = list(iter_world(split, n, seed))
+    types_ok = 0
     obj_ok = obj_tot = no_hall = no_hall_strict = exact = eos = 0
     qa_ok = qa_direct_ok = qa_tot = 0
     shown: list[dict] = []
@@ -107,6 +110,7 @@ def evaluate(model, processor, name: str, n: int = 500, split: str = "test", see
         for s, c, e in zip(scenes, caps, ended):
             r = score_caption(c, s.objects)
             obj_ok += r["correct"]
+            types_ok += r["types_named"]
             obj_tot += r["total"]
             no_hall += not r["hallucinated"]
             no_hall_strict += not r["hallucinated_strict"]
@@ -129,7 +133,7 @@ def evaluate(model, processor, name: str, n: int = 500, split: str = "test", see
             qa_tot += 1
     if was_training:
         model.train()
-    res = {"n_images": n, "object_accuracy": round(obj_ok / obj_tot, 4),
+    res = {"n_images": n, "object_accuracy": round(obj_ok / obj_tot, 4), "type_recall": round(types_ok / obj_tot, 4),
            "no_hallucination": round(no_hall / n, 4), "no_hallucination_strict": round(no_hall_strict / n, 4),
            "captions_exact": round(exact / n, 4), "captions_ending_with_eos": round(eos / n, 4),
            "qa_accuracy": round(qa_ok / max(1, qa_tot), 4),

@@ -59,6 +59,32 @@ def caption(objects: list[SceneObject], template: int = 0) -> str:
     raise ValueError(f"template must be in [0, {N_TEMPLATES - 1}], got {template}")
 
 
+#: what a patch that shows no object is called in a word picture
+NOTHING = "nothing"
+
+
+def word_picture(scene: Scene, rng: np.random.Generator, grid: int = 6, noise: float = 0.02,
+                 min_fraction: float = 0.1) -> list[str]:
+    """A scene written out in words, one word per patch of a ``grid × grid`` grid in reading order (the order of
+    a VLM's image tokens): for a patch that shows an object (:meth:`Scene.patch_owner`), its type or its colour
+    (each object's patches alternate between the two from a random start, so both are always written), else
+    ``nothing``; a ``noise`` share of the object words is replaced by a random type or colour word.
+
+    This is the world's text that lets a text-only language model learn to read a picture from words — what a
+    real LLM has read in its pretraining corpus before a projector learns to write image tokens into it."""
+    owner = scene.patch_owner(grid, min_fraction)
+    vocab = list(TYPES) + list(COLORS)
+    words = [NOTHING] * len(owner)
+    for k, o in enumerate(scene.objects):
+        patches = np.flatnonzero(owner == k)
+        start = int(rng.integers(2))
+        for j, p in enumerate(rng.permutation(patches)):
+            words[int(p)] = (o.name, o.color)[(j + start) % 2]
+            if noise and rng.random() < noise:
+                words[int(p)] = vocab[int(rng.integers(len(vocab)))]
+    return words
+
+
 def all_captions(scene: Scene) -> list[str]:
     return [caption(scene.objects, t) for t in range(N_TEMPLATES)]
 

@@ -84,11 +84,11 @@ TOY_MODELS: dict[str, ToyModelSpec] = {
     "llava": ToyModelSpec(
         config=_llava_config, model_class="LlavaForConditionalGeneration",
         processor_builder=build_llava_processor, processor_class=LlavaProcessor,
-        train_steps=dict(lm_steps=300, vision_steps=1200, vlm_steps=1100, qa_steps=0, cqa_steps=1000)),
+        train_steps=dict(text_steps=3000, vision_steps=1200, align_steps=800, finetune_steps=1200)),
     "qwen3-vl-moe": ToyModelSpec(
         config=_qwen3_vl_moe_config, model_class="Qwen3VLMoeForConditionalGeneration",
         processor_builder=lambda tok, size: build_qwen_processor(tok, size, chat_template="world"), processor_class=ToyQwen3VLProcessor,
-        train_steps=dict(lm_steps=200, vision_steps=500, vlm_steps=650, qa_steps=0, cqa_steps=450)),
+        train_steps=dict(text_steps=3000, vision_steps=600, align_steps=600, finetune_steps=800)),
 }
 MODEL_NAMES = tuple(TOY_MODELS)
 

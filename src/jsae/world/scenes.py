@@ -116,6 +116,21 @@ class Scene:
         m = self.objects[index].pixel_mask.reshape(grid, p, grid, p).sum(axis=(1, 3))
         return m >= min_pixels
 
+    def patch_owner(self, grid: int | None = None, min_fraction: float = 0.25) -> np.ndarray:
+        """The object each patch of a ``grid × grid`` grid shows, row-major (``-1``: none): the object with the
+        most pixels in the patch when it covers at least ``min_fraction`` of it (later objects are drawn on top,
+        so the pixel masks are exact)."""
+        grid = grid or self.config.grid
+        s = self.config.image_size
+        if s % grid:
+            raise ValueError(f"grid {grid} does not divide image size {s}")
+        p = s // grid
+        if not self.objects:
+            return np.full(grid * grid, -1, dtype=np.int64)
+        counts = np.stack([o.pixel_mask.reshape(grid, p, grid, p).sum(axis=(1, 3)).reshape(-1) for o in self.objects])
+        owner = counts.argmax(0)
+        return np.where(counts.max(0) >= min_fraction * p * p, owner, -1).astype(np.int64)
+
 
 def check_seed(seed) -> int:
     """Seeds must be plain integers (not bool, float or str)."""

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,35 +50,47 @@ from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
 
 
+#: the recipe's stages, in order, named as the LLaVA papers name them
+STAGES = ("text_pretraining", "vision_pretraining", "feature_alignment", "finetuning")
+
+#: text pretraining's corpus: the share of each kind of text (drawn per sample)
+TEXT_MIX = {"picture_caption": 0.45, "picture_qa": 0.2, "caption": 0.2, "caption_qa": 0.15}
+
+
 @dataclass
 class TrainConfig:
+    """Step counts and learning rates of the four stages (:data:`STAGES`); a stage with 0 steps is skipped."""
+
     seed: int = 0
-    lm_steps: int = 400
-    vision_steps: int = 1500
-    vlm_steps: int = 2500
-    qa_steps: int = 1500
-    cqa_steps: int = 0
-    tqa_steps: int = 0
-    tqa_lr: float = 3e-4
+    text_steps: int = 3000
+    vision_steps: int = 1200
+    align_steps: int = 800
+    finetune_steps: int = 1200
     batch_size: int = 32
-    lm_lr: float = 2e-3
+    text_lr: float = 2e-3
     vision_lr: float = 2e-3
-    vlm_lr: float = 1e-3
-    qa_fraction: float = 0.4
-    qa_phase_fraction: float = 0.75
-    qa_lr: float = 5e-4
-    cqa_fraction: float = 0.75
-    cqa_lr: float = 1e-3
+    align_lr: float = 2e-3
+    finetune_lr: float = 5e-4
+    #: fine-tuning: share of describe-then-answer samples (the rest are captions of every template)
+    finetune_qa_fraction: float = 0.5
+    #: fine-tuning: every n-th step is a text-only batch of the pretraining corpus (as LLaVA-1.5 mixes in
+    #: text-only conversations); 0 = never
+    finetune_text_every: int = 4
     size: str = "default"
     checkpoint_every: int = 400
     eval_n: int = 100
 
     def __post_init__(self):
         check_seed(self.seed)
-        for k in ("lm_steps", "vision_steps", "vlm_steps", "qa_steps", "cqa_steps", "tqa_steps", "batch_size", "checkpoint_every", "eval_n"):
+        for k in ("text_steps", "vision_steps", "align_steps", "finetune_steps", "batch_size", "checkpoint_every",
+                  "eval_n", "finetune_text_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.finetune_qa_fraction <= 1.0:
+            raise ValueError(f"finetune_qa_fraction must be in [0, 1], got {self.finetune_qa_fraction}")
 
 
 #: default step counts per model (deterministic; from ``jsae.world.models.TOY_MODELS``, where the measured
@@ -131,28 +143,34 @@ def build_batch(name: str, processor, scenes, targets: list[tuple[str, str]], pr
     return dict(enc), labels
 
 
-class CellHeads(nn.Module):
-    """Per cell of the 2×2 position grid: type (or none), colour, size."""
+class VisionHeads(nn.Module):
+    """Linear heads on the vision tower's tokens: per patch, the type (or none) and colour of the object it shows
+    (:meth:`~jsae.world.scenes.Scene.patch_owner`); per cell of the 2×2 position grid, type, colour and size."""
 
     def __init__(self, d: int):
         super().__init__()
         self.kind = nn.Linear(d, len(TYPES) + 1)
         self.color = nn.Linear(d, len(COLORS))
         self.size = nn.Linear(d, len(SIZES))
+        self.patch_kind = nn.Linear(d, len(TYPES) + 1)
+        self.patch_color = nn.Linear(d, len(COLORS))
 
     def forward(self, tokens: Float[torch.Tensor, "batch tokens d"]):
         b, n, d = tokens.shape
         g = int(round(n ** 0.5))
         h = g // 2
         cells = tokens.view(b, 2, h, 2, h, d).mean(dim=(2, 4)).reshape(b, 4, d)
-        return self.kind(cells), self.color(cells), self.size(cells)
+        return (self.kind(cells), self.color(cells), self.size(cells), self.patch_kind(tokens),
+                self.patch_color(tokens))
 
 
-def _cell_labels(scenes):
+def _vision_labels(scenes, grid: int):
     b = len(scenes)
     ty = torch.zeros(b, 4, dtype=torch.long)
     co = torch.full((b, 4), -100, dtype=torch.long)
     si = torch.full((b, 4), -100, dtype=torch.long)
+    pty = torch.zeros(b, grid * grid, dtype=torch.long)
+    pco = torch.full((b, grid * grid), -100, dtype=torch.long)
     cl = list(COLORS)
     for i, s in enumerate(scenes):
         for o in s.objects:
@@ -160,16 +178,86 @@ def _cell_labels(scenes):
             ty[i, c] = TYPES.index(o.name) + 1
             co[i, c] = cl.index(o.color)
             si[i, c] = SIZES.index(o.size)
-    return ty, co, si
+        owner = s.patch_owner(grid, PICTURE_MIN_FRACTION)
+        for k, o in enumerate(s.objects):
+            pty[i, torch.from_numpy(owner == k)] = TYPES.index(o.name) + 1
+            pco[i, torch.from_numpy(owner == k)] = cl.index(o.color)
+    return ty, co, si, pty, pco
 
 
-def _lm_batch(scenes, tok, rng):
-    texts = [grammar.caption(s.objects, int(rng.integers(grammar.N_TEMPLATES))) + " </s>" for s in scenes]
+#: a patch shows an object in a word picture (and for the vision tower's patch heads) when the object covers at
+#: least this share of it (every object then covers two patches or more)
+PICTURE_MIN_FRACTION = 0.1
+#: the side of the image-token grid of both toy models (48 px: LLaVA's 8-px patches; Qwen's 4-px patches merged 2×2)
+PICTURE_GRID = 6
+
+
+def picture_prompt(name: str, processor, words: list[str]) -> str:
+    """The captioning prompt of toy model ``name`` with its image written out in words (one word per image
+    token) where the image placeholder stands: what the text-only language model reads in pretraining."""
+    return caption_prompt(name, processor).replace(processor.image_token, " ".join(words), 1)
+
+
+def _text_sample(name: str, processor, scene, rng: np.random.Generator) -> str:
+    kinds = list(TEXT_MIX)
+    kind = kinds[int(rng.choice(len(kinds), p=np.array(list(TEXT_MIX.values())) / sum(TEXT_MIX.values())))]
+    cap = grammar.caption(scene.objects, int(rng.integers(grammar.N_TEMPLATES)))
+    if kind.endswith("_qa"):
+        q, a = grammar.sample_questions(scene, 1, rng)[0]
+        body = f"{describe_prompt(cap, q)} {a}"
+    else:
+        body = cap
+    if kind.startswith("picture"):
+        words = grammar.word_picture(scene, rng, PICTURE_GRID, min_fraction=PICTURE_MIN_FRACTION)
+        return f"{picture_prompt(name, processor, words)} {body} </s>"
+    return f"{body} </s>"
+
+
+def text_batch(name: str, processor, scenes, rng: np.random.Generator):
+    """A batch of the text pretraining corpus (:data:`TEXT_MIX`): pictures written in words then their caption
+    (or caption, question and answer), plain captions of every template, captions then a question and its
+    answer. Loss on every token, as a language model is pretrained."""
+    tok = processor.tokenizer
+    texts = [_text_sample(name, processor, s, rng) for s in scenes]
     with padding_side(tok, "right"):
         enc = tok(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
     return dict(enc), labels
+
+
+@torch.no_grad()
+def read_pictures(model, processor, name: str, n: int = 100, split: str = "validation", seed: int = 0,
+                  batch_size: int = 50) -> dict:
+    """How well the language model alone (no image) captions a picture written in words in its context: greedy
+    captions after :func:`picture_prompt` of ``n`` held-out scenes, scored like image captions (object accuracy:
+    type and colour (and position when given) of every object; exact captions; hallucination)."""
+    from jsae.world.data import iter_world
+    from jsae.world.evaluate import score_caption
+
+    tok = processor.tokenizer
+    scenes = [s for s, _ in iter_world(split, n, seed)]
+    rng = np.random.default_rng([seed, 99])
+    dev = next(model.parameters()).device
+    ok = tot = exact = halluc = 0
+    for i in range(0, n, batch_size):
+        chunk = scenes[i:i + batch_size]
+        prompts = [picture_prompt(name, processor, grammar.word_picture(s, rng, PICTURE_GRID, noise=0.0,
+                                                                        min_fraction=PICTURE_MIN_FRACTION))
+                   for s in chunk]
+        with padding_side(tok, "left"):
+            enc = tok(prompts, return_tensors="pt", padding=True)
+        out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                             max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        for s, text in zip(chunk, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            r = score_caption(text, s.objects)
+            ok += r["correct"]
+            tot += r["total"]
+            exact += r["exact_all_attributes"]
+            halluc += r["hallucinated"]
+    return {"n_scenes": n, "object_accuracy": round(ok / tot, 4), "captions_exact": round(exact / n, 4),
+            "hallucinated": round(halluc / n, 4)}
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -203,12 +291,50 @@ def _to(x, device):
     return x
 
 
+def stage_parameters(model, stage: str) -> list[nn.Parameter]:
+    """The parameters a stage trains (every other parameter is frozen in it): the language model and ``lm_head``
+    in text pretraining, the vision tower in vision pretraining, the projector(s) alone in feature alignment,
+    projector(s) + language model in fine-tuning (the tower stays frozen, as in LLaVA)."""
+    adapter = for_model(model)
+    lm = list(adapter.language_model.parameters()) + list(model.lm_head.parameters())
+    proj = [p for m in adapter.projector_modules for p in m.parameters()]
+    if stage == "text_pretraining":
+        return lm
+    if stage == "vision_pretraining":  # (Qwen's merger is on the path of its patch features)
+        return list(adapter.vision_tower.parameters())
+    if stage == "feature_alignment":
+        return proj
+    if stage == "finetuning":
+        return proj + lm
+    raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
+
+
+def _freeze_all_but(model, params) -> None:
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
 def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig | None = None,
                   device: str = "cpu", threads: int | None = 2, workers: int | None = None, log=print,
-                  progress: bool = True, init_from: str | Path | None = None):
-    """Train toy model ``name`` from scratch and save it to ``out_dir`` (default: the shipped directory).
+                  progress: bool = True, init_from: str | Path | None = None, parts_dir: str | Path | None = None,
+                  keep_stages: bool = False):
+    """Train toy model ``name`` with the LLaVA recipe and save it to ``out_dir`` (default: the shipped directory).
 
-    Returns ``(model, processor, summary)``; ``summary`` holds phase timings and a validation evaluation.
+    Stages (:data:`STAGES`; one with 0 steps is skipped, so ``init_from`` + zero steps resumes a later stage):
+
+    1. **text pretraining** of the language model on the world's text (:func:`text_batch`): pictures written in
+       words then captions and describe-then-answer QA, plain captions of every template, captions then QA;
+       gauged by :func:`read_pictures` (the LM captions a picture in its context).
+    2. **vision pretraining** of the tower on the generator's labels (per patch and per cell).
+    3. **feature alignment**: the projector alone, LM and tower frozen, on captions of every template.
+    4. **fine-tuning**: projector + LM (tower frozen) on captions and describe-then-answer QA, every
+       ``finetune_text_every``-th step a text-pretraining batch.
+
+    With ``parts_dir`` the text-only LM and the pre-VLM tower (after stages 1–2) are saved there as well
+    (:func:`save_parts`, the parts VISTA composes; the toy LLaVA only).  Every stage's end state is kept (fp32)
+    in ``<out_dir>.stage-<stage>`` until the run completes (``keep_stages``: kept after it).  Returns ``(model, processor, summary)``;
+    ``summary`` holds per-stage timings, losses and validation gauges.
     """
     _check_name(name)
     cfg = cfg or default_config(name)
@@ -218,25 +344,29 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     processor = build_processor(name, tok)
-    if init_from is not None:  # continue from saved weights (e.g. run only the later phases)
+    if init_from is not None:  # continue from saved weights (e.g. run only the later stages)
         model = model_class(name).from_pretrained(str(check_weights(name, init_from)), local_files_only=True,
                                                   use_safetensors=True, dtype=torch.float32).to(device)
     else:
         model = build_model(name, tok, cfg.size, cfg.seed).to(device)
     model.train()
+    adapter = for_model(model)
     times: dict[str, float] = {}
     history: list[dict] = []
+    gauges: dict[str, dict] = {}
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
 
-    def run_phase(label, steps, params, lr, make_batch, loss_fn):
+    def run_stage(stage, steps, lr, make_batch, loss_fn, extra=()):
         if steps == 0:
-            times[label] = 0.0
+            times[stage] = 0.0
             return
+        params = stage_parameters(model, stage) + list(extra)
+        _freeze_all_but(model, params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         t0 = time.time()
-        loader = _loader(make_batch, steps, workers)
-        bar = tqdm(loader, total=steps, desc=f"{name}: {label}", disable=not progress, mininterval=5)
+        bar = tqdm(_loader(make_batch, steps, workers), total=steps, desc=f"{name}: {stage}", disable=not progress,
+                   mininterval=5)
         ema = None
         for step, batch in enumerate(bar):
             for gr in opt.param_groups:
@@ -244,24 +374,19 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
             ema = _adamw_step(opt, params, loss_fn(_to(batch, device)), ema)
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{ema:.3f}")
-                history.append({"phase": label, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
+                history.append({"stage": stage, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
             if step % 500 == 0 and not progress:
-                log(f"[{name}] {label} step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
-            if label in ("vlm", "qa", "cqa", "tqa") and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-                model.eval()
-                save_toy_vlm(model, processor, out_dir.with_name(out_dir.name + ".checkpoint"),
-                             {"name": name, "phase": label, "step": step + 1, "config": asdict(cfg)})
-                model.train()
-                log(f"[{name}] checkpoint at {label} step {step + 1} ({time.time() - t0:.0f}s), loss {ema:.3f}")
-        times[label] = time.time() - t0
-        log(f"[{name}] {label}: {steps} steps in {times[label]:.0f}s, final loss {ema:.3f}")
+                log(f"[{name}] {stage} step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
+        times[stage] = time.time() - t0
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        save_toy_vlm(model, processor, out_dir.with_name(f"{out_dir.name}.stage-{stage}"),
+                     {"name": name, "stage": stage, "config": asdict(cfg)}, dtype=torch.float32)
+        model.train()
+        log(f"[{name}] {stage}: {steps} steps in {times[stage]:.0f}s, final loss {ema:.3f}")
 
-    # 1. language model on captions as plain text
-    lm = model.model.language_model
-
-    def lm_batch(step):
-        scenes = _scenes(cfg.seed, 1, step, cfg.batch_size)
-        return _lm_batch(scenes, tok, np.random.default_rng([cfg.seed, 1, step]))
+    lm = adapter.language_model
 
     def lm_loss(batch):
         enc, labels = batch
@@ -269,82 +394,76 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
         logits = model.lm_head(h)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
-    run_phase("lm", cfg.lm_steps, list(lm.parameters()) + list(model.lm_head.parameters()), cfg.lm_lr, lm_batch,
-              lm_loss)
+    # 1. text pretraining
+    def text_make(step, stage_id=1):
+        scenes = _scenes(cfg.seed, stage_id, step, cfg.batch_size)
+        return text_batch(name, processor, scenes, np.random.default_rng([cfg.seed, stage_id, step]))
+
+    run_stage("text_pretraining", cfg.text_steps, cfg.text_lr, text_make, lm_loss)
+    if cfg.text_steps and cfg.eval_n:
+        model.eval()
+        gauges["text_pretraining"] = read_pictures(model, processor, name, n=cfg.eval_n, seed=cfg.seed)
+        model.train()
+        log(f"[{name}] text pretraining: the LM reads pictures in words: {json.dumps(gauges['text_pretraining'])}")
 
     # 2. vision pretraining on the generator's labels (the adapter's patch features: one per image token)
-    adapter = for_model(model)
-    vt = adapter.vision_tower
-    heads = CellHeads(adapter.d_vision).to(device)
+    heads = VisionHeads(adapter.d_vision).to(device)
 
     def vision_batch(step):
         scenes = _scenes(cfg.seed, 2, step, cfg.batch_size)
         enc = dict(processor.image_processor([s.image for s in scenes], return_tensors="pt"))
-        return enc, _cell_labels(scenes)
+        return enc, _vision_labels(scenes, PICTURE_GRID)
 
     def vision_loss(batch):
-        enc, (ty, co, si) = batch
-        t, c, s = heads(adapter.patch_features(enc))
-        return (F.cross_entropy(t.flatten(0, 1), ty.flatten()) + F.cross_entropy(c.flatten(0, 1), co.flatten())
-                + F.cross_entropy(s.flatten(0, 1), si.flatten()))
+        enc, labels = batch
+        outs = heads(adapter.patch_features(enc))
+        return sum(F.cross_entropy(o.flatten(0, 1), y.flatten()) for o, y in zip(outs, labels))
 
-    run_phase("vision", cfg.vision_steps, list(vt.parameters()) + list(heads.parameters()), cfg.vision_lr,
-              vision_batch, vision_loss)
+    run_stage("vision_pretraining", cfg.vision_steps, cfg.vision_lr, vision_batch, vision_loss,
+              extra=list(heads.parameters()))
+    if parts_dir is not None and name == "llava":
+        save_parts(model, processor, parts_dir, {"stages": list(STAGES[:2]), "config": asdict(cfg),
+                                                 "seconds": {k: round(v, 1) for k, v in times.items()},
+                                                 "text_pretraining_gauge": gauges.get("text_pretraining")})
 
-    # 3. whole VLM: captioning + QA
-    def vlm_batch(step, phase=3, qa_fraction=cfg.qa_fraction, describe_first=False):
-        scenes = _scenes(cfg.seed, phase, step, cfg.batch_size)
-        srng = np.random.default_rng([cfg.seed, phase, step])
+    # 3-4. feature alignment (projector only) and fine-tuning (projector + LM)
+    def vlm_batch(step, stage_id, qa_fraction):
+        scenes = _scenes(cfg.seed, stage_id, step, cfg.batch_size)
+        srng = np.random.default_rng([cfg.seed, stage_id, step])
         targets, caption_words = [], []
         for s in scenes:  # every caption template, so that none collapses (the text SAE sees them all)
             cap = grammar.caption(s.objects, int(srng.integers(grammar.N_TEMPLATES)))
-            if srng.random() < qa_fraction:
+            if qa_fraction and srng.random() < qa_fraction:
                 q, a = grammar.sample_questions(s, 1, srng)[0]
-                targets.append((describe_prompt(cap, q) if describe_first else q, a))
-                caption_words.append(len(cap.split()) if describe_first else 0)  # the caption keeps its loss
+                targets.append((describe_prompt(cap, q), a))
+                caption_words.append(len(cap.split()))  # the caption keeps its loss
             else:
                 targets.append(("", cap))
                 caption_words.append(0)
         enc, labels = build_batch(name, processor, scenes, targets, caption_words)
-        return dict(enc), labels
+        return "vlm", dict(enc), labels
+
+    def finetune_batch(step):
+        if cfg.finetune_text_every and step % cfg.finetune_text_every == cfg.finetune_text_every - 1:
+            return ("text", *text_make(step, stage_id=6))
+        return vlm_batch(step, 4, cfg.finetune_qa_fraction)
 
     def vlm_loss(batch):
-        enc, labels = batch
+        kind, enc, labels = batch
+        if kind == "text":
+            return lm_loss((enc, labels))
         logits = model(**enc).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
-    run_phase("vlm", cfg.vlm_steps, [p for p in model.parameters() if p.requires_grad], cfg.vlm_lr, vlm_batch,
+    run_stage("feature_alignment", cfg.align_steps, cfg.align_lr, functools.partial(vlm_batch, stage_id=3, qa_fraction=0.0),
               vlm_loss)
-
-    # 4. question-answering emphasis (binding an object word to its image tokens is learnt slower than captioning)
-    run_phase("qa", cfg.qa_steps, [p for p in model.parameters() if p.requires_grad], cfg.qa_lr,
-              functools.partial(vlm_batch, phase=4, qa_fraction=cfg.qa_phase_fraction), vlm_loss)
-
-    # 5. describe-then-answer: the question follows the image's (own) caption
-    run_phase("cqa", cfg.cqa_steps, [p for p in model.parameters() if p.requires_grad], cfg.cqa_lr,
-              functools.partial(vlm_batch, phase=5, qa_fraction=cfg.cqa_fraction, describe_first=True), vlm_loss)
-
-    # 6. text-only describe-then-answer on the language model (the answer copied from the caption in context)
-    def tqa_batch(step):
-        scenes = _scenes(cfg.seed, 6, step, cfg.batch_size)
-        srng = np.random.default_rng([cfg.seed, 6, step])
-        pairs = [grammar.sample_questions(s, 1, srng)[0] for s in scenes]
-        prompts = [describe_prompt(grammar.caption(s.objects, 0), q) for s, (q, _) in zip(scenes, pairs)]
-        with padding_side(tok, "right"):
-            enc = tok([f"{p} {a} </s>" for p, (_, a) in zip(prompts, pairs)], return_tensors="pt", padding=True)
-            plen = tok(prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
-        labels = enc["input_ids"].clone()
-        pos = torch.arange(labels.shape[1])[None, :]
-        labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
-        return dict(enc), labels
-
-    run_phase("tqa", cfg.tqa_steps, list(lm.parameters()) + list(model.lm_head.parameters()), cfg.tqa_lr, tqa_batch,
-              lm_loss)
+    run_stage("finetuning", cfg.finetune_steps, cfg.finetune_lr, finetune_batch, vlm_loss)
 
     model.eval()
-    summary = {"name": name, "config": asdict(cfg), "init_from": str(init_from) if init_from else None, "device": str(device), "threads": threads, "workers": workers,
-               "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(sum(times.values()), 1),
-               "history": history}
+    summary = {"name": name, "recipe": "llava", "stages": list(STAGES), "config": asdict(cfg),
+               "init_from": str(init_from) if init_from else None, "device": str(device), "threads": threads,
+               "workers": workers, "seconds": {k: round(v, 1) for k, v in times.items()},
+               "total_seconds": round(sum(times.values()), 1), "gauges": gauges, "history": history}
     if cfg.eval_n:
         from jsae.world.evaluate import evaluate
 
@@ -352,9 +471,8 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
                                          seed=cfg.seed, progress=False)
         log(f"[{name}] validation: {json.dumps(summary['validation'])}")
     save_toy_vlm(model, processor, out_dir, summary)
-    ck = out_dir.with_name(out_dir.name + ".checkpoint")
-    if ck.exists():
-        shutil.rmtree(ck, ignore_errors=True)
+    for stage in STAGES if not keep_stages else ():
+        shutil.rmtree(out_dir.with_name(f"{out_dir.name}.stage-{stage}"), ignore_errors=True)
     log(f"[{name}] saved to {out_dir} (training {summary['total_seconds']:.0f}s)")
     return model, processor, summary
 
@@ -363,26 +481,6 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
 
 #: directories (under ``jsae/world/models``) of the shipped parts of the toy LLaVA before any VLM training
 PART_DIRS = {"lm": "llava-text-lm", "vision": "llava-vision-tower"}
-
-
-def _context_batch(seed: int, step: int, n: int, tok):
-    """Two captions of the same scene in different templates, one after the other: ``cap_a </s> cap_b </s>``
-    (loss on the second caption and its ``</s>``)."""
-    scenes = _scenes(seed, 7, step, n)
-    rng = np.random.default_rng([seed, 7, step])
-    firsts, texts = [], []
-    for s in scenes:
-        a, b = rng.choice(grammar.N_TEMPLATES, size=2, replace=False)
-        first = grammar.caption(s.objects, int(a)) + " </s>"
-        firsts.append(first)
-        texts.append(f"{first} {grammar.caption(s.objects, int(b))} </s>")
-    with padding_side(tok, "right"):
-        enc = tok(texts, return_tensors="pt", padding=True)
-        plen = tok(firsts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
-    labels = enc["input_ids"].clone()
-    pos = torch.arange(labels.shape[1])[None, :]
-    labels[(pos < plen[:, None]) | (enc["attention_mask"] == 0)] = -100
-    return dict(enc), labels
 
 
 def _adamw_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, ema: float | None) -> float:
@@ -394,69 +492,39 @@ def _adamw_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, em
     return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
 
 
-def train_lm_context(lm, tok, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 1e-3, log=print) -> float:
-    """A text-only stage for a causal LM (``*ForCausalLM``): describe a scene again after a description of it in
-    context (:func:`_context_batch`), so that the LM reads what comes before a caption — the in-context use a real
-    LLM has and a projector into a frozen LM relies on.  Never sees an image.  Returns the final loss."""
-    torch.manual_seed(seed)
-    lm.train()
-    params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    t0, ema = time.time(), None
-    for step in range(steps):
-        for gr in opt.param_groups:
-            gr["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 5))
-        enc, labels = _context_batch(seed, step, batch_size, tok)
-        logits = lm(**enc).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        ema = _adamw_step(opt, params, loss, ema)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"[context] step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
-    lm.eval()
-    return float(ema or 0.0)
-
-
 def train_parts(name: str = "llava", out_dir: str | Path | None = None, stages: tuple[str, ...] = ("lm", "vision"),
                 seed: int = 0, threads: int | None = 1, workers: int | None = None, log=print,
-                progress: bool = True, context_steps: int = 500) -> dict[str, Path]:
-    """Run only the first stages of toy model ``name``'s recipe (``"lm"``: the language model on captions as
-    plain text; ``"vision"``: vision pretraining on the generator's labels) — the same code, seeds and step
-    counts as :func:`train_toy_vlm`, every later stage skipped — and save the parts on their own:
+                progress: bool = True) -> dict[str, Path]:
+    """Run only the first stages of toy model ``name``'s recipe (``"lm"``: text pretraining; ``"vision"``: vision
+    pretraining) — the same code, seeds and step counts as :func:`train_toy_vlm`, the later stages skipped — and
+    save the parts on their own:
 
     * ``out_dir/llava-text-lm``: the text-only language model (``LlamaForCausalLM`` + the world tokenizer),
       never trained with images;
     * ``out_dir/llava-vision-tower``: the vision tower (``CLIPVisionModel`` + the image processor).
 
-    ``"context"`` (optional, after ``"lm"``; not in the shipped part) continues the LM, still text-only, on a scene's
-    caption after another caption of it (:func:`train_lm_context`, ``context_steps``) so that it reads its context.
-
     ``out_dir`` defaults to the package's ``jsae/world/models``.  Returns ``{stage: directory}``.  A stage
     not in ``stages`` runs for 0 steps (so ``stages=("lm",)`` leaves the tower at its seeded initialisation)."""
     if name != "llava":
         raise ValueError(f"parts are defined for the toy LLaVA only (a CLIP tower + a Llama LM), got {name!r}")
-    bad = [s for s in stages if s not in (*PART_DIRS, "context")]
-    if bad or not stages or "context" in stages and "lm" not in stages:
-        raise ValueError(f"stages must be a non-empty subset of {[*PART_DIRS, 'context']} (context needs lm), got {list(stages)}")
+    bad = [s for s in stages if s not in PART_DIRS]
+    if bad or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {list(PART_DIRS)}, got {list(stages)}")
     base = default_config(name, seed=seed)
-    cfg = TrainConfig(**{**asdict(base), "lm_steps": base.lm_steps if "lm" in stages else 0,
-                         "vision_steps": base.vision_steps if "vision" in stages else 0, "vlm_steps": 0, "qa_steps": 0,
-                         "cqa_steps": 0, "tqa_steps": 0, "eval_n": 0})
+    cfg = TrainConfig(**{**asdict(base), "text_steps": base.text_steps if "lm" in stages else 0,
+                         "vision_steps": base.vision_steps if "vision" in stages else 0, "align_steps": 0,
+                         "finetune_steps": 0, "eval_n": base.eval_n if "lm" in stages else 0})
     out_dir = Path(out_dir) if out_dir is not None else model_dir(name).parent
-    tmp = Path(tempfile.mkdtemp(prefix=".parts", dir=out_dir if out_dir.exists() else None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".parts", dir=out_dir))
     try:
-        model, processor, summary = train_toy_vlm(name, tmp / "vlm", cfg, threads=threads, workers=workers, log=log,
-                                                  progress=progress)
+        model, processor, summary = train_toy_vlm(name, tmp / "vlm", replace(cfg, eval_n=0), threads=threads,
+                                                  workers=workers, log=log, progress=progress)
+        if "lm" in stages and cfg.eval_n:
+            summary["gauges"]["text_pretraining"] = read_pictures(model, processor, name, n=cfg.eval_n, seed=seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if "context" in stages:  # text-only, on a causal-LM view sharing the VLM's LM weights
-        from transformers import AutoModelForCausalLM
-
-        view = AutoModelForCausalLM.from_config(model.config.text_config)
-        view.model = model.model.language_model
-        view.lm_head = model.lm_head
-        summary["context_loss"] = train_lm_context(view, processor.tokenizer, seed, steps=context_steps, log=log)
-    return save_parts(model, processor, out_dir, {"stages": list(stages), **summary},
-                      tuple(x for x in stages if x in PART_DIRS))
+    return save_parts(model, processor, out_dir, {"stages": list(stages), **summary}, tuple(stages))
 
 
 def save_parts(model, processor, out_dir: str | Path, extra: dict, stages: tuple[str, ...] = ("lm", "vision"),
