@@ -73,13 +73,14 @@ def train(
 def toy_parts(
     out: Optional[Path] = typer.Option(None, help="where to write llava-text-lm/ and llava-vision-tower/ (default: the package's "
                                                   "jsae/world/models, i.e. rebuild the shipped parts)"),
-    stages: str = typer.Option("lm,vision", help="lm (text-only LM), vision (vision tower), or both; add context for a "
-                                                 "further text-only in-context stage of the LM (not in the shipped part)"),
+    stages: str = typer.Option("lm,vision", help="lm (the text-only LM: text pretraining), vision (the tower: vision "
+                                                 "pretraining), or both"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch threads (the result is deterministic for a seed and thread count)"),
 ) -> None:
-    """Train the toy LLaVA's first stages only — its LM on captions as plain text, its vision tower on the scene
-    labels — and save them as a text-only LM and a vision tower (what `jsae vista train` composes)."""
+    """Train the toy LLaVA's first two stages only — text pretraining of its LM (pictures written in words, captions,
+    QA; never an image), vision pretraining of its tower on the scene labels — and save them as a text-only LM and
+    a vision tower (what `jsae vista train` composes; `jsae world train-models` writes the same parts)."""
     from jsae.world.training import train_parts
 
     parts = tuple(x.strip() for x in stages.split(",") if x.strip())

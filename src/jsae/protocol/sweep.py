@@ -77,6 +77,9 @@ class SweepConfig:
     top_k: int = 3
     positions: tuple[str, ...] = ("image",)
     oracle: bool = True
+    #: also steer with the *text oracle*: mean caption-token pool of pairs naming the concept minus the rest
+    #: (the ideal text-derived direction, what a text decoder at its best would give)
+    text_oracle: bool = True
 
     def __post_init__(self) -> None:
         bad = [p for p in self.positions if p not in POSITION_SETS]
@@ -95,7 +98,7 @@ class SweepConfig:
 
 @dataclass
 class Direction:
-    """One steering direction: ``method`` (``"oracle"`` or a method name) × ``decoder`` at ``layer`` for
+    """One steering direction: ``method`` (``"oracle"``, ``"text-oracle"`` or a method name) × ``decoder`` at ``layer`` for
     ``concept``; ``vector`` is unit-norm (``raw`` keeps Σ of unit rows for absolute strengths)."""
 
     method: str
@@ -211,6 +214,15 @@ def build_directions(methods: dict[str, Method], layer: int, concepts: list[str]
             skipped[f"oracle/{c}"] = str(e)
         if oracle is not None and cfg.oracle:
             dirs.append(Direction("oracle", "oracle", layer, c, _unit(oracle), _unit(oracle)))
+        if oracle is not None and cfg.text_oracle:
+            try:
+                text = oracle_direction(t, y)
+            except ValueError as e:
+                skipped[f"text-oracle/{c}"] = str(e)
+            else:
+                d = Direction("text-oracle", "text", layer, c, _unit(text), _unit(text))
+                d.cosine_to_oracle = float(torch.nn.functional.cosine_similarity(text, oracle, dim=0))
+                dirs.append(d)
         for name, m in methods.items():
             if name == "separate" and "cross" not in cfg.decoders:
                 skipped["separate"] = ("separate = jsae-none with its text latents permuted: with each branch "
@@ -369,7 +381,7 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
             rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
             if not rows:
                 continue
-            if method == "oracle":
+            if method in ("oracle", "text-oracle"):
                 P = torch.stack([dirs[di].vector for _, di, _ in rows])
                 make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing="prefill", direction=P[lo:hi])]  # noqa: E731
             else:

@@ -75,6 +75,8 @@ class ToyModelSpec:
     processor_builder: Callable[[Any, int], Any]
     processor_class: type
     train_steps: Mapping[str, int]
+    #: its text-only LM and pre-VLM tower ship as parts of their own (what VISTA composes)
+    ships_parts: bool = False
 
 
 #: default step counts are sized for 30 minutes on 2 CPU cores (torch 2 threads + 1 data worker); measured
@@ -84,7 +86,7 @@ TOY_MODELS: dict[str, ToyModelSpec] = {
     "llava": ToyModelSpec(
         config=_llava_config, model_class="LlavaForConditionalGeneration",
         processor_builder=build_llava_processor, processor_class=LlavaProcessor,
-        train_steps=dict(text_steps=3000, vision_steps=1200, align_steps=800, finetune_steps=1200)),
+        train_steps=dict(text_steps=3000, vision_steps=1200, align_steps=800, finetune_steps=1200), ships_parts=True),
     "qwen3-vl-moe": ToyModelSpec(
         config=_qwen3_vl_moe_config, model_class="Qwen3VLMoeForConditionalGeneration",
         processor_builder=lambda tok, size: build_qwen_processor(tok, size, chat_template="world"), processor_class=ToyQwen3VLProcessor,

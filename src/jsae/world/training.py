@@ -1,24 +1,29 @@
-"""Deterministic training of the toy VLMs on the world (``jsae world train-models``).
+"""Deterministic training of the toy VLMs on the world, the way LLaVA is trained (``jsae world train-models``).
 
-The default recipe takes about 30 minutes per model on 2 CPU cores (measured with other work sharing the
-cores: toy LLaVA 1815 s, toy Qwen3-VL-MoE 1885 s; see the README) and is what produced the shipped weights:
+Real VLMs start from a language model pretrained on text only; LLaVA then trains the projector alone against the
+frozen LM and the frozen vision encoder ("pretraining for feature alignment"), and only then fine-tunes projector
++ LM ("visual instruction tuning").  The projector so first learns to write into an input space a text-trained LM
+already reads — which is why image tokens of real VLMs decode to words under the logit lens (Neo et al. 2024).
+The toy recipe has the same four stages (:data:`STAGES`):
 
-1. **Language model on captions as plain text** (every template), so that a *text* SAE on it means something.
-2. **Vision pretraining**: the vision tower (its adapter's ``patch_features``: LLaVA's CLIP encoder tokens,
-   Qwen's merged tokens) with small linear heads predicting, per cell of the 2×2 position grid, the object
-   type (or none), colour and size, from the scene generator's labels (captioning alone teaches shape far
-   too slowly).
-3. **Whole VLM on captions of every template** (``vlm``; drawn at random so that no template collapses; the
-   prompt is the model's chat template with ``describe the image``, text after the image; loss on the
-   caption tokens + ``</s>``).
-4. **Describe-then-answer** (``cqa``): 75% of the samples are ``"<caption> : <question> <answer>"`` with the
-   loss on the caption *and* the answer (not on the question), the rest plain captions; at inference the model
-   captions first and answers after its own caption (``jsae.world.evaluate.answer_questions``).
+1. **Text pretraining** of the language model (:func:`text_batch`; the loss on every token) on the world's text:
+   *word pictures* — the captioning prompt with the image written out in words, one word per image token in
+   reading order (:func:`jsae.world.grammar.word_picture`: each patch's object type or colour, ``nothing``
+   elsewhere) — followed by a caption of any template or by describe-then-answer QA; plain captions of every
+   template; captions then a question and its answer.  Gauged by :func:`read_pictures`: the LM alone captions a
+   picture in its context.
+2. **Vision pretraining** of the tower (the adapter's ``patch_features``) with linear heads predicting, per image
+   token, the type (or none) and colour of the object its patch shows, and per cell of the 2×2 position grid,
+   type, colour and size, from the scene generator's labels (captioning alone teaches shape far too slowly).
+3. **Feature alignment**: the projector(s) alone (``adapter.projector_modules``), LM and tower frozen, on captions
+   of every template after the model's chat template (text after the image).
+4. **Fine-tuning**: projector + LM (tower frozen) on captions and describe-then-answer QA (the caption and the
+   answer carry the loss), every ``finetune_text_every``-th step a text-pretraining batch (as LLaVA-1.5 mixes in
+   text-only conversations).
 
-``qa`` (questions straight after the image) and ``tqa`` (describe-then-answer on the language model alone)
-are available but off by default.  All data is drawn on the fly from step-derived seeds, so a run is a pure
-function of its seed and step counts (on a given device / thread count).  The MoE model runs with
-transformers' default ``grouped_mm`` experts (measured 0.65 s a captioning step against 0.77 s for ``eager``).
+All data is drawn on the fly from step-derived seeds, so a run is a pure function of its seed and step counts (on
+a given device / thread count).  The text-only LM and the pre-VLM tower of the toy LLaVA are saved as parts of
+their own after stage 2 (``parts_dir``; what VISTA composes).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from jsae.adapters import for_model, padding_side
 from jsae.world import grammar
 from jsae.world.data import scene_seed
 from jsae.world.models import (TOY_MODELS, _check_name, build_model, build_processor, caption_prompt, check_weights,
-                               model_class, model_dir, save_toy_vlm)
+                               model_class, model_dir, save_toy_vlm, toy_spec)
 from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
 
@@ -421,7 +426,7 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
 
     run_stage("vision_pretraining", cfg.vision_steps, cfg.vision_lr, vision_batch, vision_loss,
               extra=list(heads.parameters()))
-    if parts_dir is not None and name == "llava":
+    if parts_dir is not None and toy_spec(name).ships_parts:
         save_parts(model, processor, parts_dir, {"stages": list(STAGES[:2]), "config": asdict(cfg),
                                                  "seconds": {k: round(v, 1) for k, v in times.items()},
                                                  "text_pretraining_gauge": gauges.get("text_pretraining")})
@@ -505,7 +510,7 @@ def train_parts(name: str = "llava", out_dir: str | Path | None = None, stages: 
 
     ``out_dir`` defaults to the package's ``jsae/world/models``.  Returns ``{stage: directory}``.  A stage
     not in ``stages`` runs for 0 steps (so ``stages=("lm",)`` leaves the tower at its seeded initialisation)."""
-    if name != "llava":
+    if not toy_spec(name).ships_parts:
         raise ValueError(f"parts are defined for the toy LLaVA only (a CLIP tower + a Llama LM), got {name!r}")
     bad = [s for s in stages if s not in PART_DIRS]
     if bad or not stages:
