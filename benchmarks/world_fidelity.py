@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--n-captions", type=int, default=300, help="test scenes captioned for caption quality")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plot-only", action="store_true", help="only redraw fidelity.png from the JSON files in --out")
     a = ap.parse_args()
+    if a.plot_only:
+        return plot(a.out)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     for m in a.model:
@@ -45,6 +48,16 @@ def main() -> None:
         table = fidelity_table(r)
         write_atomic(a.out / f"{tag}.md", f"# {tag}\n\n{table}\n\nsummary: `{json.dumps(r['summary'])}`\n")
         print(f"== {tag} ({time.time() - t0:.0f}s)\n{table}\n{json.dumps(r['summary'])}", flush=True)
+    plot(a.out)
+
+
+def plot(out: Path) -> None:
+    """fidelity.png: every result in ``out`` on one figure (old world dashed)."""
+    from jsae.report.plots import plot_fidelity
+
+    results = {f.stem: json.loads(f.read_text()) for f in sorted(out.glob("*.json"))}
+    if results:
+        print(f"wrote {plot_fidelity(results, out / 'fidelity.png')}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ def sweep(
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
     steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)"),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
+    positions: str = typer.Option("image,generated,image+generated", help="steering position sets, each reported on its own (the reference steers at image+generated)"),
+    concept_set: str = typer.Option("types+colours", help="world concepts: types | types+colours (twelve) | all"),
+    max_concepts: int = typer.Option(12, min=1, help="at most this many concepts"),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="latents per SAE (default: the demo's)"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers (default: four spread over the depth)"),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """The demo on several models, then the model × layer interaction of r50 (sign-flip test over concepts)
@@ -101,7 +106,10 @@ def sweep(
     runs: dict[str, dict] = {}
     for name in (m for m in models.split(",") if m):
         try:
-            cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images)
+            cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images, concept_set=concept_set,
+                                 max_concepts=max_concepts, d_sae=d_sae,
+                                 positions=tuple(p for p in positions.split(",") if p),
+                                 layers=int_list(layers, "--layers") if layers else None)
             done = _finished_run(out / name, cfg) if not overwrite else None
             if done is not None:
                 typer.echo(f"{name}: reusing the finished run in {out / name} (same configuration)")

@@ -174,7 +174,8 @@ def summarise_curves(curves: Sequence[Any], n_boot: int = 400, seed: int = 0) ->
 
 #: the comparisons reported per (measure, positions, layer): a − b of log2 r50 (censored), paired by concept
 COMPARISONS = (("jsae:text", "jsae-none:text"), ("jsae:vision", "jsae-none:vision"),
-               ("jsae:vision", "saelens-topk:vision"), ("jsae:text", "saelens-topk:vision"), ("jsae:text", "oracle"))
+               ("jsae:vision", "saelens-topk:vision"), ("jsae:text", "saelens-topk:vision"), ("jsae:text", "oracle"),
+               ("text-oracle:text", "oracle"), ("jsae:text", "text-oracle:text"))
 
 
 def _comparisons(stash: dict[tuple, dict[str, tuple[np.ndarray, bool]]], bs: Bootstrap) -> dict[str, dict[str, Any]]:

@@ -190,21 +190,25 @@ def sweep_tables(runs: dict[str, dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for model, m in runs.items():
         rows = m["summary"]["rows"]
-        pos = (m["config"].get("positions") or ["image"])[0]
+        positions = list(m["config"].get("positions") or ["image"])
+        pos = positions[0]
         layers = m["layers"]
         keys = sorted({r["key"] for r in rows}, key=lambda k: (k != "oracle", k))
-        get = lambda meas, k, L: next((r for r in rows if (r["measure"], r["positions"], r["key"], r["layer"])  # noqa: E731
-                                       == (meas, pos, k, L)), None)
+        get = lambda meas, k, L, p=None: next((r for r in rows if (r["measure"], r["positions"], r["key"], r["layer"])  # noqa: E731
+                                               == (meas, p or pos, k, L)), None)
         head = "| direction | " + " | ".join(f"layer {L}" for L in layers) + " |\n|---|" + "---|" * len(layers)
-        lines += [f"**{model}** — steering at `{pos}`: r50 of the oracle (× per-token state norm; concepts reaching +0.5), "
-                  "then each direction's r50 relative to the oracle's [95% CI] (n.r.: no concept reaches +0.5):", "", head]
-        for k in keys:
-            lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L), "r50" if k == "oracle" else "ratio")
-                                                  for L in layers) + " |")
-        lines += ["", f"**{model}** — effect at matched preservation (the strongest strength keeping ≥ 75% of the other "
-                  "objects) [95% CI]:", "", head]
-        for k in keys:
-            lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L), "effect_matched") for L in layers) + " |")
+        for p in positions:  # each position set on its own: the reference's image+generated decomposed into its parts
+            lines += [f"**{model}** — steering at `{p}`: r50 of the oracle (× per-token state norm; concepts reaching +0.5), "
+                      "then each direction's r50 relative to the oracle's at the same positions [95% CI] (n.r.: no concept "
+                      "reaches +0.5):", "", head]
+            for k in keys:
+                lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L, p), "r50" if k == "oracle" else "ratio")
+                                                      for L in layers) + " |")
+            lines += ["", f"**{model}** — steering at `{p}`: effect at matched preservation (the strongest strength keeping "
+                      "≥ 75% of the other objects) [95% CI]:", "", head]
+            for k in keys:
+                lines.append(f"| {k} | " + " | ".join(_cell(get("steering", k, L, p), "effect_matched") for L in layers) + " |")
+            lines.append("")
         lines += ["", f"**{model}** — suppression by clamping (mention drop) [95% CI]:", "", head]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(_cell(get("clamp", k, L), "effect_small") for L in layers) + " |")

@@ -71,4 +71,61 @@ def plot_dose_response(bands: dict[str, dict[str, dict[str, dict[str, float | li
     return write_atomic(path, buf.getvalue())
 
 
-__all__ = ["plot_dose_response"]
+def plot_fidelity(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """World fidelity of several VLMs (``results[label]`` from :func:`jsae.protocol.fidelity.world_fidelity`), one
+    line each over decoder layers: the logit lens at single-object image tokens (type word in the top 5; right
+    type of six, chance dotted), the image and text oracles' cosine, and the types the text oracle steers to +0.5
+    at the image tokens within 2× the image oracle's r50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("nothing to plot: no fidelity results")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    panels = [("logit lens: type word in top 5\n(single-object image tokens)", "top5"),
+              ("logit lens: right type of six", "right_of_six"),
+              ("cosine of image and text oracle\n(mean over types)", "cosine"),
+              ("types the text oracle steers at image tokens\n(within 2× the image oracle's r50)", "within")]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    models = sorted({label.split("-", 1)[-1] for label in results})  # "old-llava" and "new-llava": one colour
+    for label, r in results.items():
+        lens = r["logit_lens"]["image_tokens"]
+        layers = sorted(int(L) for L in lens if lens[L].get("n_tokens"))
+        style = dict(color=colours[models.index(label.split("-", 1)[-1]) % len(colours)], marker="o", ms=4, label=label,
+                     ls="--" if label.startswith("old") else "-")
+        for ax, key in zip(axes[:2], ("top5", "right_of_six")):
+            v = [lens[str(L)][key]["value"] for L in layers]
+            lo = [lens[str(L)][key]["ci"][0] for L in layers]
+            hi = [lens[str(L)][key]["ci"][1] for L in layers]
+            ax.plot(layers, v, **style)
+            ax.fill_between(layers, lo, hi, color=style["color"], alpha=0.15)
+        per = (r.get("summary") or {}).get("steering_per_layer", {})
+        ls = sorted(int(L) for L in per)
+        axes[2].plot(ls, [per[str(L)]["mean_cosine"] for L in ls], **style)
+        axes[3].plot(ls, [per[str(L)]["text_oracle_within_2x"] for L in ls], **style)
+    first = next(iter(results.values()))
+    chance = first["logit_lens"]["image_tokens"]["0"].get("chance", {})
+    for ax, key in zip(axes[:2], ("top5", "right_of_six")):
+        if key in chance:
+            ax.axhline(chance[key], color="grey", ls=":", lw=1, label="chance")
+        ax.set_ylim(0, 1)
+    axes[0].axhline(0.25, color="red", lw=0.6, ls="-.", label="target")
+    axes[1].axhline(0.5, color="red", lw=0.6, ls="-.")
+    axes[2].axhline(0.6, color="red", lw=0.6, ls="-.")
+    axes[2].set_ylim(-0.2, 1)
+    axes[3].axhline(5, color="red", lw=0.6, ls="-.")
+    axes[3].set_ylim(-0.3, 6.3)
+    for ax, (title, _) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("decoder layer")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+__all__ = ["plot_dose_response", "plot_fidelity"]
