@@ -550,7 +550,13 @@ def _toy_quality(model: str) -> dict[str, Any] | None:
     path = model_dir(model) / "training.json" if model in MODEL_NAMES else None
     if path is None or not path.is_file():
         return None
-    return json.loads(path.read_text()).get("validation")
+    out = dict(json.loads(path.read_text()).get("validation") or {})
+    quality = path.with_name("quality.json")  # the world-fidelity gauges (`jsae world fidelity --write-quality`)
+    if quality.is_file():
+        fid = json.loads(quality.read_text()).get("fidelity") or {}
+        if fid.get("summary"):
+            out["fidelity"] = fid["summary"]
+    return out
 
 
 def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_layers: int, layers: list[int]) -> list[str]:

@@ -100,6 +100,16 @@ def protocol_report(m: dict[str, Any]) -> str:
                   f"hallucination {q.get('no_hallucination')}; caption cross-entropy per template (nats per token, "
                   "low = the model expects it): " + ", ".join(f"{k}: {v:.2f}" for k, v in q["caption_nats_per_template"].items())
                   + ".", ""]
+    fid = q.get("fidelity") or {}
+    if fid:
+        holds = fid.get("lens_top5_target") and fid.get("lens_right_of_six_target") and fid.get("steering_target")
+        lines += [f"World fidelity of this model (`jsae world fidelity`): the logit lens names the object's type in the top 5 "
+                  f"at up to {fid.get('lens_best_top5', 0):.0%} of single-object image tokens (right type of six "
+                  f"{fid.get('lens_best_right_of_six', 0):.0%}); the text oracle steers the image tokens within 2× the image "
+                  f"oracle at layers {fid.get('steering_target_layers') or 'none'}. "
+                  + ("This world can test text-derived directions at the image tokens." if holds else
+                     "This world cannot fairly test text-derived directions at the image tokens: a null result for a text "
+                     "decoder here is predicted by the world, whatever the SAE."), ""]
     shows = what_this_shows(s)
     if shows:
         lines += ["## What this shows", "", *shows, ""]
