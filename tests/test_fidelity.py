@@ -98,3 +98,30 @@ def test_world_fidelity_end_to_end_and_targets(tiny_dir):
     assert s["type_colour"] == r["captions"]["object_accuracy"]
     table = fidelity_table(r)
     assert table.count("\n") == 3 and "n/a" in table.splitlines()[-1]
+
+
+def test_fidelity_command_checks_its_inputs_and_records_quality(tiny_dir, tmp_path):
+    """`jsae world fidelity`: one-line errors for a model that is neither a toy name nor a directory and for an
+    --out that is a directory; on a model directory it prints the table and records the result in quality.json."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from jsae.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["world", "fidelity", "--model", "nope"])
+    assert r.exit_code != 0 and "neither a toy model" in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["world", "fidelity", "--model", "llava", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "is a directory" in r.output
+    name, d = tiny_dir
+    mine = tmp_path / name
+    shutil.copytree(d, mine)
+    r = runner.invoke(app, ["world", "fidelity", "--model", str(mine), "--n-images", "12", "--no-steering",
+                            "--n-captions", "0", "--write-quality", "--out", str(tmp_path / "f.json")])
+    assert r.exit_code == 0, r.output
+    q = json.loads((mine / "quality.json").read_text())["fidelity"]
+    assert q == json.loads((tmp_path / "f.json").read_text())
+    assert q["n_images"] == 12 and set(q["logit_lens"]["image_tokens"]) == {"0", "1"} and "oracles" not in q
+    assert "| layer |" in r.output
