@@ -50,7 +50,7 @@ def run_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FeatureLab
     curve = {"measure": "steering", "key": "jsae:text", "positions": "image", "layer": 4, "concept": lab.label,
              "r50": 1.25, "effect_small": 0.31, "features": [lab.feature]}
     (run / "metrics.json").write_text(json.dumps({"summary": {"curves": [curve]}}))
-    return feature_page(sae_dir, n_pairs=120, n_features=12), labels
+    return feature_page(sae_dir, n_pairs=120, n_features=64), labels
 
 
 @needs_release
@@ -60,7 +60,7 @@ def test_page_is_self_contained_with_labels_images_captions_and_steering(run_pag
     assert page.name == "features.html" and page.parent.name == "layer_4"
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page must not load anything from the network"
     assert "<script src" not in html and "<link" not in html
-    assert html.count('class="feature"') == min(12, sum(1 for lab in labels.labels if lab.label))
+    assert html.count('class="feature"') == min(64, sum(1 for lab in labels.labels if lab.label))
     for kind in ("shared", "vision-only", "text-only"):
         if any(lab.kind == kind for lab in labels.labels if lab.label):
             assert f'class="kind {kind}"' in html

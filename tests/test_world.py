@@ -333,7 +333,7 @@ def test_world_calls_restore_the_padding_side():
     """Batches are built and captions generated with the padding the code needs, whatever the tokenizer's
     setting, and the setting is left as it was."""
     from jsae.world.evaluate import generate_text
-    from jsae.world.training import _lm_batch, _scenes, build_batch
+    from jsae.world.training import _scenes, build_batch, text_batch
 
     _shipped("llava")
     model, proc = load_toy_hf("llava")
@@ -346,7 +346,7 @@ def test_world_calls_restore_the_padding_side():
         assert tok.padding_side == side
         sc = _scenes(0, 3, 0, 2)
         build_batch("llava", proc, sc, [("", "a cat"), ("what color is it ?", "red")])
-        _lm_batch(sc, tok, np.random.default_rng(0))
+        text_batch("llava", proc, sc, np.random.default_rng(0))
         assert tok.padding_side == side
     assert outs["left"] == outs["right"]
 
