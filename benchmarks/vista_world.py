@@ -1,6 +1,6 @@
 """VISTA in the embedded world, the paper's way: the run behind benchmarks/results/vista_world/ (CPU, one thread).
 
-    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N]
+    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N] [--model toy-text-lm]
 
 Model: ``jsae.vista.compose_toy()`` — the toy *text-only* LM (the toy LLaVA's language model after its text stage
 only) + the toy vision tower (after its vision-pretraining stage) + a new LLaVA projector.  Text SAEs: the shipped
@@ -29,10 +29,15 @@ if __name__ == "__main__":
     ap.add_argument("--retrain-text-saes", action="store_true")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--model", default="toy-composed", choices=["toy-composed", "toy-text-lm"],
+                    help="toy-composed: the toy LLaVA's own tower + LM recomposed; toy-text-lm: the paper's setup, the "
+                         "text-only LM (never trained with images) + the pre-VLM tower (text SAEs are then always trained "
+                         "on that LM)")
     args = ap.parse_args()
     t = time.time()
     load0 = os.getloadavg()
-    cfg = WorldVistaConfig(n_train=1000, n_label=400, text_sae=None if args.retrain_text_saes else RELEASE,
+    cfg = WorldVistaConfig(model=args.model, n_train=1000, n_label=400,
+                           text_sae=None if args.retrain_text_saes or args.model == "toy-text-lm" else RELEASE,
                            proj_steps=args.steps, batch_size=16)
     train_world(args.out, cfg, overwrite=True)
     t_train = time.time() - t
