@@ -34,7 +34,8 @@ def test_demo_writes_the_four_artefacts(small_run):
     curves, scores = saved["curves"], saved["scores"]
     keys = {c["key"] for c in curves}
     # the oracle and every method × decoder has a curve at every layer and concept; separate says why it has none
-    assert keys == {"oracle", "jsae:text", "jsae:vision", "jsae-none:text", "jsae-none:vision", "saelens-topk:vision"}
+    assert keys == {"oracle", "text-oracle:text", "jsae:text", "jsae:vision", "jsae-none:text", "jsae-none:vision",
+                    "saelens-topk:vision"}
     assert "jsae-none" in saved["skipped"]["separate"]
     for measure in ("steering", "suppression", "clamp"):
         for key in keys:

@@ -402,7 +402,9 @@ def test_vista_from_scratch_lowers_text_sae_error(composed, form):
     for lam in (0.0, 5.0):  # both from the same seeded re-initialisation
         train_projector(model, processor, adapter, {4: sae}, images[:32], caps[:32],
                         VistaConfig(lam=lam, layers=(4,), steps=8, batch_size=16, lr=2e-3, loss_form=form), progress=False)
-        errs[lam] = recon_error_on_images(model, adapter, {4: sae}, held)
+        errs[lam] = recon_error_on_images(model, adapter, {4: sae}, held, form)
+    # the error the loss is written in falls (the raw MSE can fall by shrinking the image-token states: on the
+    # retrained world its normalised error rises meanwhile, which is why "normalised" is the default)
     assert errs[5.0][4] < errs[0.0][4] - 0.05, errs
 
 

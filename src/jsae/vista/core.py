@@ -258,12 +258,14 @@ def load_projector(adapter: Any, path: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def recon_error_on_images(model: Any, adapter: Any, saes: Mapping[int, Any], batches: Sequence[Any]) -> dict[int, float]:
-    """Mean normalised SAE error on image tokens, per layer, over ``batches`` (no grad)."""
+def recon_error_on_images(model: Any, adapter: Any, saes: Mapping[int, Any], batches: Sequence[Any],
+                          form: str = "normalised") -> dict[int, float]:
+    """Mean SAE error on image tokens, per layer, over ``batches`` (no grad): normalised (‖e‖²/‖h‖²) or, with
+    ``form="mse"``, the raw MSE the paper's loss minimises."""
     tot: dict[int, float] = {layer: 0.0 for layer in saes}
     ce_tot, n = 0.0, 0
     for enc in batches:
-        ce, errs = vista_losses(model, adapter, saes, enc)
+        ce, errs = vista_losses(model, adapter, saes, enc, form)
         for layer, e in errs.items():
             tot[layer] += float(e)
         ce_tot += float(ce)
