@@ -413,3 +413,14 @@ def test_torchrun_command_line_equals_the_api_in_one_process(tmp_path):
                   adapter=adapter, batch_size=2, shard_size=2, fingerprint=source.fingerprint("train"), progress=False)
     _same_capture(tmp_path / "ddp", tmp_path / "one")
     assert read_manifest(tmp_path / "ddp")["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_given_other_pairs_all_refuse_before_capturing(tmp_path):
+    res = _torchrun(str(SCRIPT), str(tmp_path / "cap"), "llava_next", "8", "--last-rank-n", "7", check=False)
+    assert res.returncode != 0
+    errors = sorted(line for line in res.stdout.splitlines() if " error: " in line)
+    msg = ("rank 1 of 2: rank 1 was given total=7 but rank 0 8; call capture_pairs with the same pairs and arguments "
+           "on every rank")
+    assert errors == [f"rank 0 error: {msg}", f"rank 1 error: {msg}"]
+    assert not list((tmp_path / "cap").glob("shard-*"))  # refused before any forward

@@ -56,7 +56,7 @@ from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
 from jsae.files import apply_umask, tmp_sibling, write_json
-from jsae.locks import DirLock
+from jsae.locks import LOCK_FILE, DirLock
 
 POOLINGS = ("mean", "max", "last")
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
@@ -270,8 +270,8 @@ class _Ranks:
     three collectives capture needs, over a gloo group of its own (small Python objects, whatever backend
     the job runs; a long timeout, since ranks wait for the slowest one's share)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, group: Any = None, started: bool = False):
-        self.rank, self.world, self.group, self._started = rank, world, group, started
+    def __init__(self, rank: int = 0, world: int = 1, group: Any = None):
+        self.rank, self.world, self.group = rank, world, group
 
     @classmethod
     def join(cls) -> "_Ranks":
@@ -284,22 +284,20 @@ class _Ranks:
             return cls()
         from datetime import timedelta
 
-        started = False
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo", timeout=timedelta(days=_RANK_TIMEOUT_DAYS))
-            started = True
         if dist.get_world_size() == 1:
-            return cls(started=started)
+            return cls()
         group = dist.new_group(backend="gloo", timeout=timedelta(days=_RANK_TIMEOUT_DAYS))
-        return cls(dist.get_rank(), dist.get_world_size(), group, started)
+        return cls(dist.get_rank(), dist.get_world_size(), group)
 
     def leave(self) -> None:
+        """Destroy capture's own group; a default group started here stays up for the job's next step
+        (the trainer uses it)."""
         import torch.distributed as dist
 
         if self.group is not None:
             dist.destroy_process_group(self.group)
-        if self._started:
-            dist.destroy_process_group()
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -364,51 +362,67 @@ class _Capture:
 
     # ---- the whole run, on every rank ----
     def run(self, ranks: _Ranks, fingerprint: Any) -> Path:
+        """Rank 0 opens the directory (lock, data check and hash, manifest) and tells every rank; the ranks
+        check that they were given the same settings; each captures its shards; when all are done rank 0
+        marks the capture complete.  An error while opening, in the settings check or while finishing is raised
+        on every rank; an error while capturing is raised at once on its rank (``torchrun`` then ends the job).
+        A fresh capture of bad data found in one process, or by rank 0's check before any shard, is removed, so
+        the corrected data is not refused."""
         out = self.out
         created = not out.exists()
         existed = not created and (out / MANIFEST).exists()
         lock = DirLock(out, "jsae capture")
-        mine: BaseException | None = None
-        manifest: dict[str, Any] | None = None
-        failures: list[Any] = []
+        bad_data = opening = False
         try:
+            manifest: Any = None
             if ranks.rank == 0:
                 try:
+                    opening = True  # nothing but rank 0 writes yet
                     lock.acquire()
                     manifest = self.open(fingerprint, ranks.world)
-                except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
-                    mine = exc
-            head = ranks.broadcast(_describe(mine, 0) if mine is not None else manifest)
-            if isinstance(head, dict):
-                manifest = head
-                try:
-                    manifest = self.capture_shards(head, ranks)
-                except Exception as exc:  # noqa: BLE001
-                    mine = exc
-                failures = [f for f in ranks.gather(_describe(mine, ranks.rank)) if f is not None]
-            else:
-                failures = [head]
+                    opening = False
+                except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it is
+                    ranks.broadcast(_describe(exc, 0))
+                    raise
+            manifest = ranks.broadcast(manifest)
+            if not isinstance(manifest, dict):
+                raise _rebuilt(manifest, ranks.world)
+            disagree = [f for f in ranks.gather(_describe(self.disagreement(manifest, ranks.rank), ranks.rank)) if f]
+            if disagree:
+                raise _rebuilt(disagree[0], ranks.world)
+            manifest = self.capture_shards(manifest, ranks)
+            ranks.gather(None)  # every rank is done
             if ranks.rank == 0:
                 try:
-                    if not failures and manifest is not None:
-                        self.finish(manifest, ranks.world)
-                    elif any(f[3] for f in failures) and not existed:
-                        _remove_capture(out)  # a fresh capture of bad data: remove it, so the corrected data is not refused
+                    self.finish(manifest, ranks.world)
                 except Exception as exc:  # noqa: BLE001
-                    mine = mine or exc
-                    failures.append(_describe(exc, 0))
-            failures = [f for f in ranks.broadcast(failures) if f is not None]
+                    ranks.broadcast(_describe(exc, 0))
+                    raise
+            failure = ranks.broadcast(None)
+            if failure:
+                raise _rebuilt(failure, ranks.world)
+        except _PairError:
+            bad_data = (ranks.world == 1 or opening) and not existed
+            if bad_data:
+                _remove_capture(out)
+            raise
         finally:
             if ranks.rank == 0:
                 lock.release()
-        if failures and ranks.rank == 0 and created and any(f[3] for f in failures) and out.exists() \
-                and {f.name for f in out.iterdir()} <= {".jsae.lock"}:
-            shutil.rmtree(out, ignore_errors=True)
-        if mine is not None:
-            raise mine
-        if failures:
-            raise _rebuilt(failures[0], ranks.world) from None
+            if bad_data and created and out.exists() and {f.name for f in out.iterdir()} <= {LOCK_FILE}:
+                shutil.rmtree(out, ignore_errors=True)
         return out
+
+    def disagreement(self, manifest: dict[str, Any], rank: int) -> ValueError | None:
+        """Whether this rank was given other settings than rank 0 (every rank must cut the same pairs into the
+        same shards)."""
+        mine = self.settings(manifest["fingerprint"])
+        for key in ("model_class", "layers", "pooling", "text_positions", "prompt_template", "total", "dtype",
+                    "batch_size", "shard_size", "bucket"):
+            if mine[key] != manifest[key] and not (key == "bucket" and mine[key] is None):
+                return ValueError(f"rank {rank} was given {key}={mine[key]!r} but rank 0 {manifest[key]!r}; call "
+                                  "capture_pairs with the same pairs and arguments on every rank")
+        return None
 
     # ---- rank 0: the manifest ----
     def settings(self, fingerprint: str) -> dict[str, Any]:
@@ -539,7 +553,10 @@ class _Capture:
             for i in range(start, start + count):
                 pair = self.pairs[i]
                 _check_batch([pair], [i])
-                tokens[i] = image_token_count(self.adapter, self.processor, pair)
+                try:
+                    tokens[i] = image_token_count(self.adapter, self.processor, pair)
+                except (ValueError, TypeError) as err:
+                    raise _PairError(f"pair {i}: {str(err).splitlines()[0]}") from None
         batches = capture_batches(count, self.batch_size, self.shard_size,
                                   None if tokens is None else [tokens[start + j] for j in range(count)])[0]
         rows: dict[str, Tensor] = {}
