@@ -6,10 +6,11 @@ saves.  ``python benchmarks/capture_buckets.py`` (from the repository root) writ
 (``tests/data/real_configs``, the PIL image processor, the Mistral SentencePiece tokenizer, as in
 ``tests/test_real_width.py``).  The data: every scikit-image sample photograph in :data:`PHOTOS` (14 sizes from
 172×448 to 1411×1411: 1,320 to 2,928 image tokens) with captions of different lengths, ``--copies`` times each,
-in one fixed shuffled order.  For each batch size, the batches :func:`jsae.capture.capture_batches` plans with
-and without bucketing (the default shard of 1,024 pairs) are built through ``adapter.build_inputs`` (the real
-processor pads each batch to its longest row) and the positions counted: real tokens (attention mask), padded
-positions (batch × padded length, what the decoder layers compute on) and the attention work Σ batch × length².
+in one fixed shuffled order.  Each pair's sequence length is read from ``adapter.build_inputs`` (the real processor:
+prompt, caption and expanded image tokens); for each batch size, the batches :func:`jsae.capture.capture_batches`
+plans with and without bucketing (the default shard of 1,024 pairs) are padded to their longest row, as the
+processor pads them (checked on real batches), and the positions counted: real tokens, padded positions (batch ×
+padded length, what the decoder layers compute on) and the attention work Σ batch × length².
 
 **Wall time**: ``capture_pairs(..., layers=[1])`` (both decoder layers run) on ``jsae.cost.instantiate`` of the same
 model at real width (d = 4096, 2 decoder layers, 2 vision layers, float32, random weights) on the CPU, bucketed
@@ -72,25 +73,36 @@ def dataset(copies: int, seed: int = 0) -> list[tuple[Any, str]]:
     return pairs
 
 
-def padding(adapter: Any, processor: Any, pairs: list[tuple[Any, str]], batch_size: int, tokens: list[int] | None,
-            shard_size: int = 1024) -> dict[str, Any]:
-    """Positions of the batches capture runs (bucketed when ``tokens`` are given), through the processor."""
+def row_lengths(adapter: Any, processor: Any, pairs: list[tuple[Any, str]]) -> list[int]:
+    """Each pair's sequence length through the processor (its prompt, caption and expanded image tokens)."""
+    return [int(adapter.build_inputs(processor, [im], [cap])["input_ids"].shape[1]) for im, cap in pairs]
+
+
+def padding(lengths: list[int], batch_size: int, tokens: list[int] | None, shard_size: int = 1024) -> dict[str, Any]:
+    """Positions of the batches capture runs (bucketed when ``tokens`` are given): the processor pads a batch
+    to its longest row (checked on real batches by :func:`check_padded_lengths`)."""
     from jsae.capture import capture_batches
 
     shard_size = -(-shard_size // batch_size) * batch_size
-    real = padded = attention = 0
-    lengths = []
-    for shard in capture_batches(len(pairs), batch_size, shard_size, tokens):
+    padded = attention = 0
+    widths = []
+    for shard in capture_batches(len(lengths), batch_size, shard_size, tokens):
         for batch in shard:
-            enc = adapter.build_inputs(processor, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch])
-            b, s = enc["input_ids"].shape
-            real += int(enc["attention_mask"].sum())
-            padded += b * s
-            attention += b * s * s
-            lengths.append(s)
-    return {"batches": len(lengths), "real_tokens": real, "padded_positions": padded,
-            "padding_fraction": round(1 - real / padded, 4), "attention_positions2": attention,
-            "batch_lengths": lengths}
+            s = max(lengths[i] for i in batch)
+            padded += len(batch) * s
+            attention += len(batch) * s * s
+            widths.append(s)
+    real = sum(lengths)
+    return {"batches": len(widths), "real_tokens": real, "padded_positions": padded,
+            "padding_fraction": round(1 - real / padded, 4), "attention_positions2": attention, "batch_lengths": widths}
+
+
+def check_padded_lengths(adapter: Any, processor: Any, pairs: list[tuple[Any, str]], lengths: list[int],
+                         batch: list[int]) -> None:
+    """The processor's batch of ``batch`` is as long as its longest row and holds exactly the rows' tokens."""
+    enc = adapter.build_inputs(processor, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch])
+    assert enc["input_ids"].shape[1] == max(lengths[i] for i in batch)
+    assert int(enc["attention_mask"].sum()) == sum(lengths[i] for i in batch)
 
 
 def measure_padding(copies: int, batch_sizes: list[int]) -> dict[str, Any]:
@@ -104,12 +116,15 @@ def measure_padding(copies: int, batch_sizes: list[int]) -> dict[str, Any]:
     processor = build_processor(spec, mistral_tokenizer())
     adapter = for_model(meta_model(spec))
     pairs = dataset(copies)
-    tokens = [image_token_count(adapter, processor, p) for p in pairs]
     load0, t0 = loadavg(), time.perf_counter()
+    tokens = [image_token_count(adapter, processor, p) for p in pairs]
+    lengths = row_lengths(adapter, processor, pairs)
+    for batch in ([0, 1, 2, 3], [int(i) for i in sorted(range(len(pairs)), key=lambda i: -tokens[i])[:4]]):
+        check_padded_lengths(adapter, processor, pairs, lengths, batch)
     rows = []
     for bs in batch_sizes:
-        plain = padding(adapter, processor, pairs, bs, None)
-        bucketed = padding(adapter, processor, pairs, bs, tokens)
+        plain = padding(lengths, bs, None)
+        bucketed = padding(lengths, bs, tokens)
         assert plain["real_tokens"] == bucketed["real_tokens"]
         rows.append({"batch_size": bs, "unbucketed": plain, "bucketed": bucketed,
                      "positions_saved": round(1 - bucketed["padded_positions"] / plain["padded_positions"], 4),
@@ -158,7 +173,8 @@ def measure_time(n: int, batch_size: int, tile: int) -> dict[str, Any]:
         bv, bt, _ = read_layer(f"{tmp}/bucketed1", 1)
         uv, ut, _ = read_layer(f"{tmp}/unbucketed0", 1)
         diff = max(float((bv - uv).abs().max() / uv.abs().max()), float((bt - ut).abs().max() / ut.abs().max()))
-    plain, bucketed = padding(adapter, processor, pairs, batch_size, None), padding(adapter, processor, pairs, batch_size, tokens)
+    lengths = row_lengths(adapter, processor, pairs)
+    plain, bucketed = padding(lengths, batch_size, None), padding(lengths, batch_size, tokens)
     u, b = sum(runs["unbucketed"]), sum(runs["bucketed"])
     uc, bc = sum(cpu["unbucketed"]), sum(cpu["bucketed"])
     return {"model": MODEL, "width": "real (d_model 4096), 2 decoder layers, 2 vision layers, float32, random weights",

@@ -377,8 +377,6 @@ def test_torchrun_killed_rank_resumes_under_any_world_size(tmp_path, one_process
     assert res.returncode != 0
     m = read_manifest(out)
     assert not m["complete"] and m["count"] < 14
-    if killed == 1:  # rank 0 lists its own shards as it writes them
-        assert "shard-00000.safetensors" in {s["file"] for s in m["shards"]}
     assert (out / f"shard-{killed:05d}.safetensors").exists()  # the killed rank's first shard was written
     if resume_ranks == 2:
         res = _torchrun(str(SCRIPT), str(out), "llava_next", "14")

@@ -145,7 +145,8 @@ def capture_pairs(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1, or a ``torch.distributed`` process group already started) every
     rank calls this with the same arguments and captures its own shards (shard ``k`` on rank ``k mod
-    world_size``) into the one ``out_dir``; rank 0 keeps the manifest.  See the module docstring.
+    world_size``) into the one ``out_dir``; rank 0 keeps the manifest.  Put each rank's model on its own device
+    (e.g. ``cuda:LOCAL_RANK``).  See the module docstring.
     """
     from jsae.vlm import as_vlm
 
@@ -324,16 +325,16 @@ _REBUILT = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError
             "OSError": OSError, "RuntimeError": RuntimeError, "DirectoryLocked": RuntimeError, "_PairError": ValueError}
 
 
-def _describe(exc: BaseException | None, rank: int) -> tuple[int, str, str, bool] | None:
-    """What another rank needs to raise the same one-line error: (rank, type name, message, is a pair error)."""
+def _describe(exc: BaseException | None, rank: int) -> tuple[int, str, str] | None:
+    """What another rank needs to raise the same one-line error: (rank, type name, first line of the message)."""
     if exc is None:
         return None
-    return rank, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, \
-        isinstance(exc, _PairError)
+    lines = str(exc).strip().splitlines()
+    return rank, type(exc).__name__, lines[0] if lines else type(exc).__name__
 
 
-def _rebuilt(failure: tuple[int, str, str, bool], world: int) -> Exception:
-    rank, name, msg, _ = failure
+def _rebuilt(failure: tuple[int, str, str], world: int) -> Exception:
+    rank, name, msg = failure
     cls = _REBUILT.get(name)
     prefix = f"rank {rank} of {world}: " if world > 1 else ""
     return cls(prefix + msg) if cls is not None else RuntimeError(f"{prefix}{name}: {msg}")
