@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import KINDS, tiny_vlm
 from safetensors.torch import load_file
 
-from jsae.capture import capture_pairs, pool, read_manifest
+from jsae.capture import capture_batches, capture_pairs, image_token_count, pool, read_manifest
 from jsae.training import PairedActivations, load_pairs
 
 
@@ -188,3 +194,231 @@ def test_bad_capture_inputs(tmp_path):
         capture_pairs(v.model, iter(pairs), layers=[0], out_dir=tmp_path / "e", **kw)
     with pytest.raises(FileNotFoundError, match="run jsae.capture_pairs"):
         load_pairs(tmp_path / "nothing", 0)
+
+
+# ---- bucketed batches ---------------------------------------------------------------------------
+
+
+def _forwards(v):
+    """A list that records, per forward, the image tokens of each row and the padded length (from the
+    input ids the embedding reads), and the hook's handle."""
+    seen = []
+    image_id = v.adapter.image_token_id
+
+    def record(module, args, output):
+        ids = args[0]
+        seen.append(((ids == image_id).sum(1).tolist(), ids.shape[1]))
+
+    return seen, v.hf.get_input_embeddings().register_forward_hook(record)
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "qwen3_vl", "llava"])
+def test_bucketed_batches_group_rows_by_image_tokens_and_keep_the_pairs_order(kind, tmp_path):
+    v = tiny_vlm(kind)
+    pairs = v.pairs(12)
+    # the counts bucketing sorts by (the processor's settings, before any forward) are the tokens it writes
+    counts = [image_token_count(v.adapter, v.processor, p) for p in pairs]
+    assert counts == [int(v.adapter.image_token_mask(v.inputs(1, i)).sum()) for i in range(12)]
+    kw = dict(layers=[0, 1], processor=v.processor, batch_size=2, shard_size=6, progress=False)
+    runs = {}
+    for bucket in (True, False):
+        seen, handle = _forwards(v)
+        try:
+            capture_pairs(v.model, pairs, out_dir=tmp_path / str(bucket), bucket=bucket, **kw)
+        finally:
+            handle.remove()
+        runs[bucket] = seen
+        assert read_manifest(tmp_path / str(bucket))["bucket"] is bucket
+    plan = [b for shard in capture_batches(12, 2, 6, counts) for b in shard]
+    assert [rows for rows, _ in runs[True]] == [[counts[i] for i in b] for b in plan]
+    assert [rows for rows, _ in runs[False]] == [counts[i:i + 2] for i in range(0, 12, 2)]
+    assert all(rows == sorted(rows, reverse=True) for rows, _ in runs[True])  # largest first within a shard
+    padded = {b: sum(len(rows) * length for rows, length in runs[b]) for b in runs}
+    if len(set(counts)) > 1:
+        assert padded[True] < padded[False]
+    else:  # one image size: bucketing changes nothing, the batches are the unbucketed ones
+        assert runs[True] == runs[False]
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "one", **{**kw, "batch_size": 1})  # no padding at all
+    for layer in (0, 1):
+        b = load_pairs(tmp_path / "True", layer, batch_size=12, shuffle=False)
+        u = load_pairs(tmp_path / "False", layer, batch_size=12, shuffle=False)
+        one = load_pairs(tmp_path / "one", layer, batch_size=12, shuffle=False)
+        for got in (b, u):  # every row is its own pair's (order restored), up to float rounding of the padding
+            torch.testing.assert_close(got.vision, one.vision, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.text, one.text, rtol=1e-5, atol=1e-6)
+        assert torch.cdist(one.vision, one.vision).add(torch.eye(12)).min() > 1e-4  # rows are distinguishable
+        if len(set(counts)) == 1:
+            assert torch.equal(b.vision, u.vision) and torch.equal(b.text, u.text)
+    # resuming keeps the capture's own setting; asking for the other one is refused
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "False", **kw)
+    with pytest.raises(ValueError, match="bucket=False, not True"):
+        capture_pairs(v.model, pairs, out_dir=tmp_path / "False", bucket=True, **kw)
+
+
+def test_resume_adopts_complete_shards_the_manifest_does_not_list(tmp_path):
+    """A rank killed between renaming its shard into place and rank 0's next manifest write leaves a complete
+    shard the manifest does not list (here the middle one): resume keeps it without recomputing; a shard of
+    another capture's plan at a missing shard's name is deleted and captured anew."""
+    import json
+    import shutil
+
+    v = tiny_vlm("llava_next")
+    pairs = v.pairs(10)
+    kw = dict(layers=[0], processor=v.processor, batch_size=2, shard_size=4, progress=False)
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "ref", **kw)
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "other", pooling="max", **kw)
+    shutil.copytree(tmp_path / "ref", tmp_path / "killed")
+    path = tmp_path / "killed" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["shards"] = [m["shards"][0]]  # shard 1 complete on disk but unlisted; shard 2 missing...
+    m.update(count=4, complete=False)
+    path.write_text(json.dumps(m))
+    shutil.copy(tmp_path / "other" / "shard-00002.safetensors", tmp_path / "killed")  # ...with another plan's in its place
+    seen, handle = _forwards(v)
+    try:
+        capture_pairs(v.model, pairs, out_dir=tmp_path / "killed", **kw)
+    finally:
+        handle.remove()
+    assert len(seen) == 1  # shard 2 (pairs 8, 9) only
+    got, ref = read_manifest(tmp_path / "killed"), read_manifest(tmp_path / "ref")
+    assert got["complete"] and got["shards"] == ref["shards"] and got["count"] == 10
+    for k in range(3):
+        a = load_file(tmp_path / "killed" / f"shard-{k:05d}.safetensors")
+        b = load_file(tmp_path / "ref" / f"shard-{k:05d}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
+
+
+def test_capture_made_before_bucketing_resumes_unbucketed(tmp_path):
+    """A manifest without ``bucket`` (an older capture: shards are whole batches of consecutive pairs, with no
+    ``start``) resumes unbucketed, and its shards read back in order."""
+    import json
+
+    v = tiny_vlm("qwen3_vl")
+    pairs = v.pairs(8)
+    kw = dict(layers=[1], processor=v.processor, batch_size=2, shard_size=4, progress=False)
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "ref", bucket=False, **kw)
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "old", bucket=False, **kw)
+    path = tmp_path / "old" / "manifest.json"
+    m = json.loads(path.read_text())
+    for key in ("bucket", "plan", "world_size"):
+        del m[key]
+    m["shards"] = [{"file": s["file"], "count": s["count"]} for s in m["shards"][:1]]
+    m.update(count=4, complete=False)
+    path.write_text(json.dumps(m))
+    (tmp_path / "old" / "shard-00001.safetensors").unlink()
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "old", **kw)
+    got = read_manifest(tmp_path / "old")
+    assert got["complete"] and got["bucket"] is False and [s["start"] for s in got["shards"]] == [0, 4]
+    a = load_pairs(tmp_path / "old", batch_size=8, shuffle=False)
+    b = load_pairs(tmp_path / "ref", batch_size=8, shuffle=False)
+    assert torch.equal(a.vision, b.vision) and torch.equal(a.text, b.text)
+
+
+# ---- data parallel (torchrun, 2 gloo processes on the CPU) ---------------------------------------
+
+SCRIPT = Path(__file__).parent / "scripts" / "capture_ranks.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), *args]
+    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _same_capture(a: Path, b: Path) -> None:
+    """Same manifest contents (fingerprint, plan, shards, count) and bitwise the same tensors in every shard."""
+    ma, mb = read_manifest(a), read_manifest(b)
+    for key in ("fingerprint", "plan", "shards", "count", "complete", "bucket", "total"):
+        assert ma[key] == mb[key], key
+    for s in ma["shards"]:
+        ta, tb = load_file(a / s["file"]), load_file(b / s["file"])
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), s["file"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The one-process capture the torchrun tests compare with: 14 pairs of mixed image sizes, bucketed
+    batches of 2, shards of 4 (4 shards: ranks 0 and 1 get two each)."""
+    out = tmp_path_factory.mktemp("one") / "cap"
+    v = tiny_vlm("llava_next")
+    capture_pairs(v.model, v.pairs(14), layers=[0, 1], out_dir=out, processor=v.processor, batch_size=2, shard_size=4,
+                  progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path, one_process):
+    res = _torchrun(str(SCRIPT), str(tmp_path / "ddp"), "llava_next", "14")
+    forwards = sorted(line.split() for line in res.stdout.splitlines() if line.startswith("rank "))
+    assert forwards == [["rank", "0", "forwards", "4"], ["rank", "1", "forwards", "3"]]  # shards 0, 2 | 1, 3 (2 pairs)
+    _same_capture(tmp_path / "ddp", one_process)
+    m = read_manifest(tmp_path / "ddp")
+    assert m["world_size"] == 2 and m["bucket"] and len(m["fingerprint"]) == 32
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["manifest.json"] + [
+        f"shard-{k:05d}.safetensors" for k in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed,resume_ranks", [(1, 2), (0, 1)])
+def test_torchrun_killed_rank_resumes_under_any_world_size(tmp_path, one_process, killed, resume_ranks):
+    """One rank SIGKILLed inside its 3rd forward (its first shard written, its second begun); torchrun stops
+    the other.  The capture resumes under 2 ranks or 1 process and equals the one-process capture."""
+    out = tmp_path / "cap"
+    res = _torchrun(str(SCRIPT), str(out), "llava_next", "14", "--kill-rank", str(killed), "--kill-at", "3", check=False)
+    assert res.returncode != 0
+    m = read_manifest(out)
+    assert not m["complete"] and m["count"] < 14
+    assert (out / f"shard-{killed:05d}.safetensors").exists()  # the killed rank's first shard was written
+    if resume_ranks == 2:
+        res = _torchrun(str(SCRIPT), str(out), "llava_next", "14")
+        ran = sum(int(line.split()[-1]) for line in res.stdout.splitlines() if line.startswith("rank "))
+    else:
+        v = tiny_vlm("llava_next")
+        seen, handle = _forwards(v)
+        try:
+            capture_pairs(v.model, v.pairs(14), layers=[0, 1], out_dir=out, processor=v.processor, batch_size=2,
+                          shard_size=4, progress=False)
+        finally:
+            handle.remove()
+        ran = len(seen)
+    assert ran <= 7 - 2  # the killed rank's written shard (2 batches) is not captured again
+    _same_capture(out, one_process)
+
+
+@pytest.mark.slow
+def test_torchrun_command_line_equals_the_api_in_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 --no-python jsae run capture ...` on the shipped toy model and world data
+    gives the shards and fingerprint of `capture_pairs` in one process (``--pairs``: torchrun's own parser
+    refuses ``--n`` as an ambiguous abbreviation of its options)."""
+    from jsae import load_vlm
+    from jsae.data.sources import WorldSource
+
+    jsae_cli = Path(sys.executable).parent / "jsae"
+    _torchrun("--no-python", str(jsae_cli), "run", "capture", "--model", "llava", "--layers", "1", "--pairs", "10",
+              "--batch-size", "2", "--shard-size", "2", "--out", str(tmp_path / "ddp"))
+    source = WorldSource.split("train", 10, 0)
+    model, processor, adapter = load_vlm("llava")
+    capture_pairs(model, source.pairs("train"), layers=[1], out_dir=tmp_path / "one", processor=processor,
+                  adapter=adapter, batch_size=2, shard_size=2, fingerprint=source.fingerprint("train"), progress=False)
+    _same_capture(tmp_path / "ddp", tmp_path / "one")
+    assert read_manifest(tmp_path / "ddp")["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_given_other_pairs_all_refuse_before_capturing(tmp_path):
+    res = _torchrun(str(SCRIPT), str(tmp_path / "cap"), "llava_next", "8", "--last-rank-n", "7", check=False)
+    assert res.returncode != 0
+    errors = sorted(line for line in res.stdout.splitlines() if " error: " in line)
+    msg = ("rank 1 of 2: rank 1 was given total=7 but rank 0 8; call capture_pairs with the same pairs and arguments "
+           "on every rank")
+    assert errors == [f"rank 0 error: {msg}", f"rank 1 error: {msg}"]
+    assert not list((tmp_path / "cap").glob("shard-*"))  # refused before any forward

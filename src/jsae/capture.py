@@ -8,19 +8,41 @@ and stops the forward after the last requested layer (``tracer.stop()``).  Direc
     out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards
     out_dir/shard-00000.safetensors  layer_4.vision [n, d_in], layer_4.text [n, d_in], ...
 
-A shard is written to a temporary name and renamed; the manifest is rewritten (tmp + rename) after
-every shard, so a killed run resumes from the last shard with the exact pair count and no duplicates
-(shards hold whole batches, so a resumed run sees the same batches as an uninterrupted one).
+**Shards are the unit of work.**  Shard ``k`` holds pairs ``[k·shard_size, (k+1)·shard_size)`` in the pairs'
+order (``shard_size`` is rounded up to whole batches); its metadata records its first pair, its count and
+the capture's *plan* (a hash of every setting its contents depend on).  A shard is written to a temporary
+name and renamed, then listed in the manifest (tmp + rename), so a killed run resumes at its first missing
+shard, with the exact pair count and no duplicates; a complete shard the manifest does not list yet (killed
+in between) is adopted when its metadata matches, anything else is deleted.
+
+**Bucketed batches** (``bucket=True``, the default for a new capture): the pairs of a shard are ordered by
+image-token count, largest first (``adapter.num_image_tokens`` of each image's size through the processor's
+settings, before any forward; ties in data order), then cut into batches, so a batch pads its rows to a
+similar length; the pooled vectors are put back in the pairs' order before the shard is written.  On data
+whose images all give the same count the batches are exactly the unbucketed ones.
+:func:`capture_batches` gives the batches a capture runs.
+
+**Data parallel** (``torchrun --nproc_per_node N``, or any started ``torch.distributed`` job): every rank
+calls :func:`capture_pairs` with the same arguments; shard ``k`` is captured by rank ``k mod N``.  Rank 0
+takes the directory's lock, checks and hashes the data and opens the manifest; it alone writes the manifest
+(after each of its shards, listing every complete shard on disk); when every rank is done it marks the
+capture complete.  A shard's batches do not depend on the world size, so the shards equal a one-process
+capture's bit for bit, and a capture killed under one world size resumes under any other (its shards are
+re-read as they are).  An error on any rank (e.g. a malformed pair) is raised on every rank.
+Coordination runs over a gloo group of its own (small Python objects), whatever backend the job uses.
+
 Memory: one batch of activations plus one shard of pooled vectors, whatever the data size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -34,6 +56,7 @@ from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
 from jsae.files import apply_umask, tmp_sibling, write_json
+from jsae.locks import LOCK_FILE, DirLock
 
 POOLINGS = ("mean", "max", "last")
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
@@ -97,10 +120,11 @@ def capture_pairs(
     batch_size: int = 8,
     shard_size: int = 1024,
     dtype: torch.dtype = torch.float32,
-    fingerprint: str | None = None,
+    fingerprint: str | Callable[[], str] | None = None,
     chat_template: bool | None = None,
     prompt_template: str | None = None,
     text_positions: str = "caption",
+    bucket: bool | None = None,
     adapter: VLMAdapter | None = None,
     progress: bool = True,
 ) -> Path:
@@ -109,11 +133,20 @@ def capture_pairs(
     ``model`` is nnsight-wrapped (``jsae.load_vlm``) or a bare transformers VLM; ``processor`` builds the
     inputs (``adapter.build_inputs``; default ``model.processor``).  Re-running on a directory with the
     same model, layers, pooling and data resumes; a finished capture returns at once.
-    ``fingerprint`` replaces the default sha256 of the data (e.g. a dataset name and revision).
+    ``fingerprint`` replaces the default sha256 of the data (e.g. a dataset name and revision); a function
+    returning it is called on rank 0 only (other ranks need not read the data to hash it).
     ``prompt_template`` is a raw prompt string instead of the chat template (e.g. the JSAE reference's
     ``"USER: <image>\n{caption}\nASSISTANT:"``); ``text_positions`` pools the text view over the caption tokens
     (``"caption"``) or every attended non-image token (``"non_image"``: BOS, template words and caption, as
     the reference does).
+    ``bucket`` batches the pairs of each shard by image-token count (largest first) so a batch holds rows of
+    similar length; the shard is written in the pairs' order all the same.  Default: on for a new capture,
+    the existing capture's setting when resuming.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or a ``torch.distributed`` process group already started) every
+    rank calls this with the same arguments and captures its own shards (shard ``k`` on rank ``k mod
+    world_size``) into the one ``out_dir``; rank 0 keeps the manifest.  Put each rank's model on its own device
+    (e.g. ``cuda:LOCAL_RANK``).  See the module docstring.
     """
     from jsae.vlm import as_vlm
 
@@ -130,26 +163,21 @@ def capture_pairs(
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not (fingerprint is None or isinstance(fingerprint, str) or callable(fingerprint)):
+        raise TypeError(f"fingerprint must be a string, a function returning one, or None, got {type(fingerprint).__name__}")
+    if bucket not in (None, True, False):
+        raise ValueError(f"bucket must be True, False or None (the existing capture's setting), got {bucket!r}")
     shard_size = -(-shard_size // batch_size) * batch_size  # whole batches per shard: resume sees the same batches
     from jsae.guards import check_output_dir
-    from jsae.locks import DirLock
 
     out = check_output_dir(out_dir, "out_dir")
-    created = not out.exists()
-    existed = not created and (out / MANIFEST).exists()
+    job = _Capture(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size, dtype,
+                   chat_template, prompt_template, text_positions, bucket, progress)
+    ranks = _Ranks.join()
     try:
-        with DirLock(out, "jsae capture"):
-            try:
-                return _capture_locked(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size,
-                                       dtype, fingerprint, chat_template, prompt_template, text_positions, progress)
-            except _PairError:
-                if not existed:  # a fresh capture of bad data: remove it, so the corrected data is not refused
-                    _remove_capture(out)
-                raise
-    except _PairError:
-        if created and {f.name for f in out.iterdir()} <= {".jsae.lock"}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        return job.run(ranks, fingerprint)
+    finally:
+        ranks.leave()
 
 
 class _PairError(ValueError):
@@ -162,9 +190,9 @@ def _remove_capture(out: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def _check_batch(batch: list[Any], start: int) -> None:
+def _check_batch(batch: list[Any], indices: Sequence[int]) -> None:
     """One-line errors naming the pair (its index in ``pairs``) whose image or caption is malformed."""
-    for i, p in enumerate(batch, start):
+    for i, p in zip(indices, batch):
         if not (isinstance(p, (tuple, list)) and len(p) == 2):
             raise _PairError(f"pair {i} is {type(p).__name__}, not an (image, caption) pair; give every pair as (image, caption)")
         image, text = p
@@ -181,61 +209,408 @@ def _checked_pairs(pairs: Any) -> Any:
     """``pairs`` one at a time (never all images in memory), each checked by :func:`_check_batch`."""
     for i in range(len(pairs)):
         pair = pairs[i]
-        _check_batch([pair], i)
+        _check_batch([pair], [i])
         yield pair
 
 
-def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layer_list: list[int],
-                    pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, fingerprint: str | None,
-                    chat_template: bool | None, prompt_template: str | None, text_positions: str, progress: bool) -> Path:
-    if fingerprint is None:  # one streaming pass reads every pair: check each before writing anything, and hash it
-        fingerprint = dataset_fingerprint(_checked_pairs(pairs))
-    settings = {
-        "format": FORMAT,
-        "model": _model_name(adapter),
-        "model_class": type(adapter.hf_model).__name__,
-        "layers": layer_list,
-        "hook_names": [adapter.hook_name(L) for L in layer_list],
-        "pooling": pooling,
-        "text_positions": text_positions,
-        "prompt_template": prompt_template,
-        "fingerprint": fingerprint,
-        "total": len(pairs),
-        "dtype": str(dtype).removeprefix("torch."),
-        "d_in": adapter.d_in,
-        "batch_size": batch_size,
-        "shard_size": shard_size,
-    }
-    manifest = _open_manifest(out, settings)
-    done = manifest["count"]
-    n = len(pairs)
-    bar = tqdm(total=n, initial=done, desc="capture", unit="pair", disable=not progress)
-    pending: dict[str, list[Tensor]] = {f"layer_{L}.{m}": [] for L in layer_list for m in ("vision", "text")}
-    pending_n = 0
-    try:
-        for start in range(done, n, batch_size):
-            batch = [pairs[i] for i in range(start, min(start + batch_size, n))]
-            _check_batch(batch, start)
+def _span(indices: Sequence[int]) -> str:
+    """``"3..6"`` for consecutive indices, ``"3, 7, 9"`` otherwise (a bucketed batch)."""
+    if list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}..{indices[-1]}"
+    return ", ".join(map(str, indices))
+
+
+# ---- bucketing ----------------------------------------------------------------------------------
+
+
+def _image_hw(image: Any) -> tuple[int, int] | None:
+    """(height, width) of a PIL image or an HWC / CHW array or tensor; None when it cannot be read."""
+    if hasattr(image, "height") and hasattr(image, "width") and hasattr(image, "mode"):
+        return int(image.height), int(image.width)
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 3:
+        chw = shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+        return (int(shape[1]), int(shape[2])) if chw else (int(shape[0]), int(shape[1]))
+    if shape is not None and len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    return None
+
+
+def image_token_count(adapter: VLMAdapter, processor: Any, pair: tuple[Any, str]) -> int:
+    """Image tokens the pair's image(s) become through ``processor``'s settings, before any forward
+    (``adapter.num_image_tokens`` of each image's size); 0 for an image whose size cannot be read."""
+    images = pair[0] if isinstance(pair[0], (list, tuple)) else [pair[0]]
+    total = 0
+    for im in images:
+        hw = _image_hw(im)
+        total += adapter.num_image_tokens(hw[0], hw[1], processor) if hw is not None else 0
+    return total
+
+
+def capture_batches(n: int, batch_size: int, shard_size: int, tokens: Sequence[int] | None = None) -> list[list[list[int]]]:
+    """The batches a capture runs: per shard (pairs ``[k·shard_size, (k+1)·shard_size)``, ``shard_size`` a
+    multiple of ``batch_size``) a list of batches of pair indices.  Without ``tokens`` every batch is
+    consecutive pairs; with ``tokens`` (image tokens per pair) each shard's pairs are ordered by token count,
+    largest first (ties in data order), before they are cut into batches.  The world size plays no part."""
+    out = []
+    for a in range(0, n, shard_size):
+        idx = list(range(a, min(a + shard_size, n)))
+        if tokens is not None:
+            idx.sort(key=lambda i: (-tokens[i], i))
+        out.append([idx[j:j + batch_size] for j in range(0, len(idx), batch_size)])
+    return out
+
+
+# ---- ranks ----------------------------------------------------------------------------------------
+
+_RANK_TIMEOUT_DAYS = 7  # the final gather waits for the slowest rank's share; torchrun ends the job if a rank dies
+
+
+class _Ranks:
+    """This process's rank and the world size of a ``torch.distributed`` job (0 of 1 outside one), and the
+    three collectives capture needs, over a gloo group of its own (small Python objects, whatever backend
+    the job runs; a long timeout, since ranks wait for the slowest one's share)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, group: Any = None):
+        self.rank, self.world, self.group = rank, world, group
+
+    @classmethod
+    def join(cls) -> "_Ranks":
+        import torch.distributed as dist
+
+        wanted = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+        if not (dist.is_available() and (wanted or dist.is_initialized())):
+            if wanted:
+                raise RuntimeError("WORLD_SIZE > 1 but this torch has no torch.distributed; run capture in one process")
+            return cls()
+        from datetime import timedelta
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo", timeout=timedelta(days=_RANK_TIMEOUT_DAYS))
+        if dist.get_world_size() == 1:
+            return cls()
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=_RANK_TIMEOUT_DAYS))
+        return cls(dist.get_rank(), dist.get_world_size(), group)
+
+    def leave(self) -> None:
+        """Destroy capture's own group; a default group started here stays up for the job's next step
+        (the trainer uses it)."""
+        import torch.distributed as dist
+
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list[Any] = [None] * self.world
+        dist.all_gather_object(box, obj, group=self.group)
+        return box
+
+
+_REBUILT = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError,
+            "OSError": OSError, "RuntimeError": RuntimeError, "DirectoryLocked": RuntimeError, "_PairError": ValueError}
+
+
+def _describe(exc: BaseException | None, rank: int) -> tuple[int, str, str] | None:
+    """What another rank needs to raise the same one-line error: (rank, type name, first line of the message)."""
+    if exc is None:
+        return None
+    lines = str(exc).strip().splitlines()
+    return rank, type(exc).__name__, lines[0] if lines else type(exc).__name__
+
+
+def _rebuilt(failure: tuple[int, str, str], world: int) -> Exception:
+    rank, name, msg = failure
+    cls = _REBUILT.get(name)
+    prefix = f"rank {rank} of {world}: " if world > 1 else ""
+    return cls(prefix + msg) if cls is not None else RuntimeError(f"{prefix}{name}: {msg}")
+
+
+# ---- the capture ------------------------------------------------------------------------------------
+
+
+class _Capture:
+    """One ``capture_pairs`` call's settings and its three steps: open (rank 0), shards (every rank), finish (rank 0)."""
+
+    def __init__(self, model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layers: list[int],
+                 pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, chat_template: bool | None,
+                 prompt_template: str | None, text_positions: str, bucket: bool | None, progress: bool):
+        self.model, self.pairs, self.adapter, self.processor, self.out = model, pairs, adapter, processor, out
+        self.layers, self.pooling, self.batch_size, self.shard_size, self.dtype = layers, pooling, batch_size, shard_size, dtype
+        self.chat_template, self.prompt_template, self.text_positions = chat_template, prompt_template, text_positions
+        self.bucket, self.progress = bucket, progress
+        self.n = len(pairs)
+        self.n_shards = -(-self.n // shard_size)
+
+    # ---- the shard plan ----
+    def shard_range(self, k: int) -> tuple[int, int]:
+        start = k * self.shard_size
+        return start, min(self.shard_size, self.n - start)
+
+    # ---- the whole run, on every rank ----
+    def run(self, ranks: _Ranks, fingerprint: Any) -> Path:
+        """Rank 0 opens the directory (lock, data check and hash, manifest) and tells every rank; the ranks
+        check that they were given the same settings; each captures its shards; when all are done rank 0
+        marks the capture complete.  An error while opening, in the settings check or while finishing is raised
+        on every rank; an error while capturing is raised at once on its rank (``torchrun`` then ends the job).
+        A fresh capture of bad data found in one process, or by rank 0's check before any shard, is removed, so
+        the corrected data is not refused."""
+        out = self.out
+        created = not out.exists()
+        existed = not created and (out / MANIFEST).exists()
+        lock = DirLock(out, "jsae capture")
+        bad_data = opening = False
+        try:
+            manifest: Any = None
+            if ranks.rank == 0:
+                try:
+                    opening = True  # nothing but rank 0 writes yet
+                    lock.acquire()
+                    manifest = self.open(fingerprint, ranks.world)
+                    opening = False
+                except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it is
+                    ranks.broadcast(_describe(exc, 0))
+                    raise
+            manifest = ranks.broadcast(manifest)
+            if not isinstance(manifest, dict):
+                raise _rebuilt(manifest, ranks.world)
+            disagree = [f for f in ranks.gather(_describe(self.disagreement(manifest, ranks.rank), ranks.rank)) if f]
+            if disagree:
+                raise _rebuilt(disagree[0], ranks.world)
+            manifest = self.capture_shards(manifest, ranks)
+            ranks.gather(None)  # every rank is done
+            if ranks.rank == 0:
+                try:
+                    self.finish(manifest, ranks.world)
+                except Exception as exc:  # noqa: BLE001
+                    ranks.broadcast(_describe(exc, 0))
+                    raise
+            failure = ranks.broadcast(None)
+            if failure:
+                raise _rebuilt(failure, ranks.world)
+        except _PairError:
+            bad_data = (ranks.world == 1 or opening) and not existed
+            if bad_data:
+                _remove_capture(out)
+            raise
+        finally:
+            if ranks.rank == 0:
+                lock.release()
+            if bad_data and created and out.exists() and {f.name for f in out.iterdir()} <= {LOCK_FILE}:
+                shutil.rmtree(out, ignore_errors=True)
+        return out
+
+    def disagreement(self, manifest: dict[str, Any], rank: int) -> ValueError | None:
+        """Whether this rank was given other settings than rank 0 (every rank must cut the same pairs into the
+        same shards)."""
+        mine = self.settings(manifest["fingerprint"])
+        for key in ("model_class", "layers", "pooling", "text_positions", "prompt_template", "total", "dtype",
+                    "batch_size", "shard_size", "bucket"):
+            if mine[key] != manifest[key] and not (key == "bucket" and mine[key] is None):
+                return ValueError(f"rank {rank} was given {key}={mine[key]!r} but rank 0 {manifest[key]!r}; call "
+                                  "capture_pairs with the same pairs and arguments on every rank")
+        return None
+
+    # ---- rank 0: the manifest ----
+    def settings(self, fingerprint: str) -> dict[str, Any]:
+        adapter = self.adapter
+        return {
+            "format": FORMAT,
+            "model": _model_name(adapter),
+            "model_class": type(adapter.hf_model).__name__,
+            "layers": self.layers,
+            "hook_names": [adapter.hook_name(L) for L in self.layers],
+            "pooling": self.pooling,
+            "text_positions": self.text_positions,
+            "prompt_template": self.prompt_template,
+            "fingerprint": fingerprint,
+            "total": self.n,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "d_in": adapter.d_in,
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
+            "bucket": self.bucket,
+        }
+
+    def open(self, fingerprint: Any, world: int) -> dict[str, Any]:
+        """The manifest to continue from (a fresh one for a new directory), after removing leftovers of a
+        killed run (temporary files, unreadable shards) and adopting the complete shards it does not list
+        (a rank wrote them after rank 0 last wrote the manifest)."""
+        if callable(fingerprint):
+            fingerprint = fingerprint()
+        if fingerprint is None:  # one streaming pass reads every pair: check each before writing anything, and hash it
+            fingerprint = dataset_fingerprint(_checked_pairs(self.pairs))
+        settings = self.settings(fingerprint)
+        out, path = self.out, self.out / MANIFEST
+        if path.exists():
+            try:
+                manifest = json.loads(path.read_text())
+                if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+                    raise ValueError("not a jsae capture manifest")
+            except ValueError as exc:
+                raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); delete {out} to capture anew, or use "
+                                 "a new out_dir") from None
+            # captures made before these settings existed
+            defaults = {"text_positions": "caption", "prompt_template": None, "bucket": False}
+            if settings["bucket"] is None:
+                settings["bucket"] = manifest.get("bucket", False)
+            for key in ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template",
+                        "fingerprint", "total", "dtype", "batch_size", "shard_size", "bucket"):
+                if manifest.get(key, defaults.get(key)) != settings[key]:
+                    raise ValueError(
+                        f"{out} holds a capture with {key}={manifest.get(key, defaults.get(key))!r}, not {settings[key]!r}; "
+                        "use a new out_dir or the same settings to resume"
+                    )
+            start = 0
+            for s in manifest["shards"]:  # captures made before shards recorded their first pair: a prefix
+                s.setdefault("start", start)
+                start = s["start"] + s["count"]
+            manifest.update(bucket=settings["bucket"], plan=_plan(settings))
+        else:
+            if settings["bucket"] is None:
+                settings["bucket"] = True
+            manifest = {**settings, "plan": _plan(settings), "count": 0, "shards": [], "complete": False}
+        manifest["world_size"] = world
+        listed = {s["file"] for s in manifest["shards"]}
+        for f in out.iterdir():
+            if f.name.endswith(".tmp") or f.name.startswith((f".{MANIFEST}.tmp-", ".shard-")):
+                f.unlink()
+        self.adopt(manifest, listed)
+        write_json(path, manifest)
+        return manifest
+
+    def adopt(self, manifest: dict[str, Any], listed: set[str]) -> None:
+        """Add to ``manifest`` the complete shards of this plan on disk that it does not list; delete other
+        shard files it does not list."""
+        for f in sorted(self.out.glob("shard-*.safetensors")):
+            if f.name in listed:
+                continue
+            k = _shard_index(f.name)
+            if k is not None and k < self.n_shards and _shard_is(f, manifest["plan"], *self.shard_range(k)):
+                start, count = self.shard_range(k)
+                manifest["shards"].append({"file": f.name, "start": start, "count": count})
+            else:
+                f.unlink()
+        manifest["shards"].sort(key=lambda s: s["start"])
+        manifest["count"] = sum(s["count"] for s in manifest["shards"])
+
+    def finish(self, manifest: dict[str, Any], world: int) -> None:
+        self.adopt(manifest, {s["file"] for s in manifest["shards"]})
+        if manifest["count"] != self.n:
+            raise RuntimeError(f"{self.out}: the ranks wrote {manifest['count']} of {self.n} pairs; re-run the same "
+                               "capture to finish it")
+        manifest.update(complete=True, world_size=world)
+        write_json(self.out / MANIFEST, manifest)
+
+    # ---- every rank: its shards ----
+    def capture_shards(self, manifest: dict[str, Any], ranks: _Ranks) -> dict[str, Any]:
+        self.bucket = bool(manifest["bucket"])
+        done = {s["start"] for s in manifest["shards"]}
+        ours = [k for k in range(self.n_shards) if k % ranks.world == ranks.rank]
+        todo = [k for k in ours if self.shard_range(k)[0] not in done]
+        if ranks.rank == 0 and ranks.world > self.n_shards and todo:
+            warnings.warn(f"only {self.n_shards} of {ranks.world} ranks have a shard to capture ({self.n} pairs, "
+                          f"shard_size {self.shard_size}); pass a smaller shard_size to use every rank", stacklevel=4)
+        total = sum(self.shard_range(k)[1] for k in ours)
+        desc = "capture" if ranks.world == 1 else f"capture (rank 0 of {ranks.world})"
+        bar = tqdm(total=total, initial=total - sum(self.shard_range(k)[1] for k in todo), desc=desc, unit="pair",
+                   disable=not self.progress or ranks.rank != 0)
+        try:
+            for k in todo:
+                name = self.write_shard(k, self.capture_shard(k, bar), manifest["plan"])
+                if ranks.rank == 0:  # the manifest lists this shard and any another rank has written meanwhile
+                    start, count = self.shard_range(k)
+                    listed = {s["file"] for s in manifest["shards"]}
+                    manifest["shards"].append({"file": name, "start": start, "count": count})
+                    if ranks.world > 1:
+                        self.adopt(manifest, listed | {name})
+                    else:
+                        manifest["count"] += count
+                    write_json(self.out / MANIFEST, manifest)
+        finally:
+            bar.close()
+        return manifest
+
+    def capture_shard(self, k: int, bar: Any) -> dict[str, Tensor]:
+        """Shard ``k``'s pooled vectors, in the pairs' order (bucketed batches are put back in place)."""
+        start, count = self.shard_range(k)
+        tokens = None
+        if self.bucket:
+            tokens = {}
+            for i in range(start, start + count):
+                pair = self.pairs[i]
+                _check_batch([pair], [i])
+                try:
+                    tokens[i] = image_token_count(self.adapter, self.processor, pair)
+                except (ValueError, TypeError) as err:
+                    raise _PairError(f"pair {i}: {str(err).splitlines()[0]}") from None
+        batches = capture_batches(count, self.batch_size, self.shard_size,
+                                  None if tokens is None else [tokens[start + j] for j in range(count)])[0]
+        rows: dict[str, Tensor] = {}
+        for batch_rows in batches:
+            idx = [start + j for j in batch_rows]
+            batch = [self.pairs[i] for i in idx]
+            _check_batch(batch, idx)
             images, texts = [p[0] for p in batch], [p[1] for p in batch]
             try:
-                inputs = adapter.build_inputs(processor, images, texts, chat_template=chat_template,
-                                              prompt_template=prompt_template)
+                inputs = self.adapter.build_inputs(self.processor, images, texts, chat_template=self.chat_template,
+                                                   prompt_template=self.prompt_template)
             except (ValueError, TypeError) as err:
-                raise _PairError(f"pairs {start}..{start + len(batch) - 1}: {str(err).splitlines()[0]}") from None
-            for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling, text_positions).items():
-                pending[key].append(value.to(dtype).cpu())
-            pending_n += len(batch)
+                raise _PairError(f"pairs {_span(idx)}: {str(err).splitlines()[0]}") from None
+            pooled = _capture_batch(self.model, self.adapter, inputs, self.layers, self.pooling, self.text_positions)
+            where = torch.tensor(batch_rows)
+            for key, value in pooled.items():
+                if key not in rows:
+                    rows[key] = torch.empty(count, value.shape[-1], dtype=self.dtype)
+                rows[key][where] = value.to(self.dtype).cpu()
             bar.update(len(batch))
-            if pending_n >= shard_size:
-                manifest = _flush(out, manifest, pending, pending_n)
-                pending_n = 0
-        if pending_n:
-            manifest = _flush(out, manifest, pending, pending_n)
-        manifest["complete"] = True
-        write_json(out / MANIFEST, manifest)
-    finally:
-        bar.close()
-    return out
+        return rows
+
+    def write_shard(self, k: int, tensors: dict[str, Tensor], plan: str) -> str:
+        start, count = self.shard_range(k)
+        name = f"shard-{k:05d}.safetensors"
+        tmp = tmp_sibling(self.out / name)
+        save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp),
+                  metadata={"count": str(count), "start": str(start), "plan": plan})
+        os.replace(apply_umask(tmp), self.out / name)
+        return name
+
+
+def _plan(settings: dict[str, Any]) -> str:
+    """A hash of everything a shard's contents depend on (not the world size): a shard on disk whose metadata
+    carries it belongs to this capture."""
+    keys = ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template", "fingerprint",
+            "total", "dtype", "batch_size", "shard_size", "bucket")
+    return hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_index(name: str) -> int | None:
+    digits = name.removeprefix("shard-").removesuffix(".safetensors")
+    return int(digits) if digits.isdigit() else None
+
+
+def _shard_is(path: Path, plan: str, start: int, count: int) -> bool:
+    """Whether ``path`` is a complete shard of ``plan`` holding pairs ``start .. start + count - 1``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - any unreadable file is not a shard
+        return False
+    return meta.get("plan") == plan and meta.get("start") == str(start) and meta.get("count") == str(count)
 
 
 def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[int], pooling: str,
@@ -251,51 +626,6 @@ def _capture_batch(model: Any, adapter: VLMAdapter, inputs: Any, layers: list[in
     for L, (vision, text) in read_layers(model, adapter, inputs, layers, reduce=both).items():
         out[f"layer_{L}.vision"], out[f"layer_{L}.text"] = vision, text
     return out
-
-
-def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The manifest to continue from (a fresh one for a new directory), after removing leftovers of a
-    killed run (temporary files, shards the manifest does not list)."""
-    path = out / MANIFEST
-    if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-                raise ValueError("not a jsae capture manifest")
-        except ValueError as exc:
-            raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); delete {out} to capture anew, or use "
-                             "a new out_dir") from None
-        defaults = {"text_positions": "caption", "prompt_template": None}  # captures made before these existed
-        for key in ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template", "fingerprint",
-                    "total", "dtype", "batch_size", "shard_size"):
-            if manifest.get(key, defaults.get(key)) != settings[key]:
-                raise ValueError(
-                    f"{out} holds a capture with {key}={manifest.get(key)!r}, not {settings[key]!r}; "
-                    "use a new out_dir or the same settings to resume"
-                )
-    else:
-        manifest = {**settings, "count": 0, "shards": [], "complete": False}
-    listed = {s["file"] for s in manifest["shards"]}
-    for f in out.iterdir():
-        if (f.name.endswith(".tmp") or f.name.startswith((f".{MANIFEST}.tmp-", ".shard-"))
-                or (f.name.startswith("shard-") and f.name.endswith(".safetensors") and f.name not in listed)):
-            f.unlink()
-    if not path.exists():
-        write_json(path, manifest)
-    return manifest
-
-
-def _flush(out: Path, manifest: dict[str, Any], pending: dict[str, list[Tensor]], n: int) -> dict[str, Any]:
-    name = f"shard-{len(manifest['shards']):05d}.safetensors"
-    tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
-    tmp = tmp_sibling(out / name)
-    save_file(tensors, str(tmp), metadata={"count": str(n)})
-    os.replace(apply_umask(tmp), out / name)
-    for v in pending.values():
-        v.clear()
-    manifest = {**manifest, "shards": [*manifest["shards"], {"file": name, "count": n}], "count": manifest["count"] + n}
-    write_json(out / MANIFEST, manifest)
-    return manifest
 
 
 # ================================================================================================
@@ -319,7 +649,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,
                allow_incomplete: bool = False) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one)."""
+    """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one), in the
+    pairs' order.  ``allow_incomplete`` reads the shards captured so far (under data parallelism these need not
+    be the first pairs: each shard entry of the manifest says which pairs it holds)."""
     manifest = read_manifest(out_dir)
     if not manifest.get("complete") and not allow_incomplete:
         raise ValueError(f"the capture in {out_dir} is incomplete ({manifest['count']}/{manifest['total']} pairs); "
@@ -332,7 +664,7 @@ def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dty
     if layer not in layers:
         raise ValueError(f"layer {layer} was not captured in {out_dir}; captured layers: {layers}")
     parts: dict[str, list[Tensor]] = {"vision": [], "text": []}
-    for shard in manifest["shards"]:
+    for shard in manifest["shards"]:  # listed in the pairs' order
         with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
             for m in parts:
                 parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))

@@ -174,10 +174,16 @@ def capture(
     model: str = typer.Option("llava", help="toy model name, or a hub id / path of a real VLM"),
     layers: str = typer.Option(..., help="comma-separated decoder layers"),
     split: str = typer.Option("train", help="world split (train | validation | test), or the split of --data"),
-    n: int = typer.Option(2000, help="number of world pairs (the world only; --data captures every row of --split)"),
+    n: int = typer.Option(2000, "--n", "--pairs", help="number of world pairs (the world only; --data captures every row of "
+                                                         "--split); under torchrun write --pairs (torchrun reads --n as one of its own options)"),
     data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id) instead of the world"),
     pooling: str = typer.Option("mean", help="mean | max | last"),
     batch_size: int = typer.Option(32),
+    shard_size: int = typer.Option(1024, help="pairs per shard file (rounded up to whole batches); under torchrun the unit "
+                                              "of work: shard k goes to rank k mod world size"),
+    bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="batch each shard's pairs by image-token count "
+                                                                            "(default: on for a new capture, the capture's own "
+                                                                            "setting when resuming)"),
     seed: int = typer.Option(0, help="world seed"),
     text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token; --preset reference)"),
     prompt_template: Optional[str] = typer.Option(None, help="raw prompt instead of the chat template, with {caption}"),
@@ -191,7 +197,9 @@ def capture(
     """Capture pooled (image, caption) activations at the given layers (resumable).
 
     The manifest records the data's fingerprint, which `jsae sae label` checks.  --model may also be a
-    config.json or a spec JSON (config + processor settings) with --dry-run."""
+    config.json or a spec JSON (config + processor settings) with --dry-run.  Data parallel:
+    `torchrun --nproc_per_node N --no-python jsae run capture --pairs 2000 ...` (each rank captures its own
+    shards, on cuda:LOCAL_RANK with --device cuda; the shards equal a one-process capture's)."""
     from jsae.protocol.run import PRESETS
 
     if preset not in PRESETS:
@@ -205,6 +213,17 @@ def capture(
     if out is None:
         fail("--out is required (the capture directory), unless --dry-run")
     _check_capture_options(out, split, n, data, pooling, batch_size, text_pooling)
+    if shard_size < 1:
+        fail(f"--shard-size must be at least 1, got {shard_size}")
+    import os
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device_map is not None:
+            fail("--device-map spreads one model over every GPU, which each torchrun rank would do; under torchrun "
+                 "use --device cuda (one GPU per rank), or run one process with --device-map")
+        if device == "cuda":
+            device = f"cuda:{local_rank}"  # one GPU per rank
     from jsae import capture_pairs, load_vlm
 
     try:
@@ -222,11 +241,13 @@ def capture(
                            f"of the reference's {notes['capture']['reference']!r}", err=True)
         text_pooling = text_pooling or "caption"
         capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
-                      pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part),  # type: ignore[arg-type]
-                      prompt_template=prompt_template, text_positions=text_pooling)
+                      pooling=pooling, batch_size=batch_size, shard_size=shard_size,  # type: ignore[arg-type]
+                      fingerprint=lambda: source.fingerprint(part), prompt_template=prompt_template, text_positions=text_pooling,
+                      bucket=bucket)
     except (ValueError, OSError) as exc:
         fail(str(exc))
-    typer.echo(f"captured {len(pairs)} pairs into {out}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"captured {len(pairs)} pairs into {out}")
 
 
 def _capture_dry_run(model: str, layers: list[int], split: str, n: int, data: Optional[str], seed: int, batch_size: int,
