@@ -422,3 +422,23 @@ def test_torchrun_ranks_given_other_pairs_all_refuse_before_capturing(tmp_path):
            "on every rank")
     assert errors == [f"rank 0 error: {msg}", f"rank 1 error: {msg}"]
     assert not list((tmp_path / "cap").glob("shard-*"))  # refused before any forward
+
+@pytest.mark.parametrize("text_positions", ["caption", "non_image"])
+def test_per_token_text_states_are_what_the_capture_pools(text_positions, tmp_path):
+    """``text_token_states`` (the per-token text FVU of ``sae_metrics``) holds exactly the tokens the capture's
+    text view averages: per pair, their mean is the captured text pool."""
+    from jsae.capture import read_layer
+    from jsae.protocol.sweep import text_token_states
+
+    v = tiny_vlm("llava")
+    pairs = v.pairs(3)
+    capture_pairs(v.model, pairs, layers=[1], out_dir=tmp_path, processor=v.processor, batch_size=3, progress=False,
+                  text_positions=text_positions)
+    _, pooled, _ = read_layer(tmp_path, 1)
+    per_pair = [text_token_states((v.model, v.processor, v.adapter), [p], 1, text_positions=text_positions) for p in pairs]
+    enc = v.adapter.build_inputs(v.processor, *map(list, zip(*pairs)))
+    mask = v.adapter.caption_token_mask(enc) if text_positions == "caption" else v.adapter.non_image_token_mask(enc)
+    assert [t.shape[0] for t in per_pair] == mask.sum(1).tolist()
+    torch.testing.assert_close(torch.stack([t.mean(0) for t in per_pair]), pooled.float(), atol=1e-5, rtol=1e-4)
+    together = text_token_states((v.model, v.processor, v.adapter), pairs, 1, text_positions=text_positions)
+    assert together.shape == (int(mask.sum()), v.adapter.d_in)

@@ -103,7 +103,7 @@ class ReferenceSAE(TrainingJointSAE):
         return super().paired_forward_pass(*args, **kwargs, dense=True)
 
 
-def train(cls, steps, max_density=None, seed=0, **kw):
+def train(cls, steps, max_density=None, seed=0, trainer_kw=None, **kw):
     torch.manual_seed(seed)
     sae = cls(TrainingJointSAEConfig(d_in=16, d_sae=32, **kw))
     if max_density is not None:
@@ -118,7 +118,7 @@ def train(cls, steps, max_density=None, seed=0, **kw):
 
     sae.paired_forward_pass = record  # type: ignore[method-assign]
     tr = JointSAETrainer(sae, JointTrainerConfig(total_steps=steps, lr=3e-3, progress=False, seed=seed, log_every=10,
-                                                 dead_feature_window=5),
+                                                 **{"dead_feature_window": 5, **(trainer_kw or {})}),
                          PairedTensorData(*pairs(), batch_size=32))
     tr.fit()
     return tr, paths
@@ -135,6 +135,23 @@ def test_training_on_the_fast_path_matches_the_reference_after_a_few_steps(align
         assert torch.equal(fast.steps_since_fired, ref.steps_since_fired)  # dead-latent counters from the codes
         for h_ref, h in zip(ref.history, fast.history):
             assert h["losses/overall_loss"] == pytest.approx(h_ref["losses/overall_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_training_with_revival_on_the_fast_path_matches_the_reference(activation):
+    """With dead-latent revival on (resampling every 6 steps; TopK also AuxK, SAELens's coefficient 1.0) the fast
+    paths train exactly as the reference: same weights, same resampled latents, same dead-latent counters."""
+    kw = dict(activation=activation, k=4, l1_coefficient=1.0, trainer_kw={"dead_feature_window": 2, "resample_every": 6})
+    ref, ref_paths = train(ReferenceSAE, 24, **kw)
+    fast, paths = train(TrainingJointSAE, 24, max_density=1.0, **kw)
+    assert set(ref_paths) == {"dense"} and set(paths) == {"sparse"}
+    assert ref.resampled == fast.resampled and len(ref.resampled) == 3
+    assert sum(r["vision"] + r["text"] for r in ref.resampled) > 0  # latents were resampled
+    if activation == "topk":
+        assert any(k.startswith("losses/auxiliary_reconstruction_loss") for h in ref.history for k in h)
+    for (name, a), b in zip(ref.sae.state_dict().items(), fast.sae.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+    assert torch.equal(fast.steps_since_fired, ref.steps_since_fired)
 
 
 def test_fast_path_training_converges_like_the_reference():

@@ -68,6 +68,71 @@ def test_train_methods_equal_budget_and_separate_alignment(monkeypatch):
     assert d.shape == (16,)
 
 
+def test_train_methods_width_from_the_expansion_factor_and_revival(monkeypatch):
+    """``expansion_factor`` × d_in gives every method its width; revival resamples the JSAEs' dead latents on the
+    schedule (32 steps: every 4 steps while 4 more follow, 7 times) and trains the TopK baseline with AuxK."""
+    from jsae.protocol.methods import resolve_d_sae, revival_schedule
+    from jsae.protocol.run import ProtocolConfig
+    from jsae.training import JointSAETrainer
+
+    calls: list[int] = []
+    resample = JointSAETrainer._resample_dead
+    monkeypatch.setattr(JointSAETrainer, "_resample_dead",
+                        lambda self, v, t: (calls.append(self.step + 1), resample(self, v, t))[1])
+    v, t = _pairs(256, d=8)
+    assert revival_schedule(32) == (2, 4)
+    for revival in (True, False):
+        calls.clear()
+        methods = train_methods(v, t, layer=0, d_sae=None, expansion_factor=4, steps=32, batch_size=64, lr=3e-3, seed=0,
+                                methods=("jsae", "saelens-topk"), metadata={}, k=4, revival=revival)
+        assert {m.sae.cfg.d_sae for m in methods.values()} == {32}
+        topk = methods["saelens-topk"].sae
+        assert calls == ([4, 8, 12, 16, 20, 24, 28] if revival else [])
+        assert topk.cfg.aux_loss_coefficient == (1.0 if revival else 0.0)
+        # SAELens's trainer now leaves a loss history for the converged check (every step at 32 steps)
+        assert [h["details/n_training_steps"] for h in topk.training_history] == list(range(1, 33))
+        assert all(h["losses/overall_loss"] > 0 for h in topk.training_history)
+    with pytest.raises(ValueError, match=r"give d_sae \(24\) or expansion_factor \(4\), not both"):
+        resolve_d_sae(8, 24, 4)
+    with pytest.raises(ValueError, match="expansion_factor must be a whole number >= 1"):
+        ProtocolConfig(expansion_factor=0)
+    with pytest.raises(ValueError, match="not both"):
+        ProtocolConfig(expansion_factor=4, d_sae=64)
+    cfg = ProtocolConfig(expansion_factor=4)
+    assert cfg.d_sae is None and cfg.expansion_factor == 4 and cfg.revival  # the preset's 128 is not filled in
+    assert ProtocolConfig().d_sae == 128
+
+
+def test_sae_metrics_dead_latents_and_fvu_per_branch_pooled_and_per_token():
+    """A JSAE whose codes are 0 except vision latent 0 (always 1) with zero decoder rows reconstructs every
+    input as its branch's b_dec: FVU = Σ|x - b_dec|² / Σ|x - mean|², by hand."""
+    from jsae import JointSAE, JointSAEConfig
+    from jsae.protocol.methods import Method
+    from jsae.protocol.run import sae_metrics
+    from jsae.report.markdown import sae_convergence_table
+
+    sae = JointSAE(JointSAEConfig(d_in=4, d_sae=6))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.vision.b_enc[0] = 1.0
+        sae.text.b_dec.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    g = torch.Generator().manual_seed(0)
+    v, t, tok_v, tok_t = (torch.randn(n, 4, generator=g) for n in (20, 20, 50, 70))
+    out = sae_metrics(Method("jsae", sae, True), v, t, tok_v, tok_t)
+
+    def fvu(x, b_dec):
+        return float((x - b_dec).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    b_t = sae.text.b_dec.detach()
+    assert out["fvu_vision"] == pytest.approx(fvu(v, 0.0)) and out["fvu_text"] == pytest.approx(fvu(t, b_t))
+    assert out["fvu_vision_tokens"] == pytest.approx(fvu(tok_v, 0.0))
+    assert out["fvu_text_tokens"] == pytest.approx(fvu(tok_t, b_t))
+    assert (out["d_sae"], out["dead_vision"], out["dead_text"], out["converged"]) == (6, 5, 6, False)
+    table = "\n".join(sae_convergence_table({"llava": {"saes": [{"layer": 2, "method": "jsae", **out}]}}))
+    assert f"| llava | 2 | jsae | 5 / 6 of 6 | {out['fvu_vision']:.2f} / {out['fvu_text']:.2f} |" in table
+
+
 def test_permute_text_branch_is_a_relabelling():
     from jsae import TrainingJointSAE, TrainingJointSAEConfig
 

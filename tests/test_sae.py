@@ -161,6 +161,37 @@ def test_topk_aux_loss_uses_dead_latents_only():
     assert grad[20:].abs().sum() == 0 and grad[:20].abs().sum() > 0  # only dead latents' rows learn
 
 
+@pytest.mark.parametrize("n_dead", [3, 6, 25])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "sparse"])
+def test_topk_aux_loss_equals_saelens_topk_training_sae(n_dead, dense):
+    """AuxK has SAELens's semantics and defaults: a real ``TopKTrainingSAE`` with the JSAE's vision weights
+    gives the same MSE + auxiliary loss and the same gradients, for a few dead latents (scale n_dead / (d_in // 2)
+    = 0.5), exactly d_in // 2 and many (k_aux capped at d_in // 2)."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = make(activation="topk", k=3)  # d_in 12: k_aux = 6
+    assert sae.cfg.aux_loss_coefficient == 1.0
+    ref = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=12, d_sae=40, k=3, rescale_acts_by_decoder_norm=False))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(ref, name).copy_(getattr(sae.vision, name))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 12, generator=g)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[torch.randperm(40, generator=g)[:n_dead]] = True
+    out = ref.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                   n_training_steps=0, is_logging_step=False))
+    out.loss.backward()
+    b = sae.branch_losses(x, "vision", {"l1": 0.0, "aux": sae.cfg.aux_loss_coefficient}, dead, dense=dense)
+    torch.testing.assert_close(b.losses["mse_loss_vision"], out.losses["mse_loss"])
+    torch.testing.assert_close(b.losses["auxiliary_reconstruction_loss_vision"], out.losses["auxiliary_reconstruction_loss"])
+    assert sae.aux_selection(dead) == (min(n_dead, 6), min(n_dead / 6, 1.0))
+    sum(b.losses.values()).backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sae.vision, name).grad, getattr(ref, name).grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # ---- SAELens hooks --------------------------------------------------------------------------------
 
 

@@ -153,6 +153,21 @@ def test_torchrun_two_processes_match_one(tmp_path, reference):
         torch.testing.assert_close(ddp[k], reference[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow
+def test_torchrun_with_resampling_matches_one_process(tmp_path):
+    """ReLU + L1 with dead-latent resampling: two ranks resample the same latents from the same inputs."""
+    args = ["--activation", "relu", "--l1", "1.0", "--resample-every", "6"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run_script(str(one), "-", "24", *args)
+    run_script(str(two), "-", "24", *args, torchrun=True)
+    log = json.loads(one.with_suffix(".json").read_text())
+    assert log == json.loads(two.with_suffix(".json").read_text()) and len(log) == 3
+    assert sum(r["vision"] + r["text"] for r in log) > 0  # latents were resampled
+    a, b = load_file(one), load_file(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path):
     trainer(steps=10, checkpoint_every=5, checkpoint_dir=str(tmp_path / "c")).fit()
     other = trainer(steps=10, checkpoint_dir=str(tmp_path / "c"), l1_coefficient=0.5)
@@ -248,3 +263,153 @@ def test_wandb_logging_uses_saelens_key_names(tmp_path, monkeypatch):
     for key in ("losses/overall_loss", "losses/alignment_loss", "metrics/explained_variance_vision", "metrics/l0_text",
                 "sparsity/dead_features_vision", "details/current_learning_rate"):
         assert key.encode() in data, key
+
+
+# ---- dead-latent revival --------------------------------------------------------------------------
+
+
+def sparse_pairs(n_features: int, offset: float, n=4096, d=16, seed=0):
+    """Pairs of sparse codes over ``n_features`` random unit directions per modality (each active with
+    probability 3 / n_features, values uniform in [0, 2]), plus a constant ``offset`` × a random vector."""
+    g = torch.Generator().manual_seed(seed)
+
+    def view():
+        directions = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=-1)
+        codes = (torch.rand(n, n_features, generator=g) < 3 / n_features).float() * 2 * torch.rand(n, n_features, generator=g)
+        return codes @ directions + offset * torch.randn(d, generator=g)
+
+    return view(), view()
+
+
+def dead_after(sae, vision, text) -> dict[str, int]:
+    """Latents that fire on none of the pairs, per branch."""
+    with torch.no_grad():
+        return {m: int((sae.encode(x, m).amax(0) <= 0).sum()) for m, x in (("vision", vision), ("text", text))}
+
+
+def test_resampling_sets_dead_latents_as_computed_by_hand():
+    """Vision latents 0 and 1 are dead; of the candidates only x3 is badly reconstructed (the others equal b_dec,
+    the alive encoder columns are orthogonal to x3 - b_dec), so both draw x3.  Mean μ = b_dec + 0.75 e1, the
+    direction x3 - μ = 2.25 e1 -> e1; alive encoder norms 2 and 4 -> the new columns 0.2 · 3 · e1 = 0.6 e1 and
+    b_enc = -(0.6 e1 · (μ - b_dec)) = -0.45; decoder rows e1; their Adam moments zero; text untouched."""
+    cfg = JointTrainerConfig(total_steps=100, progress=False, resample_every=10, resample_batches=1, dead_feature_window=5)
+    tr = JointSAETrainer.from_config(TrainingJointSAEConfig(d_in=4, d_sae=4), cfg, PairedTensorData(*pairs(64, d=4), batch_size=4))
+    sae = tr.sae
+    for p in tr.optimizer.param_groups[0]["params"]:  # Adam moments to reset: one step with gradients of ones
+        p.grad = torch.ones_like(p)
+    tr.optimizer.step()
+    with torch.no_grad():
+        b_dec = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        sae.vision.b_dec.copy_(b_dec)
+        sae.vision.W_enc.copy_(torch.tensor([[5.0, 5.0, 0.0, 0.0], [5.0, 5.0, 0.0, 0.0], [5.0, 5.0, 2.0, 0.0],
+                                             [5.0, 5.0, 0.0, 4.0]]))
+        sae.vision.b_enc.zero_()
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    moments = {id(p): {k: s.clone() for k, s in tr.optimizer.state[p].items()} for p in sae.parameters()}
+    tr.steps_since_fired[0, :2] = 7  # vision latents 0 and 1 dead for 7 >= 5 steps; text alive
+    x = b_dec.repeat(4, 1)
+    x[3, 1] = 3.0
+    tr.step = 9  # after the 10th step
+    tr._resample_dead(x, torch.randn(4, 4))
+    e1 = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(sae.vision.W_dec[:2], e1.repeat(2, 1))
+    torch.testing.assert_close(sae.vision.W_enc[:, :2], 0.6 * e1[:, None].repeat(1, 2))
+    torch.testing.assert_close(sae.vision.b_enc[:2], torch.tensor([-0.45, -0.45]))
+    assert tr.resampled == [{"step": 10, "vision": 2, "text": 0}]
+    assert tr.steps_since_fired[0].tolist() == [0, 0, 0, 0]
+    after = sae.state_dict()
+    for k in before:  # everything else is untouched
+        if k.startswith("vision.") and k != "vision.b_dec":
+            keep = (slice(None), slice(2, None)) if k == "vision.W_enc" else (slice(2, None),)
+            assert torch.equal(after[k][keep], before[k][keep]), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+    for name, p, rows in (("W_dec", sae.vision.W_dec, (slice(0, 2),)), ("b_enc", sae.vision.b_enc, (slice(0, 2),)),
+                          ("W_enc", sae.vision.W_enc, (slice(None), slice(0, 2)))):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state, old = tr.optimizer.state[p][key], moments[id(p)][key]
+            assert state[rows].abs().sum() == 0 and old[rows].abs().sum() > 0, (name, key)
+            rest = state.clone()
+            rest[rows] = old[rows]
+            assert torch.equal(rest, old), (name, key)
+
+
+def test_resampling_with_a_shared_decoder_only_takes_latents_dead_in_both_branches():
+    tr = trainer(steps=100, resample_every=10, dead_feature_window=5, shared_decoder=True)
+    tr.steps_since_fired[0, :4] = 9  # dead in vision only
+    tr.steps_since_fired[:, 10:12] = 9  # dead in both
+    before = tr.sae.shared.W_dec.detach().clone()
+    v, t = pairs(32)
+    tr._resample_dead(v, t)
+    assert tr.resampled == [{"step": 1, "vision": 2, "text": 2}]
+    changed = (tr.sae.shared.W_dec != before).any(-1)
+    assert changed.nonzero().flatten().tolist() == [10, 11]
+    assert tr.steps_since_fired[0, :4].tolist() == [9, 9, 9, 9]
+
+
+def test_resampling_revives_dead_relu_latents():
+    """ReLU + L1 on 8 sparse directions per modality with 128 latents: at the same 400 steps, resampling every
+    50 steps leaves fewer dead latents in both branches and reconstructs at least as well."""
+    vision, text = sparse_pairs(8, 0.0)
+    runs = {}
+    for every in (0, 50):
+        tr = JointSAETrainer.from_config(
+            TrainingJointSAEConfig(d_in=16, d_sae=128, l1_coefficient=0.1, alignment="none", mse_normalization="variance"),
+            JointTrainerConfig(total_steps=400, lr=3e-3, dead_feature_window=25, resample_every=every, progress=False,
+                               log_every=100), PairedTensorData(vision, text, batch_size=128))
+        runs[every] = (dead_after(tr.fit(), vision, text), tr.history[-1], tr.resampled)
+    (off, off_last, none), (on, on_last, resampled) = runs[0], runs[50]
+    print("dead without / with resampling:", off, on)
+    assert none == [] and len(resampled) == 7 and sum(r["vision"] + r["text"] for r in resampled) > 0
+    assert off["vision"] >= 20 and off["text"] >= 20  # the problem: many dead latents
+    for m in ("vision", "text"):
+        assert on[m] <= 0.5 * off[m], m
+        assert on_last[f"metrics/explained_variance_{m}"] >= off_last[f"metrics/explained_variance_{m}"] - 0.005, m
+
+
+def test_auxk_revives_dead_topk_latents():
+    """TopK (k=4, 128 latents) on offset data: most latents never make the top k without the auxiliary loss;
+    with SAELens's AuxK (coefficient 1.0) far fewer are dead at the same 400 steps, in both branches."""
+    vision, text = sparse_pairs(64, 2.0)
+    dead = {}
+    for coefficient in (0.0, 1.0):
+        sae = JointSAETrainer.from_config(
+            TrainingJointSAEConfig(d_in=16, d_sae=128, activation="topk", k=4, aux_loss_coefficient=coefficient,
+                                   alignment="none", mse_normalization="variance"),
+            JointTrainerConfig(total_steps=400, lr=3e-3, dead_feature_window=25, progress=False, log_every=100),
+            PairedTensorData(vision, text, batch_size=128)).fit()
+        dead[coefficient] = dead_after(sae, vision, text)
+    print("dead without / with AuxK:", dead)
+    for m in ("vision", "text"):
+        assert dead[0.0][m] >= 40 and dead[1.0][m] <= 0.25 * dead[0.0][m], m
+
+
+def test_resume_with_resampling_continues_exactly(tmp_path):
+    kw = dict(steps=40, resample_every=8, dead_feature_window=3, l1_coefficient=2.0)
+    full_trainer = trainer(**kw)
+    full = full_trainer.fit()
+    assert sum(r["vision"] + r["text"] for r in full_trainer.resampled) > 0  # resampling happened
+    trainer(**kw, checkpoint_every=20, checkpoint_dir=str(tmp_path / "c")).fit()
+    import shutil
+
+    shutil.rmtree(tmp_path / "c" / "step-0000040")
+    (tmp_path / "c" / "latest.json").write_text(json.dumps({"checkpoint": "step-0000020", "step": 20}))
+    tr = trainer(**kw, checkpoint_dir=str(tmp_path / "c"))
+    resumed = tr.fit()
+    assert tr.resampled == full_trainer.resampled  # the log came back with the checkpoint and went on
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the resampling options are part of the config a checkpoint must match
+    with pytest.raises(ValueError, match=r"differs in \['trainer.resample_every'\]"):
+        trainer(**{**kw, "resample_every": 4}, checkpoint_dir=str(tmp_path / "c")).fit()
+
+
+def test_bad_revival_options():
+    with pytest.raises(ValueError, match="resample_every must be a whole number of steps >= 0"):
+        JointTrainerConfig(total_steps=5, resample_every=-1)
+    with pytest.raises(ValueError, match="resample_batches must be a whole number >= 1"):
+        JointTrainerConfig(total_steps=5, resample_batches=0)
+    with pytest.raises(ValueError, match="resample_encoder_scale must be a positive finite number"):
+        JointTrainerConfig(total_steps=5, resample_encoder_scale=0.0)
+    with pytest.raises(ValueError, match=r"aux_k=0 must be a whole number between 1 and d_sae=32"):
+        TrainingJointSAEConfig(d_in=16, d_sae=32, activation="topk", aux_k=0)

@@ -28,6 +28,8 @@ def demo(
     steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)"),
     epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)"),
     d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)"),
+    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in instead of --d-sae (the paper: 4)"),
+    revival: bool = typer.Option(True, help="dead-latent revival: the JSAEs resample dead latents, the TopK baseline trains them with SAELens's AuxK"),
     n_train: int = typer.Option(2000, min=1, help="training pairs"),
     n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
     n_eval: int = typer.Option(1200, min=1, help="held-out images the sweep images are drawn from"),
@@ -61,7 +63,8 @@ def demo(
     from jsae.protocol.sweep import RATIOS
 
     try:
-        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae, n_train=n_train,
+        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae,
+                             expansion_factor=expansion_factor, revival=revival, n_train=n_train,
                              n_label=n_label, n_eval=n_eval, n_images=n_images, top_k=top_k,
                              ratios=tuple(float_list(ratios, "--ratios")) if ratios else RATIOS,
                              positions=tuple(p for p in positions.split(",") if p) if positions else None,
@@ -87,6 +90,8 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
     steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)"),
+    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in (the paper: 4)"),
+    revival: bool = typer.Option(True, help="dead-latent revival (JSAE resampling, AuxK for the TopK baseline)"),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
     positions: str = typer.Option("image,generated,image+generated", help="steering position sets, each reported on its own (the reference steers at image+generated)"),
     concept_set: str = typer.Option("types+colours", help="world concepts: types | types+colours (twelve) | all"),
@@ -107,8 +112,8 @@ def sweep(
     for name in (m for m in models.split(",") if m):
         try:
             cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images, concept_set=concept_set,
-                                 max_concepts=max_concepts, d_sae=d_sae,
-                                 positions=tuple(p for p in positions.split(",") if p),
+                                 max_concepts=max_concepts, d_sae=d_sae, expansion_factor=expansion_factor,
+                                 revival=revival, positions=tuple(p for p in positions.split(",") if p),
                                  layers=int_list(layers, "--layers") if layers else None)
             done = _finished_run(out / name, cfg) if not overwrite else None
             if done is not None:

@@ -17,6 +17,16 @@ Two recipes for the JSAE methods (``jsae``, ``jsae-none`` and, through it, ``sep
   ``d_sae = 4 · d_in`` unless ``d_sae`` is given; ``reference`` overrides fields of its trainer config (e.g.
   ``{"epochs": 2}``; ``"batch_size"`` sets the data's batch).
 
+Width: ``d_sae``, or ``expansion_factor`` × ``d_in`` (the paper: 4; give one of them).
+
+Dead-latent revival (``revival=True``, the default) is each method's own ordinary option, on the same
+schedule (:func:`revival_schedule`): a latent is dead after ``steps / 16`` steps without firing
+(:data:`REVIVAL_WINDOW`, rounded); the JSAE methods of the default recipe (ReLU + L1) resample their dead
+latents every ``steps / 8`` steps (:data:`REVIVAL_PERIOD`, the last time with a full period left; ``JointTrainerConfig.resample_every``, "Towards Monosemanticity"), the SAELens TopK
+baseline trains them with SAELens's AuxK loss (coefficient 1.0).  ``revival=False`` turns both off (no
+resampling, AuxK coefficient 0).  The reference recipe's JSAE methods never resample (the reference has no
+revival).
+
 The SAELens TopK baseline keeps its own recipe in both (``steps`` steps of ``batch_size`` at ``lr``, at the
 same width): under ``recipe="reference"`` it is therefore *not* a matched budget with the JSAE methods (other
 optimiser, steps and batch), only a matched width.
@@ -42,6 +52,27 @@ from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, re
 
 METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
 RECIPES = ("default", "reference")
+#: With revival, a latent is dead after this fraction of the training steps without firing ...
+REVIVAL_WINDOW = 1 / 16
+#: ... and the JSAE methods resample their dead latents after every this fraction of the steps.
+REVIVAL_PERIOD = 1 / 8
+
+
+def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int | None:
+    """The width from ``d_sae`` or ``expansion_factor × d_in`` (None when neither is given)."""
+    if expansion_factor is None:
+        return d_sae
+    if d_sae is not None:
+        raise ValueError(f"give d_sae ({d_sae}) or expansion_factor ({expansion_factor}), not both")
+    if isinstance(expansion_factor, bool) or not isinstance(expansion_factor, int) or expansion_factor < 1:
+        raise ValueError(f"expansion_factor must be a whole number >= 1 (d_sae = expansion_factor x d_in; the paper: 4), "
+                         f"got {expansion_factor!r}")
+    return expansion_factor * d_in
+
+
+def revival_schedule(steps: int) -> tuple[int, int]:
+    """``(dead_feature_window, resample_every)`` for a run of ``steps`` steps with revival."""
+    return max(1, round(steps * REVIVAL_WINDOW)), max(1, round(steps * REVIVAL_PERIOD))
 
 
 @dataclass
@@ -80,22 +111,29 @@ def permute_text_branch(sae: JointSAE, text_order: Tensor) -> JointSAE:
 
 def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None, steps: int, batch_size: int, lr: float,
                   seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int = 16, recipe: str = "default",
-                  reference: dict[str, Any] | None = None) -> dict[str, Method]:
-    """Train every method on the same pairs at the same width: with ``recipe="default"`` all with the same
-    steps, batch and learning rate; with ``recipe="reference"`` the JSAE methods by the reference's configs
-    (``reference`` overrides their trainer fields; ``d_sae=None``: ``4 · d_in``) and the TopK baseline by its
-    own recipe (``steps``, ``batch_size``, ``lr``), see the module docstring."""
+                  reference: dict[str, Any] | None = None, expansion_factor: int | None = None,
+                  revival: bool = True) -> dict[str, Method]:
+    """Train every method on the same pairs at the same width (``d_sae``, or ``expansion_factor × d_in``): with
+    ``recipe="default"`` all with the same steps, batch and learning rate; with ``recipe="reference"`` the JSAE
+    methods by the reference's configs (``reference`` overrides their trainer fields; no width given: ``4 · d_in``)
+    and the TopK baseline by its own recipe (``steps``, ``batch_size``, ``lr``); ``revival``: each method's own
+    dead-latent revival on one schedule.  See the module docstring."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)}")
+    d_sae = resolve_d_sae(vision.shape[1], d_sae, expansion_factor)
     if recipe == "reference":
         return _train_reference(vision, text, layer=layer, d_sae=d_sae, steps=steps, batch_size=batch_size, lr=lr,
-                                seed=seed, methods=methods, metadata=metadata, k=k, reference=reference or {})
+                                seed=seed, methods=methods, metadata=metadata, k=k, reference=reference or {},
+                                revival=revival)
     if d_sae is None:
-        raise ValueError("d_sae is required by the default recipe (only the reference recipe defaults it to 4 * d_in)")
+        raise ValueError("d_sae or expansion_factor is required by the default recipe (only the reference recipe "
+                         "defaults the width to 4 * d_in)")
     out: dict[str, Method] = {}
+    window, period = revival_schedule(steps)
     # trained at mean norm sqrt(d_in), the scale folded back (train_jsae_unit_norm): the SAEs take raw activations
     tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
-                              seed=seed, progress=False, log_every=max(steps // 20, 1), grad_clip_norm=None)
+                              seed=seed, progress=False, log_every=max(steps // 20, 1), grad_clip_norm=None,
+                              **({"dead_feature_window": window, "resample_every": period} if revival else {}))
     for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
         cfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, alignment="cosine" if name == "jsae" else "none",
                                      mse_normalization="variance", l1_coefficient=0.03)
@@ -106,13 +144,14 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None
         text_order, _ = match_separate_saes(out["jsae-none"].sae, vision, text)
         out["separate"] = Method("separate", permute_text_branch(out["jsae-none"].sae, text_order), True)
     if "saelens-topk" in methods:
-        out["saelens-topk"] = Method("saelens-topk", _train_saelens_topk(vision, d_sae, k, steps, batch_size, lr, seed), False)
+        out["saelens-topk"] = Method("saelens-topk", _train_saelens_topk(vision, d_sae, k, steps, batch_size, lr, seed,
+                                                                         revival), False)
     return {m: out[m] for m in methods}
 
 
 def _train_reference(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None, steps: int, batch_size: int,
                      lr: float, seed: int, methods: Sequence[str], metadata: dict[str, Any], k: int,
-                     reference: dict[str, Any]) -> dict[str, Method]:
+                     reference: dict[str, Any], revival: bool) -> dict[str, Method]:
     """``train_methods(..., recipe="reference")``: the JSAE methods on the raw pools by :func:`reference_configs`."""
     from jsae.training import JointSAETrainer
 
@@ -132,13 +171,20 @@ def _train_reference(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | N
         out["separate"] = Method("separate", permute_text_branch(out["jsae-none"].sae, text_order), True)
     if "saelens-topk" in methods:  # its own recipe at the same width: see the module docstring
         out["saelens-topk"] = Method("saelens-topk", _train_saelens_topk(vision, sae_cfg.d_sae, k, steps, batch_size, lr,
-                                                                         seed), False)
+                                                                         seed, revival), False)
     return {m: out[m] for m in methods}
 
 
-def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int) -> Any:
-    """The vision-only baseline: a plain SAELens TopK SAE on the vision pools (SAELens's ``SAETrainer``)."""
-    return train_saelens_topk(vision, d_sae, k, steps, min(batch_size, vision.shape[0]), lr, seed).eval()
+def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int,
+                        revival: bool) -> Any:
+    """The vision-only baseline: a plain SAELens TopK SAE on the vision pools (SAELens's ``SAETrainer``), with
+    AuxK on the revival schedule, or none."""
+    window, _ = revival_schedule(steps)
+    return train_saelens_topk(vision, d_sae, k, steps, min(batch_size, vision.shape[0]), lr, seed,
+                              aux_loss_coefficient=1.0 if revival else 0.0,
+                              dead_feature_window=window if revival else 1000,
+                              log_every=max(steps // 20, 1)).eval()
 
 
-__all__ = ["METHODS", "RECIPES", "Method", "permute_text_branch", "train_methods"]
+__all__ = ["METHODS", "RECIPES", "REVIVAL_PERIOD", "REVIVAL_WINDOW", "Method", "permute_text_branch", "resolve_d_sae",
+           "revival_schedule", "train_methods"]

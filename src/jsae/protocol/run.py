@@ -81,6 +81,8 @@ class ProtocolConfig:
     max_concepts: int = 6
     methods: tuple[str, ...] = METHODS
     d_sae: int | None = None  # preset: 128 (default) | None = 4 · d_in (reference)
+    expansion_factor: int | None = None  # d_sae = expansion_factor · d_in instead of d_sae (the paper: 4)
+    revival: bool = True  # dead-latent revival: JSAE resampling, AuxK for the TopK baseline (methods.py)
     steps: int | None = None  # preset: 600 (default: every method; reference: the TopK baseline only)
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
@@ -138,8 +140,12 @@ def apply_preset(cfg: ProtocolConfig) -> ProtocolConfig:
     prompts when the tokenizer knows their words (:func:`reference_prompts`, at run time)."""
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {list(PRESETS)}")
+    if cfg.expansion_factor is not None:
+        from jsae.protocol.methods import resolve_d_sae
+
+        resolve_d_sae(1, cfg.d_sae, cfg.expansion_factor)  # one-line errors: both given, or not a whole number >= 1
     for key, value in PRESET_CHOICES[cfg.preset].items():
-        if getattr(cfg, key) is None:
+        if getattr(cfg, key) is None and not (key == "d_sae" and cfg.expansion_factor is not None):
             setattr(cfg, key, value)
     if cfg.alphas is not None:
         cfg.alphas = tuple(float(a) for a in cfg.alphas)
@@ -338,7 +344,8 @@ def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers
                 "model_class": type(vlm.adapter.hf_model).__name__}
         methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
                                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
-                                                metadata=meta, recipe=cfg.recipe,
+                                                metadata=meta, recipe=cfg.recipe, expansion_factor=cfg.expansion_factor,
+                                                revival=cfg.revival,
                                                 reference={"epochs": cfg.epochs} if cfg.recipe == "reference" else None)
     return methods_by_layer, data
 
@@ -351,17 +358,21 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
                 cfg: ProtocolConfig | None = None) -> tuple[dict[int, dict[str, FeatureLabels]], list[dict[str, Any]]]:
     """Label every SAE's features on the held-out pairs, measure it (also on per-token image states of 32
     labelling images when ``vlm`` is given), and save it with its labels."""
-    from jsae.protocol.sweep import image_token_states
+    from jsae.protocol.sweep import image_token_states, text_token_states
 
     y, names = source.presence("label")
     described = source.describe("label")
     labels_by_layer: dict[int, dict[str, FeatureLabels]] = {}
     rows: list[dict[str, Any]] = []
     images = [ex["image"] for ex in source.items("label")[:32]] if vlm is not None else []
+    label_pairs = source.pairs("label") if vlm is not None else []
+    pairs = [label_pairs[i] for i in range(min(32, len(label_pairs)))]
     for layer, methods in methods_by_layer.items():
         d = data[layer]
         tokens = (image_token_states(vlm, images, layer, caption_prompt(cfg or ProtocolConfig()),
                                      (cfg.caption_template if cfg else None)) if images else None)
+        text_tokens = (text_token_states(vlm, pairs, layer, cfg.prompt_template if cfg else None,
+                                         (cfg.text_positions or "caption") if cfg else "caption") if pairs else None)
         labels_by_layer[layer] = {}
         for name, m in methods.items():
             zv = m.codes(d.vl, "vision")
@@ -371,7 +382,8 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
             folder = run.sae_dir(name, layer)
             m.sae.save_model(folder) if m.joint else apply_umask(m.sae.save_model(str(folder))[0])
             labels.save(folder / "labels.json")
-            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl, tokens), **labels.counts()})
+            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl, tokens, text_tokens),
+                         **labels.counts()})
     return labels_by_layer, rows
 
 
@@ -383,7 +395,7 @@ def _fvu(m: Method, x: torch.Tensor, modality: str) -> tuple[float, torch.Tensor
 
 def _late_loss_drop(history: list[dict[str, float]] | None) -> float | None:
     """Relative drop of the logged training loss from the third to the last quarter of training (< 0.05: a
-    plateau); None without a history of at least 8 points (SAELens's trainer keeps none here)."""
+    plateau); None without a history of at least 8 points."""
     losses = [h["losses/overall_loss"] for h in history or [] if "losses/overall_loss" in h]
     if len(losses) < 8:
         return None
@@ -393,13 +405,16 @@ def _late_loss_drop(history: list[dict[str, float]] | None) -> float | None:
 
 
 @torch.no_grad()
-def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, Any]:
-    """FVU, L0 and dead latents per modality on held-out pools (and the vision FVU on per-token image states);
-    for a JSAE the alignment diagnostics: paired cosine of codes, *centred* paired cosine (each modality's
+def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | None = None,
+                text_tokens: torch.Tensor | None = None) -> dict[str, Any]:
+    """FVU, L0 and dead latents per modality on held-out pools (dead: never fire on them), and the FVU on
+    per-token states: ``fvu_vision_tokens`` on image-token states (``tokens``), ``fvu_text_tokens`` (joint SAEs)
+    on the text tokens the text view pools (``text_tokens``); for a JSAE the alignment diagnostics: paired cosine of codes, *centred* paired cosine (each modality's
     mean code removed, so always-on latents do not count), the median over latents alive in both of the
     vision–text correlation of a latent's codes across pairs, and the share of code mass on the top latent.
-    ``converged``: fewer than 10% dead latents in every modality and (when the trainer logged its loss) a late
-    plateau: the loss fell by less than 5% from the third to the last quarter of training."""
+    ``converged``: fewer than 10% dead latents in every modality and (when the trainer logged its loss: the JSAE
+    trainer and, through :func:`~jsae.training.recipes.train_saelens_topk`, SAELens's) a late plateau: the loss
+    fell by less than 5% from the third to the last quarter of training."""
     out: dict[str, Any] = {}
     codes = {}
     for name, x in (("vision", v), ("text", t)):
@@ -411,7 +426,9 @@ def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tenso
         out[f"dead_{name}"] = int((z.max(0).values <= 0).sum())
     if tokens is not None and len(tokens):
         out["fvu_vision_tokens"], _ = _fvu(m, tokens, "vision")
-    d_sae = codes["vision"].shape[1]
+    if m.joint and text_tokens is not None and len(text_tokens):
+        out["fvu_text_tokens"], _ = _fvu(m, text_tokens, "text")
+    d_sae = out["d_sae"] = codes["vision"].shape[1]
     out["loss_drop_last_quarter"] = _late_loss_drop(getattr(m.sae, "training_history", None))
     out["converged"] = all(out[f"dead_{k}"] < 0.1 * d_sae for k in codes) and (
         out["loss_drop_last_quarter"] is None or out["loss_drop_last_quarter"] < 0.05)
@@ -627,6 +644,8 @@ def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_l
         if getattr(cfg, key) != ref[key]:
             out.append(f"Overridden: {key} = {getattr(cfg, key)!r} (the reference: "
                        f"{'4 · d_in' if key == 'd_sae' else repr(ref[key])}).")
+    if cfg.expansion_factor not in (None, 4):
+        out.append(f"Overridden: d_sae = {cfg.expansion_factor} · d_in (the reference: 4 · d_in).")
     return out
 
 

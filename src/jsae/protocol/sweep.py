@@ -407,6 +407,20 @@ def image_token_states(vlm: Any, images: list[Any], layer: int, prompt: str,
     return h[adapter.image_token_mask(enc).to(h.device)].float().cpu()
 
 
+def text_token_states(vlm: Any, pairs: list[tuple[Any, str]], layer: int, prompt_template: str | None = None,
+                      text_positions: str = "caption") -> Tensor:
+    """``[n_tokens, d]`` per-token text states at ``layer`` (float32) of ``(image, caption)`` pairs built as the
+    capture builds them: the tokens the text view pools (``text_positions``: the caption's, or every
+    non-image token)."""
+    from jsae.activations import read_layers
+
+    model, processor, adapter = vlm
+    enc = adapter.build_inputs(processor, [p[0] for p in pairs], [p[1] for p in pairs], prompt_template=prompt_template)
+    mask = adapter.caption_token_mask(enc) if text_positions == "caption" else adapter.non_image_token_mask(enc)
+    h = read_layers(model, adapter, enc, [layer])[layer]
+    return h[mask.to(h.device)].float().cpu()
+
+
 def token_norm(vlm: Any, images: list[Any], layer: int, prompt: str, prompt_template: str | None = None) -> float:
     """Mean norm of the per-token image states at ``layer`` over ``images`` (the strength unit)."""
     return float(image_token_states(vlm, images, layer, prompt, prompt_template).norm(dim=-1).mean())

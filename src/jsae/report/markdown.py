@@ -75,11 +75,12 @@ HOW_TO_READ = [
     "- **Intervals** `v [lo, hi]`: 95% bootstrap intervals that resample images (an image's scores across concepts, "
     "layers and methods together) and concepts. **Empty cells**: `–` = not reached on the grid (no r50 to report) or "
     "no comparison possible; `not reached` = that concept never reaches +0.5; `n/a` = does not apply (the oracle's "
-    "cosine to itself, a TopK SAE's text branch, a loss plateau SAELens's trainer does not record).",
+    "cosine to itself, a TopK SAE's text branch, a training history too short for the loss-plateau check).",
     "- **SAEs**: FVU = fraction of variance unexplained on pooled held-out pairs (what the SAE is trained on) and "
-    "`fvu_vision_tokens` on single image-token states (what an edit touches; larger, because the SAEs are trained on "
-    "pooled vectors); `converged` = fewer than 10% of the latents are dead (never fire on held-out pairs) and the "
-    "loss fell by less than 5% from the third to the last quarter of training.", "",
+    "`fvu_vision_tokens` / `fvu_text_tokens` on single image-token / text-token states (what an edit touches; larger, "
+    "because the SAEs are trained on pooled vectors); `converged` = fewer than 10% of the latents are dead (never fire "
+    "on held-out pairs) in every branch and the loss fell by less than 5% from the third to the last quarter of "
+    "training.", "",
 ]
 
 
@@ -117,11 +118,13 @@ def protocol_report(m: dict[str, Any]) -> str:
               "Feature browser (every joint SAE of the run, with a selector for SAE and layer): "
               "[features.html](features.html)", "", *HOW_TO_READ]
     lines += ["## SAEs (held-out pairs)", "",
-              "FVU on pooled pairs and on per-token image states (`fvu_vision_tokens`: edits are per token); dead = "
+              "FVU on pooled pairs and on per-token states (`fvu_vision_tokens`, `fvu_text_tokens`: edits are per "
+              "token); dead = "
               "latents that never fire on the held-out pairs; alignment diagnostics of the joint SAEs: paired cosine of "
               "codes, centred paired cosine (mean code removed), median per-latent vision–text correlation, share of code "
               "mass on the top latent.", "",
-              markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "fvu_vision_tokens", "l0_vision",
+              markdown_table(m["saes"], ["layer", "method", "fvu_vision", "fvu_text", "fvu_vision_tokens",
+                                         "fvu_text_tokens", "l0_vision",
                                          "l0_text", "dead_vision", "dead_text", "loss_drop_last_quarter", "converged", "paired_cosine",
                                          "centred_paired_cosine", "median_latent_corr", "top_latent_mass"])]
     for measure, what in (("steering", "Steering (images without the concept)"),
@@ -237,12 +240,30 @@ def sweep_tables(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def sae_convergence_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Every SAE of every run: dead latents per branch (of ``d_sae``), FVU pooled and per token, ``converged``."""
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["## SAEs: dead latents and FVU (held-out pairs)", "",
+             "Dead = latents that never fire on the held-out pairs (vision / text branch); FVU on pooled pairs (vision / "
+             "text) and on per-token states (vision / text); converged = < 10% dead in every branch and a late loss "
+             "plateau.", "", "| model | layer | method | dead | FVU pooled | FVU per token | converged |",
+             "|---|---|---|---|---|---|---|"]
+    for model, m in runs.items():
+        for r in m.get("saes", []):
+            of = f" of {r['d_sae']}" if r.get("d_sae") else ""
+            lines.append(f"| {model} | {r['layer']} | {r['method']} | {r.get('dead_vision', '–')} / {r.get('dead_text', '–')}{of} "
+                         f"| {fmt(r.get('fvu_vision'))} / {fmt(r.get('fvu_text'))} "
+                         f"| {fmt(r.get('fvu_vision_tokens'))} / {fmt(r.get('fvu_text_tokens'))} | {r.get('converged')} |")
+    return [*lines, ""]
+
+
 def sweep_report(models: list[str], interaction: dict[str, Any], runs: dict[str, dict[str, Any]] | None = None) -> str:
     """``report.md`` of a multi-model sweep: per-model tables, the model × layer interaction of log r50 per
     direction (sign-flip test over concepts, Holm-corrected), and links."""
     lines = ["# jsae sweep", "", f"models: {models}", ""]
     if runs:
         lines += sweep_tables(runs)
+        lines += sae_convergence_table(runs)
     lines += ["## Model × layer interaction of log r50 (sign flips of each concept's interaction table)", ""]
     for key, r in interaction.items():
         lines.append(f"- {key}: " + (r["note"] if r.get("p_value") is None else
@@ -252,4 +273,4 @@ def sweep_report(models: list[str], interaction: dict[str, Any], runs: dict[str,
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table", "protocol_report", "sweep_report", "sweep_tables", "what_this_shows"]
+__all__ = ["markdown_table", "protocol_report", "sae_convergence_table", "sweep_report", "sweep_tables", "what_this_shows"]

@@ -355,6 +355,14 @@ class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
     and ``b_dec`` start non-zero, as in the reference).  Input centring is SAELens's ``apply_b_dec_to_input``
     (the reference has none: ``False``); the unit-norm decoder constraint is the trainer's
     ``JointTrainerConfig.normalize_decoder``.
+
+    Dead-latent revival.  A TopK JSAE trains with SAELens's AuxK loss (``TopKTrainingSAE``'s, same defaults and
+    semantics): per modality, the latents the trainer counts as dead (no firing for
+    ``JointTrainerConfig.dead_feature_window`` steps) reconstruct the detached residual ``x - x̂`` from their
+    top ``min(aux_k, n_dead)`` pre-activations (``aux_k`` defaults to ``d_in // 2``; not ReLU'd, no ``b_dec``),
+    weighted by ``aux_loss_coefficient`` (default 1.0) × ``min(n_dead / aux_k, 1)`` and reduced as the MSE
+    (so with ``mse_normalization="variance"`` it is divided by the same variance); ``aux_loss_coefficient=0``
+    turns it off.  A ReLU JSAE revives dead latents by resampling them (``JointTrainerConfig.resample_every``).
     """
 
     mse_coefficient: float = 1.0
@@ -365,8 +373,8 @@ class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
     alignment_coefficient: float = 1.0
     alignment_warm_up_steps: int = 0
     infonce_temperature: float = 0.07
-    aux_loss_coefficient: float = 1.0 / 32
-    aux_k: int | None = None  # dead latents used by the TopK auxiliary loss (default: d_in // 2)
+    aux_loss_coefficient: float = 1.0  # the TopK auxiliary (AuxK) loss; SAELens's default
+    aux_k: int | None = None  # dead latents used by the TopK auxiliary loss (default: d_in // 2, as SAELens)
     decoder_init_norm: float | None = None
     loss_reduction: Literal["sum", "mean"] = "sum"
     init: Literal["tied", "torch-linear"] = "tied"
@@ -386,6 +394,9 @@ class TrainingJointSAEConfig(JointSAEConfig, TrainingSAEConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.infonce_temperature <= 0:
             raise ValueError(f"infonce_temperature must be > 0, got {self.infonce_temperature}")
+        if self.aux_k is not None and (isinstance(self.aux_k, bool) or not 1 <= self.aux_k <= self.d_sae):
+            raise ValueError(f"aux_k={self.aux_k!r} must be a whole number between 1 and d_sae={self.d_sae} "
+                             "(or None for d_in // 2)")
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         return JointSAEConfig
@@ -520,8 +531,18 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     def _l1(self, z: Tensor) -> Tensor:
         return 0.5 * z.abs().mean() if self.cfg.loss_reduction == "mean" else z.sum(-1).mean()
 
+    def aux_selection(self, dead: Tensor) -> tuple[int, float]:
+        """``(k_aux, scale)`` of the TopK auxiliary (AuxK) loss for a ``[d_sae]`` dead mask, as SAELens's
+        ``TopKTrainingSAE`` (and sparsify) choose them: the top ``k_aux = min(aux_k, n_dead)`` dead latents
+        (``aux_k`` defaults to ``d_in // 2``), and the loss scaled by ``min(n_dead / aux_k, 1)`` so a handful
+        of dead latents does not get the full weight."""
+        base = self.cfg.aux_k or max(1, self.cfg.d_in // 2)
+        n_dead = int(dead.sum())
+        return min(base, n_dead), min(n_dead / base, 1.0)
+
     def _aux(self, aux_recon: Tensor, residual: Tensor, coefficient: float, modality: str) -> Tensor:
-        """The TopK auxiliary term: how well the dead latents reconstruct the residual, reduced as the MSE."""
+        """The TopK auxiliary term: how well the dead latents reconstruct the residual, reduced as the MSE
+        (``coefficient`` already holds the :meth:`aux_selection` scale)."""
         if self.cfg.loss_reduction == "mean":
             return coefficient * (0.5 * (aux_recon - residual).pow(2).mean()) / self._mean_scale(modality)
         aux = (aux_recon - residual).pow(2).sum(-1).mean()  # a mean over samples: exact under DDP
@@ -544,11 +565,14 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         if self.cfg.activation == "relu":
             losses[f"l1_loss_{modality}"] = coefficients["l1"] * self._l1(z)
         elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
-            k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
-            top = F.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            # AuxK as SAELens's TopKTrainingSAE: the top k_aux *pre-activations* (not ReLU'd, so latents whose
+            # pre-activation is negative everywhere still get a gradient) among the dead latents reconstruct the
+            # detached residual, without b_dec
+            k_aux, scale = self.aux_selection(dead)
+            top = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
             aux_recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum")
             losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                self._aux(aux_recon, x - recon.detach(), coefficients["aux"], modality)
+                self._aux(aux_recon, x - recon.detach(), coefficients["aux"] * scale, modality)
         return BranchOutput(losses, z, pre, recon)
 
     def _sparse_topk_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
@@ -570,14 +594,13 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
         if dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
             residual = x - recon.detach()
-            k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, int(dead.sum()))
-            with torch.no_grad():
-                aux_codes, aux_top = topk_codes(F.relu(pre).masked_fill_(~dead, 0.0), k_aux)
-            # live latents picked only as zero-valued fillers must contribute 0, as in the dense path
-            aux_vals = F.relu(sparse_relu_encode(sae_in, b_dec, enc.W_enc, enc.b_enc, aux_top, aux_codes, centre)) \
-                * dead[aux_codes.cols]
+            k_aux, scale = self.aux_selection(dead)
+            with torch.no_grad():  # k_aux <= n_dead, so every picked entry is a dead latent
+                aux_codes, aux_top = topk_codes(pre.masked_fill(~dead, -math.inf), k_aux)
+            # the raw pre-activations (no ReLU), as the dense path; the encoder backward is the same linear map
+            aux_vals = sparse_relu_encode(sae_in, b_dec, enc.W_enc, enc.b_enc, aux_top, aux_codes, centre)
             losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                self._aux(csr_mm(aux_vals, W_dec, aux_codes), residual, coefficients["aux"], modality)
+                self._aux(csr_mm(aux_vals, W_dec, aux_codes), residual, coefficients["aux"] * scale, modality)
         return BranchOutput(losses, z, pre, recon, (values, codes) if sparse_codes else None)
 
     def paired_forward_pass(self, vision: Tensor, text: Tensor, coefficients: dict[str, float],

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+from sae_lens.training.sae_trainer import SAETrainer
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -154,16 +155,28 @@ def train_jsae_unit_norm(sae_cfg: TrainingJointSAEConfig, trainer_cfg: JointTrai
     return sae
 
 
-def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int = 0) -> Any:
+def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int = 0, *,
+                       aux_loss_coefficient: float = 1.0, dead_feature_window: int = 1000,
+                       log_every: int | None = None) -> Any:
     """A plain SAELens TopK SAE on in-memory activations ``x [N, d_in]``, trained by SAELens's own
-    ``SAETrainer`` at mean norm sqrt(d_in) with the scale folded back (the result takes raw activations)."""
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    ``SAETrainer`` at mean norm sqrt(d_in) with the scale folded back (the result takes raw activations).
+
+    Dead-latent revival is SAELens's own: the AuxK loss (``aux_loss_coefficient``, SAELens's default 1.0; 0
+    turns it off) on the latents that have not fired for more than ``dead_feature_window`` steps (SAELens's
+    default 1000; the JSAE trainer's window has the same meaning, counted from ``>=`` instead of ``>``).  The
+    returned SAE carries ``training_history``: every ``log_every`` steps (default ``steps // 20``) the total
+    loss and the dead-latent count, under the JSAE trainer's names, for the protocol's convergence check."""
+    from sae_lens import LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
     if not 0 < batch_size <= x.shape[0]:
         raise ValueError(f"batch_size must be between 1 and the number of activations ({x.shape[0]}), got {batch_size}")
+    if not aux_loss_coefficient >= 0:
+        raise ValueError(f"aux_loss_coefficient must be a number >= 0 (0: no AuxK), got {aux_loss_coefficient}")
+    if isinstance(dead_feature_window, bool) or not isinstance(dead_feature_window, int) or dead_feature_window < 1:
+        raise ValueError(f"dead_feature_window must be a whole number of steps >= 1, got {dead_feature_window!r}")
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, aux_loss_coefficient=aux_loss_coefficient))
     scale = float(x.norm(dim=-1).mean()) / math.sqrt(x.shape[1])
 
     def provider() -> Iterator[Tensor]:
@@ -174,7 +187,30 @@ def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: in
                 yield x[perm[i:i + batch_size]] / scale
 
     cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False))
-    trained = SAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None).fit()
+                           lr_end=lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+                           dead_feature_window=dead_feature_window)
+    trainer = _RecordingSAETrainer(cfg=cfg, sae=sae, data_provider=provider(), evaluator=None)
+    trainer.log_every = max(1, steps // 20) if log_every is None else log_every
+    trained = trainer.fit()
     trained.fold_activation_norm_scaling_factor(float(1 / scale))
+    trained.training_history = trainer.history
     return trained
+
+
+class _RecordingSAETrainer(SAETrainer):  # type: ignore[misc]
+    """SAELens's ``SAETrainer`` that keeps the loss and dead-latent count every ``log_every`` steps."""
+
+    log_every = 10
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: list[dict[str, float]] = []
+
+    def step(self, batch: Tensor) -> Any:  # SAELens's public per-step seam
+        out = super().step(batch)
+        n = self.n_training_steps + 1  # fit() advances n_training_steps after step()
+        if n % self.log_every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
+            self.history.append({"losses/overall_loss": float(out.loss.detach()),
+                                 "sparsity/dead_features_vision": float(self.dead_neurons.sum()),
+                                 "details/n_training_steps": float(n)})
+        return out

@@ -2,7 +2,7 @@
 
 ``JointSAETrainer(sae, cfg, data).fit()`` trains on any iterable of ``(vision [B, d_in], text [B, d_in])``
 tuples.  It does Adam/AdamW with warm-up and linear decay, gradient clipping, unit-norm decoder rows,
-dead-latent tracking (which feeds the TopK auxiliary loss), atomic checkpoints every N steps and
+dead-latent tracking (which feeds the TopK auxiliary loss) and resampling, atomic checkpoints every N steps and
 **exact resume**: weights, optimiser, RNG and data position are restored, so a run killed with SIGKILL
 and resumed ends with the same weights as one that was never interrupted.
 
@@ -17,6 +17,32 @@ are part of every checkpoint, so resume stays exact.
 Data position: if ``data`` has ``batches(start)`` (yielding the batches from global index ``start`` on,
 across epochs, as :class:`PairedTensorData` and the capture reader do) it is used; otherwise the trainer
 re-iterates ``data`` once per epoch and skips the batches already consumed.
+
+Dead latents: a latent that has not fired for ``dead_feature_window`` steps is dead.  A TopK JSAE trains them
+with SAELens's AuxK loss (``TrainingJointSAEConfig.aux_loss_coefficient``).  ``resample_every=N`` (any
+activation; meant for ReLU + L1, which has no auxiliary loss) resamples them as Anthropic's "Towards
+Monosemanticity" does, after every N-th step that is followed by at least N more steps (so every resampled
+latent gets a full period of training), in both branches:
+
+* the candidate inputs are the step's global batch and, when the data has ``batches(start)``, the next
+  ``resample_batches - 1`` batches (the same on every rank, so data parallelism stays exact);
+* each dead latent draws one input with probability proportional to the square of its reconstruction loss
+  ``||x - x̂||²`` in that modality (distinct inputs while the pool allows; a generator seeded by
+  ``(seed, step)``, so no RNG state is consumed);
+* its decoder row becomes that input minus the candidates' mean, at unit norm (the alive rows' mean norm
+  when ``normalize_decoder`` is off); its encoder column the same direction at ``resample_encoder_scale``
+  (0.2) × the mean norm of the alive latents' encoder columns; its ``b_enc`` puts the zero of its
+  pre-activation at the candidates' mean.  TM sets ``b_enc = 0`` with an encoder input centred by a
+  ``b_dec`` started at the data's geometric median; ours starts at 0, and while ``b_dec`` is still far from
+  the mean an uncentred direction would make every resampled latent fire on every input along the mean
+  (measured: the explained variance fell below 0 after each resampling on offset synthetic data);
+* the Adam moments of every changed row, column and bias entry are reset to zero, and the latent's
+  firing counter restarts.
+
+With a shared encoder or decoder only latents dead in both branches are resampled, all from one input drawn
+from both modalities' candidates.  ``trainer.resampled`` lists ``{"step", "vision", "text"}`` (latents
+resampled per branch) and is part of every checkpoint; resampling depends only on checkpointed state, so
+resume stays exact.
 
 Data parallel: under ``torchrun`` (``torch.distributed`` initialised, gloo on CPU is enough) every rank
 reads the same global batch and trains on its slice; gradients and dead-latent statistics are averaged
@@ -76,6 +102,9 @@ class JointTrainerConfig:
     grad_clip_norm: float | None = 1.0
     normalize_decoder: bool = True  # unit-norm decoder rows (gradient's parallel part removed)
     dead_feature_window: int = 1000  # steps without firing after which a latent counts as dead
+    resample_every: int = 0  # resample dead latents every N steps ("Towards Monosemanticity"); 0: off
+    resample_batches: int = 8  # batches of candidate inputs for resampling (the step's and the next ones)
+    resample_encoder_scale: float = 0.2  # a resampled encoder column's norm / the alive columns' mean norm
     mse_norm_batches: int = 4  # batches used to estimate input variance (mse_normalization="variance")
     checkpoint_every: int = 0  # 0: only the final checkpoint
     checkpoint_dir: str | None = None
@@ -119,10 +148,14 @@ class JointTrainerConfig:
             raise ValueError("lr_warm_up_steps + lr_decay_steps exceeds total_steps; shorten them")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        for name in ("log_every", "keep_checkpoints", "mse_norm_batches", "dead_feature_window"):
+        for name in ("log_every", "keep_checkpoints", "mse_norm_batches", "dead_feature_window", "resample_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.resample_every, bool) or not isinstance(self.resample_every, int) or self.resample_every < 0:
+            raise ValueError(f"resample_every must be a whole number of steps >= 0 (0: no resampling), got {self.resample_every!r}")
+        if not (self.resample_encoder_scale > 0 and math.isfinite(self.resample_encoder_scale)):
+            raise ValueError(f"resample_encoder_scale must be a positive finite number, got {self.resample_encoder_scale}")
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be a whole number >= 0 (0: only the final checkpoint), got {self.checkpoint_every!r}")
         if self.grad_clip_norm is not None and not (self.grad_clip_norm > 0 and math.isfinite(self.grad_clip_norm)):
@@ -141,7 +174,8 @@ class JointTrainerConfig:
 # default, so checkpoints written before them stay resumable
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"lr_scheduler": "warmup-decay", "plateau_factor": 0.1, "plateau_patience": 10,
                                       "plateau_min_lr": 0.0, "epochs": None, "steps_per_epoch": None,
-                                      "keep_best_epoch": False}
+                                      "keep_best_epoch": False, "resample_every": 0, "resample_batches": 8,
+                                      "resample_encoder_scale": 0.2}
 
 
 def _stream(data: Iterable[tuple[Tensor, Tensor]], start: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -176,6 +210,13 @@ def _distributed(device: str) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _draw(weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` indices drawn with probability proportional to ``weights``: distinct ones while there are enough
+    inputs of positive weight (a small candidate pool would otherwise hand one outlier to many latents)."""
+    distinct = n <= int((weights > 0).sum())
+    return torch.multinomial(weights, n, replacement=not distinct, generator=generator)
 
 
 class TrainingDiverged(ValueError):
@@ -256,6 +297,7 @@ class JointSAETrainer:
         self.best_state: dict[str, Tensor] | None = None
         self.steps_since_fired = torch.zeros(len(MODALITIES), sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
         self.history: list[dict[str, float]] = []
+        self.resampled: list[dict[str, int]] = []  # resample_every: latents resampled per branch, per resampling
         self._wandb: Any = None
 
     @classmethod
@@ -404,10 +446,10 @@ class JointSAETrainer:
                              "use a batch size divisible by the number of processes")
         return x[self.rank * per:(self.rank + 1) * per]
 
-    def _train_step(self, vision: Tensor, text: Tensor) -> dict[str, float]:
+    def _train_step(self, batch_vision: Tensor, batch_text: Tensor) -> dict[str, float]:
         sae, c = self.sae, self.cfg
-        vision = self._slice(vision.to(c.device, sae.dtype))
-        text = self._slice(text.to(c.device, sae.dtype))
+        vision = self._slice(batch_vision.to(c.device, sae.dtype))
+        text = self._slice(batch_text.to(c.device, sae.dtype))
         dead = self.steps_since_fired >= c.dead_feature_window
         out = sae.paired_forward_pass(vision, text, self._coefficients(), dead)
         self.optimizer.zero_grad(set_to_none=True)
@@ -434,9 +476,86 @@ class JointSAETrainer:
             if self.world_size > 1:
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             self.steps_since_fired = (self.steps_since_fired + 1) * (1 - fired)
+        n = self.step + 1
+        if c.resample_every and n % c.resample_every == 0 and n + c.resample_every <= self.total_steps:
+            self._resample_dead(batch_vision, batch_text)
         if (self.step + 1) % c.log_every and self.step + 1 != self.total_steps:
             return {"losses/overall_loss": float("nan")}
         return self._metrics(out, vision, text)
+
+    # ---- dead-latent resampling ("Towards Monosemanticity"; see the module docstring) -----------------
+    def _resample_candidates(self, vision: Tensor, text: Tensor) -> dict[str, Tensor]:
+        """The step's global batch and, for data with ``batches(start)``, the next ``resample_batches - 1``."""
+        vs, ts = [vision], [text]
+        if self.cfg.resample_batches > 1 and hasattr(self.data, "batches"):
+            stream = _stream(self.data, self.step + 1)
+            for j in range(self.cfg.resample_batches - 1):
+                v, t = check_paired_batch(next(stream), self.sae.cfg.d_in, self.step + 1 + j)
+                vs.append(v)
+                ts.append(t)
+        return {m: torch.cat(xs).to(self.cfg.device, self.sae.dtype) for m, xs in zip(MODALITIES, (vs, ts))}
+
+    @torch.no_grad()
+    def _resample_dead(self, vision: Tensor, text: Tensor) -> None:
+        sae, c = self.sae, self.cfg
+        dead = self.steps_since_fired >= c.dead_feature_window  # [2, d_sae], the same on every rank
+        shared = sae.cfg.shared_encoder or sae.cfg.shared_decoder
+        if shared:  # a shared row serves both branches: only latents dead in both
+            dead = dead.all(0, keepdim=True).expand_as(dead)
+        self.resampled.append({"step": self.step + 1, **{m: int(dead[i].sum()) for i, m in enumerate(MODALITIES)}})
+        if not bool(dead.any()):
+            return
+        gen = torch.Generator().manual_seed((c.seed * 1_000_003 + self.step + 1) % 2**63)
+        centred, weights, means = {}, {}, {}
+        for m, x in self._resample_candidates(vision, text).items():
+            _, recon = sae.encode_decode(x, m)
+            loss = (recon - x).double().pow(2).sum(-1).cpu()
+            w = loss.pow(2)
+            weights[m] = w if bool(torch.isfinite(w).all()) and float(w.sum()) > 0 else torch.ones_like(w)
+            centred[m] = x - x.mean(0)
+            means[m] = x.mean(0)
+        directions: dict[str, Tensor] = {}
+        if shared:
+            n = int(dead[0].sum())
+            pick = _draw(torch.cat([weights[m] for m in MODALITIES]), n, gen)
+            pool = torch.cat([centred[m] for m in MODALITIES])
+            directions = dict.fromkeys(MODALITIES, pool[pick.to(pool.device)])
+        else:
+            for i, m in enumerate(MODALITIES):
+                n = int(dead[i].sum())
+                if n:
+                    pick = _draw(weights[m], n, gen)
+                    directions[m] = centred[m][pick.to(centred[m].device)]
+        done: set[int] = set()
+        for i, m in enumerate(MODALITIES):
+            if m not in directions:
+                continue
+            idx, alive = dead[i].nonzero().squeeze(1), ~dead[i]
+            unit = directions[m] / directions[m].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            enc, W_dec = sae._enc(m), sae._dec(m).W_dec
+            if id(W_dec) not in done:
+                norm = 1.0 if c.normalize_decoder or not alive.any() else float(W_dec[alive].norm(dim=-1).mean())
+                W_dec[idx] = unit * norm
+                self._reset_moments(W_dec, (idx,))
+                done.add(id(W_dec))
+            if id(enc.W_enc) not in done:
+                cols = enc.W_enc[:, alive] if alive.any() else enc.W_enc
+                w = unit * (c.resample_encoder_scale * float(cols.norm(dim=0).mean()))
+                enc.W_enc[:, idx] = w.T
+                # zero pre-activation at the candidates' mean (0 when the encoder's input is centred there)
+                origin = means[m] - sae.b_dec_of(m) * float(sae.cfg.apply_b_dec_to_input)
+                enc.b_enc[idx] = -(w @ origin)
+                self._reset_moments(enc.W_enc, (slice(None), idx))
+                self._reset_moments(enc.b_enc, (idx,))
+                done.add(id(enc.W_enc))
+            self.steps_since_fired[i, idx] = 0
+
+    def _reset_moments(self, param: Tensor, index: tuple[Any, ...]) -> None:
+        """Zero Adam's first and second moments of ``param[index]``."""
+        state = self.optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][index] = 0.0
 
     @torch.no_grad()
     def _metrics(self, out: Any, vision: Tensor, text: Tensor) -> dict[str, float]:
@@ -534,6 +653,8 @@ class JointSAETrainer:
             tensors["mse_scale"] = self.sae.mse_scale.detach().cpu()
             state: dict[str, Any] = {"step": self.step, "fingerprint": self._fingerprint(), "param_groups": groups,
                                      "history": self.history, "provenance": self.provenance()}
+            if self.cfg.resample_every:
+                state["resampled"] = self.resampled
             if self.epoch_length is not None:
                 tensors["epoch_loss_sum"] = self._epoch_loss_sum.detach().cpu()
                 for k, v in (self.best_state or {}).items():
@@ -619,6 +740,7 @@ class JointSAETrainer:
         torch.set_rng_state(tensors["rng"])
         self.steps_since_fired = tensors["steps_since_fired"].to(self.cfg.device)
         self.history = state.get("history", [])
+        self.resampled = list(state.get("resampled", []))
         if self.epoch_length is not None:
             epochs = state["epochs"]
             self.epoch_losses = list(epochs["epoch_losses"])
