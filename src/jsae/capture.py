@@ -33,7 +33,7 @@ from jsae.guards import shape_checked
 from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
-from jsae.files import apply_umask, tmp_sibling, write_json
+from jsae.files import apply_umask, tmp_sibling, write_json, writing
 
 POOLINGS = ("mean", "max", "last")
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
@@ -273,6 +273,10 @@ def _open_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
                     f"{out} holds a capture with {key}={manifest.get(key)!r}, not {settings[key]!r}; "
                     "use a new out_dir or the same settings to resume"
                 )
+        if manifest.get("d_in") is not None and manifest["d_in"] != settings["d_in"]:
+            raise ValueError(f"{out} holds a capture {manifest['d_in']} wide, but this model is {settings['d_in']} wide; "
+                             "use a new out_dir")
+        check_capture(out, manifest)  # a resumed capture starts from whole shards that match the manifest
     else:
         manifest = {**settings, "count": 0, "shards": [], "complete": False}
     listed = {s["file"] for s in manifest["shards"]}
@@ -289,8 +293,12 @@ def _flush(out: Path, manifest: dict[str, Any], pending: dict[str, list[Tensor]]
     name = f"shard-{len(manifest['shards']):05d}.safetensors"
     tensors = {k: torch.cat(v).contiguous() for k, v in pending.items()}
     tmp = tmp_sibling(out / name)
-    save_file(tensors, str(tmp), metadata={"count": str(n)})
-    os.replace(apply_umask(tmp), out / name)
+    try:
+        with writing(out / name, "free some disk space and re-run the same capture: it resumes from the last shard"):
+            save_file(tensors, str(tmp), metadata={"count": str(n)})
+            os.replace(apply_umask(tmp), out / name)
+    finally:
+        tmp.unlink(missing_ok=True)
     for v in pending.values():
         v.clear()
     manifest = {**manifest, "shards": [*manifest["shards"], {"file": name, "count": n}], "count": manifest["count"] + n}
@@ -317,9 +325,91 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """The tensors (``{name: {"dtype", "shape"}}``) a safetensors file declares, read from its header only, after
+    checking that the file is as long as the header promises (a truncated or corrupt file raises one line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in the capture's manifest but does not exist; capture again into a "
+                                "new folder")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"its header claims {n} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: {"dtype": str(v["dtype"]), "shape": [int(d) for d in v["shape"]]} for k, v in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors shard ({str(exc).splitlines()[0]}); it is corrupt: "
+                         "capture again into a new folder") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is truncated ({size} bytes, its header promises {8 + n + end}); capture again into a "
+                         "new folder")
+    return shapes
+
+
+def check_capture(out_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a capture against its manifest, from the shards' safetensors headers only (no tensor is read):
+    every listed shard exists and is whole, holds ``layer_L.vision`` and ``layer_L.text`` for every captured
+    layer, each ``[shard count, d_in]`` in the manifest's dtype, and the shard counts add up to the manifest's
+    count (its total, once complete).  One-line ``ValueError`` naming the file and what differs; returns the
+    manifest."""
+    out = Path(out_dir)
+    manifest = read_manifest(out) if manifest is None else manifest
+    fix = "capture again into a new folder"
+    layers, shards = manifest["layers"], manifest["shards"]
+    d_in, dtype = manifest.get("d_in"), manifest.get("dtype")
+    try:
+        counts = [int(s["count"]) for s in shards]
+        files = [str(s["file"]) for s in shards]
+        count, total = int(manifest["count"]), manifest.get("total")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{out / MANIFEST} is corrupt (a shard entry or the count is malformed: {exc}); {fix}") from None
+    if sum(counts) != count:
+        raise ValueError(f"{out / MANIFEST} claims {count} pairs but its shards list {sum(counts)}; the manifest or the "
+                         f"shards were edited or mixed up: {fix}")
+    if total is not None and (count > int(total) or (manifest.get("complete") and count != int(total))):
+        raise ValueError(f"{out / MANIFEST} claims {count} captured pairs of a total of {total}; {fix}")
+    from jsae.guards import confined
+
+    for name, n in zip(files, counts):
+        path = confined(out, name, f"the shard {name!r} listed in {out / MANIFEST}")
+        header = _shard_header(path)
+        for L in layers:
+            for m in ("vision", "text"):
+                key = f"layer_{L}.{m}"
+                info = header.get(key)
+                if info is None:
+                    raise ValueError(f"{path} lacks the tensor {key} (the manifest lists layers {layers}); {fix}")
+                shape = info["shape"]
+                if len(shape) != 2 or shape[0] != n:
+                    raise ValueError(f"{path}: {key} has shape {shape} but the manifest lists {n} pairs in this shard; "
+                                     f"{fix}")
+                width = d_in if d_in is not None else shape[1]
+                if shape[1] != width:
+                    raise ValueError(f"{path}: {key} is {shape[1]} wide but the manifest's model ({manifest.get('model')}) "
+                                     f"is {width} wide; {fix}")
+                d_in = width
+                got = _DTYPES.get(info["dtype"], info["dtype"])
+                if dtype is not None and got != dtype:
+                    raise ValueError(f"{path}: {key} is {got} but the manifest says {dtype}; {fix}")
+    return manifest
+
+
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,
                allow_incomplete: bool = False) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one)."""
+    """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one); the
+    capture is checked against its manifest first (:func:`check_capture`)."""
     manifest = read_manifest(out_dir)
     if not manifest.get("complete") and not allow_incomplete:
         raise ValueError(f"the capture in {out_dir} is incomplete ({manifest['count']}/{manifest['total']} pairs); "
@@ -331,11 +421,19 @@ def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dty
         layer = layers[0]
     if layer not in layers:
         raise ValueError(f"layer {layer} was not captured in {out_dir}; captured layers: {layers}")
+    check_capture(out_dir, manifest)
     parts: dict[str, list[Tensor]] = {"vision": [], "text": []}
     for shard in manifest["shards"]:
-        with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
-            for m in parts:
-                parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
+        path = Path(out_dir) / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for m in parts:
+                    parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            if isinstance(exc, MemoryError):
+                raise
+            raise ValueError(f"{path} could not be read ({str(exc).splitlines()[0]}); it is corrupt: capture again into "
+                             "a new folder") from None
     if not parts["vision"]:
         raise ValueError(f"{out_dir} holds no captured pairs yet")
     return torch.cat(parts["vision"]), torch.cat(parts["text"]), manifest

@@ -693,12 +693,13 @@ CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 def _atomic_save(path: str | Path, write: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
     """Let ``write`` fill a temporary sibling directory, then move its files into ``path``."""
-    from jsae.files import apply_umask
+    from jsae.files import apply_umask, writing
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
+        with writing(path / WEIGHTS_FILE):
+            write(tmp)
         apply_umask(tmp)
         path.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS_FILE, CFG_FILE):  # cfg last: a directory with a cfg.json is complete

@@ -232,13 +232,17 @@ def save_projector(adapter: Any, path: str | Path, metadata: Mapping[str, Any] |
     """The projector's weights as safetensors (atomic), with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
-    from jsae.files import apply_umask
+    from jsae.files import apply_umask, writing
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in check_projector(adapter).state_dict().items()}
-    save_file(state, str(tmp), metadata={"vista": json.dumps(dict(metadata or {}), default=str)})
-    apply_umask(tmp).replace(path)
+    try:
+        with writing(path):
+            save_file(state, str(tmp), metadata={"vista": json.dumps(dict(metadata or {}), default=str)})
+            apply_umask(tmp).replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
