@@ -94,13 +94,15 @@ def push(
     private: bool = typer.Option(False),
 ) -> None:
     """Upload a JSAE (SAELens layout + model card) to the Hugging Face Hub."""
+    from jsae.releases.hub import local_root, revisions
     from jsae.releases.hub import push as push_dir
 
     try:
         url = push_dir(directory, repo, endpoint=hub, token=token, private=private)
+        rev = f" (revision {revisions(repo, endpoint=hub)[0]})" if local_root(hub) is not None else ""
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         fail(str(exc))
-    typer.echo(f"pushed {directory} -> {url}")
+    typer.echo(f"pushed {directory} -> {url}{rev}")
 
 
 @release_app.command("pull")
@@ -109,7 +111,7 @@ def pull(
     out: Optional[Path] = typer.Option(None, help="local directory (default: the Hugging Face cache, where "
                                                   "SAE.from_pretrained finds it offline)"),
     hub: Optional[str] = typer.Option(None, help="hub endpoint URL, or a local directory / file:// URL standing in for it"),
-    revision: Optional[str] = typer.Option(None),
+    revision: Optional[str] = typer.Option(None, help="a commit id (at least 7 characters) or branch; default: main"),
     token: Optional[str] = typer.Option(None, envvar="HF_TOKEN"),
 ) -> None:
     """Download a pushed JSAE repo and check every SAE in it."""
