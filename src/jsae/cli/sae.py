@@ -222,6 +222,11 @@ def steer(
             mentions = world_mentions
         vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
         vlm.adapter.check_layer(layer)
+        from jsae.interventions import check_sae_site
+
+        check_sae_site(sae, layer, vlm.adapter, f"steering ({sae_dir})",
+                       f"pass the --model it was trained on ({sae.cfg.metadata.get('model_name') or 'see its cfg.json'}), "
+                       "or an SAE trained on this model and layer")
         if steer_at not in POSITION_SETS:
             raise ValueError(f"unknown --steer-at {steer_at!r}; choose one of {list(POSITION_SETS)}")
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -266,7 +271,15 @@ def _steer_images(concept: str, n: int, data: str | None, split: str, images: Pa
         files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
         if not files:
             fail(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of pictures")
-        return [Image.open(p).convert("RGB") for p in files[:n]], (lambda text, c: c in caption_words(text))
+        from jsae.data.images import to_rgb
+
+        picked = []
+        for p in files[:n]:
+            try:
+                picked.append(to_rgb(Image.open(p), "the image"))
+            except OSError as exc:  # not an image PIL can open
+                fail(f"the image {p} cannot be opened ({str(exc).splitlines()[0]}); fix or remove it")
+        return picked, (lambda text, c: c in caption_words(text))
     if data:
         source = CaptionSource.whole(data, split)
         items = source.items(split)

@@ -219,7 +219,18 @@ class CaptionSource(_Source):
 
             need = sum(int(n) for n in self.sizes.values())
             limit = None if need >= 10**12 or self.dedup_images or self.shuffle else need
-            ds = load_caption_dataset(self.path, split=self.data_split, limit=limit)
+            try:
+                ds = load_caption_dataset(self.path, split=self.data_split, limit=limit)
+            except (ValueError, FileNotFoundError, MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - datasets and PIL fail deep inside on a malformed folder or image
+                raise ValueError(f"could not read the caption dataset {self.path!r} (split {self.data_split!r}): "
+                                 f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}; check its images "
+                                 "and its metadata file (metadata.jsonl or .csv: one row per image, with file_name and a "
+                                 "caption)") from None
+            if len(ds) == 0:
+                raise ValueError(f"the caption dataset {self.path!r} (split {self.data_split!r}) has no rows; give it "
+                                 "(image, caption) rows")
             if self.dedup_images or self.shuffle:
                 ds = self._one_row_per_image(ds, None if need >= 10**12 else need)
             if limit is None and need < 10**12 and len(ds) >= need:

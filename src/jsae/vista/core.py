@@ -72,6 +72,10 @@ def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
     if d_in != adapter.d_in:
         raise ValueError(f"text SAE has d_in={d_in} but the language model's hidden size is {adapter.d_in}; "
                          f"use an SAE trained on this model's residual stream")
+    from jsae.interventions import check_sae_site
+
+    check_sae_site(sae, layer, adapter, "VISTA text SAE", "pass the text SAEs trained on this model's language model "
+                   "(--text-sae), or leave --text-sae out to train them")
     hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
     if hook is None:
         return  # a bare local SAE without metadata: trust the caller
