@@ -103,5 +103,13 @@ def test_vista_refuses_a_text_sae_of_another_model(tiny):
     check_text_sae(own, tiny.adapter, 1)
     other = StandardSAE(StandardSAEConfig(d_in=32, d_sae=16))
     other.cfg.metadata.hook_name, other.cfg.metadata.model_name = hook, "qwen3-vl-moe"
-    with pytest.raises(ProvenanceError, match="VISTA text SAE.*model qwen3-vl-moe vs"):
+    with pytest.raises(ProvenanceError, match="VISTA run.*model qwen3-vl-moe vs"):
         check_text_sae(other, tiny.adapter, 1)
+    # a text SAE of the VLM's own language model applies (VISTA's point: Gemma Scope on a Gemma-based VLM)
+    tiny.adapter.hf_model.config.text_config._name_or_path = "org/my-lm"
+    try:
+        base = StandardSAE(StandardSAEConfig(d_in=32, d_sae=16))
+        base.cfg.metadata.hook_name, base.cfg.metadata.model_name = "blocks.1.hook_resid_post", "my-lm"
+        check_text_sae(base, tiny.adapter, 1)
+    finally:
+        tiny.adapter.hf_model.config.text_config._name_or_path = ""

@@ -499,7 +499,7 @@ def test_jumprelu_sae_in_gemma_scope_format(tmp_path, composed):
     x = states[4]
     cfg = JumpReLUSAEConfig(d_in=128, d_sae=topk.cfg.d_sae, apply_b_dec_to_input=False)
     cfg.metadata.hook_name = "blocks.4.hook_resid_post"
-    cfg.metadata.model_name = "jsae-toy-text-lm"
+    cfg.metadata.model_name = "toy-composed"  # the model these weights were trained on (its provenance is checked)
     cfg.metadata.neuronpedia_id = "jsae-toy-text-lm/4-local-res"
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():

@@ -72,17 +72,17 @@ def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
     if d_in != adapter.d_in:
         raise ValueError(f"text SAE has d_in={d_in} but the language model's hidden size is {adapter.d_in}; "
                          f"use an SAE trained on this model's residual stream")
-    from jsae.interventions import check_sae_site
-
-    check_sae_site(sae, layer, adapter, "VISTA text SAE", "pass the text SAEs trained on this model's language model "
-                   "(--text-sae), or leave --text-sae out to train them")
     hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
-    if hook is None:
-        return  # a bare local SAE without metadata: trust the caller
     own = layer_of_hook(hook)
-    if hook != adapter.hook_name(layer) and own != layer:
+    if hook is not None and hook != adapter.hook_name(layer) and own != layer:
         raise ValueError(f"text SAE was trained on hook {hook!r} (layer {own}), not layer {layer} "
                          f"({adapter.hook_name(layer)!r}); pass the SAE of that hook or constrain layer {own}")
+    from jsae.interventions import check_sae_site  # the model it was trained on: the interventions' own check
+
+    text_cfg = getattr(adapter.hf_model.config, "text_config", None)
+    lm_name = str(getattr(text_cfg, "_name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
+    check_sae_site(sae, layer, adapter, "VISTA run", "pass the text SAEs trained on this model's language model "
+                   "(--text-sae), or leave --text-sae out to train them", also_models=(lm_name,))
 
 
 def check_projector(adapter: Any) -> nn.Module:
