@@ -232,7 +232,7 @@ def test_cli_bad_inputs(tmp_path):
     r = runner.invoke(app, ["vista", "eval", "--run", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "jsae vista train" in r.output
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--lam", "-1", "--layers", "4"])
-    assert r.exit_code == 2 and "must be >= 0" in r.output
+    assert r.exit_code == 2 and "'--lam': must be at least 0" in r.output
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--layers", "4,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
 

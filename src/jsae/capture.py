@@ -135,6 +135,7 @@ def capture_pairs(
     from jsae.locks import DirLock
 
     out = check_output_dir(out_dir, "out_dir")
+    check_capture_disk(out, len(pairs), len(layer_list), adapter.d_in, dtype)
     created = not out.exists()
     existed = not created and (out / MANIFEST).exists()
     try:
@@ -150,6 +151,30 @@ def capture_pairs(
         if created and {f.name for f in out.iterdir()} <= {".jsae.lock"}:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def check_capture_disk(out: Path, n_pairs: int, n_layers: int, d_in: int, dtype: torch.dtype = torch.float32) -> int:
+    """Refuse (``OSError``, one line with the estimate) a capture whose shards cannot fit on ``out``'s disk: two
+    ``d_in`` vectors per pair and layer, less what a capture already in ``out`` holds; returns the estimate."""
+    done = 0
+    try:
+        done = int(json.loads((out / MANIFEST).read_text()).get("count", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    need = max(int(n_pairs) - done, 0) * n_layers * 2 * d_in * torch.empty((), dtype=dtype).element_size()
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if need > free:
+        from jsae.guards import _size
+
+        err = OSError(f"capturing {int(n_pairs) - done} pairs at {n_layers} layer(s) of width {d_in} needs about "
+                      f"{_size(need)} on disk but {base} has {_size(free)} free; free some space, capture fewer pairs or "
+                      "layers, or pass another out_dir")
+        err.errno = 28  # ENOSPC
+        raise err
+    return need
 
 
 class _PairError(ValueError):

@@ -20,10 +20,10 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import fail, int_list
+from jsae.cli._common import D_SAE, STEPS, OneLineGroup, fail, int_list
 
 release_app = typer.Typer(help="jsae releases: build, list, push to and pull from the Hugging Face Hub, print for SAELens.",
-                          no_args_is_help=True, pretty_exceptions_enable=False)
+                          no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 @release_app.command("build")
@@ -50,8 +50,8 @@ def build(
 def build_shipped(
     models: Optional[str] = typer.Option(None, help="comma-separated toy models (default: every shipped one)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers (default: the shipped ones)"),
-    steps: int = typer.Option(600),
-    d_sae: int = typer.Option(128),
+    steps: int = typer.Option(600, callback=STEPS),
+    d_sae: int = typer.Option(128, callback=D_SAE),
     out: Optional[Path] = typer.Option(None, help="default: the installed package's pretrained/ (and its releases.yaml)"),
 ) -> None:
     """Re-train the toy releases shipped with jsae and rewrite their releases.yaml entries."""
