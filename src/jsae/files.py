@@ -64,6 +64,11 @@ def writing(path: str | Path, fix: str = "free some disk space, or write somewhe
             raise
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         code = getattr(exc, "errno", None)
+        import re
+
+        found = re.search(r"os error (\d+)", text)  # safetensors: "I/O error: No space left on device (os error 28)"
+        if code is None and found:
+            code = int(found.group(1))
         for errno_, words in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
                               (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "Disk quota")):
             if code is None and words.lower() in text.lower():

@@ -80,7 +80,7 @@ class OneLineGroup(TyperGroup):
 
     def _one_line(self, exc: Exception) -> NoReturn:
         ctx = getattr(exc, "ctx", None)
-        path = getattr(ctx, "command_path", None) or "jsae"
+        path = " ".join(["jsae", *(getattr(ctx, "command_path", None) or "jsae").split()[1:]])  # (a test runner's name aside)
         msg = exc.format_message().strip().replace("\n", " ").rstrip(".")  # type: ignore[attr-defined]
         typer.echo(f"error: {msg} (see `{path} --help`)", err=True)
         raise typer.Exit(2)
@@ -111,12 +111,15 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     """A typer ``callback=`` that refuses (one line, naming the option) a value outside ``[lo, hi]`` (open ends with
     ``lo_open`` / ``hi_open``), and NaN or inf; ``None`` (an option left out) passes.  ``why`` explains the bound."""
 
+    def show(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
     def words() -> str:
         parts = []
         if lo is not None:
-            parts.append(f"{'greater than' if lo_open else 'at least'} {lo:g}")
+            parts.append(f"{'greater than' if lo_open else 'at least'} {show(lo)}")
         if hi is not None:
-            parts.append(f"{'less than' if hi_open else 'at most'} {hi:g}")
+            parts.append(f"{'less than' if hi_open else 'at most'} {show(hi)}")
         return " and ".join(parts)
 
     def callback(value: Any) -> Any:

@@ -86,7 +86,8 @@ def train(
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, MemoryError) as exc:
-        fail(str(exc))
+        fail(str(exc).replace("pass allow_provenance_mismatch=True", "pass --allow-provenance-mismatch")
+             .replace("a new checkpoint_dir", "a new --checkpoint-dir"))
     typer.echo(f"saved {out}")
 
 
@@ -134,6 +135,10 @@ def label(
         check_fingerprint(manifest.get("fingerprint"), source.fingerprint(part), f"the capture in {capture_dir}",
                           f"pass the {flags} it was captured with")
         pairs = load_pairs(capture_dir, layer, batch_size=1, shuffle=False)
+        trained_on = sae_record(sae).get("data")
+        if trained_on is not None and trained_on == manifest.get("fingerprint"):
+            typer.echo(f"note: {capture_dir} holds the pairs this SAE was trained on, so these labels are in-sample; "
+                       "label on held-out pairs (e.g. a capture of --split validation) to judge the features", err=True)
         y, names = source.presence(part)
         if y.shape[0] != pairs.vision.shape[0]:
             fail(f"the capture holds {pairs.vision.shape[0]} pairs but the data has {y.shape[0]}; "
