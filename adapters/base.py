@@ -436,7 +436,10 @@ class VLMAdapter(abc.ABC):
                 raise ValueError(f"caption {i} ({text!r}) is empty: it has no caption tokens; drop the pair or give it a caption")
             prompts.append(full)
             spans.append((n_cap, suf))
-        flat_images = [im for ims in images for im in (ims if isinstance(ims, (list, tuple)) else [ims])]
+        from jsae.data.images import to_rgb  # 16-bit, float, palette, CMYK, alpha: rescaled, not clipped
+
+        flat_images = [to_rgb(im, f"image {j}") for j, im in
+                       enumerate(im for ims in images for im in (ims if isinstance(ims, (list, tuple)) else [ims]))]
         enc = processor(images=flat_images, text=prompts, return_tensors=return_tensors, padding=True)
         ids = enc["input_ids"]
         am = enc.get("attention_mask")

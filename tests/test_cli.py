@@ -146,6 +146,6 @@ def test_thread_policy(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert runner.invoke(app, ["version"]).exit_code == 0 and os.environ["OMP_NUM_THREADS"] == "3"
         res = runner.invoke(app, ["--threads", "0", "version"])
-        assert res.exit_code == 2 and "--threads must be at least 1" in res.output
+        assert res.exit_code == 2 and "'--threads': must be at least 1" in res.output
     finally:
         torch.set_num_threads(before)

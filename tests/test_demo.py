@@ -112,7 +112,7 @@ def test_cli_bad_inputs(tmp_path, small_run):
     sae_dir = out / "saes" / "jsae" / "layer_1"
     concept = json.loads((out / "metrics.json").read_text())["concepts"][0]
     res = runner.invoke(app, ["sae", "steer", "--sae", str(sae_dir), "--concept", concept, "--layer", "1", "--alpha", "nan"])
-    assert res.exit_code == 2 and "--alpha must be a finite number" in res.output
+    assert res.exit_code == 2 and "'--alpha': must be a finite number" in res.output
     res = runner.invoke(app, ["sae", "steer", "--sae", str(sae_dir), "--concept", concept, "--layer", "4", "--alpha", "5"])
     assert res.exit_code == 2 and "trained on layer 1, not 4" in res.output
     res = runner.invoke(app, ["sae", "steer", "--sae", str(sae_dir), "--concept", "zebra", "--layer", "1", "--alpha", "5"])

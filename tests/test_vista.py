@@ -232,7 +232,7 @@ def test_cli_bad_inputs(tmp_path):
     r = runner.invoke(app, ["vista", "eval", "--run", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "jsae vista train" in r.output
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--lam", "-1", "--layers", "4"])
-    assert r.exit_code == 2 and "must be >= 0" in r.output
+    assert r.exit_code == 2 and "'--lam': must be at least 0" in r.output
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--layers", "4,x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
 
@@ -501,7 +501,7 @@ def test_jumprelu_sae_in_gemma_scope_format(tmp_path, composed):
     x = states[4]
     cfg = JumpReLUSAEConfig(d_in=128, d_sae=topk.cfg.d_sae, apply_b_dec_to_input=False)
     cfg.metadata.hook_name = "blocks.4.hook_resid_post"
-    cfg.metadata.model_name = "jsae-toy-text-lm"
+    cfg.metadata.model_name = "toy-composed"  # the model these weights were trained on (its provenance is checked)
     cfg.metadata.neuronpedia_id = "jsae-toy-text-lm/4-local-res"
     sae = JumpReLUSAE(cfg)
     with torch.no_grad():

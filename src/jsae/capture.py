@@ -55,7 +55,7 @@ from jsae.guards import shape_checked
 from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter
-from jsae.files import apply_umask, tmp_sibling, write_json
+from jsae.files import apply_umask, tmp_sibling, write_json, writing
 from jsae.locks import LOCK_FILE, DirLock
 
 POOLINGS = ("mean", "max", "last")
@@ -171,6 +171,7 @@ def capture_pairs(
     from jsae.guards import check_output_dir
 
     out = check_output_dir(out_dir, "out_dir")
+    check_capture_disk(out, len(pairs), len(layer_list), adapter.d_in, dtype)
     job = _Capture(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size, dtype,
                    chat_template, prompt_template, text_positions, bucket, progress)
     ranks = _Ranks.join()
@@ -178,6 +179,30 @@ def capture_pairs(
         return job.run(ranks, fingerprint)
     finally:
         ranks.leave()
+
+
+def check_capture_disk(out: Path, n_pairs: int, n_layers: int, d_in: int, dtype: torch.dtype = torch.float32) -> int:
+    """Refuse (``OSError``, one line with the estimate) a capture whose shards cannot fit on ``out``'s disk: two
+    ``d_in`` vectors per pair and layer, less what a capture already in ``out`` holds; returns the estimate."""
+    done = 0
+    try:
+        done = int(json.loads((out / MANIFEST).read_text()).get("count", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    need = max(int(n_pairs) - done, 0) * n_layers * 2 * d_in * torch.empty((), dtype=dtype).element_size()
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if need > free:
+        from jsae.guards import _size
+
+        err = OSError(f"capturing {int(n_pairs) - done} pairs at {n_layers} layer(s) of width {d_in} needs about "
+                      f"{_size(need)} on disk but {base} has {_size(free)} free; free some space, capture fewer pairs or "
+                      "layers, or pass another out_dir")
+        err.errno = 28  # ENOSPC
+        raise err
+    return need
 
 
 class _PairError(ValueError):
@@ -584,9 +609,13 @@ class _Capture:
         start, count = self.shard_range(k)
         name = f"shard-{k:05d}.safetensors"
         tmp = tmp_sibling(self.out / name)
-        save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp),
-                  metadata={"count": str(count), "start": str(start), "plan": plan})
-        os.replace(apply_umask(tmp), self.out / name)
+        try:
+            with writing(self.out / name, "free some disk space and re-run the same capture: it resumes from the last shard"):
+                save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp),
+                          metadata={"count": str(count), "start": str(start), "plan": plan})
+                os.replace(apply_umask(tmp), self.out / name)
+        finally:
+            tmp.unlink(missing_ok=True)
         return name
 
 
@@ -647,11 +676,93 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """The tensors (``{name: {"dtype", "shape"}}``) a safetensors file declares, read from its header only, after
+    checking that the file is as long as the header promises (a truncated or corrupt file raises one line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is listed in the capture's manifest but does not exist; capture again into a "
+                                "new folder")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"its header claims {n} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: {"dtype": str(v["dtype"]), "shape": [int(d) for d in v["shape"]]} for k, v in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors shard ({str(exc).splitlines()[0]}); it is corrupt: "
+                         "capture again into a new folder") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{path} is truncated ({size} bytes, its header promises {8 + n + end}); capture again into a "
+                         "new folder")
+    return shapes
+
+
+def check_capture(out_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a capture against its manifest, from the shards' safetensors headers only (no tensor is read):
+    every listed shard exists and is whole, holds ``layer_L.vision`` and ``layer_L.text`` for every captured
+    layer, each ``[shard count, d_in]`` in the manifest's dtype, and the shard counts add up to the manifest's
+    count (its total, once complete).  One-line ``ValueError`` naming the file and what differs; returns the
+    manifest."""
+    out = Path(out_dir)
+    manifest = read_manifest(out) if manifest is None else manifest
+    fix = "capture again into a new folder"
+    layers, shards = manifest["layers"], manifest["shards"]
+    d_in, dtype = manifest.get("d_in"), manifest.get("dtype")
+    try:
+        counts = [int(s["count"]) for s in shards]
+        files = [str(s["file"]) for s in shards]
+        count, total = int(manifest["count"]), manifest.get("total")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{out / MANIFEST} is corrupt (a shard entry or the count is malformed: {exc}); {fix}") from None
+    if sum(counts) != count:
+        raise ValueError(f"{out / MANIFEST} claims {count} pairs but its shards list {sum(counts)}; the manifest or the "
+                         f"shards were edited or mixed up: {fix}")
+    if total is not None and (count > int(total) or (manifest.get("complete") and count != int(total))):
+        raise ValueError(f"{out / MANIFEST} claims {count} captured pairs of a total of {total}; {fix}")
+    from jsae.guards import confined
+
+    for name, n in zip(files, counts):
+        path = confined(out, name, f"the shard {name!r} listed in {out / MANIFEST}")
+        header = _shard_header(path)
+        for L in layers:
+            for m in ("vision", "text"):
+                key = f"layer_{L}.{m}"
+                info = header.get(key)
+                if info is None:
+                    raise ValueError(f"{path} lacks the tensor {key} (the manifest lists layers {layers}); {fix}")
+                shape = info["shape"]
+                if len(shape) != 2 or shape[0] != n:
+                    raise ValueError(f"{path}: {key} has shape {shape} but the manifest lists {n} pairs in this shard; "
+                                     f"{fix}")
+                width = d_in if d_in is not None else shape[1]
+                if shape[1] != width:
+                    raise ValueError(f"{path}: {key} is {shape[1]} wide but the manifest's model ({manifest.get('model')}) "
+                                     f"is {width} wide; {fix}")
+                d_in = width
+                got = _DTYPES.get(info["dtype"], info["dtype"])
+                if dtype is not None and got != dtype:
+                    raise ValueError(f"{path}: {key} is {got} but the manifest says {dtype}; {fix}")
+    return manifest
+
+
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,
                allow_incomplete: bool = False) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``(vision [n, d_in], text [n, d_in], manifest)`` of one captured layer (default: the only one), in the
-    pairs' order.  ``allow_incomplete`` reads the shards captured so far (under data parallelism these need not
-    be the first pairs: each shard entry of the manifest says which pairs it holds)."""
+    pairs' order; the capture is checked against its manifest first (:func:`check_capture`).  ``allow_incomplete``
+    reads the shards captured so far (under data parallelism these need not be the first pairs: each shard entry of
+    the manifest says which pairs it holds)."""
     manifest = read_manifest(out_dir)
     if not manifest.get("complete") and not allow_incomplete:
         raise ValueError(f"the capture in {out_dir} is incomplete ({manifest['count']}/{manifest['total']} pairs); "
@@ -663,11 +774,19 @@ def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dty
         layer = layers[0]
     if layer not in layers:
         raise ValueError(f"layer {layer} was not captured in {out_dir}; captured layers: {layers}")
+    check_capture(out_dir, manifest)
     parts: dict[str, list[Tensor]] = {"vision": [], "text": []}
     for shard in manifest["shards"]:  # listed in the pairs' order
-        with safe_open(str(Path(out_dir) / shard["file"]), framework="pt") as f:
-            for m in parts:
-                parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
+        path = Path(out_dir) / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for m in parts:
+                    parts[m].append(f.get_tensor(f"layer_{layer}.{m}").to(dtype))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            if isinstance(exc, MemoryError):
+                raise
+            raise ValueError(f"{path} could not be read ({str(exc).splitlines()[0]}); it is corrupt: capture again into "
+                             "a new folder") from None
     if not parts["vision"]:
         raise ValueError(f"{out_dir} holds no captured pairs yet")
     return torch.cat(parts["vision"]), torch.cat(parts["text"]), manifest

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -17,8 +19,9 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        with writing(path):
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -49,6 +52,32 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def writing(path: str | Path, fix: str = "free some disk space, or write somewhere else") -> Iterator[None]:
+    """Turn a failed write inside the block into one ``OSError`` line that names ``path``: safetensors reports a
+    full disk or a read-only folder as ``SafetensorError: Error while serializing: IoError(...)``, without the
+    file; an ``OSError`` without a file name gets it too (the errno is kept)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        if not (type(exc).__name__ == "SafetensorError" or (isinstance(exc, OSError) and not exc.filename)):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        code = getattr(exc, "errno", None)
+        import re
+
+        found = re.search(r"os error (\d+)", text)  # safetensors: "I/O error: No space left on device (os error 28)"
+        if code is None and found:
+            code = int(found.group(1))
+        for errno_, words in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
+                              (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "Disk quota")):
+            if code is None and words.lower() in text.lower():
+                code = errno_
+        err = OSError(f"could not write {path} ({os.strerror(code) if code else text}); {fix}")
+        err.errno = code or errno.EIO
+        raise err from None
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """:func:`write_atomic` of ``obj`` as indented JSON (numpy scalars as floats)."""
     return write_atomic(path, json.dumps(obj, indent=2, default=float))
@@ -74,4 +103,4 @@ def write_dir_atomic(final: str | Path, fill: Any) -> Path:
     return final
 
 
-__all__ = ["apply_umask", "replace_dir", "tmp_sibling", "write_atomic", "write_dir_atomic", "write_json"]
+__all__ = ["apply_umask", "replace_dir", "tmp_sibling", "write_atomic", "write_dir_atomic", "write_json", "writing"]

@@ -215,17 +215,29 @@ class ProjectOut(Intervention):
         return x - (x * u).sum(-1, keepdim=True) * u
 
 
-def check_sae_site(sae: Any, layer: int, adapter: VLMAdapter, what: str = "the intervention") -> None:
-    """One-line error when ``sae`` was trained at another layer, hook or model than ``adapter``'s layer ``layer``
-    (judged from its ``cfg.metadata``; unknown fields are not checked)."""
+def check_sae_site(sae: Any, layer: int, adapter: VLMAdapter, what: str = "the intervention", fix: str | None = None,
+                   also_models: Sequence[str] = ()) -> None:
+    """One-line :class:`~jsae.provenance.ProvenanceError` when ``sae`` was trained at another layer, hook or model
+    than ``adapter``'s layer ``layer``, or for another width (judged from its ``cfg.metadata`` and ``d_in``; unknown
+    fields are not checked).  The one check of every path that applies an SAE to a model: the interventions, ``jsae
+    sae steer``, ``jsae look``, the demo's reuse of a run and VISTA's text SAEs; ``fix`` replaces the default advice;
+    ``also_models`` are other names of the same weights (VISTA: the VLM's language model, whose text SAEs apply)."""
     from jsae.capture import _model_name
     from jsae.provenance import check_same, sae_record
 
-    found = {k: v for k, v in sae_record(sae).items() if k in ("model", "model_class", "layer", "hook_name")}
+    from jsae.adapters import layer_of_hook
+
+    found = {k: v for k, v in sae_record(sae).items() if k in ("model", "model_class", "layer", "hook_name", "d_in")}
     here = {"model": _model_name(adapter), "model_class": type(adapter.hf_model).__name__, "layer": layer,
-            "hook_name": adapter.hook_name(layer)}
+            "hook_name": adapter.hook_name(layer), "d_in": adapter.d_in}
+    if found.get("hook_name") not in (None, here["hook_name"]) and layer_of_hook(found["hook_name"]) == layer:
+        found.pop("hook_name")  # another naming of the same residual stream (blocks.L.hook_resid_post, ...)
+    from jsae.provenance import same_model
+
+    if "model" in found and any(n and same_model(found["model"], n) for n in also_models):
+        found.pop("model")
     check_same(found, here, f"the SAE of this {what}", f"layer {layer} of {here['model']}",
-               f"use the SAE trained there (metadata: layer {found.get('layer')}, model {found.get('model')}), "
+               fix or f"use the SAE trained there (metadata: layer {found.get('layer')}, model {found.get('model')}), "
                "or pass allow_other_site=True")
 
 

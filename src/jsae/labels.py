@@ -50,9 +50,16 @@ class FeatureLabels:
 
     def check_sae(self, sae: Any, where: str = "this SAE") -> None:
         """One-line :class:`~jsae.provenance.ProvenanceError` when these labels were made for an SAE of another
-        model, layer or hook than ``sae`` (labels without a record are not checked)."""
+        model, layer or hook than ``sae`` (labels without a record are not checked), and a one-line ``ValueError``
+        when they name a feature the SAE does not have."""
         from jsae.provenance import check_same, sae_record
 
+        d_sae = getattr(getattr(sae, "cfg", None), "d_sae", None)
+        bad = sorted(lab.feature for lab in self.labels if not isinstance(lab.feature, int) or lab.feature < 0
+                     or (d_sae is not None and lab.feature >= d_sae))
+        if bad:
+            raise ValueError(f"these labels name feature(s) {bad[:5]} but {where} has features 0..{(d_sae or 0) - 1}; "
+                             "the labels belong to another SAE: label this SAE itself (`jsae sae label`)")
         found = (self.provenance or {}).get("sae")
         if found:
             check_same({k: v for k, v in found.items() if k != "data"},

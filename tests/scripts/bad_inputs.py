@@ -7,7 +7,8 @@
 * ``silent``: accepted without a word where it should not be, or a wrong result;
 * ``partial``: an error, but files were left behind that should not be.
 
-usage: OMP_NUM_THREADS=1 python tests/scripts/bad_inputs.py [-v]     (about a minute; prints counts)
+usage: OMP_NUM_THREADS=1 python tests/scripts/bad_inputs.py [-v] [--json OUT]   (about a minute; prints counts,
+       --json writes every input's class and answer; tests/test_bad_inputs_battery.py runs it in the suite)
 """
 
 from __future__ import annotations
@@ -373,6 +374,226 @@ case("jsae demo --preset fancy")(lambda: cli("demo", "--out", str(d("demo_p")), 
 case("jsae steer --alpha nan")(lambda: cli("steer", "--sae", str(d("sae_l")), "--concept", "dog", "--layer", "2", "--alpha", "nan"))
 
 
+# ---- issue 32: captures against their manifest, provenance in every command, what escaped ------------
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+LLAVA_L4 = Path(SRC) / "pretrained" / "jsae-shapes-llava-l4" / "model.language_model.layers.4"
+L4_CONCEPT = next(lab["label"] for lab in json.loads((LLAVA_L4 / "labels.json").read_text())["labels"] if lab["label"])
+STEER_L4 = ["steer", "--sae", str(LLAVA_L4), "--concept", L4_CONCEPT, "--layer", "4", "--alpha", "2"]
+
+
+def _cap_copy(name: str) -> Path:
+    dst = d(name)
+    shutil.copytree(d("cap_cli"), dst)
+    return dst
+
+
+def _train_on(cap: Path, out: str):
+    return cli("train", "--capture", str(cap), "--layer", "2", "--steps", "3", "--batch-size", "2", "--d-sae", "16",
+               "--out", str(d(out)))
+
+
+def _narrow_shards():
+    cap = _cap_copy("cap_narrow")
+    w = load_file(cap / "shard-00000.safetensors")
+    save_file({k: v[:, :64].contiguous() for k, v in w.items()}, cap / "shard-00000.safetensors")
+    return _train_on(cap, "sae_narrow")
+
+
+def _short_shard():
+    cap = _cap_copy("cap_short")
+    w = load_file(cap / "shard-00000.safetensors")
+    save_file({k: v[:2].contiguous() for k, v in w.items()}, cap / "shard-00000.safetensors")
+    return _train_on(cap, "sae_short")
+
+
+def _inflated_manifest():
+    cap = _cap_copy("cap_inflated")
+    m = json.loads((cap / "manifest.json").read_text())
+    m.update(count=3 * m["count"], total=3 * m["total"])
+    (cap / "manifest.json").write_text(json.dumps(m))
+    return _train_on(cap, "sae_inflated")
+
+
+def _truncated_shard():
+    cap = _cap_copy("cap_trunc")
+    p = cap / "shard-00000.safetensors"
+    p.write_bytes(p.read_bytes()[:300])
+    return _train_on(cap, "sae_trunc")
+
+
+def _shard_missing_view():
+    cap = _cap_copy("cap_noview")
+    w = load_file(cap / "shard-00000.safetensors")
+    del w["layer_2.text"]
+    save_file(w, cap / "shard-00000.safetensors")
+    return _train_on(cap, "sae_noview")
+
+
+case("jsae train on shards narrower than the manifest's model", leftover=lambda: d("sae_narrow").exists())(_narrow_shards)
+case("jsae train on a shard with fewer rows than listed", leftover=lambda: d("sae_short").exists())(_short_shard)
+case("jsae train on a manifest claiming 3x its rows", leftover=lambda: d("sae_inflated").exists())(_inflated_manifest)
+case("jsae train on a truncated shard", leftover=lambda: d("sae_trunc").exists())(_truncated_shard)
+case("jsae train on a shard missing layer_2.text", leftover=lambda: d("sae_noview").exists())(_shard_missing_view)
+
+case("jsae sae steer with a LLaVA SAE on --model qwen3-vl-moe")(lambda: cli(*STEER_L4, "--model", "qwen3-vl-moe", "--n", "2"))
+case("jsae sae steer --n -2")(lambda: cli(*STEER_L4, "--n", "-2"))
+case("jsae sae steer --n 0")(lambda: cli(*STEER_L4, "--n", "0"))
+case("jsae look features of a LLaVA SAE with --model qwen3-vl-moe", leftover=lambda: d("f.html").exists())(
+    lambda: cli("look", "features", str(LLAVA_L4), "--model", "qwen3-vl-moe", "--out", str(d("f.html")), "--n-pairs", "8"))
+case("jsae run capture --n 1000000000000", leftover=lambda: d("c_huge").exists())(
+    lambda: cli("run", "capture", "--layers", "2", "--n", "1000000000000", "--out", str(d("c_huge"))))
+case("jsae demo --n-train -5")(lambda: cli("demo", "--out", str(d("demo_neg")), "--n-train", "-5"))
+case("jsae sae train --lr 0")(lambda: cli("train", "--capture", str(d("cap_cli")), "--layer", "2", "--lr", "0", "--out",
+                                         str(d("sae_lr0"))))
+case("jsae world sample --seed 99999999999")(lambda: cli("world", "sample", "--out", str(d("ws")), "--seed", "99999999999"))
+
+
+def _sixteen_bit_capture():
+    g16 = (np.arange(48 * 48).reshape(48, 48) * 28).astype("<u2")
+    wide = Image.frombytes("I;16", (48, 48), g16.tobytes())
+    hand = Image.fromarray(np.repeat(np.floor(g16 / 257 + 0.5).astype(np.uint8)[..., None], 3, -1))
+    _cap(d("cap16"), [(wide, "a red square")], fingerprint="x", layers=[1])
+    _cap(d("cap16h"), [(hand, "a red square")], fingerprint="x", layers=[1])
+    return torch.equal(jsae.capture.read_layer(d("cap16"), 1)[0], jsae.capture.read_layer(d("cap16h"), 1)[0])
+
+
+case("capture a 16-bit grayscale image", ok=bool)(_sixteen_bit_capture)
+
+
+def _sixteen_bit_dataset():
+    from jsae.data.images import to_rgb
+    from jsae.data.sources import CaptionSource
+
+    folder = d("ds16")
+    folder.mkdir()
+    g16 = (np.arange(48 * 48).reshape(48, 48) * 28).astype("<u2")
+    Image.frombytes("I;16", (48, 48), g16.tobytes()).save(folder / "g.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "g.png", "caption": "a gray square"}) + "\n")
+    image = to_rgb(CaptionSource.whole(str(folder)).pairs("train")[0][0])
+    return np.array_equal(np.asarray(image)[..., 0], np.floor(g16 / 257 + 0.5).astype(np.uint8))
+
+
+case("a 16-bit grayscale PNG in a caption dataset", ok=bool)(_sixteen_bit_dataset)
+
+
+def _broken_image_folder():
+    folder = d("imgs_broken")
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return cli(*STEER_L4, "--images", str(folder))
+
+
+case("jsae sae steer --images with a broken file")(_broken_image_folder)
+
+
+def _empty_metadata():
+    folder = d("ds_empty")
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text("")
+    return cli("run", "capture", "--layers", "2", "--data", str(folder), "--out", str(d("c_empty")))
+
+
+case("jsae run capture --data with an empty metadata.jsonl", leftover=lambda: d("c_empty").exists())(_empty_metadata)
+
+
+def _labels_out_of_range():
+    folder = d("sae_badlabels")
+    shutil.copytree(d("sae_l"), folder)
+    (folder / "labels.json").write_text(json.dumps({"concepts": ["dog"], "labels": [
+        {"feature": 99999, "label": "dog", "kind": "shared", "purity": 1.0, "vision_corr": 0.9, "text_corr": 0.9}]}))
+    return cli("steer", "--sae", str(folder), "--concept", "dog", "--layer", "2", "--alpha", "1")
+
+
+case("jsae sae steer with labels.json naming feature 99999 of 16")(_labels_out_of_range)
+case("jsae sae label on the SAE's own training capture", ok=lambda out: "in-sample" in out)(
+    lambda: cli("label", "--sae", str(d("sae_l")), "--capture", str(d("cap_cli")), "--layer", "2", "--split", "train",
+                "--n", "4"))
+
+
+def _nan_sae(name: str) -> Path:
+    folder = d(name) / "model.language_model.layers.2"
+    s = jsae.JointSAE(jsae.JointSAEConfig(d_in=16, d_sae=32))
+    s.save_model(folder)
+    w = load_file(folder / "sae_weights.safetensors")
+    w["vision.W_dec"][0, 0] = float("nan")
+    save_file(w, folder / "sae_weights.safetensors")
+    return d(name)
+
+
+case("jsae release push of an SAE with NaN in vision.W_dec", leftover=lambda: (d("hub32") / "org" / "nan").exists())(
+    lambda: cli("release", "push", str(_nan_sae("nan_push")), "--repo", "org/nan", "--hub", str(d("hub32"))))
+
+
+def _two_revisions():
+    src = d("rev_src") / "model.language_model.layers.2"
+    firsts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        s = jsae.JointSAE(jsae.JointSAEConfig(d_in=16, d_sae=32))
+        s.save_model(src)
+        firsts.append(s.vision.W_dec.detach().clone())
+        hub.push(d("rev_src"), "org/rev", endpoint=d("hub32"))
+    old = hub.revisions("org/rev", endpoint=d("hub32"))[1]
+    got = hub.pull("org/rev", d("rev_old"), endpoint=d("hub32"), revision=old)
+    return torch.equal(jsae.JointSAE.load_from_disk(got / "model.language_model.layers.2").vision.W_dec, firsts[0])
+
+
+case("hub pull of an earlier revision", ok=bool)(_two_revisions)
+case("jsae release pull --revision doesnotexist", leftover=lambda: d("rev_x").exists())(
+    lambda: cli("release", "pull", "org/rev", "--out", str(d("rev_x")), "--hub", str(d("hub32")), "--revision",
+                "doesnotexist"))
+
+
+_LIMITED = (
+    "import resource, signal, sys\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
+    "from jsae.cli import app\n"
+    "sys.argv = ['jsae', *sys.argv[2:]]\n"
+    "app()\n")
+
+
+def _full_disk(limit: int, *args: str) -> Any:
+    """A real process whose writes past ``limit`` bytes fail (as on a full disk)."""
+    import os
+
+    r = subprocess.run([sys.executable, "-c", _LIMITED, str(limit), *args], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and "%|" not in ln and "it/s]" not in ln]
+    if r.returncode == 0:
+        return r.stdout
+    if r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "unexpected failure" not in lines[0]:
+        raise CliClear(lines[0])
+    raise CliUnclear("\n".join(lines))
+
+
+case("a full disk while training", leftover=lambda: (d("sae_full") / "cfg.json").exists())(
+    lambda: _full_disk(3000, "train", "--capture", str(d("cap_cli")), "--layer", "2", "--steps", "3", "--batch-size",
+                       "2", "--d-sae", "64", "--out", str(d("sae_full"))))
+case("a full disk while capturing", leftover=lambda: any(p.name.startswith(".shard") for p in d("cap_full").glob(".*")))(
+    lambda: _full_disk(20_000, "capture", "--layers", "2", "--n", "64", "--batch-size", "16", "--out", str(d("cap_full"))))
+case("capture to a disk too small for its shards")(
+    lambda: jsae.capture.check_capture_disk(d("cap_toolarge"), 10**12, 4, 4096))
+
+
+def _vista_other_model():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from jsae.vista.core import check_text_sae
+
+    s = StandardSAE(StandardSAEConfig(d_in=V.adapter.d_in, d_sae=16))
+    s.cfg.metadata.hook_name, s.cfg.metadata.model_name = V.adapter.hook_name(1), "qwen3-vl-moe"
+    check_text_sae(s, V.adapter, 1)
+
+
+case("VISTA with a text SAE of another model (same width)")(_vista_other_model)
+
+
 # ---- run ------------------------------------------------------------------------------------------
 def classify(name, fn, leftover, ok) -> tuple[str, str]:
     try:
@@ -403,14 +624,19 @@ def classify(name, fn, leftover, ok) -> tuple[str, str]:
 
 def main() -> None:
     verbose = "-v" in sys.argv
+    out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     counts: Counter[str] = Counter()
+    results = {}
     for name, fn, leftover, ok in CASES:
         kind, why = classify(name, fn, leftover, ok)
         counts[kind] += 1
+        results[name] = {"kind": kind, "why": why}
         if verbose or kind not in ("clear", "handled"):
             print(f"[{kind:9}] {name}: {why[:220]}")
     print(f"{len(CASES)} inputs: " + ", ".join(f"{k} {counts[k]}" for k in
                                                ("clear", "handled", "unclear", "traceback", "silent", "partial")))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import typer
 
-from jsae.cli._common import guard_app, set_debug
+from jsae.cli._common import THREADS, OneLineGroup, guard_app, set_debug
 from jsae.cli.look import core_metrics, export_neuronpedia, features, look_app
 from jsae.cli.release import release_app
 from jsae.cli.run import capture, demo, run_app, sweep
@@ -50,7 +50,7 @@ def _print_version(value: bool) -> None:
 
 
 app = typer.Typer(help="Joint Sparse Autoencoders, VISTA and SAE steering for vision-language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -72,7 +72,7 @@ def thread_policy(threads: int | None, cores: int | None = None) -> int:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                        help="Print the jsae version and exit."),
-          threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: one per two cores, at most 8; "
+          threads: int = typer.Option(None, "--threads", callback=THREADS, help="torch CPU threads (default: one per two cores, at most 8; "
                                                              "OMP_NUM_THREADS set by you wins)"),
           debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error instead of one line")) -> None:
     import os

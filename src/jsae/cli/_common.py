@@ -1,12 +1,15 @@
-"""What every command group shares: the one error helper and the parsing of list options.
+"""What every command group shares: the one error helper, one-line usage errors (:class:`OneLineGroup`), the
+range checks of numeric options (:func:`number`, :func:`world_pairs`) and the parsing of list options.
 
 Only typer and the standard library are imported at module level (see :mod:`jsae.cli`)."""
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import math
+from typing import Any, Callable, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 
 def fail(msg: str) -> NoReturn:
@@ -70,6 +73,97 @@ def guard_app(app: Any) -> None:
         guard_app(group.typer_instance)
 
 
+class OneLineGroup(TyperGroup):
+    """A command group whose usage errors (an option out of range, a wrong type, a missing or unknown option) are
+    one line on stderr, ``error: ...`` with exit code 2, like every other error of the command line; the
+    sub-commands' errors come through :meth:`invoke`, the group's own through :meth:`make_context`."""
+
+    def _one_line(self, exc: Exception) -> NoReturn:
+        ctx = getattr(exc, "ctx", None)
+        path = " ".join(["jsae", *(getattr(ctx, "command_path", None) or "jsae").split()[1:]])  # (a test runner's name aside)
+        msg = exc.format_message().strip().replace("\n", " ").rstrip(".")  # type: ignore[attr-defined]
+        typer.echo(f"error: {msg} (see `{path} --help`)", err=True)
+        raise typer.Exit(2)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        from typer._click.exceptions import UsageError
+
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            if debugging():
+                raise
+            self._one_line(exc)
+
+    def invoke(self, ctx: Any) -> Any:
+        from typer._click.exceptions import UsageError
+
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            if debugging():
+                raise
+            self._one_line(exc)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           why: str = "") -> Callable[[Any], Any]:
+    """A typer ``callback=`` that refuses (one line, naming the option) a value outside ``[lo, hi]`` (open ends with
+    ``lo_open`` / ``hi_open``), and NaN or inf; ``None`` (an option left out) passes.  ``why`` explains the bound."""
+
+    def show(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+    def words() -> str:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'greater than' if lo_open else 'at least'} {show(lo)}")
+        if hi is not None:
+            parts.append(f"{'less than' if hi_open else 'at most'} {show(hi)}")
+        return " and ".join(parts)
+
+    def callback(value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number{' ' + words() if lo is not None or hi is not None else ''}"
+                                     f", got {value}")
+        bad = lo is not None and (value <= lo if lo_open else value < lo)
+        bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad:
+            raise typer.BadParameter(f"must be {words() or 'a finite number'}, got {value}" + (f" ({why})" if why else ""))
+        return value
+
+    return callback
+
+
+SEED = number(0, 2**32 - 1, why="numpy's and torch's seeds")
+STEPS = number(1, 10**9, why="a billion steps is beyond any run here")
+LAYER = number(0, 9999)
+D_SAE = number(1, 2**24, why="16M latents; the memory an SAE needs is checked when it is built")
+THREADS = number(1, 1024)
+TOKENS = number(1, 65536, why="longer than any model's context")
+
+
+def world_pairs(lo: int = 1) -> Callable[[Any], Any]:
+    """:func:`number` (at least ``lo``) for a count of world pairs or scenes, which are generated and held in
+    memory: a count whose estimated memory exceeds this machine's is refused up front, with the estimate."""
+    at_least = number(lo)
+
+    def callback(value: Any) -> Any:
+        at_least(value)
+        if value:
+            from jsae.data.sources import check_world_pairs
+
+            try:
+                check_world_pairs(value, None)
+            except MemoryError as exc:
+                raise typer.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
 def int_list(spec: str, flag: str) -> list[int]:
     """``"2,4,6"`` -> ``[2, 4, 6]``; a one-line error naming ``flag`` otherwise (empty items are skipped)."""
     try:
@@ -105,5 +199,6 @@ def model_options() -> dict[str, Any]:
     }
 
 
-__all__ = ["data_source", "debugging", "fail", "float_list", "guard_app", "guard_command", "int_list", "model_options",
-           "one_line", "set_debug"]
+__all__ = ["D_SAE", "LAYER", "OneLineGroup", "SEED", "STEPS", "THREADS", "TOKENS", "data_source", "debugging", "fail",
+           "float_list", "guard_app", "guard_command", "int_list", "model_options", "number", "one_line", "set_debug",
+           "world_pairs"]

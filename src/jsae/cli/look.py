@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import fail
+from jsae.cli._common import OneLineGroup, fail, number, world_pairs
 
 look_app = typer.Typer(help="Look at a labelled JSAE: feature browser, Neuronpedia export, SAELens core metrics.",
-                       no_args_is_help=True, pretty_exceptions_enable=False)
+                       no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 @look_app.command("features")
@@ -20,8 +20,8 @@ def features(
     sae: str = typer.Argument(..., help="a labelled JSAE folder (e.g. RUN/saes/jsae/layer_4) or a shipped release name"),
     out: Optional[Path] = typer.Option(None, help="HTML file (default: SAE/features.html; for a release name ./RELEASE-features.html)"),
     model: Optional[str] = typer.Option(None, help="toy model (default: the SAE's metadata.model_name)"),
-    n_features: int = typer.Option(24),
-    n_pairs: int = typer.Option(200, help="held-out world pairs to rank images and captions"),
+    n_features: int = typer.Option(24, callback=number(1)),
+    n_pairs: int = typer.Option(200, help="held-out world pairs to rank images and captions", callback=world_pairs()),
 ) -> None:
     """Write the self-contained feature browser (features.html) of one labelled JSAE."""
     from jsae.report.browser import feature_page
@@ -39,9 +39,9 @@ def export_neuronpedia(
     out: Path = typer.Option(Path("neuronpedia"), help="export root: OUT/{model}/{source}/"),
     source_set: str = typer.Option("jsae", help="Neuronpedia source set id (the source is LAYER-SOURCE_SET)"),
     hf_repo_id: Optional[str] = typer.Option(None, help="where the weights are published (source.hfRepoId)"),
-    n_features: Optional[int] = typer.Option(None, help="default: every labelled feature"),
-    n_examples: int = typer.Option(8, help="top images and top captions per feature"),
-    n_pairs: int = typer.Option(200),
+    n_features: Optional[int] = typer.Option(None, help="default: every labelled feature", callback=number(1)),
+    n_examples: int = typer.Option(8, help="top images and top captions per feature", callback=number(1)),
+    n_pairs: int = typer.Option(200, callback=world_pairs()),
 ) -> None:
     """Export labelled features in SAEDashboard's Neuronpedia layout, with jsae's image extension."""
     from jsae.report.neuronpedia import export_neuronpedia as export
@@ -59,7 +59,7 @@ def core_metrics(
     sae: str = typer.Argument(..., help="a JSAE folder or a release name"),
     model: Optional[str] = typer.Option(None, help="toy model (default: the SAE's metadata.model_name)"),
     modality: str = typer.Option("text", help="branch to evaluate"),
-    n_captions: int = typer.Option(256),
+    n_captions: int = typer.Option(256, callback=world_pairs()),
     out: Optional[Path] = typer.Option(None, help="write the metrics JSON here too"),
 ) -> None:
     """SAELens's core metrics of one JSAE branch (as a SAEBench custom SAE) on the toy VLM's language model."""

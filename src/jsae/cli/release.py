@@ -20,10 +20,10 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import fail, int_list
+from jsae.cli._common import D_SAE, STEPS, OneLineGroup, fail, int_list
 
 release_app = typer.Typer(help="jsae releases: build, list, push to and pull from the Hugging Face Hub, print for SAELens.",
-                          no_args_is_help=True, pretty_exceptions_enable=False)
+                          no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 @release_app.command("build")
@@ -50,8 +50,8 @@ def build(
 def build_shipped(
     models: Optional[str] = typer.Option(None, help="comma-separated toy models (default: every shipped one)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers (default: the shipped ones)"),
-    steps: int = typer.Option(600),
-    d_sae: int = typer.Option(128),
+    steps: int = typer.Option(600, callback=STEPS),
+    d_sae: int = typer.Option(128, callback=D_SAE),
     out: Optional[Path] = typer.Option(None, help="default: the installed package's pretrained/ (and its releases.yaml)"),
 ) -> None:
     """Re-train the toy releases shipped with jsae and rewrite their releases.yaml entries."""
@@ -94,13 +94,15 @@ def push(
     private: bool = typer.Option(False),
 ) -> None:
     """Upload a JSAE (SAELens layout + model card) to the Hugging Face Hub."""
+    from jsae.releases.hub import local_root, revisions
     from jsae.releases.hub import push as push_dir
 
     try:
         url = push_dir(directory, repo, endpoint=hub, token=token, private=private)
+        rev = f" (revision {revisions(repo, endpoint=hub)[0]})" if local_root(hub) is not None else ""
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         fail(str(exc))
-    typer.echo(f"pushed {directory} -> {url}")
+    typer.echo(f"pushed {directory} -> {url}{rev}")
 
 
 @release_app.command("pull")
@@ -109,7 +111,7 @@ def pull(
     out: Optional[Path] = typer.Option(None, help="local directory (default: the Hugging Face cache, where "
                                                   "SAE.from_pretrained finds it offline)"),
     hub: Optional[str] = typer.Option(None, help="hub endpoint URL, or a local directory / file:// URL standing in for it"),
-    revision: Optional[str] = typer.Option(None),
+    revision: Optional[str] = typer.Option(None, help="a commit id (at least 7 characters) or branch; default: main"),
     token: Optional[str] = typer.Option(None, envvar="HF_TOKEN"),
 ) -> None:
     """Download a pushed JSAE repo and check every SAE in it."""

@@ -9,12 +9,13 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import data_source, fail, float_list, int_list, model_options
+from jsae.cli._common import (D_SAE, SEED, STEPS, TOKENS, OneLineGroup, data_source, fail, float_list, int_list,
+                              model_options, number, world_pairs)
 
 _M = model_options()
 
 run_app = typer.Typer(help="Run things on a VLM: the whole protocol (demo), a sweep over models, or a capture of "
-                           "pooled (image, caption) activations.", no_args_is_help=True, pretty_exceptions_enable=False)
+                           "pooled (image, caption) activations.", no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 @run_app.command()
@@ -25,14 +26,14 @@ def demo(
     data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
-    steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)"),
-    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)", callback=STEPS),
+    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)", callback=STEPS),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)", callback=D_SAE),
     expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in instead of --d-sae (the paper: 4)"),
     revival: bool = typer.Option(True, help="dead-latent revival: the JSAEs resample dead latents, the TopK baseline trains them with SAELens's AuxK"),
-    n_train: int = typer.Option(2000, min=1, help="training pairs"),
-    n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels"),
-    n_eval: int = typer.Option(1200, min=1, help="held-out images the sweep images are drawn from"),
+    n_train: int = typer.Option(2000, min=1, help="training pairs", callback=world_pairs()),
+    n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels", callback=world_pairs()),
+    n_eval: int = typer.Option(1200, min=1, help="held-out images the sweep images are drawn from", callback=world_pairs()),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept (without it to steer, with it to suppress), the same at every strength"),
     top_k: int = typer.Option(3, min=1, help="latents per (method, decoder, concept), ranked by correlation with the concept"),
     ratios: Optional[str] = typer.Option(None, help="strength grid as multiples of the mean per-token image-state norm (default 0.25,0.5,0.7,1,1.4,2,4,8)"),
@@ -42,9 +43,9 @@ def demo(
     concept_set: str = typer.Option("types", help="world default concepts: types | types+colours | all"),
     max_concepts: int = typer.Option(6, min=1, help="real data: at most this many concept words"),
     min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
-    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)"),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
-    seed: int = typer.Option(0),
+    max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)", callback=number(0, lo_open=True)),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)", callback=TOKENS),
+    seed: int = typer.Option(0, callback=SEED),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
     text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token, the JSAE reference)"),
     prompt_template: Optional[str] = typer.Option(None, help="raw capture prompt instead of the chat template, e.g. 'USER: <image>\\n{caption}\\nASSISTANT:'"),
@@ -89,7 +90,7 @@ def demo(
 def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
-    steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)", callback=STEPS),
     expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in (the paper: 4)"),
     revival: bool = typer.Option(True, help="dead-latent revival (JSAE resampling, AuxK for the TopK baseline)"),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
@@ -180,16 +181,17 @@ def capture(
     layers: str = typer.Option(..., help="comma-separated decoder layers"),
     split: str = typer.Option("train", help="world split (train | validation | test), or the split of --data"),
     n: int = typer.Option(2000, "--n", "--pairs", help="number of world pairs (the world only; --data captures every row of "
-                                                         "--split); under torchrun write --pairs (torchrun reads --n as one of its own options)"),
+                                                         "--split); under torchrun write --pairs (torchrun reads --n as one of its own options)",
+                          callback=world_pairs()),
     data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id) instead of the world"),
     pooling: str = typer.Option("mean", help="mean | max | last"),
-    batch_size: int = typer.Option(32),
+    batch_size: int = typer.Option(32, callback=number(1)),
     shard_size: int = typer.Option(1024, help="pairs per shard file (rounded up to whole batches); under torchrun the unit "
-                                              "of work: shard k goes to rank k mod world size"),
+                                              "of work: shard k goes to rank k mod world size", callback=number(1)),
     bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="batch each shard's pairs by image-token count "
                                                                             "(default: on for a new capture, the capture's own "
                                                                             "setting when resuming)"),
-    seed: int = typer.Option(0, help="world seed"),
+    seed: int = typer.Option(0, help="world seed", callback=SEED),
     text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token; --preset reference)"),
     prompt_template: Optional[str] = typer.Option(None, help="raw prompt instead of the chat template, with {caption}"),
     preset: str = typer.Option("default", help="default | reference (non_image pooling and the reference's 'USER: <image>\\n{caption}\\nASSISTANT:' prompt when the tokenizer knows its words; explicit options win)"),
@@ -303,7 +305,7 @@ def experiments(
     similarity_model: Optional[str] = typer.Option(None, help="sentence-transformers model (hub id or folder) for the similarity gain to the target, e.g. sentence-transformers/all-MiniLM-L6-v2"),
     perplexity_model: Optional[str] = typer.Option(None, help="causal LM (hub id or folder) for caption perplexity, e.g. gpt2"),
     reference_faults: bool = typer.Option(False, help="also replay the reference's per-image upward walk over alpha with its faulty stopping rules, and report each fault"),
-    max_new_tokens: int = typer.Option(50, min=1, help="greedy caption length (the reference: 50)"),
+    max_new_tokens: int = typer.Option(50, min=1, help="greedy caption length (the reference: 50)", callback=TOKENS),
     batch_size: int = typer.Option(64, min=1, help="captions generated per batch"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:

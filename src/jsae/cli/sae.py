@@ -9,30 +9,31 @@ from typing import Any, Optional
 
 import typer
 
-from jsae.cli._common import data_source, fail, model_options
+from jsae.cli._common import (D_SAE, LAYER, SEED, STEPS, TOKENS, OneLineGroup, data_source, fail, model_options, number,
+                              world_pairs)
 
 _M = model_options()
 
 sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
-                      no_args_is_help=True, pretty_exceptions_enable=False)
+                      no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 @sae_app.command()
 def train(
     capture_dir: Path = typer.Option(..., "--capture", help="capture directory (jsae run capture)"),
-    layer: int = typer.Option(..., help="captured layer to train on"),
+    layer: int = typer.Option(..., help="captured layer to train on", callback=LAYER),
     out: Path = typer.Option(..., help="SAE directory to write (SAELens layout)"),
     alignment: str = typer.Option("cosine", help="cosine | infonce | l2 | none"),
     activation: str = typer.Option("relu", help="relu (with L1) | topk"),
-    k: int = typer.Option(32, help="k of topk"),
-    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 1024; --preset reference: 4 x d_in)"),
-    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default 2000; --preset reference trains --epochs instead unless given)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs (default 20)"),
+    k: int = typer.Option(32, help="k of topk", callback=number(1)),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 1024; --preset reference: 4 x d_in)", callback=D_SAE),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default 2000; --preset reference trains --epochs instead unless given)", callback=STEPS),
+    epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs (default 20)", callback=STEPS),
     batch_size: Optional[int] = typer.Option(None, min=1, help="pairs per batch (default 256; --preset reference: 8)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-4; --preset reference: 1e-5, Adam, plateau scheduler)"),
-    l1_coefficient: float = typer.Option(0.03),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-4; --preset reference: 1e-5, Adam, plateau scheduler)", callback=number(0, 10, lo_open=True)),
+    l1_coefficient: float = typer.Option(0.03, callback=number(0, 1e4)),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="checkpoints every 500 steps; resumes if it holds one"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
     preset: str = typer.Option("default", help="default | reference (the JSAE reference code's recipe: element-mean loss, "
                                                "PyTorch Linear init, no centring, no decoder-norm constraint, Adam 1e-5, "
                                                "batch 8, 20 epochs, plateau scheduler, best epoch kept)"),
@@ -85,7 +86,8 @@ def train(
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, MemoryError) as exc:
-        fail(str(exc))
+        fail(str(exc).replace("pass allow_provenance_mismatch=True", "pass --allow-provenance-mismatch")
+             .replace("a new checkpoint_dir", "a new --checkpoint-dir"))
     typer.echo(f"saved {out}")
 
 
@@ -99,12 +101,12 @@ def _check_layer(sae: object, layer: int) -> None:
 def label(
     sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory"),
     capture_dir: Path = typer.Option(..., "--capture", help="capture of held-out pairs (jsae run capture)"),
-    layer: int = typer.Option(...),
+    layer: int = typer.Option(..., callback=LAYER),
     split: str = typer.Option("validation", help="world split the capture was made from (or the split of --data)"),
-    n: int = typer.Option(400, help="number of world pairs the capture was made from"),
+    n: int = typer.Option(400, help="number of world pairs the capture was made from", callback=world_pairs()),
     data: Optional[str] = typer.Option(None, help="caption dataset the capture was made from (words become concepts)"),
-    seed: int = typer.Option(0, help="world seed the capture was made with"),
-    min_corr: float = typer.Option(0.3),
+    seed: int = typer.Option(0, help="world seed the capture was made with", callback=SEED),
+    min_corr: float = typer.Option(0.3, callback=number(0, 1, lo_open=True, hi_open=True)),
 ) -> None:
     """Label every feature with its concept (world ground truth, or caption words) -> labels.json.
 
@@ -133,6 +135,10 @@ def label(
         check_fingerprint(manifest.get("fingerprint"), source.fingerprint(part), f"the capture in {capture_dir}",
                           f"pass the {flags} it was captured with")
         pairs = load_pairs(capture_dir, layer, batch_size=1, shuffle=False)
+        trained_on = sae_record(sae).get("data")
+        if trained_on is not None and trained_on == manifest.get("fingerprint"):
+            typer.echo(f"note: {capture_dir} holds the pairs this SAE was trained on, so these labels are in-sample; "
+                       "label on held-out pairs (e.g. a capture of --split validation) to judge the features", err=True)
         y, names = source.presence(part)
         if y.shape[0] != pairs.vision.shape[0]:
             fail(f"the capture holds {pairs.vision.shape[0]} pairs but the data has {y.shape[0]}; "
@@ -154,23 +160,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def steer(
     sae_dir: Path = typer.Option(..., "--sae", help="JSAE directory with labels.json"),
     concept: str = typer.Option(...),
-    layer: int = typer.Option(...),
-    alpha: float = typer.Option(..., help="strength added along the sum of unit decoder directions"),
+    layer: int = typer.Option(..., callback=LAYER),
+    alpha: float = typer.Option(..., help="strength added along the sum of unit decoder directions", callback=number(-65504, 65504, why='beyond it a float16 model overflows')),
     model: str = typer.Option("llava", help="the VLM the SAE belongs to: a toy name, a hub id or a directory"),
-    n: int = typer.Option(8, help="images to caption (without the concept; with it for --suppress)"),
+    n: int = typer.Option(8, help="images to caption (without the concept; with it for --suppress)", callback=number(1)),
     data: Optional[str] = typer.Option(None, help="caption the images of this caption dataset (path or hub id) instead of world images"),
     split: str = typer.Option("train", help="split of --data"),
     images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
     steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token; --preset reference)"),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)", callback=TOKENS),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
     kinds: str = typer.Option("shared,vision-only,text-only", help="which labelled features of the concept to use "
                                                                   "(labels.json kinds, comma-separated; strongest first)"),
     n_features: int = typer.Option(3, min=0, help="use the concept's N strongest features (the protocol's 3; 0: all)"),
     decoder: str = typer.Option("vision", help="steer along the features' vision decoder rows (default: in the world "
                                                "only these steer the image) or their text rows (the JSAE paper's choice)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
     preset: str = typer.Option("default", help="default | reference (steering at the image tokens and every generated token, 50 new "
                                                "tokens, the reference's Mistral instruction prompt 'Describe the image.' when "
                                                "the tokenizer knows its words; explicit options win)"),
@@ -222,6 +228,11 @@ def steer(
             mentions = world_mentions
         vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
         vlm.adapter.check_layer(layer)
+        from jsae.interventions import check_sae_site
+
+        check_sae_site(sae, layer, vlm.adapter, f"steering ({sae_dir})",
+                       f"pass the --model it was trained on ({sae.cfg.metadata.get('model_name') or 'see its cfg.json'}), "
+                       "or an SAE trained on this model and layer")
         if steer_at not in POSITION_SETS:
             raise ValueError(f"unknown --steer-at {steer_at!r}; choose one of {list(POSITION_SETS)}")
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -266,7 +277,15 @@ def _steer_images(concept: str, n: int, data: str | None, split: str, images: Pa
         files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(images).is_dir() else []
         if not files:
             fail(f"{images} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of pictures")
-        return [Image.open(p).convert("RGB") for p in files[:n]], (lambda text, c: c in caption_words(text))
+        from jsae.data.images import to_rgb
+
+        picked = []
+        for p in files[:n]:
+            try:
+                picked.append(to_rgb(Image.open(p), "the image"))
+            except OSError as exc:  # not an image PIL can open
+                fail(f"the image {p} cannot be opened ({str(exc).splitlines()[0]}); fix or remove it")
+        return picked, (lambda text, c: c in caption_words(text))
     if data:
         source = CaptionSource.whole(data, split)
         items = source.items(split)

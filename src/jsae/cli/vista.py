@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import fail, int_list
+from jsae.cli._common import D_SAE, LAYER, SEED, STEPS, THREADS, OneLineGroup, fail, int_list, number, world_pairs
 
 vista_app = typer.Typer(help="VISTA: regularise the visual projector with the language model's text SAE; "
                              "matching rate and patch-local object removal / replacement.",
-                        no_args_is_help=True, pretty_exceptions_enable=False)
+                        no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 def _ints(spec: str, flag: str) -> tuple[int, ...]:
@@ -29,20 +29,20 @@ def train(
     text_sae: Optional[str] = typer.Option(None, help="text SAEs to use instead of training: a release "
                                                       "(jsae-vista-toy-text-lm-text-sae) or a directory of SAE folders named by hook"),
     text_layers: str = typer.Option("0,1,2,3,4,5,6,7", help="layers with a text SAE (comma-separated)"),
-    edit_layer: int = typer.Option(4, help="the single constrained layer of the default settings (and of the edits)"),
+    edit_layer: int = typer.Option(4, help="the single constrained layer of the default settings (and of the edits)", callback=LAYER),
     layers: Optional[str] = typer.Option(None, help="constrained layers of one VISTA setting instead of the default ones "
                                                     "(one layer; layers 0..edit layer; all text layers; one layer with raw MSE)"),
-    lam: float = typer.Option(1.0, help="λ, the weight of the text-SAE reconstruction loss (0 = baseline)"),
+    lam: float = typer.Option(1.0, help="λ, the weight of the text-SAE reconstruction loss (0 = baseline)", callback=number(0, 1e4)),
     loss_form: str = typer.Option("normalised", help="with --layers: normalised (‖e‖²/‖h‖²) or mse (the paper's raw MSE)"),
-    steps: int = typer.Option(600, help="projector steps (the same for every setting)"),
-    batch_size: int = typer.Option(16),
-    lr: float = typer.Option(2e-3),
+    steps: int = typer.Option(600, help="projector steps (the same for every setting)", callback=STEPS),
+    batch_size: int = typer.Option(16, callback=number(1)),
+    lr: float = typer.Option(2e-3, callback=number(0, 10, lo_open=True)),
     from_scratch: bool = typer.Option(True, "--from-scratch/--from-model", help="train every projector from scratch (same seed; "
                                                                                "the paper's way) or from the model's own"),
-    n_train: int = typer.Option(1000, help="training images (and their captions for the text SAE)"),
-    sae_steps: int = typer.Option(2000, help="text SAE steps (SAELens SAETrainer)"),
-    d_sae: int = typer.Option(256),
-    seed: int = typer.Option(0),
+    n_train: int = typer.Option(1000, help="training images (and their captions for the text SAE)", callback=world_pairs()),
+    sae_steps: int = typer.Option(2000, help="text SAE steps (SAELens SAETrainer)", callback=STEPS),
+    d_sae: int = typer.Option(256, callback=D_SAE),
+    seed: int = typer.Option(0, callback=SEED),
     overwrite: bool = typer.Option(False, help="write into a non-empty --out"),
 ) -> None:
     """Train text SAEs (or load them), label them from text, and train the baseline and VISTA projectors from scratch."""
@@ -75,8 +75,8 @@ def toy_parts(
                                                   "jsae/world/models, i.e. rebuild the shipped parts)"),
     stages: str = typer.Option("lm,vision", help="lm (the text-only LM: text pretraining), vision (the tower: vision "
                                                  "pretraining), or both"),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(1, help="torch threads (the result is deterministic for a seed and thread count)"),
+    seed: int = typer.Option(0, callback=SEED),
+    threads: int = typer.Option(1, help="torch threads (the result is deterministic for a seed and thread count)", callback=THREADS),
 ) -> None:
     """Train the toy LLaVA's first two stages only — text pretraining of its LM (pictures written in words, captions,
     QA; never an image), vision pretraining of its tower on the scene labels — and save them as a text-only LM and
@@ -95,11 +95,11 @@ def toy_parts(
 @vista_app.command("eval")
 def evaluate(
     run: Path = typer.Option(..., help="a `jsae vista train` run directory"),
-    n_eval: int = typer.Option(300, help="held-out test images"),
-    k: int = typer.Option(5, help="top-k latents per image for the matching rate"),
-    edit_layer: Optional[int] = typer.Option(None, help="layer of the patch-local edits (default: the single-layer VISTA setting's)"),
+    n_eval: int = typer.Option(300, help="held-out test images", callback=world_pairs()),
+    k: int = typer.Option(5, help="top-k latents per image for the matching rate", callback=number(1)),
+    edit_layer: Optional[int] = typer.Option(None, help="layer of the patch-local edits (default: the single-layer VISTA setting's)", callback=LAYER),
     vista: Optional[str] = typer.Option(None, help="VISTA setting used for the edits (default: the single-layer one)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
 ) -> None:
     """Matching rate, localisation, caption quality, patch-local removal / replacement; report.md, metrics.json, figure."""
     from jsae.vista.experiment import EvalConfig, eval_world

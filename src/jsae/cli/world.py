@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import fail
+from jsae.cli._common import SEED, THREADS, OneLineGroup, fail, world_pairs
 
 world_app = typer.Typer(help="The embedded world: procedural scenes and the toy VLMs trained on it.",
-                        no_args_is_help=True, pretty_exceptions_enable=False)
+                        no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
 def _models(model: str) -> list[str]:
@@ -26,10 +26,10 @@ def _models(model: str) -> list[str]:
 
 @world_app.command("sample")
 def sample(out: Path = typer.Option(..., help="directory for PNGs and ground truth (truth.jsonl)"),
-           n: int = typer.Option(16, min=1, help="number of scenes"),
-           seed: int = typer.Option(0, min=0, help="world seed"),
+           n: int = typer.Option(16, min=1, help="number of scenes", callback=world_pairs()),
+           seed: int = typer.Option(0, min=0, help="world seed", callback=SEED),
            split: str = typer.Option("train", help="train | validation | test"),
-           scale: int = typer.Option(4, min=1, help="upscale factor of the saved PNGs")) -> None:
+           scale: int = typer.Option(4, min=1, help="upscale factor of the saved PNGs", max=64)) -> None:
     """Draw scenes to PNG files with their ground truth (objects, captions, QA) in truth.jsonl."""
     import os
 
@@ -52,8 +52,8 @@ def sample(out: Path = typer.Option(..., help="directory for PNGs and ground tru
 
 @world_app.command("dataset")
 def dataset(out: Path = typer.Option(..., help="directory for datasets.DatasetDict.save_to_disk"),
-            n_train: int = typer.Option(2000, min=1), n_validation: int = typer.Option(500, min=1),
-            n_test: int = typer.Option(500, min=1), seed: int = typer.Option(0, min=0)) -> None:
+            n_train: int = typer.Option(2000, min=1, callback=world_pairs()), n_validation: int = typer.Option(500, min=1, callback=world_pairs()),
+            n_test: int = typer.Option(500, min=1, callback=world_pairs()), seed: int = typer.Option(0, min=0, callback=SEED)) -> None:
     """Export the world as a Hugging Face DatasetDict (train / validation / test)."""
     from jsae.world.data import world_splits
 
@@ -65,18 +65,18 @@ def dataset(out: Path = typer.Option(..., help="directory for datasets.DatasetDi
 @world_app.command("train-models")
 def train_models(model: str = typer.Option("all", help="llava | qwen3-vl-moe | all"),
                  out: Optional[Path] = typer.Option(None, help="parent directory (default: the package's shipped models dir)"),
-                 seed: int = typer.Option(0, min=0, help="training seed"),
+                 seed: int = typer.Option(0, min=0, help="training seed", callback=SEED),
                  device: str = typer.Option("cpu", help="torch device (cpu, cuda)"),
-                 threads: int = typer.Option(1, min=1, help="torch CPU threads"),
-                 workers: Optional[int] = typer.Option(None, min=0, help="data worker processes (default: cores-1, at most 4)"),
-                 text_steps: Optional[int] = typer.Option(None, min=0, help="text pretraining steps (the LM alone)"),
-                 vision_steps: Optional[int] = typer.Option(None, min=0, help="vision pretraining steps (the tower alone)"),
-                 align_steps: Optional[int] = typer.Option(None, min=0, help="feature alignment steps (the projector alone)"),
-                 finetune_steps: Optional[int] = typer.Option(None, min=0, help="fine-tuning steps (projector + LM)"),
+                 threads: int = typer.Option(1, min=1, help="torch CPU threads", callback=THREADS),
+                 workers: Optional[int] = typer.Option(None, min=0, help="data worker processes (default: cores-1, at most 4)", max=64),
+                 text_steps: Optional[int] = typer.Option(None, min=0, help="text pretraining steps (the LM alone)", max=10**9),
+                 vision_steps: Optional[int] = typer.Option(None, min=0, help="vision pretraining steps (the tower alone)", max=10**9),
+                 align_steps: Optional[int] = typer.Option(None, min=0, help="feature alignment steps (the projector alone)", max=10**9),
+                 finetune_steps: Optional[int] = typer.Option(None, min=0, help="fine-tuning steps (projector + LM)", max=10**9),
                  init_from: Optional[Path] = typer.Option(None, help="start from these saved weights instead of scratch (e.g. <out>/<model>.stage-vision_pretraining with --text-steps 0 --vision-steps 0)"),
-                 batch_size: Optional[int] = typer.Option(None, min=1),
+                 batch_size: Optional[int] = typer.Option(None, min=1, max=65536),
                  size: str = typer.Option("default", help="default | tiny (smoke tests)"),
-                 eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated after text pretraining and at the end")) -> None:
+                 eval_n: int = typer.Option(100, min=0, help="validation scenes evaluated after text pretraining and at the end", callback=world_pairs(0))) -> None:
     """Train the toy VLMs the way LLaVA is trained (deterministic for a seed and thread count): text pretraining
     of the LM, vision pretraining of the tower, feature alignment (projector alone), fine-tuning (projector + LM).
 
@@ -99,7 +99,7 @@ def train_models(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
 
 @world_app.command("evaluate")
 def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | all"),
-                 n: int = typer.Option(500, min=1, help="held-out test scenes"),
+                 n: int = typer.Option(500, min=1, help="held-out test scenes", callback=world_pairs()),
                  directory: Optional[Path] = typer.Option(None, help="model directory (default: shipped)"),
                  device: str = typer.Option("cpu")) -> None:
     """Object accuracy of greedy captions, no-hallucination rate and QA accuracy on held-out scenes."""
@@ -117,12 +117,12 @@ def evaluate_cmd(model: str = typer.Option("all", help="llava | qwen3-vl-moe | a
 @world_app.command("fidelity")
 def fidelity_cmd(model: str = typer.Option(..., help="toy model name (llava | qwen3-vl-moe) or a model directory"),
                  out: Optional[Path] = typer.Option(None, help="write the full result here (JSON)"),
-                 n_images: int = typer.Option(300, min=10, help="validation scenes read for the logit lens and the oracles"),
-                 n_steer: int = typer.Option(8, min=1, help="images per type steered by each oracle"),
-                 n_captions: int = typer.Option(300, min=0, help="test scenes captioned for caption quality (0: skip)"),
+                 n_images: int = typer.Option(300, min=10, help="validation scenes read for the logit lens and the oracles", callback=world_pairs(10)),
+                 n_steer: int = typer.Option(8, min=1, help="images per type steered by each oracle", max=10000),
+                 n_captions: int = typer.Option(300, min=0, help="test scenes captioned for caption quality (0: skip)", callback=world_pairs(0)),
                  steering: bool = typer.Option(True, "--steering/--no-steering", help="measure the oracles' r50 (the slow part)"),
                  write_quality: bool = typer.Option(False, "--write-quality", help="record the result in the model directory's quality.json (key 'fidelity')"),
-                 threads: int = typer.Option(1, min=1, help="torch CPU threads")) -> None:
+                 threads: int = typer.Option(1, min=1, help="torch CPU threads", callback=THREADS)) -> None:
     """Can this world answer the JSAE paper's question? Logit lens at single-object image tokens, image vs text
     oracle (cosine; r50 at image and generated tokens), caption quality; per layer, with intervals over images."""
     import torch

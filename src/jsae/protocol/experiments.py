@@ -368,12 +368,12 @@ def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Pat
     from jsae.vlm import as_vlm
 
     vlm = as_vlm(*vlm) if isinstance(vlm, tuple) and not hasattr(vlm, "adapter") else as_vlm(vlm)
+    from jsae.interventions import check_sae_site
+
     for e in experiments:
         vlm.adapter.check_layer(e.layer)
-        d_in = int(saes[e.layer].cfg.d_in)
-        if d_in != vlm.adapter.d_in:
-            raise ValueError(f"the {method} SAE of layer {e.layer} in {str(run_dir)!r} has d_in={d_in} but the model's "
-                             f"hidden size is {vlm.adapter.d_in}; pass the run directory made with this model")
+        check_sae_site(saes[e.layer], e.layer, vlm.adapter, f"run's {method} SAE ({str(run_dir)!r})",
+                       "pass the run directory made with this model, or the --model the run was made with")
     prompt_text = prompt if prompt is not None else (REFERENCE_CAPTION_PROMPT if data is not None else CAPTION_PROMPT)
     captioner = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt_text, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, prompt_template=caption_template)

@@ -226,6 +226,10 @@ def check_config(cfg: ProtocolConfig) -> None:
                          "COCO-captions-style dataset (path or hub id) to run the protocol on it")
     if cfg.data is None and cfg.concepts:
         _check_concepts(cfg.concepts, world_concepts(), "the world's")
+    if cfg.data is None:  # before the model is loaded: the world's parts are generated in memory
+        from jsae.data.sources import check_world_pairs
+
+        check_world_pairs(cfg.n_train + cfg.n_label + cfg.n_eval, "n_train + n_label + n_eval")
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")

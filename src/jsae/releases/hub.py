@@ -11,7 +11,10 @@ stand-in hub laid out as ``ROOT/ORG/NAME/`` (used by the tests: there is no netw
 atomically: a Hub commit is all-or-nothing on the server; the local backend stages the whole new
 revision in a hidden sibling folder (written file by file, its ``.jsae_manifest.json`` of sha256 sums
 last) and renames it into place, so an interrupted push leaves the previous revision (or nothing)
-visible, never a partial one.
+visible, never a partial one.  The local backend keeps every commit, as the Hub does: ``pull(...,
+revision=)`` serves an earlier one by its commit id (:func:`revisions` lists them) and refuses an unknown one.
+
+No SAE with NaN or inf weights is pushed, and none is pulled: a pull is checked before it replaces anything.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 from jsae.files import replace_dir
 from jsae.guards import check_output_dir, confined
-from jsae.saes.joint_sae import CFG_FILE, WEIGHTS_FILE, check_sae_dir
+from jsae.saes.joint_sae import CFG_FILE, WEIGHTS_FILE, check_finite_weights, check_sae_dir
 
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
 MANIFEST = ".jsae_manifest.json"
@@ -136,7 +139,7 @@ def _sha256(path: Path) -> str:
 # ---- backends ------------------------------------------------------------------------------------
 
 
-def _local_root(endpoint: str | os.PathLike[str] | None) -> Path | None:
+def local_root(endpoint: str | os.PathLike[str] | None) -> Path | None:
     if endpoint is None:
         return None
     s = str(endpoint)
@@ -148,13 +151,19 @@ def _local_root(endpoint: str | os.PathLike[str] | None) -> Path | None:
 
 
 class LocalHub:
-    """A directory standing in for the Hub: ``ROOT/ORG/NAME/`` per repo, committed by atomic rename."""
+    """A directory standing in for the Hub: ``ROOT/ORG/NAME/`` per repo (its current revision, ``main``), committed
+    by atomic rename.  Every commit is also kept, as the Hub keeps its history: its manifest in
+    ``ROOT/.jsae-history/ORG/NAME/<revision>.json`` and its files by sha256 in ``ROOT/.jsae-history/blobs/``, so a
+    pull can ask for any earlier ``revision`` (the commit id, or a prefix of at least 7 characters of it)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def repo_dir(self, repo_id: str) -> Path:
         return self.root / check_repo_id(repo_id)
+
+    def _history(self, repo_id: str) -> Path:
+        return self.root / HISTORY / check_repo_id(repo_id)
 
     def upload(self, stage: Path, repo_id: str) -> str:
         final = self.repo_dir(repo_id)
@@ -173,45 +182,102 @@ class LocalHub:
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             manifest = {"repo_id": repo_id, "files": {f: {"sha256": _sha256(tmp / f), "size": (tmp / f).stat().st_size}
                                                       for f in files}}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a repo with a manifest is complete
+            text = json.dumps(manifest, indent=1)
+            (tmp / MANIFEST).write_text(text)  # last: a repo with a manifest is complete
+            self._record(repo_id, tmp, manifest, text)  # the history first: main never names a revision it lacks
             replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final.as_uri()
 
-    def download_to_hf_cache(self, repo_id: str, cache_dir: str | Path | None = None) -> Path:
-        """Lay the repo out as the Hugging Face cache does (``models--ORG--NAME/snapshots/<rev>/`` and
-        ``refs/main``, written last), so ``hf_hub_download`` and ``SAE.from_pretrained(repo_id, sae_id)``
-        find it, also with ``HF_HUB_OFFLINE=1``; returns the snapshot folder."""
-        from huggingface_hub import constants
+    def _record(self, repo_id: str, folder: Path, manifest: dict[str, Any], text: str) -> str:
+        """Keep the commit of ``folder`` in the history (its files by content, then its manifest); its revision id."""
+        from jsae.files import write_atomic
 
+        blobs = self.root / HISTORY / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        for f, info in manifest["files"].items():
+            blob = blobs / info["sha256"]
+            if not blob.is_file():
+                part = blobs / f".{info['sha256']}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    shutil.copyfile(folder / f, part)
+                    os.replace(part, blob)
+                finally:
+                    part.unlink(missing_ok=True)
+        history = self._history(repo_id)
+        history.mkdir(parents=True, exist_ok=True)
+        revision = _revision_id(text)
+        seq = max((_history_entry(p)[0] for p in history.glob("*.json")), default=0) + 1
+        write_atomic(history / f"{revision}.json", json.dumps({"seq": seq, "manifest": text}))
+        return revision
+
+    def revisions(self, repo_id: str) -> list[str]:
+        """The commit ids of ``repo_id``, newest first (the current revision, ``main``, first)."""
         src = self.repo_dir(repo_id)
         if not (src / MANIFEST).is_file():
             raise FileNotFoundError(f"repo {repo_id!r} not found on {self.root} (no complete revision); push it first with "
                                     f"`jsae release push DIR --repo {repo_id} --hub {self.root}`")
-        revision = hashlib.sha1((src / MANIFEST).read_bytes()).hexdigest()
-        storage = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-        snapshot = storage / "snapshots" / revision
-        if not snapshot.is_dir():
-            (storage / "snapshots").mkdir(parents=True, exist_ok=True)
-            self.download(repo_id, snapshot)
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        tmp = storage / "refs" / f".main.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(revision)
-        os.replace(tmp, storage / "refs" / "main")
-        return snapshot
+        main = _revision_id((src / MANIFEST).read_text())
+        history = self._history(repo_id)
+        older = sorted(((_history_entry(p)[0], p.stem) for p in history.glob("*.json")), reverse=True) \
+            if history.is_dir() else []
+        return [main] + [rev for _, rev in older if rev != main]
 
-    def download(self, repo_id: str, out: Path) -> Path:
+    def _resolve(self, repo_id: str, revision: str | None) -> tuple[str, dict[str, Any], Any]:
+        """``(revision id, manifest, where(name, info) -> source file)`` of ``revision`` (default: main)."""
         src = self.repo_dir(repo_id)
-        if not (src / MANIFEST).is_file():
-            raise FileNotFoundError(f"repo {repo_id!r} not found on {self.root} (no complete revision); push it first with "
-                                    f"`jsae release push DIR --repo {repo_id} --hub {self.root}`")
+        revs = self.revisions(repo_id)  # raises for a repo that does not exist
+        if revision in (None, "main"):
+            rev, text, where = revs[0], (src / MANIFEST).read_text(), None
+        else:
+            hits = [r for r in revs if len(str(revision)) >= 7 and r.startswith(str(revision).lower())]
+            if len(hits) != 1:
+                shown = ", ".join(r[:10] for r in revs[:8]) + (" ..." if len(revs) > 8 else "")
+                why = "matches several revisions" if hits else "is not a revision of it"
+                raise FileNotFoundError(f"revision {revision!r} of {repo_id!r} on {self.root} {why}; its revisions, newest "
+                                        f"first: main = {shown} (pass one of these, at least 7 characters)")
+            rev = hits[0]
+            if rev == revs[0]:
+                text, where = (src / MANIFEST).read_text(), None
+            else:
+                text = _history_entry(self._history(repo_id) / f"{rev}.json")[1]
+                where = lambda name, info: self.root / HISTORY / "blobs" / info["sha256"]  # noqa: E731
         try:
-            manifest = json.loads((src / MANIFEST).read_text())
+            manifest = json.loads(text)
             files = dict(manifest["files"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"the manifest of {repo_id!r} on {self.root} is corrupt ({str(exc).splitlines()[0]}); push it again") from None
         check_repo_paths(files, repo_id)
+        if where is None:
+            where = lambda name, info: confined(src, name, f"file {name!r} of {repo_id}")  # noqa: E731
+        return rev, {**manifest, "files": files}, where
+
+    def download_to_hf_cache(self, repo_id: str, cache_dir: str | Path | None = None, revision: str | None = None,
+                             check: Any = None) -> Path:
+        """Lay the repo out as the Hugging Face cache does (``models--ORG--NAME/snapshots/<rev>/`` and, for the
+        current revision, ``refs/main``, written last), so ``hf_hub_download`` and ``SAE.from_pretrained(repo_id,
+        sae_id)`` find it, also with ``HF_HUB_OFFLINE=1``; returns the snapshot folder."""
+        from huggingface_hub import constants
+
+        rev, _, _ = self._resolve(repo_id, revision)
+        storage = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        snapshot = storage / "snapshots" / rev
+        if not snapshot.is_dir():
+            (storage / "snapshots").mkdir(parents=True, exist_ok=True)
+            self.download(repo_id, snapshot, revision=rev, check=check)
+        if revision in (None, "main"):
+            (storage / "refs").mkdir(parents=True, exist_ok=True)
+            tmp = storage / "refs" / f".main.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.write_text(rev)
+            os.replace(tmp, storage / "refs" / "main")
+        return snapshot
+
+    def download(self, repo_id: str, out: Path, revision: str | None = None, check: Any = None) -> Path:
+        """Copy ``revision`` (default: main) of the repo into ``out``, each file checked against its sha256, and
+        ``check(folder)`` run on the whole copy before it replaces ``out``."""
+        _, manifest, where = self._resolve(repo_id, revision)
+        files = manifest["files"]
         if out.is_dir() and any(out.iterdir()) and not (out / CARD).is_file():
             raise FileExistsError(f"{out} is not empty and holds no pulled repo (no {CARD}); pull into a new or empty folder "
                                   "(a pull replaces the folder)")
@@ -220,13 +286,35 @@ class LocalHub:
             for f, info in files.items():
                 dst = confined(tmp, f, f"file {f!r} of {repo_id}")
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(confined(src, f, f"file {f!r} of {repo_id}"), dst)
+                source = where(f, info)
+                if not source.is_file():
+                    raise ValueError(f"{repo_id}/{f} is missing from {self.root}; the repo is corrupt, push it again")
+                shutil.copyfile(source, dst)
                 if _sha256(dst) != info["sha256"]:
                     raise ValueError(f"{repo_id}/{f} does not match its manifest checksum; the repo is corrupt, push it again")
+            if check is not None:
+                check(tmp)
             replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+HISTORY = ".jsae-history"
+
+
+def _revision_id(manifest_text: str) -> str:
+    """A commit id: the sha1 of the revision's manifest (40 hex digits, as a git commit id)."""
+    return hashlib.sha1(manifest_text.encode()).hexdigest()
+
+
+def _history_entry(path: Path) -> tuple[int, str]:
+    """``(sequence number, manifest text)`` of one kept commit."""
+    try:
+        entry = json.loads(path.read_text())
+        return int(entry["seq"]), str(entry["manifest"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); remove it (that revision is lost)") from None
 
 
 def check_repo_paths(names: Any, repo_id: str) -> None:
@@ -270,7 +358,9 @@ def push(directory: str | Path, repo_id: str, *, endpoint: str | os.PathLike[str
     """Upload the jsae SAE(s) in ``directory`` with a model card to ``repo_id``; returns the repo URL."""
     check_repo_id(repo_id)
     saes = find_saes(directory, sae_id)
-    root = _local_root(endpoint)
+    for path in saes.values():  # nothing diverged leaves this machine
+        check_finite_weights(path, "refusing to push it: retrain it or push an earlier checkpoint")
+    root = local_root(endpoint)
     with tempfile.TemporaryDirectory(prefix="jsae-push-") as tmp:
         stage = Path(tmp) / "repo"
         _stage(saes, repo_id, stage)
@@ -295,30 +385,51 @@ def pull(repo_id: str, out: str | Path | None = None, *, endpoint: str | os.Path
     check_repo_id(repo_id)
     if out is not None:
         check_output_dir(out, "--out")
-    root = _local_root(endpoint)
-    if root is not None:
+    root = local_root(endpoint)
+    if root is not None:  # checked before it replaces anything
         if out is None:
-            path = LocalHub(root).download_to_hf_cache(repo_id)
+            path = LocalHub(root).download_to_hf_cache(repo_id, revision=revision, check=_check_pulled)
         else:
             out = Path(out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            path = LocalHub(root).download(repo_id, out)
-    else:
-        from huggingface_hub import HfApi, snapshot_download
+            path = LocalHub(root).download(repo_id, out, revision=revision, check=_check_pulled)
+        return path
+    from huggingface_hub import HfApi, snapshot_download
 
-        try:
-            names = HfApi(endpoint=str(endpoint) if endpoint else None, token=token).list_repo_files(repo_id, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many network/HTTP error types
-            raise _hf_error("pull", repo_id, exc) from exc
-        check_repo_paths(names, repo_id)  # before anything is written
-        try:
-            path = Path(snapshot_download(repo_id, revision=revision, local_dir=str(out) if out else None,
-                                          endpoint=str(endpoint) if endpoint else None, token=token))
-        except Exception as exc:  # noqa: BLE001
-            raise _hf_error("pull", repo_id, exc) from exc
-        _check_inside(path, repo_id)
-    find_saes(path)
+    try:
+        names = HfApi(endpoint=str(endpoint) if endpoint else None, token=token).list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many network/HTTP error types
+        raise _hf_error("pull", repo_id, exc) from exc
+    check_repo_paths(names, repo_id)  # before anything is written
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, local_dir=str(out) if out else None,
+                                      endpoint=str(endpoint) if endpoint else None, token=token))
+    except Exception as exc:  # noqa: BLE001
+        raise _hf_error("pull", repo_id, exc) from exc
+    _check_inside(path, repo_id)
+    _check_pulled(path)
     return path
 
 
-__all__ = ["LocalHub", "find_saes", "model_card", "pull", "push"]
+def _check_pulled(folder: Path) -> None:
+    """A pulled repo holds jsae SAEs (:func:`find_saes`) whose weights are all finite."""
+    for path in find_saes(folder).values():
+        check_finite_weights(path, "the pushed SAE is broken (a diverged run); nothing was pulled: ask for an earlier "
+                                   "revision (--revision) or a repaired push")
+
+
+def revisions(repo_id: str, *, endpoint: str | os.PathLike[str] | None = None, token: str | None = None) -> list[str]:
+    """The commit ids of ``repo_id``, newest first (what ``pull(..., revision=)`` takes)."""
+    check_repo_id(repo_id)
+    root = local_root(endpoint)
+    if root is not None:
+        return LocalHub(root).revisions(repo_id)
+    from huggingface_hub import HfApi
+
+    try:
+        return [c.commit_id for c in HfApi(endpoint=str(endpoint) if endpoint else None, token=token).list_repo_commits(repo_id)]
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many network/HTTP error types
+        raise _hf_error("list the revisions of", repo_id, exc) from exc
+
+
+__all__ = ["LocalHub", "find_saes", "model_card", "pull", "push", "revisions"]

@@ -185,6 +185,14 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
     m, processor, adapter = load_vlm(model)
     layer = int(bench.cfg.hook_layer)
     adapter.check_layer(layer)
+    from types import SimpleNamespace
+
+    from jsae.interventions import check_sae_site
+
+    site = sae if isinstance(sae, JointSAE) else SimpleNamespace(cfg=SimpleNamespace(d_in=bench.cfg.d_in, metadata={
+        "model_name": bench.cfg.model_name or None, "layer": layer, "hook_name": bench.jsae_hook_name}))
+    check_sae_site(site, layer, adapter, "core-metrics run", f"pass the --model it was trained on "
+                   f"({bench.cfg.model_name or 'see its cfg.json'}), or leave --model out")
     ds = world_dataset(split, n_captions, seed)
     images, captions = [ex["image"] for ex in ds], [ex["caption"] for ex in ds]
     ev = ExplainedVarianceCalculator()

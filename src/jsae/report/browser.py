@@ -259,6 +259,7 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
     for a labelled JSAE folder or shipped release:
     per labelled feature its label, purity, kind, top images with the patch heat map, top captions and,
     when the SAE comes from a ``jsae demo`` run, its steering result."""
+    from jsae.interventions import check_sae_site
     from jsae.report.rundir import RunDir, load_labelled_sae
     from jsae.world import world_dataset
 
@@ -267,6 +268,8 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
         raise ValueError(f"{path}/labels.json labels no feature (all unlabelled); train longer or lower min_corr in `jsae label`")
     vlm, name = world_model_for(sae_model, model)
     layer = sae_layer(sae_model)
+    check_sae_site(sae_model, layer, vlm.adapter, f"feature page ({path})",
+                   f"pass the --model it was trained on ({sae_model.cfg.metadata.get('model_name')}), or leave --model out")
     ds = world_dataset("validation", n_pairs, seed)
     run = RunDir.of_sae(path)
     cells = run.curves(layer=layer) if run is not None else []

@@ -67,6 +67,10 @@ def export_neuronpedia(sae: str | Path, out: str | Path, *, model: str | None = 
     vlm, name = world_model_for(sae_model, model)
     processor, adapter = vlm.processor, vlm.adapter
     layer = sae_layer(sae_model)
+    from jsae.interventions import check_sae_site
+
+    check_sae_site(sae_model, layer, adapter, f"export ({path})",
+                   f"pass the --model it was trained on ({sae_model.cfg.metadata.get('model_name')}), or leave --model out")
     model_id = model_id or f"jsae-toy-{name}"
     source_id = f"{layer}-{source_set}"
     release_id = release_id or sae_model.cfg.metadata.get("release") or path.parent.name

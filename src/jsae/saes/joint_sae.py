@@ -253,6 +253,7 @@ class JointSAE(SAE[JointSAEConfig]):
     # ---- saving and loading, the SAELens way ---------------------------------------------------
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` atomically (tmp files, then rename)."""
+        _check_finite_state(self, Path(path))
         return _atomic_save(path, lambda tmp: SAE.save_model(self, tmp))
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -481,6 +482,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         _check_state_dict(self, state_dict)
 
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        _check_finite_state(self, Path(path))
         return _atomic_save(path, lambda tmp: TrainingSAE.save_inference_model(self, tmp))
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -716,12 +718,13 @@ CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 def _atomic_save(path: str | Path, write: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
     """Let ``write`` fill a temporary sibling directory, then move its files into ``path``."""
-    from jsae.files import apply_umask
+    from jsae.files import apply_umask, writing
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
+        with writing(path / WEIGHTS_FILE):
+            write(tmp)
         apply_umask(tmp)
         path.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS_FILE, CFG_FILE):  # cfg last: a directory with a cfg.json is complete
@@ -770,6 +773,30 @@ def check_sae_dir(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{weights} holds non-float weights {not_float[:3]}; a JSAE's weights are float32/bfloat16/"
                          "float16 (a quantised or corrupt file): re-save the SAE with save_model")
     return cfg
+
+
+def check_finite_weights(path: str | Path, fix: str = "use another checkpoint or retrain") -> None:
+    """One-line ``ValueError`` when the weights file of the SAE folder ``path`` holds NaN or inf (a diverged run or a
+    corrupt file), read one tensor at a time."""
+    from safetensors import safe_open
+
+    weights = Path(path) / WEIGHTS_FILE
+    bad = []
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(key)
+    if bad:
+        raise ValueError(f"{weights} holds NaN/inf values in {sorted(bad)[:3]} (a diverged run or a corrupt file); {fix}")
+
+
+def _check_finite_state(sae: Any, path: Path) -> None:
+    bad = sorted(k for k, v in sae.state_dict().items() if isinstance(v, Tensor) and v.is_floating_point()
+                 and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"refusing to save an SAE with NaN/inf weights {bad[:3]} to {path} (a diverged run); lower the "
+                         "learning rate or use an earlier checkpoint")
 
 
 def _check_state_dict(sae: JointSAE, state_dict: dict[str, Any]) -> None:

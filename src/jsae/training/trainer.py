@@ -67,7 +67,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
-from jsae.files import replace_dir, write_json
+from jsae.files import replace_dir, write_json, writing
 from jsae.training.data import check_paired_batch
 
 LATEST = "latest.json"
@@ -663,7 +663,9 @@ class JointSAETrainer:
                                    "best_loss": None if self.best_epoch is None else self.best_loss}
                 if self.cfg.lr_scheduler == "plateau":
                     state["scheduler"] = self.scheduler.state_dict()
-            save_file(tensors, tmp / "trainer_state.safetensors")
+            with writing(final / "trainer_state.safetensors", "free some disk space and re-run: training resumes from the "
+                         "last checkpoint"):
+                save_file(tensors, tmp / "trainer_state.safetensors")
             write_json(tmp / "trainer_state.json", state)
             replace_dir(tmp, final)  # a re-saved step is moved aside first; _tidy_checkpoints finishes a killed swap
             write_json(root / LATEST, {"checkpoint": final.name, "step": self.step})

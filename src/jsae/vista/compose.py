@@ -154,6 +154,10 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
 
         name = f"{short(vision_model)}+{short(language_model)}"
     model.config._name_or_path = name
+    text_cfg = getattr(model.config, "text_config", None)
+    lm_name = str(getattr(language_model.config, "_name_or_path", "") or "")
+    if text_cfg is not None and lm_name and not getattr(text_cfg, "_name_or_path", ""):
+        text_cfg._name_or_path = lm_name  # the text SAEs of this LM apply to the composed model (jsae.vista.check_text_sae)
     model.eval()
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy=strategy, num_additional_image_tokens=lead,

@@ -73,12 +73,16 @@ def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
         raise ValueError(f"text SAE has d_in={d_in} but the language model's hidden size is {adapter.d_in}; "
                          f"use an SAE trained on this model's residual stream")
     hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
-    if hook is None:
-        return  # a bare local SAE without metadata: trust the caller
     own = layer_of_hook(hook)
-    if hook != adapter.hook_name(layer) and own != layer:
+    if hook is not None and hook != adapter.hook_name(layer) and own != layer:
         raise ValueError(f"text SAE was trained on hook {hook!r} (layer {own}), not layer {layer} "
                          f"({adapter.hook_name(layer)!r}); pass the SAE of that hook or constrain layer {own}")
+    from jsae.interventions import check_sae_site  # the model it was trained on: the interventions' own check
+
+    text_cfg = getattr(adapter.hf_model.config, "text_config", None)
+    lm_name = str(getattr(text_cfg, "_name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
+    check_sae_site(sae, layer, adapter, "VISTA run", "pass the text SAEs trained on this model's language model "
+                   "(--text-sae), or leave --text-sae out to train them", also_models=(lm_name,))
 
 
 def check_projector(adapter: Any) -> nn.Module:
@@ -232,13 +236,17 @@ def save_projector(adapter: Any, path: str | Path, metadata: Mapping[str, Any] |
     """The projector's weights as safetensors (atomic), with ``metadata`` as JSON in the header."""
     from safetensors.torch import save_file
 
-    from jsae.files import apply_umask
+    from jsae.files import apply_umask, writing
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in check_projector(adapter).state_dict().items()}
-    save_file(state, str(tmp), metadata={"vista": json.dumps(dict(metadata or {}), default=str)})
-    apply_umask(tmp).replace(path)
+    try:
+        with writing(path):
+            save_file(state, str(tmp), metadata={"vista": json.dumps(dict(metadata or {}), default=str)})
+            apply_umask(tmp).replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
