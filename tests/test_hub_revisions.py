@@ -136,6 +136,14 @@ def test_save_refuses_nan_weights_and_load_label_steer_refuse_them(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to save an SAE with NaN/inf weights \['text.W_enc'\]"):
         sae.save_model(tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
+
+    trained = TrainingJointSAE(TrainingJointSAEConfig(d_in=16, d_sae=32))  # what `jsae release build` saves
+    with torch.no_grad():
+        trained.vision.b_dec[0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to save .*\['vision.b_dec'\]"):
+        trained.save_inference_model(tmp_path / "release")
+    assert not (tmp_path / "release").exists()
     folder = tmp_path / "src" / HOOK
     _poison(folder)
     (folder / "labels.json").write_text(json.dumps({"concepts": ["dog"], "labels": [
