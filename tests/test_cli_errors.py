@@ -37,7 +37,7 @@ def test_capture_mistakes_are_caught_before_loading(tmp_path, a_file):
     assert "--out" in _error([*base, "--out", str(a_file)]) and a_file.read_text() == "keep me"
     assert "cannot be created" in _error([*base, "--out", str(a_file / "sub")])
     assert "--split 'dev' is not a world split" in _error([*base, "--out", str(tmp_path / "c"), "--split", "dev"])
-    assert "'--n': must be at least 1" in _error(["capture", "--layers", "2", "--n", "0", "--out", str(tmp_path / "c")])
+    assert "must be at least 1, got 0" in _error(["capture", "--layers", "2", "--n", "0", "--out", str(tmp_path / "c")])
     assert "--pooling 'median'" in _error([*base, "--out", str(tmp_path / "c"), "--pooling", "median"])
     msg = _error([*base, "--out", str(tmp_path / "c"), "--model", "llava2"])
     assert "unknown model 'llava2'" in msg and "hf download" not in msg

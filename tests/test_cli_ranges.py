@@ -23,9 +23,10 @@ ROOT = typer.main.get_command(app)
 TABLE: dict[str, dict[str, str]] = {
     "demo": {"--steps": "EEE", "--epochs": "EEE", "--d-sae": "EEE", "--n-train": "EEM", "--n-label": "EEM",
              "--n-eval": "EEM", "--n-images": "EEV", "--top-k": "EEV", "--max-concepts": "EEV", "--min-count": "EEV",
-             "--max-perplexity": "EEV", "--max-new-tokens": "EEE", "--seed": "EVE"},
-    "run sweep": {"--steps": "EEE", "--n-images": "EEV"},
-    "run capture": {"--n": "EEM", "--batch-size": "EEV", "--seed": "EVE", "--n-pairs": "EEV"},
+             "--max-perplexity": "EEV", "--max-new-tokens": "EEE", "--seed": "EVE", "--expansion-factor": "EEE"},
+    "run sweep": {"--steps": "EEE", "--n-images": "EEV", "--d-sae": "EEE", "--expansion-factor": "EEE",
+                  "--max-concepts": "EEV"},
+    "run capture": {"--n": "EEM", "--batch-size": "EEV", "--seed": "EVE", "--n-pairs": "EEV", "--shard-size": "EEE"},
     "run experiments": {"--max-new-tokens": "EEE", "--batch-size": "EEV"},
     "sae train": {"--layer": "EVE", "--k": "EEV", "--d-sae": "EEE", "--steps": "EEE", "--epochs": "EEE",
                   "--batch-size": "EEV", "--lr": "EEE", "--l1-coefficient": "EVE", "--seed": "EVE"},

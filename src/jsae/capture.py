@@ -505,6 +505,7 @@ class _Capture:
                 s.setdefault("start", start)
                 start = s["start"] + s["count"]
             manifest.update(bucket=settings["bucket"], plan=_plan(settings))
+            check_capture(out, manifest)  # a resumed capture starts from whole shards that match the manifest
         else:
             if settings["bucket"] is None:
                 settings["bucket"] = True

@@ -141,6 +141,7 @@ SEED = number(0, 2**32 - 1, why="numpy's and torch's seeds")
 STEPS = number(1, 10**9, why="a billion steps is beyond any run here")
 LAYER = number(0, 9999)
 D_SAE = number(1, 2**24, why="16M latents; the memory an SAE needs is checked when it is built")
+EXPANSION = number(1, 1024, why="an SAE 1024 times the model's width")
 THREADS = number(1, 1024)
 TOKENS = number(1, 65536, why="longer than any model's context")
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from jsae.cli._common import (D_SAE, SEED, STEPS, TOKENS, OneLineGroup, data_source, fail, float_list, int_list,
+from jsae.cli._common import (D_SAE, EXPANSION, SEED, STEPS, TOKENS, OneLineGroup, data_source, fail, float_list, int_list,
                               model_options, number, world_pairs)
 
 _M = model_options()
@@ -29,7 +29,7 @@ def demo(
     steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)", callback=STEPS),
     epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)", callback=STEPS),
     d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)", callback=D_SAE),
-    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in instead of --d-sae (the paper: 4)"),
+    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in instead of --d-sae (the paper: 4)", callback=EXPANSION),
     revival: bool = typer.Option(True, help="dead-latent revival: the JSAEs resample dead latents, the TopK baseline trains them with SAELens's AuxK"),
     n_train: int = typer.Option(2000, min=1, help="training pairs", callback=world_pairs()),
     n_label: int = typer.Option(400, min=1, help="held-out pairs for feature labels", callback=world_pairs()),
@@ -91,13 +91,13 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="results directory: one sub-directory per model + report.md"),
     models: str = typer.Option("llava,qwen3-vl-moe", help="comma-separated toy models"),
     steps: Optional[int] = typer.Option(None, min=1, help="SAE training steps (default: the demo's)", callback=STEPS),
-    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in (the paper: 4)"),
+    expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in (the paper: 4)", callback=EXPANSION),
     revival: bool = typer.Option(True, help="dead-latent revival (JSAE resampling, AuxK for the TopK baseline)"),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
     positions: str = typer.Option("image,generated,image+generated", help="steering position sets, each reported on its own (the reference steers at image+generated)"),
     concept_set: str = typer.Option("types+colours", help="world concepts: types | types+colours (twelve) | all"),
     max_concepts: int = typer.Option(12, min=1, help="at most this many concepts"),
-    d_sae: Optional[int] = typer.Option(None, min=1, help="latents per SAE (default: the demo's)"),
+    d_sae: Optional[int] = typer.Option(None, min=1, help="latents per SAE (default: the demo's)", callback=D_SAE),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers (default: four spread over the depth)"),
     overwrite: bool = typer.Option(False),
 ) -> None:
@@ -187,7 +187,7 @@ def capture(
     pooling: str = typer.Option("mean", help="mean | max | last"),
     batch_size: int = typer.Option(32, callback=number(1)),
     shard_size: int = typer.Option(1024, help="pairs per shard file (rounded up to whole batches); under torchrun the unit "
-                                              "of work: shard k goes to rank k mod world size", callback=number(1)),
+                                              "of work: shard k goes to rank k mod world size", callback=number(1, 10**9)),
     bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="batch each shard's pairs by image-token count "
                                                                             "(default: on for a new capture, the capture's own "
                                                                             "setting when resuming)"),
