@@ -17,11 +17,7 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "bad_inputs.py"
 
 #: name -> why it is still answered wrongly (and who changes what)
-PENDING = {
-    "a 16-bit grayscale PNG in a caption dataset": "jsae.world.data.load_caption_dataset converts every image with PIL's "
-                                                   "convert('RGB') (clipping 16-bit to white) before jsae.data.images.to_rgb "
-                                                   "sees it; src/jsae/world/ is being rewritten and should call to_rgb",
-}
+PENDING: dict[str, str] = {}
 
 
 @pytest.mark.slow

@@ -130,9 +130,6 @@ def test_steer_on_a_folder_names_a_broken_image(tmp_path):
     assert r.exit_code == 2 and len(lines) == 1 and str(folder / "broken.png") in lines[0], r.output
 
 
-@pytest.mark.xfail(strict=True, reason="jsae.world.data.load_caption_dataset converts every row with PIL's "
-                   "convert('RGB') before jsae sees it (src/jsae/world/ is being rewritten; it should call "
-                   "jsae.data.images.to_rgb); strict: this fails once that is done, so remove the mark then")
 def test_a_16_bit_png_in_a_caption_dataset_is_captured_rescaled(tmp_path):
     from jsae.data.sources import CaptionSource
 

@@ -189,9 +189,7 @@ def load_caption_dataset(path_or_id: str, split: str = "train", image_column: st
     def rows():
         for i, ex in enumerate(ds):
             caps = _as_captions(ex[caption_column])
-            img = ex[image_column]
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = ex[image_column]  # as stored: made 8-bit RGB where it meets a model (jsae.data.images.to_rgb in build_inputs)
             key = next((k for k in _ID_COLUMNS if ex.get(k) is not None), None)
             yield {"image_id": str(ex[key]) if key else f"{base}-{split}-{i}", "image": img,
                    "caption": caps[0] if caps else "", "captions": caps,
