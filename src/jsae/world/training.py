@@ -82,12 +82,11 @@ class TrainConfig:
     #: text-only conversations); 0 = never
     finetune_text_every: int = 4
     size: str = "default"
-    checkpoint_every: int = 400
     eval_n: int = 100
 
     def __post_init__(self):
         check_seed(self.seed)
-        for k in ("text_steps", "vision_steps", "align_steps", "finetune_steps", "batch_size", "checkpoint_every",
+        for k in ("text_steps", "vision_steps", "align_steps", "finetune_steps", "batch_size",
                   "eval_n", "finetune_text_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
