@@ -39,9 +39,10 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
-from beartype import beartype
-from jaxtyping import Bool, Float, Int, jaxtyped
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+
+from jsae.guards import typechecked
 
 ENTRY_POINT_GROUP = "jsae.adapters"
 
@@ -257,12 +258,12 @@ class VLMAdapter(abc.ABC):
         ids = self._ids(inputs)
         return torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at the image-token positions (the positions the image features are written to)."""
         return self._ids(inputs) == self.image_token_id
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def caption_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at the caption tokens only (no image, special or template tokens).
 
@@ -283,7 +284,7 @@ class VLMAdapter(abc.ABC):
         last = torch.where(img, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
         return keep & (pos > last)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def non_image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at every attended token that is not an image token (BOS, template words, caption: the
         JSAE reference's text view)."""
@@ -293,7 +294,7 @@ class VLMAdapter(abc.ABC):
         """Image tokens and any markers around them (overridden by families that have markers)."""
         return ids == self.image_token_id
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def patch_grid(self, inputs: Mapping[str, Any]) -> Int[Tensor, "batch seq 4"]:
         """``[B, S, 4]`` long tensor: (image index within its row, region, row, col) at every image token,
         -1 everywhere else.  Region 0 is the image's base grid; LLaVA-NeXT's high-resolution tiles are

@@ -3,20 +3,13 @@
 ``import jsae`` registers the ``"jsae"`` architecture in both SAELens registries and the jsae releases
 with SAELens's ``SAE.from_pretrained`` (both idempotent); it has no other side effect.
 
-Import jsae before nnsight: nnsight 0.8 mounts a ``.save`` method on every Python object at import, and
-beartype (jsae's runtime shape checks) cannot be imported after that mount.  jsae itself never relies on
-the mount (it calls ``nnsight.save``), so nnsight's ``APP.PYMOUNT: false`` setting works too.
+jsae and nnsight import in either order: jsae's run-time shape checks are jaxtyping with jsae's own small
+type checker (:func:`jsae.guards.check_types`), not beartype, which cannot be imported once nnsight has
+mounted its ``.save`` method on every object.  jsae itself never relies on that mount (it calls
+``nnsight.save``), so nnsight's ``APP.PYMOUNT: false`` setting works too.
 """
 
 from __future__ import annotations
-
-try:  # before anything can import nnsight (see the module docstring)
-    import beartype as _beartype  # noqa: F401
-except TypeError as _exc:  # pragma: no cover - depends on the user's import order
-    raise ImportError(
-        "import jsae before nnsight: nnsight's `.save` mount on every object breaks beartype's import "
-        f"({_exc}); or set `APP: {{PYMOUNT: false}}` in nnsight's config (NNSIGHT_CONFIG) and use nnsight.save(x)"
-    ) from None
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY, register_sae_class, register_sae_training_class
 
