@@ -17,7 +17,7 @@ from jsae import adapters, releases
 from jsae.capture import capture_pairs
 from jsae.interventions import (Ablate, Clamp, Intervention, Patches, ProjectOut, Splice, Steer, caption, generate,
                                 intervene)
-from jsae.labels import FeatureLabels, label_features
+from jsae.labels import FeatureLabels, label_features, load_labels
 from jsae.saes import MODALITIES, JointSAE, JointSAEConfig, TrainingJointSAE, TrainingJointSAEConfig, get_alignment_loss
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedActivations, PairedTensorData, load_pairs, train_jsae
 from jsae.vlm import VLM, load_vlm
@@ -36,6 +36,14 @@ def _register() -> None:
 _register()
 
 
+def load_bridge(source: object, **kwargs: object) -> object:
+    """TransformerLens users: an ``SAETransformerBridge`` on a VLM's weights, its processor and adapter attached
+    (the VLM jsae reads through nnsight is left unchanged): see :func:`jsae.bridge.load_bridge`."""
+    from jsae.bridge import load_bridge as _load
+
+    return _load(source, **kwargs)  # type: ignore[arg-type]
+
+
 def run_protocol(out: str, cfg: object = None, **kwargs: object) -> dict:
     """The JSAE paper's protocol end to end (``jsae demo``): see :func:`jsae.protocol.run.run_protocol`."""
     from jsae.protocol.run import run_protocol as _run
@@ -43,7 +51,7 @@ def run_protocol(out: str, cfg: object = None, **kwargs: object) -> dict:
     return _run(out, cfg, **kwargs)  # type: ignore[arg-type]
 
 
-_LAZY = ("world", "protocol", "report", "data", "vista", "cli")
+_LAZY = ("world", "protocol", "report", "data", "vista", "cli", "bridge")
 
 
 def __getattr__(name: str) -> object:
@@ -60,5 +68,5 @@ __all__ = [
     "JointSAETrainer", "JointTrainerConfig", "PairedActivations", "PairedTensorData", "load_pairs", "train_jsae",
     "VLM", "load_vlm", "capture_pairs", "FeatureLabels", "label_features",
     "Ablate", "Clamp", "Intervention", "Patches", "ProjectOut", "Splice", "Steer", "caption", "generate", "intervene",
-    "adapters", "releases", "run_protocol",
+    "adapters", "releases", "run_protocol", "load_bridge", "load_labels",
 ]

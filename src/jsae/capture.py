@@ -5,7 +5,8 @@ paired batches the JSAE trainer consumes.
 One nnsight trace per batch reads every requested layer (``adapter.layers[L].output``), pools per sample
 and stops the forward after the last requested layer (``tracer.stop()``).  Directory layout::
 
-    out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards
+    out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards,
+                                     prepend_bos, context_size (longest prompt), dataset_path
     out_dir/shard-00000.safetensors  layer_4.vision [n, d_in], layer_4.text [n, d_in], ...
 
 A shard is written to a temporary name and renamed; the manifest is rewritten (tmp + rename) after
@@ -32,10 +33,11 @@ from tqdm.auto import tqdm
 from jsae.guards import shape_checked
 from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
-from jsae.adapters import VLMAdapter
+from jsae.adapters import VLMAdapter, prepends_bos
 from jsae.files import apply_umask, tmp_sibling, write_json
 
 POOLINGS = ("mean", "max", "last")
+EVAL_METADATA = ("prepend_bos", "context_size", "dataset_path")  # what SAELens's evals read from an SAE's metadata
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
 MANIFEST = "manifest.json"
 FORMAT = "jsae-capture/1"
@@ -102,6 +104,7 @@ def capture_pairs(
     prompt_template: str | None = None,
     text_positions: str = "caption",
     adapter: VLMAdapter | None = None,
+    dataset_path: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Capture pooled (vision, text) activations of ``pairs`` at ``layers`` into ``out_dir``; returns it.
@@ -113,7 +116,8 @@ def capture_pairs(
     ``prompt_template`` is a raw prompt string instead of the chat template (e.g. the JSAE reference's
     ``"USER: <image>\n{caption}\nASSISTANT:"``); ``text_positions`` pools the text view over the caption tokens
     (``"caption"``) or every attended non-image token (``"non_image"``: BOS, template words and caption, as
-    the reference does).
+    the reference does).  ``dataset_path`` (a hub id or folder the pairs come from) is recorded for the SAEs
+    trained on the capture (SAELens's ``dataset_path``), as are ``prepend_bos`` and ``context_size``.
     """
     from jsae.vlm import as_vlm
 
@@ -141,7 +145,8 @@ def capture_pairs(
         with DirLock(out, "jsae capture"):
             try:
                 return _capture_locked(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size,
-                                       dtype, fingerprint, chat_template, prompt_template, text_positions, progress)
+                                       dtype, fingerprint, chat_template, prompt_template, text_positions, progress,
+                                       dataset_path)
             except _PairError:
                 if not existed:  # a fresh capture of bad data: remove it, so the corrected data is not refused
                     _remove_capture(out)
@@ -187,7 +192,8 @@ def _checked_pairs(pairs: Any) -> Any:
 
 def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layer_list: list[int],
                     pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, fingerprint: str | None,
-                    chat_template: bool | None, prompt_template: str | None, text_positions: str, progress: bool) -> Path:
+                    chat_template: bool | None, prompt_template: str | None, text_positions: str, progress: bool,
+                    dataset_path: str | None = None) -> Path:
     if fingerprint is None:  # one streaming pass reads every pair: check each before writing anything, and hash it
         fingerprint = dataset_fingerprint(_checked_pairs(pairs))
     settings = {
@@ -205,8 +211,11 @@ def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any,
         "d_in": adapter.d_in,
         "batch_size": batch_size,
         "shard_size": shard_size,
+        "prepend_bos": prepends_bos(processor),
+        "dataset_path": dataset_path,
     }
     manifest = _open_manifest(out, settings)
+    manifest = {**manifest, "prepend_bos": settings["prepend_bos"], "dataset_path": dataset_path}
     done = manifest["count"]
     n = len(pairs)
     bar = tqdm(total=n, initial=done, desc="capture", unit="pair", disable=not progress)
@@ -224,6 +233,8 @@ def _capture_locked(model: Any, pairs: Any, adapter: VLMAdapter, processor: Any,
                 raise _PairError(f"pairs {start}..{start + len(batch) - 1}: {str(err).splitlines()[0]}") from None
             for key, value in _capture_batch(model, adapter, inputs, layer_list, pooling, text_positions).items():
                 pending[key].append(value.to(dtype).cpu())
+            longest = int(adapter._attention(inputs).sum(dim=1).max())
+            manifest["context_size"] = max(int(manifest.get("context_size") or 0), longest)
             pending_n += len(batch)
             bar.update(len(batch))
             if pending_n >= shard_size:
@@ -315,6 +326,20 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"{path} is corrupt ({str(exc).splitlines()[0]}); capture again into a new folder") from None
     return manifest
+
+
+def sae_metadata(out_dir: str | os.PathLike[str] | dict[str, Any], layer: int) -> dict[str, Any]:
+    """What an SAE trained on layer ``layer`` of this capture (a directory or its manifest) records (SAELens
+    ``cfg.metadata``): model, layer, hook (the module path; :class:`~jsae.saes.JointSAE` adds the TransformerLens
+    names), pooling, data fingerprint, and what SAELens's evals read: ``prepend_bos``, ``context_size`` (the
+    longest prompt captured, in tokens) and ``dataset_path`` (when the pairs came from a dataset)."""
+    manifest = out_dir if isinstance(out_dir, dict) else read_manifest(out_dir)
+    out = {"model_name": manifest.get("model"), "model_class": manifest.get("model_class"), "layer": int(layer),
+           "hook_name": dict(zip(manifest.get("layers", []), manifest.get("hook_names", []))).get(layer),
+           "pooling": manifest.get("pooling"), "data_fingerprint": manifest.get("fingerprint"),
+           "prepend_bos": manifest.get("prepend_bos"), "context_size": manifest.get("context_size"),
+           "dataset_path": manifest.get("dataset_path")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,

@@ -215,7 +215,8 @@ def capture(
         text_pooling = text_pooling or "caption"
         capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
                       pooling=pooling, batch_size=batch_size, fingerprint=source.fingerprint(part),  # type: ignore[arg-type]
-                      prompt_template=prompt_template, text_positions=text_pooling)
+                      prompt_template=prompt_template, text_positions=text_pooling,
+                      dataset_path=getattr(source, "path", None))
     except (ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"captured {len(pairs)} pairs into {out}")
