@@ -205,9 +205,9 @@ def test_save_load_bitwise_through_saelens(tmp_path, kw):
     sae.save_model(tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jsae"
-    assert {k: cfg["metadata"][k] for k in ("model_name", "layer", "hook_name", "pooling", "modalities")} == {
-        "model_name": "toy-llava", "layer": 4, "hook_name": "model.language_model.layers.4", "pooling": "mean",
-        "modalities": ["vision", "text"]}
+    assert {k: cfg["metadata"][k] for k in ("model_name", "layer", "hook_name", "hf_hook_name", "pooling", "modalities")} == {
+        "model_name": "toy-llava", "layer": 4, "hook_name": "blocks.4.hook_out", "hf_hook_name": "model.language_model.layers.4",
+        "pooling": "mean", "modalities": ["vision", "text"]}
     x = torch.randn(4, 12)
     for loader, training in ((SAE.load_from_disk, False), (TrainingSAE.load_from_disk, True),
                              (JointSAE.load_from_disk, False)):

@@ -12,8 +12,9 @@ State-dict keys are ``vision.*``, ``text.*`` and ``shared.*``.  The SAELens attr
 **Hook names.** ``cfg.metadata.hook_name`` is TransformerLens's bridge name of the layer's output
 (``blocks.L.hook_out``, what SAELens's ``SAETransformerBridge.add_sae`` and evals look up);
 ``cfg.metadata.hf_hook_name`` is the module path (``model.language_model.layers.L``, what nnsight and forward
-hooks use).  A cfg that names the layer either way (a module path, ``blocks.L.hook_resid_post``) is
-normalised to both when it is built or loaded; :attr:`JointSAE.hook_names` lists every naming.
+hooks use).  A cfg that names the layer by its module path is normalised to both when it is built, loaded or
+saved (one that says ``blocks.L.hook_resid_post``, HookedTransformer's name, keeps it);
+:attr:`JointSAE.hook_names` lists every naming.
 
 **Modality routing.** Inside ``with sae.routing(image_mask):`` a call without ``modality`` on ``[B, S, d_in]``
 states encodes the positions where ``image_mask [B, S]`` is True with the vision branch and the others with
@@ -102,17 +103,20 @@ class JointSAEConfig(SAEConfig):
 
 
 def normalise_hook_metadata(meta: Any) -> None:
-    """Name the SAE's site under every convention (in place on SAELens ``cfg.metadata``): ``hook_name``
-    becomes TransformerBridge's ``blocks.L.hook_out`` and a module path it held moves to ``hf_hook_name``;
-    ``layer`` is filled in from the hook.  A hook that is not a decoder layer's output is left as it is."""
+    """Name the SAE's site for SAELens and TransformerLens (in place on SAELens ``cfg.metadata``): a module path in
+    ``hook_name`` (``model.language_model.layers.L``) moves to ``hf_hook_name`` and ``hook_name`` becomes
+    TransformerBridge's ``blocks.L.hook_out``; a TransformerLens name (``blocks.L.hook_out``, or
+    ``blocks.L.hook_resid_post`` for HookedTransformer) is kept; ``layer`` is filled in from the hook.  A hook that
+    is not a decoder layer's output is left as it is."""
     from jsae.adapters.base import bridge_hook_name, is_tl_hook_name, layer_of_hook
 
     hook = meta.get("hook_name")
     layer = layer_of_hook(hook) if isinstance(hook, str) else None
     if layer is not None:
-        if not is_tl_hook_name(hook) and not meta.get("hf_hook_name"):
-            meta["hf_hook_name"] = hook
-        meta["hook_name"] = bridge_hook_name(layer)
+        if not is_tl_hook_name(hook):
+            if not meta.get("hf_hook_name"):
+                meta["hf_hook_name"] = hook
+            meta["hook_name"] = bridge_hook_name(layer)
         if meta.get("layer") is None:
             meta["layer"] = layer
     elif hook is None and meta.get("layer") is not None:
