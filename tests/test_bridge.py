@@ -263,3 +263,19 @@ def test_saelens_evals_run_on_a_jsae_through_the_bridge(bridged) -> None:
     assert metrics["model_performance_preservation"]["ce_loss_without_sae"] > 0
     print(f"{name}: SAELens explained variance {metrics['reconstruction_quality']['explained_variance']:.6f}, "
           f"by hand {float(by_hand):.6f}")
+
+
+@pytest.mark.slow
+def test_saelens_own_bridge_class_attaches_a_shipped_release_unedited() -> None:
+    """A user who boots SAELens's ``SAETransformerBridge`` themselves (toy LLaVA: its processor loads from its
+    folder, so TransformerLens needs nothing more) attaches the shipped release as it is."""
+    vlm = jsae.load_vlm("llava")
+    hf = jsae.bridge.weight_sharing_copy(vlm.hf_model)
+    bridge = SAETransformerBridge.boot_transformers(hf.name_or_path, hf_model=hf, tokenizer=vlm.processor.tokenizer)
+    sae = SAE.from_pretrained(f"jsae-shapes-llava-l{LAYER}")
+    bridge.add_sae(sae, use_error_term=True)
+    assert list(bridge.acts_to_saes) == [f"blocks.{LAYER}.hook_out"] and bridge.acts_to_saes[f"blocks.{LAYER}.hook_out"] is sae
+    inputs = vlm.adapter.build_inputs(vlm.processor, _images(1, 7), ["a cat"])
+    kwargs = vlm.adapter.model_kwargs(inputs)
+    _, cache = bridge.run_with_cache(kwargs.pop("input_ids"), **kwargs)
+    assert cache[f"blocks.{LAYER}.hook_out.hook_sae_acts_post"].shape[-1] == sae.cfg.d_sae
