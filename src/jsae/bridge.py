@@ -48,7 +48,7 @@ import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from sae_lens import SAETransformerBridge
+from sae_lens import SAE, SAETransformerBridge
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -154,7 +154,8 @@ class JSAEBridge(SAETransformerBridge):
         normalise_hook_metadata(meta)
         for key in ("hook_name", "hook_name_out"):
             name = meta.get(key)
-            if name is not None and self._resolve_hook_name(name) not in self.hook_dict and name not in self._acts_to_saes:
+            # resolved as SAETransformerBridge.add_sae resolves it (aliases such as blocks.L.hook_resid_post)
+            if name is not None and self._resolve_hook_name(name) not in self.hook_dict and name not in self.acts_to_saes:
                 layer = layer_of_hook(name)
                 where = (f"this bridge has blocks 0..{self.cfg.n_layers - 1}" if layer is not None
                          else f"decoder layer outputs are blocks.L.hook_out, L in 0..{self.cfg.n_layers - 1}")
@@ -162,9 +163,21 @@ class JSAEBridge(SAETransformerBridge):
                                  "trained on this model, or set sae.cfg.metadata.hook_name to one of bridge.hook_dict")
         super().add_sae(sae, use_error_term=use_error_term)
 
-    def _reset_sae(self, act_name: str, prev_wrapper: Any = None) -> None:
-        super()._reset_sae(act_name, prev_wrapper)
+    def reset_saes(self, act_names: str | list[str] | None = None) -> None:
+        """``SAETransformerBridge.reset_saes``, then :meth:`restore_hook_names`."""
+        super().reset_saes(act_names)
         self.restore_hook_names()
+
+    @contextlib.contextmanager
+    def saes(self, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None) -> Iterator[Any]:
+        """``SAETransformerBridge.saes`` (what ``run_with_saes``, ``run_with_cache_with_saes`` and
+        ``run_with_hooks_with_saes`` use), then :meth:`restore_hook_names` once the SAEs are removed."""
+        try:
+            with super().saes(saes=list(saes) if not isinstance(saes, SAE) else saes, reset_saes_end=reset_saes_end,
+                              use_error_term=use_error_term) as bridge:
+                yield bridge
+        finally:
+            self.restore_hook_names()
 
     def restore_hook_names(self) -> None:
         """Give every hook point that lost its full name (renamed to its bare local name when SAELens put it back)
