@@ -39,9 +39,10 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
-from beartype import beartype
-from jaxtyping import Bool, Float, Int, jaxtyped
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+
+from jsae.guards import typechecked
 
 ENTRY_POINT_GROUP = "jsae.adapters"
 
@@ -52,10 +53,12 @@ EXTRA_KEYS: tuple[str, ...] = ("caption_mask",)
 GRID_IMAGE, GRID_REGION, GRID_ROW, GRID_COL = range(4)
 
 
-# The output of decoder layer L under the names the ecosystem uses for it: TransformerLens / SAELens
-# (``blocks.L.hook_resid_post``), a bare language model (``model.layers.L``), a VLM
-# (``model.language_model.layers.L``), GPT-2 style (``h.L``).
-HOOK_PATTERNS: tuple[str, ...] = (r"^blocks\.(\d+)\.hook_resid_post$", r"(?:^|\.)layers\.(\d+)$", r"(?:^|\.)h\.(\d+)$")
+# The output of decoder layer L under the names the ecosystem uses for it: TransformerLens's
+# HookedTransformer / SAELens (``blocks.L.hook_resid_post``), TransformerLens's TransformerBridge
+# (``blocks.L.hook_out``), a bare language model (``model.layers.L``), a VLM (``model.language_model.layers.L``),
+# GPT-2 style (``h.L``).  The first two are TransformerLens names, the others module paths.
+TL_HOOK_PATTERN = r"^blocks\.(\d+)\.hook_(?:resid_post|out)$"
+HOOK_PATTERNS: tuple[str, ...] = (TL_HOOK_PATTERN, r"(?:^|\.)layers\.(\d+)$", r"(?:^|\.)h\.(\d+)$")
 
 
 def layer_of_hook(hook_name: str | None) -> int | None:
@@ -81,8 +84,27 @@ def sae_layer(sae: Any) -> int:
 
 
 def saelens_hook_name(layer: int) -> str:
-    """TransformerLens's name of decoder layer ``layer``'s output (what SAEBench and Gemma Scope use)."""
+    """HookedTransformer's name of decoder layer ``layer``'s output (what SAEBench and Gemma Scope use)."""
     return f"blocks.{int(layer)}.hook_resid_post"
+
+
+def bridge_hook_name(layer: int) -> str:
+    """TransformerBridge's (canonical) name of decoder layer ``layer``'s output; ``blocks.L.hook_resid_post`` is
+    only an alias there, which ``SAETransformerBridge.add_sae`` resolves but the bridge's ``run_with_hooks`` (and
+    so SAELens's evals) does not."""
+    return f"blocks.{int(layer)}.hook_out"
+
+
+def is_tl_hook_name(hook_name: Any) -> bool:
+    """Whether ``hook_name`` is a TransformerLens name of a decoder layer's output (``blocks.L.hook_out`` /
+    ``blocks.L.hook_resid_post``) rather than a module path."""
+    return isinstance(hook_name, str) and re.search(TL_HOOK_PATTERN, hook_name) is not None
+
+
+def hook_names(layer: int, hf_hook_name: str | None = None) -> dict[str, str | None]:
+    """Decoder layer ``layer``'s output under every naming: ``"hf"`` (the module path nnsight and forward hooks
+    use, when known), ``"bridge"`` (``blocks.L.hook_out``) and ``"hooked_transformer"`` (``blocks.L.hook_resid_post``)."""
+    return {"hf": hf_hook_name, "bridge": bridge_hook_name(layer), "hooked_transformer": saelens_hook_name(layer)}
 
 
 def unwrap(model: Any) -> nn.Module:
@@ -167,8 +189,21 @@ class VLMAdapter(abc.ABC):
         return self.hf_model.model.language_model.layers[layer]
 
     def hook_name(self, layer: int) -> str:
-        """Module path of decoder layer ``layer`` (the ``hook_name`` of SAEs trained on it)."""
+        """Module path of decoder layer ``layer`` (the ``hf_hook_name`` of SAEs trained on it; their ``hook_name``
+        is the TransformerBridge name :func:`bridge_hook_name`)."""
         return f"model.language_model.layers.{layer}"
+
+    def sae_metadata(self, layer: int, processor: Any = None) -> dict[str, Any]:
+        """What an SAE trained at decoder layer ``layer`` of this model records about its site (SAELens
+        ``cfg.metadata``): ``hook_name`` (TransformerBridge's ``blocks.L.hook_out``, which SAELens's
+        ``SAETransformerBridge`` and evals use), ``hf_hook_name`` (the module path), ``layer``, ``model_class``
+        and, given the processor, ``prepend_bos`` (whether its tokenizer starts a text with BOS)."""
+        self.check_layer(layer)
+        out: dict[str, Any] = {"hook_name": bridge_hook_name(layer), "hf_hook_name": self.hook_name(layer), "layer": int(layer),
+                               "model_class": type(self.hf_model).__name__}
+        if processor is not None:
+            out["prepend_bos"] = prepends_bos(processor)
+        return out
 
     @property
     @abc.abstractmethod
@@ -252,17 +287,18 @@ class VLMAdapter(abc.ABC):
             raise ValueError("inputs need 'input_ids' as a [batch, seq] tensor; build them with adapter.build_inputs(processor, images, texts)")
         return ids
 
-    def _attention(self, inputs: Mapping[str, Any]) -> Tensor:
+    def attention_mask(self, inputs: Mapping[str, Any]) -> Tensor:
+        """The attended positions of ``inputs`` ``[batch, seq]`` (bool; every position when it has no mask)."""
         am = inputs.get("attention_mask")
         ids = self._ids(inputs)
         return torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at the image-token positions (the positions the image features are written to)."""
         return self._ids(inputs) == self.image_token_id
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def caption_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at the caption tokens only (no image, special or template tokens).
 
@@ -275,7 +311,7 @@ class VLMAdapter(abc.ABC):
         if cm is not None:
             return cm.bool()
         ids = self._ids(inputs)
-        keep = self._attention(inputs).clone()
+        keep = self.attention_mask(inputs).clone()
         for t in self.special_token_ids():
             keep &= ids != t
         img = self._vision_marker_mask(ids)
@@ -283,17 +319,17 @@ class VLMAdapter(abc.ABC):
         last = torch.where(img, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
         return keep & (pos > last)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def non_image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at every attended token that is not an image token (BOS, template words, caption: the
         JSAE reference's text view)."""
-        return self._attention(inputs) & ~self.image_token_mask(inputs)
+        return self.attention_mask(inputs) & ~self.image_token_mask(inputs)
 
     def _vision_marker_mask(self, ids: Tensor) -> Tensor:
         """Image tokens and any markers around them (overridden by families that have markers)."""
         return ids == self.image_token_id
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def patch_grid(self, inputs: Mapping[str, Any]) -> Int[Tensor, "batch seq 4"]:
         """``[B, S, 4]`` long tensor: (image index within its row, region, row, col) at every image token,
         -1 everywhere else.  Region 0 is the image's base grid; LLaVA-NeXT's high-resolution tiles are
@@ -468,6 +504,14 @@ class VLMAdapter(abc.ABC):
 
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
+
+
+def prepends_bos(processor: Any) -> bool:
+    """Whether the processor's tokenizer starts an encoded text with its BOS token (SAELens's ``prepend_bos``)."""
+    tok = _tokenizer(processor)
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("a").input_ids if bos is not None else []
+    return bool(ids) and ids[0] == bos
 
 
 @contextlib.contextmanager

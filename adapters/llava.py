@@ -22,10 +22,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float
 from torch import Tensor
 
+from jsae.guards import typechecked
 from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter, unwrap
 
 
@@ -50,7 +50,7 @@ class LlavaAdapter(VLMAdapter):
         layer = self.config.vision_feature_layer
         return int(self.config.vision_config.hidden_size) * (len(layer) if isinstance(layer, (list, tuple)) else 1)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def patch_features(self, inputs: Mapping[str, Any]) -> Float[Tensor, "n_images n_patches d_vision"]:
         """CLIP's features of every patch (CLS dropped) at ``vision_feature_layer`` (a list of layers is
         concatenated, as the model does), before the projector: ``[n_images, (H/patch)·(W/patch), d_vision]``."""

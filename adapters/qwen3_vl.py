@@ -26,10 +26,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float
 from torch import Tensor
 
+from jsae.guards import typechecked
 from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter, unwrap
 
 # Qwen3-VL image processor defaults (preprocessor_config.json of the Qwen3-VL checkpoints)
@@ -65,7 +65,7 @@ class Qwen3VLAdapter(VLMAdapter):
     def d_vision(self) -> int:
         return int(self.config.vision_config.out_hidden_size)
 
-    @jaxtyped(typechecker=beartype)
+    @typechecked
     def patch_features(self, inputs: Mapping[str, Any]) -> Float[Tensor, "n_images n_patches d_vision"]:
         """The merged tokens of each image (``visual(pixel_values, grid_thw=image_grid_thw).pooler_output``),
         row-major over ``(h / merge, w / merge)``; all images must give the same number of tokens."""

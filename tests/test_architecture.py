@@ -26,7 +26,8 @@ STAGES = {
     "jsae.labels": 5,
     "jsae.interventions": 6,
     "jsae.protocol": 7,
-    "jsae.report": 8, "jsae.releases": 8, "jsae.vista": 8,
+    "jsae.report": 8, "jsae.releases": 8, "jsae.vista": 8, "jsae.bridge": 8,
+    "jsae.releases.registry": 0,  # the release registry imports nothing of jsae: SAE loading and labels look releases up
     "jsae.cli": 9, "jsae.testing": 9,
 }
 

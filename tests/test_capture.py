@@ -13,7 +13,7 @@ import torch
 from conftest import KINDS, tiny_vlm
 from safetensors.torch import load_file
 
-from jsae.capture import capture_batches, capture_pairs, image_token_count, pool, read_manifest
+from jsae.capture import capture_batches, capture_pairs, image_token_count, pool, read_manifest, sae_metadata
 from jsae.training import PairedActivations, load_pairs
 
 
@@ -54,6 +54,14 @@ def test_capture_equals_manual_hidden_states_and_stops_early(kind, tmp_path):
     assert m["count"] == 3 and m["complete"] and m["layers"] == [0, 1] and m["pooling"] == "mean"
     assert m["hook_names"] == ["model.language_model.layers.0", "model.language_model.layers.1"]
     assert m["dtype"] == "float32" and len(m["fingerprint"]) == 32 and m["model_class"] == type(v.hf).__name__
+    # what SAELens's evals read, for the SAEs trained on it: BOS, the longest prompt captured, the data's path
+    encs = [v.adapter.build_inputs(v.processor, *map(list, zip(*chunk))) for chunk in (pairs[:2], pairs[2:])]
+    longest = max(int(e["attention_mask"].sum(1).max()) for e in encs)
+    bos = v.processor.tokenizer("a").input_ids[0] == v.processor.tokenizer.bos_token_id
+    assert (m["context_size"], m["prepend_bos"], m["dataset_path"]) == (longest, bos, None)
+    meta = sae_metadata(tmp_path, 1)
+    assert {k: meta.get(k) for k in ("hook_name", "layer", "context_size", "prepend_bos")} == {
+        "hook_name": "model.language_model.layers.1", "layer": 1, "context_size": longest, "prepend_bos": bos}
 
 
 @pytest.mark.parametrize("pooling", ["max", "last"])

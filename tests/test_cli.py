@@ -79,6 +79,10 @@ def test_label_refuses_a_capture_of_other_data(tmp_path: Path) -> None:
     r = runner.invoke(app, ["sae", "train", "--capture", str(cap), "--layer", "1", "--out", str(sae), "--steps", "3",
                             "--d-sae", "16", "--batch-size", "20"])
     assert r.exit_code == 0, r.output
+    meta, manifest = json.loads((sae / "cfg.json").read_text())["metadata"], json.loads((cap / "manifest.json").read_text())
+    assert (meta["hook_name"], meta["hf_hook_name"], meta["layer"]) == ("blocks.1.hook_out", "model.language_model.layers.1", 1)
+    assert meta["prepend_bos"] is manifest["prepend_bos"] is True          # what SAELens's evals read
+    assert meta["context_size"] == manifest["context_size"] > 0
     label = ["sae", "label", "--sae", str(sae), "--capture", str(cap), "--layer", "1", "--n", "40"]
     r = runner.invoke(app, [*label, "--seed", "1"])
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]

@@ -65,7 +65,8 @@ def test_shipped_release_loads_by_name_offline(monkeypatch: pytest.MonkeyPatch) 
     sae = JointSAE.from_pretrained("jsae-shapes-llava-l4")
     sid = "model.language_model.layers.4"
     same = SAE.from_pretrained("jsae-shapes-llava-l4", sid)
-    assert isinstance(same, JointSAE) and same.cfg.metadata.hook_name == sid and sae.cfg.metadata.layer == 4
+    assert isinstance(same, JointSAE) and same.cfg.metadata.hf_hook_name == sid and sae.cfg.metadata.layer == 4
+    assert same.cfg.metadata.hook_name == "blocks.4.hook_out"
     x = torch.randn(3, sae.cfg.d_in)
     for m in ("vision", "text"):
         assert torch.equal(sae.encode(x, m), same.encode(x, m))

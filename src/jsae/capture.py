@@ -5,7 +5,8 @@ paired batches the JSAE trainer consumes.
 One nnsight trace per batch reads every requested layer (``adapter.layers[L].output``), pools per sample
 and stops the forward after the last requested layer (``tracer.stop()``).  Directory layout::
 
-    out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards
+    out_dir/manifest.json            model, layers, hook_names, pooling, fingerprint, count, dtype, shards,
+                                     prepend_bos, context_size (longest prompt), dataset_path
     out_dir/shard-00000.safetensors  layer_4.vision [n, d_in], layer_4.text [n, d_in], ...
 
 **Shards are the unit of work.**  Shard ``k`` holds pairs ``[k·shard_size, (k+1)·shard_size)`` in the pairs'
@@ -54,11 +55,12 @@ from tqdm.auto import tqdm
 from jsae.guards import shape_checked
 from jsae.activations import read_layers
 from jsae.data.sources import dataset_fingerprint
-from jsae.adapters import VLMAdapter
+from jsae.adapters import VLMAdapter, prepends_bos
 from jsae.files import apply_umask, tmp_sibling, write_json, writing
 from jsae.locks import LOCK_FILE, DirLock
 
 POOLINGS = ("mean", "max", "last")
+EVAL_METADATA = ("prepend_bos", "context_size", "dataset_path")  # what SAELens's evals read from an SAE's metadata
 TEXT_POSITIONS = ("caption", "non_image")  # the caption tokens only | every attended non-image token (the reference)
 MANIFEST = "manifest.json"
 FORMAT = "jsae-capture/1"
@@ -126,6 +128,7 @@ def capture_pairs(
     text_positions: str = "caption",
     bucket: bool | None = None,
     adapter: VLMAdapter | None = None,
+    dataset_path: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Capture pooled (vision, text) activations of ``pairs`` at ``layers`` into ``out_dir``; returns it.
@@ -147,6 +150,8 @@ def capture_pairs(
     rank calls this with the same arguments and captures its own shards (shard ``k`` on rank ``k mod
     world_size``) into the one ``out_dir``; rank 0 keeps the manifest.  Put each rank's model on its own device
     (e.g. ``cuda:LOCAL_RANK``).  See the module docstring.
+    ``dataset_path`` (a hub id or folder the pairs come from) is recorded for the SAEs trained on the capture
+    (SAELens's ``dataset_path``), as are ``prepend_bos`` and ``context_size`` (the longest prompt, in tokens).
     """
     from jsae.vlm import as_vlm
 
@@ -173,7 +178,7 @@ def capture_pairs(
     out = check_output_dir(out_dir, "out_dir")
     check_capture_disk(out, len(pairs), len(layer_list), adapter.d_in, dtype)
     job = _Capture(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size, dtype,
-                   chat_template, prompt_template, text_positions, bucket, progress)
+                   chat_template, prompt_template, text_positions, bucket, progress, dataset_path)
     ranks = _Ranks.join()
     try:
         return job.run(ranks, fingerprint)
@@ -373,11 +378,12 @@ class _Capture:
 
     def __init__(self, model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layers: list[int],
                  pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, chat_template: bool | None,
-                 prompt_template: str | None, text_positions: str, bucket: bool | None, progress: bool):
+                 prompt_template: str | None, text_positions: str, bucket: bool | None, progress: bool,
+                 dataset_path: str | None = None):
         self.model, self.pairs, self.adapter, self.processor, self.out = model, pairs, adapter, processor, out
         self.layers, self.pooling, self.batch_size, self.shard_size, self.dtype = layers, pooling, batch_size, shard_size, dtype
         self.chat_template, self.prompt_template, self.text_positions = chat_template, prompt_template, text_positions
-        self.bucket, self.progress = bucket, progress
+        self.bucket, self.progress, self.dataset_path = bucket, progress, dataset_path
         self.n = len(pairs)
         self.n_shards = -(-self.n // shard_size)
 
@@ -469,6 +475,8 @@ class _Capture:
             "batch_size": self.batch_size,
             "shard_size": self.shard_size,
             "bucket": self.bucket,
+            "prepend_bos": prepends_bos(self.processor),
+            "dataset_path": self.dataset_path,
         }
 
     def open(self, fingerprint: Any, world: int) -> dict[str, Any]:
@@ -504,7 +512,8 @@ class _Capture:
             for s in manifest["shards"]:  # captures made before shards recorded their first pair: a prefix
                 s.setdefault("start", start)
                 start = s["start"] + s["count"]
-            manifest.update(bucket=settings["bucket"], plan=_plan(settings))
+            manifest.update(bucket=settings["bucket"], plan=_plan(settings), prepend_bos=settings["prepend_bos"],
+                            dataset_path=settings["dataset_path"])
             check_capture(out, manifest)  # a resumed capture starts from whole shards that match the manifest
         else:
             if settings["bucket"] is None:
@@ -539,6 +548,9 @@ class _Capture:
         if manifest["count"] != self.n:
             raise RuntimeError(f"{self.out}: the ranks wrote {manifest['count']} of {self.n} pairs; re-run the same "
                                "capture to finish it")
+        longest = [_shard_context(self.out / s["file"]) for s in manifest["shards"]]
+        if longest and all(n is not None for n in longest):
+            manifest["context_size"] = max(longest)  # type: ignore[type-var]
         manifest.update(complete=True, world_size=world)
         write_json(self.out / MANIFEST, manifest)
 
@@ -587,6 +599,7 @@ class _Capture:
         batches = capture_batches(count, self.batch_size, self.shard_size,
                                   None if tokens is None else [tokens[start + j] for j in range(count)])[0]
         rows: dict[str, Tensor] = {}
+        self.context_size = 0
         for batch_rows in batches:
             idx = [start + j for j in batch_rows]
             batch = [self.pairs[i] for i in idx]
@@ -597,6 +610,7 @@ class _Capture:
                                                    prompt_template=self.prompt_template)
             except (ValueError, TypeError) as err:
                 raise _PairError(f"pairs {_span(idx)}: {str(err).splitlines()[0]}") from None
+            self.context_size = max(self.context_size, int(self.adapter.attention_mask(inputs).sum(dim=1).max()))
             pooled = _capture_batch(self.model, self.adapter, inputs, self.layers, self.pooling, self.text_positions)
             where = torch.tensor(batch_rows)
             for key, value in pooled.items():
@@ -613,7 +627,8 @@ class _Capture:
         try:
             with writing(self.out / name, "free some disk space and re-run the same capture: it resumes from the last shard"):
                 save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp),
-                          metadata={"count": str(count), "start": str(start), "plan": plan})
+                          metadata={"count": str(count), "start": str(start), "plan": plan,
+                                    "context_size": str(self.context_size)})
                 os.replace(apply_umask(tmp), self.out / name)
         finally:
             tmp.unlink(missing_ok=True)
@@ -626,6 +641,17 @@ def _plan(settings: dict[str, Any]) -> str:
     keys = ("format", "model", "model_class", "layers", "pooling", "text_positions", "prompt_template", "fingerprint",
             "total", "dtype", "batch_size", "shard_size", "bucket")
     return hashlib.sha256(json.dumps({k: settings[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shard_context(path: Path) -> int | None:
+    """The longest prompt (tokens) a shard's batches held, from its metadata; None for shards written before
+    it was recorded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get("context_size")
+    except Exception:  # noqa: BLE001 - an unreadable shard is reported by check_capture, not here
+        return None
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _shard_index(name: str) -> int | None:
@@ -756,6 +782,19 @@ def check_capture(out_dir: str | os.PathLike[str], manifest: dict[str, Any] | No
                 if dtype is not None and got != dtype:
                     raise ValueError(f"{path}: {key} is {got} but the manifest says {dtype}; {fix}")
     return manifest
+
+def sae_metadata(out_dir: str | os.PathLike[str] | dict[str, Any], layer: int) -> dict[str, Any]:
+    """What an SAE trained on layer ``layer`` of this capture (a directory or its manifest) records (SAELens
+    ``cfg.metadata``): model, layer, hook (the module path; :class:`~jsae.saes.JointSAE` adds the TransformerLens
+    names), pooling, data fingerprint, and what SAELens's evals read: ``prepend_bos``, ``context_size`` (the
+    longest prompt captured, in tokens) and ``dataset_path`` (when the pairs came from a dataset)."""
+    manifest = out_dir if isinstance(out_dir, dict) else read_manifest(out_dir)
+    out = {"model_name": manifest.get("model"), "model_class": manifest.get("model_class"), "layer": int(layer),
+           "hook_name": dict(zip(manifest.get("layers", []), manifest.get("hook_names", []))).get(layer),
+           "pooling": manifest.get("pooling"), "data_fingerprint": manifest.get("fingerprint"),
+           "prepend_bos": manifest.get("prepend_bos"), "context_size": manifest.get("context_size"),
+           "dataset_path": manifest.get("dataset_path")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def read_layer(out_dir: str | os.PathLike[str], layer: int | None = None, *, dtype: torch.dtype = torch.float32,

@@ -6,7 +6,8 @@
 * :func:`check_device`: a torch device that exists on this machine;
 * :func:`check_allocation`: a tensor allocation that fits the machine's memory;
 * :func:`shape_checked`: jaxtyping's shape and dtype checks with the failure translated into one line
-  naming the argument, the expected shape and what was passed.
+  naming the argument, the expected shape and what was passed; :func:`typechecked` the same checks with
+  jaxtyping's own errors, through jsae's small type checker :func:`check_types` (no beartype: see there).
 """
 
 from __future__ import annotations
@@ -187,19 +188,90 @@ def _diagnose(fn: Callable[..., Any], args: tuple, kwargs: dict) -> str | None:
     return None
 
 
-def shape_checked(fn: F) -> F:
-    """``jaxtyped(typechecker=beartype)(fn)`` whose failures raise one line (``TypeError`` for a wrong type or
-    dtype, ``ValueError`` for a wrong shape) naming the argument and the expected shape."""
-    from beartype import beartype
+class TypeCheckError(TypeError):
+    """An argument or return value that does not match its annotation (raised by :func:`check_types`)."""
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint``: jaxtyping arrays (dtype and shape, with the dimension
+    sizes bound by the enclosing ``jaxtyped`` call), classes, ``X | None`` / ``Union``, ``Literal``, and the
+    container of a generic alias (``Mapping[str, Any]`` checks for a mapping); anything else is accepted."""
+    import types
+    import typing
+
+    if hint is inspect.Parameter.empty or hint is Any or isinstance(hint, (str, typing.ForwardRef, typing.TypeVar)):
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_accepts(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _accepts(value, typing.get_args(hint)[0])
+    if origin is not None:
+        return isinstance(value, origin) if isinstance(origin, type) else True
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_types(fn: F) -> F:
+    """A run-time type checker for ``jaxtyping.jaxtyped(typechecker=check_types)``: each argument (each element
+    of ``*args`` / ``**kwargs``) and the return value checked against its annotation (see :func:`_accepts`).
+
+    jsae checks its tensor arguments with this rather than beartype: beartype cannot be imported after
+    ``import nnsight`` (nnsight mounts an unhashable ``save`` method on ``object`` and beartype hashes every
+    callable of ``object.__dict__`` at import), so jsae would otherwise have to be imported first."""
+    sig = inspect.signature(fn)
+    hints: dict[str, Any] = {}
+
+    def hint(name: str, annotation: Any) -> Any:  # a string annotation resolved in fn's module, once
+        if not isinstance(annotation, str):
+            return annotation
+        if name not in hints:
+            try:
+                hints[name] = eval(annotation, getattr(fn, "__globals__", {}))  # noqa: S307 - the code's own annotation
+            except Exception:  # noqa: BLE001 - a name we cannot resolve here: not checked
+                hints[name] = Any
+        return hints[name]
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            param = sig.parameters[name]
+            values = (value if param.kind is param.VAR_POSITIONAL else
+                      value.values() if param.kind is param.VAR_KEYWORD else (value,))
+            for v in values:
+                if not _accepts(v, hint(name, param.annotation)):
+                    raise TypeCheckError(f"{fn.__qualname__}: {name} must be {param.annotation}, got {_describe(v)}")
+        out = fn(*args, **kwargs)
+        if not _accepts(out, hint("return", sig.return_annotation)):
+            raise TypeCheckError(f"{fn.__qualname__} must return {sig.return_annotation}, returned {_describe(out)}")
+        return out
+
+    return checked  # type: ignore[return-value]
+
+
+def typechecked(fn: F) -> F:
+    """``jaxtyping.jaxtyped(typechecker=check_types)(fn)``: jaxtyping's shape and dtype checks of ``fn``'s
+    annotated arguments and return value (errors are jaxtyping's multi-line ``TypeCheckError``; public
+    boundaries use :func:`shape_checked` for one line)."""
     from jaxtyping import jaxtyped
 
-    checked = jaxtyped(typechecker=beartype)(fn)
+    return jaxtyped(typechecker=check_types)(fn)  # type: ignore[return-value]
+
+
+def shape_checked(fn: F) -> F:
+    """:func:`typechecked` ``fn`` whose failures raise one line (``TypeError`` for a wrong type or dtype,
+    ``ValueError`` for a wrong shape) naming the argument and the expected shape."""
+    checked = typechecked(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return checked(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - jaxtyping / beartype raise their own error types
+        except Exception as exc:  # noqa: BLE001 - jaxtyping raises its own error types
             if not _is_type_check_error(exc):
                 raise
             why = _diagnose(fn, args, kwargs)
@@ -214,8 +286,8 @@ def shape_checked(fn: F) -> F:
 
 def _is_type_check_error(exc: Exception) -> bool:
     mod = type(exc).__module__ or ""
-    return mod.startswith(("jaxtyping", "beartype")) or type(exc).__name__ in ("TypeCheckError", "BeartypeCallHintViolation")
+    return isinstance(exc, TypeCheckError) or mod.startswith("jaxtyping") or type(exc).__name__ == "TypeCheckError"
 
 
-__all__ = ["check_allocation", "check_device", "check_output_dir", "check_output_file", "confined", "device_memory",
-           "shape_checked"]
+__all__ = ["TypeCheckError", "check_allocation", "check_device", "check_output_dir", "check_output_file", "check_types",
+           "confined", "device_memory", "shape_checked", "typechecked"]

@@ -388,7 +388,7 @@ def _prefill_mask(iv: Intervention, adapter: VLMAdapter, inputs: Mapping[str, An
     elif pos == "text":
         m = adapter.caption_token_mask(inputs)
     elif pos == "all":
-        m = adapter._attention(inputs)
+        m = adapter.attention_mask(inputs)
     elif pos == "generated":
         m = torch.zeros_like(ids, dtype=torch.bool)
     elif pos == "image_but_last":
@@ -397,7 +397,7 @@ def _prefill_mask(iv: Intervention, adapter: VLMAdapter, inputs: Mapping[str, An
         last = torch.where(m, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
         m = m & (idx != last)
     elif pos == "last":
-        att = adapter._attention(inputs)
+        att = adapter.attention_mask(inputs)
         idx = torch.arange(att.shape[1], device=att.device).expand_as(att)
         last = torch.where(att, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
         m = idx == last

@@ -136,3 +136,27 @@ def label_features(
         labels.append(FeatureLabel(j, concept_names[c], kind, sum(purities) / max(len(purities), 1),
                                    float(cv[j, c]), float(ct[j, c])))
     return FeatureLabels(labels, list(concept_names), data, provenance)
+
+
+def load_labels(source: Any, sae_id: str | None = None) -> FeatureLabels:
+    """The feature labels that come with an SAE: ``source`` is a release name (``"jsae-shapes-llava-l4"``, with
+    ``sae_id`` when the release holds several SAEs), an SAE folder (holding ``labels.json``) or a loaded SAE
+    (``JointSAE.from_pretrained(release)`` / ``JointSAE.load_from_disk(folder)`` remember where they came from).
+    One-line errors when there are no labels."""
+    from jsae.releases.registry import release_file
+
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        path = Path(source) / "labels.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{source} has no labels.json; label the SAE first: `jsae sae label --sae {source} ...`")
+        return FeatureLabels.load(path)
+    if isinstance(source, str):
+        return FeatureLabels.load(release_file(source, sae_id, "labels.json"))
+    release = getattr(source, "source_release", None)
+    if release is not None:
+        return FeatureLabels.load(release_file(release[0], release[1], "labels.json"))
+    folder = getattr(source, "source_dir", None)
+    if folder is not None:
+        return load_labels(folder)
+    raise ValueError(f"cannot tell where this {type(source).__name__} came from; pass its release name or folder "
+                     "(load_labels('jsae-shapes-llava-l4') or load_labels('path/to/sae'))")

@@ -61,12 +61,13 @@ def check_same(found: Mapping[str, Any], here: Mapping[str, Any], what: str, whe
 
 
 def sae_record(sae_or_cfg: Any) -> dict[str, Any]:
-    """The provenance of an SAE (SAELens ``cfg.metadata``: model_name, layer, hook_name, pooling, data)."""
+    """The provenance of an SAE (SAELens ``cfg.metadata``: model_name, layer, hook_name, pooling, data); its hook is
+    the module path (``hf_hook_name``, as captures and adapters name it) when the metadata has one."""
     cfg = getattr(sae_or_cfg, "cfg", sae_or_cfg)
     meta = getattr(cfg, "metadata", None)
     get = (lambda k: meta.get(k) if hasattr(meta, "get") else getattr(meta, k, None)) if meta is not None else (lambda k: None)
     out = {"model": get("model_name"), "model_class": get("model_class"), "layer": get("layer"),
-           "hook_name": get("hook_name"), "pooling": get("pooling"), "data": get("data_fingerprint"),
+           "hook_name": get("hf_hook_name") or get("hook_name"), "pooling": get("pooling"), "data": get("data_fingerprint"),
            "d_in": getattr(cfg, "d_in", None)}
     return {k: v for k, v in out.items() if v is not None}
 

@@ -6,8 +6,10 @@ else in jsae takes that :class:`VLM`.
 >>> with model.trace(**adapter.model_kwargs(inputs)):
 ...     h = adapter.layers[16].output.save()
 
-``model`` is an ``nnsight.NNsight`` envoy over the transformers model when it runs here; with
-``remote=True`` it is an undispatched ``nnsight.TransformersModel`` (weights stay on NDIF; the tree is
+``model`` is an ``nnsight.TransformersModel`` (task ``image-text-to-text``, with the processor) over the
+transformers model, so nnsight's own contexts work on it: ``with model.trace(**inputs):`` for one forward and
+``with model.generate(**inputs, max_new_tokens=20) as tracer:`` for generation (``tracer.iter[...]`` steps,
+``tracer.result`` the ids); with ``remote=True`` it is undispatched (weights stay on NDIF; the tree is
 built on the meta device) to trace with ``model.trace(..., remote=True)``.  Loading never runs remote
 code (``trust_remote_code=False``) and reads weights from safetensors through transformers.
 """
@@ -75,6 +77,14 @@ def _not_found(name: str, err: Exception) -> OSError:
     )
 
 
+def _envoy(hf: Any, processor: Any) -> Any:
+    """nnsight's ``TransformersModel`` over a loaded model, with its processor (``trace`` and ``generate`` work)."""
+    from nnsight import TransformersModel
+
+    return TransformersModel(hf, task="image-text-to-text", processor=processor,
+                             tokenizer=getattr(processor, "tokenizer", processor))
+
+
 def _resolve_dtype(dtype: Any) -> Any:
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
@@ -112,7 +122,8 @@ def _toy_directory(path: Any) -> str | None:
 def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, device: Any = None, remote: bool = False,
              revision: str | None = None, **kwargs: Any) -> VLM:
     """Load ``name_or_path`` (a shipped toy model's name, a hub id or a local directory): returns
-    ``VLM(model, processor, adapter)`` with ``model`` an nnsight envoy.  Toy models load in float32 unless
+    ``VLM(model, processor, adapter)`` with ``model`` an ``nnsight.TransformersModel`` (``model.trace`` and
+    ``model.generate`` are nnsight's own contexts).  Toy models load in float32 unless
     ``dtype`` says otherwise.
 
     ``dtype`` and ``device_map`` go to ``from_pretrained`` (``device_map="auto"`` spreads a large model over the
@@ -130,19 +141,15 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
     from jsae.world.models import MODEL_NAMES, load_toy_hf
 
     if name_or_path in MODEL_NAMES and not os.path.isdir(name_or_path):
-        from nnsight import NNsight
-
         hf, processor = load_toy_hf(name_or_path, dtype=torch.float32 if dtype in (None, "auto") else dtype,
                                     device=device or (device_map if isinstance(device_map, (str, torch.device)) else "cpu"))
-        model = NNsight(hf)
+        model = _envoy(hf, processor)
         return VLM(model, processor, for_model(model))
     toy = _toy_directory(name_or_path)
     if toy is not None:  # a toy model's directory (an older world, a retrained one): the world's own processor
-        from nnsight import NNsight
-
         hf, processor = load_toy_hf(toy, dtype=torch.float32 if dtype in (None, "auto") else dtype,
                                     device=device or "cpu", directory=name_or_path)
-        model = NNsight(hf)
+        model = _envoy(hf, processor)
         return VLM(model, processor, for_model(model))
     common = dict(revision=revision, trust_remote_code=False)
     # a bare name (no ORG/, not a folder) is a typo of a toy name or a cached id: never ask the hub for it
@@ -170,8 +177,6 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
         model = TransformersModel(name_or_path, task="image-text-to-text", processor=processor, dispatch=False,
                                   revision=revision, trust_remote_code=False, **({"dtype": dtype} if dtype else {}), **kwargs)
     else:
-        from nnsight import NNsight
-
         try:
             hf = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, dtype=dtype, device_map=device_map,
                                                              use_safetensors=True, **common, **kwargs)
@@ -179,7 +184,7 @@ def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, 
             raise _not_found(name_or_path, err) from None
         if device is not None and device_map is None:
             hf = hf.to(device)
-        model = NNsight(hf.eval())
+        model = _envoy(hf.eval(), processor)
     if remote:
         mark_remote(model)
     adapter = for_model(model)

@@ -250,7 +250,7 @@ def capture(
         capture_pairs(model_, pairs, layers=layer_list, out_dir=out, processor=processor, adapter=adapter,
                       pooling=pooling, batch_size=batch_size, shard_size=shard_size,  # type: ignore[arg-type]
                       fingerprint=lambda: source.fingerprint(part), prompt_template=prompt_template, text_positions=text_pooling,
-                      bucket=bucket)
+                      bucket=bucket, dataset_path=getattr(source, "path", None))
     except (ValueError, OSError) as exc:
         fail(str(exc))
     if os.environ.get("RANK", "0") == "0":

@@ -43,7 +43,7 @@ def train(
     """Train a JSAE on captured pairs of one layer."""
     from dataclasses import replace
 
-    from jsae.capture import read_manifest
+    from jsae.capture import read_manifest, sae_metadata
     from jsae.saes.joint_sae import TrainingJointSAEConfig
     from jsae.training import JointSAETrainer, JointTrainerConfig, load_pairs
     from jsae.training.recipes import REFERENCE_BATCH_SIZE, reference_configs
@@ -79,9 +79,7 @@ def train(
                                          k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
             tcfg = JointTrainerConfig(total_steps=steps, lr=3e-4 if lr is None else lr, lr_warm_up_steps=steps // 20,
                                       lr_decay_steps=steps // 5, **ckpt)
-        for key, value in {"model_name": manifest.get("model"), "layer": layer, "pooling": manifest.get("pooling"),
-                           "hook_name": dict(zip(manifest["layers"], manifest["hook_names"])).get(layer),
-                           "model_class": manifest.get("model_class"), "data_fingerprint": manifest.get("fingerprint")}.items():
+        for key, value in sae_metadata(manifest, layer).items():
             cfg.metadata[key] = value
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)

@@ -308,7 +308,7 @@ def capture_stage(run: RunDir, cfg: ProtocolConfig, vlm: VLM, source: DataSource
     return {part: capture_pairs(model, source.pairs(part), layers=list(range(adapter.n_layers)), out_dir=run.capture_dir(part),
                                 processor=processor, adapter=adapter, batch_size=64, progress=progress,
                                 fingerprint=source.fingerprint(part), prompt_template=cfg.prompt_template,
-                                text_positions=cfg.text_positions)
+                                text_positions=cfg.text_positions, dataset_path=getattr(source, "path", None))
             for part in parts}
 
 
@@ -341,11 +341,13 @@ def layer_data(captures: dict[str, Path], layer: int) -> LayerData:
 def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers: list[int],
                 progress: bool = True) -> tuple[dict[int, dict[str, Method]], dict[int, LayerData]]:
     """Every method at every swept layer, on the same pairs and budget."""
+    from jsae.capture import EVAL_METADATA, sae_metadata
+
     methods_by_layer, data = {}, {}
     for layer in tqdm(layers, desc="training SAEs", disable=not progress):
         data[layer] = d = layer_data(captures, layer)
-        meta = {"model_name": cfg.model, "hook_name": vlm.adapter.hook_name(layer), "pooling": "mean",
-                "model_class": type(vlm.adapter.hf_model).__name__}
+        evals = {k: v for k, v in sae_metadata(captures["train"], layer).items() if k in EVAL_METADATA}
+        meta = {**evals, "model_name": cfg.model, **vlm.adapter.sae_metadata(layer, vlm.processor), "pooling": "mean"}
         methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
                                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
                                                 metadata=meta, recipe=cfg.recipe, expansion_factor=cfg.expansion_factor,

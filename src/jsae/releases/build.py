@@ -134,7 +134,7 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
     the held-out labelling pairs; for a JSAE these are the text branch's, SAELens's default branch)."""
     import torch
 
-    from jsae.capture import capture_pairs
+    from jsae.capture import EVAL_METADATA, capture_pairs, sae_metadata
     from jsae.labels import label_features
     from jsae.training import load_pairs
 
@@ -157,14 +157,17 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
             source = sources[part] = _source(base, part, split, n)
             caps[part] = capture_pairs(model, source.pairs(part), layers=layers, out_dir=work / part, processor=processor,
                                        adapter=adapter, pooling=base.pooling, batch_size=base.capture_batch_size,
-                                       fingerprint=source.fingerprint(part), progress=progress)  # type: ignore[arg-type]
+                                       fingerprint=source.fingerprint(part), progress=progress,  # type: ignore[arg-type]
+                                       dataset_path=getattr(source, "path", None))
         y, names = sources["label"].presence("label")
         described = sources["label"].describe("label")
         for cfg in cfgs:
             tr = load_pairs(caps["train"], cfg.layer, batch_size=1, shuffle=False)
             ho = load_pairs(caps["label"], cfg.layer, batch_size=1, shuffle=False)
             sae_id = adapter.hook_name(cfg.layer)
-            meta = {"model_name": cfg.model, "hook_name": sae_id, "pooling": cfg.pooling, "release": cfg.release,
+            evals = {k: v for k, v in sae_metadata(caps["train"], cfg.layer).items() if k in EVAL_METADATA}
+            meta = {**evals, **adapter.sae_metadata(cfg.layer, processor),
+                    "model_name": cfg.model, "pooling": cfg.pooling, "release": cfg.release,
                     "model_weights_sha256": toy_model_sha256(cfg.model)}
             ckpt = None if own_work else work / f"ckpt-{cfg.release}"  # a kept work dir makes training resumable
             sae = _train(cfg, tr.vision.float(), tr.text.float(), meta, ckpt, progress).to("cpu")

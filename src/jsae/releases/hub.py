@@ -57,7 +57,8 @@ def find_saes(directory: str | Path, sae_id: str | None = None) -> dict[str, Pat
         raise FileNotFoundError(f"{directory} is not a directory; pass a jsae SAE folder (cfg.json + sae_weights.safetensors)")
     if (directory / CFG_FILE).is_file():
         cfg = check_sae_dir(directory)
-        sid = sae_id or (cfg.get("metadata") or {}).get("hook_name") or directory.name
+        meta = cfg.get("metadata") or {}
+        sid = sae_id or meta.get("hf_hook_name") or meta.get("hook_name") or directory.name
         return {sid: directory}
     subs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CFG_FILE).is_file())
     if not subs:

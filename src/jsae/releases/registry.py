@@ -16,8 +16,9 @@ way we found, installed once at ``import jsae`` and parsing nothing of SAELens's
    right before SAELens reads it, and lets ``sae_id`` be omitted for a release that holds one SAE (the
    design card's ``SAE.from_pretrained("jsae-llava-l16")``);
 4. ``get_pretrained_saes_directory`` in its home module answers with the jsae releases merged in (also
-   after ``cache_clear()``).  Other SAELens modules hold the same cached dict, so once merged every
-   lookup sees the jsae releases.
+   after ``cache_clear()``), and so does the same name in every SAELens module that imported it before jsae
+   (``sae_lens.evals`` among them): whichever SAELens module reads the directory first, it lists the jsae
+   releases.  (A reference your own code took before ``import jsae`` sees them once anything has merged them.)
 
 :func:`saelens_yaml` writes the releases in exactly the form of SAELens's ``pretrained_saes.yaml`` (for
 proposing them upstream, where none of this would be needed).
@@ -211,6 +212,32 @@ def resolve_sae_id(release: str, sae_id: str | None) -> str:
     return sae_id
 
 
+def release_file(release: str, sae_id: str | None = None, filename: str = "labels.json") -> Path:
+    """The path of ``filename`` (``labels.json``, ``metrics.json``, ``cfg.json``) in the folder of SAE ``sae_id`` of
+    ``release`` (``sae_id`` may be omitted for a release that holds one SAE): in the package for a shipped release,
+    in the Hugging Face cache for a hub release (downloaded once).  One-line errors for an unknown release, an
+    unreachable hub, and a release without that file."""
+    sae_id = resolve_sae_id(release, sae_id)
+    lookup = directory()[release]
+    folder = lookup.saes_map[sae_id]
+    if lookup.conversion_func == "jsae_local":
+        path = _local_dir(lookup.repo_id, folder) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"release {release!r} ships no {filename} ({path}); rebuild it with "
+                                    f"{RECIPES.get(release, 'jsae release build-shipped')}")
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    check_hub_release(lookup.repo_id, folder)
+    try:
+        return Path(hf_hub_download(lookup.repo_id, f"{folder}/{filename}"))
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"release {release!r} has no {folder}/{filename} in {lookup.repo_id}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
+        raise _offline_error(lookup.repo_id, folder, exc) from exc
+
+
 def _with_jsae_releases(method: Any) -> Any:
     """Wrap a ``SAE.from_pretrained*`` classmethod: merge the jsae releases first; resolve a missing
     ``sae_id`` for jsae releases (SAELens's own releases keep SAELens's behaviour)."""
@@ -221,7 +248,11 @@ def _with_jsae_releases(method: Any) -> Any:
         if release in RELEASES or sae_id is None:
             directory()
             sae_id = resolve_sae_id(release, sae_id)
-        return func(cls, release, sae_id, *args, **kwargs)
+        out = func(cls, release, sae_id, *args, **kwargs)
+        sae = out[0] if isinstance(out, tuple) else out
+        if release in RELEASES:  # where its labels are (jsae.load_labels(sae))
+            sae.source_release = (release, sae_id)
+        return out
 
     wrapper.__jsae_wrapped__ = func  # type: ignore[attr-defined]
     return classmethod(wrapper)
@@ -248,6 +279,14 @@ def install() -> None:
     loaders.NAMED_PRETRAINED_SAE_CONFIG_GETTERS.setdefault("jsae_hub", jsae_hub_config_getter)
     if not hasattr(directory_module.get_pretrained_saes_directory, "__jsae_wrapped__"):
         directory_module.get_pretrained_saes_directory = _merged_directory()
+    # SAELens modules imported before jsae (sae_lens.evals, ...) bound the original function by name: point them at
+    # the merged one too, so the directory holds the jsae releases whichever SAELens module reads it first
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if (name == "sae_lens" or name.startswith("sae_lens.")) and \
+                getattr(module, "get_pretrained_saes_directory", None) is _ORIGINAL_DIRECTORY:
+            module.get_pretrained_saes_directory = directory_module.get_pretrained_saes_directory
     for name in ("from_pretrained", "from_pretrained_with_cfg_and_sparsity"):
         method = SAE.__dict__[name]
         if not hasattr(method.__func__, "__jsae_wrapped__"):
@@ -308,5 +347,6 @@ def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None)
 
 
 __all__ = ["PACKAGE_ROOT", "RECIPES", "RELEASES", "UNPUBLISHED", "check_hub_release", "directory", "install", "jsae_hub_loader", "jsae_local_loader",
+           "release_file",
            "read_releases_yaml", "register_release", "releases_yaml_path", "resolve_sae_id", "saelens_yaml",
            "unregister_release"]

@@ -100,7 +100,7 @@ class JSAEBranchSAE(nn.Module):
         self.apply_b_dec_to_input = bool(sae.cfg.apply_b_dec_to_input)
         self.device: torch.device = torch.device("cpu")
         self.dtype: torch.dtype = torch.float32
-        self.jsae_hook_name = meta.get("hook_name")
+        self.jsae_hook_name = meta.get("hf_hook_name") or meta.get("hook_name")
         self.cfg = _config_class()(
             model_name or meta.get("model_name") or "", d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, hook_layer=int(layer),
             hook_name=hook_name or saelens_hook_name(int(layer)),

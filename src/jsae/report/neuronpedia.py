@@ -98,7 +98,7 @@ def export_neuronpedia(sae: str | Path, out: str | Path, *, model: str | None = 
                                  "visibility": "PUBLIC", "createdAt": created}),
             ("source.jsonl", {"id": source_id, "modelId": model_id, "setName": source_set, "visibility": "PUBLIC",
                               "dataset": "jsae-world:validation", "num_prompts": n_pairs,
-                              "hfRepoId": hf_repo_id, "hfFolderId": sae_model.cfg.metadata.get("hook_name") or path.name,
+                              "hfRepoId": hf_repo_id, "hfFolderId": sae_model.cfg.metadata.get("hf_hook_name") or path.name,
                               "jsaeModalities": ["text", "image"]}),
         ]
         for fname, rec in meta:

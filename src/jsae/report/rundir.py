@@ -82,15 +82,14 @@ class RunDir:
 
 def resolve_sae_dir(sae: str | Path) -> Path:
     """A SAE folder, or the folder of a shipped (``jsae_local``) release given by name."""
-    from jsae.releases.registry import RELEASES, _local_dir, resolve_sae_id
+    from jsae.releases.registry import RELEASES, release_file, resolve_sae_id
 
     p = Path(sae)
     if p.is_dir():
         return p
     name = str(sae)
     if name in RELEASES and RELEASES[name].conversion_func == "jsae_local":
-        lk = RELEASES[name]
-        return _local_dir(lk.repo_id, lk.saes_map[resolve_sae_id(name, None)])
+        return release_file(name, None, "cfg.json").parent
     if name in RELEASES:
         raise ValueError(f"release {name!r} is not shipped with jsae; pull it first (`jsae release pull {RELEASES[name].repo_id}`)"
                          " and pass the SAE folder")

@@ -8,10 +8,24 @@ branch keeps its own ``b_dec`` (the modality mean), so a shared dictionary is ab
 State-dict keys are ``vision.*``, ``text.*`` and ``shared.*``.  The SAELens attribute names
 ``W_enc``, ``b_enc``, ``W_dec`` and ``b_dec`` refer to the branch of ``cfg.default_modality`` (default
 ``"text"``), so without a ``modality`` argument a JSAE behaves as an ordinary SAE on a hook.
+
+**Hook names.** ``cfg.metadata.hook_name`` is TransformerLens's bridge name of the layer's output
+(``blocks.L.hook_out``, what SAELens's ``SAETransformerBridge.add_sae`` and evals look up);
+``cfg.metadata.hf_hook_name`` is the module path (``model.language_model.layers.L``, what nnsight and forward
+hooks use).  A cfg that names the layer by its module path is normalised to both when it is built, loaded or
+saved (one that says ``blocks.L.hook_resid_post``, HookedTransformer's name, keeps it);
+:attr:`JointSAE.hook_names` lists every naming.
+
+**Modality routing.** Inside ``with sae.routing(image_mask):`` a call without ``modality`` on ``[B, S, d_in]``
+states encodes the positions where ``image_mask [B, S]`` is True with the vision branch and the others with
+the text branch (and decodes each with its own decoder), so one forward of an SAE attached to a hook (SAELens's
+``SAETransformerBridge.add_sae``, ``HookedSAETransformer``) or called inside an nnsight trace treats image
+tokens as images and text as text; positions past the mask (generated tokens) are text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +33,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +58,7 @@ from jsae.saes.sparse_relu import (SPARSE_ALIGNMENTS, active_entries, csr_mm, en
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
-METADATA_KEYS = ("model_name", "hook_name", "layer", "pooling")
+METADATA_KEYS = ("model_name", "hook_name", "hf_hook_name", "layer", "pooling")
 
 
 def check_modality(modality: str) -> str:
@@ -78,10 +92,35 @@ class JointSAEConfig(SAEConfig):
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if isinstance(self.metadata, dict):  # SAELens's from_dict passes the raw dict first
             self.metadata = SAEMetadata(**self.metadata)
+        self._complete_metadata()
+
+    def _complete_metadata(self) -> None:
         self.metadata.modalities = list(MODALITIES)
         for key in METADATA_KEYS:  # always present in cfg.json, null when unknown
             if key not in self.metadata:
                 self.metadata[key] = None
+        normalise_hook_metadata(self.metadata)
+
+
+def normalise_hook_metadata(meta: Any) -> None:
+    """Name the SAE's site for SAELens and TransformerLens (in place on SAELens ``cfg.metadata``): a module path in
+    ``hook_name`` (``model.language_model.layers.L``) moves to ``hf_hook_name`` and ``hook_name`` becomes
+    TransformerBridge's ``blocks.L.hook_out``; a TransformerLens name (``blocks.L.hook_out``, or
+    ``blocks.L.hook_resid_post`` for HookedTransformer) is kept; ``layer`` is filled in from the hook.  A hook that
+    is not a decoder layer's output is left as it is."""
+    from jsae.adapters.base import bridge_hook_name, is_tl_hook_name, layer_of_hook
+
+    hook = meta.get("hook_name")
+    layer = layer_of_hook(hook) if isinstance(hook, str) else None
+    if layer is not None:
+        if not is_tl_hook_name(hook):
+            if not meta.get("hf_hook_name"):
+                meta["hf_hook_name"] = hook
+            meta["hook_name"] = bridge_hook_name(layer)
+        if meta.get("layer") is None:
+            meta["layer"] = layer
+    elif hook is None and meta.get("layer") is not None:
+        meta["hook_name"] = bridge_hook_name(int(meta["layer"]))
 
 
 class _Branch(nn.Module):
@@ -105,7 +144,55 @@ class JointSAE(SAE[JointSAEConfig]):
 
     def __init__(self, cfg: JointSAEConfig, use_error_term: bool = False):
         check_size(cfg, training=isinstance(cfg, TrainingSAEConfig))
+        cfg._complete_metadata()  # SAELens's SAEConfig.from_dict replaces the metadata after __post_init__
         super().__init__(cfg, use_error_term)
+        self._route: Tensor | None = None
+
+    # ---- where it reads ------------------------------------------------------------------------
+    @property
+    def hook_names(self) -> dict[str, str | None]:
+        """The SAE's hook under every naming: ``"hf"`` (module path, for nnsight and forward hooks; None when
+        unknown), ``"bridge"`` (TransformerBridge ``blocks.L.hook_out``) and ``"hooked_transformer"``
+        (``blocks.L.hook_resid_post``).  Raises a one-line error when the metadata names no layer."""
+        from jsae.adapters.base import hook_names, sae_layer
+
+        normalise_hook_metadata(self.cfg.metadata)
+        return hook_names(sae_layer(self), self.cfg.metadata.get("hf_hook_name"))
+
+    # ---- modality routing ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def routing(self, image_mask: Tensor | None) -> Iterator["JointSAE"]:
+        """Inside the block, ``encode`` / ``decode`` / ``forward`` called without ``modality`` on ``[B, S, ·]``
+        tensors use the vision branch where ``image_mask [B, S]`` (bool) is True and the text branch elsewhere;
+        positions past ``S`` (generated tokens) and single decode steps are text.  ``None`` turns routing off.
+        Restores the previous routing on exit."""
+        if image_mask is not None:
+            if not isinstance(image_mask, Tensor) or image_mask.dim() != 2 or image_mask.dtype != torch.bool:
+                raise TypeError(f"routing needs a [batch, seq] bool image-token mask (adapter.image_token_mask(inputs)), "
+                                f"got {getattr(image_mask, 'dtype', type(image_mask).__name__)} "
+                                f"{list(getattr(image_mask, 'shape', []))}")
+        before = getattr(self, "_route", None)
+        self._route = image_mask
+        try:
+            yield self
+        finally:
+            self._route = before
+
+    def _routed_rows(self, x: Tensor) -> Tensor | None:
+        """``[B, S]`` bool of the positions of ``x [B, S, ·]`` that take the vision branch, or None when not routing."""
+        mask = getattr(self, "_route", None)
+        if mask is None:
+            return None
+        if x.dim() != 3 or x.shape[0] != mask.shape[0]:
+            raise ValueError(f"routing by an image mask of shape {list(mask.shape)} needs [batch={mask.shape[0]}, seq, d] "
+                             f"states, got {list(x.shape)}; route with the mask of the batch you run")
+        mask = mask.to(x.device)
+        seq, known = x.shape[1], mask.shape[1]
+        if seq == known:
+            return mask
+        if seq < known:  # a decode step with the KV cache: generated tokens are text
+            return torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        return torch.cat([mask, mask.new_zeros(x.shape[0], seq - known)], dim=1)  # prompt + generated, no cache
 
     # ---- weights -------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -215,19 +302,42 @@ class JointSAE(SAE[JointSAEConfig]):
             acts = torch.zeros_like(acts).scatter_(-1, top.indices, top.values)
         return acts
 
+    def _routed_pre(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Pre-activations with each position through its branch (``rows``: vision); the SAE's hooks see the whole
+        ``[B, S, ·]`` tensors once, and each branch's rows go through exactly the ops of :meth:`_pre`."""
+        x = self.run_time_activation_norm_fn_in(self.hook_sae_input(self.reshape_fn_in(x.to(self.dtype))))
+        pre = x.new_empty(*x.shape[:-1], self.cfg.d_sae)
+        for m, sel in (("vision", rows), ("text", ~rows)):
+            if bool(sel.any()):
+                enc = self._enc(m)
+                pre[sel] = (x[sel] - self.b_dec_of(m) * self.cfg.apply_b_dec_to_input) @ enc.W_enc + enc.b_enc
+        return self.hook_sae_acts_pre(pre)
+
     @shape_checked
     def encode(self, x: Float[Tensor, "*batch d_in"], modality: str | None = None) -> Float[Tensor, "*batch d_sae"]:
-        """Sparse codes of ``x`` through the encoder of ``modality`` (default: ``cfg.default_modality``)."""
+        """Sparse codes of ``x`` through the encoder of ``modality`` (default: ``cfg.default_modality``; inside
+        :meth:`routing`, each position's own branch)."""
         self._check_d_in(x)
+        rows = self._routed_rows(x) if modality is None else None
+        if rows is not None:
+            return self.hook_sae_acts_post(self._activate(self._routed_pre(x, rows)))
         return self.hook_sae_acts_post(self._activate(self._pre(x, self._modality(modality))))
 
     @shape_checked
     def decode(self, feature_acts: Float[Tensor, "*batch d_sae"], modality: str | None = None) -> Float[Tensor, "*batch d_in"]:
-        """Reconstruction from codes through the decoder of ``modality``."""
+        """Reconstruction from codes through the decoder of ``modality`` (inside :meth:`routing`: each position's own)."""
         if feature_acts.shape[-1] != self.cfg.d_sae:
             raise ValueError(f"codes have last dimension {feature_acts.shape[-1]} but d_sae={self.cfg.d_sae}")
-        m = self._modality(modality)
-        out = self.hook_sae_recons(feature_acts @ self._dec(m).W_dec + self.b_dec_of(m))
+        rows = self._routed_rows(feature_acts) if modality is None else None
+        if rows is not None:
+            out = feature_acts.new_empty(*feature_acts.shape[:-1], self.cfg.d_in)
+            for m, sel in (("vision", rows), ("text", ~rows)):
+                if bool(sel.any()):
+                    out[sel] = feature_acts[sel] @ self._dec(m).W_dec + self.b_dec_of(m)
+            out = self.hook_sae_recons(out)
+        else:
+            m = self._modality(modality)
+            out = self.hook_sae_recons(feature_acts @ self._dec(m).W_dec + self.b_dec_of(m))
         return self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
 
     @torch.no_grad()
@@ -252,8 +362,10 @@ class JointSAE(SAE[JointSAEConfig]):
 
     # ---- saving and loading, the SAELens way ---------------------------------------------------
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``cfg.json`` + ``sae_weights.safetensors`` atomically (tmp files, then rename)."""
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` atomically (tmp files, then rename); the hook is
+        written under every naming (:func:`normalise_hook_metadata`)."""
         _check_finite_state(self, Path(path))
+        normalise_hook_metadata(self.cfg.metadata)
         return _atomic_save(path, lambda tmp: SAE.save_model(self, tmp))
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -263,7 +375,9 @@ class JointSAE(SAE[JointSAEConfig]):
     def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any):  # type: ignore[override]
         """``SAE.load_from_disk`` with one-line errors for a missing, foreign or corrupt SAE directory."""
         check_sae_dir(path)
-        return super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+        sae = super().load_from_disk(path, device=device, dtype=dtype, **kwargs)
+        sae.source_dir = Path(path)  # where its labels.json is (jsae.load_labels)
+        return sae
 
     # ---- SAELens folding helpers, over every branch --------------------------------------------
     @torch.no_grad()
@@ -483,6 +597,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         _check_finite_state(self, Path(path))
+        normalise_hook_metadata(self.cfg.metadata)
         return _atomic_save(path, lambda tmp: TrainingSAE.save_inference_model(self, tmp))
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from beartype import beartype
-from jaxtyping import Float, jaxtyped
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from jsae.guards import typechecked
 from jsae.activations import read_layers
 from jsae.adapters import layer_of_hook, unwrap
 from jsae.vlm import as_vlm
@@ -104,7 +104,7 @@ def check_projector(adapter: Any) -> nn.Module:
 LOSS_FORMS = ("normalised", "mse")
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def sae_recon_error(sae: Any, h: Float[Tensor, "n d"], form: str = "normalised") -> Float[Tensor, ""]:
     """``"normalised"``: mean over rows of ‖SAE(h) − h‖² / ‖h‖²; ``"mse"``: the raw mean squared error over
     rows and dimensions (the paper's form).  Differentiable in ``h``; the SAE stays as it is."""

@@ -38,10 +38,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from beartype import beartype
-from jaxtyping import Bool, Float, jaxtyped
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from jsae.guards import typechecked
 from jsae.correlation import presence_matrix
 from jsae.protocol.stats import bootstrap_ci
 
@@ -236,7 +236,7 @@ def labels_from_explanations(descriptions: Sequence[str | None], concepts: list[
 # ---- matching rate and localisation -------------------------------------------------------------
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def matching_scores(mean_codes: Float[Tensor, "n_images d_sae"], labels: Sequence[str | None],
                     present: Sequence[set[str]], k: int = 5) -> np.ndarray:
     """Per-image matching score (see the module docstring): matched labels among the top-``k`` active
@@ -255,7 +255,7 @@ def matching_scores(mean_codes: Float[Tensor, "n_images d_sae"], labels: Sequenc
     return out
 
 
-@jaxtyped(typechecker=beartype)
+@typechecked
 def localisation_scores(patch_codes: Float[Tensor, "n_images n_patches d_sae"], labels: Sequence[str | None],
                         objects: Sequence[Sequence[Mapping[str, Any]]]) -> np.ndarray:
     """Per-image precision of the per-patch top labelled latent against the object masks (NaN for an
