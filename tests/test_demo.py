@@ -131,7 +131,8 @@ def test_demo_on_a_vlm_directory_with_a_caption_dataset(tmp_path):
     ds.save_to_disk(str(tmp_path / "data"))
     cfg = ProtocolConfig(model=str(model_dir("llava")), data=str(tmp_path / "data"), prompt="describe the image",
                          n_train=300, n_label=100, n_eval=160, layers=[2, 5], steps=150, d_sae=64, n_images=6, max_concepts=2,
-                         gen_batch=80, max_new_tokens=16, methods=("jsae", "saelens-topk"), ratios=(0.5, 1.0, 2.0))
+                         gen_batch=80, max_new_tokens=16, methods=("jsae", "saelens-topk"), ratios=(0.5, 1.0, 2.0),
+                         positions=("image",))
     metrics = run_protocol(tmp_path / "run", cfg, progress=False)
     assert metrics["judge"] == "CaptionJudge" and metrics["data"] == str(tmp_path / "data")
     for name in ARTEFACTS:

@@ -24,7 +24,8 @@ def test_default_preset_keeps_the_defaults():
     cfg = ProtocolConfig()
     assert (cfg.preset, cfg.recipe, cfg.d_sae, cfg.steps, cfg.epochs, cfg.max_new_tokens) == ("default", "default", 128, 2000,
                                                                                             None, 32)
-    assert (cfg.text_positions, cfg.steer_at, cfg.alphas, cfg.positions) == ("caption", "image", None, ("image",))
+    assert (cfg.text_positions, cfg.steer_at, cfg.alphas, cfg.positions) == ("caption", "image", None, ("image", "generated", "image+generated"))
+    assert ProtocolConfig(steer_at="generated").positions == ("generated",)
     assert cfg.ratios == (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0, 8.0) and cfg.n_images == 5 and cfg.max_concepts == 6
 
 

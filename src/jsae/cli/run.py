@@ -37,7 +37,7 @@ def demo(
     n_images: int = typer.Option(5, min=1, help="sweep images per concept (without it to steer, with it to suppress), the same at every strength"),
     top_k: int = typer.Option(3, min=1, help="latents per (method, decoder, concept), ranked by correlation with the concept"),
     ratios: Optional[str] = typer.Option(None, help="strength grid as multiples of the mean per-token image-state norm (default 0.25,0.5,0.7,1,1.4,2,4,8)"),
-    positions: Optional[str] = typer.Option(None, help="comma-separated steering position sets reported separately: image, image_but_last, last, generated, image+generated (default: --steer-at)"),
+    positions: Optional[str] = typer.Option(None, help="comma-separated steering position sets reported separately: image, image_but_last, last, generated, image+generated (default: image,generated,image+generated; --steer-at alone with --steer-at or --preset reference)"),
     decoders: str = typer.Option("text,vision", help="decoders the joint methods steer with: text, vision, cross (vision labels, text rows)"),
     concepts: Optional[str] = typer.Option(None, help="comma-separated concepts (default: every object type of the world; real data: the most frequent words)"),
     concept_set: str = typer.Option("types", help="world default concepts: types | types+colours | all"),

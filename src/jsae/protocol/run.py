@@ -54,6 +54,10 @@ REFERENCE_CAPTION_TEMPLATE = "[INST] <image>\n{caption} [/INST]"
 REFERENCE_CAPTION_PROMPT = "Describe the image."
 REFERENCE_EPOCHS = 20
 
+#: Where the default protocol steers, each reported on its own: the image tokens at prefill, the generated tokens at
+#: every step, and both (what the JSAE reference does), so an effect at image+generated can be decomposed.
+DEFAULT_POSITIONS = ("image", "generated", "image+generated")
+
 #: What each preset sets for the fields left unset (``None``) — explicit values always win.  Under
 #: ``"reference"``, ``d_sae=None`` means ``4 · d_in`` and ``steps`` is the TopK baseline's budget only (the JSAE
 #: methods train ``epochs`` epochs by the reference recipe).
@@ -90,7 +94,7 @@ class ProtocolConfig:
     n_images: int = 5  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
     top_k: int = 3  # latents per (method, decoder, concept), ranked by correlation with the concept
     ratios: tuple[float, ...] = RATIOS  # strength grid × the mean per-token image-state norm (shared by every method)
-    positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: (steer_at,))
+    positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: DEFAULT_POSITIONS; (steer_at,) when steer_at is given or under the reference preset)
     decoders: tuple[str, ...] = ("text", "vision")  # joint methods steer with each ("cross": vision labels, text rows)
     gen_batch: int = 256
     max_new_tokens: int | None = None  # preset: 28 (default) | 50 (reference)
@@ -114,9 +118,10 @@ class ProtocolConfig:
     reference_faults: bool = False  # reproduce the reference's faults: sweep on training images, in-sample latents, best α per image
 
     def __post_init__(self) -> None:
+        steer_given = self.steer_at is not None
         apply_preset(self)
         if self.positions is None:
-            self.positions = (self.steer_at,)
+            self.positions = (self.steer_at,) if steer_given or self.preset == "reference" else DEFAULT_POSITIONS
         self.positions = tuple(self.positions)
         self.ratios, self.decoders = tuple(float(r) for r in self.ratios), tuple(self.decoders)
 
