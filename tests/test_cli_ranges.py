@@ -25,7 +25,7 @@ TABLE: dict[str, dict[str, str]] = {
              "--n-eval": "EEM", "--n-images": "EEV", "--top-k": "EEV", "--max-concepts": "EEV", "--min-count": "EEV",
              "--max-perplexity": "EEV", "--max-new-tokens": "EEE", "--seed": "EVE", "--expansion-factor": "EEE"},
     "run sweep": {"--steps": "EEE", "--n-images": "EEV", "--d-sae": "EEE", "--expansion-factor": "EEE",
-                  "--max-concepts": "EEV"},
+                  "--max-concepts": "EEV", "--n-train": "EEM", "--n-label": "EEM"},
     "run capture": {"--n": "EEM", "--batch-size": "EEV", "--seed": "EVE", "--n-pairs": "EEV", "--shard-size": "EEE"},
     "run experiments": {"--max-new-tokens": "EEE", "--batch-size": "EEV"},
     "sae train": {"--layer": "EVE", "--k": "EEV", "--d-sae": "EEE", "--steps": "EEE", "--epochs": "EEE",

@@ -94,6 +94,8 @@ def sweep(
     expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in (the paper: 4)", callback=EXPANSION),
     revival: bool = typer.Option(True, help="dead-latent revival (JSAE resampling, AuxK for the TopK baseline)"),
     n_images: int = typer.Option(5, min=1, help="sweep images per concept"),
+    n_train: int = typer.Option(2000, min=1, help="training pairs per model", callback=world_pairs()),
+    n_label: int = typer.Option(400, min=1, help="held-out pairs per model for feature labels and SAE metrics", callback=world_pairs()),
     positions: str = typer.Option("image,generated,image+generated", help="steering position sets, each reported on its own (the reference steers at image+generated)"),
     concept_set: str = typer.Option("types+colours", help="world concepts: types | types+colours (twelve) | all"),
     max_concepts: int = typer.Option(12, min=1, help="at most this many concepts"),
@@ -112,7 +114,8 @@ def sweep(
     runs: dict[str, dict] = {}
     for name in (m for m in models.split(",") if m):
         try:
-            cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images, concept_set=concept_set,
+            cfg = ProtocolConfig(model=name, steps=steps, n_images=n_images, n_train=n_train, n_label=n_label,
+                                 concept_set=concept_set,
                                  max_concepts=max_concepts, d_sae=d_sae, expansion_factor=expansion_factor,
                                  revival=revival, positions=tuple(p for p in positions.split(",") if p),
                                  layers=int_list(layers, "--layers") if layers else None)
