@@ -4,7 +4,7 @@ the reference's per-image upward walk with its faulty stopping rules replayed (`
 The reference's table names latents by hand; here it is built from the run's own labels, the same way for every
 concept: per layer and concept (the six types and six colours), the (up to) three JSAE latents labelled with the
 concept, purest first; ``--n-images`` images of the world's test split *without* the concept; keyword = the
-concept; target = the world's caption of that concept ("a red cat" → "a cat" / "a red object").  Concepts with
+concept; target = "a cat" / "a red object".  Concepts with
 no labelled latent at a layer are listed as skipped.
 
 Offline there is no GPT-2 and no SBERT: perplexity is measured under the world's own text-only language model
@@ -45,7 +45,8 @@ def build_table(run: Path, layers: list[int] | None, n_images: int, method: str 
             kind = "type" if concept in TYPES else "colour"
             without = [i for i, s in enumerate(scenes)
                        if all((o.name if kind == "type" else o.color) != concept for o in s.objects)][:n_images]
-            target = f"a {concept}" if kind == "type" else f"a {concept} object"
+            article = "an" if concept[0] in "aeiou" else "a"
+            target = f"{article} {concept}" if kind == "type" else f"{article} {concept} object"
             rows.append({"name": f"L{layer}-{concept}", "layer": layer,
                          "latents": ";".join(str(r["feature"]) for r in mine), "keywords": concept, "target": target,
                          "image_ids": ";".join(map(str, without))})
@@ -60,11 +61,13 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=8)
     ap.add_argument("--perplexity-model", default=None, help="default: the shipped toy text-only LM")
     ap.add_argument("--similarity-model", default=None)
+    ap.add_argument("--alphas", default=None, help="comma-separated α grid (default: the reference's 0.2, 0.4, ..., 3.0)")
     ap.add_argument("--out", type=Path, default=None, help="default: RUN/experiments")
     args = ap.parse_args()
     from jsae.protocol.experiments import run_experiments, write_experiments_report
     from jsae.protocol.reference_metrics import LMPerplexity, SentenceSimilarity
-    from jsae.world.models import model_dir
+    from jsae.protocol.run import REFERENCE_ALPHAS
+    from jsae.world.training import part_dir
 
     out = args.out or args.run / "experiments"
     out.mkdir(parents=True, exist_ok=True)
@@ -75,10 +78,11 @@ def main() -> None:
         w = csv.DictWriter(fh, fieldnames=["name", "layer", "latents", "keywords", "target", "image_ids"])
         w.writeheader()
         w.writerows(rows)
-    ppl = LMPerplexity(args.perplexity_model or str(model_dir("llava-text-lm")))
+    ppl = LMPerplexity(args.perplexity_model or str(part_dir("lm")))
     sim = SentenceSimilarity(args.similarity_model) if args.similarity_model else None
     t0 = time.perf_counter()
-    result = run_experiments(table, args.run, model=args.model, perplexity=ppl, similarity=sim,
+    alphas = tuple(float(a) for a in args.alphas.split(",")) if args.alphas else REFERENCE_ALPHAS
+    result = run_experiments(table, args.run, model=args.model, perplexity=ppl, similarity=sim, alphas=alphas,
                              reference_faults=True)
     result["table_skipped"] = skipped
     result["seconds"] = round(time.perf_counter() - t0, 1)
