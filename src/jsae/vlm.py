@@ -108,7 +108,8 @@ def _placement(value: Any, where: str) -> Any:
     if value == "disk":
         return value
     try:
-        torch.device(value)
+        if isinstance(value, str):
+            torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{where} is {value!r}, not a device; give a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'") from None
     try:
