@@ -143,6 +143,7 @@ def test_device_map_values_are_checked_in_one_line():
     assert resolve_max_memory({"cpu": 1000}) == {"cpu": 1000}
     for bad, match in (("balance", "not a strategy"), ({"model": -1}, "is -1, not a device"),
                        ({"model": "cuda"}, "no usable CUDA GPU"), ({1: "cpu"}, "keys are module names"),
+                       ({"model": "meta"}, "holds no weights"), ("meta", "holds no weights"),
                        ("{model: cpu}", "not valid JSON"), ({}, "not a strategy"), (True, "not a strategy")):
         with pytest.raises(ValueError, match=match) as e:
             resolve_device_map(bad)

@@ -112,6 +112,9 @@ def _placement(value: Any, where: str) -> Any:
             torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(f"{where} is {value!r}, not a device; give a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'") from None
+    if str(value).startswith("meta"):
+        raise ValueError(f"{where} is {value!r}, which holds no weights; give a GPU index (0, 1, ...), 'cuda:N', 'cpu' or "
+                         "'disk' (load_vlm(..., remote=True) builds a model on the meta device for NDIF)")
     try:
         check_device(f"cuda:{value}" if isinstance(value, int) else value, where)
     except ValueError as exc:
