@@ -38,8 +38,15 @@ def with_layer_output(output: Any, hidden: Tensor) -> Any:
 
 
 def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (``meta`` for an undispatched remote model)."""
-    return next(unwrap(model).parameters()).device
+    """Where the model's inputs go: the device of its first parameter (``meta`` for an undispatched remote model);
+    for a model spread over devices (loaded with a ``device_map``) the first device of its map that holds weights
+    (``"disk"``: offloaded weights run on the CPU), as accelerate's own main device."""
+    hf = unwrap(model)
+    placed = getattr(hf, "hf_device_map", None)
+    if isinstance(placed, dict) and placed:
+        first = next((d for d in placed.values() if d not in ("cpu", "disk")), "cpu")
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    return next(hf.parameters()).device
 
 
 def to_model_kwargs(adapter: VLMAdapter, inputs: Mapping[str, Any], device: torch.device | None = None) -> dict[str, Any]:

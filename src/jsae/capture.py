@@ -32,6 +32,12 @@ capture's bit for bit, and a capture killed under one world size resumes under a
 re-read as they are).  An error on any rank (e.g. a malformed pair) is raised on every rank.
 Coordination runs over a gloo group of its own (small Python objects), whatever backend the job uses.
 
+**A model larger than one device**: one process with the model spread over devices
+(``jsae.load_vlm(name, device_map="auto")``, or a ``{module: device}`` map, ``max_memory``; what fits nowhere is
+offloaded to disk); inputs go to its main device and each layer's states are pooled where they are, so the pooled
+vectors equal a one-device capture's (``tests/test_device_map.py``).  ``jsae run capture --dry-run`` says how many
+GPUs a model needs (:func:`jsae.cost.plan_gpus`).
+
 Memory: one batch of activations plus one shard of pooled vectors, whatever the data size.
 """
 

@@ -25,6 +25,12 @@ run, the forward stops after the last captured layer)::
                                 + vision tower: s·tiles·T·(d_v·(n_v + 5) + 2·f_v)  (LLaVA keeps all hidden states)
     FLOPs / pair                = 2·P_layer·S·L + 4·S²·q·L + vision           (P_layer: active weights of a layer)
 
+GPUs (``gpu_memory=`` / ``--gpu-memory 80GiB``): every GPU keeps ``activations + GPU_RESERVE`` (1 GiB: the CUDA
+context and allocator slack) free, and accelerate's own placement (``infer_auto_device_map``, what
+``--device-map auto`` runs; decoder layers and vision blocks are never split) packs the weights (in the model's dtype)
+into the rest; the answer is the fewest GPUs whose map holds every weight (:func:`plan_gpus`).  Every weight counts,
+also of the layers after the last captured one (the whole model is loaded).
+
 The activation formula is an estimate; ``benchmarks/real_width.py`` compares it with measured peaks.
 Also here: :func:`load_spec`, :func:`build_image_processor` / :func:`build_processor` (the real image
 processors from the published settings, PIL backends, no torchvision) and :func:`instantiate` (a random
@@ -359,6 +365,7 @@ class CaptureEstimate:
     activation_bytes: int
     batch_seq_len: int
     flops_per_pair: float
+    gpus: "GpuPlan | None" = None  # with gpu_memory=: how many GPUs of that memory the model needs
 
     @property
     def tokens_summary(self) -> dict[str, float]:
@@ -367,7 +374,9 @@ class CaptureEstimate:
                 "p95": t[min(len(t) - 1, math.ceil(0.95 * len(t)) - 1)], "max": t[-1]}
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("image_tokens", "text_tokens")}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("image_tokens", "text_tokens", "gpus")}
+        if self.gpus is not None:
+            d["gpus"] = self.gpus.as_dict()
         d["layers"] = list(self.layers)
         d["image_tokens_per_image"] = self.tokens_summary
         d["image_tokens_sampled"] = len(self.image_tokens)
@@ -393,6 +402,8 @@ class CaptureEstimate:
                                     f"(estimate, forward stops after layer {max(self.layers)})"),
             ("compute / pair", f"{_flops(self.flops_per_pair)} up to layer {max(self.layers)} (vision tower included)"),
         ]
+        if self.gpus is not None:
+            rows.append((f"GPUs of {_gib(self.gpus.gpu_memory)}", str(self.gpus)))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -440,13 +451,20 @@ def _captions(data: Any, sizes_idx: list[int]) -> list[str] | None:
 def estimate_capture(model: Any, data: Any, layers: int | Sequence[int], *, batch_size: int = 8,
                      n_pairs: int | None = None, shard_size: int = 1024, dtype: Any = torch.float32,
                      model_dtype: Any = torch.bfloat16, processor: Any = None, sample: int = MEASURE_SAMPLE,
-                     caption: str = "A photograph of a person riding a horse on a beach.") -> CaptureEstimate:
+                     caption: str = "A photograph of a person riding a horse on a beach.",
+                     gpu_memory: int | str | None = None) -> CaptureEstimate:
     """The cost of ``capture_pairs(model, data, layers=layers, batch_size=..., shard_size=..., dtype=dtype)``
     (see the module docstring).  ``model``: anything :func:`load_spec` takes; ``data``: a sequence of (image,
     caption) pairs, images or (height, width) sizes (``sample`` of them, evenly spread, are measured);
     ``n_pairs`` scales the figures to a larger dataset of the same kind (default ``len(data)``).  With a
-    ``processor`` (with tokenizer and chat template) text tokens are counted exactly, else estimated."""
+    ``processor`` (with tokenizer and chat template) text tokens are counted exactly, else estimated.
+    ``gpu_memory`` (bytes, or a size such as ``"80GiB"``) adds how many GPUs of that memory the model needs
+    (:func:`plan_gpus`, with this estimate's activations kept free on each)."""
     spec = load_spec(model)
+    if gpu_memory is not None:
+        from jsae.guards import parse_bytes
+
+        gpu_memory = parse_bytes(gpu_memory, "gpu_memory")
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if not layer_list or any(isinstance(L, bool) or not isinstance(L, int) for L in layer_list):
         raise ValueError(f"layers must be decoder-layer indices, e.g. [8, 16, 24], got {layers!r}")
@@ -490,7 +508,8 @@ def estimate_capture(model: Any, data: Any, layers: int | Sequence[int], *, batc
         disk_bytes=n_pairs * n_layers * per_pair_layer,
         host_capture_bytes=2 * min(n_pairs, shard_size) * n_layers * per_pair_layer,
         host_readback_bytes_per_layer=n_pairs * 2 * d * 4, weight_bytes=weights, activation_bytes=activation,
-        batch_seq_len=seq, flops_per_pair=flops)
+        batch_seq_len=seq, flops_per_pair=flops,
+        gpus=None if gpu_memory is None else _plan_gpus(meta, gpu_memory, model_dtype, activation))
 
 
 def _text_dims(t: Any) -> tuple[int, int, int, int, int]:
@@ -552,5 +571,98 @@ def _forward_cost(cfg: Any, adapter: VLMAdapter, batch: int, seq: int, layers_ru
     return int(activation), float(flops)
 
 
-__all__ = ["CaptureEstimate", "ModelSpec", "build_image_processor", "build_processor", "estimate_capture", "instantiate",
-           "load_spec", "meta_model", "truncated_config"]
+# ================================================================================================
+# How many GPUs
+# ================================================================================================
+
+GPU_RESERVE = 2**30  # kept free on every GPU besides the activations: the CUDA context and the allocator's slack
+MAX_GPUS = 64
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How many GPUs of ``gpu_memory`` bytes a model needs (:func:`plan_gpus`): ``n_gpus`` (None when it fits on
+    none: ``reason`` says why), the weights each GPU holds, what each keeps free (``reserve_bytes``: activations +
+    :data:`GPU_RESERVE`) and accelerate's ``device_map`` (module → GPU index) that fits."""
+
+    gpu_memory: int
+    n_gpus: int | None
+    weight_bytes: tuple[int, ...]
+    reserve_bytes: int
+    device_map: dict[str, int]
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gpu_memory": self.gpu_memory, "n_gpus": self.n_gpus, "weight_bytes": list(self.weight_bytes),
+                "reserve_bytes": self.reserve_bytes, "reason": self.reason}
+
+    def __str__(self) -> str:
+        if self.n_gpus is None:
+            return f"none: {self.reason}"
+        keep = f"{_gib(self.reserve_bytes)} kept free on each for activations and the CUDA context"
+        if self.n_gpus == 1:
+            return (f"1 (weights {_gib(self.weight_bytes[0])}, {keep}); under torchrun every rank holds the whole model "
+                    "on its own GPU")
+        split = " + ".join(_gib(w) for w in self.weight_bytes)
+        return (f"{self.n_gpus} with --device-map auto (weights {split}; {keep}); the model fits no single GPU, so run one "
+                "process with --device-map auto, not torchrun")
+
+
+def plan_gpus(model: Any, gpu_memory: int | str, *, model_dtype: Any = torch.bfloat16, activation_bytes: int = 0,
+              reserve_bytes: int = GPU_RESERVE) -> GpuPlan:
+    """The fewest GPUs of ``gpu_memory`` (bytes or a size such as ``"80GiB"``) that hold ``model`` (anything
+    :func:`load_spec` takes; built on the meta device: no weights are read) in ``model_dtype``, each keeping
+    ``activation_bytes`` + ``reserve_bytes`` (default :data:`GPU_RESERVE`) free, as accelerate places it (``infer_auto_device_map``: what
+    ``device_map="auto"`` runs).  :func:`estimate_capture` with ``gpu_memory=`` calls it with its activation estimate."""
+    from jsae.guards import parse_bytes
+
+    _itemsize(model_dtype)
+    return _plan_gpus(meta_model(load_spec(model)), parse_bytes(gpu_memory, "gpu_memory"), model_dtype, int(activation_bytes),
+                      int(reserve_bytes))
+
+
+def _plan_gpus(meta: Any, gpu_memory: int, model_dtype: Any, activation_bytes: int,
+               reserve_bytes: int = GPU_RESERVE) -> GpuPlan:
+    import logging
+    import warnings
+
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    if isinstance(model_dtype, str):
+        model_dtype = getattr(torch, model_dtype.removeprefix("torch."))
+    reserve = int(activation_bytes) + reserve_bytes
+    budget = gpu_memory - reserve
+    sizes = compute_module_sizes(meta, dtype=model_dtype)
+    if budget <= 0:
+        return GpuPlan(gpu_memory, None, (), reserve, {}, f"one forward needs about {_gib(activation_bytes)} of activations "
+                       f"(estimate) + {_gib(reserve_bytes)} for the CUDA context, more than a {_gib(gpu_memory)} GPU; lower "
+                       "--batch-size")
+    no_split = list(getattr(meta, "_no_split_modules", None) or [])
+    quiet = logging.getLogger("accelerate")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "device 0 is not available" (planning for GPUs this machine lacks), "not tied"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for n in range(max(1, math.ceil(sizes[""] / budget)), MAX_GPUS + 1):
+                dm = infer_auto_device_map(meta, max_memory={i: budget for i in range(n)}, no_split_module_classes=no_split,
+                                           dtype=model_dtype)
+                if all(isinstance(d, int) for d in dm.values()):
+                    per = [sum(sizes[name] for name, d in dm.items() if d == i) for i in range(n)]
+                    return GpuPlan(gpu_memory, len([w for w in per if w]), tuple(w for w in per if w), reserve, dict(dm))
+    finally:
+        quiet.setLevel(level)
+    largest = max((sizes[name] for name, m in meta.named_modules() if type(m).__name__ in no_split), default=0)
+    why = (f"a block that cannot be split holds {_gib(largest)}, more than the {_gib(budget)} a GPU has left after "
+           f"{_gib(reserve)} for activations and the CUDA context" if largest > budget else
+           f"the weights ({_gib(sizes[''])}) need more than {MAX_GPUS} such GPUs")
+    return GpuPlan(gpu_memory, None, (), reserve, {}, why + "; use GPUs with more memory or lower --batch-size")
+
+
+__all__ = ["CaptureEstimate", "GpuPlan", "ModelSpec", "build_image_processor", "build_processor", "estimate_capture", "instantiate",
+           "load_spec", "meta_model", "plan_gpus", "truncated_config"]

@@ -4,7 +4,8 @@
   folder), and it or its nearest existing parent is writable;
 * :func:`confined`: a relative name read from a manifest or archive stays inside its target folder;
 * :func:`check_device`: a torch device that exists on this machine;
-* :func:`check_allocation`: a tensor allocation that fits the machine's memory;
+* :func:`check_allocation`: a tensor allocation that fits the machine's memory; :func:`parse_bytes`: a size with
+  its unit (``80GiB``);
 * :func:`shape_checked`: jaxtyping's shape and dtype checks with the failure translated into one line
   naming the argument, the expected shape and what was passed; :func:`typechecked` the same checks with
   jaxtyping's own errors, through jsae's small type checker :func:`check_types` (no beartype: see there).
@@ -116,6 +117,28 @@ def _size(n: float) -> str:
             return f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g} PB"  # pragma: no cover
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(value: Any, flag: str = "size") -> int:
+    """Bytes of a size written with its unit (``"80GiB"``, ``"24 GB"``, ``"512MiB"``; GB = 10^9, GiB = 2^30) or a
+    positive int of bytes; anything else (no unit, a negative or zero size) is refused with one line."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"{flag} must be a positive size, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", str(value)) if isinstance(value, str) else None
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{flag} {value!r} is not a size; write a number with its unit, e.g. 80GiB, 24GB or 512MiB")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"{flag} must be a positive size, got {value!r}")
+    return n
 
 
 def check_allocation(n_bytes: float, device: Any, what: str, fix: str) -> None:

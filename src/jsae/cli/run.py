@@ -203,13 +203,19 @@ def capture(
                                                            "compute) without loading weights or running anything"),
     n_pairs: Optional[int] = typer.Option(None, min=1, help="--dry-run: scale the figures to this many pairs of the same kind "
                                                            "(default: the rows of the data)"),
+    gpu_memory: str = typer.Option("80GiB", help="--dry-run: memory of one GPU (e.g. 80GiB, 24GB), to say how many GPUs the "
+                                                 "model needs (weights + activations)"),
+    max_memory: Optional[str] = typer.Option(None, help="with --device-map: the most each device may hold, e.g. "
+                                                        "0=70GiB,1=70GiB,cpu=100GiB (what fits nowhere is offloaded to disk)"),
 ) -> None:
     """Capture pooled (image, caption) activations at the given layers (resumable).
 
     The manifest records the data's fingerprint, which `jsae sae label` checks.  --model may also be a
-    config.json or a spec JSON (config + processor settings) with --dry-run.  Data parallel:
-    `torchrun --nproc_per_node N --no-python jsae run capture --pairs 2000 ...` (each rank captures its own
-    shards, on cuda:LOCAL_RANK with --device cuda; the shards equal a one-process capture's)."""
+    config.json or a spec JSON (config + processor settings) with --dry-run, which also says how many GPUs of
+    --gpu-memory the model needs.  Data parallel: `torchrun --nproc_per_node N --no-python jsae run capture
+    --pairs 2000 ...` (each rank captures its own shards, on cuda:LOCAL_RANK with --device cuda; the shards equal a
+    one-process capture's).  A model larger than one GPU: one process with --device-map auto (or a JSON map of
+    modules to devices, and --max-memory); the pooled vectors equal a one-device capture's."""
     from jsae.protocol.run import PRESETS
 
     if preset not in PRESETS:
@@ -218,7 +224,7 @@ def capture(
     if not layer_list:
         fail("--layers needs at least one layer, e.g. --layers 4")
     if dry_run:
-        _capture_dry_run(model, layer_list, split, n, data, seed, batch_size, n_pairs, dtype)
+        _capture_dry_run(model, layer_list, split, n, data, seed, batch_size, n_pairs, dtype, gpu_memory)
         return
     if out is None:
         fail("--out is required (the capture directory), unless --dry-run")
@@ -234,12 +240,21 @@ def capture(
                  "use --device cuda (one GPU per rank), or run one process with --device-map")
         if device == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per rank
+    from jsae.vlm import resolve_device_map, resolve_max_memory
+
+    try:
+        device_map = resolve_device_map(device_map, "--device-map")
+        placement = {} if max_memory is None else {"max_memory": resolve_max_memory(max_memory, "--max-memory")}
+    except ValueError as exc:
+        fail(str(exc))
+    if max_memory is not None and device_map is None:
+        fail("--max-memory places a model spread over devices; pass --device-map auto with it")
     from jsae import capture_pairs, load_vlm
 
     try:
         source, part = data_source(data, split, n, seed)
         pairs = source.pairs(part)
-        model_, processor, adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
+        model_, processor, adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map, **placement)
         if preset == "reference":
             from jsae.protocol.run import ProtocolConfig, reference_prompts
 
@@ -261,10 +276,17 @@ def capture(
 
 
 def _capture_dry_run(model: str, layers: list[int], split: str, n: int, data: Optional[str], seed: int, batch_size: int,
-                     n_pairs: Optional[int], dtype: str) -> None:
-    """`capture --dry-run`: jsae.cost.estimate_capture on the model's config and the data, printed as a table."""
+                     n_pairs: Optional[int], dtype: str, gpu_memory: str = "80GiB") -> None:
+    """`capture --dry-run`: jsae.cost.estimate_capture on the model's config and the data, printed as a table (with
+    how many GPUs of --gpu-memory the model needs)."""
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
+    from jsae.guards import parse_bytes
+
+    try:
+        gpu_bytes = parse_bytes(gpu_memory, "--gpu-memory")
+    except ValueError as exc:
+        fail(str(exc))
     import torch
 
     from jsae.cost import estimate_capture
@@ -286,7 +308,7 @@ def _capture_dry_run(model: str, layers: list[int], split: str, n: int, data: Op
         if not isinstance(model_dtype, torch.dtype):
             fail(f"--dtype {dtype!r}: use auto, float32, bfloat16 or float16")
         est = estimate_capture(target, pairs, layers, batch_size=batch_size, n_pairs=n_pairs, processor=processor,
-                               model_dtype=model_dtype)
+                               model_dtype=model_dtype, gpu_memory=gpu_bytes)
     except (ValueError, TypeError, OSError) as exc:
         fail(str(exc))
     typer.echo(str(est))

@@ -236,17 +236,20 @@ def check_weights(name: str, directory: str | os.PathLike | None = None) -> Path
 
 
 def load_toy_hf(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                directory: str | os.PathLike | None = None):
+                directory: str | os.PathLike | None = None, device_map: Any = None, **kwargs: Any):
     """The shipped toy model ``name`` as a bare transformers model (eval mode) and its processor, offline.
 
     ``name`` is ``"llava"`` (``LlavaForConditionalGeneration``) or ``"qwen3-vl-moe"``
     (``Qwen3VLMoeForConditionalGeneration``).  Weights are read with safetensors through the standard
     ``from_pretrained`` on the shipped directory (no network, no remote code, no pickle).  Users load
     toy models with ``jsae.load_vlm(name)`` (nnsight-wrapped, with its adapter); this is its world half.
+    ``device_map`` (and ``kwargs``: ``max_memory``, ``offload_folder``) go to ``from_pretrained`` instead of
+    moving the model to ``device`` (a model split over devices, or partly offloaded to disk).
     """
     _check_name(name)
     d = check_weights(name, directory)
-    model = model_class(name).from_pretrained(str(d), local_files_only=True, use_safetensors=True, dtype=dtype)
-    model = model.to(device).eval()
+    model = model_class(name).from_pretrained(str(d), local_files_only=True, use_safetensors=True, dtype=dtype,
+                                              **({"device_map": device_map, **kwargs} if device_map is not None else {}))
+    model = (model if device_map is not None else model.to(device)).eval()
     processor = processor_class(name).from_pretrained(str(d), local_files_only=True)
     return model, processor
