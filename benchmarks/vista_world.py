@@ -1,6 +1,6 @@
 """VISTA in the embedded world, the paper's way: the run behind benchmarks/results/vista_world/ (CPU, one thread).
 
-    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N] [--model toy-text-lm]
+    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N] [--model toy-text-lm] [--edit-layer L]
 
 Model: ``jsae.vista.compose_toy()`` — the toy *text-only* LM (the toy LLaVA's language model after its text stage
 only) + the toy vision tower (after its vision-pretraining stage) + a new LLaVA projector.  Text SAEs: the shipped
@@ -33,12 +33,16 @@ if __name__ == "__main__":
                     help="toy-composed: the toy LLaVA's own tower + LM recomposed; toy-text-lm: the paper's setup, the "
                          "text-only LM (never trained with images) + the pre-VLM tower (text SAEs are then always trained "
                          "on that LM)")
+    ap.add_argument("--edit-layer", type=int, default=4,
+                    help="the single-layer VISTA setting's layer and where patch-local edits act (the paper: a middle layer); "
+                         "in the retrained world image tokens are read only in the first layers, so edits deeper than that "
+                         "cannot change a caption for any method")
     args = ap.parse_args()
     t = time.time()
     load0 = os.getloadavg()
     cfg = WorldVistaConfig(model=args.model, n_train=1000, n_label=400,
                            text_sae=None if args.retrain_text_saes or args.model == "toy-text-lm" else RELEASE,
-                           proj_steps=args.steps, batch_size=16)
+                           proj_steps=args.steps, batch_size=16, edit_layer=args.edit_layer)
     train_world(args.out, cfg, overwrite=True)
     t_train = time.time() - t
     m = eval_world(args.out, EvalConfig(n_eval=args.n_eval))
