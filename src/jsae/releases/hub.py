@@ -81,7 +81,7 @@ def model_card(saes: dict[str, Path], repo_id: str) -> str:
         models.append(meta.get("model_name"))
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
         rows.append(f"| `{sid}` | {meta.get('model_name') or '–'} | {meta.get('layer', '–')} | {meta.get('pooling') or '–'} | "
-                    f"{meta.get('alignment') or '–'} | {cfg['d_in']} | {cfg['d_sae']} | {cfg.get('activation', 'relu')} | "
+                    f"{meta.get('alignment') or metrics.get('alignment') or '–'} | {cfg['d_in']} | {cfg['d_sae']} | {cfg.get('activation', 'relu')} | "
                     f"{fmt(metrics.get('l0'))} | {fmt(metrics.get('variance_explained'))} | "
                     f"{fmt(metrics.get('variance_explained_vision'))} | {'yes' if (path / 'labels.json').is_file() else 'no'} |")
     model_set = sorted({m for m in models if m})
