@@ -155,10 +155,17 @@ def test_pipeline_by_hand(tmp_path: Path) -> None:
     assert (tmp_path / "my_sae" / "features.html").stat().st_size > 10_000
     out = outputs["sae steer"]
     assert sum(line.startswith("+ ") for line in out.splitlines()) == 4 and "'cat' mentioned:" in out, out
+    assert "preservation:" in out and "mean image-token state norm" in out, out  # strength in the report's units
+    assert re.search(r"FVU vision [0-9.]+ / text [0-9.]+, L0 vision [0-9.]+ / text [0-9.]+, dead latents", outputs["sae train"])
+    assert re.search(r"labelled \d+ of 256 features .*; \d+ unlabelled: \d+ never active", outputs["sae label"])
+    card_metrics = json.loads((tmp_path / "my_sae" / "metrics.json").read_text())
+    assert card_metrics["alignment"] == "cosine" and 0 < card_metrics["l0"] and card_metrics["measured_on"] == "training pairs"
     weights = tmp_path / "my_sae" / "sae_weights.safetensors"
     assert weights.stat().st_mode & 0o044 == 0o044, "weights must be readable by group and others (umask 022)"
     repo = tmp_path / "hub" / "me" / "my-jsae"
     assert (repo / "README.md").is_file() and any(repo.rglob("sae_weights.safetensors"))
+    row = next(line for line in (repo / "README.md").read_text().splitlines() if line.startswith("| `"))
+    assert "–" not in row and "| cosine |" in row, row  # the model card carries the SAE's metrics
     out = jsae("release", "pull", "me/my-jsae", "--hub", str(tmp_path / "hub"), "--out", str(tmp_path / "pulled"))
     pulled = next((tmp_path / "pulled").rglob("cfg.json")).parent
     load = (f"import jsae, torch; from sae_lens import SAE; a = SAE.load_from_disk({str(pulled)!r}); "
