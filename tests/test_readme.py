@@ -115,6 +115,32 @@ def readme_commands() -> list[tuple[int, list[str]]]:
     return out
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces as ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_internal_link_has_its_heading() -> None:
+    text = README.read_text()
+    outside = FENCE.sub("", text)
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", outside, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", outside)
+    assert len(links) >= 10 and "the-protocol-jsae-demo-jsae-sweep" in anchors
+    assert not [a for a in links if a not in anchors], [a for a in links if a not in anchors]
+
+
+def test_the_readme_opens_with_findings_contents_and_a_quick_start() -> None:
+    text = README.read_text()
+    heads = re.findall(r"^## (.*)$", FENCE.sub("", text), re.M)
+    assert heads[:3] == ["Contents", "Quick start", "Concepts"], heads
+    assert text.index("**What it found**") < text.index("## Contents")
+    assert "source .venv/bin/activate" in text and "bash .ci/browser" in text
+    for term in ("r50", "Holm", "n.r.", "censored", "oracle"):  # defined in Concepts before Results uses them
+        assert text.index(term, text.index("## Concepts")) < text.index("## Results"), term
+    for author_speak in ("issue 13", "issue 19", "this 2-core", "this session", "budget's defaults"):
+        assert author_speak not in text, author_speak
+
+
 def test_every_readme_command_parses() -> None:
     cmds = readme_commands()
     assert len(cmds) >= 10, cmds
