@@ -108,7 +108,8 @@ def test_demo_refuses_a_directory_with_another_run(small_run, monkeypatch):
     monkeypatch.setattr(WorldSource, "fingerprint", no_fingerprint)
     res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "7", "--layers", "1,6", "--concepts", "cat,cake"])
     assert res.exit_code == 2, res.output
-    assert "holds a run with other settings (steps: 150 there, 7 here" in res.output and "--overwrite" in res.output
+    assert "holds a run with other settings (" in res.output and "--overwrite" in res.output
+    assert "steps: 150 there, 7 here" in res.output
     assert "n_train: 400 there, 2000 here" in res.output  # every differing setting is named, not just the model
 
 

@@ -280,8 +280,8 @@ def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool
             old = run.run_info()
             diff = config_differences(old.get("config") or {}, config)
             if diff:
-                raise FileExistsError(f"{out} holds a run with other settings ({'; '.join(diff[:4])}"
-                                      f"{'; ...' if len(diff) > 4 else ''}); a run grows in place only by "
+                raise FileExistsError(f"{out} holds a run with other settings ({'; '.join(diff)}); a run grows in "
+                                      "place only by "
                                       f"{' and '.join('--' + g for g in GROWABLE)}: pass its other options as they "
                                       "were, --overwrite to replace it, or a new --out")
     if progress:
