@@ -276,9 +276,8 @@ def steer(
             fail(f"no feature of kind {', '.join(kind_list)} is labelled {concept!r} in {path} "
                  f"(labelled concepts: {sorted({lab.label for lab in labels.labels if lab.label})}); label on more "
                  "held-out pairs, lower `jsae sae label --min-corr`, or pick another --concept / --kinds")
-        if n_features and len(found) < n_features:
-            typer.echo(f"note: {len(found)} feature(s) of kind {', '.join(kind_list)} carry the label {concept!r}, "
-                       f"fewer than --n-features {n_features}; steering with {feats}", err=True)
+        few = (f"note: {len(found)} feature(s) of kind {', '.join(kind_list)} carry the label {concept!r}, fewer than "
+               f"--n-features {n_features}; using {feats}") if n_features and len(found) < n_features else None
         picked, mentions, others = _steer_images(concept, n, data, split, images, suppress, seed)
         if mentions is None:
             mentions = world_mentions
@@ -293,6 +292,8 @@ def steer(
             raise ValueError(f"unknown --steer-at {steer_at!r}; choose one of {list(POSITION_SETS)}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
+    if few:  # said once every check has passed: an error stays the only line
+        typer.echo(few, err=True)
     if suppress:
         ivs = [Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")]
     else:
