@@ -139,6 +139,10 @@ def test_demo_grows_a_run_by_layers_and_concepts(small_run, tmp_path):
     assert {k[4] for k in after if k[3] == 3} == {"cat", "cake", "fish"} and any(k[4] == "fish" and k[3] == 1 for k in after)
     assert {(r["layer"], r["method"]) for r in grown["saes"]} == {(L, m) for L in (1, 3, 6) for m in cfg.methods}
     assert json.loads((out / "run.json").read_text())["config"]["layers"] == [1, 3, 6]
+    # more images per concept: a sweep-only setting; the SAEs stay, every curve is measured again on 7 images
+    again = run_protocol(out, ProtocolConfig(**{**cfg.__dict__, "n_images": 7}), progress=False)
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in weights.items())
+    assert {c["n_images"] for c in again["curves"]} == {7} and len(again["curves"]) == len(grown["curves"])
 
 
 def test_cli_bad_inputs(tmp_path, small_run):

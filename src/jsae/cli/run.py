@@ -59,8 +59,9 @@ def demo(
 ) -> None:
     """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report.
 
-    Run it again on the same --out with more --layers, --concepts or --n-images to grow the run: the capture,
-    the SAEs and the curves that match are reused and only what is missing runs."""
+    Run it again on the same --out with more --layers or --concepts to grow the run: the capture, the SAEs and the
+    curves that match are reused and only what is missing runs (other sweep settings such as --n-images reuse the
+    capture and the SAEs and measure the curves again)."""
     cfg = demo_config(**{k: v for k, v in locals().items() if k not in ("out", "overwrite")})
     from jsae.protocol.run import ARTEFACTS, run_protocol
 

@@ -254,12 +254,16 @@ def check_config(cfg: ProtocolConfig) -> None:
 #: Settings by which a run can grow in place (``jsae demo --out DIR`` again with more of them): the capture and the
 #: SAEs of the run stay valid, and the curves of its layers and concepts are reused; only what is missing runs.
 GROWABLE = ("layers", "concepts")
+#: Settings of the sweep alone: a run with other values of these reuses the capture and the SAEs, and measures its
+#: curves again (``--n-images`` for more images per concept, another ``--ratios`` grid, ...).
+SWEEP_ONLY = ("n_images", "top_k", "ratios", "positions", "decoders", "max_new_tokens", "alphas", "gen_batch")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The settings (other than :data:`GROWABLE` ones) in which two runs' recorded configurations differ, each as
     ``"name: old there, new here"``."""
-    keys = [k for k in [*old, *(k for k in new if k not in old)] if k not in GROWABLE and old.get(k) != new.get(k)]
+    keys = [k for k in [*old, *(k for k in new if k not in old)]
+            if k not in GROWABLE + SWEEP_ONLY and old.get(k) != new.get(k)]
     return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys]
 
 
@@ -281,9 +285,9 @@ def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool
             diff = config_differences(old.get("config") or {}, config)
             if diff:
                 raise FileExistsError(f"{out} holds a run with other settings ({'; '.join(diff)}); a run grows in "
-                                      "place only by "
-                                      f"{' and '.join('--' + g for g in GROWABLE)}: pass its other options as they "
-                                      "were, --overwrite to replace it, or a new --out")
+                                      "place only by --layers, --concepts and the sweep's own options ("
+                                      f"{', '.join('--' + g.replace('_', '-') for g in SWEEP_ONLY if g != 'gen_batch')}):"
+                                      " pass its other options as they were, --overwrite to replace it, or a new --out")
     if progress:
         tqdm.write(f"{'checking the data against the run in ' + str(out) if old else 'preparing the data'}: generating "
                    f"and fingerprinting the {' / '.join(source.parts)} pairs (this can take a minute)")
@@ -770,8 +774,10 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
     timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
     items = source.items("train" if cfg.reference_faults else "eval")  # the reference evaluates on training images
     concepts, dropped = choose_concepts(cfg, judge, items)
-    old_curves = _previous_curves(previous, kept, concepts)
-    curves, skipped, norms = [], dict((previous or {}).get("skipped", {})), {}
+    same_sweep = previous is not None and all((previous.get("config") or {}).get(k) == _jsonable(asdict(cfg)).get(k)
+                                              for k in SWEEP_ONLY)
+    old_curves = _previous_curves(previous, kept, concepts) if same_sweep else {}
+    curves, skipped, norms = [], dict((previous or {}).get("skipped", {}) if same_sweep else {}), {}
     todo = [(new, concepts)] + [([L], [c for c in concepts if (L, c) not in old_curves]) for L in kept]
     for todo_layers, todo_concepts in todo:
         if todo_layers and todo_concepts:
@@ -781,7 +787,8 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
             skipped.update(sk)
             norms.update(nm)
     for L in kept:
-        norms.setdefault(L, float(previous["token_norms"][str(L)]))
+        if str(L) in (previous or {}).get("token_norms", {}):
+            norms.setdefault(L, float(previous["token_norms"][str(L)]))
         curves += [c for (layer, concept), cs in old_curves.items() if layer == L and concept in concepts for c in cs]
     curves.sort(key=lambda c: (layers.index(c.layer), concepts.index(c.concept)))
     norms = {L: norms[L] for L in layers}
@@ -859,5 +866,5 @@ def world_prompts(cfg: ProtocolConfig, processor: Any) -> ProtocolConfig:
 __all__ = ["ARTEFACTS", "PRESETS", "PRESET_CHOICES", "REFERENCE_ALPHAS", "REFERENCE_CAPTION_PROMPT",
            "REFERENCE_CAPTION_TEMPLATE", "REFERENCE_CAPTURE_TEMPLATE", "LayerData", "ProtocolConfig", "apply_preset",
            "reference_differences", "reference_prompts", "capture_stage", "check_config", "choose_concepts", "data_source",
-           "GROWABLE", "card_metrics", "config_differences", "default_layers", "label_stage", "load_methods", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage",
+           "GROWABLE", "SWEEP_ONLY", "card_metrics", "config_differences", "default_layers", "label_stage", "load_methods", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage",
            "world_prompts"]
