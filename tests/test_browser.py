@@ -49,7 +49,9 @@ def run_page(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FeatureLab
     lab = max((lab for lab in labels.labels if lab.label), key=lambda lab: lab.vision_corr + lab.text_corr)
     curve = {"measure": "steering", "key": "jsae:text", "positions": "image", "layer": 4, "concept": lab.label,
              "r50": 1.25, "effect_small": 0.31, "features": [lab.feature]}
-    (run / "metrics.json").write_text(json.dumps({"summary": {"curves": [curve]}}))
+    other = next(c for c in labels.concepts if c != lab.label)  # the same feature among another concept's top latents
+    foreign = {**curve, "concept": other, "r50": None, "effect_small": 0.0}
+    (run / "metrics.json").write_text(json.dumps({"summary": {"curves": [curve, foreign]}}))
     return feature_page(sae_dir, n_pairs=120, n_features=64), labels
 
 
@@ -65,8 +67,12 @@ def test_page_is_self_contained_with_labels_images_captions_and_steering(run_pag
         if any(lab.kind == kind for lab in labels.labels if lab.label):
             assert f'class="kind {kind}"' in html
     steered = next(lab for lab in labels.labels if lab.label and lab.feature == _steered(page))
-    assert "purity" in html and f"steering: &#x27;{steered.label}&#x27; via jsae:text: r50 1.25, effect at 1: +0.31" in html
+    assert "purity" in html and (f"steering: &#x27;{steered.label}&#x27; via jsae:text at image: r50 1.25 (× the mean "
+                                 "image-token norm), effect at r = 1 +0.31") in html
     assert html.count('class="steer"') == 1  # only the steered feature has a steering result
+    assert html.count("&#x27;; &#x27;") == 0 and "not reached" not in html.split('class="steer"')[1].split("</div>")[0]
+    # every card says how many of its top examples name its label, next to the purity
+    assert html.count('class="tally"') == html.count('class="feature"') and "top captions name" in html
 
 
 @pytest.mark.slow
@@ -82,7 +88,9 @@ def test_page_renders_in_headless_chromium(run_page: tuple[Path, FeatureLabels],
     assert img.std() > 20, "the screenshot is blank"
     # the images of the top card: saturated (non-grey) colour blocks below the header
     sat = img.max(-1) - img.min(-1)
-    assert (sat[150:] > 80).mean() > 0.02, "no picture pixels in the screenshot"
+    assert (sat[150:] > 80).mean() > 0.005, "no picture pixels in the screenshot"
+    # the heat map's black-and-white frames (pure black: the page's text is #222)
+    assert (img[150:].max(-1) < 10).sum() > 200, "no heat-map frames in the screenshot"
     dark = img.mean(-1) < 100
     assert dark[:120].mean() > 0.005, "no title text in the screenshot"
 
@@ -93,9 +101,25 @@ def test_page_renders_in_headless_chromium(run_page: tuple[Path, FeatureLabels],
     first_label = next(lab for lab in sorted((lab for lab in labels.labels if lab.label),
                                               key=lambda lab: -(lab.vision_corr + lab.text_corr)))
     assert f"feature {first_label.feature} · layer 4: {first_label.label}" in dom
-    captions = re.findall(r"<li>([^<]+)</li>", dom)
+    captions = re.findall(r"<li>[✓✗] ([^<]+)</li>", dom)
     assert len(captions) >= 3 * len(cards) and all(len(c.split()) >= 4 for c in captions)
     assert 'id="q"' in dom and f'<span id="count">{len(cards)}</span>' in dom
+
+
+def test_heat_map_stays_visible_on_a_red_scene_and_r50_beyond_the_grid_reads_not_reached() -> None:
+    from jsae.report.browser import heatmap_overlay, steering_line
+
+    red = Image.new("RGB", (48, 48), (220, 30, 30))
+    grid = np.zeros((6, 6))
+    grid[2, 3] = 1.0
+    out = np.asarray(heatmap_overlay(red, grid)).astype(int)
+    cell = out[2 * 24:3 * 24, 3 * 24:4 * 24]
+    assert (cell == 255).all(-1).any() and (cell == 0).all(-1).any()  # a black-and-white frame, not another red
+    assert out[:24, :24, 0].mean() < 0.5 * 220  # where the feature is silent the scene is dimmed
+    assert np.abs(cell[10, 10] - [220, 30, 30]).max() < 5  # where it fires the scene shows as it is
+    line = steering_line({"concept": "cat", "key": "jsae:text", "positions": "image", "r50": float("inf"),
+                          "effect_small": 0.1})
+    assert "r50 not reached" in line and "inf" not in line
 
 
 def _steered(page: Path) -> int:

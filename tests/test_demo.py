@@ -97,10 +97,52 @@ def test_demo_writes_the_four_artefacts(small_run):
     assert type(sae).__name__ == "JointSAE" and sae.cfg.metadata.layer == 1
 
 
-def test_demo_refuses_a_directory_with_another_run(small_run):
+def test_demo_refuses_a_directory_with_another_run(small_run, monkeypatch):
+    """Other settings are refused naming the setting, before the data is generated and fingerprinted."""
     out, _ = small_run
-    res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "7"])
-    assert res.exit_code == 2 and "holds another run" in res.output and "--overwrite" in res.output
+    from jsae.data.sources import WorldSource
+
+    def no_fingerprint(self, part):
+        raise AssertionError("the data was fingerprinted before the settings were compared")
+
+    monkeypatch.setattr(WorldSource, "fingerprint", no_fingerprint)
+    res = runner.invoke(app, ["demo", "--out", str(out), "--steps", "7", "--layers", "1,6", "--concepts", "cat,cake"])
+    assert res.exit_code == 2, res.output
+    assert "holds a run with other settings (" in res.output and "--overwrite" in res.output
+    assert "steps: 150 there, 7 here" in res.output
+    assert "n_train: 400 there, 2000 here" in res.output  # every differing setting is named, not just the model
+
+
+def test_demo_grows_a_run_by_layers_and_concepts(small_run, tmp_path):
+    """The same run with one more layer and one more concept: the capture and the SAEs are reused (files
+    untouched), the curves already measured are reused as they were, and only the new layer and concept run."""
+    import hashlib
+    import shutil
+
+    old_out, old = small_run
+    out = tmp_path / "run"
+    shutil.copytree(old_out, out)
+    weights = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "saes").rglob("*.safetensors")}
+    shards = {p: p.stat().st_mtime_ns for p in (out / "capture").rglob("*.safetensors")}
+    cfg = ProtocolConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 3, 6], steps=150, d_sae=64, n_images=6,
+                         concepts=["cat", "cake", "fish"], gen_batch=96, max_new_tokens=24, ratios=(0.5, 1.0, 2.0, 4.0),
+                         methods=("jsae", "jsae-none", "separate", "saelens-topk"))
+    grown = run_protocol(out, cfg, progress=False)
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in weights.items())
+    assert all(p.stat().st_mtime_ns == t for p, t in shards.items())
+    assert (out / "saes" / "jsae" / "layer_3" / "cfg.json").is_file() and grown["layers"] == [1, 3, 6]
+    key = lambda c: (c["measure"], c["positions"], c["key"], c["layer"], c["concept"])  # noqa: E731
+    before = {key(c): c for c in old["curves"]}
+    after = {key(c): c for c in grown["curves"]}
+    assert {k for k in after if k[3] in (1, 6) and k[4] in ("cat", "cake")} == set(before)
+    assert all(after[k] == before[k] for k in before)  # reused as measured
+    assert {k[4] for k in after if k[3] == 3} == {"cat", "cake", "fish"} and any(k[4] == "fish" and k[3] == 1 for k in after)
+    assert {(r["layer"], r["method"]) for r in grown["saes"]} == {(L, m) for L in (1, 3, 6) for m in cfg.methods}
+    assert json.loads((out / "run.json").read_text())["config"]["layers"] == [1, 3, 6]
+    # more images per concept: a sweep-only setting; the SAEs stay, every curve is measured again on 7 images
+    again = run_protocol(out, ProtocolConfig(**{**cfg.__dict__, "n_images": 7}), progress=False)
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in weights.items())
+    assert {c["n_images"] for c in again["curves"]} == {7} and len(again["curves"]) == len(grown["curves"])
 
 
 def test_cli_bad_inputs(tmp_path, small_run):

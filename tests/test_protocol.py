@@ -185,9 +185,15 @@ def test_curve_summaries_and_report_files(tmp_path):
     assert rows[("jsae:text", 0)]["log2_vs_oracle_low"] <= rows[("jsae:text", 0)]["log2_vs_oracle"]
     assert rows[("jsae:text", 0)]["reached"] == "2/2"
     assert all(v["p_holm"] is None or v["p_holm"] >= v["p_value"] for v in s["tests"].values())
-    png = plot_dose_response(s["bands"]["steering"]["image"], 8, tmp_path / "dose.png", title="t")
-    with Image.open(png) as im:
-        assert im.size[0] > 500 and im.format == "PNG"
+    png = plot_dose_response(s["bands"]["steering"]["image"], 8, tmp_path / "dose.png", title="t",
+                             suppression=s["bands"]["steering"]["image"])
+    with Image.open(png) as im:  # a screen-sized figure: a row per measure (steering, preservation, suppression)
+        assert 700 < im.size[0] < 2000 and 600 < im.size[1] < 1200 and im.format == "PNG"
+    from jsae.report.plots import direction_style
+
+    text, vision, none = direction_style("jsae:text"), direction_style("jsae:vision"), direction_style("jsae-none:text")
+    assert text["color"] == vision["color"] and text["ls"] != vision["ls"]  # one colour per method, dashes for text
+    assert text["color"] != none["color"] and text["ls"] == none["ls"]
     # the model x layer interaction across two runs of the same design
     def run(shift):
         cs = [_curve(k, L, c, r0 * (shift if L == 5 else 1), imgs, seed=i)

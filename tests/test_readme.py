@@ -115,6 +115,32 @@ def readme_commands() -> list[tuple[int, list[str]]]:
     return out
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces as ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_internal_link_has_its_heading() -> None:
+    text = README.read_text()
+    outside = FENCE.sub("", text)
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", outside, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", outside)
+    assert len(links) >= 10 and "the-protocol-jsae-demo-jsae-sweep" in anchors
+    assert not [a for a in links if a not in anchors], [a for a in links if a not in anchors]
+
+
+def test_the_readme_opens_with_findings_contents_and_a_quick_start() -> None:
+    text = README.read_text()
+    heads = re.findall(r"^## (.*)$", FENCE.sub("", text), re.M)
+    assert heads[:3] == ["Contents", "Quick start", "Concepts"], heads
+    assert text.index("**What it found**") < text.index("## Contents")
+    assert "source .venv/bin/activate" in text and "bash .ci/browser" in text
+    for term in ("r50", "Holm", "n.r.", "censored", "oracle"):  # defined in Concepts before Results uses them
+        assert text.index(term, text.index("## Concepts")) < text.index("## Results"), term
+    for author_speak in ("issue 13", "issue 19", "this 2-core", "this session", "budget's defaults"):
+        assert author_speak not in text, author_speak
+
+
 def test_every_readme_command_parses() -> None:
     cmds = readme_commands()
     assert len(cmds) >= 10, cmds
@@ -155,10 +181,17 @@ def test_pipeline_by_hand(tmp_path: Path) -> None:
     assert (tmp_path / "my_sae" / "features.html").stat().st_size > 10_000
     out = outputs["sae steer"]
     assert sum(line.startswith("+ ") for line in out.splitlines()) == 4 and "'cat' mentioned:" in out, out
+    assert "preservation:" in out and "mean image-token state norm" in out, out  # strength in the report's units
+    assert re.search(r"FVU vision [0-9.]+ / text [0-9.]+, L0 vision [0-9.]+ / text [0-9.]+, dead latents", outputs["sae train"])
+    assert re.search(r"labelled \d+ of 256 features .*; \d+ unlabelled: \d+ never active", outputs["sae label"])
+    card_metrics = json.loads((tmp_path / "my_sae" / "metrics.json").read_text())
+    assert card_metrics["alignment"] == "cosine" and 0 < card_metrics["l0"] and card_metrics["measured_on"] == "training pairs"
     weights = tmp_path / "my_sae" / "sae_weights.safetensors"
     assert weights.stat().st_mode & 0o044 == 0o044, "weights must be readable by group and others (umask 022)"
     repo = tmp_path / "hub" / "me" / "my-jsae"
     assert (repo / "README.md").is_file() and any(repo.rglob("sae_weights.safetensors"))
+    row = next(line for line in (repo / "README.md").read_text().splitlines() if line.startswith("| `"))
+    assert "–" not in row and "| cosine |" in row, row  # the model card carries the SAE's metrics
     out = jsae("release", "pull", "me/my-jsae", "--hub", str(tmp_path / "hub"), "--out", str(tmp_path / "pulled"))
     pulled = next((tmp_path / "pulled").rglob("cfg.json")).parent
     load = (f"import jsae, torch; from sae_lens import SAE; a = SAE.load_from_disk({str(pulled)!r}); "

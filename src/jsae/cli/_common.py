@@ -85,9 +85,13 @@ class OneLineGroup(TyperGroup):
         typer.echo(f"error: {msg} (see `{path} --help`)", err=True)
         raise typer.Exit(2)
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        return plain_flags(super().get_command(ctx, cmd_name))
+
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         from typer._click.exceptions import UsageError
 
+        plain_flags(self)
         try:
             return super().make_context(*args, **kwargs)
         except UsageError as exc:
@@ -104,6 +108,24 @@ class OneLineGroup(TyperGroup):
             if debugging():
                 raise
             self._one_line(exc)
+
+
+def plain_flags(command: Any) -> Any:
+    """``command`` with its boolean flags shown in ``--help`` as flags (``--revival / --no-revival``, ``--help``)
+    rather than with typer's type column ``<bool>``, which reads as if the flag took a value."""
+    if command is None or "get_params" in vars(command):
+        return command
+    get_params = command.get_params
+
+    def params_shown_plainly(ctx: Any) -> Any:  # the options and the --help option click adds per context
+        params = get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.display_type_rich = lambda ctx=None: None
+        return params
+
+    command.get_params = params_shown_plainly
+    return command
 
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -201,5 +223,5 @@ def model_options() -> dict[str, Any]:
 
 
 __all__ = ["D_SAE", "LAYER", "OneLineGroup", "SEED", "STEPS", "THREADS", "TOKENS", "data_source", "debugging", "fail",
-           "float_list", "guard_app", "guard_command", "int_list", "model_options", "number", "one_line", "set_debug",
+           "float_list", "guard_app", "guard_command", "int_list", "model_options", "number", "one_line", "plain_flags", "set_debug",
            "world_pairs"]

@@ -26,7 +26,7 @@ def demo(
     data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
-    steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 600; with --preset reference: of the TopK baseline only)", callback=STEPS),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 2000; with --preset reference: of the TopK baseline only, default 600)", callback=STEPS),
     epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)", callback=STEPS),
     d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 128; with --preset reference 4 x d_in)", callback=D_SAE),
     expansion_factor: Optional[int] = typer.Option(None, min=1, help="SAE width as a multiple of d_in instead of --d-sae (the paper: 4)", callback=EXPANSION),
@@ -44,7 +44,7 @@ def demo(
     max_concepts: int = typer.Option(6, min=1, help="real data: at most this many concept words"),
     min_count: int = typer.Option(5, min=1, help="real data: a caption word is a concept when this many labelling captions have it"),
     max_perplexity: Optional[float] = typer.Option(None, help="real data: fluency threshold on the no-image perplexity (default: 1.5x the 95th percentile of unsteered captions)", callback=number(0, lo_open=True)),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)", callback=TOKENS),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 32; --preset reference: 50)", callback=TOKENS),
     seed: int = typer.Option(0, callback=SEED),
     overwrite: bool = typer.Option(False, help="replace a directory that holds another run"),
     text_pooling: Optional[str] = typer.Option(None, help="text view: caption tokens (default) | non_image (every attended non-image token, the JSAE reference)"),
@@ -57,33 +57,55 @@ def demo(
     reference_faults: bool = typer.Option(False, help="reproduce the reference's faults: sweep on training images, latents ranked in-sample, best α per image (each named in the report)"),
     dtype: str = _M["dtype"], device: Optional[str] = _M["device"], device_map: Optional[str] = _M["device_map"],
 ) -> None:
-    """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report."""
-    layer_list = int_list(layers, "--layers") if layers else None
-    alpha_grid = float_list(alphas, "--alphas") if alphas else None
-    from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
-    from jsae.protocol.sweep import RATIOS
+    """The JSAE paper's protocol end to end: capture, train per layer, label, steer/suppress sweep, report.
 
-    try:
-        cfg = ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae,
-                             expansion_factor=expansion_factor, revival=revival, n_train=n_train,
-                             n_label=n_label, n_eval=n_eval, n_images=n_images, top_k=top_k,
-                             ratios=tuple(float_list(ratios, "--ratios")) if ratios else RATIOS,
-                             positions=tuple(p for p in positions.split(",") if p) if positions else None,
-                             decoders=tuple(d for d in decoders.split(",") if d), concept_set=concept_set,
-                             max_concepts=max_concepts, concepts=concepts.split(",") if concepts else None,
-                             seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
-                             max_perplexity=max_perplexity, max_new_tokens=max_new_tokens, text_positions=text_pooling,
-                             prompt_template=prompt_template, caption_template=caption_template, steer_at=steer_at,
-                             alphas=tuple(alpha_grid) if alpha_grid else None, dtype=dtype, device=device,
-                             device_map=device_map, preset=preset, reference_faults=reference_faults,
-                             text_source=text_source)
-    except ValueError as exc:
-        fail(str(exc))
+    Run it again on the same --out with more --layers or --concepts to grow the run: the capture, the SAEs and the
+    curves that match are reused and only what is missing runs (other sweep settings such as --n-images reuse the
+    capture and the SAEs and measure the curves again)."""
+    cfg = demo_config(**{k: v for k, v in locals().items() if k not in ("out", "overwrite")})
+    from jsae.protocol.run import ARTEFACTS, run_protocol
+
     try:
         metrics = run_protocol(out, cfg, overwrite=overwrite)
     except (FileExistsError, ValueError, OSError, RuntimeError, MemoryError) as exc:
         fail(str(exc))
     typer.echo(f"done in {metrics['timings']['total_s']:.0f} s: " + ", ".join(str(out / a) for a in ARTEFACTS))
+
+
+def demo_config(*, model: str, data: Optional[str], data_split: str, prompt: Optional[str],
+                layers: Optional[str], steps: Optional[int], epochs: Optional[int],
+                d_sae: Optional[int], expansion_factor: Optional[int], revival: bool,
+                n_train: int, n_label: int, n_eval: int, n_images: int, top_k: int,
+                ratios: Optional[str], positions: Optional[str], decoders: str,
+                concepts: Optional[str], concept_set: str, max_concepts: int, min_count: int,
+                max_perplexity: Optional[float], max_new_tokens: Optional[int], seed: int,
+                text_pooling: Optional[str], prompt_template: Optional[str],
+                caption_template: Optional[str], steer_at: Optional[str], alphas: Optional[str],
+                preset: str, text_source: str, reference_faults: bool,
+                dtype: str, device: Optional[str], device_map: Optional[str]) -> object:
+    """The :class:`~jsae.protocol.run.ProtocolConfig` that ``jsae demo`` runs for these options (its own names and
+    values as parsed; one-line errors).  ``tests/test_cli_help.py`` builds it from the defaults ``--help`` shows."""
+    layer_list = int_list(layers, "--layers") if layers else None
+    alpha_grid = float_list(alphas, "--alphas") if alphas else None
+    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.sweep import RATIOS
+
+    try:
+        return ProtocolConfig(model=model, layers=layer_list or None, steps=steps, epochs=epochs, d_sae=d_sae,
+                              expansion_factor=expansion_factor, revival=revival, n_train=n_train,
+                              n_label=n_label, n_eval=n_eval, n_images=n_images, top_k=top_k,
+                              ratios=tuple(float_list(ratios, "--ratios")) if ratios else RATIOS,
+                              positions=tuple(p for p in positions.split(",") if p) if positions else None,
+                              decoders=tuple(d for d in decoders.split(",") if d), concept_set=concept_set,
+                              max_concepts=max_concepts, concepts=concepts.split(",") if concepts else None,
+                              seed=seed, data=data, data_split=data_split, prompt=prompt, min_count=min_count,
+                              max_perplexity=max_perplexity, max_new_tokens=max_new_tokens, text_positions=text_pooling,
+                              prompt_template=prompt_template, caption_template=caption_template, steer_at=steer_at,
+                              alphas=tuple(alpha_grid) if alpha_grid else None, dtype=dtype, device=device,
+                              device_map=device_map, preset=preset, reference_faults=reference_faults,
+                              text_source=text_source)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 @run_app.command()
@@ -355,4 +377,4 @@ def experiments(
     typer.echo(f"{len(result['experiments'])} experiment(s): " + ", ".join(str(p) for p in paths))
 
 
-__all__ = ["capture", "demo", "experiments", "run_app", "sweep"]
+__all__ = ["capture", "demo", "demo_config", "experiments", "run_app", "sweep"]

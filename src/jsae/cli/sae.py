@@ -14,6 +14,9 @@ from jsae.cli._common import (D_SAE, LAYER, SEED, STEPS, TOKENS, OneLineGroup, d
 
 _M = model_options()
 
+#: ``jsae sae train``'s default recipe (``--preset default``), shown in its ``--help`` and used by it.
+TRAIN_DEFAULTS = {"d_sae": 1024, "steps": 2000, "batch_size": 256, "lr": 3e-4}
+
 sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
                       no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
@@ -26,11 +29,11 @@ def train(
     alignment: str = typer.Option("cosine", help="cosine | infonce | l2 | none"),
     activation: str = typer.Option("relu", help="relu (with L1) | topk"),
     k: int = typer.Option(32, help="k of topk", callback=number(1)),
-    d_sae: Optional[int] = typer.Option(None, min=1, help="SAE width (default 1024; --preset reference: 4 x d_in)", callback=D_SAE),
-    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default 2000; --preset reference trains --epochs instead unless given)", callback=STEPS),
+    d_sae: Optional[int] = typer.Option(None, min=1, help=f"SAE width (default {TRAIN_DEFAULTS['d_sae']}; --preset reference: 4 x d_in)", callback=D_SAE),
+    steps: Optional[int] = typer.Option(None, min=1, help=f"training steps (default {TRAIN_DEFAULTS['steps']}; --preset reference trains --epochs instead unless given)", callback=STEPS),
     epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs (default 20)", callback=STEPS),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="pairs per batch (default 256; --preset reference: 8)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-4; --preset reference: 1e-5, Adam, plateau scheduler)", callback=number(0, 10, lo_open=True)),
+    batch_size: Optional[int] = typer.Option(None, min=1, help=f"pairs per batch (default {TRAIN_DEFAULTS['batch_size']}; --preset reference: 8)"),
+    lr: Optional[float] = typer.Option(None, help=f"learning rate (default {TRAIN_DEFAULTS['lr']:g}; --preset reference: 1e-5, Adam, plateau scheduler)", callback=number(0, 10, lo_open=True)),
     l1_coefficient: float = typer.Option(0.03, callback=number(0, 1e4)),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="checkpoints every 500 steps; resumes if it holds one"),
     seed: int = typer.Option(0, callback=SEED),
@@ -41,12 +44,9 @@ def train(
                                                                 "or data anyway"),
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
-    from dataclasses import replace
-
     from jsae.capture import read_manifest, sae_metadata
-    from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.training import JointSAETrainer, JointTrainerConfig, load_pairs
-    from jsae.training.recipes import REFERENCE_BATCH_SIZE, reference_configs
+    from jsae.training import JointSAETrainer, load_pairs
+    from jsae.training.recipes import REFERENCE_BATCH_SIZE
 
     if preset not in ("default", "reference"):
         fail(f"unknown preset {preset!r}; choose one of ['default', 'reference']")
@@ -54,7 +54,7 @@ def train(
         fail("--epochs belongs to --preset reference; the default recipe trains --steps steps")
     reference = preset == "reference"
     if batch_size is None:
-        batch_size = REFERENCE_BATCH_SIZE if reference else 256
+        batch_size = REFERENCE_BATCH_SIZE if reference else TRAIN_DEFAULTS["batch_size"]
     from jsae.guards import check_output_dir
 
     try:  # before any work: a bad --out or --checkpoint-dir must not lose a finished training run
@@ -66,27 +66,63 @@ def train(
     try:
         data = load_pairs(capture_dir, layer, batch_size=batch_size, seed=seed)
         manifest = read_manifest(capture_dir)
-        ckpt = {"checkpoint_every": 500 if checkpoint_dir else 0,
-                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "seed": seed}
-        if reference:
-            cfg, tcfg = reference_configs(data.d_in, d_sae)
-            cfg = replace(cfg, alignment=alignment, activation=activation, k=k, l1_coefficient=l1_coefficient)
-            timing = {"epochs": epochs or 20} if steps is None else {"epochs": None, "total_steps": steps}
-            tcfg = replace(tcfg, **timing, **ckpt, **({"lr": lr} if lr is not None else {}))
-        else:
-            steps = steps or 2000
-            cfg = TrainingJointSAEConfig(d_in=data.d_in, d_sae=d_sae or 1024, alignment=alignment, activation=activation,
-                                         k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
-            tcfg = JointTrainerConfig(total_steps=steps, lr=3e-4 if lr is None else lr, lr_warm_up_steps=steps // 20,
-                                      lr_decay_steps=steps // 5, **ckpt)
+        cfg, tcfg = train_configs(data.d_in, preset=preset, alignment=alignment, activation=activation, k=k, d_sae=d_sae,
+                                  steps=steps, epochs=epochs, lr=lr, l1_coefficient=l1_coefficient,
+                                  checkpoint_dir=checkpoint_dir, seed=seed)
         for key, value in sae_metadata(manifest, layer).items():
             cfg.metadata[key] = value
         sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)
+        metrics = _train_metrics(sae, data.vision, data.text, cfg.alignment)
+        from jsae.files import write_json
+
+        write_json(out / "metrics.json", metrics)  # the model card's numbers (`jsae release push`)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, MemoryError) as exc:
         fail(str(exc).replace("pass allow_provenance_mismatch=True", "pass --allow-provenance-mismatch")
              .replace("a new checkpoint_dir", "a new --checkpoint-dir"))
-    typer.echo(f"saved {out}")
+    typer.echo(f"saved {out}: FVU vision {metrics['fvu_vision']:.3f} / text {metrics['fvu_text']:.3f}, "
+               f"L0 vision {metrics['l0_vision']:.1f} / text {metrics['l0']:.1f}, dead latents vision "
+               f"{metrics['dead_vision']} / text {metrics['dead_text']} of {metrics['d_sae']} "
+               f"(on {metrics['n_pairs']} training pairs; FVU = fraction of variance unexplained, L0 = active latents "
+               "per pair, dead = never active on them)")
+
+
+def _train_metrics(sae: Any, vision: Any, text: Any, alignment: str) -> dict[str, Any]:
+    """FVU, L0, dead latents and paired cosine of a freshly trained JSAE on (up to 4096 of) its training pairs,
+    in the form of an SAE folder's ``metrics.json``, plus ``fvu_*`` for the printed line."""
+    from jsae.protocol.methods import Method
+    from jsae.protocol.run import card_metrics, sae_metrics
+
+    n = min(4096, len(vision))
+    row = sae_metrics(Method("jsae", sae, True), vision[:n].float(), text[:n].float())
+    out = card_metrics(row, alignment, n, measured_on="training pairs")
+    return {**out, "fvu_vision": row["fvu_vision"], "fvu_text": row["fvu_text"]}
+
+
+def train_configs(d_in: int, *, preset: str, alignment: str, activation: str, k: int, d_sae: Optional[int],
+                  steps: Optional[int], epochs: Optional[int], lr: Optional[float], l1_coefficient: float,
+                  checkpoint_dir: Optional[Path], seed: int) -> tuple[Any, Any]:
+    """The (SAE config, trainer config) that ``jsae sae train`` trains with for these options (``--help``'s
+    defaults are :data:`TRAIN_DEFAULTS`; ``tests/test_cli_help.py`` checks the two agree)."""
+    from dataclasses import replace
+
+    from jsae.saes.joint_sae import TrainingJointSAEConfig
+    from jsae.training import JointTrainerConfig
+    from jsae.training.recipes import reference_configs
+
+    ckpt = {"checkpoint_every": 500 if checkpoint_dir else 0,
+            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None, "seed": seed}
+    if preset == "reference":
+        cfg, tcfg = reference_configs(d_in, d_sae)
+        cfg = replace(cfg, alignment=alignment, activation=activation, k=k, l1_coefficient=l1_coefficient)
+        timing = {"epochs": epochs or 20} if steps is None else {"epochs": None, "total_steps": steps}
+        return cfg, replace(tcfg, **timing, **ckpt, **({"lr": lr} if lr is not None else {}))
+    steps = steps or TRAIN_DEFAULTS["steps"]
+    cfg = TrainingJointSAEConfig(d_in=d_in, d_sae=d_sae or TRAIN_DEFAULTS["d_sae"], alignment=alignment,
+                                 activation=activation, k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
+    tcfg = JointTrainerConfig(total_steps=steps, lr=TRAIN_DEFAULTS["lr"] if lr is None else lr,
+                              lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5, **ckpt)
+    return cfg, tcfg
 
 
 def _check_layer(sae: object, layer: int) -> None:
@@ -142,13 +178,28 @@ def label(
             fail(f"the capture holds {pairs.vision.shape[0]} pairs but the data has {y.shape[0]}; "
                  "label with the data it was captured from")
         with torch.no_grad():
-            labels = label_features(sae.encode(pairs.vision, "vision"), sae.encode(pairs.text, "text"), y.float(), names,
+            zv, zt = sae.encode(pairs.vision, "vision"), sae.encode(pairs.text, "text")
+            codes_alive = (zv > 0).any(0) | (zt > 0).any(0)
+            labels = label_features(zv, zt, y.float(), names,
                                     min_corr, data=source.describe(part),
                                     provenance={"sae": sae_record(sae), "capture": manifest_record(manifest, layer)})
         labels.save(sae_dir / "labels.json")
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
-    typer.echo(f"{labels.counts()} -> {sae_dir / 'labels.json'}")
+    typer.echo(label_summary(labels, codes_alive, min_corr) + f" -> {sae_dir / 'labels.json'}")
+
+
+def label_summary(labels: Any, alive: Any, min_corr: float) -> str:
+    """One line: how many features got a label, of which kinds, and why the rest did not (never active on the
+    labelling pairs, or active but correlated with no concept at ``min_corr`` or more)."""
+    counts = labels.counts()
+    n = len(labels.labels)
+    unlabelled = [lab for lab in labels.labels if lab.label is None]
+    dead = sum(1 for lab in unlabelled if not bool(alive[lab.feature]))
+    kinds = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("shared", "vision-only", "text-only"))
+    return (f"labelled {n - len(unlabelled)} of {n} features ({kinds}); {len(unlabelled)} unlabelled: {dead} never "
+            f"active on these pairs, {len(unlabelled) - dead} active but no concept "
+            f"correlates with them at --min-corr {min_corr:g} or more (Pearson, image or caption code)")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -166,8 +217,8 @@ def steer(
     split: str = typer.Option("train", help="split of --data"),
     images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
     prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
-    steer_at: Optional[str] = typer.Option(None, help="image (image tokens at prefill, default) | image+generated (and every generated token; --preset reference)"),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 28; --preset reference: 50)", callback=TOKENS),
+    steer_at: Optional[str] = typer.Option(None, help="where to add the direction: image (the image tokens at prefill; default) | generated (every generated token) | image+generated (both; --preset reference) | image_but_last | last"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 32; --preset reference: 50)", callback=TOKENS),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
     kinds: str = typer.Option("shared,vision-only,text-only", help="which labelled features of the concept to use "
                                                                   "(labels.json kinds, comma-separated; strongest first)"),
@@ -219,9 +270,15 @@ def steer(
         if kind != want and not images:
             fail(f"{path} labels features on {kind} data, but these images are {want} data; label this SAE on "
                  f"{'the world (`jsae sae label` without --data)' if want == 'world' else 'caption data (`jsae sae label --data`)'}")
-        feats = labels.features_for(concept, kind_list)
-        feats = feats[:n_features] if n_features else feats
-        picked, mentions = _steer_images(concept, n, data, split, images, suppress, seed)
+        found = labels.features_for(concept, kind_list)
+        feats = found[:n_features] if n_features else found
+        if not feats:
+            fail(f"no feature of kind {', '.join(kind_list)} is labelled {concept!r} in {path} "
+                 f"(labelled concepts: {sorted({lab.label for lab in labels.labels if lab.label})}); label on more "
+                 "held-out pairs, lower `jsae sae label --min-corr`, or pick another --concept / --kinds")
+        few = (f"note: {len(found)} feature(s) of kind {', '.join(kind_list)} carry the label {concept!r}, fewer than "
+               f"--n-features {n_features}; using {feats}") if n_features and len(found) < n_features else None
+        picked, mentions, others = _steer_images(concept, n, data, split, images, suppress, seed)
         if mentions is None:
             mentions = world_mentions
         vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
@@ -235,10 +292,13 @@ def steer(
             raise ValueError(f"unknown --steer-at {steer_at!r}; choose one of {list(POSITION_SETS)}")
     except (ValueError, FileNotFoundError, OSError) as exc:
         fail(str(exc))
+    if few:  # said once every check has passed: an error stays the only line
+        typer.echo(few, err=True)
     if suppress:
         ivs = [Ablate(layer=layer, positions="image", timing="prefill", sae=sae, features=feats, sae_modality="vision")]
     else:
-        ivs = steer_interventions(layer, steer_at, Method("jsae", sae, True).steer_direction(feats, decoder), alpha)
+        direction = Method("jsae", sae, True).steer_direction(feats, decoder)
+        ivs = steer_interventions(layer, steer_at, direction, alpha)
     from jsae.world.processors import CAPTION_PROMPT
 
     text = prompt if prompt is not None else (CAPTION_PROMPT if not (data or images) else "Describe the image.")
@@ -252,6 +312,14 @@ def steer(
                        f"of the reference's {notes['caption']['reference']!r}", err=True)
     caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=text, max_new_tokens=max_new_tokens,
                         prompt_template=template)
+    if not suppress:  # the strength in the report's units: the added norm over the layer's mean image-token norm
+        from jsae.protocol.sweep import token_norm
+
+        added = abs(alpha) * float(direction.norm())
+        unit = token_norm(vlm, picked, layer, text, template)
+        typer.echo(f"steering at {steer_at} ({', '.join(t for _, t in POSITION_SETS[steer_at])}): alpha {alpha:g} adds a "
+                   f"vector of norm {added:.3g} = {added / unit:.2f} x the layer's mean image-token state norm "
+                   f"({unit:.3g}), the report's strength r")
     before, after = caption(picked, []), caption(picked, ivs)
     for b, a in zip(before, after):
         typer.echo(f"- {b}\n+ {a}")
@@ -259,13 +327,20 @@ def steer(
     def rate(caps: list[str]) -> float:
         return sum(mentions(c, concept) for c in caps) / max(len(caps), 1)
 
-    typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} (features {feats})")
+    typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} (features {feats}, "
+               f"{'clamped to 0' if suppress else f'alpha {alpha:g} along their {decoder} decoder rows'})")
+    if others is not None:
+        kept = [[mentions(a, o) for o in objs if mentions(b, o)] for b, a, objs in zip(before, after, others)]
+        flat = [k for ks in kept for k in ks]
+        typer.echo(f"preservation: {sum(flat)}/{len(flat)} of the other objects named unsteered are still named"
+                   + (f" ({sum(flat) / len(flat):.2f})" if flat else " (no other object named before)"))
 
 
 def _steer_images(concept: str, n: int, data: str | None, split: str, images: Path | None, suppress: bool,
-                  seed: int) -> tuple[list, Any]:
-    """(images, mention test): world test images, rows of a caption dataset, or the files of a folder; the
-    first two filtered to images that lack the concept (have it, for suppression)."""
+                  seed: int) -> tuple[list, Any, list[list[str]] | None]:
+    """(images, mention test, the other concepts each image holds): world test images, rows of a caption dataset,
+    or the files of a folder (no ground truth: None); the first two filtered to images that lack the concept (have
+    it, for suppression)."""
     from jsae.data.judges import caption_presence, caption_words
     from jsae.data.sources import CaptionSource, WorldSource
 
@@ -283,7 +358,7 @@ def _steer_images(concept: str, n: int, data: str | None, split: str, images: Pa
                 picked.append(to_rgb(Image.open(p), "the image"))
             except OSError as exc:  # not an image PIL can open
                 fail(f"the image {p} cannot be opened ({str(exc).splitlines()[0]}); fix or remove it")
-        return picked, (lambda text, c: c in caption_words(text))
+        return picked, (lambda text, c: c in caption_words(text)), None
     if data:
         source = CaptionSource.whole(data, split)
         items = source.items(split)
@@ -295,10 +370,15 @@ def _steer_images(concept: str, n: int, data: str | None, split: str, images: Pa
         if concept not in names:
             fail(f"{concept!r} is not a world concept; world concepts: {names}")
         items, has, mentions = source.items("test"), y[:, names.index(concept)].bool(), None
-    picked = [ex["image"] for ex, h in zip(items, has) if bool(h) == suppress][:n]
-    if not picked:
+        from jsae.world.scenes import TYPES  # the other objects, as the protocol's preservation counts them
+
+        present = [[c for c, v in zip(names, row) if v and c != concept and c in TYPES] for row in y.tolist()]
+    if data:
+        present = [sorted(caption_words(ex["caption"]) - {concept}) for ex in items]
+    keep = [i for i, h in enumerate(has) if bool(h) == suppress][:n]
+    if not keep:
         fail(f"no image {'has' if suppress else 'lacks'} {concept!r}; try another --seed or more data")
-    return picked, mentions
+    return [items[i]["image"] for i in keep], mentions, [present[i] for i in keep]
 
 
-__all__ = ["label", "sae_app", "steer", "train"]
+__all__ = ["TRAIN_DEFAULTS", "label", "label_summary", "sae_app", "steer", "train", "train_configs"]

@@ -87,7 +87,7 @@ class ProtocolConfig:
     d_sae: int | None = None  # preset: 128 (default) | None = 4 · d_in (reference)
     expansion_factor: int | None = None  # d_sae = expansion_factor · d_in instead of d_sae (the paper: 4)
     revival: bool = True  # dead-latent revival: JSAE resampling, AuxK for the TopK baseline (methods.py)
-    steps: int | None = None  # preset: 600 (default: every method; reference: the TopK baseline only)
+    steps: int | None = None  # preset: 2000 (default: every method) | 600 (reference: the TopK baseline only)
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
     lr: float = 3e-3
@@ -97,7 +97,7 @@ class ProtocolConfig:
     positions: tuple[str, ...] | None = None  # steering position sets reported separately (default: DEFAULT_POSITIONS; (steer_at,) when steer_at is given or under the reference preset)
     decoders: tuple[str, ...] = ("text", "vision")  # joint methods steer with each ("cross": vision labels, text rows)
     gen_batch: int = 256
-    max_new_tokens: int | None = None  # preset: 28 (default) | 50 (reference)
+    max_new_tokens: int | None = None  # preset: 32 (default) | 50 (reference)
     seed: int = 0
     data: str | None = None  # a COCO-captions-style dataset (path or hub id); required for a real VLM
     data_split: str = "train"
@@ -256,27 +256,53 @@ def check_config(cfg: ProtocolConfig) -> None:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {list(PRESETS)}")
 
 
-def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool) -> RunDir:
-    """The run directory for ``cfg``: a new one, the same run to resume, or (``overwrite``) a replaced one;
-    a directory holding another run, or this run on other data, is refused."""
+#: Settings by which a run can grow in place (``jsae demo --out DIR`` again with more of them): the capture and the
+#: SAEs of the run stay valid, and the curves of its layers and concepts are reused; only what is missing runs.
+GROWABLE = ("layers", "concepts")
+#: Settings of the sweep alone: a run with other values of these reuses the capture and the SAEs, and measures its
+#: curves again (``--n-images`` for more images per concept, another ``--ratios`` grid, ...).
+SWEEP_ONLY = ("n_images", "top_k", "ratios", "positions", "decoders", "max_new_tokens", "alphas", "gen_batch")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings (other than :data:`GROWABLE` ones) in which two runs' recorded configurations differ, each as
+    ``"name: old there, new here"``."""
+    keys = [k for k in [*old, *(k for k in new if k not in old)]
+            if k not in GROWABLE + SWEEP_ONLY and old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys]
+
+
+def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool, progress: bool = False) -> RunDir:
+    """The run directory for ``cfg``: a new one, the same run to resume or to grow (other ``layers`` or
+    ``concepts``, :data:`GROWABLE`), or (``overwrite``) a replaced one; a directory holding a run with other
+    settings (the error names them), or this run on other data, is refused — the settings are compared before the
+    data is generated and fingerprinted."""
     from jsae.locks import LOCK_FILE
 
     run = RunDir(out)
     config = _jsonable(asdict(cfg))
-    fingerprints = {part: source.fingerprint(part) for part in source.parts}
+    old = None
     if out.exists() and any(f.name != LOCK_FILE for f in out.iterdir()):
         if not run.exists() and not overwrite:
             raise FileExistsError(f"{out} is not empty and holds no jsae run; choose a new --out or pass --overwrite")
         if run.exists() and not overwrite:
             old = run.run_info()
-            if old.get("config") != config:
-                raise FileExistsError(f"{out} holds another run (model {old.get('config', {}).get('model')!r}); "
-                                      "pass --overwrite to replace it or choose a new --out")
-            for part, fp in fingerprints.items():
-                check_fingerprint(old.get("data", {}).get(part), fp, f"the run in {out} ({part} part)",
-                                  "pass --overwrite to redo it or choose a new --out")
-        if overwrite:
-            _empty(out)
+            diff = config_differences(old.get("config") or {}, config)
+            if diff:
+                raise FileExistsError(f"{out} holds a run with other settings ({'; '.join(diff)}); a run grows in "
+                                      "place only by --layers, --concepts and the sweep's own options ("
+                                      f"{', '.join('--' + g.replace('_', '-') for g in SWEEP_ONLY if g != 'gen_batch')}):"
+                                      " pass its other options as they were, --overwrite to replace it, or a new --out")
+    if progress:
+        tqdm.write(f"{'checking the data against the run in ' + str(out) if old else 'preparing the data'}: generating "
+                   f"and fingerprinting the {' / '.join(source.parts)} pairs (this can take a minute)")
+    fingerprints = {part: source.fingerprint(part) for part in source.parts}
+    if old is not None:
+        for part, fp in fingerprints.items():
+            check_fingerprint(old.get("data", {}).get(part), fp, f"the run in {out} ({part} part)",
+                              "pass --overwrite to redo it or choose a new --out")
+    if overwrite and out.exists():
+        _empty(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(run.run_file, {"config": config, "data": fingerprints, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return run
@@ -393,8 +419,12 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
             folder = run.sae_dir(name, layer)
             m.sae.save_model(folder) if m.joint else apply_umask(m.sae.save_model(str(folder))[0])
             labels.save(folder / "labels.json")
-            rows.append({"layer": layer, "method": name, **sae_metrics(m, d.vl, d.tl, tokens, text_tokens),
-                         **labels.counts()})
+            row = sae_metrics(m, d.vl, d.tl, tokens, text_tokens)
+            if m.joint:  # the model card's metrics (`jsae release push`)
+                alignment = getattr(m.sae.cfg, "alignment", None)
+                alignment = f"{alignment} + matching after training" if name == "separate" else alignment
+                write_json(folder / "metrics.json", card_metrics(row, alignment, len(d.vl)))
+            rows.append({"layer": layer, "method": name, **row, **labels.counts()})
     return labels_by_layer, rows
 
 
@@ -458,6 +488,19 @@ def sae_metrics(m: Method, v: torch.Tensor, t: torch.Tensor, tokens: torch.Tenso
         mass = zv.clamp(min=0).sum(0) + zt.clamp(min=0).sum(0)
         out["top_latent_mass"] = float(mass.max() / mass.sum().clamp(min=1e-12))
     return out
+
+
+def card_metrics(row: dict[str, Any], alignment: str | None = None, n_pairs: int | None = None,
+                 measured_on: str = "held-out pairs") -> dict[str, Any]:
+    """An SAE folder's ``metrics.json`` (what ``jsae release push`` puts in the model card and ``jsae release
+    list`` shows) from a :func:`sae_metrics` row: L0 and variance explained (1 − FVU) of the text branch under
+    SAELens's names, the vision branch's with ``_vision``, dead latents, the paired code cosine, the alignment loss."""
+    ve = lambda fvu: None if fvu is None else 1.0 - float(fvu)  # noqa: E731
+    out = {"l0": row.get("l0_text"), "variance_explained": ve(row.get("fvu_text")), "l0_vision": row.get("l0_vision"),
+           "variance_explained_vision": ve(row.get("fvu_vision")), "dead_text": row.get("dead_text"),
+           "dead_vision": row.get("dead_vision"), "d_sae": row.get("d_sae"), "paired_cosine": row.get("paired_cosine"),
+           "alignment": alignment, "measured_on": measured_on, "n_pairs": n_pairs}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---- 4. concepts --------------------------------------------------------------------------------------
@@ -712,19 +755,50 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
         caption = captioner_for(cfg, vlm)
         for part in ("train", "label"):
             source.with_captions(part, caption([ex["image"] for ex in source.items(part)], []))
-    run = open_run(Path(out), cfg, source, overwrite)  # refuses another run before anything is written
+    run = open_run(Path(out), cfg, source, overwrite, progress)  # refuses another run before anything is written
+    previous = _previous_run(run, cfg) if not overwrite else None
 
     captures = capture_stage(run, cfg, vlm, source, progress=progress)
     timings["capture_s"] = time.time() - t0
     judge = source.judge(vlm.model, vlm.processor)
     if cfg.concepts:
         _check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
-    methods_by_layer, data = train_stage(cfg, vlm, captures, layers, progress)
+    kept = [L for L in layers if previous and L in previous["layers"]
+            and all((run.sae_dir(m, L) / "cfg.json").is_file() for m in cfg.methods)]
+    new = [L for L in layers if L not in kept]
+    if kept and progress:
+        tqdm.write(f"growing the run in {out}: reusing the capture and the SAEs of layer(s) {kept}"
+                   + (f"; training layer(s) {new}" if new else ""))
+    methods_by_layer, data = train_stage(cfg, vlm, captures, new, progress)
     labels_by_layer, sae_rows = label_stage(run, source, methods_by_layer, data, vlm, cfg)
+    for L in kept:
+        methods_by_layer[L], data[L] = load_methods(run, L, cfg.methods), layer_data(captures, L)
+    sae_rows = sorted(sae_rows + [r for r in (previous or {}).get("saes", []) if r["layer"] in kept],
+                      key=lambda r: (layers.index(r["layer"]), list(cfg.methods).index(r["method"])))
+    methods_by_layer = {L: methods_by_layer[L] for L in layers}
     timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
     items = source.items("train" if cfg.reference_faults else "eval")  # the reference evaluates on training images
     concepts, dropped = choose_concepts(cfg, judge, items)
-    curves, _, skipped, norms = sweep_stage(cfg, vlm, judge, source, methods_by_layer, data, layers, concepts, items, progress)
+    same_sweep = previous is not None and all((previous.get("config") or {}).get(k) == _jsonable(asdict(cfg)).get(k)
+                                              for k in SWEEP_ONLY)
+    old_curves = _previous_curves(previous, kept, concepts) if same_sweep else {}
+    curves, skipped, norms = [], dict((previous or {}).get("skipped", {}) if same_sweep else {}), {}
+    todo = [(new, concepts)] + [([L], [c for c in concepts if (L, c) not in old_curves]) for L in kept]
+    for todo_layers, todo_concepts in todo:
+        if todo_layers and todo_concepts:
+            c, _, sk, nm = sweep_stage(cfg, vlm, judge, source, methods_by_layer, data, todo_layers, todo_concepts,
+                                       items, progress)
+            curves += c
+            skipped.update(sk)
+            norms.update(nm)
+    for L in kept:
+        if str(L) in (previous or {}).get("token_norms", {}):
+            norms.setdefault(L, float(previous["token_norms"][str(L)]))
+        curves += [c for (layer, concept), cs in old_curves.items() if layer == L and concept in concepts for c in cs]
+    curves.sort(key=lambda c: (layers.index(c.layer), concepts.index(c.concept)))
+    norms = {L: norms[L] for L in layers}
+    if kept and progress:
+        tqdm.write(f"reused {sum(len(v) for v in old_curves.values())} curves of layer(s) {kept}")
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
     timings["total_s"] = time.time() - t0  # capture to statistics (the report is written from the files after)
     metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, curves, timings, prompt_notes,
@@ -734,6 +808,50 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
     if scores_out:
         metrics["_curves"] = curves
     return metrics
+
+
+def _previous_run(run: RunDir, cfg: ProtocolConfig) -> dict[str, Any] | None:
+    """The metrics of the finished run in ``run`` that this one grows (the same settings but for
+    :data:`GROWABLE`; :func:`open_run` has checked them and the data), else None."""
+    try:
+        metrics = run.metrics()
+    except (FileNotFoundError, ValueError):
+        return None
+    return metrics if not config_differences(metrics.get("config") or {}, _jsonable(asdict(cfg))) else None
+
+
+def _previous_curves(previous: dict[str, Any] | None, layers: list[int],
+                     concepts: list[str]) -> dict[tuple[int, str], list[Curve]]:
+    """The curves of a previous run at ``layers`` and ``concepts``, by (layer, concept); none from a run written
+    before the per-image scores were kept in full."""
+    from jsae.protocol.sweep import Curve
+
+    out: dict[tuple[int, str], list[Curve]] = {}
+    if not previous:
+        return out
+    try:
+        for rec, sc in zip(previous["curves"], previous["scores"]):
+            if rec["layer"] in layers and rec["concept"] in concepts:
+                out.setdefault((rec["layer"], rec["concept"]), []).append(Curve.from_metrics(rec, sc))
+    except KeyError:
+        return {}
+    return out
+
+
+def load_methods(run: RunDir, layer: int, methods: tuple[str, ...]) -> dict[str, Method]:
+    """The SAEs a run saved at ``layer`` (``saes/<method>/layer_<L>``), as :class:`Method` objects."""
+    from sae_lens import SAE
+
+    from jsae.saes.joint_sae import JointSAE
+
+    out = {}
+    for name in methods:
+        folder = run.sae_dir(name, layer)
+        if name == "saelens-topk":
+            out[name] = Method(name, SAE.load_from_disk(str(folder)), False)
+        else:
+            out[name] = Method(name, JointSAE.load_from_disk(folder), True)
+    return out
 
 
 def world_prompts(cfg: ProtocolConfig, processor: Any) -> ProtocolConfig:
@@ -753,5 +871,5 @@ def world_prompts(cfg: ProtocolConfig, processor: Any) -> ProtocolConfig:
 __all__ = ["ARTEFACTS", "PRESETS", "PRESET_CHOICES", "REFERENCE_ALPHAS", "REFERENCE_CAPTION_PROMPT",
            "REFERENCE_CAPTION_TEMPLATE", "REFERENCE_CAPTURE_TEMPLATE", "LayerData", "ProtocolConfig", "apply_preset",
            "reference_differences", "reference_prompts", "capture_stage", "check_config", "choose_concepts", "data_source",
-           "default_layers", "label_stage", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage",
+           "GROWABLE", "SWEEP_ONLY", "card_metrics", "config_differences", "default_layers", "label_stage", "load_methods", "open_run", "run_protocol", "statistics_stage", "sweep_stage", "train_stage",
            "world_prompts"]

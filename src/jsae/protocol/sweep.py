@@ -157,7 +157,24 @@ class Curve:
 
     def scores(self) -> dict[str, Any]:
         return {"image_ids": self.image_ids, "effect": self.effect.tolist(),
-                "preservation": np.where(np.isnan(self.preservation), None, self.preservation).tolist()}
+                "preservation": np.where(np.isnan(self.preservation), None, self.preservation).tolist(),
+                "fluent": self.fluent.astype(bool).tolist(), "hallucinated": self.hallucinated.astype(bool).tolist()}
+
+    @classmethod
+    def from_metrics(cls, record: dict[str, Any], scores: dict[str, Any]) -> "Curve":
+        """The curve a run's ``metrics.json`` holds (its ``curves`` record and ``scores``), to reuse it when the run
+        grows; a ``KeyError`` for a run written before the per-image fluency was kept."""
+        pres = np.array([[np.nan if x is None else x for x in row] for row in scores["preservation"]], dtype=float)
+        k = len(record["strengths"])
+        shape = (k, len(scores["image_ids"]))
+        return cls(measure=record["measure"], method=record["method"], decoder=record["decoder"],
+                   positions=record["positions"], layer=int(record["layer"]), concept=record["concept"],
+                   strengths=list(record["strengths"]), alphas=list(record["alphas"]), image_ids=list(scores["image_ids"]),
+                   effect=np.array(scores["effect"], dtype=float).reshape(shape), preservation=pres.reshape(shape),
+                   fluent=np.array(scores["fluent"], dtype=bool).reshape(shape),
+                   hallucinated=np.array(scores["hallucinated"], dtype=bool).reshape(shape),
+                   features=list(record["features"]), feature_corr=list(record["feature_corr"]),
+                   cosine_to_oracle=record["cosine_to_oracle"], base_rate=record["base_rate"], reason=record["reason"])
 
 
 # ---- directions --------------------------------------------------------------------------------------

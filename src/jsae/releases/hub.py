@@ -73,15 +73,17 @@ def find_saes(directory: str | Path, sae_id: str | None = None) -> dict[str, Pat
 
 def model_card(saes: dict[str, Path], repo_id: str) -> str:
     """The README.md: SAELens front matter, a table of the SAEs with their metrics, how to load them."""
-    rows, models = [], []
+    rows, models, measured = [], [], set()
     for sid, path in saes.items():
         cfg = json.loads((path / CFG_FILE).read_text())
         meta = cfg.get("metadata") or {}
         metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
         models.append(meta.get("model_name"))
+        if metrics:
+            measured.add(metrics.get("measured_on", "held-out pairs"))
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
         rows.append(f"| `{sid}` | {meta.get('model_name') or '–'} | {meta.get('layer', '–')} | {meta.get('pooling') or '–'} | "
-                    f"{meta.get('alignment') or '–'} | {cfg['d_in']} | {cfg['d_sae']} | {cfg.get('activation', 'relu')} | "
+                    f"{meta.get('alignment') or metrics.get('alignment') or '–'} | {cfg['d_in']} | {cfg['d_sae']} | {cfg.get('activation', 'relu')} | "
                     f"{fmt(metrics.get('l0'))} | {fmt(metrics.get('variance_explained'))} | "
                     f"{fmt(metrics.get('variance_explained_vision'))} | {'yes' if (path / 'labels.json').is_file() else 'no'} |")
     model_set = sorted({m for m in models if m})
@@ -100,7 +102,8 @@ def model_card(saes: dict[str, Path], repo_id: str) -> str:
         "| sae_id | model | layer | pooling | alignment | d_in | d_sae | activation | L0 (text) | variance explained (text) "
         "| variance explained (vision) | labels |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Metrics are measured on held-out pooled pairs. Folders follow SAELens's layout "
+        (f"Metrics are measured on {' / '.join(sorted(measured))} (pooled). " if measured else
+         "No metrics were recorded with these SAEs. ") + "Folders follow SAELens's layout "
         "(`<sae_id>/cfg.json`, `<sae_id>/sae_weights.safetensors`); `labels.json` holds feature → concept labels.", "",
         "## How to load", "", "```bash", "pip install jsae", "```", "", "```python",
         "import jsae                      # registers the 'jsae' architecture in SAELens",

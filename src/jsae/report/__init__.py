@@ -20,11 +20,14 @@ def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_bro
     m = run.metrics()
     pos = (m.get("config", {}).get("positions") or ["image"])[0]
     bands = m["summary"].get("bands", {}).get("steering", {}).get(pos, {})
+    suppression = m["summary"].get("bands", {}).get("suppression", {})
     if bands:
         plot_dose_response(bands, m["n_layers"], run.path / "dose_response.png",
-                           title=f"{m['model']}: steering at {pos} (mean over concepts)",
+                           title=f"{m['model']}: steering at {pos}, suppression at "
+                                 f"{next(iter(suppression), 'image') if suppression else '–'} (means over concepts)",
                            xlabel="absolute α" if m.get("config", {}).get("alphas") else
-                           "strength (× mean per-token image-state norm)")
+                           "strength (× mean per-token image-state norm)",
+                           suppression=next(iter(suppression.values()), None) if suppression else None)
     layers = m["layers"]
     joint = [name for name in m.get("methods", ["jsae"]) if name in ("jsae", "jsae-none", "separate")
              and all(run.sae_dir(name, L).is_dir() for L in layers)]

@@ -137,26 +137,60 @@ def browser_features(codes: TokenCodes, labels: FeatureLabels, layer: int, cells
     for lab in strongest_labelled(labels, n_features):
         j = lab.feature
         top_img, top_cap = top_examples(codes, j, n_images)
-        st = next((c for c in steer if j in c.get("features", [])), None)
+        # only the steering of the concept the feature is labelled with (a feature can be among another concept's top 3)
+        st = [c for c in steer if j in c.get("features", []) and c["concept"] == lab.label]
         feats.append({"feature": j, "layer": layer, "label": lab.label, "kind": lab.kind, "purity": lab.purity,
                       "top_images": [(codes.images[b], heat_map(codes, b, j)) for b in top_img],
+                      "image_holds": [names(codes.captions[b], lab.label) for b in top_img],
                       "top_captions": [codes.captions[b] for b in top_cap],
-                      "steering": None if st is None else
-                      f"'{st['concept']}' via {st['key']}: r50 {st['r50']:.2f}, effect at 1: {st['effect_small']:+.2f}"})
+                      "caption_holds": [names(codes.captions[b], lab.label) for b in top_cap],
+                      "steering": "; ".join(steering_line(c) for c in st) or None})
     return feats
+
+
+def names(caption: str, concept: str) -> bool:
+    """Does ``caption`` name ``concept`` (the world's grammar: a type, category or colour; else a caption word)?"""
+    from jsae.data.judges import caption_words
+    from jsae.world.concepts import mentions
+
+    try:
+        return bool(mentions(caption, concept))
+    except (ValueError, KeyError, IndexError):  # not a world caption
+        return concept in caption_words(caption)
+
+
+def steering_line(c: dict[str, Any]) -> str:
+    """One steering curve summary in the report's words (``not reached`` for an r50 beyond the grid)."""
+    r50 = c.get("r50")
+    r50 = "not reached" if r50 is None or r50 == float("inf") else f"{r50:.2f}"
+    effect = c.get("effect_small")
+    effect = "–" if effect is None else f"{effect:+.2f}"
+    return (f"'{c['concept']}' via {c['key']} at {c.get('positions', 'image')}: r50 {r50} (× the mean image-token norm), "
+            f"effect at r = 1 {effect}")
 
 
 # ---- the page -------------------------------------------------------------------------------------
 
 
 def heatmap_overlay(image: Image.Image, grid: np.ndarray, scale: int = 3) -> Image.Image:
-    """The image with a per-patch activation grid ``[rows, cols]`` laid over it in red."""
+    """The image with a per-patch activation grid ``[rows, cols]`` shown in a way that stays visible on any scene
+    (no colour of its own, which a red or orange object would hide): patches where the feature is weak are dimmed
+    toward grey in proportion, and patches at ≥ half its maximum are framed black-and-white."""
+    from PIL import ImageDraw
+
     img = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     g = np.asarray(grid, dtype=float)
     g = g / g.max() if g.max() > 0 else g
-    heat = Image.fromarray((g * 255).astype(np.uint8), mode="L").resize(img.size, Image.NEAREST)
-    red = Image.new("RGB", img.size, (255, 0, 0))
-    return Image.composite(red, img, heat.point(lambda v: int(v * 0.6)))
+    keep = Image.fromarray((np.clip(0.25 + 0.75 * g, 0, 1) * 255).astype(np.uint8), mode="L").resize(img.size, Image.NEAREST)
+    grey = Image.new("RGB", img.size, (40, 40, 40))
+    out = Image.composite(img, grey, keep)
+    draw = ImageDraw.Draw(out)
+    ph, pw = img.height / g.shape[0], img.width / g.shape[1]
+    for r, c in zip(*np.nonzero(g >= 0.5)):
+        box = (int(c * pw), int(r * ph), int((c + 1) * pw) - 1, int((r + 1) * ph) - 1)
+        draw.rectangle(box, outline=(0, 0, 0), width=3)
+        draw.rectangle((box[0] + 1, box[1] + 1, box[2] - 1, box[3] - 1), outline=(255, 255, 255), width=1)
+    return out
 
 
 def png_data_uri(image: Image.Image) -> str:
@@ -174,7 +208,8 @@ body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222
 .feature h2{font-size:1.05em;margin:0 0 .4em}
 .kind{font-size:.8em;padding:.1em .4em;border-radius:3px;background:#eee}
 .shared{background:#d4f4d4}.vision-only{background:#d4e4f8}.text-only{background:#f8e8cc}
-.imgs img{margin:2px;border:1px solid #ccc;image-rendering:pixelated}
+.imgs figure{display:inline-block;margin:2px;text-align:center}.imgs figcaption{font-size:.8em}
+.imgs img{border:1px solid #ccc;image-rendering:pixelated}.tally{list-style:none;color:#666;font-size:.9em}
 .caps{font-size:.9em;color:#444}.steer{font-size:.9em}
 """
 
@@ -191,17 +226,28 @@ LEGEND = ("<p class='legend'><b>kind</b>: <span class='kind shared'>shared</span
           "code both correlate with its label (≥ the labelling threshold) over held-out image–caption pairs; "
           "<span class='kind vision-only'>vision-only</span> / <span class='kind text-only'>text-only</span>: only one "
           "branch does. <b>purity</b>: the share of the feature's activation mass that falls on pairs containing its label "
-          "(1 = it fires only where the concept is; averaged over the branches where it fires). Top images carry the "
-          "feature's activation per image patch in red; top captions are those whose pooled text code is largest.</p>")
+          "(1 = it fires only where the concept is; averaged over the branches where it fires), measured on the held-out "
+          "labelling pairs. Top images show the feature's activation per image patch: dimmed where it is weak, framed "
+          "black-and-white where it is at least half its maximum; top captions are those whose pooled text code is "
+          "largest. ✓ / ✗ mark whether an example's caption names the label, so purity can be checked against what "
+          "is shown. <b>steering</b>: the run's steering curve of the label's concept that used this feature "
+          "(r50 as in the report; <i>not reached</i> = no +0.5 effect on the grid).</p>")
 
 
 def _card(f: dict[str, Any]) -> str:
-    imgs = "".join(
-        f'<img alt="top image" src="{png_data_uri(heatmap_overlay(im, grid) if grid is not None else im)}">'
-        for im, grid in f.get("top_images", [])
-    )
-    caps = "".join(f"<li>{html.escape(c)}</li>" for c in f.get("top_captions", []))
     label = f.get("label") or "unlabelled"
+    image_holds, caption_holds = f.get("image_holds"), f.get("caption_holds")
+    mark = lambda holds, i: "" if holds is None else ("✓ " if holds[i] else "✗ ")  # noqa: E731
+    imgs = "".join(
+        f'<figure><img alt="top image" src="{png_data_uri(heatmap_overlay(im, grid) if grid is not None else im)}">'
+        f'<figcaption>{mark(image_holds, i)}</figcaption></figure>'
+        for i, (im, grid) in enumerate(f.get("top_images", []))
+    )
+    caps = "".join(f"<li>{mark(caption_holds, i)}{html.escape(c)}</li>" for i, c in enumerate(f.get("top_captions", [])))
+    if image_holds is not None and caption_holds is not None:
+        caps += (f'<li class="tally">{sum(image_holds)}/{len(image_holds)} top images and {sum(caption_holds)}/'
+                 f'{len(caption_holds)} top captions name {html.escape(label)!r}; purity {f.get("purity", 0):.2f} = its '
+                 f'activation share on held-out pairs with {html.escape(label)!r}</li>')
     layer = f" · layer {f['layer']}" if "layer" in f else ""
     search = html.escape(f"{f['feature']} {label} {f.get('kind', '')}{layer}".lower())
     steer = f'<div class="steer">steering: {html.escape(str(f["steering"]))}</div>' if f.get("steering") else ""
@@ -281,4 +327,4 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
 
 
 __all__ = ["TokenCodes", "TokenStates", "browser_features", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
-           "png_data_uri", "strongest_labelled", "token_codes", "token_states", "top_examples", "world_model_for"]
+           "names", "png_data_uri", "steering_line", "strongest_labelled", "token_codes", "token_states", "top_examples", "world_model_for"]

@@ -24,33 +24,77 @@ def _ci(row: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
     return f"{f(v)} [{f(row[key + '_low'])}, {f(row[key + '_high'])}]"
 
 
+def _relative(r: dict[str, Any]) -> str:
+    """A direction's r50 against the oracle's, in words: ``1.3× [1.1, 1.6]``; with concepts that never reach +0.5
+    (counted at twice the grid top) ``≥ 16.6× [6.2, 37.5] (9/12 reached)``: a lower bound, since the concepts not
+    reached would need more than the grid holds."""
+    a, b = r["reached"].split("/")
+    ratio = f"{2 ** r['log2_vs_oracle']:.1f}× [{2 ** r['log2_vs_oracle_low']:.1f}, {2 ** r['log2_vs_oracle_high']:.1f}]"
+    return ratio if a == b else f"≥ {ratio} ({r['reached']} reached)"
+
+
+def _compare(r: dict[str, Any]) -> str:
+    """``"never"`` (no concept reaches +0.5), ``"easier"`` / ``"harder"`` (the log2 ratio's interval excludes 0), or
+    ``"as easy"`` (it includes 0) than the oracle."""
+    if r.get("log2_vs_oracle") is None or r["reached"].startswith("0/"):
+        return "never"
+    if r.get("log2_vs_oracle_high") is not None and r["log2_vs_oracle_high"] < 0:
+        return "easier"
+    if r.get("log2_vs_oracle_low") is not None and r["log2_vs_oracle_low"] > 0:
+        return "harder"
+    return "as easy"
+
+
+def _verdict(here: list[dict[str, Any]], measure: str) -> str:
+    groups: dict[str, list[str]] = {}
+    for r in here:
+        if r["key"] != "oracle":
+            groups.setdefault(_compare(r), []).append(r["key"])
+    words = {"easier": f"{'suppress' if measure == 'suppression' else 'steer'} *more easily* than the oracle",
+             "as easy": "as easily as the oracle (interval includes 1×)", "harder": "need more strength than the oracle",
+             "never": "never reach +0.5"}
+    parts = [f"{', '.join(f'`{k}`' for k in groups[g])} {words[g]}" for g in ("easier", "as easy", "harder", "never")
+             if g in groups]
+    return "; ".join(parts) if parts else "only the oracle was measured"
+
+
 def what_this_shows(s: dict[str, Any]) -> list[str]:
-    """One generated sentence per (positions, layer) of steering: how far the oracle gets, and each direction's
-    r50 relative to the oracle's with its interval (the numbers of the table below, in words)."""
+    """Per measure, positions and layer: how far the oracle gets, each direction's r50 relative to the oracle's with
+    its interval (the numbers of the tables below, in words), and a one-line verdict: which directions steer (or
+    suppress) more easily than the oracle, as easily, with more strength, or never — and whether the alignment loss
+    made a difference (the JSAE against its ablation, with the bootstrap p-value)."""
     out = []
-    rows = [r for r in s.get("rows", []) if r["measure"] == "steering"]
-    for pos, layer in sorted({(r["positions"], r["layer"]) for r in rows}, key=lambda x: (x[0], x[1])):
-        here = [r for r in rows if (r["positions"], r["layer"]) == (pos, layer)]
-        oracle = next((r for r in here if r["key"] == "oracle"), None)
-        if oracle is None:
-            continue
-        if oracle.get("r50") is None:
-            out.append(f"- Layer {layer} ({pos}): even the oracle direction does not reach +0.5 on the grid; nothing is "
-                       "compared there.")
-            continue
-        parts = []
-        for r in sorted((r for r in here if r["key"] != "oracle"), key=lambda r: (r.get("log2_vs_oracle") is None,
-                                                                                 r.get("log2_vs_oracle") or 0)):
-            if r.get("log2_vs_oracle") is None or r["reached"].startswith("0/"):
-                parts.append(f"{r['key']} never reaches it ({r['reached']})")
-            else:
-                ratio = 2 ** r["log2_vs_oracle"]
-                a, b = r["reached"].split("/")
-                least = "" if a == b else "at least "  # concepts not reached count at the censoring cap
-                parts.append(f"{r['key']} needs {least}{ratio:.1f}× the oracle's strength "
-                             f"[{2 ** r['log2_vs_oracle_low']:.1f}, {2 ** r['log2_vs_oracle_high']:.1f}] ({r['reached']} concepts)")
-        out.append(f"- Layer {layer} ({pos}): the oracle reaches +0.5 at r50 = {oracle['r50']:.2f} ({oracle['reached']} "
-                   "concepts); " + "; ".join(parts) + ".")
+    tests = s.get("tests", {})
+    for measure in ("steering", "suppression"):
+        rows = [r for r in s.get("rows", []) if r["measure"] == measure]
+        for pos, layer in sorted({(r["positions"], r["layer"]) for r in rows}, key=lambda x: (x[0], x[1])):
+            here = [r for r in rows if (r["positions"], r["layer"]) == (pos, layer)]
+            oracle = next((r for r in here if r["key"] == "oracle"), None)
+            if oracle is None:
+                continue
+            what = f"{measure} at {pos}" if measure == "steering" else "suppression (negative steering)"
+            if oracle.get("r50") is None:
+                out.append(f"- **Layer {layer}, {what}**: even the oracle direction does not reach +0.5 on the grid. "
+                           f"**Verdict: nothing {'steers' if measure == 'steering' else 'suppresses'} here** through "
+                           "these positions; no direction is compared.")
+                continue
+            parts = []
+            for r in sorted((r for r in here if r["key"] != "oracle"),
+                            key=lambda r: (r.get("log2_vs_oracle") is None, r.get("log2_vs_oracle") or 0)):
+                if _compare(r) == "never":
+                    parts.append(f"`{r['key']}` never reaches it ({r['reached']})")
+                else:
+                    parts.append(f"`{r['key']}` needs {_relative(r)} the oracle's strength")
+            verdict = _verdict(here, measure)
+            for decoder in ("text", "vision"):
+                t = tests.get(f"{measure}@{pos} L{layer}: log2 r50 jsae:{decoder} − jsae-none:{decoder}")
+                if t and t.get("p_value") is not None:
+                    better = t["statistic"] < 0
+                    verdict += (f"; alignment ({decoder} decoder): the JSAE needs {2 ** t['statistic']:.1f}× its "
+                                f"ablation's strength ({'less' if better else 'more'}; p = {t['p_value']:.3f}, "
+                                f"Holm {t['p_holm']:.2f})")
+            out.append(f"- **Layer {layer}, {what}**: the oracle reaches +0.5 at r50 = {oracle['r50']:.2f} "
+                       f"({oracle['reached']} concepts); " + "; ".join(parts) + f". **Verdict**: {verdict}.")
     return out
 
 
@@ -76,6 +120,14 @@ HOW_TO_READ = [
     "layers and methods together) and concepts. **Empty cells**: `–` = not reached on the grid (no r50 to report) or "
     "no comparison possible; `not reached` = that concept never reaches +0.5; `n/a` = does not apply (the oracle's "
     "cosine to itself, a TopK SAE's text branch, a training history too short for the loss-plateau check).",
+    "- **Curves table**: `fluency_max` = the highest share of fluent captions at any strength of the curve (a "
+    "direction that breaks the grammar everywhere scores low); `hallucination_max` = the highest share of captions "
+    "naming an object type neither in the image nor the concept; `cos_oracle` = cosine of the direction with the "
+    "oracle's; `top_corr` = the correlation with the concept of the direction's best latent (its label strength); "
+    "`effect_best_alpha` (only with `--reference-faults`) = each image's best effect over the grid, the reference's "
+    "in-sample pick. **Tests**: `statistic` = the mean log2 r50 difference (< 0: the first direction needs less), "
+    "`p_value` from the bootstrap, `p_holm` after Holm's correction over every test of the run (multiple comparisons), "
+    "`n` = concepts.",
     "- **SAEs**: FVU = fraction of variance unexplained on pooled held-out pairs (what the SAE is trained on) and "
     "`fvu_vision_tokens` / `fvu_text_tokens` on single image-token / text-token states (what an edit touches; larger, "
     "because the SAEs are trained on pooled vectors); `converged` = fewer than 10% of the latents are dead (never fire "

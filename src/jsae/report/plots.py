@@ -14,11 +14,33 @@ from jsae.files import write_atomic
 # ---- plots --------------------------------------------------------------------------------------
 
 
-def plot_dose_response(bands: dict[str, dict[str, dict[str, dict[str, float | list]]]], n_layers: int,
-                       path: str | Path, title: str = "", xlabel: str = "strength (× mean per-token image-state norm)") -> Path:
-    """Effect (solid) and preservation (dashed) against strength, a panel per layer, a line per direction,
-    95% image-bootstrap intervals of the effect shaded.  ``bands[key][layer]`` holds ``strengths``,
-    ``effect``, ``low``, ``high`` and ``preservation`` (means over concepts)."""
+#: One colour per method (Okabe–Ito, readable with colour-blindness), one line style per decoder: text directions
+#: dashed with square markers, vision directions solid with round ones, so ``jsae:text`` and ``jsae:vision`` share a
+#: colour and differ in style, and ``jsae`` and ``jsae-none`` differ in colour.
+METHOD_COLOURS = {"oracle": "#000000", "text-oracle": "#777777", "jsae": "#0072B2", "jsae-none": "#E69F00",
+                  "separate": "#CC79A7", "saelens-topk": "#009E73"}
+_EXTRA_COLOURS = ("#D55E00", "#56B4E9", "#F0E442", "#882255")
+
+
+def direction_style(key: str) -> dict[str, Any]:
+    """Matplotlib style of a direction ``method[:decoder]`` in :func:`plot_dose_response`."""
+    method, _, decoder = key.partition(":")
+    colour = METHOD_COLOURS.get(method) or _EXTRA_COLOURS[sum(map(ord, method)) % len(_EXTRA_COLOURS)]
+    text = decoder == "text" or method == "text-oracle"
+    return {"color": colour, "ls": "--" if text else "-", "marker": "s" if text else "o", "ms": 3.5,
+            "lw": 2.0 if method in ("oracle", "text-oracle") else 1.4}
+
+
+def plot_dose_response(bands: dict[str, dict[str, dict[str, float | list]]], n_layers: int, path: str | Path,
+                       title: str = "", xlabel: str = "strength (× mean per-token image-state norm)",
+                       suppression: dict[str, dict[str, dict[str, float | list]]] | None = None) -> Path:
+    """The dose–response figure: a column per swept layer and a row per measure — steering effect (share of
+    captions newly mentioning the concept), preservation while steering (share of the other objects still
+    named), and, given ``suppression`` bands, the suppression effect (share of captions that stop mentioning it,
+    under negative steering) — a line per direction (colour = method, dashed = text decoder, solid = vision
+    decoder), 95% image-bootstrap intervals of the effects as error bars (shaded bands of seven directions
+    overlap into grey), the legend outside the panels.  ``bands[key][layer]`` holds ``strengths``, ``effect``,
+    ``low``, ``high`` and ``preservation`` (means over concepts)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,43 +50,66 @@ def plot_dose_response(bands: dict[str, dict[str, dict[str, dict[str, float | li
     layers = sorted({int(L) for by_layer in bands.values() for L in by_layer})
     if not layers:
         raise ValueError("nothing to plot: no dose-response bands")
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), squeeze=False, sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, L in zip(axes[0], layers):
-        missing, ticks = [], set()
-        for i, key in enumerate(sorted(bands, key=lambda k: (k != "oracle", k))):
-            b = bands[key].get(str(L)) or bands[key].get(L)
-            if not b:
-                missing.append(key)
-                continue
-            ticks.update(float(v) for v in b["strengths"])
-            x = np.asarray(b["strengths"], float)
-            col = "black" if key == "oracle" else colours[i % len(colours)]
-            ax.plot(x, b["effect"], marker="o", ms=3, color=col, label=key, lw=2 if key == "oracle" else 1.2)
-            ax.fill_between(x, b["low"], b["high"], color=col, alpha=0.15)
-            if b.get("preservation") is not None:
-                pres = np.array([np.nan if v is None else v for v in b["preservation"]], float)
-                ax.plot(x, pres, ls="--", color=col, lw=0.8)
-        ax.set_xscale("log")
-        if ticks:  # the grid's own strengths as plain numbers (log-scale minor labels overlap)
-            ax.set_xticks(sorted(ticks), [f"{v:g}" for v in sorted(ticks)], fontsize=7)
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        if missing:  # a direction without a curve here is said so, not just absent
-            ax.text(0.02, 0.98, "no curve: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=6,
-                    color="grey", wrap=True)
-        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_title(f"layer {L} of {n_layers}")
-        ax.set_xlabel(xlabel)
-    axes[0][0].set_ylabel("effect (solid), preservation (dashed)")
+    rows = [("steering: effect", bands, "effect"), ("steering: preservation", bands, "preservation")]
+    if suppression:
+        rows.append(("suppression: effect", suppression, "effect"))
+    family = {"oracle": 0, "text-oracle": 1}
+    keys = sorted({*bands, *(suppression or {})}, key=lambda k: (family.get(k.partition(":")[0], 2), k.partition(":")[0],
+                                                                 k.partition(":")[2] != "text"))
+    fig, axes = plt.subplots(len(rows), len(layers), figsize=(min(3.3 * len(layers), 16) + 2.2, 2.5 * len(rows) + 0.9),
+                             squeeze=False, sharey=True)
+    for r, (row_name, data, field) in enumerate(rows):
+        for c, L in enumerate(layers):
+            ax = axes[r][c]
+            missing, ticks = [], set()
+            present = [k for k in keys if (data.get(k) or {}).get(str(L)) or (data.get(k) or {}).get(L)]
+            for i, key in enumerate(present):
+                b = data[key].get(str(L)) or data[key].get(L)
+                values = b.get(field)
+                if values is None:
+                    continue
+                ticks.update(float(v) for v in b["strengths"])
+                x = np.asarray(b["strengths"], float)
+                y = np.array([np.nan if v is None else v for v in values], float)
+                st = direction_style(key)
+                if field == "effect" and b.get("low") is not None:  # dodged error bars: one per direction, no mud
+                    dodge = x * 1.045 ** (i - (len(present) - 1) / 2)
+                    lo = np.array([np.nan if v is None else v for v in b["low"]], float)
+                    hi = np.array([np.nan if v is None else v for v in b["high"]], float)
+                    ax.errorbar(dodge, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="none",
+                                ecolor=st["color"], elinewidth=0.7, alpha=0.55)
+                    ax.plot(dodge, y, label=key, **st)
+                else:
+                    ax.plot(x, y, label=key, **st)
+            missing = [k for k in (bands if field != "effect" or data is bands else suppression or {}) if k not in present]
+            ax.set_xscale("log")
+            if ticks:  # the grid's own strengths as plain numbers (log-scale minor labels overlap)
+                ax.set_xticks(sorted(ticks), [f"{v:g}" for v in sorted(ticks)], fontsize=7)
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            if missing:  # a direction without a curve here is said so, not just absent
+                ax.text(0.02, 0.97, "no curve: " + ", ".join(missing), transform=ax.transAxes, va="top", fontsize=6,
+                        color="dimgrey", wrap=True)
+            if field == "effect":
+                ax.axhline(0.5, color="grey", lw=0.7, ls=":")
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.set_ylim(-0.08, 1.05)
+            ax.grid(True, axis="y", lw=0.3, alpha=0.5)
+            if r == 0:
+                ax.set_title(f"layer {L} of {n_layers}", fontsize=10)
+            if r == len(rows) - 1:
+                ax.set_xlabel(xlabel if data is bands else "strength (× norm), negative direction", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_name, fontsize=9)
     handles: dict[str, Any] = {}
-    for ax in axes[0]:  # every direction in the legend, also one without a curve in the last panel
+    for ax in axes.flat:  # every direction in the legend, also one without a curve in some panel
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    order = [k for k in keys if k in handles]
+    fig.legend([handles[k] for k in order], order, loc="center right", fontsize=8, frameon=False,
+               title="direction\n(colour: method;\n- - text decoder,\n— vision decoder)", title_fontsize=8)
+    fig.suptitle((title + "\n" if title else "") + "dotted line: +0.5 (r50 is where the effect crosses it); "
+                 "error bars: 95% intervals over images and concepts", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -128,4 +173,4 @@ def plot_fidelity(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-__all__ = ["plot_dose_response", "plot_fidelity"]
+__all__ = ["METHOD_COLOURS", "direction_style", "plot_dose_response", "plot_fidelity"]
