@@ -194,3 +194,17 @@ def test_demo_on_a_real_vlm_needs_data(tmp_path):
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "r"), "--model", str(tmp_path)])
     assert res.exit_code == 2 and "pass --data" in res.output
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_default_positions_run_at_the_last_layer(tmp_path):
+    """The default positions (image, generated, image+generated) at the last decoder layer: image-only steering is
+    skipped with its reason, and the clamps act at the generated tokens at every step (a prefill clamp at the
+    generated tokens has nothing to edit)."""
+    cfg = ProtocolConfig(n_train=200, n_label=100, n_eval=120, layers=[7], steps=20, d_sae=32, n_images=2,
+                         concepts=["cat"], methods=("jsae",), max_new_tokens=8, ratios=(1.0, 4.0))
+    assert cfg.positions == ("image", "generated", "image+generated")
+    metrics = run_protocol(tmp_path / "run", cfg, progress=False)
+    clamps = [c for c in metrics["curves"] if c["measure"] == "clamp"]
+    assert clamps and {c["positions"] for c in clamps} == {"generated"}
+    assert {c["positions"] for c in metrics["curves"] if c["measure"] == "steering"} == {"generated", "image+generated"}
+    assert "7/positions" in metrics["skipped"]

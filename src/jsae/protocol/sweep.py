@@ -386,7 +386,8 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
             curves += _curves_from(sweep, rows, caps, dirs, grid, absolute, measure, pos, sign, norm)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
-    at = POSITION_SETS[positions[0]][0][0]
+    at, timing = POSITION_SETS[positions[0]][0]  # the first part of the first position set, at its own timing
+    # (at the last decoder layer only position sets with generated tokens are run: their clamps act at every step)
     groups: dict[tuple[str, str | None], list[int]] = {}
     for di, d in enumerate(dirs):
         groups.setdefault((d.method, d.sae_branch), []).append(di)
@@ -400,11 +401,11 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                 continue
             if method in ("oracle", "text-oracle"):
                 P = torch.stack([dirs[di].vector for _, di, _ in rows])
-                make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing="prefill", direction=P[lo:hi])]  # noqa: E731
+                make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing=timing, direction=P[lo:hi])]  # noqa: E731
             else:
                 feats = [dirs[di].features for _, di, _ in rows]
                 make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
-                    Ablate(layer=layer, positions=at, timing="prefill", sae=m.sae, features=feats[lo:hi], sae_modality=br)]
+                    Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
             rows_all += rows
             caps_all += _run_rows(sweep, rows, make, bar)
     curves += _curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
