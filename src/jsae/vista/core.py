@@ -80,7 +80,7 @@ def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
     from jsae.interventions import check_sae_site  # the model it was trained on: the interventions' own check
 
     text_cfg = getattr(adapter.hf_model.config, "text_config", None)
-    lm_name = str(getattr(text_cfg, "_name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
+    lm_name = str(getattr(text_cfg, "name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
     check_sae_site(sae, layer, adapter, "VISTA run", "pass the text SAEs trained on this model's language model "
                    "(--text-sae), or leave --text-sae out to train them", also_models=(lm_name,))
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from jsae.files import write_atomic, write_json
 from jsae.report.markdown import markdown_table
+from jsae.saes.metrics import fvu as sae_fvu
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
 from jsae.vista.metrics import (context_concepts, image_concepts, interval, label_from_top_examples, label_summary,
@@ -146,7 +147,7 @@ def _load_world(model: str, seed: int = 0) -> tuple[Any, Any, Any]:
 
 
 def _model_name(adapter: Any) -> str:
-    from jsae.capture import _model_name as name
+    from jsae.vlm import model_name as name
 
     return name(adapter)
 
@@ -224,7 +225,7 @@ def train_world(out: str | Path, cfg: WorldVistaConfig | None = None, overwrite:
         got = label_text_sae(sae, lstates[layer], words, owners_l, concepts, cfg.top_n, cfg.min_purity, cfg.context)
         x = lstates[layer]
         with torch.no_grad():
-            fvu = float((sae.decode(got["codes"]) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            fvu = float(sae_fvu(sae.decode(got["codes"]), x))
         d = out / "text_sae" / adapter.hook_name(layer)
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "cfg.json").exists():
