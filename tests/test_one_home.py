@@ -42,6 +42,8 @@ def test_last_positions_by_hand():
 COPIES = {
     "FVU": (re.compile(r"\.mean\(0\)\)\.pow\(2\)\.sum\(\)"), {"saes/metrics.py", "releases/saebench.py"}),
     "summed unit decoder rows": (re.compile(r"norm\(dim=-1, keepdim=True\)[^\n]*\)\.sum\(0\)"), {"saes/metrics.py"}),
+    "per-token states (a read_layers pass gathered at a mask)":
+        (re.compile(r"h\[[^\]]*\.to\(h\.device\)\]|got\[layer\]\[keep\]|states\[img\]"), {"activations.py"}),
     "last position of a mask": (re.compile(r"where\(\w+, \w+, (?:-1|torch\.full_like\(\w+, -1\))\)\.amax"), {"activations.py"}),
 }
 
@@ -51,3 +53,18 @@ def test_each_formula_is_written_once(what):
     pattern, allowed = COPIES[what]
     homes = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if pattern.search(p.read_text()))
     assert set(homes) <= allowed and homes, f"{what} is written in {homes}; use its one home {sorted(allowed)}"
+
+
+def test_states_at_gathers_the_masked_positions_of_one_pass():
+    from jsae.activations import read_layers, states_at
+    from jsae.testing import tiny_vlm
+
+    vlm = tiny_vlm("llava")
+    enc = vlm.inputs(2)
+    mask = vlm.adapter.image_token_mask(enc)
+    full = read_layers(vlm.model, vlm.adapter, enc, [0, 2])
+    got = states_at(vlm.model, vlm.adapter, enc, [0, 2], mask)
+    assert sorted(got) == [0, 2]
+    for layer in (0, 2):
+        assert got[layer].dtype == torch.float32 and got[layer].shape == (int(mask.sum()), full[layer].shape[-1])
+        torch.testing.assert_close(got[layer], full[layer][mask].float(), rtol=0, atol=0)

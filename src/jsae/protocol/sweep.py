@@ -397,14 +397,13 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
 def image_token_states(vlm: Any, images: list[Any], layer: int, prompt: str,
                        prompt_template: str | None = None) -> Tensor:
     """``[n_tokens, d]`` per-token image states at ``layer`` (float32) for ``images`` after the captioning prompt."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     model, processor, adapter = vlm
     text = adapter.render_prompt(processor, prompt, 1, add_generation_prompt=True, prompt_template=prompt_template)
     enc = adapter.complete_inputs(processor(images=list(images), text=[text] * len(images), return_tensors="pt",
                                             padding=True))
-    h = read_layers(model, adapter, enc, [layer])[layer]
-    return h[adapter.image_token_mask(enc).to(h.device)].float().cpu()
+    return states_at(model, adapter, enc, [layer], adapter.image_token_mask(enc))[layer].cpu()
 
 
 def text_token_states(vlm: Any, pairs: list[tuple[Any, str]], layer: int, prompt_template: str | None = None,
@@ -412,13 +411,12 @@ def text_token_states(vlm: Any, pairs: list[tuple[Any, str]], layer: int, prompt
     """``[n_tokens, d]`` per-token text states at ``layer`` (float32) of ``(image, caption)`` pairs built as the
     capture builds them: the tokens the text view pools (``text_positions``: the caption's, or every
     non-image token)."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     model, processor, adapter = vlm
     enc = adapter.build_inputs(processor, [p[0] for p in pairs], [p[1] for p in pairs], prompt_template=prompt_template)
     mask = adapter.caption_token_mask(enc) if text_positions == "caption" else adapter.non_image_token_mask(enc)
-    h = read_layers(model, adapter, enc, [layer])[layer]
-    return h[mask.to(h.device)].float().cpu()
+    return states_at(model, adapter, enc, [layer], mask)[layer].cpu()
 
 
 def token_norm(vlm: Any, images: list[Any], layer: int, prompt: str, prompt_template: str | None = None) -> float:

@@ -267,7 +267,7 @@ def _image_states(model: Any, processor: Any, adapter: Any, images: list[Any], c
                   batch: int = 50) -> dict[int, torch.Tensor]:
     """{layer: [n_images, n_patches, d]} image-token states in row-major patch order (every image of the
     world has the same patch grid; a batch whose images differ is refused)."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(images), batch):
@@ -278,8 +278,8 @@ def _image_states(model: Any, processor: Any, adapter: Any, images: list[Any], c
             raise ValueError(f"images {i}..{i + len(counts) - 1} have different numbers of image tokens {counts.tolist()}; "
                              "the world evaluation needs one patch grid")
         n = int(counts[0])
-        for layer, states in read_layers(model, adapter, enc, layers).items():
-            out[layer].append(states[img].reshape(img.shape[0], n, -1).float())
+        for layer, states in states_at(model, adapter, enc, layers, img).items():
+            out[layer].append(states.reshape(img.shape[0], n, -1))
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
