@@ -30,19 +30,19 @@ handles, and either call :func:`register_adapter` or expose the class in your pa
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import re
 import weakref
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from jsae.guards import typechecked
+from jsae.hf import padding_side, tokenizer_of, unwrap  # noqa: F401  (re-exported: jsae.adapters.padding_side, unwrap)
 
 ENTRY_POINT_GROUP = "jsae.adapters"
 
@@ -105,14 +105,6 @@ def hook_names(layer: int, hf_hook_name: str | None = None) -> dict[str, str | N
     """Decoder layer ``layer``'s output under every naming: ``"hf"`` (the module path nnsight and forward hooks
     use, when known), ``"bridge"`` (``blocks.L.hook_out``) and ``"hooked_transformer"`` (``blocks.L.hook_resid_post``)."""
     return {"hf": hf_hook_name, "bridge": bridge_hook_name(layer), "hooked_transformer": saelens_hook_name(layer)}
-
-
-def unwrap(model: Any) -> nn.Module:
-    """The ``torch.nn.Module`` behind an nnsight envoy (or the module itself)."""
-    module = getattr(model, "_module", model)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"expected an nnsight-wrapped or transformers model, got {type(model).__name__}")
-    return module
 
 
 @dataclass(frozen=True)
@@ -281,7 +273,8 @@ class VLMAdapter(abc.ABC):
         return inputs.get("pixel_values") is not None
 
     # ---- masks --------------------------------------------------------------------------------
-    def _ids(self, inputs: Mapping[str, Any]) -> Tensor:
+    def input_ids(self, inputs: Mapping[str, Any]) -> Tensor:
+        """``inputs['input_ids']`` (``[batch, seq]``), or a one-line error naming how to build inputs."""
         ids = inputs.get("input_ids")
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             raise ValueError("inputs need 'input_ids' as a [batch, seq] tensor; build them with adapter.build_inputs(processor, images, texts)")
@@ -290,13 +283,13 @@ class VLMAdapter(abc.ABC):
     def attention_mask(self, inputs: Mapping[str, Any]) -> Tensor:
         """The attended positions of ``inputs`` ``[batch, seq]`` (bool; every position when it has no mask)."""
         am = inputs.get("attention_mask")
-        ids = self._ids(inputs)
+        ids = self.input_ids(inputs)
         return torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
 
     @typechecked
     def image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
         """True at the image-token positions (the positions the image features are written to)."""
-        return self._ids(inputs) == self.image_token_id
+        return self.input_ids(inputs) == self.image_token_id
 
     @typechecked
     def caption_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:
@@ -310,7 +303,7 @@ class VLMAdapter(abc.ABC):
         cm = inputs.get("caption_mask")
         if cm is not None:
             return cm.bool()
-        ids = self._ids(inputs)
+        ids = self.input_ids(inputs)
         keep = self.attention_mask(inputs).clone()
         for t in self.special_token_ids():
             keep &= ids != t
@@ -335,7 +328,7 @@ class VLMAdapter(abc.ABC):
         -1 everywhere else.  Region 0 is the image's base grid; LLaVA-NeXT's high-resolution tiles are
         region 1.  Row/col are -1 for image tokens that are not patches (CLS, row-newline)."""
         self.check_inputs(inputs)
-        ids = self._ids(inputs)
+        ids = self.input_ids(inputs)
         grid = torch.full((*ids.shape, 4), -1, dtype=torch.long)
         mask = self.image_token_mask(inputs).cpu()
         tokens = self.image_tokens(inputs)
@@ -354,7 +347,7 @@ class VLMAdapter(abc.ABC):
     # ---- validation ---------------------------------------------------------------------------
     def check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """One-line errors for inputs the model would reject or silently misread (raised before any forward)."""
-        self._ids(inputs)  # one-line error for missing input_ids
+        self.input_ids(inputs)  # one-line error for missing input_ids
         if not self.has_images(inputs):
             return
         counts = [t.n_tokens for t in self.image_tokens(inputs)]
@@ -410,7 +403,7 @@ class VLMAdapter(abc.ABC):
         as written, so ``add_generation_prompt`` does not apply to it."""
         if prompt_template is not None:
             return self.fill_template(processor, prompt_template, caption, n_images)
-        template = getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
+        template = getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
         if chat_template is True and template is None:
             raise ValueError(f"{type(processor).__name__} has no chat template; pass chat_template=False for the plain layout")
         if template is None or chat_template is False:
@@ -419,7 +412,7 @@ class VLMAdapter(abc.ABC):
         if caption:
             content.append({"type": "text", "text": caption})
         messages = [{"role": "user", "content": content}]
-        fn = processor.apply_chat_template if hasattr(processor, "apply_chat_template") else _tokenizer(processor).apply_chat_template
+        fn = processor.apply_chat_template if hasattr(processor, "apply_chat_template") else tokenizer_of(processor).apply_chat_template
         return fn(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def fill_template(self, processor: Any, prompt_template: str, caption: str, n_images: int = 1) -> str:
@@ -449,7 +442,7 @@ class VLMAdapter(abc.ABC):
             raise ValueError(f"got {len(images)} images for {len(texts)} texts; pass one image (or list of images) per text")
         if len(texts) == 0:
             raise ValueError("no (image, text) pairs given")
-        tok = _tokenizer(processor)
+        tok = tokenizer_of(processor)
         n_imgs = [len(im) if isinstance(im, (list, tuple)) else 1 for im in images]
         prompts, spans = [], []
         for i, (text, k) in enumerate(zip(texts, n_imgs)):
@@ -501,29 +494,40 @@ class VLMAdapter(abc.ABC):
         """Add inputs the forward needs that a processor may not give (e.g. Qwen3-VL's ``mm_token_type_ids``)."""
         return inputs
 
+    # ---- the family without a model (jsae.cost: a capture's cost from a config and published settings) --------
+    @classmethod
+    def build_image_processor(cls, config: Any, settings: Mapping[str, Any]) -> Any:
+        """The family's image processor (PIL backend: no torchvision) from ``config`` and the published
+        ``preprocessor_config.json`` settings (``settings``, without ``image_processor_type`` and the like)."""
+        raise NotImplementedError(f"{cls.__name__} cannot build an image processor from published settings; "
+                                  "pass the processor itself")
 
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
+    @classmethod
+    def build_processor(cls, config: Any, tokenizer: Any, image_processor: Any, settings: Mapping[str, Any],
+                        chat_template: str | None) -> Any:
+        """The family's processor over ``tokenizer`` and ``image_processor`` with the published processor
+        ``settings`` (``patch_size``...) and ``chat_template`` (None: the plain layout)."""
+        raise NotImplementedError(f"{cls.__name__} cannot build a processor from published settings; pass the processor itself")
+
+    @classmethod
+    def vision_cost(cls, config: Any, sizes: Sequence[tuple[int, int]], image_processor: Any, act: int) -> tuple[int, float]:
+        """``(peak activation bytes of the vision tower for the largest image, mean FLOPs per image)`` for images
+        of ``sizes`` (height, width) at ``act`` bytes per element (see :mod:`jsae.cost` for the formulas)."""
+        raise NotImplementedError(f"{cls.__name__} has no vision cost model; jsae.cost cannot estimate this family")
+
+    @classmethod
+    def truncate_vision(cls, config: Any, n_layers: int) -> None:
+        """Cut the vision tower of ``config`` (in place) to ``n_layers`` layers, keeping the family's indexes
+        into it valid."""
+        raise NotImplementedError(f"{cls.__name__} cannot truncate its vision tower")
 
 
 def prepends_bos(processor: Any) -> bool:
     """Whether the processor's tokenizer starts an encoded text with its BOS token (SAELens's ``prepend_bos``)."""
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     bos = getattr(tok, "bos_token_id", None)
     ids = tok("a").input_ids if bos is not None else []
     return bool(ids) and ids[0] == bos
-
-
-@contextlib.contextmanager
-def padding_side(processor: Any, side: str) -> Iterator[None]:
-    """Set the tokenizer's ``padding_side`` inside the block and restore it after."""
-    tok = getattr(processor, "tokenizer", processor)
-    before = getattr(tok, "padding_side", None)
-    tok.padding_side = side
-    try:
-        yield
-    finally:
-        tok.padding_side = before
 
 
 # ================================================================================================

@@ -19,7 +19,7 @@ Plain layout (processor without chat template): ``"<image> caption"``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -129,6 +129,57 @@ class LlavaAdapter(VLMAdapter):
         if not self.is_next:
             return self._tile_side ** 2 + int(self._has_cls)
         return self._image_grid(height, width).shape[0]
+
+    # ---- the family without a model (jsae.cost) -------------------------------------------------
+    @staticmethod
+    def _config_is_next(config: Any) -> bool:
+        return hasattr(config, "image_grid_pinpoints")
+
+    @classmethod
+    def build_image_processor(cls, config: Any, settings: Mapping[str, Any]) -> Any:
+        """``CLIPImageProcessorPil`` (LLaVA-1.5) or ``LlavaNextImageProcessorPil`` (with the config's pinpoints)."""
+        settings = dict(settings)
+        if cls._config_is_next(config):
+            from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as ip
+            settings.setdefault("image_grid_pinpoints", config.image_grid_pinpoints)
+        else:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ip
+        return ip(**settings)
+
+    @classmethod
+    def build_processor(cls, config: Any, tokenizer: Any, image_processor: Any, settings: Mapping[str, Any],
+                        chat_template: str | None) -> Any:
+        """``LlavaProcessor`` / ``LlavaNextProcessor``; patch size, feature strategy and extra image tokens from the
+        published settings, else the config."""
+        import transformers as T
+
+        proc = T.LlavaNextProcessor if cls._config_is_next(config) else T.LlavaProcessor
+        return proc(image_processor=image_processor, tokenizer=tokenizer,
+                    patch_size=settings.get("patch_size", config.vision_config.patch_size),
+                    vision_feature_select_strategy=settings.get("vision_feature_select_strategy",
+                                                                config.vision_feature_select_strategy),
+                    num_additional_image_tokens=settings.get("num_additional_image_tokens", 1), chat_template=chat_template)
+
+    @classmethod
+    def vision_cost(cls, config: Any, sizes: Sequence[tuple[int, int]], image_processor: Any, act: int) -> tuple[int, float]:
+        """A fixed grid of ``(image_size / patch)² + 1`` tokens per tile; LLaVA-NeXT runs the base tile plus the
+        largest pinpoint's tiles.  LLaVA keeps every hidden state of the tower (``n_v + 5`` widths per token)."""
+        v = config.vision_config
+        n_v, d_v, f_v = int(v.num_hidden_layers), int(v.hidden_size), int(v.intermediate_size)
+        T = (int(v.image_size) // int(v.patch_size)) ** 2 + 1
+        pins = getattr(config, "image_grid_pinpoints", None)  # LLaVA-NeXT: the base tile + the largest pinpoint's tiles
+        tiles = 1 + max(h * w for h, w in pins) // (int(v.image_size) ** 2) if pins else 1
+        per_token = 2 * (4 * d_v * d_v + 2 * d_v * f_v)
+        flops = tiles * n_v * (per_token * T + 4 * T * T * d_v)
+        return act * tiles * T * (d_v * (n_v + 5) + 2 * f_v), flops
+
+    @classmethod
+    def truncate_vision(cls, config: Any, n_layers: int) -> None:
+        """``num_hidden_layers`` of the tower, with a non-negative ``vision_feature_layer`` kept inside it."""
+        config.vision_config.num_hidden_layers = n_layers
+        layer = config.vision_feature_layer
+        if isinstance(layer, int) and layer >= 0:
+            config.vision_feature_layer = min(layer, n_layers)
 
 
 register_adapter(LlavaAdapter)

@@ -23,7 +23,8 @@ Plain layout (processor without chat template): ``"<|vision_start|><|image_pad|>
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import statistics
+from typing import Any, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -110,7 +111,7 @@ class Qwen3VLAdapter(VLMAdapter):
         patch = int(getattr(ip, "patch_size", None) or self.config.vision_config.patch_size)
         merge = int(getattr(ip, "merge_size", None) or self._merge)
         size = getattr(ip, "size", None)
-        lo, hi = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+        lo, hi = size_field(size, "shortest_edge"), size_field(size, "longest_edge")
         h, w = smart_resize(height, width, factor=patch * merge, min_pixels=lo or DEFAULT_MIN_PIXELS,
                             max_pixels=hi or DEFAULT_MAX_PIXELS)
         return (h // patch) * (w // patch) // (merge * merge)
@@ -121,7 +122,7 @@ class Qwen3VLAdapter(VLMAdapter):
 
     def complete_inputs(self, inputs: Any) -> Any:
         if inputs.get("mm_token_type_ids") is None:
-            inputs["mm_token_type_ids"] = self._type_ids(self._ids(inputs))
+            inputs["mm_token_type_ids"] = self._type_ids(self.input_ids(inputs))
         return inputs
 
     def model_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,8 +131,57 @@ class Qwen3VLAdapter(VLMAdapter):
             kw["mm_token_type_ids"] = self._type_ids(kw["input_ids"])
         return kw
 
+    # ---- the family without a model (jsae.cost) -------------------------------------------------
+    @classmethod
+    def build_image_processor(cls, config: Any, settings: Mapping[str, Any]) -> Any:
+        """``Qwen2VLImageProcessorPil``; patch, merge and temporal patch sizes from the config unless published."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-def _size_field(size: Any, key: str) -> Any:
+        v, settings = config.vision_config, dict(settings)
+        settings.setdefault("patch_size", v.patch_size)
+        settings.setdefault("merge_size", v.spatial_merge_size)
+        settings.setdefault("temporal_patch_size", v.temporal_patch_size)
+        return Qwen2VLImageProcessorPil(**settings)
+
+    @classmethod
+    def build_processor(cls, config: Any, tokenizer: Any, image_processor: Any, settings: Mapping[str, Any],
+                        chat_template: str | None) -> Any:
+        """:class:`~jsae.adapters.qwen3_vl_processor.ToyQwen3VLProcessor`: ``Qwen3VLProcessor`` for images only (its
+        video processor needs torchvision)."""
+        from jsae.adapters.qwen3_vl_processor import ToyQwen3VLProcessor
+
+        return ToyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def vision_cost(cls, config: Any, sizes: Sequence[tuple[int, int]], image_processor: Any, act: int) -> tuple[int, float]:
+        """Dynamic resolution: an image's patches are its image tokens × merge², resized by the processor's pixel
+        bounds (``smart_resize``), one sequence per image."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        v = config.vision_config
+        n_v, d_v, f_v, m = int(v.depth), int(v.hidden_size), int(v.intermediate_size), int(v.spatial_merge_size)
+        patch = int(getattr(image_processor, "patch_size", None) or v.patch_size)
+        size = getattr(image_processor, "size", None)
+        lo, hi = size_field(size, "shortest_edge") or DEFAULT_MIN_PIXELS, size_field(size, "longest_edge") or DEFAULT_MAX_PIXELS
+        counts = []
+        for h, w in sizes:
+            hh, ww = smart_resize(h, w, factor=patch * m, min_pixels=lo, max_pixels=hi)
+            counts.append((hh // patch) * (ww // patch))
+        T = max(counts)
+        mean_T = statistics.fmean(counts)
+        per_token = 2 * (4 * d_v * d_v + 2 * d_v * f_v)
+        flops = n_v * (per_token * mean_T + 4 * mean_T * mean_T * d_v)
+        return act * T * (d_v * 6 + 2 * f_v), flops
+
+    @classmethod
+    def truncate_vision(cls, config: Any, n_layers: int) -> None:
+        """``depth`` of the tower, with the DeepStack indexes kept inside it."""
+        v = config.vision_config
+        v.depth = n_layers
+        v.deepstack_visual_indexes = [i for i in range(min(n_layers, len(v.deepstack_visual_indexes)))]
+
+
+def size_field(size: Any, key: str) -> Any:
     """``size[key]`` of an image processor (a dict or a ``SizeDict``), None when absent."""
     if size is None:
         return None

@@ -134,7 +134,7 @@ def test_page_for_a_run_without_labels_is_refused(tmp_path: Path) -> None:
     cfg = jsae.JointSAEConfig(d_in=128, d_sae=16)
     cfg.metadata["model_name"], cfg.metadata["layer"] = "llava", 4
     jsae.JointSAE(cfg).save_model(tmp_path / "sae")
-    with pytest.raises(FileNotFoundError, match=r"has no labels.json.*jsae label --sae"):
+    with pytest.raises(FileNotFoundError, match=r"has no labels.json.*jsae sae label --sae"):
         feature_page(tmp_path / "sae")
     with pytest.raises(ValueError, match="unknown release 'jsae-shapes-lava-l4'; did you mean"):
         feature_page("jsae-shapes-lava-l4")

@@ -159,4 +159,4 @@ def test_cli_features_without_labels(tmp_path: Path) -> None:
     JointSAE(cfg).save_model(tmp_path / "sae")
     for args in (["look", "features"], ["features"]):  # the group command, and the hidden flat name of earlier versions
         r = CliRunner().invoke(app, [*args, str(tmp_path / "sae")])
-        assert r.exit_code == 2 and "has no labels.json" in r.output and "jsae label" in r.output
+        assert r.exit_code == 2 and "has no labels.json" in r.output and "jsae sae label --sae" in r.output

@@ -7,8 +7,7 @@ import torch
 
 from jsae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.saes.alignment import ALIGNMENT_LOSSES
-from jsae.saes.sparse_relu import relu_codes
-from jsae.saes.sparse_topk import argsort_latents
+from jsae.saes.sparse_relu import argsort_latents, relu_codes
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 
 COEFFS = {"l1": 0.03, "alignment": 1.0, "aux": 0.0}

@@ -378,10 +378,10 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
         (tmp / "sae_weights.safetensors").write_bytes(b"partial")
         raise OSError("killed mid-write")
 
-    import jsae.saes.joint_sae as mod
+    from jsae.saes.sae_files import atomic_save
 
     with pytest.raises(OSError, match="killed mid-write"):
-        mod._atomic_save(tmp_path / "sae", half_written)
+        atomic_save(tmp_path / "sae", half_written)
     assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
 

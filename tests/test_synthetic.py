@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import jsae  # noqa: F401  (registers the architecture)
 from jsae.saes.alignment import cosine
 from jsae.training.recipes import hungarian_match
-from jsae.saes.sparse_topk import sparse_cosine_alignment, topk_encode
+from jsae.saes.sparse_relu import SPARSE_ALIGNMENTS, topk_codes
 from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.protocol.synthetic import PairedSyntheticConfig, PairedSyntheticData, recovery_metrics
 from jsae.correlation import correlation_matrix
@@ -176,33 +176,6 @@ def _grads(sae: TrainingJointSAE) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
-def test_sparse_topk_encoder_matches_autograd():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 16, generator=g)
-    W = (torch.randn(16, 64, generator=g) / 4).requires_grad_()
-    b = torch.randn(64, generator=g).mul(0.1).requires_grad_()
-    b_dec = torch.randn(16, generator=g).requires_grad_()
-    weight = torch.randn(40, 64, generator=g)  # a loss that depends on which latent holds which value
-
-    def dense():
-        acts = F.relu((x - b_dec) @ W + b)
-        top = acts.topk(5, dim=-1, sorted=False)
-        return torch.zeros_like(acts).scatter(-1, top.indices, top.values)
-
-    def sparse():
-        values, idx, _, _ = topk_encode(x - b_dec, W, b, 5)
-        return torch.zeros(40, 64).scatter(-1, idx, values)
-
-    results = []
-    for f in (dense, sparse):
-        W.grad = b.grad = b_dec.grad = None
-        z = f()
-        (z * weight).sum().backward()
-        results.append((z.detach(), W.grad.clone(), b.grad.clone(), b_dec.grad.clone()))
-    for a, c in zip(*results):
-        assert torch.allclose(a, c, atol=1e-5)
-
-
 @pytest.mark.parametrize("with_dead", [False, True])
 def test_sparse_branch_losses_match_the_dense_reference(with_dead):
     sae = _perturbed_topk_sae()
@@ -228,6 +201,8 @@ def test_sparse_branch_losses_match_the_dense_reference(with_dead):
 
 
 def test_sparse_cosine_alignment_equals_dense_cosine():
+    """The TopK path's cosine on sparse codes (``SPARSE_ALIGNMENTS["cosine"]``), with pairs that share all their
+    latents and an all-zero code, equals the dense cosine and its gradient."""
     g = torch.Generator().manual_seed(2)
     B, M, k = 20, 30, 5
     iv = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(B)])
@@ -235,8 +210,18 @@ def test_sparse_cosine_alignment_equals_dense_cosine():
     it[:5] = iv[:5]  # some pairs share all latents
     vv, vt = torch.rand(B, k, generator=g), torch.rand(B, k, generator=g)
     vv[0] = 0.0  # an all-zero code
-    dense = cosine(torch.zeros(B, M).scatter(-1, iv, vv), torch.zeros(B, M).scatter(-1, it, vt))
-    assert float(sparse_cosine_alignment(iv, vv, it, vt)) == pytest.approx(float(dense), abs=1e-6)
+    zv, zt = torch.zeros(B, M).scatter(-1, iv, vv), torch.zeros(B, M).scatter(-1, it, vt)
+    # pre-activations whose top k are exactly the chosen entries
+    (codes_v, val_v), (codes_t, val_t) = (topk_codes(torch.full((B, M), -1.0).scatter(-1, i, v), k)
+                                          for i, v in ((iv, vv), (it, vt)))
+    val_v, val_t = val_v.requires_grad_(), val_t.requires_grad_()
+    sparse = SPARSE_ALIGNMENTS["cosine"](val_v, codes_v, val_t, codes_t)
+    zv.requires_grad_(), zt.requires_grad_()
+    dense = cosine(zv, zt)
+    assert float(sparse.detach()) == pytest.approx(float(dense.detach()), abs=1e-6)
+    sparse.backward(), dense.backward()
+    torch.testing.assert_close(val_v.grad, zv.grad[codes_v.rows, codes_v.cols], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(val_t.grad, zt.grad[codes_t.rows, codes_t.cols], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("alignment", ["cosine", "infonce"])

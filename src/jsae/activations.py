@@ -98,4 +98,25 @@ def read_layers(model: Any, adapter: VLMAdapter, inputs: Mapping[str, Any], laye
     return saved
 
 
-__all__ = ["layer_output", "model_device", "read_layers", "to_model_kwargs", "with_layer_output"]
+def states_at(model: Any, adapter: VLMAdapter, inputs: Mapping[str, Any], layers: Iterable[int],
+              mask: Tensor) -> dict[int, Tensor]:
+    """Per-token states: ``{layer: [n, d_in]}`` (float32, on the states' device) at the True positions of
+    ``mask [B, S]`` in row-major order, from one :func:`read_layers` pass over ``inputs``."""
+    states = read_layers(model, adapter, inputs, layers)
+    return {layer: h[mask.to(h.device)].float() for layer, h in states.items()}
+
+
+def last_positions(mask: Tensor) -> Tensor:
+    """``[B]``: the index of the last True position of each row of ``mask [B, S]`` (-1 for a row with none)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, -1).amax(1)
+
+
+def last_position_mask(mask: Tensor) -> Tensor:
+    """``[B, S]`` bool: True at the last True position of each row of ``mask`` (a row with none: all False)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return idx == last_positions(mask).unsqueeze(1)
+
+
+__all__ = ["last_position_mask", "last_positions", "layer_output", "model_device", "read_layers", "states_at",
+           "to_model_kwargs", "with_layer_output"]

@@ -59,11 +59,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.guards import shape_checked
-from jsae.activations import read_layers
+from jsae.activations import last_positions, read_layers
 from jsae.data.sources import dataset_fingerprint
 from jsae.adapters import VLMAdapter, prepends_bos
 from jsae.files import apply_umask, tmp_sibling, write_json, writing
 from jsae.locks import LOCK_FILE, DirLock
+from jsae.vlm import model_name
 
 POOLINGS = ("mean", "max", "last")
 EVAL_METADATA = ("prepend_bos", "context_size", "dataset_path")  # what SAELens's evals read from an SAE's metadata
@@ -92,22 +93,12 @@ def pool(hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"], 
         return (hidden * m).sum(1) / m.sum(1)
     if pooling == "max":
         return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, pos, -1).amax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions(mask)]
 
 
 # ================================================================================================
 # Capture
 # ================================================================================================
-
-
-def _model_name(adapter: VLMAdapter) -> str:
-    """The model's hub id or path, or a shipped toy model's name (not its installed directory)."""
-    from jsae.world.models import toy_name
-
-    path = str(getattr(adapter.config, "_name_or_path", "") or "")
-    return toy_name(path) or path or type(adapter.hf_model).__name__
 
 
 def _check_pairs(pairs: Any) -> None:
@@ -206,10 +197,10 @@ def check_capture_disk(out: Path, n_pairs: int, n_layers: int, d_in: int, dtype:
         base = base.parent
     free = shutil.disk_usage(base).free
     if need > free:
-        from jsae.guards import _size
+        from jsae.guards import human_size
 
         err = OSError(f"capturing {int(n_pairs) - done} pairs at {n_layers} layer(s) of width {d_in} needs about "
-                      f"{_size(need)} on disk but {base} has {_size(free)} free; free some space, capture fewer pairs or "
+                      f"{human_size(need)} on disk but {base} has {human_size(free)} free; free some space, capture fewer pairs or "
                       "layers, or pass another out_dir")
         err.errno = 28  # ENOSPC
         raise err
@@ -467,7 +458,7 @@ class _Capture:
         adapter = self.adapter
         return {
             "format": FORMAT,
-            "model": _model_name(adapter),
+            "model": model_name(adapter),
             "model_class": type(adapter.hf_model).__name__,
             "layers": self.layers,
             "hook_names": [adapter.hook_name(L) for L in self.layers],

@@ -1,4 +1,4 @@
-"""What a capture costs before it runs: ``jsae capture --dry-run`` and :func:`estimate_capture`.
+"""What a capture costs before it runs: ``jsae run capture --dry-run`` and :func:`estimate_capture`.
 
 For a model (a hub id or local directory, a ``config.json``, a *spec* JSON holding ``config`` and the
 published ``processor`` settings, a transformers config, or a loaded model) and a dataset (pairs, images, or
@@ -113,7 +113,7 @@ def load_spec(source: Any) -> ModelSpec:
     if hasattr(source, "adapter") and hasattr(source, "processor") and not isinstance(source, (str, os.PathLike)):
         source = source.adapter.hf_model  # a VLM triple
     if hasattr(source, "to_dict") and hasattr(source, "model_type"):
-        return ModelSpec(str(getattr(source, "_name_or_path", "") or source.model_type), source)
+        return ModelSpec(str(getattr(source, "name_or_path", "") or source.model_type), source)
     if not isinstance(source, (str, os.PathLike, Mapping)):
         try:
             module = unwrap(source)
@@ -121,7 +121,7 @@ def load_spec(source: Any) -> ModelSpec:
             raise TypeError(f"cannot read a model config from {type(source).__name__}; pass a hub id, a path, a config "
                             "or a model") from None
         cfg = module.config
-        return ModelSpec(str(getattr(cfg, "_name_or_path", "") or type(module).__name__), cfg)
+        return ModelSpec(str(getattr(cfg, "name_or_path", "") or type(module).__name__), cfg)
     if isinstance(source, Mapping):
         raw = dict(source)
         if "config" in raw:
@@ -178,45 +178,23 @@ _DROP = ("image_processor_type", "processor_class", "aspect_ratio_setting", "_pr
 
 def build_image_processor(spec: Any) -> Any:
     """The family's image processor with the spec's published settings, on the PIL backend
-    (``CLIPImageProcessorPil``, ``LlavaNextImageProcessorPil``, ``Qwen2VLImageProcessorPil``)."""
+    (``CLIPImageProcessorPil``, ``LlavaNextImageProcessorPil``, ``Qwen2VLImageProcessorPil``): the adapter's
+    :meth:`~jsae.adapters.VLMAdapter.build_image_processor`."""
     spec = load_spec(spec)
     settings = {k: v for k, v in spec.image_processor_settings.items() if k not in _DROP}
-    arch = spec.architecture
-    if arch == "LlavaForConditionalGeneration":
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
-    elif arch == "LlavaNextForConditionalGeneration":
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as cls
-        settings.setdefault("image_grid_pinpoints", spec.config.image_grid_pinpoints)
-    elif arch in ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
-        v = spec.config.vision_config
-        settings.setdefault("patch_size", v.patch_size)
-        settings.setdefault("merge_size", v.spatial_merge_size)
-        settings.setdefault("temporal_patch_size", v.temporal_patch_size)
-    else:
-        raise ValueError(f"no image processor known for {arch}; jsae knows LLaVA, LLaVA-NeXT and Qwen3-VL(-MoE)")
-    return cls(**settings)
+    return spec.adapter_class.build_image_processor(spec.config, settings)
 
 
 def build_processor(spec: Any, tokenizer: Any, image_processor: Any = None, chat_template: str | None = "spec") -> Any:
     """The family's processor over ``tokenizer`` with the spec's image processor (or ``image_processor``) and
-    chat template (``chat_template="spec"``; None for the plain layout).  Qwen3-VL gets the world's
-    ``Qwen3VLProcessor`` without its video processor (which needs torchvision)."""
+    chat template (``chat_template="spec"``; None for the plain layout): the adapter's
+    :meth:`~jsae.adapters.VLMAdapter.build_processor` (Qwen3-VL gets ``Qwen3VLProcessor`` without its video
+    processor, which needs torchvision)."""
     spec = load_spec(spec)
     p = spec.processor or {}
     ip = image_processor if image_processor is not None else build_image_processor(spec)
     template = p.get("chat_template") if chat_template == "spec" else chat_template
-    arch = spec.architecture
-    if arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"):
-        import transformers as T
-
-        cls = T.LlavaProcessor if arch == "LlavaForConditionalGeneration" else T.LlavaNextProcessor
-        return cls(image_processor=ip, tokenizer=tokenizer, patch_size=p.get("patch_size", spec.config.vision_config.patch_size),
-                   vision_feature_select_strategy=p.get("vision_feature_select_strategy", spec.config.vision_feature_select_strategy),
-                   num_additional_image_tokens=p.get("num_additional_image_tokens", 1), chat_template=template)
-    from jsae.world.processors import ToyQwen3VLProcessor
-
-    return ToyQwen3VLProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=template)
+    return spec.adapter_class.build_processor(spec.config, tokenizer, ip, p, template)
 
 
 # ================================================================================================
@@ -257,15 +235,7 @@ def truncated_config(spec: Any, n_layers: int = 2, vision_layers: int | None = N
     if getattr(cfg.text_config, "layer_types", None):
         cfg.text_config.layer_types = cfg.text_config.layer_types[:n_layers]
     if vision_layers is not None:
-        v = cfg.vision_config
-        if hasattr(v, "depth"):
-            v.depth = vision_layers
-            v.deepstack_visual_indexes = [i for i in range(min(vision_layers, len(v.deepstack_visual_indexes)))]
-        else:
-            v.num_hidden_layers = vision_layers
-            layer = cfg.vision_feature_layer
-            if isinstance(layer, int) and layer >= 0:
-                cfg.vision_feature_layer = min(layer, vision_layers)
+        spec.adapter_class.truncate_vision(cfg, vision_layers)
     return cfg
 
 
@@ -527,36 +497,6 @@ def _text_dims(t: Any) -> tuple[int, int, int, int, int]:
     return d, q, kv, f, 2 * d * q + 2 * d * kv + 3 * d * f + router
 
 
-def _vision_cost(cfg: Any, sizes: list[tuple[int, int]], ip: Any, act: int) -> tuple[int, float]:
-    """(peak activation bytes of the tower for the largest image, mean FLOPs per image)."""
-    v = cfg.vision_config
-    if hasattr(v, "depth"):  # Qwen: patches = image tokens · merge², one sequence per image
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        from jsae.adapters.qwen3_vl import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, _size_field
-
-        n_v, d_v, f_v, m = int(v.depth), int(v.hidden_size), int(v.intermediate_size), int(v.spatial_merge_size)
-        patch = int(getattr(ip, "patch_size", None) or v.patch_size)
-        size = getattr(ip, "size", None)
-        lo, hi = _size_field(size, "shortest_edge") or DEFAULT_MIN_PIXELS, _size_field(size, "longest_edge") or DEFAULT_MAX_PIXELS
-        counts = []
-        for h, w in sizes:
-            hh, ww = smart_resize(h, w, factor=patch * m, min_pixels=lo, max_pixels=hi)
-            counts.append((hh // patch) * (ww // patch))
-        T = max(counts)
-        mean_T = statistics.fmean(counts)
-        per_token = 2 * (4 * d_v * d_v + 2 * d_v * f_v)
-        flops = n_v * (per_token * mean_T + 4 * mean_T * mean_T * d_v)
-        return act * T * (d_v * 6 + 2 * f_v), flops
-    n_v, d_v, f_v = int(v.num_hidden_layers), int(v.hidden_size), int(v.intermediate_size)
-    T = (int(v.image_size) // int(v.patch_size)) ** 2 + 1
-    pins = getattr(cfg, "image_grid_pinpoints", None)  # LLaVA-NeXT: the base tile + the largest pinpoint's tiles
-    tiles = 1 + max(h * w for h, w in pins) // (int(v.image_size) ** 2) if pins else 1
-    per_token = 2 * (4 * d_v * d_v + 2 * d_v * f_v)
-    flops = tiles * n_v * (per_token * T + 4 * T * T * d_v)
-    return act * tiles * T * (d_v * (n_v + 5) + 2 * f_v), flops
-
-
 def _forward_cost(cfg: Any, adapter: VLMAdapter, batch: int, seq: int, layers_run: int, act: int, mean_seq: float,
                   sizes: list[tuple[int, int]], ip: Any) -> tuple[int, float]:
     d, q, kv, f, p_layer = _text_dims(cfg.text_config)
@@ -565,7 +505,7 @@ def _forward_cost(cfg: Any, adapter: VLMAdapter, batch: int, seq: int, layers_ru
     cache = act * B * S * 2 * kv * layers_run
     pooling = 8 * B * S * d
     embeds = 2 * act * B * S * d
-    vis_bytes, vis_flops = _vision_cost(cfg, sizes, ip, act)
+    vis_bytes, vis_flops = type(adapter).vision_cost(cfg, sizes, ip, act)
     activation = layer + cache + pooling + embeds + batch * vis_bytes
     flops = layers_run * (2 * p_layer * mean_seq + 4 * mean_seq * mean_seq * q) + vis_flops
     return int(activation), float(flops)

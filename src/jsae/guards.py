@@ -111,12 +111,13 @@ def device_memory(device: Any = "cpu") -> int:
         return 1 << 62
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
+def human_size(n: float) -> str:
+    """``n`` bytes for a person: ``'1.5 GB'``."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if n < 1024 or unit == "EB":
             return f"{n:.3g} {unit}"
         n /= 1024
-    return f"{n:.3g} PB"  # pragma: no cover
+    return f"{n:.3g} EB"  # pragma: no cover
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -145,7 +146,7 @@ def check_allocation(n_bytes: float, device: Any, what: str, fix: str) -> None:
     """Refuse ``n_bytes`` when it exceeds the memory of ``device`` (before torch tries and the OS kills us)."""
     total = device_memory(device)
     if n_bytes > total:
-        raise MemoryError(f"{what} needs {_size(n_bytes)} but {device or 'cpu'} has {_size(total)} in all; {fix}")
+        raise MemoryError(f"{what} needs {human_size(n_bytes)} but {device or 'cpu'} has {human_size(total)} in all; {fix}")
 
 
 # ---- jaxtyping at the boundary --------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from jsae.activations import layer_output, model_device, to_model_kwargs, with_layer_output
+from jsae.activations import last_position_mask, layer_output, model_device, to_model_kwargs, with_layer_output
 from jsae.adapters import VLMAdapter, for_model, padding_side, unwrap
 from jsae.adapters.base import GRID_COL, GRID_IMAGE, GRID_REGION, GRID_ROW
 from jsae.guards import shape_checked
@@ -222,13 +222,13 @@ def check_sae_site(sae: Any, layer: int, adapter: VLMAdapter, what: str = "the i
     fields are not checked).  The one check of every path that applies an SAE to a model: the interventions, ``jsae
     sae steer``, ``jsae look``, the demo's reuse of a run and VISTA's text SAEs; ``fix`` replaces the default advice;
     ``also_models`` are other names of the same weights (VISTA: the VLM's language model, whose text SAEs apply)."""
-    from jsae.capture import _model_name
+    from jsae.vlm import model_name
     from jsae.provenance import check_same, sae_record
 
     from jsae.adapters import layer_of_hook
 
     found = {k: v for k, v in sae_record(sae).items() if k in ("model", "model_class", "layer", "hook_name", "d_in")}
-    here = {"model": _model_name(adapter), "model_class": type(adapter.hf_model).__name__, "layer": layer,
+    here = {"model": model_name(adapter), "model_class": type(adapter.hf_model).__name__, "layer": layer,
             "hook_name": adapter.hook_name(layer), "d_in": adapter.d_in}
     if found.get("hook_name") not in (None, here["hook_name"]) and layer_of_hook(found["hook_name"]) == layer:
         found.pop("hook_name")  # another naming of the same residual stream (blocks.L.hook_resid_post, ...)
@@ -382,7 +382,7 @@ def _prefill_mask(iv: Intervention, adapter: VLMAdapter, inputs: Mapping[str, An
     key = pos if isinstance(pos, str) else repr(pos)
     if key in cache:
         return cache[key]
-    ids = adapter._ids(inputs)
+    ids = adapter.input_ids(inputs)
     if pos == "image":
         m = adapter.image_token_mask(inputs)
     elif pos == "text":
@@ -393,14 +393,9 @@ def _prefill_mask(iv: Intervention, adapter: VLMAdapter, inputs: Mapping[str, An
         m = torch.zeros_like(ids, dtype=torch.bool)
     elif pos == "image_but_last":
         m = adapter.image_token_mask(inputs)
-        idx = torch.arange(m.shape[1], device=m.device).expand_as(m)
-        last = torch.where(m, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
-        m = m & (idx != last)
+        m = m & ~last_position_mask(m)
     elif pos == "last":
-        att = adapter.attention_mask(inputs)
-        idx = torch.arange(att.shape[1], device=att.device).expand_as(att)
-        last = torch.where(att, idx, torch.full_like(idx, -1)).amax(dim=1, keepdim=True)
-        m = idx == last
+        m = last_position_mask(adapter.attention_mask(inputs))
     else:
         m = pos.mask(adapter.patch_grid(inputs))
     if pos in ("image", "text", "image_but_last") or isinstance(pos, Patches):

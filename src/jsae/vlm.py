@@ -276,6 +276,15 @@ def _toy_directory(path: Any) -> str | None:
                  and spec.processor_class.__name__ == cls), None)
 
 
+def model_name(adapter: VLMAdapter) -> str:
+    """The model's hub id or path (its config's ``name_or_path``), or a shipped toy model's name (not its installed
+    directory), or its class name: what a capture, an SAE and a provenance check record as the model."""
+    from jsae.world.models import toy_name
+
+    path = str(getattr(adapter.config, "name_or_path", "") or "")
+    return toy_name(path) or path or type(adapter.hf_model).__name__
+
+
 def load_vlm(name_or_path: str, *, dtype: Any = "auto", device_map: Any = None, device: Any = None, remote: bool = False,
              revision: str | None = None, **kwargs: Any) -> VLM:
     """Load ``name_or_path`` (a shipped toy model's name, a hub id or a local directory): returns

@@ -209,7 +209,7 @@ Judge = WorldJudge | CaptionJudge
 def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Perplexity of each text under the VLM's language model alone (no image): exp of the mean
     next-token loss over the text's tokens after the first."""
-    from jsae.adapters import padding_side, unwrap
+    from jsae.hf import padding_side, unwrap
 
     hf = unwrap(model)
     tok = getattr(processor, "tokenizer", processor)

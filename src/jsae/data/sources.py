@@ -5,7 +5,7 @@ world split), and for each part the rows (``datasets.Dataset`` in the world sche
 ``caption``, ``objects``, ...), the pairs, the concept presence used for labelling, and a **fingerprint**:
 the sha256 of every image and caption of the part, in order (:func:`dataset_fingerprint`).
 The fingerprint is written into every capture manifest, labels file and run directory, and whatever reads
-them back (``jsae label``, ``jsae steer``, the protocol) refuses data whose fingerprint does not match.
+them back (``jsae sae label``, ``jsae sae steer``, the protocol) refuses data whose fingerprint does not match.
 
 * :class:`WorldSource`: the embedded world (exact ground truth; concepts are object types, categories and
   colours; the judge is :class:`~jsae.data.judges.WorldJudge`).
@@ -22,23 +22,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-
 from torch import Tensor
 
+from jsae.guards import human_size
 
 WORLD_SPLITS = ("train", "validation", "test")
 
 #: memory one world pair takes while a split is generated and held (a lower bound: the peak measured with
 #: ``world_dataset("train", 2000)`` was about 69 KB a pair, the image alone is 48 x 48 x 3 bytes)
 WORLD_PAIR_BYTES = 16 * 1024
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
-        if n < 1024 or unit == "EB":
-            return f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n:.3g} EB"  # pragma: no cover
 
 
 def machine_memory() -> int:
@@ -57,8 +49,8 @@ def check_world_pairs(n: int, what: str | None = "n") -> int:
     setting to lower (None: "it")."""
     need, total = int(n) * WORLD_PAIR_BYTES, machine_memory()
     if need > total:
-        raise MemoryError(f"{f'{what} = ' if what else ''}{n} world pairs need about {_size(need)} of memory (at least "
-                          f"{_size(WORLD_PAIR_BYTES)} each) but this machine has {_size(total)}; lower {what or 'it'}")
+        raise MemoryError(f"{f'{what} = ' if what else ''}{n} world pairs need about {human_size(need)} of memory (at least "
+                          f"{human_size(WORLD_PAIR_BYTES)} each) but this machine has {human_size(total)}; lower {what or 'it'}")
     return int(n)
 
 

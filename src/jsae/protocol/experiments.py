@@ -46,6 +46,7 @@ from jsae.protocol.reference_metrics import (
 )
 from jsae.protocol.run import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
 from jsae.protocol.sweep import POSITION_SETS, steer_interventions
+from jsae.saes.metrics import summed_unit_rows
 
 #: The reference faults :func:`run_experiments` reproduces with ``reference_faults=True``.
 FAULTS = {
@@ -203,14 +204,14 @@ def _load_sae(run_dir: Path, method: str, layer: int) -> Any:
 
 
 def steering_direction(sae: Any, latents: Sequence[int], where: str = "") -> torch.Tensor:
-    """``Σ_j W_dec[j] / (‖W_dec[j]‖ + 1e-8)`` over ``latents`` of the SAE's *text* decoder (a plain SAE: its
-    decoder), as the reference builds it; a one-line error for a latent id out of range."""
+    """``Σ_j W_dec[j] / ‖W_dec[j]‖`` over ``latents`` of the SAE's *text* decoder (a plain SAE: its decoder), as the
+    reference builds it (:func:`jsae.saes.metrics.summed_unit_rows`; the reference adds 1e-8 to the norm, which
+    changes nothing at float32 for the unit-norm rows it uses); a one-line error for a latent id out of range."""
     W = (sae.W_dec_of("text") if hasattr(sae, "W_dec_of") else sae.W_dec).detach().float().cpu()
     bad = [j for j in latents if not 0 <= int(j) < W.shape[0]]
     if bad:
         raise ValueError(f"{where}latent id {bad[0]} is out of range: the SAE has latents 0..{W.shape[0] - 1}")
-    rows = W[[int(j) for j in latents]]
-    return (rows / (rows.norm(dim=-1, keepdim=True) + 1e-8)).sum(0)
+    return summed_unit_rows(W, [int(j) for j in latents])
 
 
 def _image_lookup(experiments: Sequence[Experiment], images: Any, data: str | None, data_split: str) -> dict[str, Any]:

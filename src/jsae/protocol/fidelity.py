@@ -187,7 +187,7 @@ def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: li
     """Per layer and type: the cosine of the image and text oracles, and each one's r50 at each position set."""
     from jsae.data.judges import WorldJudge
     from jsae.interventions import Captioner
-    from jsae.protocol.sweep import Direction, SweepConfig, SweepImages, _curves_from, _run_rows, _steer_rows, _unit
+    from jsae.protocol.sweep import Direction, SweepConfig, SweepImages, curves_from, run_rows, steer_rows, unit_vector
     from jsae.world.scenes import TYPES
 
     model, processor, adapter = vlm
@@ -210,8 +210,8 @@ def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: li
                 continue
             io, to = v[y].mean(0) - v[~y].mean(0), t[y].mean(0) - t[~y].mean(0)
             cos[c] = round(float(torch.nn.functional.cosine_similarity(io, to, dim=0)), 4)
-            dirs.append(Direction("oracle", "image", L, c, _unit(io), _unit(io)))
-            dirs.append(Direction("text-oracle", "text", L, c, _unit(to), _unit(to)))
+            dirs.append(Direction("oracle", "image", L, c, unit_vector(io), unit_vector(io)))
+            dirs.append(Direction("text-oracle", "text", L, c, unit_vector(to), unit_vector(to)))
         layer_out: dict[str, Any] = {"cosine": cos}
         for pos in positions:
             if pos == "image" and L == adapter.n_layers - 1:
@@ -227,8 +227,8 @@ def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: li
             D = torch.stack(vecs)
             with tqdm(total=len(rows), desc=f"fidelity: layer {L} steering at {pos}", disable=not progress,
                       mininterval=5) as bar:
-                caps = _run_rows(sweep, rows, _steer_rows(L, pos, D, torch.ones(len(rows))), bar)
-            curves = _curves_from(sweep, rows, caps, dirs, grid, False, "steering", pos, 1, norm)
+                caps = run_rows(sweep, rows, steer_rows(L, pos, D, torch.ones(len(rows))), bar)
+            curves = curves_from(sweep, rows, caps, dirs, grid, False, "steering", pos, 1, norm)
             res: dict[str, dict[str, Any]] = {"oracle": {}, "text-oracle": {}}
             for cv in curves:
                 res[cv.method][cv.concept] = _r50_with_ci(grid, cv.effect)

@@ -49,6 +49,7 @@ from jsae.training import JointTrainerConfig
 from jsae.training.data import PairedTensorData
 from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, reference_configs, train_jsae_unit_norm,
                                    train_saelens_topk)
+from jsae.saes.metrics import summed_unit_rows
 
 METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
 RECIPES = ("default", "reference")
@@ -92,9 +93,7 @@ class Method:
     def steer_direction(self, features: list[int], decoder: str = "text") -> Tensor:
         """Σ of the features' unit decoder rows: a joint SAE's ``decoder`` branch ("text", the paper's choice, or
         "vision"); a single-modality SAE's only decoder."""
-        W = self.sae.W_dec_of(decoder) if self.joint else self.sae.W_dec
-        W = W.detach()[features]
-        return (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)).sum(0)
+        return summed_unit_rows(self.sae.W_dec_of(decoder) if self.joint else self.sae.W_dec, features)
 
 
 def permute_text_branch(sae: JointSAE, text_order: Tensor) -> JointSAE:

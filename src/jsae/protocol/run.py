@@ -40,6 +40,7 @@ from jsae.protocol.methods import METHODS, Method, train_methods
 from jsae.protocol.sweep import RATIOS, Curve, SweepConfig, run_sweep, token_norm
 from jsae.report.rundir import RunDir
 from jsae.vlm import VLM
+from jsae.saes.metrics import fvu
 
 ARTEFACTS = ("report.md", "metrics.json", "dose_response.png", "features.html")
 
@@ -431,7 +432,7 @@ def label_stage(run: RunDir, source: DataSource, methods_by_layer: dict[int, dic
 def _fvu(m: Method, x: torch.Tensor, modality: str) -> tuple[float, torch.Tensor]:
     z = m.codes(x, modality)
     recon = m.sae.decode(z, modality) if m.joint else m.sae.decode(z)
-    return float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), z
+    return float(fvu(recon, x)), z
 
 
 def _late_loss_drop(history: list[dict[str, float]] | None) -> float | None:

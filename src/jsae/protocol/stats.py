@@ -236,7 +236,7 @@ def effect_at_preservation(strengths: np.ndarray | list[float], mean_effect: np.
 SUMMARY_KEYS = ("r50", "effect_at_small", "effect_at_preservation")
 
 
-def _summary_from_means(strengths: np.ndarray, mean_effect: np.ndarray, mean_preservation: np.ndarray,
+def summary_from_means(strengths: np.ndarray, mean_effect: np.ndarray, mean_preservation: np.ndarray,
                         target: float, small: float, level: float) -> dict[str, np.ndarray]:
     """The :data:`SUMMARY_KEYS` from mean curves ``[..., K]`` (vectorised over leading axes)."""
     logs = _log_grid(strengths)
@@ -255,8 +255,8 @@ def curve_summary(strengths: np.ndarray | list[float], effect: np.ndarray, prese
     Means are over images (NaN-mean for preservation)."""
     e, p = np.asarray(effect, dtype=float), np.asarray(preservation, dtype=float)
     ones = np.ones((1, e.shape[1]))
-    me, mp = _weighted_means(e, p, ones)
-    return {k: float(v[0]) for k, v in _summary_from_means(np.asarray(strengths, float), me, mp,
+    me, mp = weighted_means(e, p, ones)
+    return {k: float(v[0]) for k, v in summary_from_means(np.asarray(strengths, float), me, mp,
                                                           target, small, level).items()}
 
 
@@ -267,7 +267,7 @@ def _field(curve: Any, name: str) -> Any:
     return curve[name] if isinstance(curve, dict) else getattr(curve, name)
 
 
-def _weighted_means(effect: np.ndarray, preservation: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_means(effect: np.ndarray, preservation: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted means over images: ``effect``/``preservation`` [K, n], ``weights`` [B, n] -> two [B, K] arrays.
 
     Preservation NaNs are left out of both numerator and denominator; a mean with no weight is NaN."""
@@ -287,8 +287,8 @@ def summary_stat(curve: Any, weights: np.ndarray, target: float = 0.5, small: fl
     ``functools.partial(summary_stat, small=2.0)`` to change its settings."""
     e = np.asarray(_field(curve, "effect"), dtype=float)
     p = np.asarray(_field(curve, "preservation"), dtype=float)
-    me, mp = _weighted_means(e, p, np.atleast_2d(weights))
-    return _summary_from_means(np.asarray(_field(curve, "strengths"), float), me, mp, target, small, level)
+    me, mp = weighted_means(e, p, np.atleast_2d(weights))
+    return summary_from_means(np.asarray(_field(curve, "strengths"), float), me, mp, target, small, level)
 
 
 def shared_image_weights(image_ids: list[np.ndarray], n_boot: int = 1000, seed: int = 0) -> list[np.ndarray]:

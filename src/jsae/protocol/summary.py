@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jsae.protocol.stats import _summary_from_means, _weighted_means
+from jsae.protocol.stats import summary_from_means, weighted_means
 
 TARGET, SMALL, LEVEL = 0.5, 1.0, 0.75
 
@@ -46,12 +46,12 @@ class Bootstrap:
     def curve(self, c: Any) -> dict[str, np.ndarray]:
         """Per draw (row 0 = point): mean effect / preservation per strength, r50, effect_small, effect_matched."""
         w = self.W[:, [self.col[int(i)] for i in c.image_ids]]
-        eff, pres = _weighted_means(np.asarray(c.effect, float), np.asarray(c.preservation, float), w)
+        eff, pres = weighted_means(np.asarray(c.effect, float), np.asarray(c.preservation, float), w)
         s = np.asarray(c.strengths, float)
         if len(s) == 1:  # a clamp: one point
             return {"effect": eff, "preservation": pres, "effect_small": eff[:, 0], "r50": np.full(len(eff), np.nan),
                     "effect_matched": eff[:, 0]}
-        d = _summary_from_means(s, eff, pres, TARGET, SMALL, LEVEL)
+        d = summary_from_means(s, eff, pres, TARGET, SMALL, LEVEL)
         return {"effect": eff, "preservation": pres, "r50": d["r50"], "effect_small": d["effect_at_small"],
                 "effect_matched": d["effect_at_preservation"]}
 

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from jsae.correlation import correlation_matrix
 from jsae.protocol.methods import METHODS, Method
+from jsae.saes.metrics import summed_unit_rows
 
 #: strengths as multiples of the mean per-token image-state norm (finer between 0.25 and 4)
 RATIOS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0, 8.0)
@@ -180,7 +181,7 @@ class Curve:
 # ---- directions --------------------------------------------------------------------------------------
 
 
-def _unit(v: Tensor) -> Tensor:
+def unit_vector(v: Tensor) -> Tensor:
     return v / v.norm().clamp(min=1e-8)
 
 
@@ -210,9 +211,8 @@ def method_directions(m: Method, layer: int, concept: str, present: Tensor, v: T
         label_side = "vision" if side == "cross" else side
         z = m.codes(v if label_side == "vision" else t, label_side)
         feats, corr = top_latents(z, present, k)
-        W = (m.sae.W_dec_of("text" if side == "cross" else side) if m.joint else m.sae.W_dec).detach().float()[feats]
-        raw = (W / W.norm(dim=-1, keepdim=True).clamp(min=1e-8)).sum(0)
-        out.append(Direction(m.name, side, layer, concept, _unit(raw), raw, feats, corr,
+        raw = summed_unit_rows((m.sae.W_dec_of("text" if side == "cross" else side) if m.joint else m.sae.W_dec).float(), feats)
+        out.append(Direction(m.name, side, layer, concept, unit_vector(raw), raw, feats, corr,
                              sae_branch=label_side if m.joint else None))
     return out
 
@@ -230,14 +230,14 @@ def build_directions(methods: dict[str, Method], layer: int, concepts: list[str]
         except ValueError as e:
             skipped[f"oracle/{c}"] = str(e)
         if oracle is not None and cfg.oracle:
-            dirs.append(Direction("oracle", "oracle", layer, c, _unit(oracle), _unit(oracle)))
+            dirs.append(Direction("oracle", "oracle", layer, c, unit_vector(oracle), unit_vector(oracle)))
         if oracle is not None and cfg.text_oracle:
             try:
                 text = oracle_direction(t, y)
             except ValueError as e:
                 skipped[f"text-oracle/{c}"] = str(e)
             else:
-                d = Direction("text-oracle", "text", layer, c, _unit(text), _unit(text))
+                d = Direction("text-oracle", "text", layer, c, unit_vector(text), unit_vector(text))
                 d.cosine_to_oracle = float(torch.nn.functional.cosine_similarity(text, oracle, dim=0))
                 dirs.append(d)
         for name, m in methods.items():
@@ -300,11 +300,11 @@ class SweepImages:
         return effect, pres, bool(j.hallucinated(cap, self.items[i], concept))
 
 
-def _steer_rows(layer: int, pos: str, directions: Tensor, strengths: Tensor) -> Callable[[int, int], list[Any]]:
+def steer_rows(layer: int, pos: str, directions: Tensor, strengths: Tensor) -> Callable[[int, int], list[Any]]:
     return lambda lo, hi: steer_interventions(layer, pos, directions[lo:hi], strengths[lo:hi])
 
 
-def _run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
+def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
               bar: Any) -> list[str]:
     """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches."""
     step = max(1, getattr(sweep.caption, "batch_size", 64))
@@ -317,7 +317,7 @@ def _run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callab
     return out
 
 
-def _curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
+def curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
     """Assemble curves from the captions of rows ``(image, direction index, strength index)``."""
     by: dict[tuple[int, int], dict[int, str]] = {}
     for (i, di, si), cap in zip(rows, caps):
@@ -382,8 +382,8 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
         for pos in (positions if sign > 0 else positions[:1]):
             with tqdm(total=len(rows), desc=f"layer {layer}: {measure} at {pos}", disable=not progress,
                       mininterval=5) as bar:
-                caps = _run_rows(sweep, rows, _steer_rows(layer, pos, D, ones), bar)
-            curves += _curves_from(sweep, rows, caps, dirs, grid, absolute, measure, pos, sign, norm)
+                caps = run_rows(sweep, rows, steer_rows(layer, pos, D, ones), bar)
+            curves += curves_from(sweep, rows, caps, dirs, grid, absolute, measure, pos, sign, norm)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
     at, timing = POSITION_SETS[positions[0]][0]  # the first part of the first position set, at its own timing
@@ -407,22 +407,21 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                 make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
                     Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
             rows_all += rows
-            caps_all += _run_rows(sweep, rows, make, bar)
-    curves += _curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
+            caps_all += run_rows(sweep, rows, make, bar)
+    curves += curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
     return curves
 
 
 def image_token_states(vlm: Any, images: list[Any], layer: int, prompt: str,
                        prompt_template: str | None = None) -> Tensor:
     """``[n_tokens, d]`` per-token image states at ``layer`` (float32) for ``images`` after the captioning prompt."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     model, processor, adapter = vlm
     text = adapter.render_prompt(processor, prompt, 1, add_generation_prompt=True, prompt_template=prompt_template)
     enc = adapter.complete_inputs(processor(images=list(images), text=[text] * len(images), return_tensors="pt",
                                             padding=True))
-    h = read_layers(model, adapter, enc, [layer])[layer]
-    return h[adapter.image_token_mask(enc).to(h.device)].float().cpu()
+    return states_at(model, adapter, enc, [layer], adapter.image_token_mask(enc))[layer].cpu()
 
 
 def text_token_states(vlm: Any, pairs: list[tuple[Any, str]], layer: int, prompt_template: str | None = None,
@@ -430,13 +429,12 @@ def text_token_states(vlm: Any, pairs: list[tuple[Any, str]], layer: int, prompt
     """``[n_tokens, d]`` per-token text states at ``layer`` (float32) of ``(image, caption)`` pairs built as the
     capture builds them: the tokens the text view pools (``text_positions``: the caption's, or every
     non-image token)."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     model, processor, adapter = vlm
     enc = adapter.build_inputs(processor, [p[0] for p in pairs], [p[1] for p in pairs], prompt_template=prompt_template)
     mask = adapter.caption_token_mask(enc) if text_positions == "caption" else adapter.non_image_token_mask(enc)
-    h = read_layers(model, adapter, enc, [layer])[layer]
-    return h[mask.to(h.device)].float().cpu()
+    return states_at(model, adapter, enc, [layer], mask)[layer].cpu()
 
 
 def token_norm(vlm: Any, images: list[Any], layer: int, prompt: str, prompt_template: str | None = None) -> float:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jsae.correlation import correlation_matrix
+from jsae.saes.metrics import fvu
 
 __all__ = [
     "PairedSyntheticConfig",
@@ -222,7 +223,7 @@ def recovery_metrics(
         out[f"dead_{name}"] = int((~fired.any(0)).sum())
     for name, x, r in (("vision", vision, recon_vision), ("text", text, recon_text)):
         if x is not None and r is not None:
-            out[f"fvu_{name}"] = float((r.double() - x.double()).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum())
+            out[f"fvu_{name}"] = float(fvu(r.double(), x.double()))
     return out
 
 

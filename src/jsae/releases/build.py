@@ -25,6 +25,7 @@ import yaml
 
 from jsae.files import replace_dir
 from jsae.releases.registry import PACKAGE_ROOT, RECIPES, RELEASES, read_releases_yaml, releases_yaml_path
+from jsae.saes.metrics import explained_variance
 
 PRETRAINED = "pretrained"
 RECIPE_DIR = PACKAGE_ROOT / PRETRAINED / "recipes"
@@ -240,7 +241,7 @@ def toy_model_sha256(name: str) -> str | None:
 
 
 def _ve(recon: Any, x: Any) -> float:
-    return float(1 - (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    return float(explained_variance(recon, x))
 
 
 def _entry(cfg: BuildConfig, sae_id: str, metrics: dict[str, Any], d_sae: int) -> dict[str, Any]:

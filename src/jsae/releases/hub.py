@@ -31,7 +31,7 @@ from typing import Any
 
 from jsae.files import replace_dir
 from jsae.guards import check_output_dir, confined
-from jsae.saes.joint_sae import CFG_FILE, WEIGHTS_FILE, check_finite_weights, check_sae_dir
+from jsae.saes.sae_files import CFG_FILE, WEIGHTS_FILE, check_finite_weights, check_sae_dir
 
 SAE_FILES = (CFG_FILE, WEIGHTS_FILE, "sparsity.safetensors", "labels.json", "metrics.json")
 MANIFEST = ".jsae_manifest.json"

@@ -311,7 +311,7 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
 
     sae_model, labels, path = load_labelled_sae(sae)
     if not any(lab.label for lab in labels.labels):
-        raise ValueError(f"{path}/labels.json labels no feature (all unlabelled); train longer or lower min_corr in `jsae label`")
+        raise ValueError(f"{path}/labels.json labels no feature (all unlabelled); train longer or lower min_corr in `jsae sae label`")
     vlm, name = world_model_for(sae_model, model)
     layer = sae_layer(sae_model)
     check_sae_site(sae_model, layer, vlm.adapter, f"feature page ({path})",

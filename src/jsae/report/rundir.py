@@ -108,7 +108,7 @@ def load_labelled_sae(sae: str | Path) -> tuple[Any, FeatureLabels, Path]:
     model = JointSAE.load_from_disk(path)
     if not (path / "labels.json").is_file():
         raise FileNotFoundError(f"{path} has no labels.json, so there are no features to show; label it first: "
-                                f"`jsae label --sae {path} --capture CAPTURE --layer {model.cfg.metadata.get('layer')}`")
+                                f"`jsae sae label --sae {path} --capture CAPTURE --layer {model.cfg.metadata.get('layer')}`")
     labels = FeatureLabels.load(path / "labels.json")
     labels.check_sae(model, f"the SAE in {path}")
     return model, labels, path

@@ -60,6 +60,6 @@ def get_alignment_loss(name: str) -> AlignmentLoss:
     if name not in ALIGNMENT_LOSSES:
         raise ValueError(
             f"unknown alignment loss {name!r}; choose one of {sorted(ALIGNMENT_LOSSES)} "
-            "or register yours in jsae.alignment.ALIGNMENT_LOSSES"
+            "or register yours in jsae.saes.alignment.ALIGNMENT_LOSSES"
         )
     return ALIGNMENT_LOSSES[name]

@@ -26,14 +26,10 @@ tokens as images and text as text; positions past the mask (generated tokens) ar
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple
+from typing import Any, Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +43,15 @@ from sae_lens.saes.sae import (
     TrainingSAEConfig,
     TrainStepInput,
     TrainStepOutput,
-    _disable_hooks,
 )
 from torch import Tensor, nn
 
 from jsae.guards import shape_checked
 from jsae.saes.alignment import get_alignment_loss
-from jsae.saes.sparse_relu import (SPARSE_ALIGNMENTS, active_entries, csr_mm, encoder_from_pre, relu_codes,
-                                   sparse_relu_encode, topk_codes)
+from jsae.saes.sae_files import (CFG_FILE, WEIGHTS_FILE, atomic_save, check_finite_state, check_finite_weights,  # noqa: F401
+                                  check_sae_dir, check_state_dict)
+from jsae.saes.sparse_relu import (SPARSE_ALIGNMENTS, active_entries, relu_dense_codes, relu_sparse_codes,
+                                   sparse_aux_reconstruction, topk_sparse_codes)
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
@@ -127,6 +124,51 @@ class _Branch(nn.Module):
     """A parameter holder: the encoder and/or decoder of one modality, or the shared ones."""
 
 
+Weights = tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor], dict[str, Tensor]]
+
+
+def tied_weights(cfg: JointSAEConfig, **kw: Any) -> Weights:
+    """``init="tied"``: ``(encoders {name: (W_enc, b_enc)}, decoders {name: W_dec}, b_dec {modality})``;
+    Kaiming-uniform decoder rows, each encoder the transpose of its decoder (a shared encoder: of the vision
+    one), zero biases.  Names are ``"shared"`` for a shared part, else the modalities."""
+    dec: dict[str, Tensor] = {}
+    for name in ("shared",) if cfg.shared_decoder else MODALITIES:
+        dec[name] = nn.init.kaiming_uniform_(torch.empty(cfg.d_sae, cfg.d_in, **kw))
+    enc = {name: (dec["shared" if cfg.shared_decoder else "vision" if name == "shared" else name].T.clone().contiguous(),
+                  torch.zeros(cfg.d_sae, **kw))
+           for name in (("shared",) if cfg.shared_encoder else MODALITIES)}
+    return enc, dec, {m: torch.zeros(cfg.d_in, **kw) for m in MODALITIES}
+
+
+def torch_linear_init(n_in: int, n_out: int, **kw: Any) -> tuple[Tensor, Tensor]:
+    """The weight ``[n_out, n_in]`` and bias ``[n_out]`` that ``nn.Linear(n_in, n_out)`` starts with (same
+    random draws in the same order: Kaiming-uniform ``a=√5`` weight, then bias uniform in ``±1/√n_in``)."""
+    w = torch.empty(n_out, n_in, **kw)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    bound = 1 / math.sqrt(n_in) if n_in > 0 else 0.0
+    b = nn.init.uniform_(torch.empty(n_out, **kw), -bound, bound)
+    return w, b
+
+
+def torch_linear_weights(cfg: JointSAEConfig, **kw: Any) -> Weights:
+    """``init="torch-linear"``: per modality an encoder ``nn.Linear(d_in, d_sae)`` and a decoder
+    ``nn.Linear(d_sae, d_in)``, drawn in the order vision encoder, vision decoder, text encoder, text decoder
+    (the reference's construction order, so one seed gives the same numbers).  A shared encoder or decoder is
+    drawn once, at vision; a shared decoder's text ``Linear`` is still drawn for its bias (each modality keeps
+    its own ``b_dec``)."""
+    enc: dict[str, tuple[Tensor, Tensor]] = {}
+    dec: dict[str, Tensor] = {}
+    b_dec: dict[str, Tensor] = {}
+    for m in MODALITIES:
+        e = "shared" if cfg.shared_encoder else m
+        if e not in enc:
+            w, b = torch_linear_init(cfg.d_in, cfg.d_sae, **kw)
+            enc[e] = (w.T.contiguous(), b)
+        w, b_dec[m] = torch_linear_init(cfg.d_sae, cfg.d_in, **kw)
+        dec.setdefault("shared" if cfg.shared_decoder else m, w.T.contiguous())
+    return enc, dec, b_dec
+
+
 def check_size(cfg: JointSAEConfig, training: bool = False) -> None:
     """Refuse, before allocating, a JSAE whose weights (with gradients and Adam moments when ``training``) do not
     fit the memory of ``cfg.device``."""
@@ -196,19 +238,19 @@ class JointSAE(SAE[JointSAEConfig]):
 
     # ---- weights -------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        cfg, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
+        self._register_weights(*tied_weights(self.cfg, dtype=self.dtype, device=self.device))
+
+    def _register_weights(self, enc: dict[str, tuple[Tensor, Tensor]], dec: dict[str, Tensor], b_dec: dict[str, Tensor]) -> None:
+        """The one place parameters are created: ``W_dec`` of each decoder, ``W_enc``, ``b_enc`` of each encoder
+        (``"shared"`` or per modality) and each modality's ``b_dec``, in that order, in the branch containers."""
         self.vision, self.text, self.shared = _Branch(), _Branch(), _Branch()
-        for name in ("shared",) if cfg.shared_decoder else MODALITIES:
-            w_dec = torch.empty(cfg.d_sae, cfg.d_in, **kw)
-            nn.init.kaiming_uniform_(w_dec)
-            getattr(self, name).W_dec = nn.Parameter(w_dec)
-        for name in ("shared",) if cfg.shared_encoder else MODALITIES:
-            # each encoder starts as the transpose of its decoder (a shared encoder: of the vision one)
-            dec = self._dec(name if name != "shared" else "vision")
-            getattr(self, name).W_enc = nn.Parameter(dec.W_dec.data.T.clone().contiguous())
-            getattr(self, name).b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
-        for name in MODALITIES:
-            getattr(self, name).b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        for name, w in dec.items():
+            getattr(self, name).W_dec = nn.Parameter(w)
+        for name, (w, b) in enc.items():
+            getattr(self, name).W_enc = nn.Parameter(w)
+            getattr(self, name).b_enc = nn.Parameter(b)
+        for m in MODALITIES:
+            getattr(self, m).b_dec = nn.Parameter(b_dec[m])
 
     def _enc(self, modality: str) -> _Branch:
         return self.shared if self.cfg.shared_encoder else getattr(self, modality)
@@ -350,12 +392,24 @@ class JointSAE(SAE[JointSAEConfig]):
             rs.append(self.decode(z, modality))
         return torch.cat(zs), torch.cat(rs)
 
+    @contextlib.contextmanager
+    def hooks_off(self) -> Iterator["JointSAE"]:
+        """Inside the block every hook point of the SAE (``hook_dict``, TransformerLens's public map) is an identity
+        without hooks, as SAELens's ``SAE.forward`` computes the clean reconstruction of ``use_error_term``."""
+        try:
+            for name in self.hook_dict:
+                setattr(self, name, nn.Identity())
+            yield self
+        finally:
+            for name, hook in self.hook_dict.items():
+                setattr(self, name, hook)
+
     def forward(self, x: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
         """Reconstruction of ``x``; with ``use_error_term`` the error is added back (output == input)."""
         feature_acts = self.encode(x, modality)
         sae_out = self.decode(feature_acts, modality)
         if self.use_error_term:
-            with torch.no_grad(), _disable_hooks(self):
+            with torch.no_grad(), self.hooks_off():
                 clean = self.decode(self.encode(x, modality), modality)
             sae_out = sae_out + self.hook_sae_error(x - clean)
         return self.hook_sae_output(sae_out)
@@ -364,12 +418,12 @@ class JointSAE(SAE[JointSAEConfig]):
     def save_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` atomically (tmp files, then rename); the hook is
         written under every naming (:func:`normalise_hook_metadata`)."""
-        _check_finite_state(self, Path(path))
+        check_finite_state(self, Path(path))
         normalise_hook_metadata(self.cfg.metadata)
-        return _atomic_save(path, lambda tmp: SAE.save_model(self, tmp))
+        return atomic_save(path, lambda tmp: SAE.save_model(self, tmp))
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        _check_state_dict(self, state_dict)
+        check_state_dict(self, state_dict)
 
     @classmethod
     def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs: Any):  # type: ignore[override]
@@ -403,6 +457,23 @@ class JointSAE(SAE[JointSAEConfig]):
 # ================================================================================================
 # Training
 # ================================================================================================
+
+
+class BranchCodes(NamedTuple):
+    """What a path computes for one modality, and all the loss reads: codes (``feature_acts``), pre-activations
+    (``hidden_pre``), reconstruction (``sae_out``); the codes the L1 term sums (ReLU: dense ``[B, d_sae]`` or the
+    active values); the dead latents' reconstruction of the residual and its :meth:`TrainingJointSAE.aux_selection`
+    scale (TopK, when it has dead latents); on a sparse path the differentiable ``(values, codes)`` the alignment
+    reads and the ``[d_sae]`` mask of latents that fired."""
+
+    feature_acts: Tensor
+    hidden_pre: Tensor
+    sae_out: Tensor
+    l1_codes: Tensor | None = None
+    aux_recon: Tensor | None = None
+    aux_scale: float = 0.0
+    sparse: tuple[Tensor, Any] | None = None
+    fired: Tensor | None = None
 
 
 class BranchOutput(NamedTuple):
@@ -527,16 +598,6 @@ def _drop_optional_defaults(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]}
 
 
-def torch_linear_init(n_in: int, n_out: int, **kw: Any) -> tuple[Tensor, Tensor]:
-    """The weight ``[n_out, n_in]`` and bias ``[n_out]`` that ``nn.Linear(n_in, n_out)`` starts with (same
-    random draws in the same order: Kaiming-uniform ``a=√5`` weight, then bias uniform in ``±1/√n_in``)."""
-    w = torch.empty(n_out, n_in, **kw)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    bound = 1 / math.sqrt(n_in) if n_in > 0 else 0.0
-    b = nn.init.uniform_(torch.empty(n_out, **kw), -bound, bound)
-    return w, b
-
-
 class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: ignore[misc]
     """Training JSAE.  ``paired_forward_pass`` is the joint objective; ``training_forward_pass`` trains
     the default branch alone, so SAELens's own ``SAETrainer`` can train it as an ordinary SAE."""
@@ -553,52 +614,24 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         self.register_buffer("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device=self.device))
 
     def initialize_weights(self) -> None:
-        if self.cfg.init == "torch-linear":
-            self._initialize_torch_linear()
-        else:
-            JointSAE.initialize_weights(self)
+        draw = torch_linear_weights if self.cfg.init == "torch-linear" else tied_weights
+        self._register_weights(*draw(self.cfg, dtype=self.dtype, device=self.device))
         if self.cfg.decoder_init_norm is not None:
             with torch.no_grad():
                 for w in self.unique_params("W_dec"):
                     w.mul_(self.cfg.decoder_init_norm / w.norm(dim=-1, keepdim=True))
-
-    def _initialize_torch_linear(self) -> None:
-        """``init="torch-linear"``: per modality an encoder ``nn.Linear(d_in, d_sae)`` and a decoder
-        ``nn.Linear(d_sae, d_in)``, drawn in the order vision encoder, vision decoder, text encoder, text
-        decoder (the reference's construction order, so one seed gives the same numbers).  A shared encoder
-        or decoder is drawn once, at vision; a shared decoder's text ``Linear`` is still drawn for its bias
-        (each modality keeps its own ``b_dec``).  Parameters are registered in the tied init's order."""
-        cfg, kw = self.cfg, {"dtype": self.dtype, "device": self.device}
-        enc: dict[str, tuple[Tensor, Tensor]] = {}
-        dec: dict[str, Tensor] = {}
-        b_dec: dict[str, Tensor] = {}
-        for m in MODALITIES:
-            e = "shared" if cfg.shared_encoder else m
-            if e not in enc:
-                w, b = torch_linear_init(cfg.d_in, cfg.d_sae, **kw)
-                enc[e] = (w.T.contiguous(), b)
-            w, b_dec[m] = torch_linear_init(cfg.d_sae, cfg.d_in, **kw)
-            dec.setdefault("shared" if cfg.shared_decoder else m, w.T.contiguous())
-        self.vision, self.text, self.shared = _Branch(), _Branch(), _Branch()
-        for name, w in dec.items():
-            getattr(self, name).W_dec = nn.Parameter(w)
-        for name, (w, b) in enc.items():
-            getattr(self, name).W_enc = nn.Parameter(w)
-            getattr(self, name).b_enc = nn.Parameter(b)
-        for m in MODALITIES:
-            getattr(self, m).b_dec = nn.Parameter(b_dec[m])
 
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         state_dict.pop("mse_scale", None)
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         state_dict.setdefault("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device="cpu"))
-        _check_state_dict(self, state_dict)
+        check_state_dict(self, state_dict)
 
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
-        _check_finite_state(self, Path(path))
+        check_finite_state(self, Path(path))
         normalise_hook_metadata(self.cfg.metadata)
-        return _atomic_save(path, lambda tmp: TrainingSAE.save_inference_model(self, tmp))
+        return atomic_save(path, lambda tmp: TrainingSAE.save_inference_model(self, tmp))
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         c = self.cfg
@@ -618,18 +651,10 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     def decode(self, feature_acts: Tensor, modality: str | None = None) -> Tensor:  # type: ignore[override]
         return JointSAE.decode(self, feature_acts, modality)
 
-    # ---- losses: one paired pass, two branch implementations -----------------------------------
-    def branch_losses(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
-                      *, dense: bool = False, sparse_codes: bool = False) -> BranchOutput:
-        """Reconstruction, sparsity and auxiliary losses of one modality.
-
-        TopK trains on the sparse-backward path (:mod:`jsae.saes.sparse_topk`) unless ``dense``; the dense
-        path is the reference (same losses and gradients up to summation order).  With ``sparse_codes``
-        the sparse path returns ``feature_acts`` without gradient and the differentiable codes in
-        ``sparse`` (the caller then computes the alignment from them)."""
-        if self.cfg.activation == "topk" and not dense:
-            return self._sparse_topk_branch(x, modality, coefficients, dead, sparse_codes)
-        return self._dense_branch(x, modality, coefficients, dead)
+    # ---- the loss: one definition, read by every path -------------------------------------------
+    # Every path (the dense reference below, the fast paths of jsae.saes.sparse_relu) produces per modality a
+    # BranchCodes; the terms are computed from it here and nowhere else: reconstruction (_scaled_mse), sparsity
+    # (_l1), TopK's auxiliary loss (_aux), alignment (_alignment) and their total (_objective).
 
     def _mean_scale(self, modality: str) -> Tensor:
         """The divisor of a ``loss_reduction="mean"`` reconstruction term: the mean per-element variance under
@@ -638,6 +663,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         return scale / self.cfg.d_in if self.cfg.mse_normalization == "variance" else scale
 
     def _scaled_mse(self, recon: Tensor, x: Tensor, modality: str) -> Tensor:
+        """The reconstruction term (without its coefficient's warm-up: ``mse_coefficient`` is constant)."""
         # F.mse_loss: one pass forward and one backward (the unfused form took ~6 of each)
         if self.cfg.loss_reduction == "mean":  # ½ · element mean (see TrainingJointSAEConfig)
             return self.cfg.mse_coefficient * (0.5 * F.mse_loss(recon, x)) / self._mean_scale(modality)
@@ -645,8 +671,12 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         err = F.mse_loss(recon, x, reduction="sum") / n_samples
         return self.cfg.mse_coefficient * err / self.mse_scale[MODALITIES.index(modality)]
 
-    def _l1(self, z: Tensor) -> Tensor:
-        return 0.5 * z.abs().mean() if self.cfg.loss_reduction == "mean" else z.sum(-1).mean()
+    def _l1(self, codes: Tensor, n_samples: int) -> Tensor:
+        """The sparsity term (before its coefficient) from the non-negative codes of ``n_samples`` samples, dense
+        ``[B, d_sae]`` or only the active values ``[nnz]`` (the same sum): the per-sample sum, or under
+        ``loss_reduction="mean"`` ½ · the mean over samples × ``d_sae``."""
+        l1 = codes.sum() / n_samples
+        return 0.5 * l1 / self.cfg.d_sae if self.cfg.loss_reduction == "mean" else l1
 
     def aux_selection(self, dead: Tensor) -> tuple[int, float]:
         """``(k_aux, scale)`` of the TopK auxiliary (AuxK) loss for a ``[d_sae]`` dead mask, as SAELens's
@@ -657,6 +687,11 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         n_dead = int(dead.sum())
         return min(base, n_dead), min(n_dead / base, 1.0)
 
+    def _uses_aux(self, dead: Tensor | None, coefficients: dict[str, float]) -> bool:
+        """Whether this step has a TopK auxiliary term: a TopK SAE, a positive ``aux`` coefficient, dead latents."""
+        return (self.cfg.activation == "topk" and dead is not None and coefficients.get("aux", 0.0) > 0
+                and bool(dead.any()))
+
     def _aux(self, aux_recon: Tensor, residual: Tensor, coefficient: float, modality: str) -> Tensor:
         """The TopK auxiliary term: how well the dead latents reconstruct the residual, reduced as the MSE
         (``coefficient`` already holds the :meth:`aux_selection` scale)."""
@@ -665,149 +700,150 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         aux = (aux_recon - residual).pow(2).sum(-1).mean()  # a mean over samples: exact under DDP
         return coefficient * aux / self.mse_scale[MODALITIES.index(modality)]
 
-    def _dense_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None) -> BranchOutput:
+    def _branch_terms(self, x: Tensor, modality: str, b: BranchCodes, coefficients: dict[str, float]) -> dict[str, Tensor]:
+        """One modality's named terms: ``mse_loss_{m}``, then ``l1_loss_{m}`` (ReLU) or
+        ``auxiliary_reconstruction_loss_{m}`` (TopK, when it has dead latents)."""
+        losses = {f"mse_loss_{modality}": self._scaled_mse(b.sae_out, x, modality)}
+        if self.cfg.activation == "relu":
+            losses[f"l1_loss_{modality}"] = coefficients["l1"] * self._l1(b.l1_codes, x.shape[0])
+        elif b.aux_recon is not None:
+            losses[f"auxiliary_reconstruction_loss_{modality}"] = \
+                self._aux(b.aux_recon, x - b.sae_out.detach(), coefficients["aux"] * b.aux_scale, modality)
+        return losses
+
+    def _alignment(self, vision: BranchCodes, text: BranchCodes) -> Tensor:
+        """The alignment loss (before its coefficient): from the sparse codes when both paths have them (the loss
+        of :data:`~jsae.saes.sparse_relu.SPARSE_ALIGNMENTS`, or a user-registered one on dense codes that carry
+        the values' gradient), else from the dense ``feature_acts``."""
+        loss, temperature = get_alignment_loss(self.cfg.alignment), self.cfg.infonce_temperature
+        if vision.sparse is None or text.sparse is None:
+            return loss(vision.feature_acts, text.feature_acts, temperature=temperature)
+        if self.cfg.alignment in SPARSE_ALIGNMENTS:
+            return SPARSE_ALIGNMENTS[self.cfg.alignment](*vision.sparse, *text.sparse, temperature=temperature)
+        dense_codes = [z.new_zeros(c.shape).index_put((c.rows, c.cols), z) for z, c in (vision.sparse, text.sparse)]
+        return loss(*dense_codes, temperature=temperature)
+
+    def _objective(self, vision: Tensor, text: Tensor, codes: dict[str, BranchCodes], coefficients: dict[str, float],
+                   path: str, density: float | None = None) -> JointStepOutput:
+        """The joint loss ``Σ_m (reconstruction + sparsity or auxiliary) + alignment`` of one paired step."""
+        fired = {m: b.fired for m, b in codes.items()}
+        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, feature_acts={}, sae_out={}, path=path,
+                              density=density, fired=fired if all(f is not None for f in fired.values()) else None)  # type: ignore[arg-type]
+        for m, x in zip(MODALITIES, (vision, text)):
+            out.losses.update(self._branch_terms(x, m, codes[m], coefficients))
+            out.feature_acts[m], out.sae_out[m] = codes[m].feature_acts, codes[m].sae_out
+        out.losses["alignment_loss"] = coefficients["alignment"] * self._alignment(codes["vision"], codes["text"])
+        out.loss = sum(out.losses.values())  # type: ignore[assignment]
+        return out
+
+    # ---- the paths: each computes a modality's codes and reconstruction, none a loss ----------------
+    def _reference_codes(self, x: Tensor, modality: str, dead: Tensor | None, coefficients: dict[str, float]) -> BranchCodes:
+        """The reference: plain autograd through :meth:`_pre` (``hook_sae_acts_pre`` called)."""
         pre = self._pre(x, modality)
         acts = F.relu(pre)
-        dec = self._dec(modality)
-        b_dec = self.b_dec_of(modality)
-        if self.cfg.activation == "topk":
-            top = acts.topk(self.cfg.k, dim=-1, sorted=False)
-            z = torch.zeros_like(acts).scatter(-1, top.indices, top.values)
-            # sparse decode: k rows of W_dec per sample instead of a dense [B, d_sae] @ [d_sae, d_in]
-            recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum") + b_dec
-        else:
-            z = acts
-            recon = z @ dec.W_dec + b_dec
-        losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
+        W_dec, b_dec = self._dec(modality).W_dec, self.b_dec_of(modality)
         if self.cfg.activation == "relu":
-            losses[f"l1_loss_{modality}"] = coefficients["l1"] * self._l1(z)
-        elif dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
-            # AuxK as SAELens's TopKTrainingSAE: the top k_aux *pre-activations* (not ReLU'd, so latents whose
-            # pre-activation is negative everywhere still get a gradient) among the dead latents reconstruct the
-            # detached residual, without b_dec
-            k_aux, scale = self.aux_selection(dead)
-            top = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)
-            aux_recon = F.embedding_bag(top.indices, dec.W_dec, per_sample_weights=top.values, mode="sum")
-            losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                self._aux(aux_recon, x - recon.detach(), coefficients["aux"] * scale, modality)
-        return BranchOutput(losses, z, pre, recon)
+            return BranchCodes(acts, pre, acts @ W_dec + b_dec, l1_codes=acts)
+        top = acts.topk(self.cfg.k, dim=-1, sorted=False)
+        z = torch.zeros_like(acts).scatter(-1, top.indices, top.values)
+        # sparse decode: k rows of W_dec per sample instead of a dense [B, d_sae] @ [d_sae, d_in]
+        recon = F.embedding_bag(top.indices, W_dec, per_sample_weights=top.values, mode="sum") + b_dec
+        if not self._uses_aux(dead, coefficients):
+            return BranchCodes(z, pre, recon)
+        # AuxK as SAELens's TopKTrainingSAE: the top k_aux *pre-activations* (not ReLU'd, so latents whose
+        # pre-activation is negative everywhere still get a gradient) among the dead latents reconstruct the
+        # detached residual, without b_dec
+        k_aux, scale = self.aux_selection(dead)  # type: ignore[arg-type]
+        aux = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False)  # type: ignore[operator]
+        aux_recon = F.embedding_bag(aux.indices, W_dec, per_sample_weights=aux.values, mode="sum")
+        return BranchCodes(z, pre, recon, aux_recon=aux_recon, aux_scale=scale)
 
-    def _sparse_topk_branch(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
-                            sparse_codes: bool) -> BranchOutput:
-        """The TopK branch on the sparse-code functions of :mod:`jsae.saes.sparse_relu`: the encoder runs without
-        gradient and the ``k`` selected entries (and the auxiliary loss's dead ones) get theirs through
-        :class:`~jsae.saes.sparse_relu.SparseReluEncoder`.  ``hook_sae_acts_pre`` is not called on this path and
-        ``hidden_pre`` is detached; with ``sparse_codes`` so are the dense ``feature_acts``."""
-        enc, W_dec, b_dec = self._enc(modality), self._dec(modality).W_dec, self.b_dec_of(modality)
-        centre = bool(self.cfg.apply_b_dec_to_input)
+    def _encoder_inputs(self, x: Tensor, modality: str) -> tuple[Tensor, Tensor]:
+        """``(sae_in, pre)`` without gradient: the one dense matmul of a fast path."""
         with torch.no_grad():
             sae_in = self.process_sae_in(x, modality)
-            pre = torch.addmm(enc.b_enc, sae_in, enc.W_enc)
-            codes, top_values = topk_codes(pre, self.cfg.k)
-        values = F.relu(sparse_relu_encode(sae_in, b_dec, enc.W_enc, enc.b_enc, top_values, codes, centre))
-        recon = csr_mm(values, W_dec, codes) + b_dec
+            enc = self._enc(modality)
+            return sae_in, torch.addmm(enc.b_enc, sae_in, enc.W_enc)
+
+    def _weights(self, modality: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        enc = self._enc(modality)
+        return enc.W_enc, enc.b_enc, self._dec(modality).W_dec, self.b_dec_of(modality)
+
+    def _sparse_topk_codes(self, x: Tensor, modality: str, dead: Tensor | None, coefficients: dict[str, float],
+                           sparse_codes: bool) -> BranchCodes:
+        """The TopK fast path (:func:`~jsae.saes.sparse_relu.topk_sparse_codes`): the encoder runs without gradient
+        and the ``k`` selected entries (and the auxiliary loss's dead ones) get theirs through
+        :class:`~jsae.saes.sparse_relu.SparseReluEncoder`.  ``hook_sae_acts_pre`` is not called and ``hidden_pre``
+        is detached; with ``sparse_codes`` so are the dense ``feature_acts`` (the alignment reads ``sparse``)."""
+        centre = bool(self.cfg.apply_b_dec_to_input)
+        sae_in, pre = self._encoder_inputs(x, modality)
+        weights = self._weights(modality)
+        values, codes, recon = topk_sparse_codes(sae_in, pre, self.cfg.k, *weights, centre)
         z = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), values.detach()) if sparse_codes \
             else pre.new_zeros(pre.shape).index_put((codes.rows, codes.cols), values)
-        losses = {f"mse_loss_{modality}": self._scaled_mse(recon, x, modality)}
-        if dead is not None and coefficients.get("aux", 0.0) > 0 and bool(dead.any()):
-            residual = x - recon.detach()
-            k_aux, scale = self.aux_selection(dead)
-            with torch.no_grad():  # k_aux <= n_dead, so every picked entry is a dead latent
-                aux_codes, aux_top = topk_codes(pre.masked_fill(~dead, -math.inf), k_aux)
-            # the raw pre-activations (no ReLU), as the dense path; the encoder backward is the same linear map
-            aux_vals = sparse_relu_encode(sae_in, b_dec, enc.W_enc, enc.b_enc, aux_top, aux_codes, centre)
-            losses[f"auxiliary_reconstruction_loss_{modality}"] = \
-                self._aux(csr_mm(aux_vals, W_dec, aux_codes), residual, coefficients["aux"] * scale, modality)
-        return BranchOutput(losses, z, pre, recon, (values, codes) if sparse_codes else None)
+        aux_recon, scale = None, 0.0
+        if self._uses_aux(dead, coefficients):
+            k_aux, scale = self.aux_selection(dead)  # type: ignore[arg-type]
+            aux_recon = sparse_aux_reconstruction(sae_in, pre, dead, k_aux, *weights, centre)  # type: ignore[arg-type]
+        fired = codes.latent_counts > 0 if sparse_codes else None
+        return BranchCodes(z, pre, recon, aux_recon=aux_recon, aux_scale=scale,
+                           sparse=(values, codes) if sparse_codes else None, fired=fired)
+
+    def _fast_relu_codes(self, vision: Tensor, text: Tensor) -> tuple[dict[str, BranchCodes], str, float]:
+        """The ReLU fast paths of :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; if at most
+        ``sparse_relu_max_density`` of either modality's codes is active the step runs on the active entries
+        (:func:`~jsae.saes.sparse_relu.relu_sparse_codes`, ``"sparse"``), else on dense codes with the encoder
+        backward of :class:`~jsae.saes.sparse_relu.EncoderFromPre` (:func:`~jsae.saes.sparse_relu.relu_dense_codes`,
+        ``"dense-codes"``).  ``hook_sae_acts_pre`` is not called and ``feature_acts`` are detached on the sparse path."""
+        centre = bool(self.cfg.apply_b_dec_to_input)
+        inputs = {m: self._encoder_inputs(x, m) for m, x in zip(MODALITIES, (vision, text))}
+        with torch.no_grad():  # the active entries, whose count decides the path
+            active = {m: active_entries(pre) for m, (_, pre) in inputs.items()}
+            density = max(a.numel() for a in active.values()) / max(1, inputs["vision"][1].numel())
+        sparse = density <= self.sparse_relu_max_density
+        out = {}
+        for m, (sae_in, pre) in inputs.items():
+            if sparse:
+                values, codes, recon = relu_sparse_codes(sae_in, pre, active[m], *self._weights(m), centre)
+                out[m] = BranchCodes(pre.relu_(), pre, recon, l1_codes=values, sparse=(values, codes),
+                                     fired=codes.latent_counts > 0)
+            else:
+                z, recon = relu_dense_codes(sae_in, pre, *self._weights(m), centre)
+                out[m] = BranchCodes(z, pre, recon, l1_codes=z)
+        return out, "sparse" if sparse else "dense-codes", density
+
+    def branch_losses(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
+                      *, dense: bool = False, sparse_codes: bool = False) -> BranchOutput:
+        """Reconstruction, sparsity and auxiliary losses of one modality (SAELens's single-modality step).
+
+        TopK runs on its fast path (:func:`~jsae.saes.sparse_relu.topk_sparse_codes`) unless ``dense``; ReLU and
+        ``dense`` on the reference (same losses and gradients up to summation order).  With ``sparse_codes``
+        the TopK fast path returns ``feature_acts`` without gradient and the differentiable codes in
+        ``sparse``."""
+        if self.cfg.activation == "topk" and not dense:
+            b = self._sparse_topk_codes(x, modality, dead, coefficients, sparse_codes)
+        else:
+            b = self._reference_codes(x, modality, dead, coefficients)
+        return BranchOutput(self._branch_terms(x, modality, b, coefficients), b.feature_acts, b.hidden_pre, b.sae_out,
+                            b.sparse)
 
     def paired_forward_pass(self, vision: Tensor, text: Tensor, coefficients: dict[str, float],
                             dead_neuron_mask: Tensor | None = None, *, dense: bool = False) -> JointStepOutput:
         """The joint objective on a paired batch.
 
         ``coefficients`` has the current (warmed-up) ``l1``, ``alignment`` and ``aux`` values;
-        ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.  TopK runs
-        on the sparse path (with the cosine alignment computed from the sparse codes) unless ``dense``; ReLU
-        on :meth:`_fast_relu_pass` unless ``dense``."""
-        if self.cfg.activation == "relu" and not dense:
-            return self._fast_relu_pass(vision, text, coefficients)
-        sparse = self.cfg.activation == "topk" and not dense
-        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, feature_acts={}, sae_out={},
-                              path="sparse" if sparse else "dense", fired={} if sparse else None)
-        branches = {}
-        for i, (modality, x) in enumerate(zip(MODALITIES, (vision, text))):
-            dead = None if dead_neuron_mask is None else dead_neuron_mask[i]
-            b = branches[modality] = self.branch_losses(x, modality, coefficients, dead, dense=dense, sparse_codes=sparse)
-            out.losses.update(b.losses)
-            out.feature_acts[modality], out.sae_out[modality] = b.feature_acts, b.sae_out
-            if b.sparse is not None:
-                out.fired[modality] = b.sparse[1].latent_counts > 0  # type: ignore[index]
-        if sparse:
-            align = self._sparse_alignment(branches["vision"].sparse, branches["text"].sparse)  # type: ignore[arg-type]
-        else:
-            align = get_alignment_loss(self.cfg.alignment)(
-                out.feature_acts["vision"], out.feature_acts["text"], temperature=self.cfg.infonce_temperature)
-        out.losses["alignment_loss"] = coefficients["alignment"] * align
-        out.loss = sum(out.losses.values())  # type: ignore[assignment]
-        return out
-
-    def _sparse_alignment(self, vision: tuple[Tensor, Any], text: tuple[Tensor, Any]) -> Tensor:
-        """The alignment loss from each modality's ``(values, codes)``: the loss of
-        :data:`~jsae.saes.sparse_relu.SPARSE_ALIGNMENTS`, or a user-registered one on dense codes that carry
-        the values' gradient."""
-        temperature = self.cfg.infonce_temperature
-        if self.cfg.alignment in SPARSE_ALIGNMENTS:
-            return SPARSE_ALIGNMENTS[self.cfg.alignment](*vision, *text, temperature=temperature)
-        dense_codes = [z.new_zeros(c.shape).index_put((c.rows, c.cols), z) for z, c in (vision, text)]
-        return get_alignment_loss(self.cfg.alignment)(*dense_codes, temperature=temperature)
-
-    def _fast_relu_pass(self, vision: Tensor, text: Tensor, coefficients: dict[str, float]) -> JointStepOutput:
-        """The ReLU objective on :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; if at
-        most ``sparse_relu_max_density`` of either modality's codes is active the step runs on the active
-        entries (``path="sparse"``), else on dense codes with the encoder backward of
-        :class:`~jsae.saes.sparse_relu.EncoderFromPre` (``path="dense-codes"``).  Same losses and gradients as
-        the dense reference (``dense=True``) up to summation order; ``hook_sae_acts_pre`` is not called and
-        ``feature_acts`` are detached."""
-        centre = bool(self.cfg.apply_b_dec_to_input)
-        sae_in, pre, active = {}, {}, {}
-        with torch.no_grad():  # the dense encoder forward, and the active entries (whose count decides the path)
-            for m, x in zip(MODALITIES, (vision, text)):
-                sae_in[m] = self.process_sae_in(x, m)
-                enc = self._enc(m)
-                pre[m] = torch.addmm(enc.b_enc, sae_in[m], enc.W_enc)
-                active[m] = active_entries(pre[m])
-            density = max(a.numel() for a in active.values()) / max(1, pre["vision"].numel())
-        sparse = density <= self.sparse_relu_max_density
-        out = JointStepOutput(loss=vision.new_zeros(()), losses={}, feature_acts={}, sae_out={},
-                              path="sparse" if sparse else "dense-codes", density=density, fired={} if sparse else None)
-        codes: dict[str, Any] = {}
-        for m, x in zip(MODALITIES, (vision, text)):
-            enc, W_dec, b_dec = self._enc(m), self._dec(m).W_dec, self.b_dec_of(m)
-            if sparse:
-                c, vals = relu_codes(pre[m], active[m])
-                z = sparse_relu_encode(sae_in[m], b_dec, enc.W_enc, enc.b_enc, vals, c, centre)
-                recon = csr_mm(z, W_dec, c) + b_dec
-                codes[m] = (z, c)
-                out.fired[m] = c.latent_counts > 0  # type: ignore[index]
-                l1 = z.sum() / x.shape[0]
-                if self.cfg.loss_reduction == "mean":
-                    l1 = 0.5 * l1 / self.cfg.d_sae
-                out.feature_acts[m] = pre[m].relu_()
-            else:
-                z = F.relu(encoder_from_pre(sae_in[m], b_dec, enc.W_enc, enc.b_enc, pre[m], centre))
-                recon = z @ W_dec + b_dec
-                l1 = self._l1(z)
-                out.feature_acts[m] = z
-            out.sae_out[m] = recon
-            out.losses[f"mse_loss_{m}"] = self._scaled_mse(recon, x, m)
-            out.losses[f"l1_loss_{m}"] = coefficients["l1"] * l1
-        if sparse:
-            align = self._sparse_alignment(codes["vision"], codes["text"])
-        else:
-            align = get_alignment_loss(self.cfg.alignment)(out.feature_acts["vision"], out.feature_acts["text"],
-                                                           temperature=self.cfg.infonce_temperature)
-        out.losses["alignment_loss"] = coefficients["alignment"] * align
-        out.loss = sum(out.losses.values())  # type: ignore[assignment]
-        return out
+        ``dead_neuron_mask`` is ``[2, d_sae]`` (vision, text) and drives the TopK auxiliary loss.  Unless
+        ``dense`` (the plain-autograd reference), a TopK SAE runs on its sparse fast path and a ReLU SAE on
+        :meth:`_fast_relu_codes`; every path feeds the same loss (:meth:`_objective`)."""
+        dead = dict(zip(MODALITIES, (None, None) if dead_neuron_mask is None else dead_neuron_mask))
+        if dense:
+            codes = {m: self._reference_codes(x, m, dead[m], coefficients) for m, x in zip(MODALITIES, (vision, text))}
+            return self._objective(vision, text, codes, coefficients, "dense")
+        if self.cfg.activation == "topk":
+            codes = {m: self._sparse_topk_codes(x, m, dead[m], coefficients, True) for m, x in zip(MODALITIES, (vision, text))}
+            return self._objective(vision, text, codes, coefficients, "sparse")
+        codes, path, density = self._fast_relu_codes(vision, text)
+        return self._objective(vision, text, codes, coefficients, path, density)
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """Single-modality step (the default branch) for SAELens's ``SAETrainer``."""
@@ -822,114 +858,3 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
     def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out):  # type: ignore[no-untyped-def]
         return {}  # folded into training_forward_pass
-
-
-# ================================================================================================
-# Files
-# ================================================================================================
-
-CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
-
-
-def _atomic_save(path: str | Path, write: Callable[[Path], tuple[Path, Path]]) -> tuple[Path, Path]:
-    """Let ``write`` fill a temporary sibling directory, then move its files into ``path``."""
-    from jsae.files import apply_umask, writing
-
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with writing(path / WEIGHTS_FILE):
-            write(tmp)
-        apply_umask(tmp)
-        path.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS_FILE, CFG_FILE):  # cfg last: a directory with a cfg.json is complete
-            os.replace(tmp / name, path / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path / WEIGHTS_FILE, path / CFG_FILE
-
-
-def check_sae_dir(path: str | Path) -> dict[str, Any]:
-    """Validate a SAELens-layout jsae directory; returns its cfg dict or raises a one-line error."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not (path / CFG_FILE).is_file():
-        raise FileNotFoundError(f"no {CFG_FILE} in {path}; pass the folder that holds {CFG_FILE} and {WEIGHTS_FILE}")
-    try:
-        cfg = json.loads((path / CFG_FILE).read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path / CFG_FILE} is not valid JSON ({exc}); re-save the SAE with save_model") from exc
-    arch = cfg.get("architecture")
-    if arch != "jsae":
-        raise ValueError(f"{path} holds a {arch!r} SAE, not a 'jsae' one; load it with sae_lens.SAE.load_from_disk")
-    missing = [k for k in ("d_in", "d_sae") if k not in cfg]
-    if missing:
-        raise ValueError(f"{path / CFG_FILE} lacks the field(s) {missing}; re-save the SAE with save_model")
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}; re-save the SAE with save_model or re-download it")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"{weights} is corrupt or truncated ({str(exc).splitlines()[0]}); re-save or re-download it") from exc
-    size = weights.stat().st_size
-    with open(weights, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end != size:
-        raise ValueError(f"{weights} is truncated ({size} bytes, header promises {8 + header_len + end}); re-save or re-download it")
-    not_float = sorted(f"{k} ({v['dtype']})" for k, v in header.items()
-                       if k != "__metadata__" and v.get("dtype") not in ("F32", "F16", "BF16", "F64"))
-    if not_float:
-        raise ValueError(f"{weights} holds non-float weights {not_float[:3]}; a JSAE's weights are float32/bfloat16/"
-                         "float16 (a quantised or corrupt file): re-save the SAE with save_model")
-    return cfg
-
-
-def check_finite_weights(path: str | Path, fix: str = "use another checkpoint or retrain") -> None:
-    """One-line ``ValueError`` when the weights file of the SAE folder ``path`` holds NaN or inf (a diverged run or a
-    corrupt file), read one tensor at a time."""
-    from safetensors import safe_open
-
-    weights = Path(path) / WEIGHTS_FILE
-    bad = []
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(key)
-    if bad:
-        raise ValueError(f"{weights} holds NaN/inf values in {sorted(bad)[:3]} (a diverged run or a corrupt file); {fix}")
-
-
-def _check_finite_state(sae: Any, path: Path) -> None:
-    bad = sorted(k for k, v in sae.state_dict().items() if isinstance(v, Tensor) and v.is_floating_point()
-                 and not bool(torch.isfinite(v).all()))
-    if bad:
-        raise ValueError(f"refusing to save an SAE with NaN/inf weights {bad[:3]} to {path} (a diverged run); lower the "
-                         "learning rate or use an earlier checkpoint")
-
-
-def _check_state_dict(sae: JointSAE, state_dict: dict[str, Any]) -> None:
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"the weights do not fit this JSAE config (missing {missing}, unexpected {unexpected}, wrong shape {wrong}); "
-            "the cfg.json and sae_weights.safetensors come from different SAEs"
-        )
-    not_float = sorted(f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
-                       if isinstance(v, Tensor) and not v.is_floating_point())
-    if not_float:
-        raise ValueError(f"the SAE weights {not_float[:3]} are not floating point; a JSAE's weights are float32/bfloat16/"
-                         "float16 (a quantised or corrupt file): re-save the SAE with save_model")
-    bad = sorted(k for k, v in state_dict.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all()))
-    if bad:
-        raise ValueError(f"the SAE weights {bad[:3]} hold NaN/inf values (a diverged run or a corrupt file); "
-                         "use another checkpoint or retrain")

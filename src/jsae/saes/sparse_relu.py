@@ -1,5 +1,6 @@
-"""Sparse-code training path (pure PyTorch, CPU and GPU) of ReLU and TopK JSAEs: encoder, decoder and
-alignment on the active codes only.
+"""The fast training paths (pure PyTorch, CPU and GPU) of ReLU and TopK JSAEs: encoder, decoder and
+alignment on the active codes only, as tensor-only functions.  They compute codes and reconstructions; the loss
+is :class:`jsae.saes.joint_sae.TrainingJointSAE`'s one definition, read from them.
 
 An L1-trained ReLU SAE soon has only a few per cent of its codes non-zero, yet a plain autograd step spends
 six dense ``[B, d_in] x [d_in, d_sae]`` matmuls on it: the encoder forward, the decoder forward, and four in
@@ -12,7 +13,7 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
 * the code gradient is needed only on the active entries: ``torch.sparse.sampled_addmm`` (a sampled
   dense-dense product, SDDMM) instead of the dense ``grad_recon @ W_dec^T``;
 * ``grad_W_dec`` and ``grad_W_enc`` are ``embedding_bag`` over ``grad_recon`` and ``sae_in`` with the entries
-  grouped by latent (one bag per latent, :class:`~jsae.saes.sparse_topk.Bags`);
+  grouped by latent (one bag per latent, :class:`Bags`);
 * ``grad_b_dec`` through the centred input is ``-W_enc @ grad_b_enc`` (a matrix-vector product) instead of
   the dense ``grad_pre @ W_enc^T``;
 * the L1 term is the sum of the active values, and the alignment terms (:data:`SPARSE_ALIGNMENTS`) are
@@ -20,20 +21,24 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
   and L2 from the matching entries (``searchsorted`` on the row-major linear indices), InfoNCE's ``[B, B]``
   logits as one more :class:`CsrMM` against the other modality's normalised codes;
 * the entries are grouped by latent with one stable sort on one thread
-  (:func:`~jsae.saes.sparse_topk.argsort_latents`), and the trainer's dead-latent statistics come from the
+  (:func:`argsort_latents`), and the trainer's dead-latent statistics come from the
   per-latent counts (``JointStepOutput.fired``) instead of a pass over the dense codes.
 
-The TopK path uses the same functions on its ``k`` selected entries per sample (:func:`topk_codes`).
+The TopK path uses the same functions on its ``k`` selected entries per sample (:func:`topk_codes`), its
+auxiliary loss on the top dead latents' entries.  One modality's path is one function: :func:`relu_sparse_codes`,
+:func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`).
 
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work.  When the codes are
 dense (early in training) :class:`EncoderFromPre` still saves the ``grad_sae_in`` matmul: the caller picks
 the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
-autograd path up to float summation order (``tests/test_fast_relu.py``).  Everything here takes and
+autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
+(``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
 returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -41,10 +46,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jsae.saes.sparse_topk import Bags, argsort_latents
+__all__ = ["Bags", "CsrMM", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
+           "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
+           "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes", "topk_sparse_codes"]
 
-__all__ = ["CsrMM", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
-           "active_entries", "csr_mm", "encoder_from_pre", "relu_codes", "sparse_relu_encode", "topk_codes"]
+
+def argsort_latents(latents: Tensor) -> Tensor:
+    """A stable argsort of 1-D int64 latent indices; on CPU on one thread.
+
+    PyTorch sorts int64 on CPU with a parallel radix sort whose thread barriers stall when the cores are
+    shared: 85k keys on the 2-core machine under load 3.7 took median 6 ms, 90th percentile 176 ms on 2
+    threads, against median 1.4 ms, max 5.5 ms on one (a float32-key argsort: median 40 ms).  The thread
+    count is process-wide, so it is restored at once."""
+    if latents.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.argsort(latents, stable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.argsort(latents, stable=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Bags(NamedTuple):
+    """The entries of sparse codes grouped by latent (one bag per latent, for ``embedding_bag``)."""
+
+    order: Tensor  # permutation of the entries that sorts them by latent
+    sample_of_entry: Tensor  # the sample of each sorted entry
+    offsets: Tensor  # [n_latents] start of each latent's run, as embedding_bag wants
 
 
 class SparseCodes(NamedTuple):
@@ -207,6 +236,46 @@ def sparse_relu_encode(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tens
 def encoder_from_pre(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, centre: bool = True) -> Tensor:
     """:class:`EncoderFromPre` as a function."""
     return EncoderFromPre.apply(sae_in, b_dec, W_enc, b_enc, pre, centre)  # type: ignore[no-any-return]
+
+
+# ---- the fast paths of one modality: codes and reconstruction; TrainingJointSAE computes the loss from them ----
+# Each takes ``sae_in`` (the processed, centred input) and ``pre = sae_in @ W_enc + b_enc``, both computed without
+# gradient (the one dense matmul), and gives the differentiable codes and reconstruction with the values and
+# gradients of the plain-autograd reference (TrainingJointSAE._reference_codes) up to float summation order.
+
+
+def relu_sparse_codes(sae_in: Tensor, pre: Tensor, active: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+                      b_dec: Tensor, centre: bool = True) -> tuple[Tensor, SparseCodes, Tensor]:
+    """ReLU on the active entries (``active``: :func:`active_entries` of ``pre``): ``(values [nnz], codes,
+    recon [B, d_in])``; the L1 term is ``values.sum()``."""
+    codes, vals = relu_codes(pre, active)
+    values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, vals, codes, centre)
+    return values, codes, csr_mm(values, W_dec, codes) + b_dec
+
+
+def relu_dense_codes(sae_in: Tensor, pre: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                     centre: bool = True) -> tuple[Tensor, Tensor]:
+    """ReLU on dense codes with :class:`EncoderFromPre`'s backward: ``(z [B, d_sae], recon [B, d_in])``."""
+    z = F.relu(encoder_from_pre(sae_in, b_dec, W_enc, b_enc, pre, centre))
+    return z, z @ W_dec + b_dec
+
+
+def topk_sparse_codes(sae_in: Tensor, pre: Tensor, k: int, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                      centre: bool = True) -> tuple[Tensor, SparseCodes, Tensor]:
+    """TopK on its ``k`` entries a row: ``(values [B * k] (ReLU'd), codes, recon [B, d_in])``."""
+    codes, top_values = topk_codes(pre, k)
+    values = F.relu(sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, top_values, codes, centre))
+    return values, codes, csr_mm(values, W_dec, codes) + b_dec
+
+
+def sparse_aux_reconstruction(sae_in: Tensor, pre: Tensor, dead: Tensor, k_aux: int, W_enc: Tensor, b_enc: Tensor,
+                              W_dec: Tensor, b_dec: Tensor, centre: bool = True) -> Tensor:
+    """TopK's auxiliary reconstruction ``[B, d_in]`` (no ``b_dec``): the top ``k_aux`` raw pre-activations (not
+    ReLU'd) among the ``dead [d_sae]`` latents, decoded; ``k_aux <= dead.sum()``, so every entry is a dead latent."""
+    with torch.no_grad():
+        codes, top = topk_codes(pre.masked_fill(~dead, -math.inf), k_aux)
+    values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, top, codes, centre)
+    return csr_mm(values, W_dec, codes)
 
 
 # ---- alignment losses on sparse codes: the same values as jsae.saes.alignment on the dense codes -----------

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
 from jsae.files import replace_dir, write_json, writing
 from jsae.training.data import check_paired_batch
+from jsae.saes.metrics import explained_variance
 
 LATEST = "latest.json"
 
@@ -532,22 +533,22 @@ class JointSAETrainer:
                 continue
             idx, alive = dead[i].nonzero().squeeze(1), ~dead[i]
             unit = directions[m] / directions[m].norm(dim=-1, keepdim=True).clamp(min=1e-8)
-            enc, W_dec = sae._enc(m), sae._dec(m).W_dec
+            W_enc, b_enc, W_dec = sae.W_enc_of(m), sae.b_enc_of(m), sae.W_dec_of(m)
             if id(W_dec) not in done:
                 norm = 1.0 if c.normalize_decoder or not alive.any() else float(W_dec[alive].norm(dim=-1).mean())
                 W_dec[idx] = unit * norm
                 self._reset_moments(W_dec, (idx,))
                 done.add(id(W_dec))
-            if id(enc.W_enc) not in done:
-                cols = enc.W_enc[:, alive] if alive.any() else enc.W_enc
+            if id(W_enc) not in done:
+                cols = W_enc[:, alive] if alive.any() else W_enc
                 w = unit * (c.resample_encoder_scale * float(cols.norm(dim=0).mean()))
-                enc.W_enc[:, idx] = w.T
+                W_enc[:, idx] = w.T
                 # zero pre-activation at the candidates' mean (0 when the encoder's input is centred there)
                 origin = means[m] - sae.b_dec_of(m) * float(sae.cfg.apply_b_dec_to_input)
-                enc.b_enc[idx] = -(w @ origin)
-                self._reset_moments(enc.W_enc, (slice(None), idx))
-                self._reset_moments(enc.b_enc, (idx,))
-                done.add(id(enc.W_enc))
+                b_enc[idx] = -(w @ origin)
+                self._reset_moments(W_enc, (slice(None), idx))
+                self._reset_moments(b_enc, (idx,))
+                done.add(id(W_enc))
             self.steps_since_fired[i, idx] = 0
 
     def _reset_moments(self, param: Tensor, index: tuple[Any, ...]) -> None:
@@ -562,8 +563,7 @@ class JointSAETrainer:
         m: dict[str, float] = {"losses/overall_loss": float(out.loss)}
         m.update({f"losses/{k}": float(v) for k, v in out.losses.items()})
         for name, x in zip(MODALITIES, (vision, text)):
-            var = (x - x.mean(0)).pow(2).sum()
-            m[f"metrics/explained_variance_{name}"] = float(1 - (out.sae_out[name] - x).pow(2).sum() / var.clamp(min=1e-12))
+            m[f"metrics/explained_variance_{name}"] = float(explained_variance(out.sae_out[name], x))
             m[f"metrics/l0_{name}"] = float((out.feature_acts[name] > 0).float().sum(-1).mean())
         dead = self.steps_since_fired >= self.cfg.dead_feature_window
         for i, name in enumerate(MODALITIES):

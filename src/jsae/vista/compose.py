@@ -42,12 +42,12 @@ def _leading_tokens(vision_model: nn.Module, image_size: int, patch_size: int) -
 def _copy_nonpersistent(dst: nn.Module, src: nn.Module) -> None:
     """Buffers that state_dict does not hold (rotary ``inv_freq``, ``position_ids``) from ``src`` by name."""
     src_bufs = dict(src.named_buffers())
+    persistent = set(dst.state_dict(keep_vars=True))  # a buffer is in state_dict exactly when it is persistent
     for name, buf in list(dst.named_buffers()):
         if buf.is_meta and name in src_bufs:
             owner, _, leaf = name.rpartition(".")
             mod = dst.get_submodule(owner) if owner else dst
-            persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
-            mod.register_buffer(leaf, src_bufs[name], persistent=persistent)
+            mod.register_buffer(leaf, src_bufs[name], persistent=name in persistent)
 
 
 def _softcap_hook(cap: float):
@@ -74,7 +74,7 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
 
     from jsae.adapters import for_model
 
-    if type(vision_model).__name__ in ("CLIPModel", "SiglipModel", "Siglip2Model"):
+    if callable(getattr(vision_model, "get_text_features", None)):  # a dual encoder (CLIPModel, SiglipModel...)
         raise TypeError(f"pass the vision half of {type(vision_model).__name__} (a CLIPVisionModel / SiglipVisionModel), not the dual encoder")
     if not isinstance(vision_model, PreTrainedModel) or not hasattr(vision_model.config, "patch_size"):
         raise TypeError(f"vision_model must be a transformers vision encoder with a patch size (Dinov2Model, CLIPVisionModel, "
@@ -150,14 +150,14 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
             setattr(g, key, getattr(tok, key))
     if name is None:
         def short(m: Any) -> str:
-            return str(getattr(m.config, "_name_or_path", "") or type(m).__name__).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+            return str(getattr(m.config, "name_or_path", "") or type(m).__name__).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
         name = f"{short(vision_model)}+{short(language_model)}"
-    model.config._name_or_path = name
+    model.config.name_or_path = name
     text_cfg = getattr(model.config, "text_config", None)
-    lm_name = str(getattr(language_model.config, "_name_or_path", "") or "")
-    if text_cfg is not None and lm_name and not getattr(text_cfg, "_name_or_path", ""):
-        text_cfg._name_or_path = lm_name  # the text SAEs of this LM apply to the composed model (jsae.vista.check_text_sae)
+    lm_name = str(getattr(language_model.config, "name_or_path", "") or "")
+    if text_cfg is not None and lm_name and not getattr(text_cfg, "name_or_path", ""):
+        text_cfg.name_or_path = lm_name  # the text SAEs of this LM apply to the composed model (jsae.vista.check_text_sae)
     model.eval()
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy=strategy, num_additional_image_tokens=lead,

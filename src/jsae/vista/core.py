@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from jsae.guards import typechecked
-from jsae.activations import read_layers
+from jsae.activations import read_layers, states_at
 from jsae.adapters import layer_of_hook, unwrap
 from jsae.vlm import as_vlm
 
@@ -80,7 +80,7 @@ def check_text_sae(sae: Any, adapter: Any, layer: int) -> None:
     from jsae.interventions import check_sae_site  # the model it was trained on: the interventions' own check
 
     text_cfg = getattr(adapter.hf_model.config, "text_config", None)
-    lm_name = str(getattr(text_cfg, "_name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
+    lm_name = str(getattr(text_cfg, "name_or_path", "") or "")  # a text SAE of the base LM applies (Gemma Scope on PaliGemma)
     check_sae_site(sae, layer, adapter, "VISTA run", "pass the text SAEs trained on this model's language model "
                    "(--text-sae), or leave --text-sae out to train them", also_models=(lm_name,))
 
@@ -302,12 +302,12 @@ def collect_text_states(model: Any, processor: Any, adapter: Any, captions: Sequ
         chunk = list(captions[i:i + batch_size])
         with padding_side(processor, "right"):
             enc = tok(chunk, return_tensors="pt", padding=True)
-        got = read_layers(model, adapter, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, layers)
         keep = enc["attention_mask"].bool()
         for t in special:
             keep &= enc["input_ids"] != t
+        got = states_at(model, adapter, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, layers, keep)
         for layer in layers:
-            out[layer].append(got[layer][keep].float())
+            out[layer].append(got[layer])
         owners.append((torch.arange(len(chunk))[:, None].expand_as(keep)[keep] + i))
         ids_all += enc["input_ids"][keep].tolist()
     return {layer: torch.cat(v) for layer, v in out.items()}, torch.cat(owners), ids_all

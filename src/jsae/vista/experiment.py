@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from jsae.files import write_atomic, write_json
 from jsae.report.markdown import markdown_table
+from jsae.saes.metrics import fvu as sae_fvu
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
 from jsae.vista.metrics import (context_concepts, image_concepts, interval, label_from_top_examples, label_summary,
@@ -146,7 +147,7 @@ def _load_world(model: str, seed: int = 0) -> tuple[Any, Any, Any]:
 
 
 def _model_name(adapter: Any) -> str:
-    from jsae.capture import _model_name as name
+    from jsae.vlm import model_name as name
 
     return name(adapter)
 
@@ -224,7 +225,7 @@ def train_world(out: str | Path, cfg: WorldVistaConfig | None = None, overwrite:
         got = label_text_sae(sae, lstates[layer], words, owners_l, concepts, cfg.top_n, cfg.min_purity, cfg.context)
         x = lstates[layer]
         with torch.no_grad():
-            fvu = float((sae.decode(got["codes"]) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            fvu = float(sae_fvu(sae.decode(got["codes"]), x))
         d = out / "text_sae" / adapter.hook_name(layer)
         d.mkdir(parents=True, exist_ok=True)
         if not (d / "cfg.json").exists():
@@ -266,7 +267,7 @@ def _image_states(model: Any, processor: Any, adapter: Any, images: list[Any], c
                   batch: int = 50) -> dict[int, torch.Tensor]:
     """{layer: [n_images, n_patches, d]} image-token states in row-major patch order (every image of the
     world has the same patch grid; a batch whose images differ is refused)."""
-    from jsae.activations import read_layers
+    from jsae.activations import states_at
 
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(images), batch):
@@ -277,8 +278,8 @@ def _image_states(model: Any, processor: Any, adapter: Any, images: list[Any], c
             raise ValueError(f"images {i}..{i + len(counts) - 1} have different numbers of image tokens {counts.tolist()}; "
                              "the world evaluation needs one patch grid")
         n = int(counts[0])
-        for layer, states in read_layers(model, adapter, enc, layers).items():
-            out[layer].append(states[img].reshape(img.shape[0], n, -1).float())
+        for layer, states in states_at(model, adapter, enc, layers, img).items():
+            out[layer].append(states.reshape(img.shape[0], n, -1))
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 

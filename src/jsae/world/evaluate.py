@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from jsae.adapters import padding_side
+from jsae.hf import padding_side
 from jsae.world import grammar
 from jsae.world.data import iter_world
-from jsae.world.models import _check_name, caption_prompt
+from jsae.world.models import check_name, caption_prompt
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def caption_cross_entropy(model, processor, name: str, n: int = 100, split: str 
     model has collapsed away from costs several nats; ``log |V|`` is chance)."""
     from jsae.world.training import build_batch
 
-    _check_name(name)
+    check_name(name)
     scenes = [s for s, _ in iter_world(split, n, seed)]
     dev = next(model.parameters()).device
     out: dict[int, float] = {}
@@ -95,7 +95,7 @@ def score_caption(text: str, objects: list) -> dict:
 def evaluate(model, processor, name: str, n: int = 500, split: str = "test", seed: int = 0, batch_size: int = 100,
              progress: bool = True, examples: int = 0, direct_qa: bool = True) -> dict:
     """Object accuracy of greedy captions, no-hallucination rate and QA accuracy on ``n`` held-out scenes."""
-    _check_name(name)
+    check_name(name)
     was_training = model.training
     model.eval()
     items = list(iter_world(split, n, seed))

@@ -95,7 +95,7 @@ TOY_MODELS: dict[str, ToyModelSpec] = {
 MODEL_NAMES = tuple(TOY_MODELS)
 
 
-def _check_name(name) -> str:
+def check_name(name) -> str:
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown toy model {name!r}; choose one of {list(MODEL_NAMES)}")
     return name
@@ -103,7 +103,7 @@ def _check_name(name) -> str:
 
 def toy_spec(name: str) -> ToyModelSpec:
     """The :class:`ToyModelSpec` of toy model ``name`` (one-line error for an unknown name)."""
-    return TOY_MODELS[_check_name(name)]
+    return TOY_MODELS[check_name(name)]
 
 
 def toy_name(name_or_path: str | Path | None) -> str | None:
@@ -122,7 +122,7 @@ def toy_name(name_or_path: str | Path | None) -> str | None:
 
 def model_dir(name: str) -> Path:
     """Directory of the shipped weights of toy model ``name`` (inside the installed package)."""
-    return MODELS_DIR / _check_name(name)
+    return MODELS_DIR / check_name(name)
 
 
 def build_config(name: str, vocab_size: int, size: str = "default"):
@@ -152,7 +152,7 @@ def image_prefix(name: str) -> str:
 def caption_prompt(name: str, processor) -> str:
     """The full prompt a toy model captions from: its chat template with one image and
     :data:`~jsae.world.processors.CAPTION_PROMPT`, generation prompt added (text follows the image)."""
-    _check_name(name)
+    check_name(name)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -246,7 +246,7 @@ def load_toy_hf(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     ``device_map`` (and ``kwargs``: ``max_memory``, ``offload_folder``) go to ``from_pretrained`` instead of
     moving the model to ``device`` (a model split over devices, or partly offloaded to disk).
     """
-    _check_name(name)
+    check_name(name)
     d = check_weights(name, directory)
     model = model_class(name).from_pretrained(str(d), local_files_only=True, use_safetensors=True, dtype=dtype,
                                               **({"device_map": device_map, **kwargs} if device_map is not None else {}))

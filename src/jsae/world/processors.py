@@ -4,16 +4,17 @@
   tokens of both families (``<image>`` for LLaVA; ``<|image_pad|>``, ``<|video_pad|>``,
   ``<|vision_start|>``, ``<|vision_end|>`` for Qwen3-VL). It prepends ``<s>``.
 - ``build_llava_processor()``: the real ``transformers.LlavaProcessor`` with ``CLIPImageProcessorPil``.
-- ``ToyQwen3VLProcessor``: the real ``Qwen3VLProcessor`` minus its video processor (which needs
-  torchvision), with ``Qwen2VLImageProcessorPil``. Both save/load with ``save_pretrained`` /
+- ``build_qwen_processor()``: ``ToyQwen3VLProcessor`` (the real ``Qwen3VLProcessor`` minus its video processor,
+  which needs torchvision; it lives with its family in ``jsae.adapters.qwen3_vl_processor``) with
+  ``Qwen2VLImageProcessorPil``. Both save/load with ``save_pretrained`` /
   ``from_pretrained`` on a local directory.
 """
 
 from __future__ import annotations
 
-from transformers import LlavaProcessor, PreTrainedTokenizerFast, Qwen3VLProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
+from jsae.adapters.qwen3_vl_processor import ToyQwen3VLProcessor
 from jsae.world import grammar
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -66,36 +67,6 @@ def build_llava_processor(tokenizer=None, image_size: int = 48, patch_size: int 
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer or build_tokenizer(), patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=world_chat_template("<image>") if chat_template == "world" else chat_template)
-
-
-class ToyQwen3VLProcessor(Qwen3VLProcessor):
-    """``Qwen3VLProcessor`` for images only: same call, outputs (``input_ids``, ``attention_mask``,
-    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``) and token layout, but no video processor
-    (the video processor of transformers needs torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_pad_token", None) or "<|image_pad|>"
-        self.video_token = "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-        self.vision_start_token = "<|vision_start|>"
-        self.vision_end_token = "<|vision_end|>"
-        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
-        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
-
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is not None:
-            raise ValueError("ToyQwen3VLProcessor handles images only; pass images= and text=")
-        # the image token of this tokenizer is "<image>" (LLaVA's); Qwen text uses <|image_pad|>
-        if text is not None:
-            single = isinstance(text, str)
-            texts = [text] if single else list(text)
-            wrapped = "<|vision_start|><|image_pad|><|vision_end|>"
-            texts = [t.replace("<|image_pad|>", wrapped) if "<|image_pad|>" in t and "<|vision_start|>" not in t
-                     else t if "<|image_pad|>" in t or images is None else f"{wrapped} {t}" for t in texts]
-            text = texts[0] if single else texts
-        return super().__call__(images=images, text=text, **kwargs)
 
 
 def build_qwen_processor(tokenizer=None, image_size: int = 48, patch_size: int = 4, merge_size: int = 2, *,

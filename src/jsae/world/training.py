@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from jsae.adapters import for_model, padding_side
+from jsae.adapters import for_model
+from jsae.hf import padding_side
 from jsae.world import grammar
 from jsae.world.data import scene_seed
-from jsae.world.models import (TOY_MODELS, _check_name, build_model, build_processor, caption_prompt, check_weights,
+from jsae.world.models import (TOY_MODELS, check_name, build_model, build_processor, caption_prompt, check_weights,
                                model_class, model_dir, save_toy_vlm, toy_spec)
 from jsae.world.processors import build_tokenizer
 from jsae.world.scenes import COLORS, POSITIONS, SIZES, TYPES, check_seed, generate_scene
@@ -103,7 +104,7 @@ DEFAULTS: dict[str, dict] = {name: dict(spec.train_steps) for name, spec in TOY_
 
 
 def default_config(name: str, **overrides) -> TrainConfig:
-    _check_name(name)
+    check_name(name)
     kw = dict(DEFAULTS[name])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**kw)
@@ -340,7 +341,7 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     in ``<out_dir>.stage-<stage>`` until the run completes (``keep_stages``: kept after it).  Returns ``(model, processor, summary)``;
     ``summary`` holds per-stage timings, losses and validation gauges.
     """
-    _check_name(name)
+    check_name(name)
     cfg = cfg or default_config(name)
     if threads:
         torch.set_num_threads(int(threads))

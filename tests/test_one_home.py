@@ -1,0 +1,70 @@
+"""What every part of jsae measures the same way has one definition (jsae.saes.metrics, jsae.activations), with
+values checked by hand here, and no second copy of the formula elsewhere in the package."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import jsae
+from jsae.activations import last_position_mask, last_positions
+from jsae.saes.metrics import explained_variance, fvu, summed_unit_rows
+
+ROOT = Path(jsae.__file__).resolve().parent
+
+
+def test_fvu_and_explained_variance_by_hand():
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])  # centred variance: 8 + 8 = 16
+    recon = x + torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # squared error: 4
+    assert float(fvu(recon, x)) == 0.25 and float(explained_variance(recon, x)) == 0.75
+    assert fvu(recon.double(), x.double()).dtype == torch.float64
+    assert float(fvu(x, x)) == 0.0
+    assert torch.isfinite(fvu(x[:1] + 1, x[:1]))  # one sample: zero variance gives a finite number, not inf
+
+
+def test_summed_unit_rows_by_hand():
+    W = torch.tensor([[3.0, 4.0], [0.0, 2.0], [0.0, 0.0], [5.0, 0.0]], requires_grad=True)
+    torch.testing.assert_close(summed_unit_rows(W, [0, 1]), torch.tensor([0.6, 1.8]))
+    torch.testing.assert_close(summed_unit_rows(W, [2, 3]), torch.tensor([1.0, 0.0]))  # a zero row adds nothing
+    assert not summed_unit_rows(W, [0]).requires_grad
+
+
+def test_last_positions_by_hand():
+    m = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert last_positions(m).tolist() == [2, -1, 3]
+    assert last_position_mask(m).int().tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+
+
+# the formula's fingerprint, and the files that may hold it (issue 27 owns saebench.py)
+COPIES = {
+    "FVU": (re.compile(r"\.mean\(0\)\)\.pow\(2\)\.sum\(\)"), {"saes/metrics.py", "releases/saebench.py"}),
+    "summed unit decoder rows": (re.compile(r"norm\(dim=-1, keepdim=True\)[^\n]*\)\.sum\(0\)"), {"saes/metrics.py"}),
+    "per-token states (a read_layers pass gathered at a mask)":
+        (re.compile(r"h\[[^\]]*\.to\(h\.device\)\]|got\[layer\]\[keep\]|states\[img\]"), {"activations.py"}),
+    "last position of a mask": (re.compile(r"where\(\w+, \w+, (?:-1|torch\.full_like\(\w+, -1\))\)\.amax"), {"activations.py"}),
+}
+
+
+@pytest.mark.parametrize("what", sorted(COPIES))
+def test_each_formula_is_written_once(what):
+    pattern, allowed = COPIES[what]
+    homes = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if pattern.search(p.read_text()))
+    assert set(homes) <= allowed and homes, f"{what} is written in {homes}; use its one home {sorted(allowed)}"
+
+
+def test_states_at_gathers_the_masked_positions_of_one_pass():
+    from jsae.activations import read_layers, states_at
+    from jsae.testing import tiny_vlm
+
+    vlm = tiny_vlm("llava")
+    enc = vlm.inputs(2)
+    mask = vlm.adapter.image_token_mask(enc)
+    full = read_layers(vlm.model, vlm.adapter, enc, [0, 2])
+    got = states_at(vlm.model, vlm.adapter, enc, [0, 2], mask)
+    assert sorted(got) == [0, 2]
+    for layer in (0, 2):
+        assert got[layer].dtype == torch.float32 and got[layer].shape == (int(mask.sum()), full[layer].shape[-1])
+        torch.testing.assert_close(got[layer], full[layer][mask].float(), rtol=0, atol=0)
