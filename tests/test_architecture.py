@@ -154,6 +154,8 @@ def family_branches(tree: ast.AST) -> list[tuple[int, str]]:
 PRIVATE_INTEGRATIONS = {
     ("jsae.hf", "_module"): "nnsight's Envoy keeps the wrapped torch module in _module and has no public accessor",
     ("jsae.bridge", "_adapters"): "TransformerLens's ArchitectureAdapterFactory has no public getter of a registration",
+    ("jsae.cost", "_no_split_modules"): "transformers declares the blocks accelerate must not split only in this class "
+                                        "attribute (what device_map='auto' itself reads); there is no public accessor",
     # issue 27 owns these two modules and replaces their private uses
     ("jsae.releases.saebench", "_kl"): "pending: issue 27 owns jsae.releases.saebench",
 }
