@@ -288,3 +288,14 @@ def test_comparisons_skip_concepts_no_direction_moves():
     assert t["p_value"] is None and t["n"] == 0 and "not compared" in t["note"]
     row = next(r for r in s["rows"] if r["key"] == "jsae:text" and r["measure"] == "steering")
     assert row["oracle_reached"] == 0 and row.get("log2_vs_oracle") is None and row["reached"] == "0/2"
+
+
+def test_report_says_when_its_saes_are_not_converged():
+    from jsae.report.markdown import convergence_note
+
+    saes = [{"method": "jsae", "converged": False, "dead_vision": 300, "d_sae": 512},
+            {"method": "saelens-topk", "converged": False, "dead_vision": 250, "d_sae": 512},
+            {"method": "jsae-none", "converged": True, "dead_vision": 20, "d_sae": 512}]
+    (line,) = convergence_note(saes)
+    assert "2 of 3 are not converged" in line and "250–300 of 512 vision latents" in line
+    assert convergence_note(saes[2:]) == [] and convergence_note([]) == []

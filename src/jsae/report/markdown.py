@@ -58,6 +58,18 @@ def _verdict(here: list[dict[str, Any]], measure: str) -> str:
     return "; ".join(parts) if parts else "only the oracle was measured"
 
 
+def convergence_note(saes: list[dict[str, Any]]) -> list[str]:
+    """One line saying which SAEs are not converged (and their dead latents), so no verdict is read as if they were."""
+    rows = [r for r in saes if r.get("converged") is False]
+    if not rows:
+        return []
+    dead = [r.get("dead_vision") for r in rows if r.get("dead_vision") is not None]
+    width = max((r.get("d_sae") or 0) for r in rows)
+    return [f"- SAEs: {len(rows)} of {len(saes)} are not converged by the criterion (fewer than 10% dead latents in every branch and a late "
+            f"loss plateau): {min(dead)}–{max(dead)} of {width} vision latents never fire on the held-out pairs. "
+            "Their directions are measured as trained; a longer or larger run (`--steps`, `--n-train`) may change them."]
+
+
 def what_this_shows(s: dict[str, Any]) -> list[str]:
     """Per measure, positions and layer: how far the oracle gets, each direction's r50 relative to the oracle's with
     its interval (the numbers of the tables below, in words), and a one-line verdict: which directions steer (or
@@ -163,7 +175,7 @@ def protocol_report(m: dict[str, Any]) -> str:
                   + ("This world can test text-derived directions at the image tokens." if holds else
                      "This world cannot fairly test text-derived directions at the image tokens: a null result for a text "
                      "decoder here is predicted by the world, whatever the SAE."), ""]
-    shows = what_this_shows(s)
+    shows = what_this_shows(s) + convergence_note(m.get("saes") or [])
     if shows:
         lines += ["## What this shows", "", *shows, ""]
     lines += ["![dose response](dose_response.png)", "",
