@@ -295,7 +295,8 @@ def saebench_sae(sae: Any, *, model_name: str | None = None) -> Any:
     """An SAE as SAEBench takes it, hooked at TransformerBridge's ``blocks.L.hook_out``: a :class:`JointSAE` as its
     text branch (:class:`JSAEBranchSAE`), a :class:`JSAEBranchSAE` as it is (its hook renamed), a SAELens SAE with
     ``metadata.hook_name`` set to the bridge's name (the module path kept in ``hf_hook_name``) and its decoder rows
-    folded to unit norm (``fold_W_dec_norm``, as SAEBench does for the SAELens SAEs it loads by name)."""
+    folded to unit norm where SAELens allows it (``fold_W_dec_norm``, as SAEBench does for the SAELens SAEs it loads
+    by name)."""
     from jsae.adapters import bridge_hook_name, sae_layer
 
     if isinstance(sae, JointSAE):
@@ -315,7 +316,10 @@ def saebench_sae(sae: Any, *, model_name: str | None = None) -> Any:
         raise ValueError("the SAELens SAE's metadata names no hook_name or layer; set sae.cfg.metadata.hook_name")
     if model_name:
         sae.cfg.metadata.model_name = model_name
-    sae.fold_W_dec_norm()
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError:  # e.g. TopK without rescale_acts_by_decoder_norm: SAEBench then only warns, as here
+        pass
     return sae
 
 
