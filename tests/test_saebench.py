@@ -73,7 +73,7 @@ def test_saebench_core_runs_offline_on_a_jsae_and_a_saelens_sae(tmp_path: Path) 
         pytest.skip(f"SAEBench's environment is not built ({SAEBENCH_PY}); build it with `bash .ci/saebench`")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(SAEBENCH_PY), str(ROOT / "tests" / "scripts" / "saebench_core.py"), "--out", str(tmp_path),
-                        "--n-texts", "256", "--n-batches", "4", "--steps", "600"],
+                        "--n-texts", "256", "--n-batches", "4", "--steps", "400"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
