@@ -337,16 +337,16 @@ def saebench_core(saes: dict[str, Any], model: Any = "llava", *, n_texts: int = 
 
     from jsae.bridge import load_bridge
 
-    core = _import_saebench()
-    from sae_bench.evals.core.eval_config import CoreEvalConfig  # type: ignore
-    from sae_bench.sae_bench_utils import general_utils  # type: ignore
-
     for name, value in (("n_texts", n_texts), ("context_size", context_size), ("batch_size_prompts", batch_size_prompts),
                         ("n_batches", n_batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if not saes:
         raise ValueError("saes is empty; pass {name: sae}")
+    core = _import_saebench()
+    from sae_bench.evals.core.eval_config import CoreEvalConfig  # type: ignore
+    from sae_bench.sae_bench_utils import general_utils  # type: ignore
+
     bridge = model if hasattr(model, "run_with_cache") else load_bridge(model)
     model_name = model if isinstance(model, str) else None
     if context_size > bridge.cfg.n_ctx:
