@@ -9,6 +9,7 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -53,11 +54,6 @@ TABLE: dict[str, dict[str, str]] = {
 TABLE["run demo"] = TABLE["demo"]  # the same command under its group
 
 
-def _base(annotation: typing.Any) -> typing.Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
 def _commands(group=ROOT, path=()):
     yield " ".join(path), group
     for name, cmd in getattr(group, "commands", {}).items():
@@ -69,10 +65,21 @@ def _commands(group=ROOT, path=()):
             yield " ".join((*path, name)), cmd
 
 
+def _kind(p: typing.Any) -> typing.Any:
+    """int / float for a numeric parameter, else str: typer's type descriptor (typer >= 0.2x), else click's type."""
+    desc = getattr(p, "type_descriptor", None)
+    if desc is not None:
+        args = [a for a in typing.get_args(desc.annotation) if a is not type(None)]
+        return args[0] if args else desc.annotation
+    if isinstance(p.type, click.types.IntParamType):
+        return int
+    return float if isinstance(p.type, click.types.FloatParamType) else str
+
+
 def _numeric(cmd) -> dict[str, type]:
     out = {}
     for p in cmd.params:
-        t = _base(p.type_descriptor.annotation)
+        t = _kind(p)
         if t in (int, float) and p.opts:
             out[p.opts[0]] = t
     return out
@@ -92,7 +99,7 @@ def _required(cmd, skip: str) -> list[str]:
     args = []
     for p in cmd.params:
         if p.required and p.opts and p.opts[0] != skip:
-            t = _base(p.type_descriptor.annotation)
+            t = _kind(p)
             value = "1" if t in (int, float) else "x"
             args += [p.opts[0], value] if p.opts[0].startswith("-") else [value]
     return args
@@ -104,7 +111,9 @@ CASES = [(path, opt, i, code) for path, opts in TABLE.items() for opt, codes in 
 @pytest.mark.parametrize("path,opt,which,code", CASES, ids=[f"{c[0] or 'jsae'} {c[1]} {('neg', 'zero', 'huge')[c[2]]}"
                                                             for c in CASES])
 def test_option_ranges_when_parsing(path, opt, which, code):
-    from typer._click.exceptions import BadParameter
+    from jsae.cli._common import click_exceptions
+
+    BadParameter = click_exceptions().BadParameter  # noqa: N806
 
     cmd = COMMANDS[path]
     kind = _numeric(cmd)[opt]

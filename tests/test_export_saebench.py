@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import jsae  # noqa: F401
@@ -13,7 +14,6 @@ import torch
 from PIL import Image
 
 from jsae.report.neuronpedia import EXPORT_FILES, export_neuronpedia, read_export
-from jsae.labels import FeatureLabels
 from jsae.releases.build import read_releases_yaml
 from jsae.releases.saebench import JSAEBranchSAE, core_metrics
 from jsae.saes.joint_sae import JointSAE, JointSAEConfig
@@ -25,55 +25,89 @@ needs_release = pytest.mark.skipif(read_releases_yaml().get(RELEASE, {}).get("co
                                    reason=f"{RELEASE} is not built: run `jsae release build-shipped`")
 
 
+SCHEMA = json.loads((Path(__file__).parent / "data" / "neuronpedia_export.schema.json").read_text())
+
+
+def _validate(records: list[dict], kind: str) -> None:
+    """Every record against the schema written from Neuronpedia's export dataclasses (see the schema's description)."""
+    from jsonschema import Draft202012Validator, FormatChecker
+
+    validator = Draft202012Validator({**SCHEMA, "$ref": SCHEMA["files"][kind]}, format_checker=FormatChecker())
+    assert records, kind
+    for rec in records:
+        errors = sorted(validator.iter_errors(rec), key=str)
+        assert not errors, f"{kind}: {errors[0].message}"
+
+
+def test_schema_rejects_what_neuronpedia_would_not_import() -> None:
+    from jsonschema import Draft202012Validator
+
+    feature = {"modelId": "m", "layer": "4-jsae", "index": "7", "hookName": "blocks.4.hook_resid_post"}
+    check = lambda rec, kind: list(Draft202012Validator({**SCHEMA, "$ref": SCHEMA["files"][kind]}).iter_errors(rec))  # noqa: E731
+    assert not check(feature, "features")
+    assert check({**feature, "jsaeLabel": "cat"}, "features")  # a jsae field among Neuronpedia's
+    assert check({**feature, "hookName": "model.language_model.layers.4"}, "features")  # an HF module path
+    assert check({k: v for k, v in feature.items() if k != "index"}, "features")
+    assert check({"name": "r", "description": "d", "creatorName": "c"}, "release.jsonl")  # no creatorId
+
+
 @needs_release
-def test_neuronpedia_export_layout_and_image_extension(tmp_path: Path) -> None:
-    from jsae.report.rundir import resolve_sae_dir
+def test_neuronpedia_export_follows_the_schema(tmp_path: Path) -> None:
+    from jsae.labels import load_labels
 
     sae = JointSAE.from_pretrained(RELEASE)
-    labels = FeatureLabels.load(resolve_sae_dir(RELEASE) / "labels.json")
-    src = export_neuronpedia(RELEASE, tmp_path, n_pairs=80, n_features=5, n_examples=3, hf_repo_id="org/rel")
+    labels = load_labels(RELEASE)
+    src = export_neuronpedia(RELEASE, tmp_path, n_pairs=80, n_examples=3)
     assert src == tmp_path / "jsae-toy-llava" / "4-jsae"
     for f in EXPORT_FILES:
         assert (src / f).is_file()
-    for sub in ("features", "activations", "images"):
-        assert (src / sub / "batch-0.jsonl.gz").is_file()
     rec = read_export(src)
-    assert rec["source"][0]["id"] == "4-jsae" and rec["source"][0]["hfRepoId"] == "org/rel"
-    assert rec["source"][0]["hfFolderId"] == "model.language_model.layers.4"
-    assert rec["model"][0]["id"] == "jsae-toy-llava" and rec["sourceset"][0]["name"] == "jsae"
-    assert rec["release"][0]["name"] == RELEASE
-    labelled = {lab.feature: lab for lab in labels.labels if lab.label}
-    assert len(rec["features"]) == min(5, len(labelled))
+    for kind in ("release", "model", "sourceset", "source", "features", "activations"):
+        _validate(rec[kind], kind + ".jsonl" if kind in ("release", "model", "sourceset", "source") else kind)
+    source, model = rec["source"][0], rec["model"][0]
+    assert source["id"] == "4-jsae" and source["saelensRelease"] == RELEASE
+    assert source["saelensSaeId"] == source["hfFolderId"] == "model.language_model.layers.4"
+    assert source["num_tokens_in_prompt"] > 3 and source["num_prompts"] == 80
+    assert (model["id"], model["dimension"], model["layers"], model["tlensId"]) == ("jsae-toy-llava", 128, 8, "llava")
+    assert model["neuronsPerLayer"] == 384  # the toy LM's MLP width
+    assert rec["release"][0]["name"] == RELEASE and rec["release"][0]["visibility"] == "PUBLIC"
+    # every live feature (one firing on a caption token or an image of the 80 pairs), not only the labelled ones
+    from jsae.report.browser import token_codes
+    from jsae.vlm import load_vlm
+    from jsae.world import world_dataset
+
+    codes = token_codes(load_vlm("llava"), sae, [(r["image"], r["caption"]) for r in world_dataset("validation", 80, 0)], 4)
+    live = ((codes.zt_tok[codes.caption_mask] > 0).any(0) | (codes.zv > 0).any(0)).nonzero().flatten().tolist()
+    assert sorted(int(f["index"]) for f in rec["features"]) == sorted(live)
+    assert len(live) > sum(1 for lab in labels.labels if lab.label)
+    unembed = load_vlm("llava").hf_model.get_output_embeddings().weight
     for f in rec["features"]:
         j = int(f["index"])
-        assert f["jsaeLabel"] == labelled[j].label and f["jsaeKind"] == labelled[j].kind
+        assert f["hookName"] == "blocks.4.hook_resid_post" and f["layer"] == "4-jsae"
         assert torch.allclose(torch.tensor(f["vector"]), sae.W_dec_of("text")[j].detach())
-        assert torch.allclose(torch.tensor(f["vectorVision"]), sae.W_dec_of("vision")[j].detach())
-        assert f["layer"] == "4-jsae" and f["modelId"] == "jsae-toy-llava"
-    images = {r["imageIndex"]: r["png"] for r in rec["images"]}
-    text = [a for a in rec["activations"] if a["dataSource"] == "text"]
-    image = [a for a in rec["activations"] if a["dataSource"] == "image"]
-    assert len(text) == len(image) == 3 * len(rec["features"])
-    for a in text:
-        assert len(a["tokens"]) == len(a["values"]) > 3 and a["maxValue"] == max(a["values"])
-        assert a["tokens"][a["maxValueTokenIndex"]] in a["tokens"]
-    for a in image:
-        grid = a["patchGrid"]
-        assert len(a["values"]) == len(grid) * len(grid[0]) == len(a["tokens"])
-        assert a["maxValue"] == max(a["values"]) > 0
+        logits = unembed.detach() @ sae.W_dec_of("text")[j].detach()
+        assert f["pos_values"] == pytest.approx(logits.topk(10).values.tolist(), rel=1e-5)
+        assert f["neg_values"] == pytest.approx((-(-logits).topk(10).values).tolist(), rel=1e-5)
+        assert len(f["pos_str"]) == len(f["neg_str"]) == 10 and f["pos_str"][0] != f["neg_str"][0]
+    acts = rec["activations"]
+    for a in acts:
+        assert len(a["tokens"]) == len(a["values"]) >= 3 and a["maxValue"] == max(a["values"]) > 0
+        assert a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
+    # jsae's extension: separate files, keyed like Neuronpedia's features
+    ext = rec["jsae"]
+    assert {(e["layer"], e["index"]) for e in ext["features"]} == {(f["layer"], f["index"]) for f in rec["features"]}
+    labelled = {lab.feature: lab for lab in labels.labels if lab.label}
+    for e in ext["features"]:
+        j = int(e["index"])
+        assert torch.allclose(torch.tensor(e["vectorVision"]), sae.W_dec_of("vision")[j].detach())
+        if j in labelled:
+            assert e["label"] == labelled[j].label and e["kind"] == labelled[j].kind
+    images = {r["imageIndex"]: r["png"] for r in ext["images"]}
+    assert ext["activations"]
+    for a in ext["activations"]:
+        assert a["maxValue"] == max(max(row) for row in a["patchGrid"]) > 0
         png = Image.open(io.BytesIO(base64.b64decode(images[a["imageIndex"]])))
         assert png.format == "PNG" and png.width > 8
-    # a labelled feature's top image activates it most somewhere in its patch grid
-    assert any(max(a["values"]) > 0 for a in image)
-
-
-def test_export_refuses_unlabelled_sae(tmp_path: Path) -> None:
-    cfg = JointSAEConfig(d_in=128, d_sae=16)
-    cfg.metadata["model_name"], cfg.metadata["layer"] = "llava", 4
-    JointSAE(cfg).save_model(tmp_path / "sae")
-    with pytest.raises(FileNotFoundError, match="has no labels.json"):
-        export_neuronpedia(tmp_path / "sae", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("activation", ["relu", "topk"])

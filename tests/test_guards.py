@@ -98,7 +98,8 @@ def test_an_sae_beyond_the_machines_memory_is_refused_before_allocating():
 
 def test_non_float_or_non_finite_sae_weights_are_refused(tmp_path):
     JointSAE(JointSAEConfig(d_in=16, d_sae=32)).save_model(tmp_path)
-    weights = load_file(tmp_path / "sae_weights.safetensors")
+    # copies: older safetensors memory-map the file, which the next lines rewrite in place (SIGBUS on a later read)
+    weights = {k: v.clone() for k, v in load_file(tmp_path / "sae_weights.safetensors").items()}
     save_file({k: v.to(torch.int8) for k, v in weights.items()}, tmp_path / "sae_weights.safetensors")
     with pytest.raises(ValueError, match=r"non-float weights .*I8"):
         JointSAE.load_from_disk(tmp_path)

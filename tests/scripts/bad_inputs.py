@@ -594,6 +594,20 @@ def _vista_other_model():
 case("VISTA with a text SAE of another model (same width)")(_vista_other_model)
 
 
+# ---- upstream: release YAML, SAEBench -------------------------------------------------------------
+case("jsae release yaml --neuronpedia with a folder that does not exist")(
+    lambda: cli("release", "yaml", "--neuronpedia", str(ROOT / "no-such-export")))
+
+
+def _saebench_zero_texts():
+    from jsae.releases.saebench import saebench_core
+
+    return saebench_core({"x": jsae.JointSAE(jsae.JointSAEConfig(d_in=16, d_sae=32))}, n_texts=0)
+
+
+case("saebench_core with n_texts=0")(_saebench_zero_texts)
+
+
 # ---- run ------------------------------------------------------------------------------------------
 def classify(name, fn, leftover, ok) -> tuple[str, str]:
     try:

@@ -73,6 +73,16 @@ def guard_app(app: Any) -> None:
         guard_app(group.typer_instance)
 
 
+def click_exceptions() -> Any:
+    """The exceptions module of the click that typer runs on: typer >= 0.2x vendors its own (``typer._click``),
+    older versions (down to jsae's floor) use the ``click`` package."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 class OneLineGroup(TyperGroup):
     """A command group whose usage errors (an option out of range, a wrong type, a missing or unknown option) are
     one line on stderr, ``error: ...`` with exit code 2, like every other error of the command line; the
@@ -89,7 +99,7 @@ class OneLineGroup(TyperGroup):
         return plain_flags(super().get_command(ctx, cmd_name))
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
-        from typer._click.exceptions import UsageError
+        UsageError = click_exceptions().UsageError  # noqa: N806
 
         plain_flags(self)
         try:
@@ -100,7 +110,7 @@ class OneLineGroup(TyperGroup):
             self._one_line(exc)
 
     def invoke(self, ctx: Any) -> Any:
-        from typer._click.exceptions import UsageError
+        UsageError = click_exceptions().UsageError  # noqa: N806
 
         try:
             return super().invoke(ctx)

@@ -11,7 +11,7 @@ import typer
 
 from jsae.cli._common import OneLineGroup, fail, number, world_pairs
 
-look_app = typer.Typer(help="Look at a labelled JSAE: feature browser, Neuronpedia export, SAELens core metrics.",
+look_app = typer.Typer(help="Look at a JSAE: feature browser, Neuronpedia export, SAELens core metrics.",
                        no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
 
 
@@ -35,15 +35,15 @@ def features(
 
 @look_app.command("export-neuronpedia")
 def export_neuronpedia(
-    sae: str = typer.Argument(..., help="a labelled JSAE folder or a shipped release name"),
+    sae: str = typer.Argument(..., help="a JSAE folder or a shipped release name (labels, if any, go to the jsae extension)"),
     out: Path = typer.Option(Path("neuronpedia"), help="export root: OUT/{model}/{source}/"),
     source_set: str = typer.Option("jsae", help="Neuronpedia source set id (the source is LAYER-SOURCE_SET)"),
     hf_repo_id: Optional[str] = typer.Option(None, help="where the weights are published (source.hfRepoId)"),
-    n_features: Optional[int] = typer.Option(None, help="default: every labelled feature", callback=number(1)),
+    n_features: Optional[int] = typer.Option(None, help="default: every live feature (most active first)", callback=number(1)),
     n_examples: int = typer.Option(8, help="top images and top captions per feature", callback=number(1)),
     n_pairs: int = typer.Option(200, callback=world_pairs()),
 ) -> None:
-    """Export labelled features in SAEDashboard's Neuronpedia layout, with jsae's image extension."""
+    """Export every live feature as Neuronpedia upload records (its export schema), jsae's fields in OUT/.../jsae/."""
     from jsae.report.neuronpedia import export_neuronpedia as export
 
     try:

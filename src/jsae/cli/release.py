@@ -129,15 +129,17 @@ def pull(
 
 @release_app.command("yaml")
 def yaml_(
-    names: Optional[list[str]] = typer.Argument(None, help="releases to print (default: every jsae release)"),
+    names: Optional[list[str]] = typer.Argument(None, help="releases to print (default: every jsae release, VISTA's too)"),
+    neuronpedia: Optional[Path] = typer.Option(None, help="the --out of `jsae look export-neuronpedia`: adds the "
+                                                          "neuronpedia id of each exported SAE"),
 ) -> None:
-    """Print the releases as entries of SAELens's own pretrained_saes.yaml (the keys SAELens reads), ready to
-    propose upstream."""
+    """Print the releases as entries of SAELens's own pretrained_saes.yaml (hub repos, SAELens's stock loader, model
+    ids), ready to propose upstream."""
     from jsae.releases.registry import saelens_yaml
 
     try:
-        text = saelens_yaml(list(names) if names else None)
-    except ValueError as exc:
+        text = saelens_yaml(list(names) if names else None, neuronpedia=neuronpedia)
+    except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(text, nl=False)
 

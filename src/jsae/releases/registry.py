@@ -20,8 +20,9 @@ way we found, installed once at ``import jsae`` and parsing nothing of SAELens's
    (``sae_lens.evals`` among them): whichever SAELens module reads the directory first, it lists the jsae
    releases.  (A reference your own code took before ``import jsae`` sees them once anything has merged them.)
 
-:func:`saelens_yaml` writes the releases in exactly the form of SAELens's ``pretrained_saes.yaml`` (for
-proposing them upstream, where none of this would be needed).
+:func:`saelens_yaml` writes every release (VISTA's too) in exactly the form of SAELens's ``pretrained_saes.yaml``,
+for proposing them upstream (hub repos, stock loader, model ids, Neuronpedia ids of exported SAEs), where none of
+this would be needed.
 """
 
 from __future__ import annotations
@@ -326,22 +327,96 @@ def read_releases_yaml(path: str | Path | None = None) -> dict[str, Any]:
 
 SAELENS_RELEASE_KEYS = ("repo_id", "model", "conversion_func", "links", "config_overrides")
 SAELENS_SAE_KEYS = ("id", "path", "l0", "variance_explained", "norm_scaling_factor", "neuronpedia")
+UPSTREAM_ORG = "jsae-releases"  # the hub organisation of jsae's releases (a shipped release is pushed to ORG/NAME)
 
 
-def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None) -> str:
-    """The releases (default: every jsae release in ``jsae/releases.yaml``) as entries of SAELens's own
-    ``pretrained_saes.yaml``: only the keys SAELens reads, per SAE ``id``, ``path``, ``l0`` and
-    ``variance_explained`` (for a JSAE, its default text branch)."""
-    data = read_releases_yaml(path)
+def upstream_repo_id(name: str, entry: dict[str, Any]) -> str:
+    """The Hugging Face repo of a release upstream: its ``repo_id`` for a hub release; for a shipped release (whose
+    ``repo_id`` is a folder inside the package) ``jsae-releases/NAME``, where ``jsae release push`` puts it."""
+    return entry["repo_id"] if entry.get("conversion_func", "jsae_hub") == "jsae_hub" else f"{UPSTREAM_ORG}/{name}"
+
+
+def upstream_model_id(entry: dict[str, Any]) -> str:
+    """The model a release reads: a hub id for a real-model release; for a shipped toy model (no hub id exists; the
+    weights ship inside jsae) ``jsae-toy-NAME``, the id the Neuronpedia export uses."""
+    model = str(entry["model"])
+    if entry.get("conversion_func", "jsae_hub") == "jsae_hub" or "/" in model:
+        return model
+    return "jsae-toy-" + model.removeprefix("toy-")
+
+
+def _neuronpedia_ids(root: str | Path | None) -> dict[tuple[str, str], str]:
+    """``(SAELens release, sae_id) -> "MODEL/SOURCE"`` of the Neuronpedia exports under ``root`` (their source.jsonl)."""
+    import json
+
+    out: dict[tuple[str, str], str] = {}
+    if root is None:
+        return out
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such directory; pass the --out of `jsae look export-neuronpedia`")
+    for src in sorted(Path(root).glob("*/*/source.jsonl")):
+        rec = json.loads(src.read_text().splitlines()[0])
+        if rec.get("saelensRelease") and rec.get("saelensSaeId"):
+            out[(rec["saelensRelease"], rec["saelensSaeId"])] = f"{rec['modelId']}/{rec['id']}"
+    return out
+
+
+def _shipped_metric(entry: dict[str, Any], sae: dict[str, Any], key: str) -> Any:
+    """``l0`` / ``variance_explained`` of a shipped SAE: its entry's, else its cfg.json metadata's."""
+    if key in sae:
+        return sae[key]
+    if entry.get("conversion_func") != "jsae_local":
+        return None
+    import json
+
+    cfg = _local_dir(entry["repo_id"], str(sae["path"])) / "cfg.json"
+    meta = json.loads(cfg.read_text()).get("metadata", {}) if cfg.is_file() else {}
+    value = meta.get(key)
+    return round(float(value), 4) if isinstance(value, (int, float)) else None
+
+
+def all_releases_yaml() -> dict[str, Any]:
+    """Every built-in release entry (``jsae/releases.yaml`` and VISTA's ``jsae/vista/releases/releases.yaml``)."""
+    data: dict[str, Any] = {}
+    for rel in BUILTIN_RELEASE_FILES:
+        data.update(read_releases_yaml(PACKAGE_ROOT / rel))
+    return data
+
+
+def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None,
+                 neuronpedia: str | Path | None = None) -> str:
+    """The releases (default: every built-in jsae release, VISTA's included; ``path``: the releases of that YAML file)
+    as entries that could be merged into SAELens's own ``pretrained_saes.yaml``: only the keys SAELens reads;
+    ``repo_id`` a Hugging Face repo (:func:`upstream_repo_id`), ``model`` the model's id (:func:`upstream_model_id`),
+    no ``conversion_func`` (SAELens's stock ``sae_lens`` loader reads the pushed SAELens-format folders); per SAE
+    ``id``, ``path``, ``l0`` and ``variance_explained`` where known (for a JSAE, its default text branch) and, for the
+    SAEs exported under ``neuronpedia`` (the ``--out`` of ``jsae look export-neuronpedia``), their ``neuronpedia`` id.
+    What stays jsae-specific: a JSAE's ``cfg.json`` says ``architecture: jsae``, so ``import jsae`` must come first."""
+    data = read_releases_yaml(path) if path is not None else all_releases_yaml()
     names = sorted(data) if names is None else names
     unknown = [n for n in names if n not in data]
     if unknown:
         raise ValueError(f"unknown release(s) {unknown}; jsae's releases are {sorted(data)}")
+    exported = _neuronpedia_ids(neuronpedia)
     out: dict[str, Any] = {}
     for name in names:
         entry = data[name]
-        release = {k: entry[k] for k in SAELENS_RELEASE_KEYS if k in entry}
-        release["saes"] = [{k: s[k] for k in SAELENS_SAE_KEYS if k in s} for s in entry["saes"]]
+        release: dict[str, Any] = {"repo_id": upstream_repo_id(name, entry), "model": upstream_model_id(entry)}
+        release.update({k: entry[k] for k in ("links", "config_overrides") if k in entry})
+        saes = []
+        for s in entry["saes"]:
+            row: dict[str, Any] = {"id": s["id"], "path": s["path"]}
+            for key in ("l0", "variance_explained"):
+                value = _shipped_metric(entry, s, key)
+                if value is not None:
+                    row[key] = value
+            if "norm_scaling_factor" in s:
+                row["norm_scaling_factor"] = s["norm_scaling_factor"]
+            np_id = s.get("neuronpedia") or exported.get((name, s["id"]))
+            if np_id:
+                row["neuronpedia"] = np_id
+            saes.append(row)
+        release["saes"] = saes
         out[name] = release
     return yaml.safe_dump(out, sort_keys=False)
 
@@ -349,4 +424,4 @@ def saelens_yaml(names: list[str] | None = None, path: str | Path | None = None)
 __all__ = ["PACKAGE_ROOT", "RECIPES", "RELEASES", "UNPUBLISHED", "check_hub_release", "directory", "install", "jsae_hub_loader", "jsae_local_loader",
            "release_file",
            "read_releases_yaml", "register_release", "releases_yaml_path", "resolve_sae_id", "saelens_yaml",
-           "unregister_release"]
+           "all_releases_yaml", "unregister_release", "upstream_model_id", "upstream_repo_id"]

@@ -10,17 +10,27 @@ reconstructions equal the JSAE's).  SAEBench itself (``pip install sae-bench``) 
 ``datasets<4``, so it does not install next to jsae's stack; the contract is implemented here as a
 ``torch.nn.Module`` and, when ``sae_bench`` is importable, the config is its own ``CustomSAEConfig``.
 
-:func:`core_metrics` computes SAELens's core metrics (``sae_lens.evals.run_evals`` names and
-formulas; its ``ExplainedVarianceCalculator``, ``_kl`` and ``get_featurewise_weight_based_metrics``)
-for the text branch on the toy language model: per caption token at the SAE's layer, with the SAE
-spliced into the LM by a forward hook for the CE / KL scores.  SAELens's own ``run_evals`` needs a
-TransformerLens model and an ``ActivationsStore``, which the toy VLMs are not.
+:func:`saebench_core` runs **SAEBench's own core evaluation** (``sae_bench.evals.core.main.run_evals``, the
+function its ``multiple_evals`` calls once it has loaded a model and a dataset by name) on SAEs at a decoder
+layer of a jsae model's language model, offline: the model is TransformerLens's ``TransformerBridge`` on the
+local weights (:func:`jsae.load_bridge`), the text a locally generated ``datasets.Dataset`` of world
+captions, tokenised by SAELens's ``ActivationsStore``; the results are written by SAEBench's own
+``save_single_eval_result`` (its ``CoreEvalOutput`` schema).  A JSAE is evaluated as its text branch
+(:class:`JSAEBranchSAE`), a SAELens SAE as itself.  SAEBench is imported only there: ``pip install --no-deps
+sae-bench`` plus ``pydantic pandas tabulate`` (its normal install pulls a CUDA torch through torchvision, and
+pins ``numpy<2``, ``datasets<4``); ``.ci/saebench`` builds such an environment.
+
+:func:`core_metrics` computes SAELens's core metrics (``sae_lens.evals.run_evals`` names and formulas)
+for one branch at the caption tokens of the toy VLM (image + caption inputs), which SAEBench cannot feed:
+per caption token at the SAE's layer, with the SAE spliced into the LM by a forward hook for the CE / KL
+scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +164,13 @@ class JSAEBranchSAE(nn.Module):
 # ---- SAELens core metrics on the toy LM ---------------------------------------------------------
 
 
+def kl_divergence(original_logits: Tensor, new_logits: Tensor) -> Tensor:
+    """KL(original || new) of the next-token distributions, per position (SAELens's and SAEBench's KL metric)."""
+    log_p = torch.log_softmax(original_logits.float(), dim=-1)
+    log_q = torch.log_softmax(new_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     groups = {
         "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
@@ -172,7 +189,7 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
     """SAELens's core metrics of the (text) branch at the caption tokens of the toy VLM's language model
     (world image + caption inputs; the SAE replaces the caption-token states), nested as
     ``sae_lens.evals.run_evals`` returns them (``reconstruction_quality/explained_variance``, ...)."""
-    from sae_lens.evals import ExplainedVarianceCalculator, _kl, get_featurewise_weight_based_metrics
+    from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_based_metrics
 
     from jsae.activations import read_layers
     from jsae.interventions import Splice, ZeroAblate, intervene
@@ -234,8 +251,8 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
         for name, key in (("clean", "ce_loss_without_sae"), ("sae", "ce_loss_with_sae"), ("ablation", "ce_loss_with_ablation")):
             ce = torch.nn.functional.cross_entropy(logits[name][:, :-1].transpose(1, 2), tgt, reduction="none")
             sums[key].append(ce[target_ok])
-        sums["kl_div_with_sae"].append(_kl(logits["clean"], logits["sae"])[mask])
-        sums["kl_div_with_ablation"].append(_kl(logits["clean"], logits["ablation"])[mask])
+        sums["kl_div_with_sae"].append(kl_divergence(logits["clean"], logits["sae"])[mask])
+        sums["kl_div_with_ablation"].append(kl_divergence(logits["clean"], logits["ablation"])[mask])
     flat = {k: float(torch.cat(v).mean()) for k, v in sums.items()}
     flat["explained_variance"] = ev.compute()
     flat["relative_reconstruction_bias"] = rrb_num / rrb_den if rrb_den else float("nan")
@@ -250,4 +267,128 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
     return out
 
 
-__all__ = ["CustomSAEConfig", "JSAEBranchSAE", "core_metrics"]
+# ---- SAEBench's own core evaluation, offline ----------------------------------------------------
+
+SAEBENCH_INSTALL = ("pip install --no-deps sae-bench==0.6.0 pydantic pandas tabulate (in an environment of its own: its "
+                    "normal install replaces the CPU torch; .ci/saebench builds one)")
+
+
+def _import_saebench() -> Any:
+    try:
+        from sae_bench.evals.core import main as core  # type: ignore
+    except ImportError as exc:
+        raise ImportError(f"SAEBench is not importable ({exc}); {SAEBENCH_INSTALL}") from None
+    return core
+
+
+def caption_texts(n: int, split: str = "validation", seed: int = 0) -> Any:
+    """A local text dataset for SAEBench / SAELens: ``datasets.Dataset`` with one ``text`` column of ``n`` world
+    captions (made here, no hub)."""
+    from datasets import Dataset
+
+    from jsae.world.data import iter_world
+
+    return Dataset.from_dict({"text": [rec["caption"] for _, rec in iter_world(split, n, seed)]})
+
+
+def saebench_sae(sae: Any, *, model_name: str | None = None) -> Any:
+    """An SAE as SAEBench takes it, hooked at TransformerBridge's ``blocks.L.hook_out``: a :class:`JointSAE` as its
+    text branch (:class:`JSAEBranchSAE`), a :class:`JSAEBranchSAE` as it is (its hook renamed), a SAELens SAE with
+    ``metadata.hook_name`` set to the bridge's name (the module path kept in ``hf_hook_name``) and its decoder rows
+    folded to unit norm where SAELens allows it (``fold_W_dec_norm``, as SAEBench does for the SAELens SAEs it loads
+    by name)."""
+    from jsae.adapters import bridge_hook_name, sae_layer
+
+    if isinstance(sae, JointSAE):
+        layer = sae_layer(sae)
+        return JSAEBranchSAE(sae, "text", model_name=model_name, hook_layer=layer, hook_name=bridge_hook_name(layer))
+    if isinstance(sae, JSAEBranchSAE):
+        sae.cfg.hook_name = bridge_hook_name(int(sae.cfg.hook_layer))
+        return sae
+    from sae_lens import SAE
+
+    if not isinstance(sae, SAE):
+        raise TypeError(f"expected a JointSAE, a JSAEBranchSAE or a SAELens SAE, got {type(sae).__name__}")
+    from jsae.saes.joint_sae import normalise_hook_metadata
+
+    normalise_hook_metadata(sae.cfg.metadata)
+    if sae.cfg.metadata.get("hook_name") is None:
+        raise ValueError("the SAELens SAE's metadata names no hook_name or layer; set sae.cfg.metadata.hook_name")
+    if model_name:
+        sae.cfg.metadata.model_name = model_name
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError:  # e.g. TopK without rescale_acts_by_decoder_norm: SAEBench then only warns, as here
+        pass
+    return sae
+
+
+def saebench_core(saes: dict[str, Any], model: Any = "llava", *, n_texts: int = 512, context_size: int = 32,
+                  batch_size_prompts: int = 8, n_batches: int = 8, featurewise: bool = True,
+                  out_dir: str | Path | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """SAEBench's core evaluation (``sae_bench.evals.core.main.run_evals``) of each SAE in ``saes`` (name -> a
+    :class:`JointSAE` (text branch), a :class:`JSAEBranchSAE` or a SAELens SAE) on ``model``'s language model
+    through TransformerLens's bridge, with ``n_texts`` locally generated captions packed into ``context_size``-token
+    rows by SAELens's ``ActivationsStore``; ``n_batches`` batches of ``batch_size_prompts`` rows for both the
+    reconstruction (KL / CE) and the sparsity / variance metrics.  Returns ``{name: {"metrics": {group: {metric:
+    value}}, "path": SAEBench's result JSON or None}}``; with ``out_dir`` each result is written there by SAEBench's
+    ``save_single_eval_result`` (checked by its pydantic ``CoreEvalOutput``).  No network: nothing is loaded by name."""
+    from sae_lens.training.activations_store import ActivationsStore
+
+    from jsae.bridge import load_bridge
+
+    for name, value in (("n_texts", n_texts), ("context_size", context_size), ("batch_size_prompts", batch_size_prompts),
+                        ("n_batches", n_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not saes:
+        raise ValueError("saes is empty; pass {name: sae}")
+    core = _import_saebench()
+    from sae_bench.evals.core.eval_config import CoreEvalConfig  # type: ignore
+    from sae_bench.sae_bench_utils import general_utils  # type: ignore
+
+    bridge = model if hasattr(model, "run_with_cache") else load_bridge(model)
+    model_name = model if isinstance(model, str) else None
+    if context_size > bridge.cfg.n_ctx:
+        raise ValueError(f"context_size {context_size} is longer than the model's context ({bridge.cfg.n_ctx})")
+    texts = caption_texts(n_texts, seed=seed)
+    tok = bridge.tokenizer
+    ignore = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}
+    results: dict[str, dict[str, Any]] = {}
+    for name, raw in saes.items():
+        _, sae, _ = general_utils.load_and_format_sae(name, saebench_sae(raw, model_name=model_name), "cpu")
+        if int(sae.cfg.d_in) != int(bridge.cfg.d_model):
+            raise ValueError(f"SAE {name!r} reads d_in={sae.cfg.d_in}, the model's residual stream is {bridge.cfg.d_model}")
+        store = ActivationsStore.from_config_multi_hook(
+            bridge, dataset=texts, hook_names=[sae.cfg.hook_name], hook_d_ins={sae.cfg.hook_name: int(sae.cfg.d_in)},
+            streaming=False, context_size=context_size, store_batch_size_prompts=batch_size_prompts, prepend_bos=True,
+            dataset_trust_remote_code=False, total_training_tokens=n_texts * context_size)
+        store.shuffle_input_dataset(seed=seed)
+        config = CoreEvalConfig(
+            model_name=str(sae.cfg.model_name), batch_size_prompts=batch_size_prompts,
+            n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
+            dataset="jsae.world captions (validation, generated locally)", context_size=context_size,
+            compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+            compute_variance_metrics=True, compute_featurewise_density_statistics=featurewise,
+            compute_featurewise_weight_based_metrics=featurewise, llm_dtype="float32")
+        metrics, feature_metrics = core.run_evals(sae=sae, activation_store=store, model=bridge, eval_config=config,
+                                                  ignore_tokens=ignore)
+        if featurewise:
+            metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
+        path = None
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            result = core.replace_nans_with_negative_one({
+                "unique_id": f"{name}_custom_sae", "sae_set": name, "sae_id": "custom_sae", "eval_cfg": config,
+                "metrics": metrics, "feature_metrics": feature_metrics})
+            final = Path(general_utils.get_results_filepath(str(out_dir), name, "custom_sae"))
+            tmp = final.with_name(f".{final.name}.tmp")
+            core.save_single_eval_result(result, core.get_eval_uuid(), core.get_sae_lens_version(), "jsae", str(tmp), sae)
+            tmp.replace(final)
+            path = str(final)
+        results[name] = {"metrics": metrics, "path": path, "hook_name": sae.cfg.hook_name, "d_sae": int(sae.cfg.d_sae)}
+    return results
+
+
+__all__ = ["CustomSAEConfig", "JSAEBranchSAE", "SAEBENCH_INSTALL", "caption_texts", "core_metrics", "kl_divergence",
+           "saebench_core", "saebench_sae"]

@@ -21,9 +21,26 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}
 _OBJECT = {"name": "string", "category": "string", "color": "string", "size": "string", "position": "string"}
 
 
-def features():
-    from datasets import Features, Image, List, Value
+def _list_feature():
+    """datasets' list feature: ``List`` (datasets >= 4); on datasets 3 the same schema spelled with its
+    ``Sequence`` (lists of values) and a ``[feature]`` literal (lists of records)."""
+    try:
+        from datasets import List
 
+        return List
+    except ImportError:  # datasets 3.x
+        from datasets import Sequence
+
+        def List(feature, length: int = -1):  # noqa: N802 - datasets' spelling
+            return [feature] if isinstance(feature, dict) else Sequence(feature, length=length)
+
+        return List
+
+
+def features():
+    from datasets import Features, Image, Value
+
+    List = _list_feature()  # noqa: N806
     obj = {k: Value(v) for k, v in _OBJECT.items()}
     obj["bbox"] = List(Value("float32"), length=4)
     obj["mask"] = List(Value("int8"))
