@@ -36,7 +36,7 @@ def test_two_trainers_on_one_checkpoint_folder_and_a_killed_holder(tmp_path):
     """The second trainer is refused while the first runs; once the first is SIGKILLed its lock is gone with it
     (a stale lock file, no holder) and a retry resumes from the checkpoint and finishes."""
     ckpt = tmp_path / "ckpt"
-    first = _start(str(SCRIPTS / "train_paired.py"), str(tmp_path / "a.safetensors"), str(ckpt), "40", "--slow", "1.5")
+    first = _start(str(SCRIPTS / "train_paired.py"), str(tmp_path / "a.safetensors"), str(ckpt), "40", "--slow", "5")  # 200 s: outlives a slow start of the second under load
     try:
         _wait_for_lock(ckpt, first)
         second = subprocess.run([sys.executable, str(SCRIPTS / "train_paired.py"), str(tmp_path / "b.safetensors"),
