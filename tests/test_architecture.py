@@ -156,8 +156,6 @@ PRIVATE_INTEGRATIONS = {
     ("jsae.bridge", "_adapters"): "TransformerLens's ArchitectureAdapterFactory has no public getter of a registration",
     ("jsae.cost", "_no_split_modules"): "transformers declares the blocks accelerate must not split only in this class "
                                         "attribute (what device_map='auto' itself reads); there is no public accessor",
-    # issue 27 owns these two modules and replaces their private uses
-    ("jsae.releases.saebench", "_kl"): "pending: issue 27 owns jsae.releases.saebench",
 }
 
 
