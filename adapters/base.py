@@ -119,6 +119,19 @@ class ImageTokens:
         return int(self.grid.shape[0])
 
 
+
+def last_positions(mask: Tensor) -> Tensor:
+    """``[B]``: the index of the last True position of each row of ``mask [B, S]`` (-1 for a row with none)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, idx, -1).amax(1)
+
+
+def last_position_mask(mask: Tensor) -> Tensor:
+    """``[B, S]`` bool: True at the last True position of each row of ``mask`` (a row with none: all False)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return idx == last_positions(mask).unsqueeze(1)
+
+
 class VLMAdapter(abc.ABC):
     """Base class of the model-family adapters (see the module docstring for the protocol)."""
 
@@ -309,8 +322,7 @@ class VLMAdapter(abc.ABC):
             keep &= ids != t
         img = self._vision_marker_mask(ids)
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        last = torch.where(img, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)
-        return keep & (pos > last)
+        return keep & (pos > last_positions(img).unsqueeze(1))
 
     @typechecked
     def non_image_token_mask(self, inputs: Mapping[str, Any]) -> Bool[Tensor, "batch seq"]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from jsae.adapters import VLMAdapter, unwrap
+from jsae.adapters import VLMAdapter, last_position_mask, last_positions, unwrap  # re-exported: the one home is the adapters'
 
 Reduce = Callable[[Tensor, int], Any]
 
@@ -104,18 +104,6 @@ def states_at(model: Any, adapter: VLMAdapter, inputs: Mapping[str, Any], layers
     ``mask [B, S]`` in row-major order, from one :func:`read_layers` pass over ``inputs``."""
     states = read_layers(model, adapter, inputs, layers)
     return {layer: h[mask.to(h.device)].float() for layer, h in states.items()}
-
-
-def last_positions(mask: Tensor) -> Tensor:
-    """``[B]``: the index of the last True position of each row of ``mask [B, S]`` (-1 for a row with none)."""
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, idx, -1).amax(1)
-
-
-def last_position_mask(mask: Tensor) -> Tensor:
-    """``[B, S]`` bool: True at the last True position of each row of ``mask`` (a row with none: all False)."""
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return idx == last_positions(mask).unsqueeze(1)
 
 
 __all__ = ["last_position_mask", "last_positions", "layer_output", "model_device", "read_layers", "states_at",
