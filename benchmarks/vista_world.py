@@ -1,6 +1,6 @@
 """VISTA in the embedded world, the paper's way: the run behind benchmarks/results/vista_world/ (CPU, one thread).
 
-    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N] [--model toy-text-lm] [--edit-layer L]
+    python benchmarks/vista_world.py OUT_DIR [--retrain-text-saes] [--steps N] [--model toy-text-lm|toy-dino-text-lm] [--edit-layer L]
 
 Model: ``jsae.vista.compose_toy()`` — the toy *text-only* LM (the toy LLaVA's language model after its text stage
 only) + the toy vision tower (after its vision-pretraining stage) + a new LLaVA projector.  Text SAEs: the shipped
@@ -29,10 +29,10 @@ if __name__ == "__main__":
     ap.add_argument("--retrain-text-saes", action="store_true")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--n-eval", type=int, default=300)
-    ap.add_argument("--model", default="toy-composed", choices=["toy-composed", "toy-text-lm"],
+    ap.add_argument("--model", default="toy-composed", choices=["toy-composed", "toy-text-lm", "toy-dino-text-lm"],
                     help="toy-composed: the toy LLaVA's own tower + LM recomposed; toy-text-lm: the paper's setup, the "
                          "text-only LM (never trained with images) + the pre-VLM tower (text SAEs are then always trained "
-                         "on that LM)")
+                         "on that LM); toy-dino-text-lm: the same LM + the DINOv2-style tower (no labels; jsae.world.dino)")
     ap.add_argument("--edit-layer", type=int, default=4,
                     help="the single-layer VISTA setting's layer and where patch-local edits act (the paper: a middle layer); "
                          "in the retrained world image tokens are read only in the first layers, so edits deeper than that "
@@ -41,7 +41,7 @@ if __name__ == "__main__":
     t = time.time()
     load0 = os.getloadavg()
     cfg = WorldVistaConfig(model=args.model, n_train=1000, n_label=400,
-                           text_sae=None if args.retrain_text_saes or args.model == "toy-text-lm" else RELEASE,
+                           text_sae=None if args.retrain_text_saes or args.model != "toy-composed" else RELEASE,
                            proj_steps=args.steps, batch_size=16, edit_layer=args.edit_layer)
     train_world(args.out, cfg, overwrite=True)
     t_train = time.time() - t

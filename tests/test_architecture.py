@@ -36,6 +36,7 @@ STAGES = {
     "jsae.adapters": 1,
     # 2: models: the one loader, the one reader of hidden states, and the world's toy VLMs (built, trained, judged)
     "jsae.world.models": 2, "jsae.world.training": 2, "jsae.world.evaluate": 2, "jsae.world.processors": 2,
+    "jsae.world.dino": 2,
     "jsae.vlm": 2, "jsae.activations": 2,
     "jsae.capture": 3, "jsae.cost": 3,
     "jsae.saes": 4, "jsae.training": 4,

@@ -24,8 +24,10 @@ def _ints(spec: str, flag: str) -> tuple[int, ...]:
 @vista_app.command("train")
 def train(
     out: Path = typer.Option(..., help="run directory (text SAEs, labels, projectors, train.json)"),
-    model: str = typer.Option("toy-composed", help="toy-composed: the toy text-only LM + the toy vision tower + a new "
-                                                   "projector (the paper's setup); llava: the shipped toy LLaVA"),
+    model: str = typer.Option("toy-composed", help="toy-composed: the toy LLaVA's own tower + LM with a new projector; "
+                                                   "toy-text-lm: the toy text-only LM + the pre-VLM tower + a new projector "
+                                                   "(the paper's setup); toy-dino-text-lm: the same with the DINOv2-style "
+                                                   "tower; llava: the shipped toy LLaVA"),
     text_sae: Optional[str] = typer.Option(None, help="text SAEs to use instead of training: a release "
                                                       "(jsae-vista-toy-text-lm-text-sae) or a directory of SAE folders named by hook"),
     text_layers: str = typer.Option("0,1,2,3,4,5,6,7", help="layers with a text SAE (comma-separated)"),
@@ -71,21 +73,32 @@ def train(
 
 @vista_app.command("toy-parts")
 def toy_parts(
-    out: Optional[Path] = typer.Option(None, help="where to write llava-text-lm/ and llava-vision-tower/ (default: the package's "
+    out: Optional[Path] = typer.Option(None, help="where to write llava-text-lm/, llava-vision-tower/, llava-dino-tower/ (default: the package's "
                                                   "jsae/world/models, i.e. rebuild the shipped parts)"),
     stages: str = typer.Option("lm,vision", help="lm (the text-only LM: text pretraining), vision (the tower: vision "
-                                                 "pretraining), or both"),
+                                                 "pretraining), dino (the DINOv2-style tower: self-distillation, no "
+                                                 "labels), comma-separated"),
     seed: int = typer.Option(0, callback=SEED),
     threads: int = typer.Option(1, help="torch threads (the result is deterministic for a seed and thread count)", callback=THREADS),
 ) -> None:
     """Train the toy LLaVA's first two stages only — text pretraining of its LM (pictures written in words, captions,
     QA; never an image), vision pretraining of its tower on the scene labels — and save them as a text-only LM and
-    a vision tower (what `jsae vista train` composes; `jsae world train-models` writes the same parts)."""
+    a vision tower (what `jsae vista train` composes; `jsae world train-models` writes the same parts); `dino` trains
+    the DINOv2-style tower (jsae.world.dino) that `--model toy-dino-text-lm` composes."""
+    from jsae.world.dino import DinoConfig, train_dino_tower
     from jsae.world.training import train_parts
 
     parts = tuple(x.strip() for x in stages.split(",") if x.strip())
+    bad = [x for x in parts if x not in ("lm", "vision", "dino")]
+    if bad or not parts:
+        fail(f"--stages takes lm, vision and / or dino (comma-separated), got {stages!r}")
+    written = {}
     try:
-        written = train_parts("llava", out, parts, seed=seed, threads=threads)
+        if "dino" in parts:
+            written["dino"] = train_dino_tower(out, DinoConfig(seed=seed), threads=threads)
+        rest = tuple(p for p in parts if p != "dino")
+        if rest or not parts:
+            written.update(train_parts("llava", out, rest, seed=seed, threads=threads))
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     for stage, d in written.items():

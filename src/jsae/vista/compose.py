@@ -187,14 +187,17 @@ def toy_vlm_parts() -> tuple[Any, Any, Any, Any]:
     return vision.eval(), lm.eval(), processor.image_processor, processor.tokenizer
 
 
-def compose_toy(lm: str = "vlm", seed: int = 0) -> VLM:
+def compose_toy(lm: str = "vlm", seed: int = 0, tower: str = "supervised") -> VLM:
     """The world's compositions, each with a new projector (seed ``seed``):
 
     * ``lm="vlm"``: the shipped toy LLaVA's vision tower and language model, taken apart and recomposed (the LM
       was trained with images, so it reads image tokens; the benchmark's model);
     * ``lm="text-only"``: the toy *text-only* LM (the toy LLaVA's LM after its text stage only, never trained
       with images) + the toy vision tower after its vision-pretraining stage (shipped parts; see
-      :func:`jsae.world.training.train_parts`)."""
+      :func:`jsae.world.training.train_parts`).
+
+    ``tower`` (with ``lm="text-only"``): ``"supervised"`` — that pre-VLM tower, pretrained on the scene generator's
+    labels; ``"dino"`` — the DINOv2-style ``Dinov2Model`` trained without labels (:mod:`jsae.world.dino`)."""
     from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from jsae.world.training import part_dir
@@ -204,12 +207,21 @@ def compose_toy(lm: str = "vlm", seed: int = 0) -> VLM:
         return compose(vision, text_lm, image_processor=ip, tokenizer=tok, projector_seed=seed, name="toy-composed")
     if lm != "text-only":
         raise ValueError(f"lm must be 'vlm' (the toy LLaVA's own LM and tower) or 'text-only' (the shipped text-only LM), got {lm!r}")
-    lm_dir, vis_dir = part_dir("lm"), part_dir("vision")
+    if tower not in ("supervised", "dino"):
+        raise ValueError(f"tower must be 'supervised' (the toy LLaVA's pre-VLM tower) or 'dino' (the DINOv2-style tower), "
+                         f"got {tower!r}")
+    if tower == "dino":
+        from jsae.world.dino import dino_dir
+
+        lm_dir, vis_dir = part_dir("lm"), dino_dir()
+    else:
+        lm_dir, vis_dir = part_dir("lm"), part_dir("vision")
     text_lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
     vision = AutoModel.from_pretrained(str(vis_dir), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(lm_dir), local_files_only=True)
     ip = AutoImageProcessor.from_pretrained(str(vis_dir), local_files_only=True)
-    return compose(vision, text_lm, image_processor=ip, tokenizer=tok, projector_seed=seed, name="toy-text-lm")
+    return compose(vision, text_lm, image_processor=ip, tokenizer=tok, projector_seed=seed,
+                   name="toy-text-lm" if tower == "supervised" else "toy-dino-text-lm")
 
 
 __all__ = ["compose", "compose_toy", "toy_vlm_parts"]

@@ -49,8 +49,9 @@ RELEASE_DIR = Path(__file__).parent / "releases" / "toy-lm-text-sae"
 #: the earlier release (layers 2/4/6, trained on an earlier toy LLaVA's LM)
 LLAVA_RELEASE = "jsae-vista-toy-llava-text-sae"
 #: toy-composed: the toy LLaVA's tower + LM recomposed with a new projector; toy-text-lm: the toy text-only LM +
-#: the pre-VLM tower; llava: the shipped toy LLaVA itself (its own projector unless reinit)
-MODELS = ("toy-composed", "toy-text-lm", "llava")
+#: the pre-VLM tower; toy-dino-text-lm: the toy text-only LM + the DINOv2-style tower (jsae.world.dino); llava: the
+#: shipped toy LLaVA itself (its own projector unless reinit)
+MODELS = ("toy-composed", "toy-text-lm", "toy-dino-text-lm", "llava")
 
 
 def world_concept_names() -> list[str]:
@@ -137,10 +138,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _load_world(model: str, seed: int = 0) -> tuple[Any, Any, Any]:
-    if model in ("toy-composed", "toy-text-lm"):
+    if model in ("toy-composed", "toy-text-lm", "toy-dino-text-lm"):
         from jsae.vista.compose import compose_toy
 
-        return compose_toy("vlm" if model == "toy-composed" else "text-only", seed=seed)
+        return compose_toy("vlm" if model == "toy-composed" else "text-only", seed=seed,
+                           tower="dino" if model == "toy-dino-text-lm" else "supervised")
     from jsae.vlm import load_vlm
 
     return load_vlm(model)
@@ -641,6 +643,8 @@ def _report(m: dict[str, Any], figure: bool) -> str:
     model = {"toy-composed": "the toy LLaVA's vision tower and language model recomposed with a new projector "
                              "(jsae.vista.compose_toy('vlm'))",
              "toy-text-lm": "the toy text-only LM + the pre-VLM toy vision tower + a new projector (jsae.vista.compose_toy('text-only'))",
+             "toy-dino-text-lm": "the toy text-only LM + the DINOv2-style toy tower (self-distillation, no labels) + a new "
+                                 "projector (jsae.vista.compose_toy('text-only', tower='dino'))",
              }.get(c["model"], f"the shipped toy {c['model']}")
     lines = ["# VISTA in the embedded world", "",
              f"Model: {model}. Text SAEs (SAELens TopK, d_sae {c['d_sae']}, k {c['k']}) at layers {c['text_layers']}, trained on "
