@@ -14,8 +14,9 @@ from jsae.cli._common import (D_SAE, LAYER, SEED, STEPS, TOKENS, OneLineGroup, d
 
 _M = model_options()
 
-#: ``jsae sae train``'s default recipe (``--preset default``), shown in its ``--help`` and used by it.
-TRAIN_DEFAULTS = {"d_sae": 1024, "steps": 2000, "batch_size": 256, "lr": 3e-4}
+#: ``jsae sae train``'s defaults (``--preset default``), shown in its ``--help`` and used by it; the recipe itself
+#: (learning rate and schedule, losses, unit-norm scaling) is jsae's one default, ``jsae.protocol.methods.DEFAULT_RECIPE``.
+TRAIN_DEFAULTS = {"d_sae": 1024, "steps": 2000, "batch_size": 256, "lr": 3e-3}
 
 sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
                       no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
@@ -45,6 +46,7 @@ def train(
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
     from jsae.capture import read_manifest, sae_metadata
+    from jsae.protocol.methods import DEFAULT_RECIPE
     from jsae.training import JointSAETrainer, load_pairs
     from jsae.training.recipes import REFERENCE_BATCH_SIZE
 
@@ -71,7 +73,10 @@ def train(
                                   checkpoint_dir=checkpoint_dir, seed=seed)
         for key, value in sae_metadata(manifest, layer).items():
             cfg.metadata[key] = value
-        sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
+        if reference:
+            sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
+        else:
+            sae = DEFAULT_RECIPE.fit(cfg, tcfg, data, allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)
         metrics = _train_metrics(sae, data.vision, data.text, cfg.alignment)
         from jsae.files import write_json
@@ -106,8 +111,7 @@ def train_configs(d_in: int, *, preset: str, alignment: str, activation: str, k:
     defaults are :data:`TRAIN_DEFAULTS`; ``tests/test_cli_help.py`` checks the two agree)."""
     from dataclasses import replace
 
-    from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.training import JointTrainerConfig
+    from jsae.protocol.methods import DEFAULT_RECIPE
     from jsae.training.recipes import reference_configs
 
     ckpt = {"checkpoint_every": 500 if checkpoint_dir else 0,
@@ -117,12 +121,9 @@ def train_configs(d_in: int, *, preset: str, alignment: str, activation: str, k:
         cfg = replace(cfg, alignment=alignment, activation=activation, k=k, l1_coefficient=l1_coefficient)
         timing = {"epochs": epochs or 20} if steps is None else {"epochs": None, "total_steps": steps}
         return cfg, replace(tcfg, **timing, **ckpt, **({"lr": lr} if lr is not None else {}))
-    steps = steps or TRAIN_DEFAULTS["steps"]
-    cfg = TrainingJointSAEConfig(d_in=d_in, d_sae=d_sae or TRAIN_DEFAULTS["d_sae"], alignment=alignment,
-                                 activation=activation, k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
-    tcfg = JointTrainerConfig(total_steps=steps, lr=TRAIN_DEFAULTS["lr"] if lr is None else lr,
-                              lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5, **ckpt)
-    return cfg, tcfg
+    cfg = DEFAULT_RECIPE.sae_config(d_in, d_sae or TRAIN_DEFAULTS["d_sae"], alignment=alignment, activation=activation,
+                                    k=k, l1_coefficient=l1_coefficient)
+    return cfg, DEFAULT_RECIPE.trainer_config(steps or TRAIN_DEFAULTS["steps"], lr, **ckpt)
 
 
 def _check_layer(sae: object, layer: int) -> None:
