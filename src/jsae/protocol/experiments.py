@@ -30,7 +30,6 @@ sound grid.
 from __future__ import annotations
 
 import math
-import zlib
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,12 +37,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from jsae.data.judges import compression_ratio, distinct_3
 from jsae.protocol.reference_metrics import (
     Experiment,
     caption_metrics,
     keyword_hit,
     read_experiment_table,
 )
+from jsae.report.markdown import experiments_markdown
 from jsae.protocol.run import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
 from jsae.protocol.sweep import POSITION_SETS, steer_interventions
 from jsae.saes.metrics import summed_unit_rows
@@ -67,16 +68,14 @@ RULES = {"a": "similarity gain decreased while > 0.1", "b_drop": "perplexity dro
 
 
 def reference_repetition(text: str) -> tuple[float, float]:
-    """The reference's ``evaluate_repetition`` of one caption: (distinct-3, compression ratio = zlib-compressed
-    bytes / raw bytes, lower = more repetitive); (0, 0) for an empty text, (1, 1) under 4 words."""
+    """The reference's ``evaluate_repetition`` of one caption: (:func:`~jsae.data.judges.distinct_3`,
+    :func:`~jsae.data.judges.compression_ratio` = zlib-compressed bytes / raw bytes, lower = more repetitive), with
+    its edge cases: (0, 0) for an empty text, (1, 1) under 4 words."""
     if not text:
         return 0.0, 0.0
-    words = text.split()
-    if len(words) < 4:
+    if len(text.split()) < 4:
         return 1.0, 1.0
-    trigrams = list(zip(words, words[1:], words[2:]))
-    raw = text.encode("utf-8")
-    return len(set(trigrams)) / len(trigrams), len(zlib.compress(raw)) / len(raw)
+    return distinct_3(text), compression_ratio(text)
 
 
 class _SimilarityTable:
@@ -500,63 +499,6 @@ def _faults(records: list[dict], rules: dict[str, bool]) -> list[dict[str, Any]]
 # ---------------------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, (int, float)):
-        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def experiments_markdown(result: Mapping[str, Any]) -> str:
-    """A markdown report: the configuration, one grid table per experiment, the walk and the faults."""
-    cfg = result.get("config", {})
-    intro = (f"Run `{cfg.get('run_dir')}`, method `{cfg.get('method')}`, positions `{cfg.get('positions')}`, "
-             f"α grid {cfg.get('alphas')}, {cfg.get('max_new_tokens')} new tokens, prompt {cfg.get('prompt')!r}.  "
-             "Every α runs on every image; no α is chosen.")
-    lines = ["# Steering experiments", "", intro, ""]
-    for e in result.get("experiments", []):
-        what = (f"Layer {e['layer']}, latents {e['latents']}, keywords {e['keywords']}, target {e['target']!r}, "
-                f"{e['n_images']} image(s).")
-        lines += [f"## {e['name']}", "", what, "",
-                  "| α | keyword hit | hit unsteered | hit gain | similarity gain | perplexity | distinct-3 | zlib ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for g in e["grid"]:
-            lines.append(f"| {g['alpha']:g} | {_fmt(g['keyword_hit_rate_steered'])} | {_fmt(g['keyword_hit_rate_unsteered'])} | "
-                         f"{_fmt(g['keyword_hit_gain'])} | {_fmt(g.get('similarity_gain'))} | "
-                         f"{_fmt(g.get('perplexity_steered'), 1)} | {_fmt(g.get('distinct_3_steered'))} | "
-                         f"{_fmt(g.get('zlib_ratio_steered'))} |")
-        if "reference_walk" in e:
-            lines += ["", "The reference's walk (a reference fault, replayed on the same captions):", "",
-                      "| image | reported α | stopped at | rule | keyword hit | similarity gain | perplexity |",
-                      "|---|---|---|---|---|---|---|"]
-            for w in e["reference_walk"]:
-                alpha, stop = (("–" if a is None else f"{a:g}") for a in (w["alpha"], w["stopped_at"]))
-                lines.append(f"| {_fmt(w['image_id'])} | {alpha} | {stop} | "
-                             f"{_fmt(w['rule_text'])} | {_fmt(w.get('keyword_hit'))} | {_fmt(w.get('similarity_gain'))} | "
-                             f"{_fmt(w.get('perplexity'), 1)} |")
-        lines.append("")
-    if "faults" in result:
-        lines += ["## Reference faults reproduced", "", "| fault | active | images where it fired | what |",
-                  "|---|---|---|---|"]
-        for f in result["faults"]:
-            lines.append(f"| `{f['name']}` | {_fmt(f['active'])} | {f['fired']} | {_fmt(f['fault'])} |")
-        lines += ["", "The walk's reported metrics (α per image) against the sound grid at one α for all images "
-                      "(the grid α nearest the walk's median):", ""]
-        for e in result.get("experiments", []):
-            summ = e.get("reference_walk_summary") or {}
-            g = summ.get("grid_at_fixed_alpha") or {}
-            fixed = "–" if g.get("alpha") is None else f"{g['alpha']:g}"
-            lines.append(f"- {e['name']}: walk keyword hit {_fmt(summ.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_fmt(summ.get('similarity_gain'))}, perplexity {_fmt(summ.get('perplexity'), 1)}; grid at "
-                         f"α={fixed}: keyword hit {_fmt(g.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_fmt(g.get('similarity_gain'))}, perplexity {_fmt(g.get('perplexity'), 1)}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def write_experiments_report(result: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jsae.files import write_atomic, write_json
-from jsae.report.markdown import markdown_table
+from jsae.report.markdown import vista_world_report
 from jsae.saes.metrics import fvu as sae_fvu
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
@@ -578,7 +578,7 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
         "timings": timings,
     }
     write_json(run / "metrics.json", metrics)
-    write_atomic(run / "report.md", _report(metrics, fig_path is not None))
+    write_atomic(run / "report.md", vista_world_report(metrics, fig_path is not None))
     return metrics
 
 
@@ -630,69 +630,6 @@ def _figure(path: Path, plan: list[dict], images: list[Any], objects: list[list[
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return write_atomic(path, buf.getvalue())
-
-
-def _fmt(iv: dict[str, float]) -> str:
-    return f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] (n={iv['n']})"
-
-
-def _report(m: dict[str, Any], figure: bool) -> str:
-    c = m["train"]["config"]
-    model = {"toy-composed": "the toy LLaVA's vision tower and language model recomposed with a new projector "
-                             "(jsae.vista.compose_toy('vlm'))",
-             "toy-text-lm": "the toy text-only LM + the pre-VLM toy vision tower + a new projector (jsae.vista.compose_toy('text-only'))",
-             }.get(c["model"], f"the shipped toy {c['model']}")
-    lines = ["# VISTA in the embedded world", "",
-             f"Model: {model}. Text SAEs (SAELens TopK, d_sae {c['d_sae']}, k {c['k']}) at layers {c['text_layers']}, trained on "
-             f"the LM's per-token states of plain-text captions. Projectors {'from scratch' if c['reinit'] else 'from the model’s own'} "
-             f"(seed {c['seed']}), {c['proj_steps']} steps × batch {c['batch_size']} each, lr {c['lr']}.", "",
-             "## Text SAEs and their labels (from text only: the words of each latent's top-"
-             f"{c.get('top_n', 20)} tokens)", "",
-             markdown_table(m["train"]["text_saes"], ["layer", "fvu_text", "l0", "labelled", "labelled_fraction", "mean_purity",
-                                                      "concepts_covered"]),
-             f"## Matching rate (top-{m['eval_config']['k']} text-SAE latents of the mean image-token code whose label is present; 95% CI)", ""]
-    rows = []
-    for name, st in m["settings"].items():
-        for layer, r in st["per_layer"].items():
-            ratio = m["matching_ratio"][layer].get(name)
-            rows.append({"setting": name, "λ": st["lam"], "constrained": st["layers"], "layer": layer,
-                         "matching_rate": _fmt(r["matching_rate"]), "localisation": _fmt(r["localisation"]),
-                         "recon_err": round(r["recon_err"], 3),
-                         "ratio_vs_baseline": "" if ratio is None else f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"})
-    lines += [markdown_table(rows, ["setting", "λ", "constrained", "layer", "matching_rate", "ratio_vs_baseline", "localisation", "recon_err"]),
-              "## Task performance per setting (greedy captions of held-out images: the performance–interpretability trade-off)", ""]
-    rows = [{"setting": n, "object_recall": _fmt(st["captions"]["object_recall"]), "object_precision": _fmt(st["captions"]["object_precision"]),
-             "final_train_ce": round(m["train"]["final"][n]["ce"], 4)} for n, st in m["settings"].items()]
-    lines += [markdown_table(rows, ["setting", "object_recall", "object_precision", "final_train_ce"]),
-              f"## Vision-only SAE (baseline projector's image tokens, layer {m['edit_layer']})", ""]
-    rows = [{"labelling": k, **{f: v[f] for f in ("labelled", "labelled_fraction", "mean_purity", "concepts_covered")},
-             "matching_rate (label split)": _fmt(v["matching_rate_on_label_split"])} for k, v in m["vision_only_sae"].items()]
-    lines += [markdown_table(rows, ["labelling", "labelled", "labelled_fraction", "mean_purity", "concepts_covered", "matching_rate (label split)"]),
-              "`vision-only`: labelled like the text SAE, from its max-activating examples and words (the captions of its top "
-              "images) — the fair baseline. `vision-only-masks`: labelled from ground-truth patch masks — stronger supervision "
-              "than VISTA gets, an upper reference.", "",
-              f"## Patch-local edits at layer {m['edit_layer']}", "",
-              f"{m['edits']['n_eligible']} eligible images (≥ 2 objects of distinct types, every object named by both projectors' "
-              f"unedited captions); the first {m['edits']['n_calibration']} choose the replacement gain per method, "
-              f"{m['edits']['n_scored']} are scored.", ""]
-    rows = []
-    for method in ("vista", "vision-only", "vision-only-masks"):
-        e = m["edits"][method]
-        rows.append({"method": method, "projector": e["projector"], "labelled": e["labelled_latents"],
-                     "removal": _fmt(e["removal"]), "replacement": _fmt(e["replacement"]),
-                     "replacement_in_place": _fmt(e["replacement_in_place"]), "gain": e["gain"]})
-    lines += [markdown_table(rows, ["method", "projector", "labelled", "removal", "replacement", "replacement_in_place", "gain"])]
-    for ref, g in m["edit_gains"].items():
-        for measure, paper in (("removal", "+35%/+38%"), ("replacement", "+47%/+58%")):
-            x = g[measure]
-            iv = x["absolute_gain_interval"]
-            rel = "n/a" if not np.isfinite(x["relative_gain"]) else f"{x['relative_gain']:+.0%}"
-            lines += [f"{measure.capitalize()} vs {ref}: VISTA {x['vista']:.3f} vs {x['reference']:.3f} ({x['absolute_gain']:+.3f} "
-                      f"absolute [{iv['low']:+.3f}, {iv['high']:+.3f}] paired, {rel} relative; paper {paper}).", ""]
-    if figure:
-        lines += ["![edit example](edit_example.png)", ""]
-    lines += ["Definitions: see `jsae.vista.metrics` (matching rate, localisation, removal, replacement, labels).", ""]
-    return "\n".join(lines)
 
 
 __all__ = ["EvalConfig", "LLAVA_RELEASE", "MODELS", "RELEASE", "WorldVistaConfig", "caption_quality", "default_settings", "eval_world",
