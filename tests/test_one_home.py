@@ -115,3 +115,24 @@ def test_default_recipe_trains_at_unit_norm_and_returns_an_sae_of_raw_activation
         torch.testing.assert_close(two(2 * v), 2 * one(v), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(one(v), 2 * one(v))  # the check can fail: the reconstruction is not zero
     assert not one.training and len(one.training_history) == 3
+
+
+def test_method_names_have_one_registry():
+    """The protocol's method names live in ``jsae.report.rundir.METHOD_INFO``; no module lists them again."""
+    import ast
+
+    from jsae.protocol.methods import METHODS
+    from jsae.report.plots import METHOD_COLOURS
+    from jsae.report.rundir import METHOD_INFO
+
+    assert METHODS == tuple(METHOD_INFO) == ("jsae", "jsae-none", "separate", "saelens-topk")
+    assert {k: METHOD_COLOURS[k] for k in METHOD_INFO} == {k: m.colour for k, m in METHOD_INFO.items()}
+    assert [m for m in METHOD_INFO.values() if m.joint and m.derived_from is None] == [METHOD_INFO["jsae"], METHOD_INFO["jsae-none"]]
+    lists = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = {e.value for e in node.elts if isinstance(e, ast.Constant)} & set(METHOD_INFO)
+                if len(names) >= 3:
+                    lists.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not lists, f"method names listed outside the registry at {lists}; read jsae.report.rundir.METHOD_INFO"

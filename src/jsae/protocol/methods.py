@@ -51,9 +51,11 @@ from jsae.training import JointTrainerConfig
 from jsae.training.data import PairedTensorData
 from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, reference_configs, train_saelens_topk,
                                    unit_norm_scale)
+from jsae.report.rundir import METHOD_INFO
 from jsae.saes.metrics import summed_unit_rows
 
-METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
+#: The methods' names, from the one registry :data:`jsae.report.rundir.METHOD_INFO` (report order).
+METHODS = tuple(METHOD_INFO)
 RECIPES = ("default", "reference")
 #: With revival, a latent is dead after this fraction of the training steps without firing ...
 REVIVAL_WINDOW = 1 / 16

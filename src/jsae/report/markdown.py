@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jsae.report.rundir import METHOD_INFO
+
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
@@ -297,7 +299,7 @@ def sweep_tables(runs: dict[str, dict[str, Any]]) -> list[str]:
         lines += ["", f"**{model}** — joint SAEs (held-out pairs): paired cosine / centred / median per-latent corr / "
                   "top-latent mass / dead vision latents:", "", "| method | " + " | ".join(f"layer {L}" for L in layers)
                   + " |\n|---|" + "---|" * len(layers)]
-        for meth in ("jsae", "jsae-none"):
+        for meth in (m.name for m in METHOD_INFO.values() if m.joint and m.derived_from is None):
             cells = []
             for L in layers:
                 r = next((x for x in m["saes"] if x["layer"] == L and x["method"] == meth), None)
@@ -349,7 +351,7 @@ def sweep_report(models: list[str], interaction: dict[str, Any], runs: dict[str,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cell(x: Any, digits: int = 3) -> str:
+def _plain(x: Any, digits: int = 3) -> str:
     """A table cell: ``–`` for None, yes/no, a float to ``digits`` places, text with ``|`` escaped."""
     if x is None:
         return "–"
@@ -374,35 +376,35 @@ def experiments_markdown(result: Mapping[str, Any]) -> str:
                   "| α | keyword hit | hit unsteered | hit gain | similarity gain | perplexity | distinct-3 | zlib ratio |",
                   "|---|---|---|---|---|---|---|---|"]
         for g in e["grid"]:
-            lines.append(f"| {g['alpha']:g} | {_cell(g['keyword_hit_rate_steered'])} | {_cell(g['keyword_hit_rate_unsteered'])} | "
-                         f"{_cell(g['keyword_hit_gain'])} | {_cell(g.get('similarity_gain'))} | "
-                         f"{_cell(g.get('perplexity_steered'), 1)} | {_cell(g.get('distinct_3_steered'))} | "
-                         f"{_cell(g.get('zlib_ratio_steered'))} |")
+            lines.append(f"| {g['alpha']:g} | {_plain(g['keyword_hit_rate_steered'])} | {_plain(g['keyword_hit_rate_unsteered'])} | "
+                         f"{_plain(g['keyword_hit_gain'])} | {_plain(g.get('similarity_gain'))} | "
+                         f"{_plain(g.get('perplexity_steered'), 1)} | {_plain(g.get('distinct_3_steered'))} | "
+                         f"{_plain(g.get('zlib_ratio_steered'))} |")
         if "reference_walk" in e:
             lines += ["", "The reference's walk (a reference fault, replayed on the same captions):", "",
                       "| image | reported α | stopped at | rule | keyword hit | similarity gain | perplexity |",
                       "|---|---|---|---|---|---|---|"]
             for w in e["reference_walk"]:
                 alpha, stop = (("–" if a is None else f"{a:g}") for a in (w["alpha"], w["stopped_at"]))
-                lines.append(f"| {_cell(w['image_id'])} | {alpha} | {stop} | "
-                             f"{_cell(w['rule_text'])} | {_cell(w.get('keyword_hit'))} | {_cell(w.get('similarity_gain'))} | "
-                             f"{_cell(w.get('perplexity'), 1)} |")
+                lines.append(f"| {_plain(w['image_id'])} | {alpha} | {stop} | "
+                             f"{_plain(w['rule_text'])} | {_plain(w.get('keyword_hit'))} | {_plain(w.get('similarity_gain'))} | "
+                             f"{_plain(w.get('perplexity'), 1)} |")
         lines.append("")
     if "faults" in result:
         lines += ["## Reference faults reproduced", "", "| fault | active | images where it fired | what |",
                   "|---|---|---|---|"]
         for f in result["faults"]:
-            lines.append(f"| `{f['name']}` | {_cell(f['active'])} | {f['fired']} | {_cell(f['fault'])} |")
+            lines.append(f"| `{f['name']}` | {_plain(f['active'])} | {f['fired']} | {_plain(f['fault'])} |")
         lines += ["", "The walk's reported metrics (α per image) against the sound grid at one α for all images "
                       "(the grid α nearest the walk's median):", ""]
         for e in result.get("experiments", []):
             summ = e.get("reference_walk_summary") or {}
             g = summ.get("grid_at_fixed_alpha") or {}
             fixed = "–" if g.get("alpha") is None else f"{g['alpha']:g}"
-            lines.append(f"- {e['name']}: walk keyword hit {_cell(summ.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_cell(summ.get('similarity_gain'))}, perplexity {_cell(summ.get('perplexity'), 1)}; grid at "
-                         f"α={fixed}: keyword hit {_cell(g.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_cell(g.get('similarity_gain'))}, perplexity {_cell(g.get('perplexity'), 1)}")
+            lines.append(f"- {e['name']}: walk keyword hit {_plain(summ.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_plain(summ.get('similarity_gain'))}, perplexity {_plain(summ.get('perplexity'), 1)}; grid at "
+                         f"α={fixed}: keyword hit {_plain(g.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_plain(g.get('similarity_gain'))}, perplexity {_plain(g.get('perplexity'), 1)}")
         lines.append("")
     return "\n".join(lines)
 
