@@ -217,7 +217,7 @@ def steer(
     data: Optional[str] = typer.Option(None, help="caption the images of this caption dataset (path or hub id) instead of world images"),
     split: str = typer.Option("train", help="split of --data"),
     images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
-    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: 'describe the image' on the world, 'Describe the image.' otherwise)"),
     steer_at: Optional[str] = typer.Option(None, help="where to add the direction: image (the image tokens at prefill; default) | generated (every generated token) | image+generated (both; --preset reference) | image_but_last | last"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 32; --preset reference: 50)", callback=TOKENS),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
