@@ -144,7 +144,7 @@ case("train on activations near 1e20")(lambda: trainer(PairedTensorData(*pairs(s
 case("variance normalisation with batch size 1")(lambda: trainer(PairedTensorData(*pairs(), batch_size=1), sae_kw={"mse_normalization": "variance"}).fit())
 case("variance normalisation on constant rows")(lambda: trainer(PairedTensorData(torch.ones(64, 16), pairs()[1], batch_size=8), sae_kw={"mse_normalization": "variance"}).fit())
 case("variance normalisation on 1e20 activations")(lambda: trainer(PairedTensorData(*pairs(scale=1e20), batch_size=8), sae_kw={"mse_normalization": "variance"}).fit())
-case("train on data of the wrong d_in")(lambda: trainer(PairedTensorData(*pairs(dim=8), batch_size=8)).fit())
+case("train on data of the wrong d_in")(lambda: trainer(PairedTensorData(*pairs(d=8), batch_size=8)).fit())
 case("train on a plain list of non-tensors")(lambda: trainer([("a", "b")]).fit())
 case("checkpoint_dir is a file", leftover=lambda: a_file.read_text() != "keep")(lambda: trainer(checkpoint_dir=str(a_file)).fit())
 
