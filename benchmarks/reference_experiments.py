@@ -12,7 +12,10 @@ Offline there is no GPT-2 and no SBERT: perplexity is measured under the world's
 the result says so; rule (b) (the sign-reversed perplexity rule) and (c) do.  Pass ``--similarity-model`` /
 ``--perplexity-model`` to use real ones.
 
-    python benchmarks/reference_experiments.py --run benchmarks/results/reference/llava --model llava
+    python benchmarks/reference_experiments.py --run RUN --model llava
+
+RUN is a ``jsae demo --preset reference`` run with its SAEs (the committed ``benchmarks/results/reference/llava``
+keeps results only; ``benchmarks/results/README.md`` names the command that rebuilds it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from jsae.files import write_atomic
-from jsae.protocol.fidelity import fidelity_table, world_fidelity
+from jsae.protocol.fidelity import world_fidelity
+from jsae.report.markdown import fidelity_table
 
 OUT = Path(__file__).resolve().parent / "results" / "world_fidelity"
 

@@ -45,3 +45,20 @@ def vlm(request: Any) -> TinyVLM:
 def vlm2(request: Any) -> TinyVLM:
     """One LLaVA-family and one Qwen-family model, for the slower tests."""
     return tiny_vlm(request.param)
+
+
+def assert_same_capture(a: Any, b: Any, keys: tuple[str, ...] = ("fingerprint", "plan", "shards", "count", "complete")) -> None:
+    """Two capture directories agree: the manifests' ``keys`` equal, and every shard bitwise the same tensors."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from jsae.capture import read_manifest
+
+    a, b = Path(a), Path(b)
+    ma, mb = read_manifest(a), read_manifest(b)
+    for key in keys:
+        assert ma[key] == mb[key], key
+    for s in ma["shards"]:
+        ta, tb = load_file(a / s["file"]), load_file(b / s["file"])
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), s["file"]

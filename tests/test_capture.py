@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KINDS, tiny_vlm
+from conftest import KINDS, assert_same_capture, tiny_vlm
 from safetensors.torch import load_file
 
 from jsae.capture import capture_batches, capture_pairs, image_token_count, pool, read_manifest, sae_metadata
@@ -344,13 +344,8 @@ def _torchrun(*args: str, nproc: int = 2, check: bool = True) -> subprocess.Comp
 
 
 def _same_capture(a: Path, b: Path) -> None:
-    """Same manifest contents (fingerprint, plan, shards, count) and bitwise the same tensors in every shard."""
-    ma, mb = read_manifest(a), read_manifest(b)
-    for key in ("fingerprint", "plan", "shards", "count", "complete", "bucket", "total"):
-        assert ma[key] == mb[key], key
-    for s in ma["shards"]:
-        ta, tb = load_file(a / s["file"]), load_file(b / s["file"])
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), s["file"]
+    """Same manifest contents (fingerprint, plan, shards, count, bucketing) and bitwise the same shards."""
+    assert_same_capture(a, b, ("fingerprint", "plan", "shards", "count", "complete", "bucket", "total"))
 
 
 @pytest.fixture(scope="module")

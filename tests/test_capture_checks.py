@@ -57,6 +57,17 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     return msg
 
 
+def _refused_after_editing(capture: Path, tmp_path: Path, shard_name: str, edit, layer: int) -> tuple[Path, str]:
+    """A copy of ``capture`` whose shard ``shard_name`` has every tensor passed through ``edit``: the shard's path and
+    the one-line error ``load_pairs`` refuses it with."""
+    cap = _copy(capture, tmp_path)
+    shard = cap / shard_name
+    save_file({k: edit(v).contiguous() for k, v in load_file(shard).items()}, shard)
+    with pytest.raises(ValueError) as exc:
+        load_pairs(cap, layer)
+    return shard, _one_line(exc)
+
+
 def test_a_whole_capture_passes_and_reads_back(capture):
     m = check_capture(capture)
     assert m["count"] == 12 and len(m["shards"]) == 3
@@ -66,25 +77,13 @@ def test_a_whole_capture_passes_and_reads_back(capture):
 
 def test_a_narrower_shard_than_the_model_is_refused(capture, tmp_path):
     """Issue case 4: shards 64 wide while the manifest's model is 128 wide trained an SAE of d_in 64."""
-    cap = _copy(capture, tmp_path)
-    shard = cap / "shard-00001.safetensors"
-    w = load_file(shard)
-    save_file({k: v[:, :16].contiguous() for k, v in w.items()}, shard)
-    with pytest.raises(ValueError) as exc:
-        load_pairs(cap, 0)
-    msg = _one_line(exc)
+    shard, msg = _refused_after_editing(capture, tmp_path, "shard-00001.safetensors", lambda v: v[:, :16], layer=0)
     assert str(shard) in msg and "16 wide" in msg and "32 wide" in msg
 
 
 def test_a_shard_with_fewer_rows_than_its_manifest_entry_is_refused(capture, tmp_path):
     """Issue case 5: a shard of 100 rows listed as 300 trained and saved."""
-    cap = _copy(capture, tmp_path)
-    shard = cap / "shard-00002.safetensors"
-    w = load_file(shard)
-    save_file({k: v[:2].contiguous() for k, v in w.items()}, shard)
-    with pytest.raises(ValueError) as exc:
-        load_pairs(cap, 1)
-    msg = _one_line(exc)
+    shard, msg = _refused_after_editing(capture, tmp_path, "shard-00002.safetensors", lambda v: v[:2], layer=1)
     assert str(shard) in msg and "[2, 32]" in msg and "4 pairs" in msg
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import assert_same_capture
 from typer.testing import CliRunner
 
 from jsae import capture_pairs, load_vlm
@@ -35,13 +36,9 @@ def _pairs(n: int = 6):
 
 
 def _same_capture(a: Path, b: Path) -> None:
-    ma, mb = read_manifest(a), read_manifest(b)
-    for key in ("fingerprint", "plan", "shards", "count", "complete", "model", "hook_names"):
-        assert ma[key] == mb[key], key
-    for s in ma["shards"]:
-        ta, tb = load_file(a / s["file"]), load_file(b / s["file"])
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), s["file"]
-        assert all(bool(ta[k].abs().sum() > 0) for k in ta)  # real vectors, not zeros
+    assert_same_capture(a, b, ("fingerprint", "plan", "shards", "count", "complete", "model", "hook_names"))
+    for s in read_manifest(a)["shards"]:
+        assert all(bool(t.abs().sum() > 0) for t in load_file(a / s["file"]).values())  # real vectors, not zeros
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+import zlib
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from jsae.data.judges import compression_ratio
 from jsae.protocol.experiments import (
     FAULTS,
     reference_repetition,
@@ -197,8 +199,11 @@ def test_walk_rules_in_the_reference_order() -> None:
 
 def test_reference_repetition() -> None:
     assert reference_repetition("") == (0.0, 0.0) and reference_repetition("a b c") == (1.0, 1.0)
-    d3, cr = reference_repetition(" ".join(["the cat"] * 30))
-    assert d3 < 0.3 and cr < 0.3
+    text = " ".join(["the cat"] * 30)
+    d3, cr = reference_repetition(text)
+    assert d3 == 2 / 58  # 58 trigrams, two distinct: (the, cat, the) and (cat, the, cat)
+    assert cr == len(zlib.compress(text.encode())) / len(text.encode()) and cr < 0.3  # compressed / raw
+    assert reference_repetition("a red cake next to a blue car") == (1.0, compression_ratio("a red cake next to a blue car"))
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,14 @@ from jsae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.saes.alignment import ALIGNMENT_LOSSES
 from jsae.saes.sparse_relu import argsort_latents, relu_codes
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+from jsae.testing import pairs_with
 
 COEFFS = {"l1": 0.03, "alignment": 1.0, "aux": 0.0}
 VARIANTS = [{}, {"shared_decoder": True}, {"shared_encoder": True}, {"loss_reduction": "mean"},
             {"apply_b_dec_to_input": False}, {"mse_normalization": "variance"}]
 
 
-def pairs(n=256, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.rand(n, 5, generator=g)
-    return latent @ torch.randn(5, d, generator=g), latent @ torch.randn(5, d, generator=g)
+pairs = pairs_with(n=256, d=16, rank=5)  # the shared synthetic pairs (jsae.testing)
 
 
 def make_sae(alignment="cosine", d_in=16, d_sae=64, shift=0.3, seed=0, **kw) -> TrainingJointSAE:

@@ -83,7 +83,8 @@ def test_r50_is_the_log_interpolated_half_point():
 def test_world_fidelity_end_to_end_and_targets(tiny_dir):
     """The whole gauge on a random tiny model: oracle cosines from the pools, both oracles steered at both
     position sets, and a random model meets none of the targets."""
-    from jsae.protocol.fidelity import fidelity_table, world_fidelity
+    from jsae.protocol.fidelity import world_fidelity
+    from jsae.report.markdown import fidelity_table
 
     name, d = tiny_dir
     r = world_fidelity(str(d), n_images=24, n_steer=2, n_captions=4, ratios=(1.0, 8.0), layers=[0, 1], progress=False)

@@ -15,12 +15,10 @@ from jsae.interventions import Clamp, ProjectOut, Steer
 from jsae.labels import label_features
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 from jsae.training.trainer import TrainingDiverged
+from jsae.testing import pairs_with
 
 
-def pairs(n=64, d=16, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.rand(n, 4, generator=g)
-    return scale * (latent @ torch.randn(4, d, generator=g)), scale * (latent @ torch.randn(4, d, generator=g))
+pairs = pairs_with(n=64, d=16, rank=4)  # the shared synthetic pairs (jsae.testing)
 
 
 def trainer(data, steps=20, sae_kw=None, **kw):

@@ -68,7 +68,7 @@ def test_two_captures_into_one_folder(tmp_path):
         assert first.poll() is None, "the first capture ended before the race"
         assert second.returncode != 0
         last = second.stderr.strip().splitlines()[-1]
-        assert f"is in use by another jsae capture (pid {first.pid})" in last, last
+        assert f"is in use by another jsae run capture (pid {first.pid})" in last, last
         go.touch()
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err[-2000:]

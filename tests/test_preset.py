@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from jsae.cli import app
-from jsae.data.judges import distinct_3, text_quality, zlib_ratio
+from jsae.data.judges import compression_ratio, distinct_3, text_quality, zlib_ratio
 from jsae.protocol.methods import train_methods
 from jsae.protocol.run import (REFERENCE_ALPHAS, ProtocolConfig, apply_preset, reference_differences,
                                reference_prompts)
@@ -82,6 +82,10 @@ def test_distinct_3_and_zlib_ratio():
     assert zlib_ratio(text) == pytest.approx(len(text.encode()) / len(zlib.compress(text.encode())))
     assert zlib_ratio(text) > zlib_ratio("a red cake next to a blue car")
     assert zlib_ratio("") is None and zlib_ratio("   ") is None
+    # the reference's compression ratio is the reciprocal (compressed / raw, of the text as given, not stripped)
+    assert compression_ratio(text) == len(zlib.compress(text.encode())) / len(text.encode())
+    assert compression_ratio(text) * zlib_ratio(text) == pytest.approx(1.0)
+    assert compression_ratio(" x ") == len(zlib.compress(b" x ")) / 3 and compression_ratio("") is None
     q = text_quality(["a b c a b c", "a b c d", "x"])
     assert q["distinct_3"] == pytest.approx((0.75 + 1.0) / 2) and q["zlib_ratio"] is not None
     assert text_quality([]) == {"distinct_3": None, "zlib_ratio": None}

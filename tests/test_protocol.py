@@ -64,8 +64,15 @@ def test_train_methods_equal_budget_and_separate_alignment(monkeypatch):
     # after matching, paired codes agree at least as much as unmatched ones
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).nan_to_num().mean()  # noqa: E731
     assert cos(sep.encode(v, "vision"), zs) >= cos(none.encode(v, "vision"), zn)
+    # the steering direction: the sum of the features' unit decoder rows (the SAELens SAE's only decoder; a joint
+    # SAE's text decoder by default, its vision decoder on request)
+    unit = lambda W, rows: sum(W[r] / W[r].norm() for r in rows)  # noqa: E731
     d = methods["saelens-topk"].steer_direction([0, 1])
-    assert d.shape == (16,)
+    torch.testing.assert_close(d, unit(methods["saelens-topk"].sae.W_dec.detach(), [0, 1]))
+    j = methods["jsae"].sae
+    torch.testing.assert_close(methods["jsae"].steer_direction([2, 5]), unit(j.W_dec_of("text").detach(), [2, 5]))
+    torch.testing.assert_close(methods["jsae"].steer_direction([2, 5], "vision"), unit(j.W_dec_of("vision").detach(), [2, 5]))
+    assert not torch.allclose(methods["jsae"].steer_direction([2, 5]), methods["jsae"].steer_direction([2, 5], "vision"))
 
 
 def test_train_methods_width_from_the_expansion_factor_and_revival(monkeypatch):

@@ -16,12 +16,10 @@ from jsae.interventions import Clamp, Splice, Steer, intervene
 from jsae.labels import FeatureLabels, label_features
 from jsae.provenance import ProvenanceError, mismatches, same_model, sae_record
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+from jsae.testing import pairs_with
 
 
-def pairs(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.rand(n, 4, generator=g)
-    return latent @ torch.randn(4, 16, generator=g), latent @ torch.randn(4, 16, generator=g)
+pairs = pairs_with(n=64, d=16, rank=4)  # the shared synthetic pairs (jsae.testing)
 
 
 def trainer(ckpt, layer=2, steps=10, seed=0, data_seed=0, every=0):

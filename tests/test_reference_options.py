@@ -17,6 +17,7 @@ from torch import nn
 from jsae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 from jsae.training.recipes import REFERENCE_BATCH_SIZE, reference_configs
+from jsae.testing import pairs_with
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +28,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def pairs(n=64, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.rand(n, 3, generator=g)
-    return latent @ torch.randn(3, d, generator=g), latent @ torch.randn(3, d, generator=g)
+pairs = pairs_with(n=64, d=8, rank=3)  # the shared synthetic pairs (jsae.testing)
 
 
 def sae_of(cfg: TrainingJointSAEConfig, seed: int = 0) -> TrainingJointSAE:

@@ -16,15 +16,13 @@ from safetensors.torch import load_file
 
 from jsae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+from jsae.testing import pairs_with
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_paired.py"
 STEPS = 40
 
 
-def pairs(n=256, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.rand(n, 5, generator=g)
-    return latent @ torch.randn(5, d, generator=g), latent @ torch.randn(5, d, generator=g)
+pairs = pairs_with(n=256, d=16, rank=5)  # the shared synthetic pairs (jsae.testing)
 
 
 def trainer(steps=30, seed=0, data=None, **kw) -> JointSAETrainer:

@@ -582,3 +582,59 @@ def test_world_run_end_to_end_small(tmp_path):
         assert section in report
 
 
+
+
+def test_edit_scoring_by_hand():
+    """eval_world's scoring of one patch-local edit on real world captions: removal succeeds only when the target is
+    gone and every other object is still named; replacement also needs the new type, and is in place when the new
+    type is named at the removed object's position."""
+    import numpy as np
+
+    from jsae.vista.experiment import _score_edits, edit_gains
+
+    objects = [[{"name": "apple", "position": "bottom left", "category": "food"},
+                {"name": "cake", "position": "bottom right", "category": "food"}]]
+    plan = [{"image": 0, "target": 0, "new": "fish"}]
+    caps = ["a small green cake at the bottom right",                                           # apple gone, cake kept
+            "a small red apple at the bottom left and a small green cake at the bottom right",  # nothing removed
+            "a small green fish at the bottom right",                                           # cake lost
+            "a small red fish at the bottom left and a small green cake at the bottom right",   # replaced in place
+            "a small red fish at the top left and a small green cake at the bottom right"]      # replaced elsewhere
+    removal = [_score_edits(plan, objects, [c], "remove") for c in caps]
+    assert [float(r["success"][0]) for r in removal] == [1.0, 0.0, 0.0, 1.0, 1.0]
+    replace = [_score_edits(plan, objects, [c], "replace") for c in caps]
+    assert [float(r["success"][0]) for r in replace] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [float(r["in_place"][0]) for r in replace] == [0.0, 0.0, 0.0, 1.0, 0.0]
+    both = _score_edits(plan * 2, objects, caps[3:5], "replace")
+    assert both["success"].tolist() == [1.0, 1.0] and both["in_place"].tolist() == [1.0, 0.0]
+
+    # VISTA against each vision-only reference: means, paired difference, relative gain
+    per_image = {"vista": {"removal": np.array([1.0, 1.0, 0.0, 1.0]), "replacement": np.array([1.0, 0.0, 0.0, 0.0])},
+                 "vision-only": {"removal": np.array([1.0, 0.0, 0.0, 1.0]), "replacement": np.zeros(4)},
+                 "vision-only-masks": {"removal": np.array([1.0, 1.0, 1.0, 1.0]), "replacement": np.array([1.0, 0.0, 0.0, 0.0])}}
+    edits = {k: {m: {"mean": float(v.mean())} for m, v in d.items()} for k, d in per_image.items()}
+    g = edit_gains(edits, per_image)
+    r = g["vision-only"]["removal"]
+    assert (r["vista"], r["reference"], r["absolute_gain"], r["relative_gain"]) == (0.75, 0.5, 0.25, 0.5)
+    assert r["absolute_gain_interval"]["mean"] == 0.25 and r["absolute_gain_interval"]["n"] == 4
+    assert g["vision-only"]["replacement"]["relative_gain"] == float("inf")  # only VISTA succeeds
+    assert g["vision-only-masks"]["replacement"]["relative_gain"] == 0.0 and g["vision-only-masks"]["removal"]["relative_gain"] == -0.25
+
+
+def test_vista_settings_are_records():
+    from jsae.vista.experiment import VistaSetting, WorldVistaConfig, default_settings
+
+    got = default_settings((3, 4, 5), 2.0, 4)
+    assert [(s.name, s.lam, s.layers, s.loss_form) for s in got] == [
+        ("baseline", 0.0, (), "normalised"), ("vista-l4", 2.0, (4,), "normalised"), ("vista-l34", 2.0, (3, 4), "normalised"),
+        ("vista-l3-5", 2.0, (3, 4, 5), "normalised"), ("vista-l4-mse", 2.0, (4,), "mse")]
+    cfg = WorldVistaConfig(text_layers=(3, 4), edit_layer=4, settings=(("baseline", 0, []), ("v", 1, [4], "mse")))
+    assert cfg.settings == (VistaSetting("baseline", 0.0), VistaSetting("v", 1.0, (4,), "mse"))
+    assert VistaSetting.of(cfg.settings[1].record()) == cfg.settings[1] == VistaSetting.of(
+        {"name": "v", "lam": 1, "layers": [4], "loss_form": "mse"})
+    with pytest.raises(ValueError, match="no text SAE"):
+        WorldVistaConfig(text_layers=(3, 4), edit_layer=4, settings=(("baseline", 0, []), ("v", 1, [5])))
+    with pytest.raises(ValueError, match="baseline with λ = 0"):
+        WorldVistaConfig(text_layers=(3, 4), edit_layer=4, settings=(("v", 1, [4]),))
+    with pytest.raises(ValueError, match="a setting is"):
+        VistaSetting.of(("v", 1))

@@ -400,7 +400,7 @@ class _Capture:
         out = self.out
         created = not out.exists()
         existed = not created and (out / MANIFEST).exists()
-        lock = DirLock(out, "jsae capture")
+        lock = DirLock(out, "jsae run capture")
         bad_data = opening = False
         try:
             manifest: Any = None

@@ -226,3 +226,21 @@ def tiny_vlm(kind: str) -> TinyVLM:
     hf = build_hf(kind)
     model = NNsight(hf)
     return TinyVLM(kind, hf, model, build_processor(kind), A.for_model(model))
+
+
+def paired_activations(n: int = 64, d: int = 16, seed: int = 0, *, rank: int = 4,
+                       scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic paired activations for SAE tests: ``(vision [n, d], text [n, d])`` sharing ``rank`` non-negative
+    latent factors per pair (``rand(n, rank)``), read out by two random ``[rank, d]`` maps; times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.rand(n, rank, generator=g)
+    return scale * (latent @ torch.randn(rank, d, generator=g)), scale * (latent @ torch.randn(rank, d, generator=g))
+
+
+def pairs_with(n: int = 64, d: int = 16, rank: int = 4) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``pairs(n, d, seed=0, scale=1.0)``: :func:`paired_activations` with a test module's own defaults."""
+
+    def pairs(n: int = n, d: int = d, seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return paired_activations(n, d, seed, rank=rank, scale=scale)
+
+    return pairs

@@ -32,6 +32,7 @@ from jsae.interventions import Clamp, ProjectOut, Splice, Steer, intervene
 from jsae.labels import FeatureLabels, label_features
 from jsae.testing import tiny_vlm
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
+from jsae.testing import pairs_with
 
 SRC = str(Path(jsae.__file__).resolve().parent)
 ROOT = Path(tempfile.mkdtemp(prefix="jsae-bad-"))
@@ -52,10 +53,7 @@ def d(name: str) -> Path:
     return ROOT / name
 
 
-def pairs(n=64, dim=16, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.rand(n, 4, generator=g)
-    return scale * (z @ torch.randn(4, dim, generator=g)), scale * (z @ torch.randn(4, dim, generator=g))
+pairs = pairs_with(n=64, d=16, rank=4)  # the shared synthetic pairs (jsae.testing)
 
 
 def trainer(data=None, steps=10, sae_kw=None, meta=None, **kw):
@@ -146,7 +144,7 @@ case("train on activations near 1e20")(lambda: trainer(PairedTensorData(*pairs(s
 case("variance normalisation with batch size 1")(lambda: trainer(PairedTensorData(*pairs(), batch_size=1), sae_kw={"mse_normalization": "variance"}).fit())
 case("variance normalisation on constant rows")(lambda: trainer(PairedTensorData(torch.ones(64, 16), pairs()[1], batch_size=8), sae_kw={"mse_normalization": "variance"}).fit())
 case("variance normalisation on 1e20 activations")(lambda: trainer(PairedTensorData(*pairs(scale=1e20), batch_size=8), sae_kw={"mse_normalization": "variance"}).fit())
-case("train on data of the wrong d_in")(lambda: trainer(PairedTensorData(*pairs(dim=8), batch_size=8)).fit())
+case("train on data of the wrong d_in")(lambda: trainer(PairedTensorData(*pairs(d=8), batch_size=8)).fit())
 case("train on a plain list of non-tensors")(lambda: trainer([("a", "b")]).fit())
 case("checkpoint_dir is a file", leftover=lambda: a_file.read_text() != "keep")(lambda: trainer(checkpoint_dir=str(a_file)).fit())
 

@@ -14,8 +14,9 @@ from jsae.cli._common import (D_SAE, LAYER, SEED, STEPS, TOKENS, OneLineGroup, d
 
 _M = model_options()
 
-#: ``jsae sae train``'s default recipe (``--preset default``), shown in its ``--help`` and used by it.
-TRAIN_DEFAULTS = {"d_sae": 1024, "steps": 2000, "batch_size": 256, "lr": 3e-4}
+#: ``jsae sae train``'s defaults (``--preset default``), shown in its ``--help`` and used by it; the recipe itself
+#: (learning rate and schedule, losses, unit-norm scaling) is jsae's one default, ``jsae.protocol.methods.DEFAULT_RECIPE``.
+TRAIN_DEFAULTS = {"d_sae": 1024, "steps": 2000, "batch_size": 256, "lr": 3e-3}
 
 sae_app = typer.Typer(help="One JSAE: train it on a capture, label its features, steer with them.",
                       no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineGroup)
@@ -45,6 +46,7 @@ def train(
 ) -> None:
     """Train a JSAE on captured pairs of one layer."""
     from jsae.capture import read_manifest, sae_metadata
+    from jsae.protocol.methods import DEFAULT_RECIPE
     from jsae.training import JointSAETrainer, load_pairs
     from jsae.training.recipes import REFERENCE_BATCH_SIZE
 
@@ -71,7 +73,10 @@ def train(
                                   checkpoint_dir=checkpoint_dir, seed=seed)
         for key, value in sae_metadata(manifest, layer).items():
             cfg.metadata[key] = value
-        sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
+        if reference:
+            sae = JointSAETrainer.from_config(cfg, tcfg, data).fit(allow_provenance_mismatch=allow_provenance_mismatch)
+        else:
+            sae = DEFAULT_RECIPE.fit(cfg, tcfg, data, allow_provenance_mismatch=allow_provenance_mismatch)
         sae.save_inference_model(out)
         metrics = _train_metrics(sae, data.vision, data.text, cfg.alignment)
         from jsae.files import write_json
@@ -106,8 +111,7 @@ def train_configs(d_in: int, *, preset: str, alignment: str, activation: str, k:
     defaults are :data:`TRAIN_DEFAULTS`; ``tests/test_cli_help.py`` checks the two agree)."""
     from dataclasses import replace
 
-    from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.training import JointTrainerConfig
+    from jsae.protocol.methods import DEFAULT_RECIPE
     from jsae.training.recipes import reference_configs
 
     ckpt = {"checkpoint_every": 500 if checkpoint_dir else 0,
@@ -117,12 +121,9 @@ def train_configs(d_in: int, *, preset: str, alignment: str, activation: str, k:
         cfg = replace(cfg, alignment=alignment, activation=activation, k=k, l1_coefficient=l1_coefficient)
         timing = {"epochs": epochs or 20} if steps is None else {"epochs": None, "total_steps": steps}
         return cfg, replace(tcfg, **timing, **ckpt, **({"lr": lr} if lr is not None else {}))
-    steps = steps or TRAIN_DEFAULTS["steps"]
-    cfg = TrainingJointSAEConfig(d_in=d_in, d_sae=d_sae or TRAIN_DEFAULTS["d_sae"], alignment=alignment,
-                                 activation=activation, k=k, l1_coefficient=l1_coefficient, mse_normalization="variance")
-    tcfg = JointTrainerConfig(total_steps=steps, lr=TRAIN_DEFAULTS["lr"] if lr is None else lr,
-                              lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5, **ckpt)
-    return cfg, tcfg
+    cfg = DEFAULT_RECIPE.sae_config(d_in, d_sae or TRAIN_DEFAULTS["d_sae"], alignment=alignment, activation=activation,
+                                    k=k, l1_coefficient=l1_coefficient)
+    return cfg, DEFAULT_RECIPE.trainer_config(steps or TRAIN_DEFAULTS["steps"], lr, **ckpt)
 
 
 def _check_layer(sae: object, layer: int) -> None:
@@ -216,7 +217,7 @@ def steer(
     data: Optional[str] = typer.Option(None, help="caption the images of this caption dataset (path or hub id) instead of world images"),
     split: str = typer.Option("train", help="split of --data"),
     images: Optional[Path] = typer.Option(None, help="caption the images of this folder instead (no concept filter)"),
-    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' otherwise)"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: 'describe the image' on the world, 'Describe the image.' otherwise)"),
     steer_at: Optional[str] = typer.Option(None, help="where to add the direction: image (the image tokens at prefill; default) | generated (every generated token) | image+generated (both; --preset reference) | image_but_last | last"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="greedy caption length (default 32; --preset reference: 50)", callback=TOKENS),
     suppress: bool = typer.Option(False, help="clamp the concept's features to 0 on images that contain it instead"),
@@ -243,7 +244,7 @@ def steer(
         fail(f"--kinds {kinds!r}: give one or more of {', '.join(known_kinds)}, comma-separated")
     if decoder not in ("vision", "text"):
         fail(f"--decoder {decoder!r}: choose vision or text")
-    from jsae.protocol.run import PRESET_CHOICES, PRESETS, ProtocolConfig, reference_prompts
+    from jsae.protocol.run import PRESET_CHOICES, PRESETS
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
@@ -251,7 +252,6 @@ def steer(
     max_new_tokens = max_new_tokens or PRESET_CHOICES[preset]["max_new_tokens"]
     from jsae import load_vlm
     from jsae.interventions import Ablate, Captioner
-    from jsae.labels import FeatureLabels
     from jsae.protocol.methods import Method
     from jsae.protocol.sweep import POSITION_SETS, steer_interventions
     from jsae.saes.joint_sae import JointSAE
@@ -260,24 +260,8 @@ def steer(
     try:
         sae = JointSAE.load_from_disk(sae_dir)
         _check_layer(sae, layer)
-        path = sae_dir / "labels.json"
-        if not path.exists():
-            fail(f"{sae_dir} has no labels.json; run `jsae sae label` first")
-        labels = FeatureLabels.load(path)
-        labels.check_sae(sae, f"the SAE in {sae_dir}")
-        kind = (labels.data or {}).get("kind", "world")
-        want = "world" if not (data or images) else "captions"
-        if kind != want and not images:
-            fail(f"{path} labels features on {kind} data, but these images are {want} data; label this SAE on "
-                 f"{'the world (`jsae sae label` without --data)' if want == 'world' else 'caption data (`jsae sae label --data`)'}")
-        found = labels.features_for(concept, kind_list)
-        feats = found[:n_features] if n_features else found
-        if not feats:
-            fail(f"no feature of kind {', '.join(kind_list)} is labelled {concept!r} in {path} "
-                 f"(labelled concepts: {sorted({lab.label for lab in labels.labels if lab.label})}); label on more "
-                 "held-out pairs, lower `jsae sae label --min-corr`, or pick another --concept / --kinds")
-        few = (f"note: {len(found)} feature(s) of kind {', '.join(kind_list)} carry the label {concept!r}, fewer than "
-               f"--n-features {n_features}; using {feats}") if n_features and len(found) < n_features else None
+        feats, few = _concept_features(sae, sae_dir, concept, kind_list, n_features, "world" if not (data or images)
+                                       else "captions", check_kind=not images)
         picked, mentions, others = _steer_images(concept, n, data, split, images, suppress, seed)
         if mentions is None:
             mentions = world_mentions
@@ -299,17 +283,7 @@ def steer(
     else:
         direction = Method("jsae", sae, True).steer_direction(feats, decoder)
         ivs = steer_interventions(layer, steer_at, direction, alpha)
-    from jsae.world.processors import CAPTION_PROMPT
-
-    text = prompt if prompt is not None else (CAPTION_PROMPT if not (data or images) else "Describe the image.")
-    template = None
-    if preset == "reference":  # the reference's captioning prompt when the tokenizer knows its words
-        ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", prompt=prompt), vlm.processor, vlm.adapter)
-        if ref.caption_template is not None:
-            text, template = ref.prompt or "", ref.caption_template
-        elif "unknown_words" in notes["caption"]:
-            typer.echo(f"note: the model's own prompt is kept: its tokenizer lacks {notes['caption']['unknown_words']} "
-                       f"of the reference's {notes['caption']['reference']!r}", err=True)
+    text, template = _steer_prompt(prompt, preset, model, world=not (data or images), vlm=vlm)
     caption = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=text, max_new_tokens=max_new_tokens,
                         prompt_template=template)
     if not suppress:  # the strength in the report's units: the added norm over the layer's mean image-token norm
@@ -321,14 +295,65 @@ def steer(
                    f"vector of norm {added:.3g} = {added / unit:.2f} x the layer's mean image-token state norm "
                    f"({unit:.3g}), the report's strength r")
     before, after = caption(picked, []), caption(picked, ivs)
+    _print_steering(concept, before, after, others, mentions, f"features {feats}, " + (
+        "clamped to 0" if suppress else f"alpha {alpha:g} along their {decoder} decoder rows"))
+
+
+def _concept_features(sae: Any, sae_dir: Path, concept: str, kind_list: list[str], n_features: int, want: str,
+                      check_kind: bool) -> tuple[list[int], str | None]:
+    """The concept's ``n_features`` strongest labelled features of ``kind_list`` (0: all) from ``sae_dir``'s
+    labels.json, checked against the SAE and (``check_kind``) labelled on ``want`` data ("world" or "captions");
+    and a note when fewer carry the label."""
+    from jsae.labels import FeatureLabels
+
+    path = sae_dir / "labels.json"
+    if not path.exists():
+        fail(f"{sae_dir} has no labels.json; run `jsae sae label` first")
+    labels = FeatureLabels.load(path)
+    labels.check_sae(sae, f"the SAE in {sae_dir}")
+    kind = (labels.data or {}).get("kind", "world")
+    if kind != want and check_kind:
+        fail(f"{path} labels features on {kind} data, but these images are {want} data; label this SAE on "
+             f"{'the world (`jsae sae label` without --data)' if want == 'world' else 'caption data (`jsae sae label --data`)'}")
+    found = labels.features_for(concept, kind_list)
+    feats = found[:n_features] if n_features else found
+    if not feats:
+        fail(f"no feature of kind {', '.join(kind_list)} is labelled {concept!r} in {path} "
+             f"(labelled concepts: {sorted({lab.label for lab in labels.labels if lab.label})}); label on more "
+             "held-out pairs, lower `jsae sae label --min-corr`, or pick another --concept / --kinds")
+    few = (f"note: {len(found)} feature(s) of kind {', '.join(kind_list)} carry the label {concept!r}, fewer than "
+           f"--n-features {n_features}; using {feats}") if n_features and len(found) < n_features else None
+    return feats, few
+
+
+def _steer_prompt(prompt: Optional[str], preset: str, model: str, world: bool, vlm: Any) -> tuple[str, Optional[str]]:
+    """``(captioning prompt, caption template)``: ``--prompt``, else the world's or the reference's prompt; under
+    ``--preset reference`` the reference's instruction when the tokenizer knows its words (a note says when not)."""
+    from jsae.protocol.run import REFERENCE_CAPTION_PROMPT, ProtocolConfig, reference_prompts
+    from jsae.world.processors import CAPTION_PROMPT
+
+    text = prompt if prompt is not None else (CAPTION_PROMPT if world else REFERENCE_CAPTION_PROMPT)
+    template = None
+    if preset == "reference":  # the reference's captioning prompt when the tokenizer knows its words
+        ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", prompt=prompt), vlm.processor, vlm.adapter)
+        if ref.caption_template is not None:
+            text, template = ref.prompt or "", ref.caption_template
+        elif "unknown_words" in notes["caption"]:
+            typer.echo(f"note: the model's own prompt is kept: its tokenizer lacks {notes['caption']['unknown_words']} "
+                       f"of the reference's {notes['caption']['reference']!r}", err=True)
+    return text, template
+
+
+def _print_steering(concept: str, before: list[str], after: list[str], others: Any, mentions: Any, how: str) -> None:
+    """The captions before (-) and after (+), the concept's mention rate before -> after, and (world images) how many
+    of the other objects named unsteered are still named."""
     for b, a in zip(before, after):
         typer.echo(f"- {b}\n+ {a}")
 
     def rate(caps: list[str]) -> float:
         return sum(mentions(c, concept) for c in caps) / max(len(caps), 1)
 
-    typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} (features {feats}, "
-               f"{'clamped to 0' if suppress else f'alpha {alpha:g} along their {decoder} decoder rows'})")
+    typer.echo(f"'{concept}' mentioned: {rate(before):.2f} -> {rate(after):.2f} ({how})")
     if others is not None:
         kept = [[mentions(a, o) for o in objs if mentions(b, o)] for b, a, objs in zip(before, after, others)]
         flat = [k for ks in kept for k in ks]

@@ -128,7 +128,8 @@ def fidelity_cmd(model: str = typer.Option(..., help="toy model name (llava | qw
     import torch
 
     from jsae.files import write_json
-    from jsae.protocol.fidelity import fidelity_table, world_fidelity
+    from jsae.protocol.fidelity import world_fidelity
+    from jsae.report.markdown import fidelity_table
     from jsae.world.models import MODEL_NAMES, model_dir
 
     if model not in MODEL_NAMES and not Path(model).is_dir():

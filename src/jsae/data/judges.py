@@ -97,11 +97,27 @@ def distinct_3(text: str) -> float | None:
     return len(set(trigrams)) / len(trigrams) if trigrams else None
 
 
+def zlib_sizes(text: str) -> tuple[int, int]:
+    """``(UTF-8 bytes, zlib-compressed bytes)`` of ``text``: the one measurement behind both repetition ratios
+    below, which are reciprocals of each other."""
+    raw = text.encode("utf-8")
+    return len(raw), len(zlib.compress(raw))
+
+
+def compression_ratio(text: str) -> float | None:
+    """The JSAE reference code's compression ratio (its ``evaluate_repetition``): zlib-compressed bytes / UTF-8
+    bytes of the text as given (lower = more repetitive; its stopping rule fires under 0.3); ``None`` for an empty
+    text.  The reciprocal of :func:`zlib_ratio`."""
+    raw, packed = zlib_sizes(text)
+    return packed / raw if raw else None
+
+
 def zlib_ratio(text: str) -> float | None:
-    """The reference's compression ratio of one text: UTF-8 bytes / zlib-compressed bytes (higher = more
-    repetitive); ``None`` for an empty text."""
-    raw = text.strip().encode("utf-8")
-    return len(raw) / len(zlib.compress(raw)) if raw else None
+    """The zlib ratio of one text, stripped: UTF-8 bytes / zlib-compressed bytes (higher = more repetitive; about
+    1 for a short varied caption), what jsae reports as ``zlib_ratio``; ``None`` for an empty text.  The
+    reciprocal of the reference's :func:`compression_ratio`."""
+    raw, packed = zlib_sizes(text.strip())
+    return raw / packed if raw else None
 
 
 def text_quality(texts: Iterable[str]) -> dict[str, float | None]:
@@ -226,5 +242,5 @@ def text_perplexity(model: Any, processor: Any, texts: list[str], batch_size: in
     return np.array(out)
 
 
-__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "concepts_from_captions", "caption_words", "distinct_2", "distinct_3",
-           "text_perplexity", "text_quality", "zlib_ratio"]
+__all__ = ["CaptionJudge", "Judge", "WorldJudge", "caption_presence", "compression_ratio", "concepts_from_captions", "caption_words", "distinct_2", "distinct_3",
+           "text_perplexity", "text_quality", "zlib_ratio", "zlib_sizes"]

@@ -30,7 +30,7 @@ sound grid.
 from __future__ import annotations
 
 import math
-import zlib
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,12 +38,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from jsae.data.judges import compression_ratio, distinct_3
 from jsae.protocol.reference_metrics import (
     Experiment,
     caption_metrics,
     keyword_hit,
     read_experiment_table,
 )
+from jsae.report.markdown import experiments_markdown
 from jsae.protocol.run import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
 from jsae.protocol.sweep import POSITION_SETS, steer_interventions
 from jsae.saes.metrics import summed_unit_rows
@@ -67,16 +69,14 @@ RULES = {"a": "similarity gain decreased while > 0.1", "b_drop": "perplexity dro
 
 
 def reference_repetition(text: str) -> tuple[float, float]:
-    """The reference's ``evaluate_repetition`` of one caption: (distinct-3, compression ratio = zlib-compressed
-    bytes / raw bytes, lower = more repetitive); (0, 0) for an empty text, (1, 1) under 4 words."""
+    """The reference's ``evaluate_repetition`` of one caption: (:func:`~jsae.data.judges.distinct_3`,
+    :func:`~jsae.data.judges.compression_ratio` = zlib-compressed bytes / raw bytes, lower = more repetitive), with
+    its edge cases: (0, 0) for an empty text, (1, 1) under 4 words."""
     if not text:
         return 0.0, 0.0
-    words = text.split()
-    if len(words) < 4:
+    if len(text.split()) < 4:
         return 1.0, 1.0
-    trigrams = list(zip(words, words[1:], words[2:]))
-    raw = text.encode("utf-8")
-    return len(set(trigrams)) / len(trigrams), len(zlib.compress(raw)) / len(raw)
+    return distinct_3(text), compression_ratio(text)
 
 
 class _SimilarityTable:
@@ -302,17 +302,144 @@ def _mean(values: Sequence[Any]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Path, *, model: str = "llava",
-                    data: str | None = None, data_split: str = "test", method: str = "jsae",
-                    alphas: Sequence[float] = REFERENCE_ALPHAS, positions: str = "image+generated",
-                    prompt: str | None = None, caption_template: str | None = None, max_new_tokens: int = 50,
-                    similarity: Any = None, perplexity: Any = None, reference_faults: bool = False,
-                    batch_size: int = 64, progress: bool = True, vlm: Any = None, images: Any = None,
-                    dtype: Any = "auto", device: Any = None, device_map: Any = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExperimentsConfig:
+    """The settings of :func:`run_experiments` (what ``jsae run experiments`` takes as options): the model and its
+    loading (``model``, ``dtype``, ``device``, ``device_map``), the images (``data`` / ``data_split``), the run's
+    SAEs (``method``), the α grid, the steered ``positions``, captioning (``prompt``, ``caption_template``,
+    ``max_new_tokens``, ``batch_size``) and whether the reference's faulty walk is replayed.  Checked when made
+    (one-line ``ValueError``s); ``alphas`` kept sorted."""
+
+    model: str = "llava"
+    data: str | None = None
+    data_split: str = "test"
+    method: str = "jsae"
+    alphas: tuple[float, ...] = REFERENCE_ALPHAS
+    positions: str = "image+generated"
+    prompt: str | None = None
+    caption_template: str | None = None
+    max_new_tokens: int = 50
+    reference_faults: bool = False
+    batch_size: int = 64
+    dtype: Any = "auto"
+    device: Any = None
+    device_map: Any = None
+
+    def __post_init__(self) -> None:
+        alphas = [float(a) for a in self.alphas]
+        if not alphas or any(not math.isfinite(a) for a in alphas) or len(set(alphas)) != len(alphas):
+            raise ValueError(f"alphas must be distinct finite numbers, e.g. 0.2,0.4,...,3.0; got {alphas}")
+        object.__setattr__(self, "alphas", tuple(sorted(alphas)))
+        if self.positions not in POSITION_SETS:
+            raise ValueError(f"unknown steering positions {self.positions!r}; choose from {list(POSITION_SETS)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens} and {self.batch_size}")
+
+    def prompt_text(self) -> str:
+        """The caption prompt: ``prompt``, else the reference's for a caption dataset, else the toy world's."""
+        from jsae.world.processors import CAPTION_PROMPT
+
+        if self.prompt is not None:
+            return self.prompt
+        return REFERENCE_CAPTION_PROMPT if self.data is not None else CAPTION_PROMPT
+
+
+def _check_experiments(table: str | Path | Sequence[Experiment]) -> list[Experiment]:
+    """The experiments of ``table``; a one-line error for an empty table."""
+    experiments = list(table) if not isinstance(table, (str, Path)) else read_experiment_table(table)
+    if not experiments:
+        raise ValueError(f"the experiment table {str(table)!r} has no experiments; add rows "
+                         "name,layer,latents,keywords,target,image_ids")
+    return experiments
+
+
+def _check_names_and_targets(experiments: list[Experiment], similarity: Any) -> None:
+    """One-line errors for a missing target sentence the similarity gain needs and for a name used twice."""
+    if similarity is not None:
+        missing = [e.name for e in experiments if not e.target]
+        if missing:
+            raise ValueError(f"experiment {missing[0]!r} has no target sentence, which the similarity gain needs; "
+                             "fill its target column or leave out the similarity model")
+    names = [e.name for e in experiments]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"experiment name {dup[0]!r} appears more than once; give every experiment its own name")
+
+
+def _checked_vlm(vlm: Any, cfg: ExperimentsConfig, experiments: list[Experiment], saes: dict[int, Any],
+                 run_dir: Path) -> Any:
+    """The given ``vlm`` (or ``(model, processor, adapter)``) or ``cfg.model`` loaded, checked against every
+    experiment's layer and its SAE's site."""
+    from jsae.interventions import check_sae_site
+    from jsae.vlm import as_vlm
+
+    if vlm is None:
+        from jsae.vlm import load_vlm
+
+        vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    vlm = as_vlm(*vlm) if isinstance(vlm, tuple) and not hasattr(vlm, "adapter") else as_vlm(vlm)
+    for e in experiments:
+        vlm.adapter.check_layer(e.layer)
+        check_sae_site(saes[e.layer], e.layer, vlm.adapter, f"run's {cfg.method} SAE ({str(run_dir)!r})",
+                       "pass the run directory made with this model, or the --model the run was made with")
+    return vlm
+
+
+def _run_one(e: Experiment, direction: torch.Tensor, ims: list[Any], captioner: Any, cfg: ExperimentsConfig,
+             similarity: Any, perplexity: Any) -> dict[str, Any]:
+    """One experiment: unsteered captions, every α of the grid on every image (one batch, α-major), the caption
+    metrics per α and, with ``cfg.reference_faults``, the reference's walk replayed on the same captions."""
+    alphas = list(cfg.alphas)
+    n = len(ims)
+    unsteered = captioner(ims)
+    strengths = [a for a in alphas for _ in range(n)]  # rows: α-major, image-minor
+    rows = [im for _ in alphas for im in ims]
+    steered = captioner(rows, lambda start, stop, d=direction, layer=e.layer, st=strengths:
+                        steer_interventions(layer, cfg.positions, d, st[start:stop]))
+    by_alpha = [steered[k * n:(k + 1) * n] for k in range(len(alphas))]
+    texts = unsteered + steered
+    sim = _SimilarityTable(similarity, texts, e.target) if similarity is not None else None
+    ppl = _PerplexityTable(perplexity, texts) if perplexity is not None else None
+    grid = []
+    for alpha, caps in zip(alphas, by_alpha):
+        m = caption_metrics(caps, unsteered, e.keywords, e.target or None, similarity=sim, perplexity=ppl)
+        grid.append({"alpha": alpha, **m, "captions": caps})
+    rec: dict[str, Any] = {"name": e.name, "layer": e.layer, "latents": list(e.latents), "keywords": list(e.keywords),
+                           "target": e.target, "image_ids": list(e.image_ids), "n_images": n,
+                           "direction_norm": float(direction.norm()), "unsteered": unsteered, "grid": grid}
+    if cfg.reference_faults:
+        walks = [_replayed_walk(e, i, by_alpha, unsteered, alphas, sim, ppl) for i in range(n)]
+        rec["reference_walk"] = walks
+        rec["reference_walk_summary"] = _walk_summary(walks, grid, alphas)
+    return _clean(rec)
+
+
+def _replayed_walk(e: Experiment, i: int, by_alpha: list[list[str]], unsteered: list[str], alphas: list[float],
+                   sim: Any, ppl: Any) -> dict[str, Any]:
+    """The reference's upward walk over image ``i``'s captions of the grid, with whether the grid's perplexity
+    rose or dropped by more than 10 between neighbouring α."""
+    scores = []
+    for caps in by_alpha:
+        c = caps[i]
+        d3, cr = reference_repetition(c)
+        scores.append({"caption": c, "keyword_hit": keyword_hit(c, e.keywords),
+                       "similarity_gain": (sim.table[c] - sim.table[unsteered[i]]) if sim else None,
+                       "perplexity": ppl.table[c] if ppl else None, "distinct_3": d3, "compression_ratio": cr})
+    walk = reference_walk(alphas, scores, use_similarity=sim is not None, use_perplexity=ppl is not None)
+    grid_ppl = [ppl.table[caps[i]] for caps in by_alpha] if ppl else []
+    walk["grid_perplexity_rose_gt_10"] = any(b - a > 10 for a, b in pairwise(grid_ppl))
+    walk["grid_perplexity_dropped_gt_10"] = any(a - b > 10 for a, b in pairwise(grid_ppl))
+    return {"image_id": e.image_ids[i], "unsteered": unsteered[i], **walk}
+
+
+def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Path, config: ExperimentsConfig | None = None,
+                    *, similarity: Any = None, perplexity: Any = None, progress: bool = True, vlm: Any = None,
+                    images: Any = None, **settings: Any) -> dict[str, Any]:
     """Run the experiments of ``table`` (a CSV path, :func:`~jsae.protocol.reference_metrics.read_experiment_table`,
     or a list of :class:`Experiment`) with the SAEs of the run directory ``run_dir``
     (``<run>/saes/<method>/layer_<L>``); see the module docstring.
 
+    ``config``: an :class:`ExperimentsConfig`, or its fields as keyword arguments (``model=``, ``alphas=``, ...).
     ``vlm``: an already-loaded ``VLM`` (or ``(model, processor, adapter)``) instead of ``jsae.load_vlm(model,
     dtype=, device=, device_map=)``.  Images: ``images`` (a mapping by id or a sequence indexed by id), else the
     world split ``data_split`` (ids are indices into ``world_dataset(data_split, max_id + 1, seed=0)``), else
@@ -327,110 +454,43 @@ def run_experiments(table: str | Path | Sequence[Experiment], run_dir: str | Pat
     from tqdm.auto import tqdm
 
     from jsae.interventions import Captioner
-    from jsae.world.processors import CAPTION_PROMPT
 
+    if config is not None and settings:
+        raise ValueError(f"pass the settings {sorted(settings)} in config=ExperimentsConfig(...) or as keywords, not both")
     run_dir = Path(run_dir)
-    experiments = list(table) if not isinstance(table, (str, Path)) else read_experiment_table(table)
-    if not experiments:
-        raise ValueError(f"the experiment table {str(table)!r} has no experiments; add rows "
-                         "name,layer,latents,keywords,target,image_ids")
-    alphas = [float(a) for a in alphas]
-    if not alphas or any(not math.isfinite(a) for a in alphas) or len(set(alphas)) != len(alphas):
-        raise ValueError(f"alphas must be distinct finite numbers, e.g. 0.2,0.4,...,3.0; got {alphas}")
-    alphas = sorted(alphas)
-    if positions not in POSITION_SETS:
-        raise ValueError(f"unknown steering positions {positions!r}; choose from {list(POSITION_SETS)}")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    if similarity is not None:
-        missing = [e.name for e in experiments if not e.target]
-        if missing:
-            raise ValueError(f"experiment {missing[0]!r} has no target sentence, which the similarity gain needs; "
-                             "fill its target column or leave out the similarity model")
-    names = [e.name for e in experiments]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"experiment name {dup[0]!r} appears more than once; give every experiment its own name")
+    experiments = _check_experiments(table)
+    cfg = config or ExperimentsConfig(**settings)
+    _check_names_and_targets(experiments, similarity)
 
     # everything cheap first, so a bad table fails before the model loads
     saes: dict[int, Any] = {}
     directions: list[torch.Tensor] = []
     for e in experiments:
         if e.layer not in saes:
-            saes[e.layer] = _load_sae(run_dir, method, e.layer)
+            saes[e.layer] = _load_sae(run_dir, cfg.method, e.layer)
         directions.append(steering_direction(saes[e.layer], e.latents, f"experiment {e.name!r}: "))
-    image_of = _image_lookup(experiments, images, data, data_split)
-
+    image_of = _image_lookup(experiments, images, cfg.data, cfg.data_split)
     vlm_given = vlm is not None
-    if vlm is None:
-        from jsae.vlm import load_vlm
+    vlm = _checked_vlm(vlm, cfg, experiments, saes, run_dir)
+    prompt_text = cfg.prompt_text()
+    captioner = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt_text, batch_size=cfg.batch_size,
+                          max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.caption_template)
+    records = [_run_one(e, direction, [image_of[i] for i in e.image_ids], captioner, cfg, similarity, perplexity)
+               for e, direction in tqdm(list(zip(experiments, directions)), desc="experiments", disable=not progress)]
 
-        vlm = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
-    from jsae.vlm import as_vlm
-
-    vlm = as_vlm(*vlm) if isinstance(vlm, tuple) and not hasattr(vlm, "adapter") else as_vlm(vlm)
-    from jsae.interventions import check_sae_site
-
-    for e in experiments:
-        vlm.adapter.check_layer(e.layer)
-        check_sae_site(saes[e.layer], e.layer, vlm.adapter, f"run's {method} SAE ({str(run_dir)!r})",
-                       "pass the run directory made with this model, or the --model the run was made with")
-    prompt_text = prompt if prompt is not None else (REFERENCE_CAPTION_PROMPT if data is not None else CAPTION_PROMPT)
-    captioner = Captioner(vlm.model, vlm.processor, vlm.adapter, prompt=prompt_text, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, prompt_template=caption_template)
     rules = {"a": similarity is not None, "b": perplexity is not None, "c": True, "d": similarity is not None}
-
-    records = []
-    bar = tqdm(list(zip(experiments, directions)), desc="experiments", disable=not progress)
-    for e, direction in bar:
-        ims = [image_of[i] for i in e.image_ids]
-        n = len(ims)
-        unsteered = captioner(ims)
-        strengths = [a for a in alphas for _ in range(n)]  # rows: α-major, image-minor
-        rows = [im for _ in alphas for im in ims]
-        steered = captioner(rows, lambda start, stop, d=direction, layer=e.layer, st=strengths:
-                            steer_interventions(layer, positions, d, st[start:stop]))
-        by_alpha = [steered[k * n:(k + 1) * n] for k in range(len(alphas))]
-        texts = unsteered + steered
-        sim = _SimilarityTable(similarity, texts, e.target) if similarity is not None else None
-        ppl = _PerplexityTable(perplexity, texts) if perplexity is not None else None
-        grid = []
-        for alpha, caps in zip(alphas, by_alpha):
-            m = caption_metrics(caps, unsteered, e.keywords, e.target or None, similarity=sim, perplexity=ppl)
-            grid.append({"alpha": alpha, **m, "captions": caps})
-        rec: dict[str, Any] = {"name": e.name, "layer": e.layer, "latents": list(e.latents), "keywords": list(e.keywords),
-                               "target": e.target, "image_ids": list(e.image_ids), "n_images": n,
-                               "direction_norm": float(direction.norm()), "unsteered": unsteered, "grid": grid}
-        if reference_faults:
-            walks = []
-            for i in range(n):
-                scores = []
-                for caps in by_alpha:
-                    c = caps[i]
-                    d3, cr = reference_repetition(c)
-                    scores.append({"caption": c, "keyword_hit": keyword_hit(c, e.keywords),
-                                   "similarity_gain": (sim.table[c] - sim.table[unsteered[i]]) if sim else None,
-                                   "perplexity": ppl.table[c] if ppl else None, "distinct_3": d3, "compression_ratio": cr})
-                walk = reference_walk(alphas, scores, use_similarity=sim is not None, use_perplexity=ppl is not None)
-                grid_ppl = [ppl.table[caps[i]] for caps in by_alpha] if ppl else []
-                walk["grid_perplexity_rose_gt_10"] = any(b - a > 10 for a, b in pairwise(grid_ppl))
-                walk["grid_perplexity_dropped_gt_10"] = any(a - b > 10 for a, b in pairwise(grid_ppl))
-                walks.append({"image_id": e.image_ids[i], "unsteered": unsteered[i], **walk})
-            rec["reference_walk"] = walks
-            rec["reference_walk_summary"] = _walk_summary(walks, grid, alphas)
-        records.append(_clean(rec))
-
-    config = {"table": str(table) if isinstance(table, (str, Path)) else None, "run_dir": str(run_dir),
-              "model": "given (vlm=)" if vlm_given else model, "method": method, "data": data, "data_split": data_split,
-              "images": "given" if images is not None else ("world" if data is None else "data"),
-              "alphas": alphas, "positions": positions, "prompt": prompt_text, "caption_template": caption_template,
-              "max_new_tokens": max_new_tokens, "similarity": getattr(similarity, "name", None) if similarity else None,
+    record = {"table": str(table) if isinstance(table, (str, Path)) else None, "run_dir": str(run_dir),
+              "model": "given (vlm=)" if vlm_given else cfg.model, "method": cfg.method, "data": cfg.data,
+              "data_split": cfg.data_split, "images": "given" if images is not None else ("world" if cfg.data is None else "data"),
+              "alphas": list(cfg.alphas), "positions": cfg.positions, "prompt": prompt_text,
+              "caption_template": cfg.caption_template, "max_new_tokens": cfg.max_new_tokens,
+              "similarity": getattr(similarity, "name", None) if similarity else None,
               "perplexity": getattr(perplexity, "name", None) if perplexity else None,
-              "reference_faults": bool(reference_faults), "direction": "sum of the unit text-decoder rows of the latents",
+              "reference_faults": bool(cfg.reference_faults), "direction": "sum of the unit text-decoder rows of the latents",
               "alpha_choice": "none: every α of the grid on every image"}
-    out: dict[str, Any] = {"experiments": records, "config": config}
-    if reference_faults:
-        config["reference_rules"] = {k: {"active": v, "rule": txt} for (k, v), txt in zip(
+    out: dict[str, Any] = {"experiments": records, "config": record}
+    if cfg.reference_faults:
+        record["reference_rules"] = {k: {"active": v, "rule": txt} for (k, v), txt in zip(
             rules.items(), ["similarity gain decreased while > 0.1", "prev_ppl - ppl > 10 or ppl > 40 (sign-reversed)",
                             "distinct-3 < 0.3 and compression ratio < 0.3", "similarity gain < -0.2 twice in a row"])}
         out["faults"] = _faults(records, rules)
@@ -502,63 +562,6 @@ def _faults(records: list[dict], rules: dict[str, bool]) -> list[dict[str, Any]]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, (int, float)):
-        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def experiments_markdown(result: Mapping[str, Any]) -> str:
-    """A markdown report: the configuration, one grid table per experiment, the walk and the faults."""
-    cfg = result.get("config", {})
-    intro = (f"Run `{cfg.get('run_dir')}`, method `{cfg.get('method')}`, positions `{cfg.get('positions')}`, "
-             f"α grid {cfg.get('alphas')}, {cfg.get('max_new_tokens')} new tokens, prompt {cfg.get('prompt')!r}.  "
-             "Every α runs on every image; no α is chosen.")
-    lines = ["# Steering experiments", "", intro, ""]
-    for e in result.get("experiments", []):
-        what = (f"Layer {e['layer']}, latents {e['latents']}, keywords {e['keywords']}, target {e['target']!r}, "
-                f"{e['n_images']} image(s).")
-        lines += [f"## {e['name']}", "", what, "",
-                  "| α | keyword hit | hit unsteered | hit gain | similarity gain | perplexity | distinct-3 | zlib ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for g in e["grid"]:
-            lines.append(f"| {g['alpha']:g} | {_fmt(g['keyword_hit_rate_steered'])} | {_fmt(g['keyword_hit_rate_unsteered'])} | "
-                         f"{_fmt(g['keyword_hit_gain'])} | {_fmt(g.get('similarity_gain'))} | "
-                         f"{_fmt(g.get('perplexity_steered'), 1)} | {_fmt(g.get('distinct_3_steered'))} | "
-                         f"{_fmt(g.get('zlib_ratio_steered'))} |")
-        if "reference_walk" in e:
-            lines += ["", "The reference's walk (a reference fault, replayed on the same captions):", "",
-                      "| image | reported α | stopped at | rule | keyword hit | similarity gain | perplexity |",
-                      "|---|---|---|---|---|---|---|"]
-            for w in e["reference_walk"]:
-                alpha, stop = (("–" if a is None else f"{a:g}") for a in (w["alpha"], w["stopped_at"]))
-                lines.append(f"| {_fmt(w['image_id'])} | {alpha} | {stop} | "
-                             f"{_fmt(w['rule_text'])} | {_fmt(w.get('keyword_hit'))} | {_fmt(w.get('similarity_gain'))} | "
-                             f"{_fmt(w.get('perplexity'), 1)} |")
-        lines.append("")
-    if "faults" in result:
-        lines += ["## Reference faults reproduced", "", "| fault | active | images where it fired | what |",
-                  "|---|---|---|---|"]
-        for f in result["faults"]:
-            lines.append(f"| `{f['name']}` | {_fmt(f['active'])} | {f['fired']} | {_fmt(f['fault'])} |")
-        lines += ["", "The walk's reported metrics (α per image) against the sound grid at one α for all images "
-                      "(the grid α nearest the walk's median):", ""]
-        for e in result.get("experiments", []):
-            summ = e.get("reference_walk_summary") or {}
-            g = summ.get("grid_at_fixed_alpha") or {}
-            fixed = "–" if g.get("alpha") is None else f"{g['alpha']:g}"
-            lines.append(f"- {e['name']}: walk keyword hit {_fmt(summ.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_fmt(summ.get('similarity_gain'))}, perplexity {_fmt(summ.get('perplexity'), 1)}; grid at "
-                         f"α={fixed}: keyword hit {_fmt(g.get('keyword_hit_rate'))}, similarity gain "
-                         f"{_fmt(g.get('similarity_gain'))}, perplexity {_fmt(g.get('perplexity'), 1)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def write_experiments_report(result: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``experiments.json`` and ``experiments.md`` into ``out_dir`` (atomically); returns both paths."""
     from jsae.files import write_atomic, write_json
@@ -568,5 +571,5 @@ def write_experiments_report(result: Mapping[str, Any], out_dir: str | Path) -> 
             write_atomic(out_dir / "experiments.md", experiments_markdown(result)))
 
 
-__all__ = ["FAULTS", "RULES", "experiments_markdown", "reference_repetition", "reference_walk", "run_experiments",
+__all__ = ["FAULTS", "RULES", "ExperimentsConfig", "experiments_markdown", "reference_repetition", "reference_walk", "run_experiments",
            "steering_direction", "write_experiments_report"]

@@ -331,35 +331,3 @@ def world_fidelity(model: str, n_images: int = 300, n_steer: int = 8, n_captions
     return result
 
 
-def _median_r50(recs: dict[str, Any]) -> str:
-    rs = [r.get("r50") for r in recs.values()]
-    reached = sorted(r for r in rs if r is not None)
-    if not rs:
-        return "–"
-    med = float(np.median([r if r is not None else math.inf for r in rs]))
-    return f"{len(reached)}/{len(rs)}; {'∞' if not math.isfinite(med) else f'{med:.2g}'}"
-
-
-def fidelity_table(result: dict[str, Any]) -> str:
-    """The per-layer fidelity table (markdown): logit lens at single-object image tokens (and at caption tokens),
-    the oracles' mean cosine, and each oracle's steering at image and generated tokens as "types reaching +0.5;
-    median r50" (∞: the median type never reaches it)."""
-    lens, cap = result["logit_lens"]["image_tokens"], result["logit_lens"]["caption_tokens"]
-    orc = result.get("oracles", {})
-    head = ("| layer | lens top-5 (image tokens) | right of six | median rank | lens top-5 (caption) | oracle cosine "
-            "| image oracle @image | text oracle @image | image oracle @generated | text oracle @generated |")
-    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
-    for L in sorted(lens, key=int):
-        li, lc = lens[L], cap.get(L, {})
-        fmt = lambda d, k: "–" if not d.get("n_tokens") else (  # noqa: E731
-            f"{d[k]['value']:.2f} [{d[k]['ci'][0]:.2f}, {d[k]['ci'][1]:.2f}]")
-        o = orc.get(L, {})
-        cos = o.get("cosine", {})
-        cells = [L, fmt(li, "top5"), fmt(li, "right_of_six"), f"{li.get('median_rank', float('nan')):.0f}",
-                 fmt(lc, "top5"), f"{np.mean(list(cos.values())):.2f}" if cos else "–"]
-        for pos in ("image", "generated"):
-            for m in ("oracle", "text-oracle"):
-                rec = o.get(pos, {})
-                cells.append(_median_r50(rec[m]) if m in rec else ("n/a" if "reason" in rec else "–"))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)

@@ -9,8 +9,10 @@ learning rate at every swept layer:
 
 Two recipes for the JSAE methods (``jsae``, ``jsae-none`` and, through it, ``separate``):
 
-- ``recipe="default"``: :func:`~jsae.training.recipes.train_jsae_unit_norm` (variance-normalised per-sample
-  MSE, unit-norm decoder rows, ``steps`` steps at ``lr`` with warm-up and decay, batch ``batch_size``);
+- ``recipe="default"``: :data:`DEFAULT_RECIPE` (a :class:`JSAERecipe`: trained at mean norm sqrt(d_in) with the
+  scale folded back, variance-normalised per-sample MSE, L1 0.03, unit-norm decoder rows, ``steps`` steps at
+  ``lr`` with warm-up and decay, no gradient clipping, batch ``batch_size``) — the one default recipe of jsae,
+  also used by ``jsae sae train`` and the release builder;
 - ``recipe="reference"``: the JSAE reference code's choices, :func:`~jsae.training.recipes.reference_configs`
   (element-mean loss, PyTorch ``Linear`` init, no centring, no decoder-norm constraint, Adam 1e-5, 20 epochs of
   batches of :data:`~jsae.training.recipes.REFERENCE_BATCH_SIZE`, plateau scheduler, best epoch kept), with
@@ -47,16 +49,72 @@ from torch import Tensor
 from jsae.saes.joint_sae import JointSAE, TrainingJointSAEConfig
 from jsae.training import JointTrainerConfig
 from jsae.training.data import PairedTensorData
-from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, reference_configs, train_jsae_unit_norm,
-                                   train_saelens_topk)
+from jsae.training.recipes import (REFERENCE_BATCH_SIZE, match_separate_saes, reference_configs, train_saelens_topk,
+                                   unit_norm_scale)
+from jsae.report.rundir import METHOD_INFO
 from jsae.saes.metrics import summed_unit_rows
 
-METHODS = ("jsae", "jsae-none", "separate", "saelens-topk")
+#: The methods' names, from the one registry :data:`jsae.report.rundir.METHOD_INFO` (report order).
+METHODS = tuple(METHOD_INFO)
 RECIPES = ("default", "reference")
 #: With revival, a latent is dead after this fraction of the training steps without firing ...
 REVIVAL_WINDOW = 1 / 16
 #: ... and the JSAE methods resample their dead latents after every this fraction of the steps.
 REVIVAL_PERIOD = 1 / 8
+
+
+@dataclass(frozen=True)
+class JSAERecipe:
+    """jsae's default JSAE recipe, in one place: the protocol's JSAE methods, the release builder
+    (:mod:`jsae.releases.build`) and ``jsae sae train --preset default`` all train with it.
+
+    The pairs are scaled to mean norm sqrt(d_in) for training (SAELens's convention, so ``l1_coefficient`` means the
+    same at every layer and model) and the scale is folded back into the weights, so the SAE takes raw
+    activations; variance-normalised per-sample MSE; Adam at ``lr`` with a linear warm-up over the first
+    ``1/warm_up_divisor`` of the steps and a linear decay over the last ``1/decay_divisor``; unit-norm decoder rows
+    (the trainer's default); no gradient clipping (as the reference code).  Every committed result and shipped
+    release was trained with these values (lr 3e-3).  The reference code's own recipe is
+    :func:`jsae.training.recipes.reference_configs` (``--preset reference``)."""
+
+    lr: float = 3e-3
+    warm_up_divisor: int = 20
+    decay_divisor: int = 5
+    grad_clip_norm: float | None = None
+    mse_normalization: str = "variance"
+    l1_coefficient: float = 0.03
+
+    def sae_config(self, d_in: int, d_sae: int, **fields: Any) -> TrainingJointSAEConfig:
+        """The SAE's config (``fields`` override or add any :class:`TrainingJointSAEConfig` field)."""
+        return TrainingJointSAEConfig(d_in=d_in, d_sae=d_sae, **{"mse_normalization": self.mse_normalization,
+                                                                  "l1_coefficient": self.l1_coefficient, **fields})
+
+    def trainer_config(self, steps: int, lr: float | None = None, **fields: Any) -> JointTrainerConfig:
+        """The trainer's config for ``steps`` steps (``lr``: the recipe's when None; ``fields``: any other
+        :class:`JointTrainerConfig` field)."""
+        return JointTrainerConfig(total_steps=steps, lr=self.lr if lr is None else lr,
+                                  lr_warm_up_steps=steps // self.warm_up_divisor,
+                                  lr_decay_steps=steps // self.decay_divisor,
+                                  **{"grad_clip_norm": self.grad_clip_norm, **fields})
+
+    def fit(self, sae_cfg: TrainingJointSAEConfig, trainer_cfg: JointTrainerConfig, data: PairedTensorData, *,
+            allow_provenance_mismatch: bool = False) -> Any:
+        """Train on ``data`` (in-memory pairs, e.g. :func:`jsae.training.load_pairs`'s) scaled to mean norm
+        sqrt(d_in), then fold the scale into the weights: the returned SAE (eval mode, with its
+        ``training_history``) takes raw activations.  Deterministic for ``trainer_cfg.seed``."""
+        from jsae.training import JointSAETrainer
+
+        scale = unit_norm_scale(data.vision, data.text)
+        scaled = copy.copy(data)
+        scaled.vision, scaled.text = data.vision * scale, data.text * scale
+        trainer = JointSAETrainer.from_config(sae_cfg, trainer_cfg, scaled)
+        sae = trainer.fit(allow_provenance_mismatch=allow_provenance_mismatch).eval()
+        sae.fold_activation_norm_scaling_factor(scale)
+        sae.training_history = list(trainer.history)  # logged losses, for convergence checks
+        return sae
+
+
+#: The default JSAE recipe (see :class:`JSAERecipe`).
+DEFAULT_RECIPE = JSAERecipe()
 
 
 def resolve_d_sae(d_in: int, d_sae: int | None, expansion_factor: int | None) -> int | None:
@@ -129,16 +187,14 @@ def train_methods(vision: Tensor, text: Tensor, *, layer: int, d_sae: int | None
                          "defaults the width to 4 * d_in)")
     out: dict[str, Method] = {}
     window, period = revival_schedule(steps)
-    # trained at mean norm sqrt(d_in), the scale folded back (train_jsae_unit_norm): the SAEs take raw activations
-    tcfg = JointTrainerConfig(total_steps=steps, lr=lr, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5,
-                              seed=seed, progress=False, log_every=max(steps // 20, 1), grad_clip_norm=None,
-                              **({"dead_feature_window": window, "resample_every": period} if revival else {}))
+    tcfg = DEFAULT_RECIPE.trainer_config(steps, lr, seed=seed, progress=False, log_every=max(steps // 20, 1),
+                                         **({"dead_feature_window": window, "resample_every": period} if revival else {}))
+    data = PairedTensorData(vision, text, batch_size=min(batch_size, vision.shape[0]), seed=seed)
     for name in [m for m in ("jsae", "jsae-none") if m in methods or (m == "jsae-none" and "separate" in methods)]:
-        cfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, alignment="cosine" if name == "jsae" else "none",
-                                     mse_normalization="variance", l1_coefficient=0.03)
+        cfg = DEFAULT_RECIPE.sae_config(vision.shape[1], d_sae, alignment="cosine" if name == "jsae" else "none")
         for key, value in {**metadata, "layer": layer}.items():
             cfg.metadata[key] = value
-        out[name] = Method(name, train_jsae_unit_norm(cfg, tcfg, vision, text, batch_size), True)
+        out[name] = Method(name, DEFAULT_RECIPE.fit(cfg, tcfg, data), True)
     if "separate" in methods:
         text_order, _ = match_separate_saes(out["jsae-none"].sae, vision, text)
         out["separate"] = Method("separate", permute_text_branch(out["jsae-none"].sae, text_order), True)
@@ -185,5 +241,5 @@ def _train_saelens_topk(vision: Tensor, d_sae: int, k: int, steps: int, batch_si
                               log_every=max(steps // 20, 1)).eval()
 
 
-__all__ = ["METHODS", "RECIPES", "REVIVAL_PERIOD", "REVIVAL_WINDOW", "Method", "permute_text_branch", "resolve_d_sae",
+__all__ = ["DEFAULT_RECIPE", "METHODS", "RECIPES", "JSAERecipe", "REVIVAL_PERIOD", "REVIVAL_WINDOW", "Method", "permute_text_branch", "resolve_d_sae",
            "revival_schedule", "train_methods"]

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from jsae.files import replace_dir
+from jsae.protocol.methods import DEFAULT_RECIPE
 from jsae.releases.registry import PACKAGE_ROOT, RECIPES, RELEASES, read_releases_yaml, releases_yaml_path
 from jsae.saes.metrics import explained_variance
 
@@ -60,7 +61,7 @@ class BuildConfig:
     l1_coefficient: float = 0.03
     steps: int = 600
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = DEFAULT_RECIPE.lr
     seed: int = 0
     train_device: str = "auto"  # "auto": cuda when available
     repo_id: str | None = None  # where the release is published (listed in releases.yaml)
@@ -202,26 +203,24 @@ def build_release(cfgs: BuildConfig | list[BuildConfig], out_root: str | Path, w
 
 def _train(cfg: BuildConfig, vision: Any, text: Any, meta: dict[str, Any], checkpoint_dir: Path | None = None,
            progress: bool = False) -> Any:
-    """Train one JSAE by the protocol's unit-norm recipe (:func:`jsae.training.recipes.train_jsae_unit_norm`: at
-    mean norm sqrt(d_in), scale folded back afterwards, so the saved SAE takes raw activations), with the
-    recipe's architecture and losses."""
+    """Train one JSAE by jsae's default recipe (:data:`jsae.protocol.methods.DEFAULT_RECIPE`: at mean norm
+    sqrt(d_in), scale folded back afterwards, so the saved SAE takes raw activations), with the build recipe's
+    architecture, losses, steps and learning rate."""
     import torch
 
-    from jsae.saes.joint_sae import TrainingJointSAEConfig
-    from jsae.training import JointTrainerConfig
-    from jsae.training.recipes import train_jsae_unit_norm
+    from jsae.training.data import PairedTensorData
 
     device = cfg.train_device if cfg.train_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tcfg = JointTrainerConfig(total_steps=cfg.steps, lr=cfg.lr, lr_warm_up_steps=cfg.steps // 20,
-                              lr_decay_steps=cfg.steps // 5, seed=cfg.seed, progress=progress and cfg.steps >= 2000,
-                              log_every=max(cfg.steps // 4, 1), grad_clip_norm=None, device=device,
-                              checkpoint_every=max(cfg.steps // 20, 100) if checkpoint_dir else 0,
-                              checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
-    scfg = TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=cfg.d_sae, alignment=cfg.alignment, activation=cfg.activation,
-                                  k=cfg.k, mse_normalization="variance", l1_coefficient=cfg.l1_coefficient)
+    tcfg = DEFAULT_RECIPE.trainer_config(cfg.steps, cfg.lr, seed=cfg.seed, progress=progress and cfg.steps >= 2000,
+                                         log_every=max(cfg.steps // 4, 1), device=device,
+                                         checkpoint_every=max(cfg.steps // 20, 100) if checkpoint_dir else 0,
+                                         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+    scfg = DEFAULT_RECIPE.sae_config(vision.shape[1], cfg.d_sae, alignment=cfg.alignment, activation=cfg.activation,
+                                     k=cfg.k, l1_coefficient=cfg.l1_coefficient)
     for key, value in {**meta, "layer": cfg.layer, "alignment": cfg.alignment}.items():
         scfg.metadata[key] = value
-    return train_jsae_unit_norm(scfg, tcfg, vision, text, cfg.batch_size)
+    data = PairedTensorData(vision, text, batch_size=min(cfg.batch_size, vision.shape[0]), seed=cfg.seed)
+    return DEFAULT_RECIPE.fit(scfg, tcfg, data)
 
 
 def toy_model_sha256(name: str) -> str | None:

@@ -63,7 +63,7 @@ def find_saes(directory: str | Path, sae_id: str | None = None) -> dict[str, Pat
     subs = sorted(p for p in directory.iterdir() if p.is_dir() and (p / CFG_FILE).is_file())
     if not subs:
         raise ValueError(f"{directory} is not a jsae SAE: no {CFG_FILE} in it or in its sub-folders; pass the folder "
-                         "written by JointSAE.save_model / `jsae train` (or a folder of such folders)")
+                         "written by JointSAE.save_model / `jsae sae train` (or a folder of such folders)")
     if sae_id is not None:
         raise ValueError(f"{directory} holds several SAEs {[p.name for p in subs]}; sae_id applies to a single SAE folder")
     for p in subs:

@@ -15,7 +15,7 @@ def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_bro
     from jsae.report.browser import browser_features, feature_browser, token_states
     from jsae.report.markdown import protocol_report
     from jsae.report.plots import plot_dose_response
-    from jsae.report.rundir import load_labelled_sae
+    from jsae.report.rundir import METHOD_INFO, load_labelled_sae
 
     m = run.metrics()
     pos = (m.get("config", {}).get("positions") or ["image"])[0]
@@ -29,7 +29,7 @@ def write_run_report(run: Any, vlm: Any, pairs: Sequence[tuple[Any, str]], n_bro
                            "strength (× mean per-token image-state norm)",
                            suppression=next(iter(suppression.values()), None) if suppression else None)
     layers = m["layers"]
-    joint = [name for name in m.get("methods", ["jsae"]) if name in ("jsae", "jsae-none", "separate")
+    joint = [name for name in m.get("methods", ["jsae"]) if name in METHOD_INFO and METHOD_INFO[name].joint
              and all(run.sae_dir(name, L).is_dir() for L in layers)]
     states = token_states(vlm, list(pairs[:n_browser_pairs]), layers)
     sections = {}

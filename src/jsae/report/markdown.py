@@ -1,8 +1,15 @@
-"""Markdown: tables and the ``report.md`` of a protocol run and of a multi-model sweep."""
+"""Markdown, in one place: tables, the ``report.md`` of a protocol run and of a multi-model sweep, the
+``experiments.md`` of a steering-experiment table (:mod:`jsae.protocol.experiments`) and the ``report.md`` of VISTA
+in the embedded world (:mod:`jsae.vista.experiment`).  Each renderer reads a plain metrics dict."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from jsae.report.rundir import METHOD_INFO
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -292,7 +299,7 @@ def sweep_tables(runs: dict[str, dict[str, Any]]) -> list[str]:
         lines += ["", f"**{model}** — joint SAEs (held-out pairs): paired cosine / centred / median per-latent corr / "
                   "top-latent mass / dead vision latents:", "", "| method | " + " | ".join(f"layer {L}" for L in layers)
                   + " |\n|---|" + "---|" * len(layers)]
-        for meth in ("jsae", "jsae-none"):
+        for meth in (m.name for m in METHOD_INFO.values() if m.joint and m.derived_from is None):
             cells = []
             for L in layers:
                 r = next((x for x in m["saes"] if x["layer"] == L and x["method"] == meth), None)
@@ -337,4 +344,183 @@ def sweep_report(models: list[str], interaction: dict[str, Any], runs: dict[str,
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table", "protocol_report", "sae_convergence_table", "sweep_report", "sweep_tables", "what_this_shows"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steering experiments (jsae run experiments)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _plain(x: Any, digits: int = 3) -> str:
+    """A table cell: ``–`` for None, yes/no, a float to ``digits`` places, text with ``|`` escaped."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def experiments_markdown(result: Mapping[str, Any]) -> str:
+    """``experiments.md`` of :func:`jsae.protocol.experiments.run_experiments`'s result: the configuration, one grid table per experiment, the walk and the faults."""
+    cfg = result.get("config", {})
+    intro = (f"Run `{cfg.get('run_dir')}`, method `{cfg.get('method')}`, positions `{cfg.get('positions')}`, "
+             f"α grid {cfg.get('alphas')}, {cfg.get('max_new_tokens')} new tokens, prompt {cfg.get('prompt')!r}.  "
+             "Every α runs on every image; no α is chosen.")
+    lines = ["# Steering experiments", "", intro, ""]
+    for e in result.get("experiments", []):
+        what = (f"Layer {e['layer']}, latents {e['latents']}, keywords {e['keywords']}, target {e['target']!r}, "
+                f"{e['n_images']} image(s).")
+        lines += [f"## {e['name']}", "", what, "",
+                  "| α | keyword hit | hit unsteered | hit gain | similarity gain | perplexity | distinct-3 | zlib ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in e["grid"]:
+            lines.append(f"| {g['alpha']:g} | {_plain(g['keyword_hit_rate_steered'])} | {_plain(g['keyword_hit_rate_unsteered'])} | "
+                         f"{_plain(g['keyword_hit_gain'])} | {_plain(g.get('similarity_gain'))} | "
+                         f"{_plain(g.get('perplexity_steered'), 1)} | {_plain(g.get('distinct_3_steered'))} | "
+                         f"{_plain(g.get('zlib_ratio_steered'))} |")
+        if "reference_walk" in e:
+            lines += ["", "The reference's walk (a reference fault, replayed on the same captions):", "",
+                      "| image | reported α | stopped at | rule | keyword hit | similarity gain | perplexity |",
+                      "|---|---|---|---|---|---|---|"]
+            for w in e["reference_walk"]:
+                alpha, stop = (("–" if a is None else f"{a:g}") for a in (w["alpha"], w["stopped_at"]))
+                lines.append(f"| {_plain(w['image_id'])} | {alpha} | {stop} | "
+                             f"{_plain(w['rule_text'])} | {_plain(w.get('keyword_hit'))} | {_plain(w.get('similarity_gain'))} | "
+                             f"{_plain(w.get('perplexity'), 1)} |")
+        lines.append("")
+    if "faults" in result:
+        lines += ["## Reference faults reproduced", "", "| fault | active | images where it fired | what |",
+                  "|---|---|---|---|"]
+        for f in result["faults"]:
+            lines.append(f"| `{f['name']}` | {_plain(f['active'])} | {f['fired']} | {_plain(f['fault'])} |")
+        lines += ["", "The walk's reported metrics (α per image) against the sound grid at one α for all images "
+                      "(the grid α nearest the walk's median):", ""]
+        for e in result.get("experiments", []):
+            summ = e.get("reference_walk_summary") or {}
+            g = summ.get("grid_at_fixed_alpha") or {}
+            fixed = "–" if g.get("alpha") is None else f"{g['alpha']:g}"
+            lines.append(f"- {e['name']}: walk keyword hit {_plain(summ.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_plain(summ.get('similarity_gain'))}, perplexity {_plain(summ.get('perplexity'), 1)}; grid at "
+                         f"α={fixed}: keyword hit {_plain(g.get('keyword_hit_rate'))}, similarity gain "
+                         f"{_plain(g.get('similarity_gain'))}, perplexity {_plain(g.get('perplexity'), 1)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VISTA in the embedded world
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _interval(iv: dict[str, float]) -> str:
+    """``mean [low, high] (n=N)`` of an interval record (:func:`jsae.vista.metrics.interval`)."""
+    return f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] (n={iv['n']})"
+
+
+def vista_world_report(m: dict[str, Any], figure: bool) -> str:
+    """``report.md`` of VISTA in the embedded world (:func:`jsae.vista.experiment.eval_world`'s metrics; ``figure``:
+    link ``edit_example.png``)."""
+    c = m["train"]["config"]
+    model = {"toy-composed": "the toy LLaVA's vision tower and language model recomposed with a new projector "
+                             "(jsae.vista.compose_toy('vlm'))",
+             "toy-text-lm": "the toy text-only LM + the pre-VLM toy vision tower + a new projector (jsae.vista.compose_toy('text-only'))",
+             "toy-dino-text-lm": "the toy text-only LM + the DINOv2-style toy tower (self-distillation, no labels) + a new "
+                                 "projector (jsae.vista.compose_toy('text-only', tower='dino'))",
+             }.get(c["model"], f"the shipped toy {c['model']}")
+    lines = ["# VISTA in the embedded world", "",
+             f"Model: {model}. Text SAEs (SAELens TopK, d_sae {c['d_sae']}, k {c['k']}) at layers {c['text_layers']}, trained on "
+             f"the LM's per-token states of plain-text captions. Projectors {'from scratch' if c['reinit'] else 'from the model’s own'} "
+             f"(seed {c['seed']}), {c['proj_steps']} steps × batch {c['batch_size']} each, lr {c['lr']}.", "",
+             "## Text SAEs and their labels (from text only: the words of each latent's top-"
+             f"{c.get('top_n', 20)} tokens)", "",
+             markdown_table(m["train"]["text_saes"], ["layer", "fvu_text", "l0", "labelled", "labelled_fraction", "mean_purity",
+                                                      "concepts_covered"]),
+             f"## Matching rate (top-{m['eval_config']['k']} text-SAE latents of the mean image-token code whose label is present; 95% CI)", ""]
+    rows = []
+    for name, st in m["settings"].items():
+        for layer, r in st["per_layer"].items():
+            ratio = m["matching_ratio"][layer].get(name)
+            rows.append({"setting": name, "λ": st["lam"], "constrained": st["layers"], "layer": layer,
+                         "matching_rate": _interval(r["matching_rate"]), "localisation": _interval(r["localisation"]),
+                         "recon_err": round(r["recon_err"], 3),
+                         "ratio_vs_baseline": "" if ratio is None else f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"})
+    lines += [markdown_table(rows, ["setting", "λ", "constrained", "layer", "matching_rate", "ratio_vs_baseline", "localisation", "recon_err"]),
+              "## Task performance per setting (greedy captions of held-out images: the performance–interpretability trade-off)", ""]
+    rows = [{"setting": n, "object_recall": _interval(st["captions"]["object_recall"]), "object_precision": _interval(st["captions"]["object_precision"]),
+             "final_train_ce": round(m["train"]["final"][n]["ce"], 4)} for n, st in m["settings"].items()]
+    lines += [markdown_table(rows, ["setting", "object_recall", "object_precision", "final_train_ce"]),
+              f"## Vision-only SAE (baseline projector's image tokens, layer {m['edit_layer']})", ""]
+    rows = [{"labelling": k, **{f: v[f] for f in ("labelled", "labelled_fraction", "mean_purity", "concepts_covered")},
+             "matching_rate (label split)": _interval(v["matching_rate_on_label_split"])} for k, v in m["vision_only_sae"].items()]
+    lines += [markdown_table(rows, ["labelling", "labelled", "labelled_fraction", "mean_purity", "concepts_covered", "matching_rate (label split)"]),
+              "`vision-only`: labelled like the text SAE, from its max-activating examples and words (the captions of its top "
+              "images) — the fair baseline. `vision-only-masks`: labelled from ground-truth patch masks — stronger supervision "
+              "than VISTA gets, an upper reference.", "",
+              f"## Patch-local edits at layer {m['edit_layer']}", "",
+              f"{m['edits']['n_eligible']} eligible images (≥ 2 objects of distinct types, every object named by both projectors' "
+              f"unedited captions); the first {m['edits']['n_calibration']} choose the replacement gain per method, "
+              f"{m['edits']['n_scored']} are scored.", ""]
+    rows = []
+    for method in ("vista", "vision-only", "vision-only-masks"):
+        e = m["edits"][method]
+        rows.append({"method": method, "projector": e["projector"], "labelled": e["labelled_latents"],
+                     "removal": _interval(e["removal"]), "replacement": _interval(e["replacement"]),
+                     "replacement_in_place": _interval(e["replacement_in_place"]), "gain": e["gain"]})
+    lines += [markdown_table(rows, ["method", "projector", "labelled", "removal", "replacement", "replacement_in_place", "gain"])]
+    for ref, g in m["edit_gains"].items():
+        for measure, paper in (("removal", "+35%/+38%"), ("replacement", "+47%/+58%")):
+            x = g[measure]
+            iv = x["absolute_gain_interval"]
+            rel = "n/a" if not math.isfinite(x["relative_gain"]) else f"{x['relative_gain']:+.0%}"
+            lines += [f"{measure.capitalize()} vs {ref}: VISTA {x['vista']:.3f} vs {x['reference']:.3f} ({x['absolute_gain']:+.3f} "
+                      f"absolute [{iv['low']:+.3f}, {iv['high']:+.3f}] paired, {rel} relative; paper {paper}).", ""]
+    if figure:
+        lines += ["![edit example](edit_example.png)", ""]
+    lines += ["Definitions: see `jsae.vista.metrics` (matching rate, localisation, removal, replacement, labels).", ""]
+    return "\n".join(lines)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# world fidelity (jsae world fidelity)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _median_r50(recs: dict[str, Any]) -> str:
+    rs = [r.get("r50") for r in recs.values()]
+    reached = sorted(r for r in rs if r is not None)
+    if not rs:
+        return "–"
+    med = float(np.median([r if r is not None else math.inf for r in rs]))
+    return f"{len(reached)}/{len(rs)}; {'∞' if not math.isfinite(med) else f'{med:.2g}'}"
+
+
+def fidelity_table(result: dict[str, Any]) -> str:
+    """The per-layer fidelity table (markdown): logit lens at single-object image tokens (and at caption tokens),
+    the oracles' mean cosine, and each oracle's steering at image and generated tokens as "types reaching +0.5;
+    median r50" (∞: the median type never reaches it)."""
+    lens, cap = result["logit_lens"]["image_tokens"], result["logit_lens"]["caption_tokens"]
+    orc = result.get("oracles", {})
+    head = ("| layer | lens top-5 (image tokens) | right of six | median rank | lens top-5 (caption) | oracle cosine "
+            "| image oracle @image | text oracle @image | image oracle @generated | text oracle @generated |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for L in sorted(lens, key=int):
+        li, lc = lens[L], cap.get(L, {})
+        fmt = lambda d, k: "–" if not d.get("n_tokens") else (  # noqa: E731
+            f"{d[k]['value']:.2f} [{d[k]['ci'][0]:.2f}, {d[k]['ci'][1]:.2f}]")
+        o = orc.get(L, {})
+        cos = o.get("cosine", {})
+        cells = [L, fmt(li, "top5"), fmt(li, "right_of_six"), f"{li.get('median_rank', float('nan')):.0f}",
+                 fmt(lc, "top5"), f"{np.mean(list(cos.values())):.2f}" if cos else "–"]
+        for pos in ("image", "generated"):
+            for m in ("oracle", "text-oracle"):
+                rec = o.get(pos, {})
+                cells.append(_median_r50(rec[m]) if m in rec else ("n/a" if "reason" in rec else "–"))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["experiments_markdown", "fidelity_table", "markdown_table", "protocol_report", "sae_convergence_table", "sweep_report", "sweep_tables",
+           "vista_world_report", "what_this_shows"]

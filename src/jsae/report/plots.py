@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from jsae.files import write_atomic
+from jsae.report.rundir import METHOD_INFO
 
 
 # ---- plots --------------------------------------------------------------------------------------
@@ -17,8 +18,7 @@ from jsae.files import write_atomic
 #: One colour per method (Okabe–Ito, readable with colour-blindness), one line style per decoder: text directions
 #: dashed with square markers, vision directions solid with round ones, so ``jsae:text`` and ``jsae:vision`` share a
 #: colour and differ in style, and ``jsae`` and ``jsae-none`` differ in colour.
-METHOD_COLOURS = {"oracle": "#000000", "text-oracle": "#777777", "jsae": "#0072B2", "jsae-none": "#E69F00",
-                  "separate": "#CC79A7", "saelens-topk": "#009E73"}
+METHOD_COLOURS = {"oracle": "#000000", "text-oracle": "#777777", **{m.name: m.colour for m in METHOD_INFO.values()}}
 _EXTRA_COLOURS = ("#D55E00", "#56B4E9", "#F0E442", "#882255")
 
 

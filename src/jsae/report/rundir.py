@@ -27,6 +27,32 @@ METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
+class MethodInfo:
+    """What the reports need to know of one protocol method (the registry :data:`METHOD_INFO`).
+
+    ``joint``: its SAE is a JSAE with a vision and a text branch (the feature browser shows it); ``derived_from``:
+    the method whose trained weights it reuses (not trained on its own, so the table of trained joint SAEs leaves it
+    out); ``colour``: its colour in every plot (Okabe–Ito, readable with colour-blindness)."""
+
+    name: str
+    joint: bool
+    colour: str
+    description: str
+    derived_from: str | None = None
+
+
+#: The protocol's methods, in their report order: the one list of their names (``jsae.protocol.methods.METHODS``
+#: is its keys; training them is ``jsae.protocol.methods.train_methods``).
+METHOD_INFO: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("jsae", True, "#0072B2", "JSAE with the cosine alignment loss (the paper)"),
+    MethodInfo("jsae-none", True, "#E69F00", "the same JSAE without the alignment loss (the ablation)"),
+    MethodInfo("separate", True, "#CC79A7", "two independent SAEs paired after training (jsae-none's weights, text "
+                                            "latents permuted by Hungarian matching of codes)", derived_from="jsae-none"),
+    MethodInfo("saelens-topk", False, "#009E73", "a plain SAELens TopK SAE on the vision pools"),
+)}
+
+
+@dataclass(frozen=True)
 class RunDir:
     """A protocol run directory (see the module docstring)."""
 
@@ -114,4 +140,4 @@ def load_labelled_sae(sae: str | Path) -> tuple[Any, FeatureLabels, Path]:
     return model, labels, path
 
 
-__all__ = ["METRICS_FILE", "RUN_FILE", "RunDir", "load_labelled_sae", "resolve_sae_dir"]
+__all__ = ["METHOD_INFO", "METRICS_FILE", "MethodInfo", "RUN_FILE", "RunDir", "load_labelled_sae", "resolve_sae_dir"]

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jsae.files import write_atomic, write_json
-from jsae.report.markdown import markdown_table
+from jsae.report.markdown import vista_world_report
 from jsae.saes.metrics import fvu as sae_fvu
 from jsae.vista.core import (VistaConfig, check_text_sae, collect_text_states, load_projector, load_text_sae, save_projector,
                              save_sae, train_projector, train_text_sae)
@@ -67,16 +67,52 @@ def _layer_tag(layers: Sequence[int]) -> str:
     return "l" + "".join(map(str, ls))
 
 
-def default_settings(text_layers: Sequence[int], lam: float, edit_layer: int) -> tuple[tuple[str, float, tuple[int, ...], str], ...]:
+@dataclass(frozen=True)
+class VistaSetting:
+    """One projector's training setting: its ``name``, the VISTA weight ``lam`` (λ; 0 = the baseline, the same
+    training without the SAE term), the text-SAE ``layers`` it constrains and the ``loss_form`` of the SAE term
+    (``"normalised"`` or ``"mse"``, :class:`jsae.vista.core.VistaConfig`).  ``train.json`` records it as the list
+    ``[name, λ, layers, loss form]``."""
+
+    name: str
+    lam: float
+    layers: tuple[int, ...] = ()
+    loss_form: str = "normalised"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", str(self.name))
+        object.__setattr__(self, "lam", float(self.lam))
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "loss_form", str(self.loss_form))
+        VistaConfig(lam=self.lam, layers=self.layers, loss_form=self.loss_form)  # validates λ, layers, form
+
+    @classmethod
+    def of(cls, st: "VistaSetting | Sequence[Any] | dict[str, Any]") -> "VistaSetting":
+        """A setting from itself, a ``{"name", "lam", "layers"[, "loss_form"]}`` dict, or a ``(name, λ, layers[,
+        loss form])`` sequence (as ``train.json`` records it)."""
+        if isinstance(st, cls):
+            return st
+        if isinstance(st, dict):
+            return cls(**st)
+        if isinstance(st, (str, bytes)) or len(st) not in (3, 4):
+            raise ValueError(f"a setting is (name, λ, layers) or (name, λ, layers, loss form), got {st!r}")
+        return cls(*st)
+
+    def record(self) -> list[Any]:
+        """``[name, λ, layers, loss form]``: the setting as ``train.json`` records it."""
+        return [self.name, self.lam, list(self.layers), self.loss_form]
+
+
+def default_settings(text_layers: Sequence[int], lam: float, edit_layer: int) -> tuple[VistaSetting, ...]:
     """baseline; VISTA on one layer; on layers 0..edit_layer; on every text layer; one layer with the raw-MSE loss."""
     tl = tuple(sorted(text_layers))
-    out = [("baseline", 0.0, (), "normalised"), (f"vista-{_layer_tag((edit_layer,))}", lam, (edit_layer,), "normalised")]
+    out = [VistaSetting("baseline", 0.0), VistaSetting(f"vista-{_layer_tag((edit_layer,))}", lam, (edit_layer,))]
     first = tuple(x for x in tl if x <= edit_layer)
     if len(first) > 1 and first != tl:
-        out.append((f"vista-{_layer_tag(first)}", lam, first, "normalised"))
+        out.append(VistaSetting(f"vista-{_layer_tag(first)}", lam, first))
     if len(tl) > 1:
-        out.append((f"vista-{_layer_tag(tl)}", lam, tl, "normalised"))
-    out.append((f"vista-{_layer_tag((edit_layer,))}-mse", lam, (edit_layer,), "mse"))
+        out.append(VistaSetting(f"vista-{_layer_tag(tl)}", lam, tl))
+    out.append(VistaSetting(f"vista-{_layer_tag((edit_layer,))}-mse", lam, (edit_layer,), "mse"))
     return tuple(out)
 
 
@@ -93,8 +129,9 @@ class WorldVistaConfig:
     k: int = 16
     sae_steps: int = 2000
     lam: float = 1.0
-    #: (name, λ, layers[, loss form]); default :func:`default_settings`
-    settings: tuple[tuple[Any, ...], ...] = ()
+    #: the projectors to train (:class:`VistaSetting`, or ``(name, λ, layers[, loss form])``); default
+    #: :func:`default_settings`
+    settings: tuple[VistaSetting, ...] = ()
     proj_steps: int = 600
     batch_size: int = 16
     lr: float = 2e-3
@@ -115,20 +152,15 @@ class WorldVistaConfig:
             raise ValueError(f"edit layer {self.edit_layer} has no text SAE; add it to text_layers {list(self.text_layers)}")
         if not self.settings:
             self.settings = default_settings(self.text_layers, self.lam, self.edit_layer)
-        norm = []
-        for st in self.settings:
-            if len(st) not in (3, 4):
-                raise ValueError(f"a setting is (name, λ, layers) or (name, λ, layers, loss form), got {st!r}")
-            n, lam, ls = st[0], st[1], st[2]
-            form = st[3] if len(st) == 4 else "normalised"
-            VistaConfig(lam=float(lam), layers=tuple(int(x) for x in ls), loss_form=form)  # validates λ, layers, form
-            bad = [x for x in ls if int(x) not in self.text_layers]
+        settings = tuple(VistaSetting.of(st) for st in self.settings)
+        for st in settings:
+            bad = [x for x in st.layers if x not in self.text_layers]
             if bad:
-                raise ValueError(f"setting {n!r} constrains layer(s) {bad} with no text SAE; add them to text_layers {list(self.text_layers)}")
-            norm.append((str(n), float(lam), tuple(int(x) for x in ls), str(form)))
-        if not any(lam == 0 for _, lam, _, _ in norm):
+                raise ValueError(f"setting {st.name!r} constrains layer(s) {bad} with no text SAE; add them to text_layers "
+                                 f"{list(self.text_layers)}")
+        if not any(st.lam == 0 for st in settings):
             raise ValueError("the settings need a baseline with λ = 0 (the same training without the SAE term)")
-        self.settings = tuple(norm)
+        self.settings = settings
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -248,15 +280,16 @@ def train_world(out: str | Path, cfg: WorldVistaConfig | None = None, overwrite:
     from jsae.vista.core import check_projector
 
     init = {k: v.detach().clone() for k, v in check_projector(adapter).state_dict().items()}
-    for name, lam, layers, form in cfg.settings:
+    for st in cfg.settings:
         check_projector(adapter).load_state_dict(init)  # reinit=False: every setting starts from the model's own
-        vc = VistaConfig(lam=lam, layers=layers, steps=cfg.proj_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                         reinit=cfg.reinit, loss_form=form)
+        vc = VistaConfig(lam=st.lam, layers=st.layers, steps=cfg.proj_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                         seed=cfg.seed, reinit=cfg.reinit, loss_form=st.loss_form)
         hist = train_projector(model, processor, adapter, saes, images, captions, vc, progress=progress)
-        save_projector(adapter, out / "projectors" / f"{name}.safetensors", {"name": name, **asdict(vc)})
-        runs[name] = hist
+        save_projector(adapter, out / "projectors" / f"{st.name}.safetensors", {"name": st.name, **asdict(vc)})
+        runs[st.name] = hist
     timings["projectors_s"] = time.time() - t0 - timings["text_sae_s"] - timings["labels_s"]
-    summary = {"config": asdict(cfg), "text_saes": sae_rows, "projectors": runs, "timings": timings}
+    config = {**asdict(cfg), "settings": [st.record() for st in cfg.settings]}
+    summary = {"config": config, "text_saes": sae_rows, "projectors": runs, "timings": timings}
     write_json(out / "train.json", summary)
     return summary
 
@@ -398,83 +431,124 @@ def _score_edits(plan: list[dict], objects: list[list[dict]], edited: list[str],
     return {"success": np.array(succ), "in_place": np.array(in_place)}
 
 
-def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a ``train_world`` run directory; writes ``metrics.json``, ``report.md``, ``edit_example.png``."""
+@dataclass
+class _EvalRun:
+    """What every stage of :func:`eval_world` reads: the run, its model and text SAEs, the settings compared, the
+    held-out test images and the label split."""
+
+    run: Path
+    cfg: "EvalConfig"
+    wcfg: dict[str, Any]
+    model: Any
+    processor: Any
+    adapter: Any
+    saes: dict[int, Any]
+    text_labels: dict[int, list[str | None]]
+    settings: list[VistaSetting]
+    vista_name: str
+    base_name: str
+    edit_layer: int
+    test: list[dict]
+    label: list[dict]
+    captioner: Any
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.saes)
+
+    @property
+    def images(self) -> list[Any]:
+        return [ex["image"] for ex in self.test]
+
+    @property
+    def objects(self) -> list[list[dict]]:
+        return [ex["objects"] for ex in self.test]
+
+
+def _open_eval(run: Path, cfg: "EvalConfig") -> _EvalRun:
+    """Stage 0: the trained run, the VISTA and baseline settings compared and the edit layer (one-line errors)."""
     from jsae.world import world_dataset
 
-    cfg = cfg or EvalConfig()
-    run = Path(run)
     if not (run / "train.json").exists():
         raise FileNotFoundError(f"{run} has no train.json; run `jsae vista train --out {run}` first")
-    t0 = time.time()
-    train_summary = json.loads((run / "train.json").read_text())
-    wcfg = train_summary["config"]
-    settings = [(st[0], st[1], tuple(st[2])) for st in wcfg["settings"]]
+    wcfg = json.loads((run / "train.json").read_text())["config"]
+    settings = [VistaSetting.of(st) for st in wcfg["settings"]]
     model, processor, adapter = _load_world(wcfg["model"], wcfg["seed"])
     saes, text_labels = _text_saes(run)
-    layers = sorted(saes)
-    vista_name = cfg.vista or next((n for n, lam, ls in settings if lam > 0 and len(ls) == 1), None) or settings[-1][0]
-    if vista_name not in dict((n, ls) for n, _, ls in settings):
-        raise ValueError(f"no setting {vista_name!r} in this run; choose one of {[n for n, _, _ in settings]}")
-    vista_layers = dict((n, ls) for n, _, ls in settings)[vista_name]
+    by_name = {st.name: st for st in settings}
+    vista_name = cfg.vista or next((st.name for st in settings if st.lam > 0 and len(st.layers) == 1), None) or settings[-1].name
+    if vista_name not in by_name:
+        raise ValueError(f"no setting {vista_name!r} in this run; choose one of {list(by_name)}")
+    vista_layers = by_name[vista_name].layers
     edit_layer = cfg.edit_layer if cfg.edit_layer is not None else (vista_layers[0] if vista_layers else wcfg["edit_layer"])
     if edit_layer not in saes:
-        raise ValueError(f"edit layer {edit_layer} has no text SAE; choose one of {layers}")
-    test = world_dataset("test", cfg.n_eval, cfg.seed)
-    label = world_dataset("validation", wcfg["n_label"], wcfg["seed"])
-    images, captions, objects = [ex["image"] for ex in test], [ex["caption"] for ex in test], [ex["objects"] for ex in test]
-    limages, lcaptions, lobjects = [ex["image"] for ex in label], [ex["caption"] for ex in label], [ex["objects"] for ex in label]
+        raise ValueError(f"edit layer {edit_layer} has no text SAE; choose one of {sorted(saes)}")
+    base_name = next((st.name for st in settings if st.lam == 0), settings[0].name)
+    return _EvalRun(run, cfg, wcfg, model, processor, adapter, saes, text_labels, settings, vista_name, base_name, edit_layer,
+                    test=list(world_dataset("test", cfg.n_eval, cfg.seed)),
+                    label=list(world_dataset("validation", wcfg["n_label"], wcfg["seed"])),
+                    captioner=_captioner(model, processor, adapter, cfg.max_new_tokens))
+
+
+def _matching_stage(ev: _EvalRun, progress: bool) -> dict[str, Any]:
+    """Stage 1, per setting: the matching rate, localisation and reconstruction error of every text SAE on the test
+    images' tokens, greedy captions, and the label split's image states at the edit layer (VISTA and baseline)."""
+    images, objects = ev.images, ev.objects
+    captions = [ex["caption"] for ex in ev.test]
     present = [image_concepts(o) for o in objects]
-    captioner = _captioner(model, processor, adapter, cfg.max_new_tokens)
     per_setting: dict[str, Any] = {}
     scores: dict[tuple[str, int], np.ndarray] = {}
     unedited: dict[str, list[str]] = {}
     label_states: dict[str, torch.Tensor] = {}
-    base_name = next((n for n, lam, _ in settings if lam == 0), settings[0][0])
-    for name, lam, ls in tqdm(settings, desc="settings", disable=not progress):
-        load_projector(adapter, run / "projectors" / f"{name}.safetensors")
-        states = _image_states(model, processor, adapter, images, captions, layers)
-        row: dict[str, Any] = {"lam": lam, "layers": list(ls), "per_layer": {}}
-        for layer in layers:
+    for st in tqdm(ev.settings, desc="settings", disable=not progress):
+        load_projector(ev.adapter, ev.run / "projectors" / f"{st.name}.safetensors")
+        states = _image_states(ev.model, ev.processor, ev.adapter, images, captions, ev.layers)
+        row: dict[str, Any] = {"lam": st.lam, "layers": list(st.layers), "per_layer": {}}
+        for layer in ev.layers:
             with torch.no_grad():
-                z = saes[layer].encode(states[layer])  # [n, P, d_sae]
+                z = ev.saes[layer].encode(states[layer])  # [n, P, d_sae]
                 x = states[layer]
-                err = float(((saes[layer].decode(z) - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean())
-            ms = matching_scores(z.mean(1), text_labels[layer], present, cfg.k)
-            loc = localisation_scores(z, text_labels[layer], objects)
-            scores[(name, layer)] = ms
+                err = float(((ev.saes[layer].decode(z) - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean())
+            ms = matching_scores(z.mean(1), ev.text_labels[layer], present, ev.cfg.k)
+            loc = localisation_scores(z, ev.text_labels[layer], objects)
+            scores[(st.name, layer)] = ms
             row["per_layer"][str(layer)] = {"matching_rate": interval(ms), "localisation": interval(loc), "recon_err": err}
         del states
-        caps = captioner(images)
-        unedited[name] = caps
+        caps = ev.captioner(images)
+        unedited[st.name] = caps
         row["captions"] = caption_quality(caps, objects)
         row["examples"] = caps[:3]
-        per_setting[name] = row
-        if name in (vista_name, base_name):
-            label_states[name] = _image_states(model, processor, adapter, limages, lcaptions, [edit_layer])[edit_layer]
-    ratios = {str(layer): {n: ratio_interval(scores[(n, layer)], scores[(base_name, layer)]) for n, lam, _ in settings if n != base_name}
-              for layer in layers}
-    timings = {"matching_s": time.time() - t0}
+        per_setting[st.name] = row
+        if st.name in (ev.vista_name, ev.base_name):
+            label_states[st.name] = _image_states(ev.model, ev.processor, ev.adapter, [ex["image"] for ex in ev.label],
+                                                  [ex["caption"] for ex in ev.label], [ev.edit_layer])[ev.edit_layer]
+    ratios = {str(layer): {st.name: ratio_interval(scores[(st.name, layer)], scores[(ev.base_name, layer)])
+                           for st in ev.settings if st.name != ev.base_name} for layer in ev.layers}
+    return {"settings": per_setting, "matching_ratio": ratios, "unedited": unedited, "label_states": label_states}
 
-    # the vision-only SAE on the baseline projector's image tokens at the edit layer, labelled two ways
+
+def _vision_only_stage(ev: _EvalRun, label_states: dict[str, torch.Tensor], progress: bool) -> dict[str, Any]:
+    """Stage 2: a vision-only TopK SAE on the baseline projector's image tokens at the edit layer (label split),
+    labelled (a) from its top images' captions — the fair baseline — and (b) from ground-truth patch masks — an
+    upper reference; the three edit methods (VISTA's text SAE and the two vision-only labellings)."""
     from jsae.vista.core import train_text_sae as _train_topk
-    from jsae.world.concepts import world_concepts
+    from jsae.world.concepts import mentions, world_concepts
 
+    cfg, wcfg, edit_layer = ev.cfg, ev.wcfg, ev.edit_layer
+    lobjects, lcaptions = [ex["objects"] for ex in ev.label], [ex["caption"] for ex in ev.label]
     concepts = world_concepts()
-    n_patch = label_states[base_name].shape[1]
-    grid = int(round(n_patch ** 0.5))
-    patches = label_states[base_name].reshape(-1, label_states[base_name].shape[-1])
-    vsae = _train_topk(patches, hook_name=adapter.hook_name(edit_layer), model_name=_model_name(adapter),
+    base = label_states[ev.base_name]
+    n_patch = base.shape[1]
+    patches = base.reshape(-1, base.shape[-1])
+    vsae = _train_topk(patches, hook_name=ev.adapter.hook_name(edit_layer), model_name=_model_name(ev.adapter),
                        d_sae=cfg.vision_d_sae, k=cfg.vision_k, steps=cfg.vision_steps, seed=cfg.seed, progress=progress)
-    save_sae(vsae, run / "vision_sae")
-    vsae = load_text_sae(str(run / "vision_sae"))
+    save_sae(vsae, ev.run / "vision_sae")
+    vsae = load_text_sae(str(ev.run / "vision_sae"))
     with torch.no_grad():
         vcodes = vsae.encode(patches)
     top_n, min_purity = wcfg.get("top_n", 20), wcfg.get("min_purity", 0.5)
     # (a) fair: from its activations and the caption words — an image is an example, its concepts the ones its
     # caption names (the max over its patches is the latent's activation on it)
-    from jsae.world.concepts import mentions
-
     cap_conc = [{c for c in concepts if mentions(cap, c)} for cap in lcaptions]
     img_codes = vcodes.reshape(len(lobjects), n_patch, -1).amax(1)
     vlabels_cap, vpur_cap = label_from_top_examples(img_codes, cap_conc, concepts, top_n, min_purity)
@@ -487,30 +561,36 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
                 pc[q] |= object_concepts(o)
         patch_conc += pc
     vlabels_mask, vpur_mask = label_from_top_examples(vcodes, patch_conc, concepts, top_n, min_purity)
-    write_json(run / "vision_sae" / "labels.json", {
+    write_json(ev.run / "vision_sae" / "labels.json", {
         "labels": vlabels_cap, "purity": vpur_cap, "concepts": concepts,
         "method": "Neuronpedia-style from the top images (max over patches) and the concepts their captions name",
         "mask_labels": vlabels_mask, "mask_purity": vpur_mask,
         "mask_method": "upper reference: top patches and the ground-truth object at each (patch masks)"})
     with torch.no_grad():
-        tcodes = saes[edit_layer].encode(label_states[vista_name].reshape(-1, patches.shape[-1]))
+        tcodes = ev.saes[edit_layer].encode(label_states[ev.vista_name].reshape(-1, patches.shape[-1]))
     vscale = _act_scale(vcodes)
     methods = {
-        "vista": (vista_name, saes[edit_layer], text_labels[edit_layer], _act_scale(tcodes), "text SAE, labelled from text tokens"),
-        "vision-only": (base_name, vsae, vlabels_cap, vscale, "vision SAE, labelled from its top images' captions (fair baseline)"),
-        "vision-only-masks": (base_name, vsae, vlabels_mask, vscale, "vision SAE, labelled from ground-truth patch masks (upper reference)"),
+        "vista": (ev.vista_name, ev.saes[edit_layer], ev.text_labels[edit_layer], _act_scale(tcodes),
+                  "text SAE, labelled from text tokens"),
+        "vision-only": (ev.base_name, vsae, vlabels_cap, vscale, "vision SAE, labelled from its top images' captions (fair baseline)"),
+        "vision-only-masks": (ev.base_name, vsae, vlabels_mask, vscale,
+                              "vision SAE, labelled from ground-truth patch masks (upper reference)"),
     }
     lpresent = [image_concepts(o) for o in lobjects]
-    vision_sae_rows = {}
+    rows = {}
     for key, labs, pur in (("vision-only", vlabels_cap, vpur_cap), ("vision-only-masks", vlabels_mask, vpur_mask)):
         vm = matching_scores(vcodes.reshape(len(lobjects), n_patch, -1).mean(1), labs, lpresent, cfg.k)
-        vision_sae_rows[key] = {**label_summary(labs, pur), "matching_rate_on_label_split": interval(vm)}
-    timings["vision_sae_s"] = time.time() - t0 - timings["matching_s"]
+        rows[key] = {**label_summary(labs, pur), "matching_rate_on_label_split": interval(vm)}
+    return {"methods": methods, "vision_only_sae": rows, "grid": int(round(n_patch ** 0.5))}
 
-    # patch-local removal and replacement
+
+def _edit_stage(ev: _EvalRun, methods: dict[str, tuple], unedited: dict[str, list[str]], grid: int) -> dict[str, Any]:
+    """Stage 3: patch-local removal and replacement of one object per image by each method, on the images both
+    projectors caption correctly; the replacement gain chosen per method on the first ``n_calib`` of them."""
+    cfg, objects, images = ev.cfg, ev.objects, ev.images
     label_sets = [m[2] for m in methods.values()]
-    plan_all = _edit_plan(objects, unedited[vista_name], label_sets, cfg.seed)
-    plan_ok_base = {p["image"] for p in _edit_plan(objects, unedited[base_name], label_sets, cfg.seed)}
+    plan_all = _edit_plan(objects, unedited[ev.vista_name], label_sets, cfg.seed)
+    plan_ok_base = {p["image"] for p in _edit_plan(objects, unedited[ev.base_name], label_sets, cfg.seed)}
     plan = [p for p in plan_all if p["image"] in plan_ok_base]  # images both projectors caption correctly
     calib, evalp = plan[:cfg.n_calib], plan[cfg.n_calib:]
     edits: dict[str, Any] = {}
@@ -525,13 +605,13 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
         cells = [object_cells(objects[p["image"]][p["target"]], grid) for p in pl]
 
         def edit(start: int, stop: int) -> list[Any]:
-            return [patch_edit(edit_layer, sae, cells[start:stop], zero[start:stop], setv[start:stop])]
+            return [patch_edit(ev.edit_layer, sae, cells[start:stop], zero[start:stop], setv[start:stop])]
 
-        caps = captioner([images[p["image"]] for p in pl], edit)
+        caps = ev.captioner([images[p["image"]] for p in pl], edit)
         return caps, _score_edits(pl, objects, caps, mode)
 
-    for method, (proj, sae, labels, scale, what) in methods.items():
-        load_projector(adapter, run / "projectors" / f"{proj}.safetensors")
+    for method, (proj, _, labels, _, what) in methods.items():
+        load_projector(ev.adapter, ev.run / "projectors" / f"{proj}.safetensors")
         res: dict[str, Any] = {"projector": proj, "what": what, "labelled_latents": sum(lab is not None for lab in labels)}
         caps, sc = run_edits(method, evalp, "remove", 1.0)
         res["removal"] = interval(sc["success"])
@@ -552,7 +632,14 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
         example[method]["replace"] = caps
         per_image[method]["replacement"] = sc["success"]
         edits[method] = res
-    timings["edits_s"] = time.time() - t0 - timings["matching_s"] - timings["vision_sae_s"]
+    return {"edits": {"n_eligible": len(plan), "n_calibration": len(calib), "n_scored": len(evalp), **edits},
+            "edit_gains": edit_gains(edits, per_image), "evalp": evalp, "example": example}
+
+
+def edit_gains(edits: dict[str, Any], per_image: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """VISTA's removal and replacement success against each vision-only reference: both means, their difference
+    with a paired interval over the same images and edits, and the relative gain ``(a - b) / b`` (``inf`` when only
+    VISTA succeeds, 0 when neither does)."""
     rel: dict[str, Any] = {}
     for ref in ("vision-only", "vision-only-masks"):
         rel[ref] = {}
@@ -562,25 +649,42 @@ def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = 
             rel[ref][measure] = {"vista": a, "reference": b, "absolute_gain": a - b,
                                  "absolute_gain_interval": interval(diff),
                                  "relative_gain": (a - b) / b if b > 0 else (float("inf") if a > b else 0.0)}
+    return rel
 
+
+def eval_world(run: str | Path, cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a ``train_world`` run directory; writes ``metrics.json``, ``report.md``, ``edit_example.png``.
+
+    Stages: open the run (:func:`_open_eval`), matching rate per setting (:func:`_matching_stage`), the vision-only
+    SAE (:func:`_vision_only_stage`), patch-local edits (:func:`_edit_stage`, scored by :func:`edit_gains`)."""
+    cfg = cfg or EvalConfig()
+    run = Path(run)
+    t0 = time.time()
+    ev = _open_eval(run, cfg)
+    matching = _matching_stage(ev, progress)
+    timings = {"matching_s": time.time() - t0}
+    vision = _vision_only_stage(ev, matching["label_states"], progress)
+    timings["vision_sae_s"] = time.time() - t0 - timings["matching_s"]
+    edited = _edit_stage(ev, vision["methods"], matching["unedited"], vision["grid"])
+    timings["edits_s"] = time.time() - t0 - timings["matching_s"] - timings["vision_sae_s"]
     fig_path = None
-    if evalp:
-        fig_path = _figure(run / "edit_example.png", evalp, images, objects, grid, unedited[vista_name], example, vista_name)
+    if edited["evalp"]:
+        fig_path = _figure(run / "edit_example.png", edited["evalp"], ev.images, ev.objects, vision["grid"],
+                           matching["unedited"][ev.vista_name], edited["example"], ev.vista_name)
+    train_summary = json.loads((run / "train.json").read_text())
     metrics = {
-        "train": {"config": wcfg, "text_saes": train_summary["text_saes"],
+        "train": {"config": ev.wcfg, "text_saes": train_summary["text_saes"],
                   "final": {n: h["history"][-1] for n, h in train_summary["projectors"].items()},
                   "timings": train_summary.get("timings", {})},
-        "eval_config": asdict(cfg), "edit_layer": edit_layer, "vista_setting": vista_name, "baseline_setting": base_name,
-        "settings": per_setting, "matching_ratio": ratios,
-        "vision_only_sae": vision_sae_rows,
-        "edits": {"n_eligible": len(plan), "n_calibration": len(calib), "n_scored": len(evalp), **edits},
-        "edit_gains": rel,
+        "eval_config": asdict(cfg), "edit_layer": ev.edit_layer, "vista_setting": ev.vista_name,
+        "baseline_setting": ev.base_name, "settings": matching["settings"], "matching_ratio": matching["matching_ratio"],
+        "vision_only_sae": vision["vision_only_sae"], "edits": edited["edits"], "edit_gains": edited["edit_gains"],
         "paper": {"matching_rate_ratio": 3.0, "removal_gain": "+35% (arXiv v1) / +38% (ICML)",
                   "replacement_gain": "+47% (arXiv v1) / +58% (ICML)", "localisation": "DINOv2 best among encoders"},
         "timings": timings,
     }
     write_json(run / "metrics.json", metrics)
-    write_atomic(run / "report.md", _report(metrics, fig_path is not None))
+    write_atomic(run / "report.md", vista_world_report(metrics, fig_path is not None))
     return metrics
 
 
@@ -634,70 +738,5 @@ def _figure(path: Path, plan: list[dict], images: list[Any], objects: list[list[
     return write_atomic(path, buf.getvalue())
 
 
-def _fmt(iv: dict[str, float]) -> str:
-    return f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] (n={iv['n']})"
-
-
-def _report(m: dict[str, Any], figure: bool) -> str:
-    c = m["train"]["config"]
-    model = {"toy-composed": "the toy LLaVA's vision tower and language model recomposed with a new projector "
-                             "(jsae.vista.compose_toy('vlm'))",
-             "toy-text-lm": "the toy text-only LM + the pre-VLM toy vision tower + a new projector (jsae.vista.compose_toy('text-only'))",
-             "toy-dino-text-lm": "the toy text-only LM + the DINOv2-style toy tower (self-distillation, no labels) + a new "
-                                 "projector (jsae.vista.compose_toy('text-only', tower='dino'))",
-             }.get(c["model"], f"the shipped toy {c['model']}")
-    lines = ["# VISTA in the embedded world", "",
-             f"Model: {model}. Text SAEs (SAELens TopK, d_sae {c['d_sae']}, k {c['k']}) at layers {c['text_layers']}, trained on "
-             f"the LM's per-token states of plain-text captions. Projectors {'from scratch' if c['reinit'] else 'from the model’s own'} "
-             f"(seed {c['seed']}), {c['proj_steps']} steps × batch {c['batch_size']} each, lr {c['lr']}.", "",
-             "## Text SAEs and their labels (from text only: the words of each latent's top-"
-             f"{c.get('top_n', 20)} tokens)", "",
-             markdown_table(m["train"]["text_saes"], ["layer", "fvu_text", "l0", "labelled", "labelled_fraction", "mean_purity",
-                                                      "concepts_covered"]),
-             f"## Matching rate (top-{m['eval_config']['k']} text-SAE latents of the mean image-token code whose label is present; 95% CI)", ""]
-    rows = []
-    for name, st in m["settings"].items():
-        for layer, r in st["per_layer"].items():
-            ratio = m["matching_ratio"][layer].get(name)
-            rows.append({"setting": name, "λ": st["lam"], "constrained": st["layers"], "layer": layer,
-                         "matching_rate": _fmt(r["matching_rate"]), "localisation": _fmt(r["localisation"]),
-                         "recon_err": round(r["recon_err"], 3),
-                         "ratio_vs_baseline": "" if ratio is None else f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"})
-    lines += [markdown_table(rows, ["setting", "λ", "constrained", "layer", "matching_rate", "ratio_vs_baseline", "localisation", "recon_err"]),
-              "## Task performance per setting (greedy captions of held-out images: the performance–interpretability trade-off)", ""]
-    rows = [{"setting": n, "object_recall": _fmt(st["captions"]["object_recall"]), "object_precision": _fmt(st["captions"]["object_precision"]),
-             "final_train_ce": round(m["train"]["final"][n]["ce"], 4)} for n, st in m["settings"].items()]
-    lines += [markdown_table(rows, ["setting", "object_recall", "object_precision", "final_train_ce"]),
-              f"## Vision-only SAE (baseline projector's image tokens, layer {m['edit_layer']})", ""]
-    rows = [{"labelling": k, **{f: v[f] for f in ("labelled", "labelled_fraction", "mean_purity", "concepts_covered")},
-             "matching_rate (label split)": _fmt(v["matching_rate_on_label_split"])} for k, v in m["vision_only_sae"].items()]
-    lines += [markdown_table(rows, ["labelling", "labelled", "labelled_fraction", "mean_purity", "concepts_covered", "matching_rate (label split)"]),
-              "`vision-only`: labelled like the text SAE, from its max-activating examples and words (the captions of its top "
-              "images) — the fair baseline. `vision-only-masks`: labelled from ground-truth patch masks — stronger supervision "
-              "than VISTA gets, an upper reference.", "",
-              f"## Patch-local edits at layer {m['edit_layer']}", "",
-              f"{m['edits']['n_eligible']} eligible images (≥ 2 objects of distinct types, every object named by both projectors' "
-              f"unedited captions); the first {m['edits']['n_calibration']} choose the replacement gain per method, "
-              f"{m['edits']['n_scored']} are scored.", ""]
-    rows = []
-    for method in ("vista", "vision-only", "vision-only-masks"):
-        e = m["edits"][method]
-        rows.append({"method": method, "projector": e["projector"], "labelled": e["labelled_latents"],
-                     "removal": _fmt(e["removal"]), "replacement": _fmt(e["replacement"]),
-                     "replacement_in_place": _fmt(e["replacement_in_place"]), "gain": e["gain"]})
-    lines += [markdown_table(rows, ["method", "projector", "labelled", "removal", "replacement", "replacement_in_place", "gain"])]
-    for ref, g in m["edit_gains"].items():
-        for measure, paper in (("removal", "+35%/+38%"), ("replacement", "+47%/+58%")):
-            x = g[measure]
-            iv = x["absolute_gain_interval"]
-            rel = "n/a" if not np.isfinite(x["relative_gain"]) else f"{x['relative_gain']:+.0%}"
-            lines += [f"{measure.capitalize()} vs {ref}: VISTA {x['vista']:.3f} vs {x['reference']:.3f} ({x['absolute_gain']:+.3f} "
-                      f"absolute [{iv['low']:+.3f}, {iv['high']:+.3f}] paired, {rel} relative; paper {paper}).", ""]
-    if figure:
-        lines += ["![edit example](edit_example.png)", ""]
-    lines += ["Definitions: see `jsae.vista.metrics` (matching rate, localisation, removal, replacement, labels).", ""]
-    return "\n".join(lines)
-
-
-__all__ = ["EvalConfig", "LLAVA_RELEASE", "MODELS", "RELEASE", "WorldVistaConfig", "caption_quality", "default_settings", "eval_world",
+__all__ = ["EvalConfig", "LLAVA_RELEASE", "MODELS", "RELEASE", "VistaSetting", "WorldVistaConfig", "caption_quality", "default_settings", "edit_gains", "eval_world",
            "label_text_sae", "train_world"]

@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -320,13 +321,149 @@ def _freeze_all_but(model, params) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+class _ToyTraining:
+    """One run of :func:`train_toy_vlm`: the model being trained and what its stages record (per-stage seconds, the
+    loss history, the validation gauges).  Each stage of :data:`STAGES` is one method; :meth:`run_stage` is the
+    loop they share (AdamW, warm-up and cosine decay, gradient clip 1, the stage's end state saved in fp32)."""
+
+    def __init__(self, name: str, cfg: TrainConfig, model: Any, processor: Any, out_dir: Path, device: str,
+                 workers: int, log: Any, progress: bool) -> None:
+        self.name, self.cfg, self.model, self.processor = name, cfg, model, processor
+        self.out_dir, self.device, self.workers, self.log, self.progress = out_dir, device, workers, log, progress
+        self.adapter = for_model(model)
+        self.times: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.gauges: dict[str, dict] = {}
+
+    def run_stage(self, stage: str, steps: int, lr: float, make_batch: Any, loss_fn: Any, extra: Any = ()) -> None:
+        """Train the parameters of ``stage`` (:func:`stage_parameters`, plus ``extra``) for ``steps`` steps, all
+        others frozen; a stage of 0 steps is skipped."""
+        model, name = self.model, self.name
+        if steps == 0:
+            self.times[stage] = 0.0
+            return
+        params = stage_parameters(model, stage) + list(extra)
+        _freeze_all_but(model, params)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        t0 = time.time()
+        bar = tqdm(_loader(make_batch, steps, self.workers), total=steps, desc=f"{name}: {stage}",
+                   disable=not self.progress, mininterval=5)
+        ema = None
+        for step, batch in enumerate(bar):
+            for gr in opt.param_groups:
+                gr["lr"] = _lr(step, steps, lr)
+            ema = _adamw_step(opt, params, loss_fn(_to(batch, self.device)), ema)
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{ema:.3f}")
+                self.history.append({"stage": stage, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
+            if step % 500 == 0 and not self.progress:
+                self.log(f"[{name}] {stage} step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
+        self.times[stage] = time.time() - t0
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        save_toy_vlm(model, self.processor, self.out_dir.with_name(f"{self.out_dir.name}.stage-{stage}"),
+                     {"name": name, "stage": stage, "config": asdict(self.cfg)}, dtype=torch.float32)
+        model.train()
+        self.log(f"[{name}] {stage}: {steps} steps in {self.times[stage]:.0f}s, final loss {ema:.3f}")
+
+    def lm_loss(self, batch: Any) -> torch.Tensor:
+        enc, labels = batch
+        h = self.adapter.language_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        logits = self.model.lm_head(h)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def text_make(self, step: int, stage_id: int = 1) -> Any:
+        scenes = _scenes(self.cfg.seed, stage_id, step, self.cfg.batch_size)
+        return text_batch(self.name, self.processor, scenes, np.random.default_rng([self.cfg.seed, stage_id, step]))
+
+    def text_pretraining(self) -> None:
+        """Stage 1: the language model on the world's text, gauged by :func:`read_pictures`."""
+        cfg = self.cfg
+        self.run_stage("text_pretraining", cfg.text_steps, cfg.text_lr, self.text_make, self.lm_loss)
+        if cfg.text_steps and cfg.eval_n:
+            self.model.eval()
+            self.gauges["text_pretraining"] = read_pictures(self.model, self.processor, self.name, n=cfg.eval_n, seed=cfg.seed)
+            self.model.train()
+            self.log(f"[{self.name}] text pretraining: the LM reads pictures in words: "
+                     f"{json.dumps(self.gauges['text_pretraining'])}")
+
+    def vision_pretraining(self, parts_dir: str | Path | None) -> None:
+        """Stage 2: the tower on the generator's labels (the adapter's patch features: one per image token); with
+        ``parts_dir`` the text-only LM and the pre-VLM tower are saved there (:func:`save_parts`)."""
+        cfg, adapter, processor = self.cfg, self.adapter, self.processor
+        heads = VisionHeads(adapter.d_vision).to(self.device)
+
+        def vision_batch(step: int) -> Any:
+            scenes = _scenes(cfg.seed, 2, step, cfg.batch_size)
+            enc = dict(processor.image_processor([s.image for s in scenes], return_tensors="pt"))
+            return enc, _vision_labels(scenes, PICTURE_GRID)
+
+        def vision_loss(batch: Any) -> torch.Tensor:
+            enc, labels = batch
+            outs = heads(adapter.patch_features(enc))
+            return sum(F.cross_entropy(o.flatten(0, 1), y.flatten()) for o, y in zip(outs, labels))
+
+        self.run_stage("vision_pretraining", cfg.vision_steps, cfg.vision_lr, vision_batch, vision_loss,
+                       extra=list(heads.parameters()))
+        if parts_dir is not None and toy_spec(self.name).ships_parts:
+            save_parts(self.model, processor, parts_dir, {"stages": list(STAGES[:2]), "config": asdict(cfg),
+                                                          "seconds": {k: round(v, 1) for k, v in self.times.items()},
+                                                          "text_pretraining_gauge": self.gauges.get("text_pretraining")})
+
+    def vlm_batch(self, step: int, stage_id: int, qa_fraction: float) -> Any:
+        """Captions of every template (so that none collapses: the text SAE sees them all) and, with probability
+        ``qa_fraction``, describe-then-answer QA whose caption keeps its loss."""
+        cfg = self.cfg
+        scenes = _scenes(cfg.seed, stage_id, step, cfg.batch_size)
+        srng = np.random.default_rng([cfg.seed, stage_id, step])
+        targets, caption_words = [], []
+        for s in scenes:
+            cap = grammar.caption(s.objects, int(srng.integers(grammar.N_TEMPLATES)))
+            if qa_fraction and srng.random() < qa_fraction:
+                q, a = grammar.sample_questions(s, 1, srng)[0]
+                targets.append((describe_prompt(cap, q), a))
+                caption_words.append(len(cap.split()))
+            else:
+                targets.append(("", cap))
+                caption_words.append(0)
+        enc, labels = build_batch(self.name, self.processor, scenes, targets, caption_words)
+        return "vlm", dict(enc), labels
+
+    def vlm_loss(self, batch: Any) -> torch.Tensor:
+        kind, enc, labels = batch
+        if kind == "text":
+            return self.lm_loss((enc, labels))
+        logits = self.model(**enc).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def feature_alignment(self) -> None:
+        """Stage 3: the projector alone, LM and tower frozen, on captions of every template."""
+        cfg = self.cfg
+        self.run_stage("feature_alignment", cfg.align_steps, cfg.align_lr,
+                       functools.partial(self.vlm_batch, stage_id=3, qa_fraction=0.0), self.vlm_loss)
+
+    def finetuning(self) -> None:
+        """Stage 4: projector + LM (tower frozen) on captions and QA, every ``finetune_text_every``-th step a
+        text-pretraining batch."""
+        cfg = self.cfg
+
+        def finetune_batch(step: int) -> Any:
+            if cfg.finetune_text_every and step % cfg.finetune_text_every == cfg.finetune_text_every - 1:
+                return ("text", *self.text_make(step, stage_id=6))
+            return self.vlm_batch(step, 4, cfg.finetune_qa_fraction)
+
+        self.run_stage("finetuning", cfg.finetune_steps, cfg.finetune_lr, finetune_batch, self.vlm_loss)
+
+
 def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig | None = None,
                   device: str = "cpu", threads: int | None = 2, workers: int | None = None, log=print,
                   progress: bool = True, init_from: str | Path | None = None, parts_dir: str | Path | None = None,
                   keep_stages: bool = False):
     """Train toy model ``name`` with the LLaVA recipe and save it to ``out_dir`` (default: the shipped directory).
 
-    Stages (:data:`STAGES`; one with 0 steps is skipped, so ``init_from`` + zero steps resumes a later stage):
+    Stages (:data:`STAGES`; one with 0 steps is skipped, so ``init_from`` + zero steps resumes a later stage), each a
+    method of :class:`_ToyTraining`:
 
     1. **text pretraining** of the language model on the world's text (:func:`text_batch`): pictures written in
        words then captions and describe-then-answer QA, plain captions of every template, captions then QA;
@@ -355,120 +492,19 @@ def train_toy_vlm(name: str, out_dir: str | Path | None = None, cfg: TrainConfig
     else:
         model = build_model(name, tok, cfg.size, cfg.seed).to(device)
     model.train()
-    adapter = for_model(model)
-    times: dict[str, float] = {}
-    history: list[dict] = []
-    gauges: dict[str, dict] = {}
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
-
-    def run_stage(stage, steps, lr, make_batch, loss_fn, extra=()):
-        if steps == 0:
-            times[stage] = 0.0
-            return
-        params = stage_parameters(model, stage) + list(extra)
-        _freeze_all_but(model, params)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-        t0 = time.time()
-        bar = tqdm(_loader(make_batch, steps, workers), total=steps, desc=f"{name}: {stage}", disable=not progress,
-                   mininterval=5)
-        ema = None
-        for step, batch in enumerate(bar):
-            for gr in opt.param_groups:
-                gr["lr"] = _lr(step, steps, lr)
-            ema = _adamw_step(opt, params, loss_fn(_to(batch, device)), ema)
-            if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{ema:.3f}")
-                history.append({"stage": stage, "step": step, "loss": round(ema, 4), "t": round(time.time() - t0, 1)})
-            if step % 500 == 0 and not progress:
-                log(f"[{name}] {stage} step {step}/{steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
-        times[stage] = time.time() - t0
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
-        save_toy_vlm(model, processor, out_dir.with_name(f"{out_dir.name}.stage-{stage}"),
-                     {"name": name, "stage": stage, "config": asdict(cfg)}, dtype=torch.float32)
-        model.train()
-        log(f"[{name}] {stage}: {steps} steps in {times[stage]:.0f}s, final loss {ema:.3f}")
-
-    lm = adapter.language_model
-
-    def lm_loss(batch):
-        enc, labels = batch
-        h = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        logits = model.lm_head(h)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-
-    # 1. text pretraining
-    def text_make(step, stage_id=1):
-        scenes = _scenes(cfg.seed, stage_id, step, cfg.batch_size)
-        return text_batch(name, processor, scenes, np.random.default_rng([cfg.seed, stage_id, step]))
-
-    run_stage("text_pretraining", cfg.text_steps, cfg.text_lr, text_make, lm_loss)
-    if cfg.text_steps and cfg.eval_n:
-        model.eval()
-        gauges["text_pretraining"] = read_pictures(model, processor, name, n=cfg.eval_n, seed=cfg.seed)
-        model.train()
-        log(f"[{name}] text pretraining: the LM reads pictures in words: {json.dumps(gauges['text_pretraining'])}")
-
-    # 2. vision pretraining on the generator's labels (the adapter's patch features: one per image token)
-    heads = VisionHeads(adapter.d_vision).to(device)
-
-    def vision_batch(step):
-        scenes = _scenes(cfg.seed, 2, step, cfg.batch_size)
-        enc = dict(processor.image_processor([s.image for s in scenes], return_tensors="pt"))
-        return enc, _vision_labels(scenes, PICTURE_GRID)
-
-    def vision_loss(batch):
-        enc, labels = batch
-        outs = heads(adapter.patch_features(enc))
-        return sum(F.cross_entropy(o.flatten(0, 1), y.flatten()) for o, y in zip(outs, labels))
-
-    run_stage("vision_pretraining", cfg.vision_steps, cfg.vision_lr, vision_batch, vision_loss,
-              extra=list(heads.parameters()))
-    if parts_dir is not None and toy_spec(name).ships_parts:
-        save_parts(model, processor, parts_dir, {"stages": list(STAGES[:2]), "config": asdict(cfg),
-                                                 "seconds": {k: round(v, 1) for k, v in times.items()},
-                                                 "text_pretraining_gauge": gauges.get("text_pretraining")})
-
-    # 3-4. feature alignment (projector only) and fine-tuning (projector + LM)
-    def vlm_batch(step, stage_id, qa_fraction):
-        scenes = _scenes(cfg.seed, stage_id, step, cfg.batch_size)
-        srng = np.random.default_rng([cfg.seed, stage_id, step])
-        targets, caption_words = [], []
-        for s in scenes:  # every caption template, so that none collapses (the text SAE sees them all)
-            cap = grammar.caption(s.objects, int(srng.integers(grammar.N_TEMPLATES)))
-            if qa_fraction and srng.random() < qa_fraction:
-                q, a = grammar.sample_questions(s, 1, srng)[0]
-                targets.append((describe_prompt(cap, q), a))
-                caption_words.append(len(cap.split()))  # the caption keeps its loss
-            else:
-                targets.append(("", cap))
-                caption_words.append(0)
-        enc, labels = build_batch(name, processor, scenes, targets, caption_words)
-        return "vlm", dict(enc), labels
-
-    def finetune_batch(step):
-        if cfg.finetune_text_every and step % cfg.finetune_text_every == cfg.finetune_text_every - 1:
-            return ("text", *text_make(step, stage_id=6))
-        return vlm_batch(step, 4, cfg.finetune_qa_fraction)
-
-    def vlm_loss(batch):
-        kind, enc, labels = batch
-        if kind == "text":
-            return lm_loss((enc, labels))
-        logits = model(**enc).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-
-    run_stage("feature_alignment", cfg.align_steps, cfg.align_lr, functools.partial(vlm_batch, stage_id=3, qa_fraction=0.0),
-              vlm_loss)
-    run_stage("finetuning", cfg.finetune_steps, cfg.finetune_lr, finetune_batch, vlm_loss)
+    run = _ToyTraining(name, cfg, model, processor, out_dir, device, workers, log, progress)
+    run.text_pretraining()
+    run.vision_pretraining(parts_dir)
+    run.feature_alignment()
+    run.finetuning()
 
     model.eval()
     summary = {"name": name, "recipe": "llava", "stages": list(STAGES), "config": asdict(cfg),
                "init_from": str(init_from) if init_from else None, "device": str(device), "threads": threads,
-               "workers": workers, "seconds": {k: round(v, 1) for k, v in times.items()},
-               "total_seconds": round(sum(times.values()), 1), "gauges": gauges, "history": history}
+               "workers": workers, "seconds": {k: round(v, 1) for k, v in run.times.items()},
+               "total_seconds": round(sum(run.times.values()), 1), "gauges": run.gauges, "history": run.history}
     if cfg.eval_n:
         from jsae.world.evaluate import evaluate
 
