@@ -551,7 +551,7 @@ def test_cli_train_defaults_and_bad_inputs(tmp_path):
     r = runner.invoke(app, ["vista", "train", "--out", str(tmp_path / "x"), "--text-layers", "2,3", "--edit-layer", "4"])
     assert r.exit_code == 2 and "edit layer 4 has no text SAE" in r.output
     r = runner.invoke(app, ["vista", "toy-parts", "--out", str(tmp_path / "p"), "--stages", "vlm"])
-    assert r.exit_code == 2 and "stages must be" in r.output
+    assert r.exit_code == 2 and "--stages takes lm, vision and / or dino" in r.output
 
 
 @pytest.mark.slow
