@@ -195,7 +195,9 @@ def compose_toy(lm: str = "vlm", seed: int = 0) -> VLM:
     * ``lm="text-only"``: the toy *text-only* LM (the toy LLaVA's LM after its text stage only, never trained
       with images) + the toy vision tower after its vision-pretraining stage (shipped parts; see
       :func:`jsae.world.training.train_parts`)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    # from its module: transformers 5.9-5.18 export a torchvision-only placeholder under the top-level name
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from jsae.world.training import part_dir
 
