@@ -281,7 +281,8 @@ def sbert(tmp_path_factory: pytest.TempPathFactory):
                          intermediate_size=64, max_position_embeddings=64, pad_token_id=0)).eval().save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     transformer = Transformer(str(root / "bert"))
-    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+    # the BERT's width, given (sentence-transformers 5 and 6 name the Transformer's getter differently)
+    SentenceTransformer(modules=[transformer, Pooling(32, "mean")],
                         device="cpu").save(str(root / "st"))
     return SentenceSimilarity(root / "st")
 

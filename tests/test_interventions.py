@@ -108,18 +108,26 @@ def test_generate_composed_every_step_and_prefill(kind):
 
 
 def test_prefill_only_differs_from_every_step():
+    """Prefill-only equals a hook on the prefill alone, for every direction tried, and differs from every-step
+    for some: the tokens depend on the random tiny model (its initialisation changes across transformers
+    versions), and a strong steer can make the token it leads to a fixed point of the unsteered steps, so one
+    direction alone may give equal tokens both ways."""
     v = tiny_vlm("llava")
     enc = _enc(v, generation=True)
-    d = torch.randn(32, generator=torch.Generator().manual_seed(3)) * 6
-    every = generate(v.model, enc, [Steer(LAYER, "all", direction=d)], max_new_tokens=4, return_ids=True)
-    once = generate(v.model, enc, [Steer(LAYER, "all", timing="prefill", direction=d)], max_new_tokens=4, return_ids=True)
     am = enc["attention_mask"].bool()
-    h = _manual_hooks(v, LAYER, lambda o: o + d * am[..., None])
-    try:
-        want = generate(v.model, enc, [], max_new_tokens=4, return_ids=True)
-    finally:
-        h.remove()
-    assert torch.equal(once, want) and not torch.equal(once, every)
+    differ = []
+    for seed in (3, 4, 5):
+        d = torch.randn(32, generator=torch.Generator().manual_seed(seed)) * 6
+        every = generate(v.model, enc, [Steer(LAYER, "all", direction=d)], max_new_tokens=4, return_ids=True)
+        once = generate(v.model, enc, [Steer(LAYER, "all", timing="prefill", direction=d)], max_new_tokens=4, return_ids=True)
+        h = _manual_hooks(v, LAYER, lambda o, d=d: o + d * am[..., None])
+        try:
+            want = generate(v.model, enc, [], max_new_tokens=4, return_ids=True)
+        finally:
+            h.remove()
+        assert torch.equal(once, want), seed
+        differ.append(not torch.equal(once, every))
+    assert any(differ)
 
 
 def _jsae():

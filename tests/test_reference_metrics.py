@@ -134,7 +134,8 @@ def st_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(cfg).eval().save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     transformer = Transformer(str(root / "bert"))
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+    # the BERT's width, given (sentence-transformers 5 and 6 name the Transformer's getter differently)
+    model = SentenceTransformer(modules=[transformer, Pooling(cfg.hidden_size, "mean")],
                                 device="cpu")
     model.save(str(root / "st"))
     return root / "st"

@@ -248,9 +248,12 @@ class CaptionSource(_Source):
             limit = None if need >= 10**12 or self.dedup_images or self.shuffle else need
             try:
                 ds = load_caption_dataset(self.path, split=self.data_split, limit=limit)
-            except (ValueError, FileNotFoundError, MemoryError, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - datasets and PIL fail deep inside on a malformed folder or image
+            except Exception as exc:  # noqa: BLE001 - datasets, pyarrow and PIL fail deep inside on a malformed folder or image
+                # jsae's own ValueErrors and a missing path say what to fix already; pyarrow's ArrowInvalid is a ValueError
+                # too, and says only what it could not parse (datasets 3 reads metadata.jsonl with it: "Empty JSON file")
+                if isinstance(exc, (FileNotFoundError, MemoryError)) or (
+                        isinstance(exc, ValueError) and not type(exc).__module__.startswith("pyarrow")):
+                    raise
                 raise ValueError(f"could not read the caption dataset {self.path!r} (split {self.data_split!r}): "
                                  f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}; check its images "
                                  "and its metadata file (metadata.jsonl or .csv: one row per image, with file_name and a "

@@ -198,7 +198,9 @@ def compose_toy(lm: str = "vlm", seed: int = 0, tower: str = "supervised") -> VL
 
     ``tower`` (with ``lm="text-only"``): ``"supervised"`` — that pre-VLM tower, pretrained on the scene generator's
     labels; ``"dino"`` — the DINOv2-style ``Dinov2Model`` trained without labels (:mod:`jsae.world.dino`)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    # from its module: transformers 5.9-5.18 export a torchvision-only placeholder under the top-level name
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from jsae.world.training import part_dir
 
