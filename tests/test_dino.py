@@ -74,7 +74,8 @@ def test_views_colour_augmentation():
 def test_patch_probe_reads_the_supervised_tower():
     """The toy LLaVA's pre-VLM tower was trained on these labels: its patches carry type and colour well above chance;
     a randomly initialised Dinov2 of the same size carries colour (pixels) but much less type."""
-    from transformers import AutoImageProcessor, Dinov2Model
+    from transformers import Dinov2Model
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from jsae.world.dino import tower_config
     from jsae.world.training import part_dir

@@ -122,9 +122,9 @@ def tower_config(image_size: int = 48, patch_size: int = 8, hidden_size: int = 1
 
 def image_processor(image_size: int = 48):
     """DINOv2's image-processor conventions at the world's image size."""
-    from transformers import BitImageProcessor
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
-    return BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    return BitImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                              do_center_crop=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
                              do_convert_rgb=True, resample=3)
 
