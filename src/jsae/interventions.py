@@ -530,6 +530,7 @@ class Captioner:
     batch_size: int = 64
     max_new_tokens: int = 28
     prompt_template: str | None = None  # a raw prompt ("[INST] <image>\n{caption} [/INST]"; {caption} = prompt)
+    _gather: bool = field(default=True, init=False, repr=False)
 
     def __call__(self, images: Sequence[Any], interventions: Any = ()) -> list[str]:
         text = self.adapter.render_prompt(self.processor, self.prompt, 1, add_generation_prompt=True,
@@ -538,12 +539,31 @@ class Captioner:
         with padding_side(self.processor, "left"):
             for i in range(0, len(images), self.batch_size):
                 chunk = list(images[i:i + self.batch_size])
-                enc = self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
-                enc = self.adapter.complete_inputs(enc)
+                enc = self.adapter.complete_inputs(self._encode(chunk, text))
                 ivs = interventions(i, i + len(chunk)) if callable(interventions) else interventions
                 out += generate(self.model, enc, ivs, max_new_tokens=self.max_new_tokens, processor=self.processor,
                                 adapter=self.adapter)
         return [c.strip() for c in out]
+
+    def _encode(self, chunk: list[Any], text: str) -> Any:
+        """The processor's encoding of ``chunk`` (one prompt per image).  A batch that repeats images (a dose-response
+        grid: the same image at many strengths) has each distinct image encoded once and the rows gathered from it
+        when every tensor of the encoding has one row per image (then it is exactly what encoding the whole batch
+        gives: the same images, so the same padding); otherwise (e.g. patches of all images flattened into one
+        tensor) the whole batch is encoded."""
+        first: dict[int, int] = {}
+        for im in chunk:
+            first.setdefault(id(im), len(first))
+        if len(first) < len(chunk) and self._gather:
+            distinct = list({id(im): im for im in chunk}.values())
+            enc = self.processor(images=distinct, text=[text] * len(distinct), return_tensors="pt", padding=True)
+            if all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == len(distinct) for v in enc.values()):
+                rows = torch.tensor([first[id(im)] for im in chunk])
+                for key in list(enc.keys()):
+                    enc[key] = enc[key][rows]
+                return enc
+            self._gather = False  # this processor's encodings cannot be gathered by row: do not try again
+        return self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
 
 
 def caption(vlm: Any, images: Sequence[Any], prompt: str, interventions: Any = (), *, max_new_tokens: int = 40,
