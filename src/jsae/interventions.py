@@ -138,12 +138,17 @@ class Intervention:
         raise NotImplementedError
 
     @shape_checked
-    def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d"]:
-        """``hidden`` with :meth:`edit` applied at ``mask`` (out of place; other positions untouched)."""
+    def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"],
+              prompts: Tensor | None = None) -> Float[Tensor, "batch seq d"]:
+        """``hidden`` with :meth:`edit` applied at ``mask`` (out of place; other positions untouched).  ``prompts[b]``:
+        the prompt that row ``b`` of ``hidden`` continues, where a generation has dropped the prompts whose
+        captions ended (per-prompt values are those prompts'); default: row ``b`` is prompt ``b``."""
         mask = mask.to(hidden.device)
         if not bool(mask.any()):
             return hidden
         rows = mask.nonzero()[:, 0]
+        if prompts is not None:
+            rows = prompts.to(rows.device)[rows]
         return hidden.index_put((mask,), self.edit(hidden[mask], rows).to(hidden.dtype))
 
 
@@ -415,14 +420,23 @@ def _check_interventions(interventions: Any) -> list[Intervention]:
     return ivs
 
 
+@dataclass
+class LivePrompts:
+    """Which prompts the rows of a decode step continue (``None``: all of them, in order); set by a generation
+    loop that drops the prompts whose captions have ended."""
+
+    prompts: Tensor | None = None
+
+
 @contextlib.contextmanager
 def intervene(model: Any, interventions: Intervention | Sequence[Intervention], inputs: Mapping[str, Any],
-              adapter: VLMAdapter | None = None) -> Iterator[dict[int, int]]:
+              adapter: VLMAdapter | None = None, live: LivePrompts | None = None) -> Iterator[dict[int, int]]:
     """Apply ``interventions`` to every forward of ``model`` inside the block, for prompts ``inputs``.
 
     The first forward of each edited layer is the prefill (prompt) step; each later forward is one
-    generated token (``[B, 1, d]`` with the KV cache, as ``generate`` runs).  Yields the per-layer step
-    counters.  Hooks are removed on exit, whatever happens inside.
+    generated token (``[B, 1, d]`` with the KV cache, as ``generate`` runs; with ``live``, the rows of a
+    decode step are the prompts ``live.prompts``).  Yields the per-layer step counters.  Hooks are removed
+    on exit, whatever happens inside.
     """
     adapter = adapter or for_model(model)
     ivs = _check_interventions(interventions)
@@ -459,7 +473,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
                 if mask.shape != hidden.shape[:2]:
                     raise RuntimeError(f"layer {layer} output has shape {tuple(hidden.shape)} but the prompt mask is "
                                        f"{tuple(mask.shape)}; run the model on the inputs given to intervene()")
-                hidden = iv.apply(hidden, mask)
+                hidden = iv.apply(hidden, mask, None if prefill or live is None else live.prompts)
             return with_layer_output(output, hidden)
 
         return hook
@@ -503,10 +517,96 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
     pad = getattr(tok, "pad_token_id", None)
     if pad is not None:
         generate_kwargs.setdefault("pad_token_id", pad)
-    with torch.no_grad(), intervene(model, interventions, inputs, adapter):
-        out = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
-    new = out[:, kwargs["input_ids"].shape[1]:]
+    live = LivePrompts()
+    with torch.no_grad(), intervene(model, interventions, inputs, adapter, live):
+        positions = None if do_sample or set(generate_kwargs) - {"pad_token_id"} else \
+            adapter.generation_position_ids(kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"])))
+        if positions is not None and _plain_greedy(hf):
+            new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live)
+        else:
+            new = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              **generate_kwargs)[:, kwargs["input_ids"].shape[1]:]
     return new if return_ids else tok.batch_decode(new, skip_special_tokens=True)
+
+
+#: the generation settings that would change greedy decoding (a logits processor, a constraint, beams), each with
+#: its neutral values: where the model's generation config holds only these, greedy decoding is the argmax of the logits
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "num_beams": (None, 1), "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0), "sequence_bias": (None,),
+    "renormalize_logits": (None, False), "guidance_scale": (None, 1.0), "exponential_decay_length_penalty": (None,),
+    "stop_strings": (None,), "watermarking_config": (None,)}
+
+
+def _plain_greedy(hf: Any) -> bool:
+    """Whether greedy decoding of ``hf`` is the plain argmax of its logits (its generation config sets none of
+    :data:`_NEUTRAL` away from neutral; a decoder-only model), so :func:`_greedy` gives what ``hf.generate`` gives."""
+    gc = getattr(hf, "generation_config", None)
+    if gc is None or getattr(hf.config, "is_encoder_decoder", False):
+        return False
+    value = lambda k: getattr(gc, k, None) or None if isinstance(getattr(gc, k, None), (list, tuple)) else getattr(gc, k, None)  # noqa: E731
+    return all(value(k) in ok for k, ok in _NEUTRAL.items())
+
+
+def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
+            live: LivePrompts) -> Tensor:
+    """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
+    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions),
+    so the later steps run only the captions still being written.  ``live.prompts`` tells the intervention hooks
+    which prompts the rows of each step continue.  Returns the new token ids ``[B, n]`` (``pad`` after the end)."""
+    import inspect
+
+    params = inspect.signature(hf.forward).parameters
+    cache_key = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    gc = hf.generation_config
+    eos = gc.eos_token_id
+    eos = torch.as_tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
+    pad = pad if pad is not None else (gc.pad_token_id if gc.pad_token_id is not None else (int(eos[0]) if len(eos) else 0))
+    ids = kwargs["input_ids"]
+    device = ids.device
+    mask = kwargs.get("attention_mask")
+    if mask is not None and bool((mask == 1).all()):
+        mask = None  # as generate does: no padding, no mask
+    first = {**kwargs, "position_ids": positions.to(device)}
+    if mask is None:
+        first.pop("attention_mask", None)
+    out = hf(**first, use_cache=True, return_dict=True, **extra)
+    cache = out.get(cache_key)
+    if cache is None:
+        cache = out.get("past_key_values")
+    logits = out.logits[:, -1]
+    del out
+    B = ids.shape[0]
+    new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)
+    pos = positions[:, -1:].to(device)
+    eos = eos.to(device)
+    n = 0
+    for step in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        new[alive, step] = token
+        n = step + 1
+        ended = torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().flatten()
+            alive, token, pos = alive[keep], token[keep], pos[keep]
+            mask = mask[keep] if mask is not None else None
+            cache.reorder_cache(keep)
+            live.prompts = alive
+        pos = pos + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        step_kwargs = {"input_ids": token[:, None], "position_ids": pos, cache_key: cache, "use_cache": True}
+        if mask is not None:
+            step_kwargs["attention_mask"] = mask
+        logits = hf(**step_kwargs, return_dict=True, **extra).logits[:, -1]
+    live.prompts = None
+    return new[:, :n]
 
 
 # ================================================================================================
