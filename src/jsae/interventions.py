@@ -137,6 +137,16 @@ class Intervention:
         position ``i`` (for per-prompt edits)."""
         raise NotImplementedError
 
+    @property
+    def edits_prompt(self) -> bool:
+        """Whether it edits the prompt's states (every position set but ``"generated"``)."""
+        return self.positions != "generated"
+
+    def prompt_key(self, b: int) -> Any:
+        """A value equal for two prompts of a batch exactly when this edits their prompts' states alike (then, the
+        prompts being the same, their prefills are the same and :func:`generate` runs it once); ``None``: unknown."""
+        return None
+
     @shape_checked
     def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"],
               prompts: Tensor | None = None) -> Float[Tensor, "batch seq d"]:
@@ -191,6 +201,13 @@ class Steer(Intervention):
         if isinstance(self.strength, Tensor):
             return x + _per_row(self.strength, rows, x)[:, None] * d
         return x + self.strength * d
+
+    def prompt_key(self, b: int) -> Any:
+        strength = float(self.strength[b]) if isinstance(self.strength, Tensor) else float(self.strength)
+        if strength == 0.0:
+            return "unchanged"  # x + 0 · d is x
+        d = self.direction if self.direction.dim() == 1 else self.direction[b]
+        return strength, d.detach().cpu().numpy().tobytes()
 
 
 @dataclass(frozen=True, eq=False)
@@ -463,9 +480,10 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
             # a forward over the whole prompt (the first, or another plain forward inside the block) has the
             # prompt's shape; a decode step (KV cache) has one position per prompt
             prefill = step == 0 or tuple(hidden.shape[:2]) == tuple(items[0][1].shape)
+            prompts = None if live is None else live.prompts
             for iv, prefill_mask in items:
                 if prefill:
-                    mask = prefill_mask
+                    mask = prefill_mask if prompts is None else prefill_mask[prompts.to(prefill_mask.device)]
                 elif iv.timing == "prefill" or iv.positions not in ("generated", "all"):
                     continue
                 else:
@@ -473,7 +491,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
                 if mask.shape != hidden.shape[:2]:
                     raise RuntimeError(f"layer {layer} output has shape {tuple(hidden.shape)} but the prompt mask is "
                                        f"{tuple(mask.shape)}; run the model on the inputs given to intervene()")
-                hidden = iv.apply(hidden, mask, None if prefill or live is None else live.prompts)
+                hidden = iv.apply(hidden, mask, prompts)
             return with_layer_output(output, hidden)
 
         return hook
@@ -501,10 +519,14 @@ def _tokenizer(model: Any, processor: Any) -> Any:
 
 def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention | Sequence[Intervention] = (), *,
              max_new_tokens: int = 20, do_sample: bool = False, processor: Any = None,
-             adapter: VLMAdapter | None = None, return_ids: bool = False, **generate_kwargs: Any) -> Any:
+             adapter: VLMAdapter | None = None, return_ids: bool = False, same_prompt: Sequence[Any] | None = None,
+             **generate_kwargs: Any) -> Any:
     """Generate from ``inputs`` (``adapter.build_inputs(..., add_generation_prompt=True)`` or a processor
     encoding) with ``interventions`` applied; returns the decoded new text of each prompt (or the new
-    token ids ``[B, n]`` with ``return_ids=True``)."""
+    token ids ``[B, n]`` with ``return_ids=True``).  ``same_prompt``: one key per prompt, equal keys for
+    identical prompts (the same image and text), so that prompts whose edits of the prompt are alike too
+    share one prefill (a dose-response batch: the same image unsteered, or steered only at generated
+    tokens, in many rows)."""
     adapter = adapter or for_model(model)
     if adapter.remote:
         raise NotImplementedError("jsae.generate runs locally; on a remote (NDIF) model use model.generate(..., remote=True) "
@@ -522,7 +544,8 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
         positions = None if do_sample or set(generate_kwargs) - {"pad_token_id"} else \
             adapter.generation_position_ids(kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"])))
         if positions is not None and _plain_greedy(hf):
-            new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live)
+            new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live,
+                          _shared_prefills(_check_interventions(interventions), same_prompt, kwargs))
         else:
             new = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               **generate_kwargs)[:, kwargs["input_ids"].shape[1]:]
@@ -550,8 +573,37 @@ def _plain_greedy(hf: Any) -> bool:
     return all(value(k) in ok for k, ok in _NEUTRAL.items())
 
 
+def _shared_prefills(ivs: list[Intervention], same_prompt: Sequence[Any] | None,
+                     kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """``(first, of_row)``: the prompts whose prefill is run (the first of each group of identical prompts with
+    alike edits of the prompt) and, per prompt, the position in ``first`` of the one it shares; ``None`` when no two
+    share or it cannot be told (an edit without :meth:`Intervention.prompt_key`, inputs not one row per prompt)."""
+    if same_prompt is None:
+        return None
+    B = kwargs["input_ids"].shape[0]
+    if len(same_prompt) != B or any(isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != B) for v in kwargs.values()):
+        return None
+    edits = [iv for iv in ivs if iv.edits_prompt]
+    groups: dict[Any, int] = {}
+    first, of_row = [], []
+    for b in range(B):
+        key = [same_prompt[b]]
+        for iv in edits:
+            k = iv.prompt_key(b)
+            if k is None:
+                return None
+            key.append(k)
+        g = groups.setdefault(tuple(key), len(groups))
+        if g == len(first):
+            first.append(b)
+        of_row.append(g)
+    if len(first) == B:
+        return None
+    return torch.tensor(first), torch.tensor(of_row)
+
+
 def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
-            live: LivePrompts) -> Tensor:
+            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
     caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions),
     so the later steps run only the captions still being written.  ``live.prompts`` tells the intervention hooks
@@ -570,16 +622,25 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
     mask = kwargs.get("attention_mask")
     if mask is not None and bool((mask == 1).all()):
         mask = None  # as generate does: no padding, no mask
+    B = ids.shape[0]
     first = {**kwargs, "position_ids": positions.to(device)}
     if mask is None:
         first.pop("attention_mask", None)
+    if shared is not None:  # the prefill of each group of identical prompts with alike edits, run once
+        rep = shared[0].to(device)
+        first = {k: v[rep] if isinstance(v, Tensor) else v for k, v in first.items()}
+        live.prompts = rep
     out = hf(**first, use_cache=True, return_dict=True, **extra)
+    live.prompts = None
     cache = out.get(cache_key)
     if cache is None:
         cache = out.get("past_key_values")
     logits = out.logits[:, -1]
     del out
-    B = ids.shape[0]
+    if shared is not None:
+        of_row = shared[1].to(device)
+        cache.reorder_cache(of_row)
+        logits = logits[of_row]
     new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)
     pos = positions[:, -1:].to(device)
@@ -642,7 +703,7 @@ class Captioner:
                 enc = self.adapter.complete_inputs(self._encode(chunk, text))
                 ivs = interventions(i, i + len(chunk)) if callable(interventions) else interventions
                 out += generate(self.model, enc, ivs, max_new_tokens=self.max_new_tokens, processor=self.processor,
-                                adapter=self.adapter)
+                                adapter=self.adapter, same_prompt=[id(im) for im in chunk])
         return [c.strip() for c in out]
 
     def _encode(self, chunk: list[Any], text: str) -> Any:
