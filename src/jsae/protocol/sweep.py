@@ -277,8 +277,8 @@ class SweepImages:
         """(images without ``concept``, images with it), ``n_images`` each at most, in order."""
         ci = self.cfg.concepts.index(concept)
         n = self.cfg.n_images
-        return ([i for i in range(len(self.images)) if not self.present[i, ci]][:n],
-                [i for i in range(len(self.images)) if self.present[i, ci]][:n])
+        has = self.present[:, ci].tolist()
+        return ([i for i, h in enumerate(has) if not h][:n], [i for i, h in enumerate(has) if h][:n])
 
     def used(self) -> list[int]:
         return sorted({i for c in self.cfg.concepts for part in self.split(c) for i in part})
