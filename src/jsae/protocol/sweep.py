@@ -508,4 +508,5 @@ def run_sweep(vlm: Any, caption: CaptionFn, methods_by_layer: dict[int, dict[str
 
 __all__ = ["DECODERS", "POSITION_SETS", "RATIOS", "STEER_AT", "SUPPRESS_RATIOS", "Curve", "Direction", "SweepConfig",
            "SweepImages", "build_directions", "image_token_states", "measure_layer", "method_directions", "oracle_direction",
+           "pooled_steer",
            "run_sweep", "steer_interventions", "token_norm", "top_latents"]
