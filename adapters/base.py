@@ -394,6 +394,13 @@ class VLMAdapter(abc.ABC):
         """The tensors the model's forward takes (jsae's own keys such as ``caption_mask`` removed)."""
         return {k: v for k, v in inputs.items() if k not in EXTRA_KEYS and v is not None}
 
+    def generation_position_ids(self, attention_mask: Tensor) -> Tensor | None:
+        """The ``position_ids`` of a prompt's tokens as ``generate`` gives them to the forward (each later token: the
+        last one + 1), so :func:`jsae.interventions.generate` can run its own greedy loop (dropping the captions that
+        have ended); ``None`` (the default): the family's positions are not plain 1-D ones (e.g. multimodal RoPE), and
+        ``generate`` runs transformers' own loop."""
+        return None
+
     # ---- building inputs ----------------------------------------------------------------------
     @classmethod
     def plain_prompt(cls, caption: str, n_images: int = 1, processor: Any = None) -> str:

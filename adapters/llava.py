@@ -37,6 +37,11 @@ class LlavaAdapter(VLMAdapter):
     def is_next(self) -> bool:
         return hasattr(self.config, "image_grid_pinpoints")
 
+    def generation_position_ids(self, attention_mask: Tensor) -> Tensor:
+        """1-D text positions counted over the attended tokens (left padding at 0), as ``generate`` gives them."""
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 0)
+
     @property
     def vision_tower(self) -> Any:
         return self.model.model.vision_tower

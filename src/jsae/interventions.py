@@ -137,13 +137,28 @@ class Intervention:
         position ``i`` (for per-prompt edits)."""
         raise NotImplementedError
 
+    @property
+    def edits_prompt(self) -> bool:
+        """Whether it edits the prompt's states (every position set but ``"generated"``)."""
+        return self.positions != "generated"
+
+    def prompt_key(self, b: int) -> Any:
+        """A value equal for two prompts of a batch exactly when this edits their prompts' states alike (then, the
+        prompts being the same, their prefills are the same and :func:`generate` runs it once); ``None``: unknown."""
+        return None
+
     @shape_checked
-    def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d"]:
-        """``hidden`` with :meth:`edit` applied at ``mask`` (out of place; other positions untouched)."""
+    def apply(self, hidden: Float[Tensor, "batch seq d"], mask: Bool[Tensor, "batch seq"],
+              prompts: Tensor | None = None) -> Float[Tensor, "batch seq d"]:
+        """``hidden`` with :meth:`edit` applied at ``mask`` (out of place; other positions untouched).  ``prompts[b]``:
+        the prompt that row ``b`` of ``hidden`` continues, where a generation has dropped the prompts whose
+        captions ended (per-prompt values are those prompts'); default: row ``b`` is prompt ``b``."""
         mask = mask.to(hidden.device)
         if not bool(mask.any()):
             return hidden
         rows = mask.nonzero()[:, 0]
+        if prompts is not None:
+            rows = prompts.to(rows.device)[rows]
         return hidden.index_put((mask,), self.edit(hidden[mask], rows).to(hidden.dtype))
 
 
@@ -186,6 +201,13 @@ class Steer(Intervention):
         if isinstance(self.strength, Tensor):
             return x + _per_row(self.strength, rows, x)[:, None] * d
         return x + self.strength * d
+
+    def prompt_key(self, b: int) -> Any:
+        strength = float(self.strength[b]) if isinstance(self.strength, Tensor) else float(self.strength)
+        if strength == 0.0:
+            return "unchanged"  # x + 0 · d is x
+        d = self.direction if self.direction.dim() == 1 else self.direction[b]
+        return strength, d.detach().cpu().numpy().tobytes()
 
 
 @dataclass(frozen=True, eq=False)
@@ -415,14 +437,23 @@ def _check_interventions(interventions: Any) -> list[Intervention]:
     return ivs
 
 
+@dataclass
+class LivePrompts:
+    """Which prompts the rows of a decode step continue (``None``: all of them, in order); set by a generation
+    loop that drops the prompts whose captions have ended."""
+
+    prompts: Tensor | None = None
+
+
 @contextlib.contextmanager
 def intervene(model: Any, interventions: Intervention | Sequence[Intervention], inputs: Mapping[str, Any],
-              adapter: VLMAdapter | None = None) -> Iterator[dict[int, int]]:
+              adapter: VLMAdapter | None = None, live: LivePrompts | None = None) -> Iterator[dict[int, int]]:
     """Apply ``interventions`` to every forward of ``model`` inside the block, for prompts ``inputs``.
 
     The first forward of each edited layer is the prefill (prompt) step; each later forward is one
-    generated token (``[B, 1, d]`` with the KV cache, as ``generate`` runs).  Yields the per-layer step
-    counters.  Hooks are removed on exit, whatever happens inside.
+    generated token (``[B, 1, d]`` with the KV cache, as ``generate`` runs; with ``live``, the rows of a
+    decode step are the prompts ``live.prompts``).  Yields the per-layer step counters.  Hooks are removed
+    on exit, whatever happens inside.
     """
     adapter = adapter or for_model(model)
     ivs = _check_interventions(interventions)
@@ -449,9 +480,10 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
             # a forward over the whole prompt (the first, or another plain forward inside the block) has the
             # prompt's shape; a decode step (KV cache) has one position per prompt
             prefill = step == 0 or tuple(hidden.shape[:2]) == tuple(items[0][1].shape)
+            prompts = None if live is None else live.prompts
             for iv, prefill_mask in items:
                 if prefill:
-                    mask = prefill_mask
+                    mask = prefill_mask if prompts is None else prefill_mask[prompts.to(prefill_mask.device)]
                 elif iv.timing == "prefill" or iv.positions not in ("generated", "all"):
                     continue
                 else:
@@ -459,7 +491,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
                 if mask.shape != hidden.shape[:2]:
                     raise RuntimeError(f"layer {layer} output has shape {tuple(hidden.shape)} but the prompt mask is "
                                        f"{tuple(mask.shape)}; run the model on the inputs given to intervene()")
-                hidden = iv.apply(hidden, mask)
+                hidden = iv.apply(hidden, mask, prompts)
             return with_layer_output(output, hidden)
 
         return hook
@@ -487,10 +519,14 @@ def _tokenizer(model: Any, processor: Any) -> Any:
 
 def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention | Sequence[Intervention] = (), *,
              max_new_tokens: int = 20, do_sample: bool = False, processor: Any = None,
-             adapter: VLMAdapter | None = None, return_ids: bool = False, **generate_kwargs: Any) -> Any:
+             adapter: VLMAdapter | None = None, return_ids: bool = False, same_prompt: Sequence[Any] | None = None,
+             **generate_kwargs: Any) -> Any:
     """Generate from ``inputs`` (``adapter.build_inputs(..., add_generation_prompt=True)`` or a processor
     encoding) with ``interventions`` applied; returns the decoded new text of each prompt (or the new
-    token ids ``[B, n]`` with ``return_ids=True``)."""
+    token ids ``[B, n]`` with ``return_ids=True``).  ``same_prompt``: one key per prompt, equal keys for
+    identical prompts (the same image and text), so that prompts whose edits of the prompt are alike too
+    share one prefill (a dose-response batch: the same image unsteered, or steered only at generated
+    tokens, in many rows)."""
     adapter = adapter or for_model(model)
     if adapter.remote:
         raise NotImplementedError("jsae.generate runs locally; on a remote (NDIF) model use model.generate(..., remote=True) "
@@ -503,10 +539,135 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
     pad = getattr(tok, "pad_token_id", None)
     if pad is not None:
         generate_kwargs.setdefault("pad_token_id", pad)
-    with torch.no_grad(), intervene(model, interventions, inputs, adapter):
-        out = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
-    new = out[:, kwargs["input_ids"].shape[1]:]
+    live = LivePrompts()
+    with torch.no_grad(), intervene(model, interventions, inputs, adapter, live):
+        positions = None if do_sample or set(generate_kwargs) - {"pad_token_id"} else \
+            adapter.generation_position_ids(kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"])))
+        if positions is not None and _plain_greedy(hf):
+            new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live,
+                          _shared_prefills(_check_interventions(interventions), same_prompt, kwargs))
+        else:
+            new = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              **generate_kwargs)[:, kwargs["input_ids"].shape[1]:]
     return new if return_ids else tok.batch_decode(new, skip_special_tokens=True)
+
+
+#: the generation settings that would change greedy decoding (a logits processor, a constraint, beams), each with
+#: its neutral values: where the model's generation config holds only these, greedy decoding is the argmax of the logits
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "num_beams": (None, 1), "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0), "sequence_bias": (None,),
+    "renormalize_logits": (None, False), "guidance_scale": (None, 1.0), "exponential_decay_length_penalty": (None,),
+    "stop_strings": (None,), "watermarking_config": (None,)}
+
+
+def _plain_greedy(hf: Any) -> bool:
+    """Whether greedy decoding of ``hf`` is the plain argmax of its logits (its generation config sets none of
+    :data:`_NEUTRAL` away from neutral; a decoder-only model), so :func:`_greedy` gives what ``hf.generate`` gives."""
+    gc = getattr(hf, "generation_config", None)
+    if gc is None or getattr(hf.config, "is_encoder_decoder", False):
+        return False
+    value = lambda k: getattr(gc, k, None) or None if isinstance(getattr(gc, k, None), (list, tuple)) else getattr(gc, k, None)  # noqa: E731
+    return all(value(k) in ok for k, ok in _NEUTRAL.items())
+
+
+def _shared_prefills(ivs: list[Intervention], same_prompt: Sequence[Any] | None,
+                     kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """``(first, of_row)``: the prompts whose prefill is run (the first of each group of identical prompts with
+    alike edits of the prompt) and, per prompt, the position in ``first`` of the one it shares; ``None`` when no two
+    share or it cannot be told (an edit without :meth:`Intervention.prompt_key`, inputs not one row per prompt)."""
+    if same_prompt is None:
+        return None
+    B = kwargs["input_ids"].shape[0]
+    if len(same_prompt) != B or any(isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != B) for v in kwargs.values()):
+        return None
+    edits = [iv for iv in ivs if iv.edits_prompt]
+    groups: dict[Any, int] = {}
+    first, of_row = [], []
+    for b in range(B):
+        key = [same_prompt[b]]
+        for iv in edits:
+            k = iv.prompt_key(b)
+            if k is None:
+                return None
+            key.append(k)
+        g = groups.setdefault(tuple(key), len(groups))
+        if g == len(first):
+            first.append(b)
+        of_row.append(g)
+    if len(first) == B:
+        return None
+    return torch.tensor(first), torch.tensor(of_row)
+
+
+def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
+            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
+    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions),
+    so the later steps run only the captions still being written.  ``live.prompts`` tells the intervention hooks
+    which prompts the rows of each step continue.  Returns the new token ids ``[B, n]`` (``pad`` after the end)."""
+    import inspect
+
+    params = inspect.signature(hf.forward).parameters
+    cache_key = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    gc = hf.generation_config
+    eos = gc.eos_token_id
+    eos = torch.as_tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
+    pad = pad if pad is not None else (gc.pad_token_id if gc.pad_token_id is not None else (int(eos[0]) if len(eos) else 0))
+    ids = kwargs["input_ids"]
+    device = ids.device
+    mask = kwargs.get("attention_mask")
+    if mask is not None and bool((mask == 1).all()):
+        mask = None  # as generate does: no padding, no mask
+    B = ids.shape[0]
+    first = {**kwargs, "position_ids": positions.to(device)}
+    if mask is None:
+        first.pop("attention_mask", None)
+    if shared is not None:  # the prefill of each group of identical prompts with alike edits, run once
+        rep = shared[0].to(device)
+        first = {k: v[rep] if isinstance(v, Tensor) else v for k, v in first.items()}
+        live.prompts = rep
+    out = hf(**first, use_cache=True, return_dict=True, **extra)
+    live.prompts = None
+    cache = out.get(cache_key)
+    if cache is None:
+        cache = out.get("past_key_values")
+    logits = out.logits[:, -1]
+    del out
+    if shared is not None:
+        of_row = shared[1].to(device)
+        cache.reorder_cache(of_row)
+        logits = logits[of_row]
+    new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    alive = torch.arange(B, device=device)
+    pos = positions[:, -1:].to(device)
+    eos = eos.to(device)
+    n = 0
+    for step in range(max_new_tokens):
+        token = logits.float().argmax(-1)
+        new[alive, step] = token
+        n = step + 1
+        ended = torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().flatten()
+            alive, token, pos = alive[keep], token[keep], pos[keep]
+            mask = mask[keep] if mask is not None else None
+            cache.reorder_cache(keep)
+            live.prompts = alive
+        pos = pos + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        step_kwargs = {"input_ids": token[:, None], "position_ids": pos, cache_key: cache, "use_cache": True}
+        if mask is not None:
+            step_kwargs["attention_mask"] = mask
+        logits = hf(**step_kwargs, return_dict=True, **extra).logits[:, -1]
+    live.prompts = None
+    return new[:, :n]
 
 
 # ================================================================================================
@@ -530,6 +691,7 @@ class Captioner:
     batch_size: int = 64
     max_new_tokens: int = 28
     prompt_template: str | None = None  # a raw prompt ("[INST] <image>\n{caption} [/INST]"; {caption} = prompt)
+    _gather: bool = field(default=True, init=False, repr=False)
 
     def __call__(self, images: Sequence[Any], interventions: Any = ()) -> list[str]:
         text = self.adapter.render_prompt(self.processor, self.prompt, 1, add_generation_prompt=True,
@@ -538,12 +700,31 @@ class Captioner:
         with padding_side(self.processor, "left"):
             for i in range(0, len(images), self.batch_size):
                 chunk = list(images[i:i + self.batch_size])
-                enc = self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
-                enc = self.adapter.complete_inputs(enc)
+                enc = self.adapter.complete_inputs(self._encode(chunk, text))
                 ivs = interventions(i, i + len(chunk)) if callable(interventions) else interventions
                 out += generate(self.model, enc, ivs, max_new_tokens=self.max_new_tokens, processor=self.processor,
-                                adapter=self.adapter)
+                                adapter=self.adapter, same_prompt=[id(im) for im in chunk])
         return [c.strip() for c in out]
+
+    def _encode(self, chunk: list[Any], text: str) -> Any:
+        """The processor's encoding of ``chunk`` (one prompt per image).  A batch that repeats images (a dose-response
+        grid: the same image at many strengths) has each distinct image encoded once and the rows gathered from it
+        when every tensor of the encoding has one row per image (then it is exactly what encoding the whole batch
+        gives: the same images, so the same padding); otherwise (e.g. patches of all images flattened into one
+        tensor) the whole batch is encoded."""
+        first: dict[int, int] = {}
+        for im in chunk:
+            first.setdefault(id(im), len(first))
+        if len(first) < len(chunk) and self._gather:
+            distinct = list({id(im): im for im in chunk}.values())
+            enc = self.processor(images=distinct, text=[text] * len(distinct), return_tensors="pt", padding=True)
+            if all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == len(distinct) for v in enc.values()):
+                rows = torch.tensor([first[id(im)] for im in chunk])
+                for key in list(enc.keys()):
+                    enc[key] = enc[key][rows]
+                return enc
+            self._gather = False  # this processor's encodings cannot be gathered by row: do not try again
+        return self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
 
 
 def caption(vlm: Any, images: Sequence[Any], prompt: str, interventions: Any = (), *, max_new_tokens: int = 40,

@@ -28,8 +28,9 @@ negative steering over ``cfg.suppress_ratios``; effect = mention before minus af
 
 Positions (``cfg.positions``) are reported separately: ``image`` (the image tokens at prefill),
 ``image_but_last``, ``last`` (the last prompt token), ``generated`` (every generated token) and
-``image+generated`` (the reference).  Every (direction, strength, image) of a layer and position runs
-in large batches through per-prompt :class:`~jsae.interventions.Steer`.
+``image+generated`` (the reference).  Every (direction, strength, image) of a layer runs at every position
+set in the same large batches through per-prompt :class:`~jsae.interventions.Steer` (:func:`pooled_steer`), so
+the rows steered alike at prefill share it.
 
 Curves that cannot run say why (:attr:`Curve.reason`).  Statistics (r50, effect at a small strength and
 at matched preservation, image bootstrap) are in :mod:`jsae.protocol.stats`.
@@ -276,8 +277,8 @@ class SweepImages:
         """(images without ``concept``, images with it), ``n_images`` each at most, in order."""
         ci = self.cfg.concepts.index(concept)
         n = self.cfg.n_images
-        return ([i for i in range(len(self.images)) if not self.present[i, ci]][:n],
-                [i for i in range(len(self.images)) if self.present[i, ci]][:n])
+        has = self.present[:, ci].tolist()
+        return ([i for i, h in enumerate(has) if not h][:n], [i for i, h in enumerate(has) if h][:n])
 
     def used(self) -> list[int]:
         return sorted({i for c in self.cfg.concepts for part in self.split(c) for i in part})
@@ -302,6 +303,21 @@ class SweepImages:
 
 def steer_rows(layer: int, pos: str, directions: Tensor, strengths: Tensor) -> Callable[[int, int], list[Any]]:
     return lambda lo, hi: steer_interventions(layer, pos, directions[lo:hi], strengths[lo:hi])
+
+
+def pooled_steer(layer: int, sets: tuple[str, ...], directions: Tensor) -> Callable[[int, int], list[Any]]:
+    """Per-row edits of rows ``(row of directions, position set)`` in that order (each row of ``directions`` once per
+    position set of ``sets``, adjacent): one :class:`~jsae.interventions.Steer` per part of the position sets, at
+    strength 1 in the rows whose set has that part and 0 (``x + 0 · d`` is ``x``) in the others.  One batch then holds
+    a direction at every position set: the rows steered alike at prefill (``image`` and ``image+generated``; the
+    unsteered prefill of ``generated``) share one prefill (:func:`jsae.interventions.generate`)."""
+    from jsae.interventions import Steer
+
+    parts = list(dict.fromkeys(part for pos in sets for part in POSITION_SETS[pos]))
+    on = {part: torch.tensor([float(part in POSITION_SETS[pos]) for pos in sets]).repeat(len(directions)) for part in parts}
+    rows = torch.arange(len(directions)).repeat_interleave(len(sets))
+    return lambda lo, hi: [Steer(layer=layer, positions=p, timing=timing, direction=directions[rows[lo:hi]],
+                                 strength=on[(p, timing)][lo:hi]) for p, timing in parts]
 
 
 def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
@@ -377,13 +393,12 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                     vecs.append(g * base)
         if not rows:
             continue
-        D = torch.stack(vecs)
-        ones = torch.ones(len(rows))
-        for pos in (positions if sign > 0 else positions[:1]):
-            with tqdm(total=len(rows), desc=f"layer {layer}: {measure} at {pos}", disable=not progress,
-                      mininterval=5) as bar:
-                caps = run_rows(sweep, rows, steer_rows(layer, pos, D, ones), bar)
-            curves += curves_from(sweep, rows, caps, dirs, grid, absolute, measure, pos, sign, norm)
+        sets = positions if sign > 0 else positions[:1]
+        with tqdm(total=len(rows) * len(sets), desc=f"layer {layer}: {measure} at {', '.join(sets)}",
+                  disable=not progress, mininterval=5) as bar:
+            caps = run_rows(sweep, [r for r in rows for _ in sets], pooled_steer(layer, sets, torch.stack(vecs)), bar)
+        for k, pos in enumerate(sets):
+            curves += curves_from(sweep, rows, caps[k::len(sets)], dirs, grid, absolute, measure, pos, sign, norm)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
     at, timing = POSITION_SETS[positions[0]][0]  # the first part of the first position set, at its own timing
@@ -493,4 +508,5 @@ def run_sweep(vlm: Any, caption: CaptionFn, methods_by_layer: dict[int, dict[str
 
 __all__ = ["DECODERS", "POSITION_SETS", "RATIOS", "STEER_AT", "SUPPRESS_RATIOS", "Curve", "Direction", "SweepConfig",
            "SweepImages", "build_directions", "image_token_states", "measure_layer", "method_directions", "oracle_direction",
+           "pooled_steer",
            "run_sweep", "steer_interventions", "token_norm", "top_latents"]
