@@ -208,3 +208,44 @@ def test_default_positions_run_at_the_last_layer(tmp_path):
     assert clamps and {c["positions"] for c in clamps} == {"generated"}
     assert {c["positions"] for c in metrics["curves"] if c["measure"] == "steering"} == {"generated", "image+generated"}
     assert "7/positions" in metrics["skipped"]
+
+
+# ---- the demo's options cannot drift from ProtocolConfig --------------------------------------------------
+
+#: demo options that are not protocol settings (where the run goes) or that carry another name on the CLI
+DEMO_ONLY = {"out": "the run directory", "overwrite": "replace an existing run directory"}
+RENAMED = {"text_pooling": "text_positions"}
+#: ProtocolConfig fields the demo does not expose, each with why (fixed by the protocol, or derived)
+CONFIG_ONLY = {"n_sweep_layers": "derived from the model's depth when --layers is unset",
+               "methods": "the protocol's full method set (jsae.report.rundir.METHOD_INFO)",
+               "batch_size": "the training batch of the default recipe", "lr": "the default recipe's (DEFAULT_RECIPE.lr)",
+               "gen_batch": "an engine setting, not a protocol one (captions are identical at any batch)",
+               "dedup_images": "the protocol always steers distinct images"}
+
+
+def test_demo_options_are_protocol_config_fields_with_its_defaults():
+    import dataclasses
+
+    import typer.main
+
+    from jsae.cli import app
+    from jsae.protocol.run import ProtocolConfig
+
+    demo = typer.main.get_command(app).commands["demo"]
+    fields = {f.name: f for f in dataclasses.fields(ProtocolConfig)}
+    seen = set()
+    for p in demo.params:
+        if p.name in DEMO_ONLY:
+            continue
+        name = RENAMED.get(p.name, p.name)
+        assert name in fields, f"demo option --{p.name.replace('_', '-')} has no ProtocolConfig field: add one, or list it in DEMO_ONLY"
+        seen.add(name)
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if p.default is None:  # filled in by the config (or at run time)
+            continue
+        cli = tuple(x.strip() for x in p.default.split(",")) if isinstance(default, tuple) and isinstance(p.default, str) else p.default
+        assert cli == default, f"--{p.name.replace('_', '-')} defaults to {p.default!r}, ProtocolConfig.{name} to {default!r}"
+    missing = set(fields) - seen - set(CONFIG_ONLY)
+    assert not missing, f"ProtocolConfig fields with no demo option: {sorted(missing)} (add an option or list them in CONFIG_ONLY)"
+    assert not set(CONFIG_ONLY) & seen, "a field listed in CONFIG_ONLY has a demo option now: remove it from the list"

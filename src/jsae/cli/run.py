@@ -24,7 +24,7 @@ def demo(
     model: str = typer.Option("llava", help="llava | qwen3-vl-moe (shipped toy models), or a hub id / path of a real VLM (needs --data)"),
     data: Optional[str] = typer.Option(None, help="a COCO-captions-style dataset (path or hub id): caption words become the concepts"),
     data_split: str = typer.Option("train", help="split of --data; its rows are cut into train, label and sweep slices"),
-    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: none on the world, 'Describe the image.' on real data)"),
+    prompt: Optional[str] = typer.Option(None, help="captioning prompt (default: 'describe the image' on the world, 'Describe the image.' on real data)"),
     layers: Optional[str] = typer.Option(None, help="comma-separated decoder layers to sweep (default: 4 spread over the depth)"),
     steps: Optional[int] = typer.Option(None, min=1, help="training steps of every SAE (default 2000; with --preset reference: of the TopK baseline only, default 600)", callback=STEPS),
     epochs: Optional[int] = typer.Option(None, min=1, help="--preset reference: training epochs of the JSAE methods (default 20)", callback=STEPS),

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from jsae.data.sources import CaptionSource, DataSource, WorldSource, check_fingerprint
 from jsae.files import apply_umask, write_json
 from jsae.labels import FeatureLabels, label_features
-from jsae.protocol.methods import METHODS, Method, train_methods
+from jsae.protocol.methods import DEFAULT_RECIPE, METHODS, Method, train_methods
 from jsae.protocol.sweep import RATIOS, Curve, SweepConfig, run_sweep, token_norm
 from jsae.report.rundir import RunDir
 from jsae.vlm import VLM
@@ -91,7 +91,7 @@ class ProtocolConfig:
     steps: int | None = None  # preset: 2000 (default: every method) | 600 (reference: the TopK baseline only)
     epochs: int | None = None  # preset: None (default: steps) | 20 (reference: epochs of the JSAE methods)
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = DEFAULT_RECIPE.lr
     n_images: int = 5  # sweep images per concept (without it: steering; with it: suppression), the same at every strength
     top_k: int = 3  # latents per (method, decoder, concept), ranked by correlation with the concept
     ratios: tuple[float, ...] = RATIOS  # strength grid × the mean per-token image-state norm (shared by every method)
