@@ -804,7 +804,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         inputs = {m: self._encoder_inputs(x, m) for m, x in zip(MODALITIES, (vision, text))}
         with torch.no_grad():  # the active codes' count decides the path (their indices only on the sparse one)
             positive = {m: pre > 0 for m, (_, pre) in inputs.items()}
-            density = max(int(p.sum()) for p in positive.values()) / max(1, inputs["vision"][1].numel())
+            density = max(int(torch.count_nonzero(p)) for p in positive.values()) / max(1, inputs["vision"][1].numel())
         sparse = density <= self.sparse_relu_max_density
         out = {}
         for m, (sae_in, pre) in inputs.items():
