@@ -28,9 +28,10 @@ The TopK path uses the same functions on its ``k`` selected entries per sample (
 auxiliary loss on the top dead latents' entries.  One modality's path is one function: :func:`relu_sparse_codes`,
 :func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`).
 
-Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work.  When the codes are
-dense (early in training) :class:`EncoderFromPre` still saves the ``grad_sae_in`` matmul: the caller picks
-the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
+Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
+intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
+saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
 returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
