@@ -208,3 +208,80 @@ def test_topk_sparse_path_matches_the_reference_with_dead_latents(alignment, var
     for m in ("vision", "text"):
         torch.testing.assert_close(out.feature_acts[m], ref.feature_acts[m].detach())
         assert torch.equal(out.fired[m], ref.feature_acts[m].amax(0) > 0)
+
+
+def test_dense_cosine_matches_the_plain_loss_and_gradient_with_empty_and_tiny_rows():
+    from jsae.saes.alignment import cosine
+    from jsae.saes.sparse_relu import dense_cosine
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.relu(torch.randn(2, 12, 40, generator=g, dtype=torch.float64))
+    z[0, 3] = 0.0  # a sample without active codes in one modality
+    z[1, 5] = 0.0
+    z[0, 7], z[1, 7] = 0.0, 0.0  # in both
+    z[0, 9] = 1e-10 * (torch.arange(40) == 2)  # a norm below the clamp
+    results = []
+    for fn in (cosine, dense_cosine):
+        zv, zt = z[0].clone().requires_grad_(), z[1].clone().requires_grad_()
+        loss = fn(zv, zt)
+        loss.backward()
+        results.append((loss.detach(), zv.grad, zt.grad))
+    (ref, gv_ref, gt_ref), (got, gv, gt) = results
+    assert 0.1 < float(ref) < 1.0 and float(gv_ref[9].abs().max()) > 1e6  # the tiny row's gradient is large
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(gv, gv_ref)
+    torch.testing.assert_close(gt, gt_ref)
+    # the sparse path's cosine, on the same codes' active entries
+    from jsae.saes.sparse_relu import sparse_cosine
+
+    (cv, vv), (ct, vt) = relu_codes(z[0]), relu_codes(z[1])
+    vv, vt = vv.clone().requires_grad_(), vt.clone().requires_grad_()
+    loss = sparse_cosine(vv, cv, vt, ct)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref)
+    torch.testing.assert_close(vv.grad, gv_ref[cv.rows, cv.cols])
+    torch.testing.assert_close(vt.grad, gt_ref[ct.rows, ct.cols])
+
+
+def test_one_thread_runs_its_block_on_one_thread_and_restores_the_count():
+    from jsae.saes.sparse_relu import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with one_thread(enabled=False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_thread():
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_dense_code_path_reports_the_fired_latents_from_its_density_count():
+    sae = make_sae(shift=0.0)
+    sae.sparse_relu_max_density = 0.0
+    g = torch.Generator().manual_seed(4)
+    v, t = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    with torch.no_grad():
+        sae.b_enc_of("vision")[:5] = -50.0  # five latents that cannot fire on the vision side
+    out = sae.paired_forward_pass(v, t, COEFFS)
+    assert out.path == "dense-codes" and out.fired is not None
+    for m in ("vision", "text"):
+        assert torch.equal(out.fired[m], out.feature_acts[m].amax(0) > 0)
+    assert not out.fired["vision"][:5].any() and out.fired["vision"].sum() > 20
+
+
+def test_a_training_step_on_the_sparse_path_keeps_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for activation, max_density in (("relu", 1.0), ("topk", None)):
+            tr, paths = train(TrainingJointSAE, 3, max_density=max_density, activation=activation, k=4)
+            assert set(paths) == {"sparse"} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

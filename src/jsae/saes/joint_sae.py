@@ -50,8 +50,8 @@ from jsae.guards import shape_checked
 from jsae.saes.alignment import get_alignment_loss
 from jsae.saes.sae_files import (CFG_FILE, WEIGHTS_FILE, atomic_save, check_finite_state, check_finite_weights,  # noqa: F401
                                   check_sae_dir, check_state_dict)
-from jsae.saes.sparse_relu import (SPARSE_ALIGNMENTS, active_entries, relu_dense_codes, relu_sparse_codes,
-                                   sparse_aux_reconstruction, topk_sparse_codes)
+from jsae.saes.sparse_relu import (DENSE_ALIGNMENTS, SPARSE_ALIGNMENTS, active_entries, one_thread, relu_dense_codes,
+                                   relu_sparse_codes, sparse_aux_reconstruction, topk_sparse_codes)
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
@@ -711,12 +711,15 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                 self._aux(b.aux_recon, x - b.sae_out.detach(), coefficients["aux"] * b.aux_scale, modality)
         return losses
 
-    def _alignment(self, vision: BranchCodes, text: BranchCodes) -> Tensor:
+    def _alignment(self, vision: BranchCodes, text: BranchCodes, fast: bool = False) -> Tensor:
         """The alignment loss (before its coefficient): from the sparse codes when both paths have them (the loss
         of :data:`~jsae.saes.sparse_relu.SPARSE_ALIGNMENTS`, or a user-registered one on dense codes that carry
-        the values' gradient), else from the dense ``feature_acts``."""
+        the values' gradient), else from the dense ``feature_acts`` (on a ``fast`` path with the loss of
+        :data:`~jsae.saes.sparse_relu.DENSE_ALIGNMENTS` when it has one)."""
         loss, temperature = get_alignment_loss(self.cfg.alignment), self.cfg.infonce_temperature
         if vision.sparse is None or text.sparse is None:
+            if fast and self.cfg.alignment in DENSE_ALIGNMENTS:
+                loss = DENSE_ALIGNMENTS[self.cfg.alignment]
             return loss(vision.feature_acts, text.feature_acts, temperature=temperature)
         if self.cfg.alignment in SPARSE_ALIGNMENTS:
             return SPARSE_ALIGNMENTS[self.cfg.alignment](*vision.sparse, *text.sparse, temperature=temperature)
@@ -732,7 +735,8 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         for m, x in zip(MODALITIES, (vision, text)):
             out.losses.update(self._branch_terms(x, m, codes[m], coefficients))
             out.feature_acts[m], out.sae_out[m] = codes[m].feature_acts, codes[m].sae_out
-        out.losses["alignment_loss"] = coefficients["alignment"] * self._alignment(codes["vision"], codes["text"])
+        out.losses["alignment_loss"] = coefficients["alignment"] * self._alignment(codes["vision"], codes["text"],
+                                                                                   fast=path != "dense")
         out.loss = sum(out.losses.values())  # type: ignore[assignment]
         return out
 
@@ -778,13 +782,14 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         centre = bool(self.cfg.apply_b_dec_to_input)
         sae_in, pre = self._encoder_inputs(x, modality)
         weights = self._weights(modality)
-        values, codes, recon = topk_sparse_codes(sae_in, pre, self.cfg.k, *weights, centre)
-        z = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), values.detach()) if sparse_codes \
-            else pre.new_zeros(pre.shape).index_put((codes.rows, codes.cols), values)
-        aux_recon, scale = None, 0.0
-        if self._uses_aux(dead, coefficients):
-            k_aux, scale = self.aux_selection(dead)  # type: ignore[arg-type]
-            aux_recon = sparse_aux_reconstruction(sae_in, pre, dead, k_aux, *weights, centre)  # type: ignore[arg-type]
+        with one_thread(pre.device.type == "cpu"):  # small ops from here on (see one_thread)
+            values, codes, recon = topk_sparse_codes(sae_in, pre, self.cfg.k, *weights, centre)
+            z = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), values.detach()) if sparse_codes \
+                else pre.new_zeros(pre.shape).index_put((codes.rows, codes.cols), values)
+            aux_recon, scale = None, 0.0
+            if self._uses_aux(dead, coefficients):
+                k_aux, scale = self.aux_selection(dead)  # type: ignore[arg-type]
+                aux_recon = sparse_aux_reconstruction(sae_in, pre, dead, k_aux, *weights, centre)  # type: ignore[arg-type]
         fired = codes.latent_counts > 0 if sparse_codes else None
         return BranchCodes(z, pre, recon, aux_recon=aux_recon, aux_scale=scale,
                            sparse=(values, codes) if sparse_codes else None, fired=fired)
@@ -797,19 +802,21 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         ``"dense-codes"``).  ``hook_sae_acts_pre`` is not called and ``feature_acts`` are detached on the sparse path."""
         centre = bool(self.cfg.apply_b_dec_to_input)
         inputs = {m: self._encoder_inputs(x, m) for m, x in zip(MODALITIES, (vision, text))}
-        with torch.no_grad():  # the active entries, whose count decides the path
-            active = {m: active_entries(pre) for m, (_, pre) in inputs.items()}
-            density = max(a.numel() for a in active.values()) / max(1, inputs["vision"][1].numel())
+        with torch.no_grad():  # the active codes' count decides the path (their indices only on the sparse one)
+            positive = {m: pre > 0 for m, (_, pre) in inputs.items()}
+            density = max(int(torch.count_nonzero(p)) for p in positive.values()) / max(1, inputs["vision"][1].numel())
         sparse = density <= self.sparse_relu_max_density
         out = {}
         for m, (sae_in, pre) in inputs.items():
             if sparse:
-                values, codes, recon = relu_sparse_codes(sae_in, pre, active[m], *self._weights(m), centre)
-                out[m] = BranchCodes(pre.relu_(), pre, recon, l1_codes=values, sparse=(values, codes),
-                                     fired=codes.latent_counts > 0)
+                with one_thread(pre.device.type == "cpu"):  # small ops (see one_thread)
+                    active = active_entries(pre, positive[m])
+                    values, codes, recon = relu_sparse_codes(sae_in, pre, active, *self._weights(m), centre)
+                    out[m] = BranchCodes(pre.relu_(), pre, recon, l1_codes=values, sparse=(values, codes),
+                                         fired=codes.latent_counts > 0)
             else:
                 z, recon = relu_dense_codes(sae_in, pre, *self._weights(m), centre)
-                out[m] = BranchCodes(z, pre, recon, l1_codes=z)
+                out[m] = BranchCodes(z, pre, recon, l1_codes=z, fired=positive[m].any(0))
         return out, "sparse" if sparse else "dense-codes", density
 
     def branch_losses(self, x: Tensor, modality: str, coefficients: dict[str, float], dead: Tensor | None,
@@ -841,9 +848,11 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
             return self._objective(vision, text, codes, coefficients, "dense")
         if self.cfg.activation == "topk":
             codes = {m: self._sparse_topk_codes(x, m, dead[m], coefficients, True) for m, x in zip(MODALITIES, (vision, text))}
-            return self._objective(vision, text, codes, coefficients, "sparse")
+            with one_thread(vision.device.type == "cpu"):
+                return self._objective(vision, text, codes, coefficients, "sparse")
         codes, path, density = self._fast_relu_codes(vision, text)
-        return self._objective(vision, text, codes, coefficients, path, density)
+        with one_thread(path == "sparse" and vision.device.type == "cpu"):
+            return self._objective(vision, text, codes, coefficients, path, density)
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         """Single-modality step (the default branch) for SAELens's ``SAETrainer``."""

@@ -28,9 +28,10 @@ The TopK path uses the same functions on its ``k`` selected entries per sample (
 auxiliary loss on the top dead latents' entries.  One modality's path is one function: :func:`relu_sparse_codes`,
 :func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`).
 
-Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work.  When the codes are
-dense (early in training) :class:`EncoderFromPre` still saves the ``grad_sae_in`` matmul: the caller picks
-the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
+Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
+intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
+saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
 returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
@@ -38,17 +39,39 @@ returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bags", "CsrMM", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
+__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
-           "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes", "topk_sparse_codes"]
+           "one_thread", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "topk_sparse_codes"]
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Inside the block torch runs on one intra-op thread (when ``enabled``); the thread count is restored on exit.
+
+    The sparse steps are hundreds of small operations (index, gather, ``embedding_bag``, ``index_add``) on
+    ``O(nnz)`` entries: on more than one thread each pays a barrier, and with OpenMP's default spin-wait policy the
+    threads spin against each other when the cores are shared (the sparse ReLU step at 512 -> 4096, 1024 pairs,
+    under load 7: 2.9 units on one thread, 7.1 on two spinning ones).  Only the dense encoder matmul, outside the
+    block, uses every thread."""
+    if not enabled or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def argsort_latents(latents: Tensor) -> Tensor:
@@ -56,16 +79,9 @@ def argsort_latents(latents: Tensor) -> Tensor:
 
     PyTorch sorts int64 on CPU with a parallel radix sort whose thread barriers stall when the cores are
     shared: 85k keys on the 2-core machine under load 3.7 took median 6 ms, 90th percentile 176 ms on 2
-    threads, against median 1.4 ms, max 5.5 ms on one (a float32-key argsort: median 40 ms).  The thread
-    count is process-wide, so it is restored at once."""
-    if latents.device.type != "cpu" or torch.get_num_threads() == 1:
+    threads, against median 1.4 ms, max 5.5 ms on one (a float32-key argsort: median 40 ms)."""
+    with one_thread(latents.device.type == "cpu"):
         return torch.argsort(latents, stable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.argsort(latents, stable=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Bags(NamedTuple):
@@ -98,9 +114,9 @@ def _starts(counts: Tensor) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def active_entries(pre: Tensor) -> Tensor:
-    """The row-major linear indices of the positive entries of ``pre`` (their count is the measured density)."""
-    return torch.nonzero(pre.reshape(-1) > 0).squeeze(1)
+def active_entries(pre: Tensor, positive: Tensor | None = None) -> Tensor:
+    """The row-major linear indices of the positive entries of ``pre`` (``positive``: the caller's ``pre > 0``)."""
+    return torch.nonzero((pre > 0 if positive is None else positive).reshape(-1)).squeeze(1)
 
 
 def relu_codes(pre: Tensor, linear: Tensor | None = None) -> tuple[SparseCodes, Tensor]:
@@ -305,10 +321,17 @@ def _dot(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCode
     return val_v.new_zeros(codes_v.shape[0]).index_add(0, codes_v.rows[i], val_v[i] * val_t[j])
 
 
+def _along(scale: Tensor, cos: Tensor, norm: Tensor, sq: Tensor) -> Tensor:
+    """The cosine gradient's factor on a sample's own codes: ``scale · cos / (norm · |z|)`` with ``norm`` clamped at
+    ``eps`` and ``|z|`` not (``F.cosine_similarity`` clamps the norm without gradient, so a norm below ``eps`` still
+    passes its gradient); zero for an empty sample."""
+    return torch.where(sq > 0, scale * cos / (norm * sq.sqrt()), 0.0)
+
+
 class SparseCosine(torch.autograd.Function):
     """``mean_b (1 - cos(z_v[b], z_t[b]))`` on sparse codes with an analytic backward (a dozen ``nnz``-sized
     operations in all, where autograd would record some thirty).  Norms are clamped at ``eps`` as in
-    ``F.cosine_similarity``; below it the norm's gradient is zero."""
+    ``F.cosine_similarity`` (see :func:`_along`)."""
 
     @staticmethod
     def forward(ctx: Any, val_v: Tensor, val_t: Tensor, codes_v: SparseCodes, codes_t: SparseCodes,  # type: ignore[override]
@@ -318,24 +341,57 @@ class SparseCosine(torch.autograd.Function):
         norm_v, norm_t = sq_v.clamp(min=eps * eps).sqrt(), sq_t.clamp(min=eps * eps).sqrt()
         dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows[i], val_v[i] * val_t[j])
         cos = dot / (norm_v * norm_t)
-        ctx.save_for_backward(val_v, val_t, i, j, cos, norm_v, norm_t, sq_v > eps * eps, sq_t > eps * eps)
+        ctx.save_for_backward(val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t)
         ctx.codes = codes_v, codes_t
         return (1.0 - cos).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        val_v, val_t, i, j, cos, norm_v, norm_t, live_v, live_t = ctx.saved_tensors
+        val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
         codes_v, codes_t = ctx.codes
         scale = -grad / cos.numel()  # d loss / d cos_b
         across = scale / (norm_v * norm_t)  # times the other modality's matching value
         grads = []
-        for val, codes, other, mine, theirs, norm, live in ((val_v, codes_v, val_t, i, j, norm_v, live_v),
-                                                            (val_t, codes_t, val_v, j, i, norm_t, live_t)):
-            along = torch.where(live, scale * cos / (norm * norm), 0.0)  # times the own value
+        for val, codes, other, mine, theirs, norm, sq in ((val_v, codes_v, val_t, i, j, norm_v, sq_v),
+                                                          (val_t, codes_t, val_v, j, i, norm_t, sq_t)):
+            along = _along(scale, cos, norm, sq)  # times the own value
             g = -along[codes.rows] * val
             g.index_add_(0, mine, across[codes.rows[mine]] * other[theirs])
             grads.append(g)
         return grads[0], grads[1], None, None, None
+
+
+class DenseCosine(torch.autograd.Function):
+    """:func:`jsae.saes.alignment.cosine` on dense codes ``[B, d_sae]`` with the analytic backward of
+    :class:`SparseCosine`: row dots as one batched product each (no ``[B, d_sae]`` temporaries) and the gradient
+    in two passes, where ``F.cosine_similarity`` and its autograd take some twenty element-wise passes."""
+
+    @staticmethod
+    def forward(ctx: Any, z_v: Tensor, z_t: Tensor, eps: float = 1e-8) -> Tensor:  # type: ignore[override]
+        def rows(a: Tensor, b: Tensor) -> Tensor:
+            return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+        sq_v, sq_t, dot = rows(z_v, z_v), rows(z_t, z_t), rows(z_v, z_t)
+        norm_v, norm_t = sq_v.clamp(min=eps * eps).sqrt(), sq_t.clamp(min=eps * eps).sqrt()
+        cos = dot / (norm_v * norm_t)
+        ctx.save_for_backward(z_v, z_t, cos, norm_v, norm_t, sq_v, sq_t)
+        return (1.0 - cos).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z_v, z_t, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
+        scale = -grad / cos.numel()  # d loss / d cos_b
+        across = (scale / (norm_v * norm_t)).unsqueeze(1)  # times the other modality's codes
+        grads = []
+        for own, other, norm, sq in ((z_v, z_t, norm_v, sq_v), (z_t, z_v, norm_t, sq_t)):
+            along = _along(scale, cos, norm, sq).unsqueeze(1)  # times the own codes
+            grads.append(torch.addcmul(other * across, own, along, value=-1.0))
+        return grads[0], grads[1], None
+
+
+def dense_cosine(z_v: Tensor, z_t: Tensor, **_: float) -> Tensor:
+    """:class:`DenseCosine` as a function: ``mean_b (1 - cos(z_v[b], z_t[b]))``."""
+    return DenseCosine.apply(z_v, z_t)  # type: ignore[no-any-return]
 
 
 def sparse_cosine(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes, **_: float) -> Tensor:
@@ -374,3 +430,5 @@ SPARSE_ALIGNMENTS: dict[str, SparseAlignment] = {
     "l2": sparse_l2,
     "none": sparse_none,
 }
+# the fast paths' alignment on dense codes (the ReLU dense-code path); other losses use jsae.saes.alignment's
+DENSE_ALIGNMENTS: dict[str, SparseAlignment] = {"cosine": dense_cosine}

@@ -67,6 +67,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
+from jsae.saes.sparse_relu import one_thread
 from jsae.files import replace_dir, write_json, writing
 from jsae.training.data import check_paired_batch
 from jsae.saes.metrics import explained_variance
@@ -454,7 +455,8 @@ class JointSAETrainer:
         dead = self.steps_since_fired >= c.dead_feature_window
         out = sae.paired_forward_pass(vision, text, self._coefficients(), dead)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with one_thread(out.path == "sparse" and torch.device(c.device).type == "cpu"):  # a sparse backward: small ops
+            out.loss.backward()
         if self.world_size > 1:
             for p in self.optimizer.param_groups[0]["params"]:
                 if p.grad is not None:
