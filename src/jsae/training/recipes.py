@@ -1,6 +1,6 @@
-"""Training recipes every caller shares: :func:`train_jsae_unit_norm` (the protocol's and the release
-builder's JSAE recipe), :func:`train_saelens_topk` (a plain SAELens TopK SAE by SAELens's own trainer) and
-the separate-SAE baseline below.
+"""Training recipes every caller shares: :func:`unit_norm_scale` (the scale the default JSAE recipe,
+:data:`jsae.protocol.methods.DEFAULT_RECIPE`, trains at), :func:`train_saelens_topk` (a plain SAELens TopK SAE
+by SAELens's own trainer) and the separate-SAE baseline below.
 
 Separate SAEs, the baseline for the alignment claim: two separately trained SAEs, aligned after training.
 
@@ -33,11 +33,10 @@ from torch import Tensor
 
 from jsae.correlation import correlation_matrix
 from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
-from jsae.training.data import PairedTensorData
 from jsae.training.trainer import JointSAETrainer, JointTrainerConfig
 
 __all__ = ["REFERENCE_BATCH_SIZE", "hungarian_match", "match_separate_saes", "reference_configs", "separate_config",
-           "train_jsae_unit_norm", "train_saelens_topk", "train_separate_saes", "unit_norm_scale"]
+           "train_saelens_topk", "train_separate_saes", "unit_norm_scale"]
 
 #: The reference's batch: 8 (image, caption) pairs.  A data choice, not a trainer option: pass it to the data,
 #: e.g. ``PairedTensorData(vision, text, batch_size=REFERENCE_BATCH_SIZE)`` or ``load_pairs(..., batch_size=8)``.
@@ -140,19 +139,6 @@ def unit_norm_scale(vision: Tensor, text: Tensor) -> float:
     """The factor that brings the mean norm of the pooled vectors to sqrt(d_in) (SAELens's convention, so an
     L1 coefficient means the same at every layer)."""
     return math.sqrt(vision.shape[1]) / float(torch.cat([vision, text]).norm(dim=-1).mean())
-
-
-def train_jsae_unit_norm(sae_cfg: TrainingJointSAEConfig, trainer_cfg: JointTrainerConfig, vision: Tensor, text: Tensor,
-                         batch_size: int) -> TrainingJointSAE:
-    """Train a JSAE on ``(vision, text)`` scaled to mean norm sqrt(d_in), then fold the scale into the weights,
-    so the returned SAE (in eval mode) takes raw activations.  Deterministic for ``trainer_cfg.seed``."""
-    scale = unit_norm_scale(vision, text)
-    data = PairedTensorData(vision * scale, text * scale, batch_size=min(batch_size, vision.shape[0]), seed=trainer_cfg.seed)
-    trainer = JointSAETrainer.from_config(sae_cfg, trainer_cfg, data)
-    sae = trainer.fit().eval()
-    sae.fold_activation_norm_scaling_factor(scale)
-    sae.training_history = list(trainer.history)  # logged losses, for convergence checks
-    return sae
 
 
 def train_saelens_topk(x: Tensor, d_sae: int, k: int, steps: int, batch_size: int, lr: float, seed: int = 0, *,
