@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from jsae.correlation import correlation_matrix
-from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
+from jsae.saes.joint_sae import TrainingJointSAEConfig
 from jsae.training.trainer import JointSAETrainer, JointTrainerConfig
 
 __all__ = ["REFERENCE_BATCH_SIZE", "hungarian_match", "match_separate_saes", "reference_configs", "separate_config",
