@@ -249,3 +249,21 @@ def test_demo_options_are_protocol_config_fields_with_its_defaults():
     missing = set(fields) - seen - set(CONFIG_ONLY)
     assert not missing, f"ProtocolConfig fields with no demo option: {sorted(missing)} (add an option or list them in CONFIG_ONLY)"
     assert not set(CONFIG_ONLY) & seen, "a field listed in CONFIG_ONLY has a demo option now: remove it from the list"
+
+
+def test_the_figure_draws_suppression_where_it_draws_steering():
+    """Default positions: steering at image / generated / image+generated, suppression at image (early layers) and
+    at generated (the last layer): the figure's suppression row must come from the image bands, not be empty."""
+    from jsae.report import figure_bands
+
+    band = {"strengths": [0.5, 1.0], "effect": [0.2, 0.8], "low": [0.1, 0.7], "high": [0.3, 0.9], "preservation": [1, 1]}
+    m = {"config": {"positions": None},
+         "summary": {"bands": {"steering": {"image": {"oracle": {"0": band}}, "generated": {"oracle": {"7": band}}},
+                               "suppression": {"generated": {"oracle": {"7": band}}, "image": {"oracle": {"0": band}}}}}}
+    pos, steering, sup_pos, sup = figure_bands(m)
+    assert (pos, sup_pos) == ("image", "image") and steering == {"oracle": {"0": band}} and sup == {"oracle": {"0": band}}
+    m["config"]["positions"] = ["image+generated"]  # suppression never measured there: its first positions
+    pos, steering, sup_pos, sup = figure_bands(m)
+    assert (pos, steering, sup_pos) == ("image+generated", {}, "generated")
+    m["summary"]["bands"].pop("suppression")
+    assert figure_bands(m)[2:] == (None, None)
