@@ -52,17 +52,11 @@ from typing import Any, Iterator
 DENSE_PHASE = 0.1  # the JSAE code density above which a step belongs to the "dense" phase
 
 
-def time_unit(n: int, d_in: int, d_sae: int, reps: int = 3) -> float:
-    import torch
+def time_unit(n: int, d_in: int, d_sae: int) -> float:
+    """The unit: ``train_throughput.time_matmul`` (imported here, in the child, so the parent never loads torch)."""
+    from train_throughput import time_matmul
 
-    x, w = torch.randn(n, d_in), torch.randn(d_in, d_sae) / d_in**0.5
-    x @ w
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x @ w
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_matmul(n, d_in, d_sae, reps=3)
 
 
 def load_pairs(data: str, d_in: int, rows: int, features: int, layer: int | None) -> tuple[Any, Any]:

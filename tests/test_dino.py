@@ -124,3 +124,13 @@ def test_cli_toy_parts_refuses_unknown_stages(tmp_path):
     r = CliRunner().invoke(app, ["vista", "toy-parts", "--out", str(tmp_path), "--stages", "lm,clip"])
     assert r.exit_code == 2 and "lm, vision and / or dino" in r.output
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_inputs_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="probe must be"):
+        train_dino_tower(tmp_path, TINY, probe=(0, 10), progress=False)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="n_fit >= 1"):
+        patch_probe(None, None, n_fit=0)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        DinoConfig(mask_ratio=(0.5, 0.2))

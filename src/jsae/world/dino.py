@@ -197,6 +197,8 @@ def train_dino_tower(out_dir: str | Path | None = None, cfg: DinoConfig | None =
     from transformers import Dinov2Model
 
     cfg = cfg or DinoConfig()
+    if len(probe) != 2 or min(probe) < 1:
+        raise ValueError(f"probe must be (scenes to fit, scenes to score), both >= 1, got {probe}")
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(cfg.seed)
@@ -317,6 +319,8 @@ def patch_probe(tower: nn.Module, processor: Any, n_fit: int = 400, n_test: int 
     """How much of each patch's object a tower's patch features carry: ridge read-outs of the type and the colour
     of the object covering a patch (patches covered by exactly one object), fitted on ``n_fit`` validation scenes
     and scored on ``n_test`` others; chance beside each."""
+    if int(n_fit) < 1 or int(n_test) < 1:
+        raise ValueError(f"patch_probe needs n_fit >= 1 and n_test >= 1 scenes, got {n_fit} and {n_test}")
     scenes = [generate_scene(scene_seed(seed, "validation", i)) for i in range(n_fit + n_test)]
     X, yt, yc = _patch_features(tower, processor, scenes)
     per = X.shape[0] // len(scenes)
