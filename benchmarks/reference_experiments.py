@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     from jsae.protocol.experiments import run_experiments, write_experiments_report
     from jsae.protocol.reference_metrics import LMPerplexity, SentenceSimilarity
-    from jsae.protocol.run import REFERENCE_ALPHAS
+    from jsae.protocol.reference import REFERENCE_ALPHAS
     from jsae.world.training import part_dir
 
     out = args.out or args.run / "experiments"

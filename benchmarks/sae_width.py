@@ -43,7 +43,7 @@ def main() -> None:
     from jsae.capture import read_layer
     from jsae.files import write_json
     from jsae.protocol.methods import train_methods
-    from jsae.protocol.run import sae_metrics
+    from jsae.protocol.stages import sae_metrics
 
     v, t, _ = read_layer(args.capture / "train", args.layer)
     vl, tl, _ = read_layer(args.capture / "label", args.layer)

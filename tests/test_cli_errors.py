@@ -101,7 +101,8 @@ def test_unexpected_failures_are_one_line_unless_debug():
 def test_a_run_that_fails_after_writing_removes_what_it_wrote(tmp_path):
     """The protocol fails in training (an SAE too large for the machine) after run.json and the captures exist:
     a fresh run directory is emptied, so the corrected retry is not refused as another run."""
-    from jsae.protocol.run import ProtocolConfig, run_protocol
+    from jsae.protocol.config import ProtocolConfig
+    from jsae.protocol.run import run_protocol
 
     out = tmp_path / "run"
     cfg = ProtocolConfig(n_train=8, n_label=8, n_eval=8, layers=[2], d_sae=10**9, steps=2, methods=("jsae",))

@@ -66,7 +66,7 @@ def test_a_default_stated_in_words_never_contradicts_the_option_default():
 
 def test_demo_help_defaults_are_the_config_it_runs():
     from jsae.cli.run import demo_config
-    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.config import ProtocolConfig
 
     cmd = COMMANDS["demo"]
     defaults = {k: v for k, v in _click_defaults(cmd).items() if k not in ("out", "overwrite", "help")}
@@ -103,7 +103,7 @@ def test_sae_train_help_defaults_are_the_configs_it_trains_with():
 
 
 def test_sae_steer_help_default_caption_length_is_the_one_used():
-    from jsae.protocol.run import PRESET_CHOICES
+    from jsae.protocol.config import PRESET_CHOICES
 
     stated = _stated(COMMANDS["sae steer"])
     assert _num(stated["max_new_tokens"]) == PRESET_CHOICES["default"]["max_new_tokens"]

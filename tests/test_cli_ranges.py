@@ -186,7 +186,7 @@ def test_a_capture_that_cannot_fit_on_its_disk_is_refused_with_the_estimate(tmp_
 
 def test_python_boundaries_refuse_a_world_too_large_for_memory():
     from jsae.data.sources import WorldSource
-    from jsae.protocol.run import ProtocolConfig, check_config
+    from jsae.protocol.config import ProtocolConfig, check_config
 
     with pytest.raises(MemoryError, match="n = 1000000000000 world pairs need about"):
         WorldSource.split("train", 10**12)

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jsae.cli import app
-from jsae.protocol.run import ARTEFACTS, ProtocolConfig, run_protocol
+from jsae.protocol.config import ProtocolConfig
+from jsae.protocol.run import ARTEFACTS, run_protocol
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow  # the protocol end to end (~1 min in all)
@@ -229,7 +230,7 @@ def test_demo_options_are_protocol_config_fields_with_its_defaults():
     import typer.main
 
     from jsae.cli import app
-    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.config import ProtocolConfig
 
     demo = typer.main.get_command(app).commands["demo"]
     fields = {f.name: f for f in dataclasses.fields(ProtocolConfig)}

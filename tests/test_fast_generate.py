@@ -18,7 +18,8 @@ LAYER = 1
 def toy():
     """The shipped toy LLaVA (a trained model: its captions end at different lengths) and a few world images."""
     from jsae.data.sources import WorldSource
-    from jsae.protocol.run import ProtocolConfig, captioner_for, world_prompts
+    from jsae.protocol.config import ProtocolConfig, world_prompts
+    from jsae.protocol.stages import captioner_for
     from jsae.vlm import load_vlm
 
     vlm = load_vlm("llava")

@@ -85,7 +85,7 @@ def test_default_recipe_is_the_one_every_default_trainer_uses():
 
     from jsae.cli.sae import TRAIN_DEFAULTS, train_configs
     from jsae.protocol.methods import DEFAULT_RECIPE
-    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.config import ProtocolConfig
     from jsae.releases.build import BuildConfig
 
     lr = {f.name: f.default for f in dataclasses.fields(BuildConfig)}["lr"]

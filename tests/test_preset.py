@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from jsae.cli import app
 from jsae.data.judges import compression_ratio, distinct_3, text_quality, zlib_ratio
 from jsae.protocol.methods import train_methods
-from jsae.protocol.run import (REFERENCE_ALPHAS, ProtocolConfig, apply_preset, reference_differences,
-                               reference_prompts)
+from jsae.protocol.config import ProtocolConfig, apply_preset
+from jsae.protocol.reference import REFERENCE_ALPHAS, reference_differences, reference_prompts
 
 runner = CliRunner()
 

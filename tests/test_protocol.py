@@ -79,7 +79,7 @@ def test_train_methods_width_from_the_expansion_factor_and_revival(monkeypatch):
     """``expansion_factor`` × d_in gives every method its width; revival resamples the JSAEs' dead latents on the
     schedule (32 steps: every 4 steps while 4 more follow, 7 times) and trains the TopK baseline with AuxK."""
     from jsae.protocol.methods import resolve_d_sae, revival_schedule
-    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.config import ProtocolConfig
     from jsae.training import JointSAETrainer
 
     calls: list[int] = []
@@ -115,7 +115,7 @@ def test_sae_metrics_dead_latents_and_fvu_per_branch_pooled_and_per_token():
     input as its branch's b_dec: FVU = Σ|x - b_dec|² / Σ|x - mean|², by hand."""
     from jsae import JointSAE, JointSAEConfig
     from jsae.protocol.methods import Method
-    from jsae.protocol.run import sae_metrics
+    from jsae.protocol.stages import sae_metrics
     from jsae.report.markdown import sae_convergence_table
 
     sae = JointSAE(JointSAEConfig(d_in=4, d_sae=6))
@@ -277,7 +277,7 @@ def test_strict_fluency_and_hallucination():
 
 
 def test_default_layers_stop_below_the_last_for_prefill_edits():
-    from jsae.protocol.run import default_layers
+    from jsae.protocol.config import default_layers
 
     assert default_layers(8, 4) == [0, 2, 4, 6]  # image-token edits at prefill are null at the last layer
     assert default_layers(8, 4, last=True) == [0, 2, 5, 7]  # every-step edits reach it

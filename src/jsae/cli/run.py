@@ -83,11 +83,11 @@ def demo_config(*, model: str, data: Optional[str], data_split: str, prompt: Opt
                 caption_template: Optional[str], steer_at: Optional[str], alphas: Optional[str],
                 preset: str, text_source: str, reference_faults: bool,
                 dtype: str, device: Optional[str], device_map: Optional[str]) -> object:
-    """The :class:`~jsae.protocol.run.ProtocolConfig` that ``jsae demo`` runs for these options (its own names and
+    """The :class:`~jsae.protocol.config.ProtocolConfig` that ``jsae demo`` runs for these options (its own names and
     values as parsed; one-line errors).  ``tests/test_cli_help.py`` builds it from the defaults ``--help`` shows."""
     layer_list = int_list(layers, "--layers") if layers else None
     alpha_grid = float_list(alphas, "--alphas") if alphas else None
-    from jsae.protocol.run import ProtocolConfig
+    from jsae.protocol.config import ProtocolConfig
     from jsae.protocol.sweep import RATIOS
 
     try:
@@ -128,7 +128,8 @@ def sweep(
     """The demo on several models, then the model × layer interaction of r50 (sign-flip test over concepts)
     per method, Holm-corrected."""
     from jsae.files import write_atomic, write_json
-    from jsae.protocol.run import ProtocolConfig, run_protocol
+    from jsae.protocol.config import ProtocolConfig
+    from jsae.protocol.run import run_protocol
     from jsae.protocol.summary import model_layer_interaction
     from jsae.report.markdown import sweep_report
 
@@ -238,7 +239,7 @@ def capture(
     --pairs 2000 ...` (each rank captures its own shards, on cuda:LOCAL_RANK with --device cuda; the shards equal a
     one-process capture's).  A model larger than one GPU: one process with --device-map auto (or a JSON map of
     modules to devices, and --max-memory); the pooled vectors equal a one-device capture's."""
-    from jsae.protocol.run import PRESETS
+    from jsae.protocol.config import PRESETS
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
@@ -278,7 +279,8 @@ def capture(
         pairs = source.pairs(part)
         model_, processor, adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map, **placement)
         if preset == "reference":
-            from jsae.protocol.run import ProtocolConfig, reference_prompts
+            from jsae.protocol.config import ProtocolConfig
+            from jsae.protocol.reference import reference_prompts
 
             ref, notes = reference_prompts(ProtocolConfig(model=model, preset="reference", text_positions=text_pooling,
                                                           prompt_template=prompt_template), processor, adapter)
@@ -361,7 +363,7 @@ def experiments(
     alpha_grid = float_list(alphas, "--alphas") if alphas else None
     from jsae.protocol.experiments import run_experiments, write_experiments_report
     from jsae.protocol.reference_metrics import LMPerplexity, SentenceSimilarity
-    from jsae.protocol.run import REFERENCE_ALPHAS
+    from jsae.protocol.reference import REFERENCE_ALPHAS
 
     try:
         similarity = SentenceSimilarity(similarity_model, device=device or "cpu") if similarity_model else None

@@ -96,7 +96,7 @@ def _train_metrics(sae: Any, vision: Any, text: Any, alignment: str) -> dict[str
     """FVU, L0, dead latents and paired cosine of a freshly trained JSAE on (up to 4096 of) its training pairs,
     in the form of an SAE folder's ``metrics.json``, plus ``fvu_*`` for the printed line."""
     from jsae.protocol.methods import Method
-    from jsae.protocol.run import card_metrics, sae_metrics
+    from jsae.protocol.stages import card_metrics, sae_metrics
 
     n = min(4096, len(vision))
     row = sae_metrics(Method("jsae", sae, True), vision[:n].float(), text[:n].float())
@@ -244,7 +244,7 @@ def steer(
         fail(f"--kinds {kinds!r}: give one or more of {', '.join(known_kinds)}, comma-separated")
     if decoder not in ("vision", "text"):
         fail(f"--decoder {decoder!r}: choose vision or text")
-    from jsae.protocol.run import PRESET_CHOICES, PRESETS
+    from jsae.protocol.config import PRESET_CHOICES, PRESETS
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
@@ -329,7 +329,8 @@ def _concept_features(sae: Any, sae_dir: Path, concept: str, kind_list: list[str
 def _steer_prompt(prompt: Optional[str], preset: str, model: str, world: bool, vlm: Any) -> tuple[str, Optional[str]]:
     """``(captioning prompt, caption template)``: ``--prompt``, else the world's or the reference's prompt; under
     ``--preset reference`` the reference's instruction when the tokenizer knows its words (a note says when not)."""
-    from jsae.protocol.run import REFERENCE_CAPTION_PROMPT, ProtocolConfig, reference_prompts
+    from jsae.protocol.config import ProtocolConfig
+    from jsae.protocol.reference import REFERENCE_CAPTION_PROMPT, reference_prompts
     from jsae.world.processors import CAPTION_PROMPT
 
     text = prompt if prompt is not None else (CAPTION_PROMPT if world else REFERENCE_CAPTION_PROMPT)

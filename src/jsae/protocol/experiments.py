@@ -46,7 +46,7 @@ from jsae.protocol.reference_metrics import (
     read_experiment_table,
 )
 from jsae.report.markdown import experiments_markdown
-from jsae.protocol.run import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
+from jsae.protocol.reference import REFERENCE_ALPHAS, REFERENCE_CAPTION_PROMPT
 from jsae.protocol.sweep import POSITION_SETS, steer_interventions
 from jsae.saes.metrics import summed_unit_rows
 
