@@ -183,13 +183,79 @@ def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     return {g: {k: flat[k] for k in keys if k in flat} for g, keys in groups.items()}
 
 
+class CoreMetrics:
+    """SAELens's core metrics (``sae_lens.evals.get_sparsity_and_variance_metrics`` and
+    ``get_downstream_reconstruction_metrics``), accumulated batch by batch from the SAE's inputs, codes and outputs
+    and from the logits of the clean, SAE-spliced and zero-ablated runs; :meth:`compute` gives them under SAELens's
+    names.  Per-token metrics (norms, L0, L1, MSE, cosine, CE, KL) are means over every token added, and
+    ``explained_variance`` is SAELens's own streaming calculator, as in SAELens; ``explained_variance_legacy``
+    centres each batch on its own mean, as SAELens does.  One definition differs by design:
+    ``relative_reconstruction_bias`` is pooled over all tokens (Σ‖x̂‖² / Σ x·x̂), where SAELens averages the ratio
+    of each batch; the two agree for one batch (``tests/test_core_metrics_vs_saelens.py`` checks both)."""
+
+    KEYS = ("l2_norm_in", "l2_norm_out", "l2_ratio", "l0", "l1", "mse", "cossim", "explained_variance_legacy",
+            "kl_div_with_sae", "kl_div_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation")
+
+    def __init__(self) -> None:
+        from sae_lens.evals import ExplainedVarianceCalculator
+
+        self.ev = ExplainedVarianceCalculator()
+        self.sums: dict[str, list[Tensor]] = {k: [] for k in self.KEYS}
+        self.rrb_num, self.rrb_den, self.n_tokens = 0.0, 0.0, 0
+
+    @torch.no_grad()
+    def add_reconstruction(self, x: Tensor, z: Tensor, x_hat: Tensor) -> None:
+        """One batch of SAE inputs ``x`` (tokens × d_in), codes ``z`` and outputs ``x_hat``."""
+        sums = self.sums
+        n_in, n_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        sums["l2_norm_in"].append(n_in)
+        sums["l2_norm_out"].append(n_out)
+        sums["l2_ratio"].append(n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in))
+        self.rrb_num += float((n_out ** 2).sum())
+        self.rrb_den += float((x * x_hat).sum())
+        sums["l0"].append((z != 0).float().sum(-1))
+        sums["l1"].append(z.abs().sum(-1))
+        resid = (x - x_hat).pow(2).sum(-1)
+        sums["mse"].append(resid)
+        sums["explained_variance_legacy"].append(1 - resid / (x - x.mean(0)).pow(2).sum(-1).clamp(min=1e-12))
+        sums["cossim"].append(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1))
+        self.ev.add_batch(sae_output=x_hat, hidden_acts=x)
+        self.n_tokens += len(x)
+
+    @torch.no_grad()
+    def add_downstream(self, ids: Tensor, attn: Tensor, mask: Tensor, clean: Tensor, sae: Tensor,
+                       ablation: Tensor) -> None:
+        """One batch of logits (batch × seq × vocab) of the clean run and with the SAE spliced in / the states
+        zero-ablated at ``mask``: next-token CE where the target is a ``mask`` token after an attended one, KL at
+        ``mask``."""
+        target_ok = mask[:, 1:] & attn[:, :-1]
+        tgt = ids[:, 1:]
+        for logits, key in ((clean, "ce_loss_without_sae"), (sae, "ce_loss_with_sae"), (ablation, "ce_loss_with_ablation")):
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tgt, reduction="none")
+            self.sums[key].append(ce[target_ok])
+        self.sums["kl_div_with_sae"].append(kl_divergence(clean, sae)[mask])
+        self.sums["kl_div_with_ablation"].append(kl_divergence(clean, ablation)[mask])
+
+    def compute(self) -> dict[str, float]:
+        """The metrics under SAELens's names (flat), with the KL and CE scores and the token counts."""
+        flat = {k: float(torch.cat(v).mean()) for k, v in self.sums.items() if v}
+        flat["explained_variance"] = self.ev.compute()
+        flat["relative_reconstruction_bias"] = self.rrb_num / self.rrb_den if self.rrb_den else float("nan")
+        if "kl_div_with_sae" in flat:
+            flat["kl_div_score"] = (flat["kl_div_with_ablation"] - flat["kl_div_with_sae"]) / flat["kl_div_with_ablation"]
+            flat["ce_loss_score"] = ((flat["ce_loss_with_ablation"] - flat["ce_loss_with_sae"])
+                                     / (flat["ce_loss_with_ablation"] - flat["ce_loss_without_sae"]))
+        flat["total_tokens_eval_reconstruction"] = flat["total_tokens_eval_sparsity_variance"] = self.n_tokens
+        return flat
+
+
 @torch.no_grad()
 def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_captions: int = 256, batch_size: int = 64,
                  split: str = "validation", seed: int = 0, featurewise: bool = False) -> dict[str, Any]:
     """SAELens's core metrics of the (text) branch at the caption tokens of the toy VLM's language model
     (world image + caption inputs; the SAE replaces the caption-token states), nested as
     ``sae_lens.evals.run_evals`` returns them (``reconstruction_quality/explained_variance``, ...)."""
-    from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_based_metrics
+    from sae_lens.evals import get_featurewise_weight_based_metrics
 
     from jsae.activations import read_layers
     from jsae.interventions import Splice, ZeroAblate, intervene
@@ -212,14 +278,10 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
                    f"({bench.cfg.model_name or 'see its cfg.json'}), or leave --model out")
     ds = world_dataset(split, n_captions, seed)
     images, captions = [ex["image"] for ex in ds], [ex["caption"] for ex in ds]
-    ev = ExplainedVarianceCalculator()
-    sums: dict[str, list[Tensor]] = {k: [] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "l0", "l1", "mse", "cossim",
-                                                       "explained_variance_legacy", "kl_div_with_sae", "kl_div_with_ablation",
-                                                       "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation")}
-    rrb_num, rrb_den, n_tokens = 0.0, 0.0, 0
+    acc = CoreMetrics()
     for i in range(0, len(captions), batch_size):
         enc = adapter.build_inputs(processor, images[i:i + batch_size], captions[i:i + batch_size])
-        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
+        attn = enc["attention_mask"].bool()
         mask = enc["caption_mask"].bool() & attn  # the caption tokens (what the text branch was trained on)
         clean = read_layers(m, adapter, enc, [layer], logits=True)
         logits = {"clean": clean["logits"].float()}
@@ -230,36 +292,9 @@ def core_metrics(sae: JSAEBranchSAE | JointSAE, model: str = "llava", *, n_capti
                 logits[name] = read_layers(m, adapter, enc, [], logits=True)["logits"].float()
         x = clean[layer][mask].float()
         z = bench.encode(x)
-        x_hat = bench.decode(z)
-        n_in, n_out = x.norm(dim=-1), x_hat.norm(dim=-1)
-        sums["l2_norm_in"].append(n_in)
-        sums["l2_norm_out"].append(n_out)
-        sums["l2_ratio"].append(n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in))
-        rrb_num += float((n_out ** 2).sum())
-        rrb_den += float((x * x_hat).sum())
-        sums["l0"].append((z != 0).float().sum(-1))
-        sums["l1"].append(z.abs().sum(-1))
-        resid = (x - x_hat).pow(2).sum(-1)
-        sums["mse"].append(resid)
-        sums["explained_variance_legacy"].append(1 - resid / (x - x.mean(0)).pow(2).sum(-1).clamp(min=1e-12))
-        sums["cossim"].append(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1))
-        ev.add_batch(sae_output=x_hat, hidden_acts=x)
-        n_tokens += int(mask.sum())
-        # next-token CE at caption positions whose target is a caption token; KL at caption positions
-        target_ok = mask[:, 1:] & attn[:, :-1]
-        tgt = ids[:, 1:]
-        for name, key in (("clean", "ce_loss_without_sae"), ("sae", "ce_loss_with_sae"), ("ablation", "ce_loss_with_ablation")):
-            ce = torch.nn.functional.cross_entropy(logits[name][:, :-1].transpose(1, 2), tgt, reduction="none")
-            sums[key].append(ce[target_ok])
-        sums["kl_div_with_sae"].append(kl_divergence(logits["clean"], logits["sae"])[mask])
-        sums["kl_div_with_ablation"].append(kl_divergence(logits["clean"], logits["ablation"])[mask])
-    flat = {k: float(torch.cat(v).mean()) for k, v in sums.items()}
-    flat["explained_variance"] = ev.compute()
-    flat["relative_reconstruction_bias"] = rrb_num / rrb_den if rrb_den else float("nan")
-    flat["kl_div_score"] = (flat["kl_div_with_ablation"] - flat["kl_div_with_sae"]) / flat["kl_div_with_ablation"]
-    flat["ce_loss_score"] = ((flat["ce_loss_with_ablation"] - flat["ce_loss_with_sae"])
-                             / (flat["ce_loss_with_ablation"] - flat["ce_loss_without_sae"]))
-    flat["total_tokens_eval_reconstruction"] = flat["total_tokens_eval_sparsity_variance"] = n_tokens
+        acc.add_reconstruction(x, z, bench.decode(z))
+        acc.add_downstream(enc["input_ids"], attn, mask, logits["clean"], logits["sae"], logits["ablation"])
+    flat = acc.compute()
     out: dict[str, Any] = {"model": model, "layer": layer, "hook_name": bench.jsae_hook_name, "modality": bench.modality,
                            "metrics": _nest(flat)}
     if featurewise:
