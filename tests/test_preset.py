@@ -15,7 +15,9 @@ from jsae.cli import app
 from jsae.data.judges import compression_ratio, distinct_3, text_quality, zlib_ratio
 from jsae.protocol.methods import train_methods
 from jsae.protocol.config import ProtocolConfig, apply_preset
-from jsae.protocol.reference import REFERENCE_ALPHAS, reference_differences, reference_prompts
+from jsae.protocol.reference import (REFERENCE_ALPHAS, REFERENCE_CAPTURE_TEMPLATE, REFERENCE_CHOICES, reference_differences,
+                                     reference_prompts)
+from jsae.report.markdown import Difference, difference_line
 
 runner = CliRunner()
 
@@ -44,8 +46,10 @@ def test_explicit_overrides_win():
                                    alphas=(1.0, 2.0), epochs=3)
     assert (cfg.steer_at, cfg.text_positions, cfg.d_sae, cfg.max_new_tokens, cfg.alphas, cfg.epochs) == \
         ("image", "caption", 64, 10, (1.0, 2.0), 3)
-    diffs = reference_differences(cfg, {}, 8, [1, 6])
-    assert any("steer_at = 'image'" in d for d in diffs) and any("d_sae = 64" in d for d in diffs)
+    overridden = {d.setting: (d.reference, d.ours) for d in reference_differences(cfg, {}, 8, [1, 6])
+                  if d.why == "overridden"}
+    assert overridden == {"steer_at": ("image+generated", "image"), "text_positions": ("non_image", "caption"),
+                          "d_sae": ("4 · d_in", 64), "max_new_tokens": (50, 10), "epochs": (20, 3)}
 
 
 def test_bad_preset_and_epochs_without_reference():
@@ -124,11 +128,49 @@ def test_reference_prompts_decided_from_the_vocabulary():
     cfg, notes = reference_prompts(ProtocolConfig(preset="reference"), lacks, _Adapter())
     assert cfg.prompt_template is None and cfg.caption_template is None and cfg.prompt is None
     assert "USER:" in notes["capture"]["unknown_words"] and "[INST]" in notes["caption"]["unknown_words"]
-    diffs = reference_differences(cfg, notes, 8, [1])
-    assert any("Capture prompt: the model's own prompt kept" in d for d in diffs)
+    prompts = {d.setting: d for d in reference_differences(cfg, notes, 8, [1]) if d.setting.endswith("_prompt")}
+    assert prompts["capture_prompt"].reference == REFERENCE_CAPTURE_TEMPLATE
+    assert prompts["capture_prompt"].ours == {"prompt": "the model's own", "unknown_words": notes["capture"]["unknown_words"]}
+    assert prompts["caption_prompt"].reference == "[INST] <image>\nDescribe the image. [/INST]"
     # the default preset never touches the prompts
     cfg, notes = reference_prompts(ProtocolConfig(), knows, _Adapter())
     assert cfg.prompt_template is None and notes == {}
+
+
+def test_reference_differences_are_records_of_values():
+    """Each difference is a record (setting, the reference's value, ours, why) taken from the configuration; the report
+    words it from those values."""
+    cfg = ProtocolConfig.reference(n_train=300, top_k=2, alphas=(0.5, 1.5), steer_at="image", expansion_factor=8,
+                                   methods=("jsae", "saelens-topk"), steps=40, batch_size=16)
+    notes = {"capture": {"reference": REFERENCE_CAPTURE_TEMPLATE, "used": False, "given": "X: {caption}"},
+             "caption": {"reference": "R", "used": True}}
+    got = {d.setting: d for d in reference_differences(cfg, notes, 12, [2, 5])}
+    assert list(got) == ["model", "data", "n_train", "concepts", "latents", "strength", "metrics", "reference_faults",
+                         "capture_prompt", "layers", "training", "saelens-topk", "steer_at", "expansion_factor"]
+    assert (got["model"].ours, got["data"].ours, got["data"].reference) == ("llava", "world", "jxie/coco_captions")
+    assert (got["n_train"].reference, got["n_train"].ours) == (50_000, 300)
+    assert got["latents"].ours == {"top_k": 2, "in_sample": False}
+    assert got["strength"].reference["alphas"] == list(REFERENCE_ALPHAS)
+    assert got["strength"].ours == {"alphas": [0.5, 1.5], "best_alpha_per_image": False}
+    assert (got["reference_faults"].reference, got["reference_faults"].ours) == (True, False)
+    assert got["capture_prompt"] == Difference("capture_prompt", REFERENCE_CAPTURE_TEMPLATE, "X: {caption}", "given explicitly")
+    assert got["layers"].ours == {"layers": [2, 5], "of": 12} and got["layers"].reference == {"layers": [7, 13, 25, 30], "of": 32}
+    assert got["saelens-topk"].reference is None and got["saelens-topk"].ours == {"steps": 40, "batch_size": 16, "lr": cfg.lr}
+    assert got["steer_at"] == Difference("steer_at", REFERENCE_CHOICES["steer_at"], "image", "overridden")
+    assert got["expansion_factor"] == Difference("expansion_factor", 4, 8, "overridden")
+    # the words come from the values (the report renders the records it reads back from metrics.json)
+    assert difference_line(got["n_train"]) == "Training pairs: 300 (the reference: 50,000)."
+    assert difference_line(got["steer_at"]) == "Overridden: steer_at = 'image' (the reference: 'image+generated')."
+    assert difference_line(got["expansion_factor"]) == "Overridden: d_sae = 8 · d_in (the reference: 4 · d_in)."
+    assert "the grid [0.5, 1.5]" in difference_line(got["strength"])
+    assert difference_line(got["layers"]) == "Layers: [2, 5] of 12 (the reference: 7, 13, 25, 30 of LLaVA-v1.6-Mistral-7B's 32)."
+    assert difference_line("an older run's sentence") == "an older run's sentence"
+    faults = {d.setting: d for d in reference_differences(ProtocolConfig.reference(reference_faults=True, data="coco", model="/x/vlm",
+                                                                                  concepts=["cat"]), {}, 32, [7])}
+    assert faults["latents"].ours["in_sample"] and faults["strength"].ours["best_alpha_per_image"]
+    assert faults["data"].ours == {"dataset": "coco", "split": "train", "dedup_images": True, "parts": [2000, 400, 1200]}
+    assert faults["concepts"].ours == {"words": "caption", "given": True}
+    assert "the reference grid 0.2..3.0" in difference_line(faults["strength"]) and "model" not in faults
 
 
 def test_cli_lists_the_preset_and_refuses_a_bad_one(tmp_path):

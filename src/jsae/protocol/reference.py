@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from jsae.report.markdown import Difference
+
 if TYPE_CHECKING:
     from jsae.protocol.config import ProtocolConfig
 
@@ -18,6 +20,11 @@ REFERENCE_CAPTURE_TEMPLATE = "USER: <image>\n{caption}\nASSISTANT:"
 REFERENCE_CAPTION_TEMPLATE = "[INST] <image>\n{caption} [/INST]"
 REFERENCE_CAPTION_PROMPT = "Describe the image."
 REFERENCE_EPOCHS = 20
+#: The models, data, training-set size and layers of the reference's experiments.
+REFERENCE_MODELS = "LLaVA-v1.6-Mistral-7B / Llama3-LLaVA-8B / Qwen3-VL-30B"
+REFERENCE_DATA = "jxie/coco_captions"
+REFERENCE_N_TRAIN = 50_000
+REFERENCE_LAYERS = (7, 13, 25, 30)
 #: The ``"reference"`` preset's choices for the settings left unset (:data:`jsae.protocol.config.PRESET_CHOICES`):
 #: ``d_sae=None`` means ``4 · d_in``, and ``steps`` is the TopK baseline's budget only (the JSAE methods train
 #: ``epochs`` epochs by the reference recipe).
@@ -70,78 +77,64 @@ def reference_prompts(cfg: ProtocolConfig, processor: Any, adapter: Any) -> tupl
     return (replace(cfg, **changes) if changes else cfg), notes
 
 
-def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_layers: int, layers: list[int]) -> list[str]:
-    """Every remaining difference of a ``preset="reference"`` run from the JSAE reference code, in plain words
-    (from the run's own configuration where it decides)."""
+def reference_differences(cfg: ProtocolConfig, prompt_notes: dict[str, Any], n_layers: int,
+                          layers: list[int]) -> list[Difference]:
+    """Every remaining difference of a ``preset="reference"`` run from the JSAE reference code, as records (the
+    setting, the reference's value, ours, why; from the run's own configuration where it decides).  The report
+    words them (:func:`jsae.report.markdown.difference_line`)."""
     from jsae.world import MODEL_NAMES
 
-    out: list[str] = []
+    out: list[Difference] = []
     if cfg.model in MODEL_NAMES:
-        out.append(f"Model: the shipped toy `{cfg.model}` (a small model trained on the embedded world), not "
-                   "LLaVA-v1.6-Mistral-7B / Llama3-LLaVA-8B / Qwen3-VL-30B.")
+        out.append(Difference("model", REFERENCE_MODELS, cfg.model, "a small model trained on the embedded world"))
     if cfg.data is None:
-        out.append("Data: the embedded toy world (rendered scenes, grammar captions), not COCO captions "
-                   "(`jxie/coco_captions`, a seeded sample of 50k unique images, one random caption each).")
+        out.append(Difference("data", REFERENCE_DATA, "world", "rendered scenes, grammar captions"))
     else:
-        out.append(f"Data: {cfg.data} ({cfg.data_split}), cut into disjoint train / label / eval images"
-                   + (" deduplicated by image with a seeded caption" if cfg.dedup_images else "")
-                   + f" ({cfg.n_train} / {cfg.n_label} / {cfg.n_eval}), not the reference's 50k seeded sample whose "
-                   "evaluation images come from the JSAE's training set (a reference fault not reproduced).")
-    out.append(f"Training pairs: {cfg.n_train} (the reference: 50,000).")
-    out.append("Concepts: one word each (" + ("an object type, category or colour of the world" if cfg.data is None
-               else "a caption word") + ", " + ("given" if cfg.concepts else "every one present in 5-95% of the sweep images")
-               + "), not the reference's 7 hand-listed scene categories (3-16 latent ids per layer + keywords + a target "
-               "sentence each, from `experiments_config.xlsx`); to run such a table use `jsae run experiments --table`.")
-    out.append("Latents: the top " + str(cfg.top_k) + " per concept and decoder ranked by code-concept correlation on "
-               + ("the *training* pairs (in-sample, the reference fault)" if cfg.reference_faults else
-                  "held-out labelling pairs (sound)") + ", not by hand as in the reference.")
-    grid = "the reference grid 0.2..3.0" if cfg.alphas == REFERENCE_ALPHAS else f"the grid {list(cfg.alphas or [])}"
-    out.append(f"Strength: every absolute α of {grid} on the same images (a dose-response curve per concept, layer and "
-               "direction; r50 and effects read off it), not the reference's per-image upward walk that stops on the "
-               "evaluation metric and on a sign-reversed perplexity rule"
-               + (" (reproduced here as `effect_best_alpha`: each image's best α picked with the metric)."
-                  if cfg.reference_faults else " (`--reference-faults` reproduces the per-image pick)."))
-    out.append("Metrics: keyword hit = whole-word mention of the concept against the unsteered caption, preservation of "
-               "the other objects, strict fluency and hallucinations per strength; SBERT similarity gain and GPT-2 "
-               "perplexity need a target sentence per concept and are computed by `jsae run experiments` "
-               "(`--similarity-model`, `--perplexity-model`), not in the demo.")
-    if cfg.reference_faults:
-        out.append("Reference faults reproduced (`--reference-faults`): sweep images drawn from the SAE's training "
-                   "images; latents ranked in-sample on the training pairs; a per-image best α chosen with the "
-                   "evaluation metric (`effect_best_alpha`, beside the sound r50 and effects).")
-    else:
-        out.append("Reference faults not reproduced (pass `--reference-faults` to): evaluation images disjoint from "
-                   "training images, latents chosen out of sample, no α chosen with the evaluation metric, no "
-                   "perplexity stopping rule.")
-    for part, what in (("capture", "Capture prompt"), ("caption", "Captioning prompt")):
+        out.append(Difference("data", REFERENCE_DATA, {"dataset": cfg.data, "split": cfg.data_split,
+                                                       "dedup_images": cfg.dedup_images,
+                                                       "parts": [cfg.n_train, cfg.n_label, cfg.n_eval]},
+                              "its evaluation images come from the JSAE's training set: a reference fault not reproduced"))
+    out.append(Difference("n_train", REFERENCE_N_TRAIN, cfg.n_train))
+    out.append(Difference("concepts", "7 hand-listed scene categories",
+                          {"words": "world" if cfg.data is None else "caption", "given": bool(cfg.concepts)},
+                          "to run such a table use `jsae run experiments --table`"))
+    out.append(Difference("latents", "by hand", {"top_k": cfg.top_k, "in_sample": cfg.reference_faults}))
+    out.append(Difference("strength", {"alphas": list(REFERENCE_ALPHAS), "per_image_walk": True},
+                          {"alphas": list(cfg.alphas or []), "best_alpha_per_image": cfg.reference_faults},
+                          "a dose-response curve per concept, layer and direction; r50 and effects read off it"))
+    out.append(Difference("metrics", ["SBERT similarity gain", "GPT-2 perplexity"],
+                          ["keyword hit", "preservation", "strict fluency", "hallucinations"],
+                          "SBERT and GPT-2 need a target sentence per concept: `jsae run experiments`"))
+    out.append(Difference("reference_faults", True, cfg.reference_faults))
+    for part in ("capture", "caption"):
         note = prompt_notes.get(part, {})
         if note.get("used"):
             continue
         if "given" in note:
-            out.append(f"{what}: {note['given']!r} given explicitly instead of the reference's {note['reference']!r}.")
+            out.append(Difference(f"{part}_prompt", note.get("reference"), note["given"], "given explicitly"))
         else:
-            out.append(f"{what}: the model's own prompt kept, because its tokenizer lacks words of the reference's "
-                       f"{note.get('reference')!r} (unknown: {note.get('unknown_words')}).")
-    out.append(f"Layers: {layers} of {n_layers} (the reference: 7, 13, 25, 30 of LLaVA-v1.6-Mistral-7B's 32).")
-    out.append("Training: `PairedTensorData` drops a last partial batch (the reference's DataLoader keeps it); fused "
-               "Adam (the same update up to float rounding); the best epoch's weights are returned (the reference "
-               "saves the best epoch and returns the last).")
+            out.append(Difference(f"{part}_prompt", note.get("reference"),
+                                  {"prompt": "the model's own", "unknown_words": note.get("unknown_words")},
+                                  "the model's tokenizer lacks words of the reference's"))
+    out.append(Difference("layers", {"layers": list(REFERENCE_LAYERS), "of": 32}, {"layers": list(layers), "of": n_layers}))
+    out.append(Difference("training", {"last_partial_batch": "kept", "adam": "unfused", "weights": "last epoch"},
+                          {"last_partial_batch": "dropped", "adam": "fused", "weights": "best epoch"},
+                          "fused Adam is the same update up to float rounding"))
     if "saelens-topk" in cfg.methods:
-        out.append(f"Baseline not in the reference: `saelens-topk` keeps its own recipe ({cfg.steps} steps of batch "
-                   f"{cfg.batch_size} at lr {cfg.lr}, unit-norm scaling) at the JSAEs' width: a matched width, not a "
-                   "matched budget.")
+        out.append(Difference("saelens-topk", None, {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr},
+                              "a matched width, not a matched budget"))
     if "separate" in cfg.methods:
-        out.append("Baseline not in the reference: `separate` = the no-alignment JSAE (reference recipe) with its text "
-                   "latents paired to the vision latents afterwards (Hungarian matching of codes).")
-    ref = REFERENCE_CHOICES
+        out.append(Difference("separate", None, "jsae-none + matching",
+                              "the no-alignment JSAE with its text latents paired to the vision latents afterwards"))
     for key in ("text_positions", "steer_at", "max_new_tokens", "epochs", "d_sae"):
-        if getattr(cfg, key) != ref[key]:
-            out.append(f"Overridden: {key} = {getattr(cfg, key)!r} (the reference: "
-                       f"{'4 · d_in' if key == 'd_sae' else repr(ref[key])}).")
+        if getattr(cfg, key) != REFERENCE_CHOICES[key]:
+            out.append(Difference(key, "4 · d_in" if key == "d_sae" else REFERENCE_CHOICES[key], getattr(cfg, key),
+                                  "overridden"))
     if cfg.expansion_factor not in (None, 4):
-        out.append(f"Overridden: d_sae = {cfg.expansion_factor} · d_in (the reference: 4 · d_in).")
+        out.append(Difference("expansion_factor", 4, cfg.expansion_factor, "overridden"))
     return out
 
 
 __all__ = ["REFERENCE_ALPHAS", "REFERENCE_CAPTION_PROMPT", "REFERENCE_CAPTION_TEMPLATE", "REFERENCE_CAPTURE_TEMPLATE",
-           "REFERENCE_CHOICES", "REFERENCE_EPOCHS", "reference_differences", "reference_prompts"]
+           "REFERENCE_CHOICES", "REFERENCE_DATA", "REFERENCE_EPOCHS",
+           "REFERENCE_LAYERS", "REFERENCE_MODELS", "REFERENCE_N_TRAIN", "reference_differences", "reference_prompts"]

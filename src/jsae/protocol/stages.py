@@ -5,7 +5,7 @@ capture (:func:`capture_stage`), training (:func:`train_stage`), labelling and S
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +287,8 @@ def statistics_stage(cfg: ProtocolConfig, judge: Any, n_layers: int, layers: lis
     }
     metrics["model_quality"] = _toy_quality(cfg.model)
     if cfg.preset == "reference":
-        metrics["reference"] = {"prompts": prompt_notes or {}, "differences": reference_differences(cfg, prompt_notes or {},
-                                                                                                     n_layers, layers)}
+        differences = reference_differences(cfg, prompt_notes or {}, n_layers, layers)
+        metrics["reference"] = {"prompts": prompt_notes or {}, "differences": [asdict(d) for d in differences]}
     return metrics
 
 

@@ -5,6 +5,7 @@ in the embedded world (:mod:`jsae.vista.experiment`).  Each renderer reads a pla
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -243,8 +244,102 @@ def protocol_report(m: dict[str, Any]) -> str:
                   "Run with `--preset reference` (the JSAE reference code, `anonymous-lab25/anonymous-jsae`): text pooled "
                   "over every attended non-image token, steering at the image tokens and every generated token, absolute "
                   "α 0.2..3.0, 50 new tokens, the JSAE methods trained by the reference's recipe. What still differs:", "",
-                  *[f"- {d}" for d in ref.get("differences", [])], ""]
+                  *[f"- {difference_line(d)}" for d in ref.get("differences", [])], ""]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way a ``--preset reference`` run differs from the JSAE reference code: the ``setting``, the reference's
+    value, ours (``None`` where one side has no such thing) and why; :func:`difference_line` words it."""
+
+    setting: str
+    reference: Any
+    ours: Any
+    why: str = ""
+
+
+def difference_line(d: Difference | Mapping[str, Any] | str) -> str:
+    """The report's sentence for one :class:`Difference` (or its ``metrics.json`` record; a run written before the
+    records were kept has its sentence already)."""
+    if isinstance(d, str):
+        return d
+    if isinstance(d, Difference):
+        d = {"setting": d.setting, "reference": d.reference, "ours": d.ours, "why": d.why}
+    key, ref, ours, why = d["setting"], d["reference"], d["ours"], d.get("why", "")
+    if why == "overridden":
+        if key == "expansion_factor":
+            return f"Overridden: d_sae = {ours} · d_in (the reference: {ref} · d_in)."
+        return f"Overridden: {key} = {ours!r} (the reference: {ref if key == 'd_sae' else repr(ref)})."
+    if key in _DIFFERENCE_LINES:
+        return _DIFFERENCE_LINES[key](ref, ours, why)
+    prompt = {"capture_prompt": "Capture prompt", "caption_prompt": "Captioning prompt"}[key]
+    if not isinstance(ours, Mapping):
+        return f"{prompt}: {ours!r} given explicitly instead of the reference's {ref!r}."
+    return (f"{prompt}: the model's own prompt kept, because its tokenizer lacks words of the reference's {ref!r} "
+            f"(unknown: {ours['unknown_words']}).")
+
+
+def _data_line(ref: str, ours: Any, why: str) -> str:
+    if ours == "world":
+        return (f"Data: the embedded toy world ({why}), not COCO captions (`{ref}`, a seeded sample of 50k unique "
+                "images, one random caption each).")
+    return (f"Data: {ours['dataset']} ({ours['split']}), cut into disjoint train / label / eval images"
+            + (" deduplicated by image with a seeded caption" if ours["dedup_images"] else "")
+            + f" ({' / '.join(str(n) for n in ours['parts'])}), not the reference's 50k seeded sample whose "
+            "evaluation images come from the JSAE's training set (a reference fault not reproduced).")
+
+
+def _strength_line(ref: Any, ours: Any, why: str) -> str:
+    grid = "the reference grid 0.2..3.0" if ours["alphas"] == ref["alphas"] else f"the grid {ours['alphas']}"
+    return (f"Strength: every absolute α of {grid} on the same images ({why}), not the reference's per-image upward "
+            "walk that stops on the evaluation metric and on a sign-reversed perplexity rule"
+            + (" (reproduced here as `effect_best_alpha`: each image's best α picked with the metric)."
+               if ours["best_alpha_per_image"] else " (`--reference-faults` reproduces the per-image pick)."))
+
+
+def _faults_line(ref: Any, ours: bool, why: str) -> str:
+    if ours:
+        return ("Reference faults reproduced (`--reference-faults`): sweep images drawn from the SAE's training images; "
+                "latents ranked in-sample on the training pairs; a per-image best α chosen with the evaluation metric "
+                "(`effect_best_alpha`, beside the sound r50 and effects).")
+    return ("Reference faults not reproduced (pass `--reference-faults` to): evaluation images disjoint from training "
+            "images, latents chosen out of sample, no α chosen with the evaluation metric, no perplexity stopping rule.")
+
+
+_DIFFERENCE_LINES = {
+    "model": lambda ref, ours, why: f"Model: the shipped toy `{ours}` ({why}), not {ref}.",
+    "data": _data_line,
+    "n_train": lambda ref, ours, why: f"Training pairs: {ours} (the reference: {ref:,}).",
+    "concepts": lambda ref, ours, why: (
+        "Concepts: one word each (" + ("an object type, category or colour of the world" if ours["words"] == "world"
+                                       else "a caption word") + ", "
+        + ("given" if ours["given"] else "every one present in 5-95% of the sweep images") + f"), not the reference's "
+        f"{ref} (3-16 latent ids per layer + keywords + a target sentence each, from `experiments_config.xlsx`); {why}."),
+    "latents": lambda ref, ours, why: (
+        f"Latents: the top {ours['top_k']} per concept and decoder ranked by code-concept correlation on "
+        + ("the *training* pairs (in-sample, the reference fault)" if ours["in_sample"] else
+           "held-out labelling pairs (sound)") + f", not {ref} as in the reference."),
+    "strength": _strength_line,
+    "metrics": lambda ref, ours, why: (
+        "Metrics: keyword hit = whole-word mention of the concept against the unsteered caption, preservation of the "
+        "other objects, strict fluency and hallucinations per strength; SBERT similarity gain and GPT-2 perplexity need "
+        "a target sentence per concept and are computed by `jsae run experiments` (`--similarity-model`, "
+        "`--perplexity-model`), not in the demo."),
+    "reference_faults": _faults_line,
+    "layers": lambda ref, ours, why: (f"Layers: {ours['layers']} of {ours['of']} (the reference: "
+                                      f"{', '.join(str(L) for L in ref['layers'])} of LLaVA-v1.6-Mistral-7B's {ref['of']})."),
+    "training": lambda ref, ours, why: (
+        "Training: `PairedTensorData` drops a last partial batch (the reference's DataLoader keeps it); fused Adam (the "
+        "same update up to float rounding); the best epoch's weights are returned (the reference saves the best epoch "
+        "and returns the last)."),
+    "saelens-topk": lambda ref, ours, why: (
+        f"Baseline not in the reference: `saelens-topk` keeps its own recipe ({ours['steps']} steps of batch "
+        f"{ours['batch_size']} at lr {ours['lr']}, unit-norm scaling) at the JSAEs' width: {why}."),
+    "separate": lambda ref, ours, why: (
+        "Baseline not in the reference: `separate` = the no-alignment JSAE (reference recipe) with its text latents "
+        "paired to the vision latents afterwards (Hungarian matching of codes)."),
+}
 
 
 def _pair(cell: dict[str, Any], key: str) -> str:
