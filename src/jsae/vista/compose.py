@@ -70,9 +70,44 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
     hidden state fed to the projector (-1: the last).  ``name`` (default ``"<encoder>+<lm>"`` from their hub ids
     or classes) is the model's ``name_or_path``, what SAEs trained on it record as their model."""
     from nnsight import NNsight
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedModel
+    from transformers import LlavaConfig, LlavaProcessor
 
     from jsae.adapters import for_model
+
+    _check_parts(vision_model, language_model)
+    vcfg, tcfg = copy.deepcopy(vision_model.config), copy.deepcopy(language_model.config)
+    image_size, patch, lead = _patch_layout(vision_model)
+    strategy = "default" if lead == 1 else "full"
+    tok = _tokenizer_with(tokenizer, image_token, chat_template)
+    image_id = int(tok.convert_tokens_to_ids(image_token))
+    config = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
+                         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=vision_feature_layer,
+                         vision_feature_select_strategy=strategy, projector_hidden_act=projector_hidden_act,
+                         tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)))
+    model = _assemble(config, vision_model, language_model, projector_seed)
+    vocab = max(int(tcfg.vocab_size), image_id + 1)
+    if vocab > int(tcfg.vocab_size):  # a new row for the image token in the composed model only
+        _grow_vocab(model, vocab, next(language_model.parameters()))
+    inner = model.model
+    for p in list(inner.vision_tower.parameters()) + list(inner.language_model.parameters()) + list(model.lm_head.parameters()):
+        p.requires_grad_(False)
+    cap = getattr(tcfg, "final_logit_softcapping", None)
+    if cap:
+        model.lm_head.register_forward_hook(_softcap_hook(float(cap)))
+    _generation_config(model, language_model, tok)
+    _name(model, vision_model, language_model, name)
+    model.eval()
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy=strategy, num_additional_image_tokens=lead,
+                               chat_template=chat_template, image_token=image_token)
+    processor.image_token, processor.image_token_id = image_token, image_id  # the given token, whatever the tokenizer calls its own
+    env = NNsight(model)
+    return VLM(env, processor, for_model(env))
+
+
+def _check_parts(vision_model: Any, language_model: Any) -> None:
+    """One-line errors for a dual encoder, a model without a patch size, or an LM that is not a ``*ForCausalLM``."""
+    from transformers import PreTrainedModel
 
     if callable(getattr(vision_model, "get_text_features", None)):  # a dual encoder (CLIPModel, SiglipModel...)
         raise TypeError(f"pass the vision half of {type(vision_model).__name__} (a CLIPVisionModel / SiglipVisionModel), not the dual encoder")
@@ -81,15 +116,22 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
                         f"SiglipVisionModel), got {type(vision_model).__name__}")
     if not isinstance(language_model, PreTrainedModel) or not hasattr(language_model, "lm_head") or not hasattr(language_model, "model"):
         raise TypeError(f"language_model must be a transformers *ForCausalLM (with .model and .lm_head), got {type(language_model).__name__}")
-    vcfg, tcfg = copy.deepcopy(vision_model.config), copy.deepcopy(language_model.config)
-    image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+
+
+def _patch_layout(vision_model: Any) -> tuple[int, int, int]:
+    """(image size, patch size, tokens before the patches) of the encoder: one (CLS) or none, else a one-line error."""
+    image_size, patch = int(vision_model.config.image_size), int(vision_model.config.patch_size)
     if image_size % patch:
         raise ValueError(f"the encoder's image_size {image_size} is not a multiple of its patch_size {patch}")
     lead = _leading_tokens(vision_model, image_size, patch)
     if lead not in (0, 1):
         raise ValueError(f"{type(vision_model).__name__} puts {lead} tokens before its patches (registers?); compose supports "
                          "encoders with one CLS token (CLIP, DINOv2) or none (SigLIP)")
-    strategy = "default" if lead == 1 else "full"
+    return image_size, patch, lead
+
+
+def _tokenizer_with(tokenizer: Any, image_token: str, chat_template: str | None) -> Any:
+    """``tokenizer``, or a copy of it with ``image_token`` added and (without ``chat_template``) no chat template."""
     tok = tokenizer
     if image_token not in tok.get_vocab():
         tok = copy.deepcopy(tokenizer)
@@ -97,12 +139,14 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
     if chat_template is None and getattr(tok, "chat_template", None):  # the plain layout: no template anywhere
         tok = copy.deepcopy(tok) if tok is tokenizer else tok
         tok.chat_template = None
-    image_id = int(tok.convert_tokens_to_ids(image_token))
-    vocab = max(int(tcfg.vocab_size), image_id + 1)
-    config = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
-                         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=vision_feature_layer,
-                         vision_feature_select_strategy=strategy, projector_hidden_act=projector_hidden_act,
-                         tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)))
+    return tok
+
+
+def _assemble(config: Any, vision_model: Any, language_model: Any, projector_seed: int) -> Any:
+    """The ``LlavaForConditionalGeneration`` of ``config`` built on the meta device with the encoder's and the LM's
+    weights assigned (shared) and a projector initialised from ``projector_seed``."""
+    from transformers import LlavaForConditionalGeneration
+
     dtype = next(language_model.parameters()).dtype
     device = next(language_model.parameters()).device
     with torch.device("meta"):
@@ -124,30 +168,40 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"compose left {len(left)} tensors unset ({left[:3]}); the encoder / LM classes do not match their configs")
-    if vocab > int(tcfg.vocab_size):  # a new row for the image token in the composed model only
-        emb = inner.language_model.get_input_embeddings()
-        new = nn.Embedding(vocab, emb.weight.shape[1], dtype=emb.weight.dtype, device=emb.weight.device)
-        with torch.no_grad():
-            new.weight[: emb.weight.shape[0]] = emb.weight
-            new.weight[emb.weight.shape[0]:] = 0
-        inner.language_model.set_input_embeddings(new)
-        head = nn.Linear(model.lm_head.in_features, vocab, bias=False, dtype=dtype, device=device)
-        with torch.no_grad():
-            head.weight[: model.lm_head.out_features] = model.lm_head.weight
-            head.weight[model.lm_head.out_features:] = 0
-        model.lm_head = head
-        model.config.text_config.vocab_size = vocab
-    for p in list(inner.vision_tower.parameters()) + list(inner.language_model.parameters()) + list(model.lm_head.parameters()):
-        p.requires_grad_(False)
-    cap = getattr(tcfg, "final_logit_softcapping", None)
-    if cap:
-        model.lm_head.register_forward_hook(_softcap_hook(float(cap)))
+    return model
+
+
+def _grow_vocab(model: Any, vocab: int, like: torch.Tensor) -> None:
+    """New zero rows up to ``vocab`` in the composed model's input embedding and ``lm_head`` (the LM's own are kept;
+    the new head in the dtype and on the device of ``like``, a parameter of the LM)."""
+    inner = model.model
+    emb = inner.language_model.get_input_embeddings()
+    new = nn.Embedding(vocab, emb.weight.shape[1], dtype=emb.weight.dtype, device=emb.weight.device)
+    with torch.no_grad():
+        new.weight[: emb.weight.shape[0]] = emb.weight
+        new.weight[emb.weight.shape[0]:] = 0
+    inner.language_model.set_input_embeddings(new)
+    old = model.lm_head
+    head = nn.Linear(old.in_features, vocab, bias=False, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        head.weight[: old.out_features] = old.weight
+        head.weight[old.out_features:] = 0
+    model.lm_head = head
+    model.config.text_config.vocab_size = vocab
+
+
+def _generation_config(model: Any, language_model: Any, tok: Any) -> None:
+    """The LM's generation config, greedy, with the tokenizer's special ids where it has none."""
     model.generation_config = copy.deepcopy(language_model.generation_config)
     g = model.generation_config
     g.do_sample = False
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(g, key, None) is None and getattr(tok, key, None) is not None:
             setattr(g, key, getattr(tok, key))
+
+
+def _name(model: Any, vision_model: Any, language_model: Any, name: str | None) -> None:
+    """The composed model's ``name_or_path`` (``name``, else ``<encoder>+<lm>``); its text config keeps the LM's."""
     if name is None:
         def short(m: Any) -> str:
             return str(getattr(m.config, "name_or_path", "") or type(m).__name__).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
@@ -158,13 +212,6 @@ def compose(vision_model: Any, language_model: Any, *, image_processor: Any, tok
     lm_name = str(getattr(language_model.config, "name_or_path", "") or "")
     if text_cfg is not None and lm_name and not getattr(text_cfg, "name_or_path", ""):
         text_cfg.name_or_path = lm_name  # the text SAEs of this LM apply to the composed model (jsae.vista.check_text_sae)
-    model.eval()
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
-                               vision_feature_select_strategy=strategy, num_additional_image_tokens=lead,
-                               chat_template=chat_template, image_token=image_token)
-    processor.image_token, processor.image_token_id = image_token, image_id  # the given token, whatever the tokenizer calls its own
-    env = NNsight(model)
-    return VLM(env, processor, for_model(env))
 
 
 def toy_vlm_parts() -> tuple[Any, Any, Any, Any]:
