@@ -125,8 +125,13 @@ def set_code_density(W_enc: torch.Tensor, b_enc: torch.Tensor, sae_in: torch.Ten
     b_enc.copy_(-pre.kthvalue(k, dim=0).values)
 
 
-def saelens_fit(arch: str, vision: torch.Tensor, text: torch.Tensor, d_sae: int, k: int, batch: int, steps: int,
-                lr: float, density: float | None, step_times: list[float] | None = None) -> float:
+def saelens_trainer(arch: str, vision: torch.Tensor, text: torch.Tensor, d_sae: int, k: int, batch: int, steps: int,
+                    lr: float, wrap: Callable[[Iterator[torch.Tensor]], Any] = lambda it: it,
+                    prepare: Callable[[Any, torch.Tensor], None] | None = None) -> Any:
+    """The SAELens baseline of both benchmarks (this one and ``train_whole_run.py``): ``SAETrainer`` with SAELens's
+    ``StandardTrainingSAE`` (``arch="relu"``, L1 0.03) or ``TopKTrainingSAE`` at constant ``lr``, both modalities
+    through the one SAE (``2 * batch`` vectors a step, reshuffled each epoch, seed 0).  ``wrap`` wraps the batch
+    iterator, ``prepare(sae, vectors)`` runs on the new SAE before the trainer is built."""
     from sae_lens import (SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
                           TopKTrainingSAEConfig)
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -142,16 +147,23 @@ def saelens_fit(arch: str, vision: torch.Tensor, text: torch.Tensor, d_sae: int,
 
     torch.manual_seed(0)
     d_in = vision.shape[1]
-    if arch == "relu":
-        sae: Any = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=0.03))
-        if density is not None:
-            sample = vectors[torch.randperm(vectors.shape[0])[:2048]]
-            set_code_density(sae.W_enc, sae.b_enc, sample - sae.b_dec, density)
-    else:
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    sae: Any = (StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=0.03))
+                if arch == "relu" else TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)))
+    if prepare is not None:
+        prepare(sae, vectors)
     cfg = SAETrainerConfig(total_training_samples=steps * 2 * batch, train_batch_size_samples=2 * batch, lr=lr, lr_end=lr,
                            logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
+    return SAETrainer(cfg=cfg, sae=sae, data_provider=wrap(provider()))
+
+
+def saelens_fit(arch: str, vision: torch.Tensor, text: torch.Tensor, d_sae: int, k: int, batch: int, steps: int,
+                lr: float, density: float | None, step_times: list[float] | None = None) -> float:
+    def prepare(sae: Any, vectors: torch.Tensor) -> None:
+        if arch == "relu" and density is not None:
+            sample = vectors[torch.randperm(vectors.shape[0])[:2048]]
+            set_code_density(sae.W_enc, sae.b_enc, sample - sae.b_dec, density)
+
+    trainer = saelens_trainer(arch, vision, text, d_sae, k, batch, steps, lr, prepare=prepare)
     if step_times is not None:
         _record_steps(trainer, "_train_step", step_times)
     t0 = time.perf_counter()

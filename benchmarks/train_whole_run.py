@@ -154,26 +154,9 @@ class Runner:
 def saelens_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k: int, batch: int, steps: int,
                    lr: float, every: int) -> Any:
     import torch
-    from sae_lens import (SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
-                          TopKTrainingSAEConfig)
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from train_throughput import saelens_trainer  # the baseline's one set-up (in the child, like time_unit)
 
-    vectors = torch.cat([vision, text])
-
-    def provider() -> Iterator[Any]:
-        g = torch.Generator().manual_seed(0)
-        while True:
-            order = torch.randperm(vectors.shape[0], generator=g)
-            for i in range(0, vectors.shape[0] - 2 * batch + 1, 2 * batch):
-                yield vectors[order[i:i + 2 * batch]]
-
-    torch.manual_seed(0)
-    d_in = vision.shape[1]
-    sae: Any = (StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=0.03))
-                if arch == "relu" else TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)))
-    cfg = SAETrainerConfig(total_training_samples=steps * 2 * batch, train_batch_size_samples=2 * batch, lr=lr,
-                           lr_end=lr, logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=runner.batches(provider()))
+    trainer = saelens_trainer(arch, vision, text, d_sae, k, batch, steps, lr, wrap=runner.batches)
     inner = trainer.step
 
     def step(batch_: Any) -> Any:  # SAELens's step, plus a density / loss sample every `every` steps (not timed)
