@@ -100,6 +100,9 @@ class Baton:
                 self.rounds += 1
                 if self.rounds % self.unit_every == 0 or not self.units:
                     self.units.append((self.rounds, time_unit(*self.unit_shape)))
+                if self.rounds % 100 == 0:  # progress, for long runs
+                    print(f"round {self.rounds}, load {os.getloadavg()[0]:.2f}, {time.strftime('%H:%M:%S')}",
+                          file=sys.stderr, flush=True)
             if finished:
                 self.order.remove(name)
                 i -= 1
