@@ -832,7 +832,8 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                 with one_thread(pre.device.type == "cpu"):  # small ops (see one_thread)
                     found = active[m] if m in active else active_entries(pre, positive[m])
                     values, codes, recon = relu_sparse_codes(sae_in, pre, found, *self._weights(m), centre)
-                    out[m] = BranchCodes(pre.relu_(), pre, recon, l1_codes=values, sparse=(values, codes),
+                    # pre is relu(pre) from here on (codes.dense)
+                    out[m] = BranchCodes(pre, pre, recon, l1_codes=values, sparse=(values, codes),
                                          fired=codes.latent_counts > 0)
             else:
                 z, recon = relu_dense_codes(sae_in, pre, *self._weights(m), centre)

@@ -51,7 +51,7 @@ from torch import Tensor
 
 __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
-           "one_thread", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "one_thread", "partner_values", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
 
 
@@ -155,6 +155,7 @@ class SparseCodes(NamedTuple):
     bags: Bags  # the entries grouped by latent
     latent_counts: Tensor  # [d_sae] how many samples fired each latent
     shape: tuple[int, int]  # (B, d_sae)
+    dense: Tensor | None = None  # [B, d_sae] the codes without gradient (the values at `linear`, 0 elsewhere) if known
 
     @property
     def density(self) -> float:
@@ -315,8 +316,10 @@ def encoder_from_pre(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor
 def relu_sparse_codes(sae_in: Tensor, pre: Tensor, active: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                       b_dec: Tensor, centre: bool = True) -> tuple[Tensor, SparseCodes, Tensor]:
     """ReLU on the active entries (``active``: :func:`active_entries` of ``pre``): ``(values [nnz], codes,
-    recon [B, d_in])``; the L1 term is ``values.sum()``."""
+    recon [B, d_in])``; the L1 term is ``values.sum()``.  ``pre`` becomes ``relu(pre)`` in place (no copy), the
+    codes' ``dense``."""
     codes, vals = relu_codes(pre, active)
+    codes = SparseCodes(*codes[:-1], dense=pre.relu_())
     values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, vals, codes, centre)
     return values, codes, csr_mm(values, W_dec, codes) + b_dec
 
@@ -368,6 +371,15 @@ def _matches(codes_v: SparseCodes, codes_t: SparseCodes) -> tuple[Tensor, Tensor
     return hit, pos[hit]
 
 
+def partner_values(codes: SparseCodes, other_values: Tensor, other: SparseCodes) -> Tensor:
+    """``[nnz]``: the other modality's code at each of ``codes``' entries (0 where it is inactive).  A gather from
+    ``other.dense`` when the path has the dense codes, else from the entries active in both (:func:`_matches`)."""
+    if other.dense is not None:
+        return other.dense.reshape(-1)[codes.linear].to(other_values.dtype)
+    i, j = _matches(codes, other)
+    return other_values.new_zeros(codes.linear.numel()).index_put_((i,), other_values[j].detach())
+
+
 def _dot(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes) -> Tensor:
     i, j = _matches(codes_v, codes_t)
     return val_v.new_zeros(codes_v.shape[0]).index_add(0, codes_v.rows[i], val_v[i] * val_t[j])
@@ -383,33 +395,32 @@ def _along(scale: Tensor, cos: Tensor, norm: Tensor, sq: Tensor) -> Tensor:
 class SparseCosine(torch.autograd.Function):
     """``mean_b (1 - cos(z_v[b], z_t[b]))`` on sparse codes with an analytic backward (a dozen ``nnz``-sized
     operations in all, where autograd would record some thirty).  Norms are clamped at ``eps`` as in
-    ``F.cosine_similarity`` (see :func:`_along`)."""
+    ``F.cosine_similarity`` (see :func:`_along`).  Each entry meets the other modality's code at the same place
+    through :func:`partner_values` (0 where that one is inactive, which adds exact zeros to the row dots and the
+    gradient: the same numbers as summing over the entries active in both)."""
 
     @staticmethod
     def forward(ctx: Any, val_v: Tensor, val_t: Tensor, codes_v: SparseCodes, codes_t: SparseCodes,  # type: ignore[override]
                 eps: float = 1e-8) -> Tensor:
-        i, j = _matches(codes_v, codes_t)
+        t_at_v, v_at_t = partner_values(codes_v, val_t, codes_t), partner_values(codes_t, val_v, codes_v)
         sq_v, sq_t = _row_sums(val_v * val_v, codes_v), _row_sums(val_t * val_t, codes_t)
         norm_v, norm_t = sq_v.clamp(min=eps * eps).sqrt(), sq_t.clamp(min=eps * eps).sqrt()
-        dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows[i], val_v[i] * val_t[j])
+        dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows, val_v * t_at_v)
         cos = dot / (norm_v * norm_t)
-        ctx.save_for_backward(val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t)
+        ctx.save_for_backward(val_v, val_t, t_at_v, v_at_t, cos, norm_v, norm_t, sq_v, sq_t)
         ctx.codes = codes_v, codes_t
         return (1.0 - cos).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
+        val_v, val_t, t_at_v, v_at_t, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
         codes_v, codes_t = ctx.codes
         scale = -grad / cos.numel()  # d loss / d cos_b
         across = scale / (norm_v * norm_t)  # times the other modality's matching value
         grads = []
-        for val, codes, other, mine, theirs, norm, sq in ((val_v, codes_v, val_t, i, j, norm_v, sq_v),
-                                                          (val_t, codes_t, val_v, j, i, norm_t, sq_t)):
+        for val, codes, partner, norm, sq in ((val_v, codes_v, t_at_v, norm_v, sq_v), (val_t, codes_t, v_at_t, norm_t, sq_t)):
             along = _along(scale, cos, norm, sq)  # times the own value
-            g = -along[codes.rows] * val
-            g.index_add_(0, mine, across[codes.rows[mine]] * other[theirs])
-            grads.append(g)
+            grads.append(across[codes.rows] * partner - along[codes.rows] * val)
         return grads[0], grads[1], None, None, None
 
 
