@@ -17,9 +17,10 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
 * ``grad_b_dec`` through the centred input is ``-W_enc @ grad_b_enc`` (a matrix-vector product) instead of
   the dense ``grad_pre @ W_enc^T``;
 * the L1 term is the sum of the active values, and the alignment terms (:data:`SPARSE_ALIGNMENTS`) are
-  computed from the codes of the two modalities directly: cosine (:class:`SparseCosine`, analytic backward)
-  and L2 from the matching entries (``searchsorted`` on the row-major linear indices), InfoNCE's ``[B, B]``
-  logits as one more :class:`CsrMM` against the other modality's normalised codes;
+  computed from the codes of the two modalities directly: cosine (:class:`SparseCosine`, analytic backward) from
+  each entry's partner in the other modality (:func:`partner_values`: a gather from that modality's dense codes,
+  which the ReLU path has anyway) and L2 from the matching entries (``searchsorted`` on the row-major linear
+  indices), InfoNCE's ``[B, B]`` logits as one more :class:`CsrMM` against the other modality's normalised codes;
 * the entries are grouped by latent with one stable sort on one thread
   (:func:`argsort_latents`), and the trainer's dead-latent statistics come from the
   per-latent counts (``JointStepOutput.fired``) instead of a pass over the dense codes.
@@ -31,7 +32,9 @@ auxiliary loss on the top dead latents' entries.  One modality's path is one fun
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
 intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
 saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
-the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, with
+hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
+:class:`ThreadPick` measures faster.  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
 returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
@@ -123,7 +126,7 @@ class ThreadPick:
                 self.times.setdefault(n, []).append(elapsed)
                 if phase == 2 * self.probes:
                     median = {k: sorted(v)[len(v) // 2] for k, v in self.times.items()}
-                    self.one = median[1] < median[threads]
+                    self.one = 1 in median and median[1] < min((median[k] for k in median if k != 1), default=math.inf)
 
 
 def argsort_latents(latents: Tensor) -> Tensor:
