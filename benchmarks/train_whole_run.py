@@ -100,6 +100,9 @@ class Baton:
                 self.rounds += 1
                 if self.rounds % self.unit_every == 0 or not self.units:
                     self.units.append((self.rounds, time_unit(*self.unit_shape)))
+                if self.rounds % 100 == 0:  # progress, for long runs
+                    print(f"round {self.rounds}, load {os.getloadavg()[0]:.2f}, {time.strftime('%H:%M:%S')}",
+                          file=sys.stderr, flush=True)
             if finished:
                 self.order.remove(name)
                 i -= 1
@@ -252,13 +255,30 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     for t in threads:
         t.start()
+    last = t0
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(timeout=min(10.0, a.partial_every))
+            if a.partial and time.perf_counter() - last >= a.partial_every and t.is_alive():
+                last = time.perf_counter()
+                done = min(len(r.steps) for r in runners.values())
+                if done >= 2:  # the steps both trainers have finished, summarised as if the run stopped there
+                    from jsae.files import write_json
+
+                    part = summarise(a, kinds, runners, baton.units[:], last - t0, load_start, done, d_in)
+                    write_json(a.partial, {a.policy: {**part, "partial": {"steps_done": done, "of": a.steps}}})
     wall = time.perf_counter() - t0
     for r in runners.values():
         if r.error is not None:
             raise r.error
-    units = baton.units
+    return summarise(a, kinds, runners, baton.units, wall, load_start, a.steps, d_in)
+
+
+def summarise(a: argparse.Namespace, kinds: tuple[str, ...], runners: dict[str, "Runner"], units: list[tuple[int, float]],
+              wall: float, load_start: float, steps: int, d_in: int) -> dict[str, Any]:
+    """The record of a policy's run over its first ``steps`` steps (all of them, or a partial snapshot's)."""
+    import torch
+
     unit_all = [u for _, u in units]
 
     def unit_at(step: int) -> float:  # the latest unit timed at or before this step's round
@@ -270,23 +290,24 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"settings": dict(policy=a.policy, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                                             arch=a.arch, d_in=d_in, d_sae=a.d_sae, k=a.k if a.arch == "topk" else None,
-                                            batch_pairs=a.batch, steps=a.steps, lr=a.lr, threads=a.threads, data=a.data,
+                                            batch_pairs=a.batch, steps=steps, lr=a.lr, threads=a.threads, data=a.data,
                                             torch=torch.__version__, load_average_1min_start=load_start,
                                             load_average_1min_end=os.getloadavg()[0], wall_seconds=wall),
                            "unit_ms": statistics.median(unit_all) * 1e3, "units_ms": [(r, u * 1e3) for r, u in units],
                            "kinds": {}}
     jsae_kind = next(k for k in kinds if k.startswith("jsae"))
-    jd = dict(runners[jsae_kind].density)
-    dense_steps = [i for i in range(a.steps) if jd.get(i, 1.0) > DENSE_PHASE]
-    phases = {"dense (>10%)": set(dense_steps), "sparse (<=10%)": set(range(a.steps)) - set(dense_steps)}
+    jd = dict(runners[jsae_kind].density[:])
+    dense_steps = [i for i in range(steps) if jd.get(i, 1.0) > DENSE_PHASE]
+    phases = {"dense (>10%)": set(dense_steps), "sparse (<=10%)": set(range(steps)) - set(dense_steps)}
     for kind, r in runners.items():
-        steps_s = r.steps
+        steps_s = list(r.steps[:steps])
         per_unit = [s / unit_at(i) for i, s in enumerate(steps_s)]
         rec: dict[str, Any] = dict(total_seconds=sum(steps_s), setup_seconds=r.setup, mean_step_ms=statistics.mean(steps_s) * 1e3,
                                    median_step_ms=statistics.median(steps_s) * 1e3, mean_units=statistics.mean(per_unit),
-                                   step_ms=[s * 1e3 for s in steps_s], density=r.density, loss=r.loss, phases={})
+                                   step_ms=[s * 1e3 for s in steps_s], density=[d for d in r.density[:] if d[0] < steps], loss=[x for x in r.loss[:] if x[0] < steps], phases={})
         if hasattr(r, "path"):
-            rec["paths"] = {p: r.path.count(p) for p in sorted(set(r.path))}
+            path = r.path[:steps]
+            rec["paths"] = {p: path.count(p) for p in sorted(set(path))}
         for phase, idx in phases.items():
             sel = [i for i in sorted(idx) if i < len(steps_s)]
             if sel:
@@ -351,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--policy", default=None, help=argparse.SUPPRESS)  # set in a child process
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
+    p.add_argument("--partial", default=None, help="write a snapshot of the steps done so far to this JSON file "
+                   "every --partial-every seconds (for runs that may not finish)")
+    p.add_argument("--partial-every", type=float, default=300.0, help="seconds between snapshots (> 0)")
     a = p.parse_args(argv)
     for name, low in (("d_in", 1), ("d_sae", 1), ("k", 1), ("batch", 1), ("steps", 2), ("threads", 1), ("unit_every", 1),
                       ("features", 1)):
@@ -358,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(a, name)}")
     if not a.lr > 0:
         p.error(f"--lr must be > 0, got {a.lr}")
+    if not a.partial_every > 0:
+        p.error(f"--partial-every must be > 0, got {a.partial_every}")
     if a.rows < a.batch:
         p.error(f"--rows ({a.rows}) must be at least --batch ({a.batch})")
     if a.arch == "topk" and a.k > a.d_sae:

@@ -234,13 +234,35 @@ def test_dense_cosine_matches_the_plain_loss_and_gradient_with_empty_and_tiny_ro
     # the sparse path's cosine, on the same codes' active entries
     from jsae.saes.sparse_relu import sparse_cosine
 
-    (cv, vv), (ct, vt) = relu_codes(z[0]), relu_codes(z[1])
-    vv, vt = vv.clone().requires_grad_(), vt.clone().requires_grad_()
-    loss = sparse_cosine(vv, cv, vt, ct)
-    loss.backward()
-    torch.testing.assert_close(loss.detach(), ref)
-    torch.testing.assert_close(vv.grad, gv_ref[cv.rows, cv.cols])
-    torch.testing.assert_close(vt.grad, gt_ref[ct.rows, ct.cols])
+    # without the dense codes (matching entries found by search) and with them (partners gathered): the same bits
+    sparse_results = []
+    for with_dense in (False, True):
+        (cv, vv), (ct, vt) = relu_codes(z[0]), relu_codes(z[1])
+        if with_dense:
+            cv, ct = cv._replace(dense=z[0]), ct._replace(dense=z[1])
+        vv, vt = vv.clone().requires_grad_(), vt.clone().requires_grad_()
+        loss = sparse_cosine(vv, cv, vt, ct)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref)
+        torch.testing.assert_close(vv.grad, gv_ref[cv.rows, cv.cols])
+        torch.testing.assert_close(vt.grad, gt_ref[ct.rows, ct.cols])
+        sparse_results.append((loss.detach(), vv.grad, vt.grad))
+    for a, b in zip(*sparse_results):
+        assert torch.equal(a, b)
+
+
+def test_partner_values_gather_equals_the_matched_entries():
+    from jsae.saes.sparse_relu import partner_values
+
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(2, 64, 512, generator=g) - 1.0  # ~16% active, partly overlapping
+    (cv, vv), (ct, vt) = relu_codes(pre[0]), relu_codes(pre[1])
+    searched = partner_values(cv, vt, ct)
+    gathered = partner_values(cv, vt, ct._replace(dense=pre[1].relu()))
+    assert torch.equal(searched, gathered)
+    both = (pre[0] > 0) & (pre[1] > 0)
+    assert 0 < int((searched > 0).sum()) == int(both.sum())  # non-zero exactly where both are active
+    assert torch.equal(searched, pre[1].relu()[cv.rows, cv.cols])
 
 
 def test_one_thread_runs_its_block_on_one_thread_and_restores_the_count():
@@ -283,5 +305,96 @@ def test_a_training_step_on_the_sparse_path_keeps_the_thread_count():
         for activation, max_density in (("relu", 1.0), ("topk", None)):
             tr, paths = train(TrainingJointSAE, 3, max_density=max_density, activation=activation, k=4)
             assert set(paths) == {"sparse"} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_sparse_path_holds_until_twice_the_switch_density():
+    """Hysteresis: a dense step turns sparse at sparse_relu_max_density; a sparse one turns dense only above
+    sparse_relu_stay_factor times it; in between the path stays what it was."""
+    sae = make_sae(shift=0.0)
+    g = torch.Generator().manual_seed(5)
+    v, t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+
+    def step(shift: float):
+        with torch.no_grad():
+            for m in ("vision", "text"):
+                sae.b_enc_of(m).fill_(-shift)
+        return sae.paired_forward_pass(v, t, COEFFS)
+
+    densities = {s: step(s).density for s in (0.0, 0.6, 1.0, 1.4, 2.5)}
+    between = [s for s, d in densities.items() if 0.1 < d <= 0.2]
+    above = [s for s, d in densities.items() if d > 0.2]
+    below = [s for s, d in densities.items() if d <= 0.1]
+    assert between and above and below, densities
+    path = [step(s).path for s in (above[0], between[0], below[0], between[0], above[-1], between[0])]
+    assert path == ["dense-codes", "dense-codes", "sparse", "sparse", "dense-codes", "dense-codes"]
+    assert step(below[0]).path == "sparse"
+    sae.sparse_relu_max_density = 0.0  # forcing the dense path works after a sparse step too
+    assert step(below[0]).path == "dense-codes"
+
+
+def test_thread_pick_probes_both_counts_and_keeps_the_faster():
+    import time
+
+    from jsae.saes.sparse_relu import ThreadPick
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for slow, expect_one in ((2, True), (1, False)):
+            pick, seen = ThreadPick(probes=2, every=8), []
+            for _ in range(12):
+                with pick.block():
+                    seen.append(torch.get_num_threads())
+                    time.sleep(0.02 if torch.get_num_threads() == slow else 0.0)
+                assert torch.get_num_threads() == 2  # restored after every block
+            best = 1 if expect_one else 2
+            # call 0 untimed, 1-4 alternate one / two threads, then the faster; call 8 starts the next probe
+            assert seen == [2, 1, 2, 1, 2, best, best, best, best, 1, 2, 1]
+            assert pick.one is expect_one
+        with pytest.raises(RuntimeError, match="inside"):
+            with pick.block():
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with pick.block(enabled=False):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="probes"):
+        ThreadPick(probes=0)
+
+
+def test_the_optimiser_step_gives_the_same_weights_on_one_thread_and_on_two():
+    """The trainer's ThreadPick block (decoder housekeeping, clipping, Adam) gives bitwise the same training on
+    either thread count, so the timed choice never changes the numbers (sizes above the 32k-element grain)."""
+    from jsae.saes.sparse_relu import ThreadPick
+
+    class Fixed(ThreadPick):
+        def __init__(self, n: int):
+            super().__init__()
+            self.n = n
+
+        def threads_for(self, phase: int, threads: int) -> int:
+            return self.n
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(6)
+        v, t = torch.randn(256, 64, generator=g), torch.randn(256, 64, generator=g)
+        states, used = [], []
+        for n in (1, 2):
+            torch.manual_seed(0)
+            sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=64, d_sae=1024))
+            tr = JointSAETrainer(sae, JointTrainerConfig(total_steps=4, lr=1e-3, progress=False, grad_clip_norm=0.5),
+                                 PairedTensorData(v, t, batch_size=128))
+            tr._housekeeping = Fixed(n)
+            tr.optimizer.register_step_pre_hook(lambda *_: used.append(torch.get_num_threads()))
+            tr.fit()
+            states.append({k: x.clone() for k, x in tr.sae.state_dict().items()})
+        assert used == [1] * 4 + [2] * 4
+        for k in states[0]:
+            assert torch.equal(states[0][k], states[1][k]), k
     finally:
         torch.set_num_threads(before)

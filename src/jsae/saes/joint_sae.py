@@ -603,15 +603,20 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     the default branch alone, so SAELens's own ``SAETrainer`` can train it as an ordinary SAE."""
 
     cfg: TrainingJointSAEConfig  # type: ignore[assignment]
-    # the ReLU fast path runs sparse while at most this fraction of the codes is active (both modalities): the
+    # the ReLU fast path turns sparse once at most this fraction of the codes is active (both modalities): the
     # sparse forward + backward measured faster up to 0.1 and slower from 0.2 (d_in 512, d_sae 4096, 1024 pairs;
-    # benchmarks/train_throughput.py --crossover)
+    # benchmarks/train_throughput.py --crossover) ...
     sparse_relu_max_density: float = 0.1
+    # ... and, once sparse, stays sparse up to this multiple of it (hysteresis): an L1-trained SAE settles near 0.1,
+    # where a single switch flipped the path back and forth (a dense-code step there cost 7-9 units against 4-4.5
+    # sparse, 512 -> 4096 under OpenMP's spin-wait policy on a loaded 2-core machine)
+    sparse_relu_stay_factor: float = 2.0
 
     def __init__(self, cfg: TrainingJointSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         # per-modality squared norm of centred inputs, used when mse_normalization == "variance"
         self.register_buffer("mse_scale", torch.ones(len(MODALITIES), dtype=self.dtype, device=self.device))
+        self._relu_sparse = False  # whether the previous ReLU fast-path step ran sparse (see _fast_relu_codes)
 
     def initialize_weights(self) -> None:
         draw = torch_linear_weights if self.cfg.init == "torch-linear" else tied_weights
@@ -795,24 +800,40 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                            sparse=(values, codes) if sparse_codes else None, fired=fired)
 
     def _fast_relu_codes(self, vision: Tensor, text: Tensor) -> tuple[dict[str, BranchCodes], str, float]:
-        """The ReLU fast paths of :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; if at most
-        ``sparse_relu_max_density`` of either modality's codes is active the step runs on the active entries
-        (:func:`~jsae.saes.sparse_relu.relu_sparse_codes`, ``"sparse"``), else on dense codes with the encoder
-        backward of :class:`~jsae.saes.sparse_relu.EncoderFromPre` (:func:`~jsae.saes.sparse_relu.relu_dense_codes`,
-        ``"dense-codes"``).  ``hook_sae_acts_pre`` is not called and ``feature_acts`` are detached on the sparse path."""
+        """The ReLU fast paths of :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; the step runs
+        on the active entries (:func:`~jsae.saes.sparse_relu.relu_sparse_codes`, ``"sparse"``) when at most
+        ``sparse_relu_max_density`` of either modality's codes is active (``sparse_relu_stay_factor`` times that if the
+        previous step ran sparse: hysteresis), else on dense codes with the encoder backward of
+        :class:`~jsae.saes.sparse_relu.EncoderFromPre` (:func:`~jsae.saes.sparse_relu.relu_dense_codes`,
+        ``"dense-codes"``).  After a sparse step everything but the encoder matmul runs on one intra-op thread and
+        the density comes from the active entries' indices (no separate count).  ``hook_sae_acts_pre`` is not called
+        and ``feature_acts`` are detached on the sparse path."""
         centre = bool(self.cfg.apply_b_dec_to_input)
-        inputs = {m: self._encoder_inputs(x, m) for m, x in zip(MODALITIES, (vision, text))}
-        with torch.no_grad():  # the active codes' count decides the path (their indices only on the sparse one)
-            positive = {m: pre > 0 for m, (_, pre) in inputs.items()}
-            density = max(int(torch.count_nonzero(p)) for p in positive.values()) / max(1, inputs["vision"][1].numel())
-        sparse = density <= self.sparse_relu_max_density
+        small = self._relu_sparse and vision.device.type == "cpu"  # expect a sparse step: small ops on one thread
+        inputs = {}
+        with torch.no_grad():
+            for m, x in zip(MODALITIES, (vision, text)):
+                with one_thread(small):
+                    sae_in = self.process_sae_in(x, m)
+                enc = self._enc(m)
+                inputs[m] = sae_in, torch.addmm(enc.b_enc, sae_in, enc.W_enc)  # the one dense matmul
+            with one_thread(small):  # the active codes' count decides the path
+                positive = {m: pre > 0 for m, (_, pre) in inputs.items()}
+                active = {m: active_entries(pre, positive[m]) for m, (_, pre) in inputs.items()} if small else {}
+                counts = [a.numel() for a in active.values()] if small else \
+                    [int(torch.count_nonzero(p)) for p in positive.values()]
+        density = max(counts) / max(1, inputs["vision"][1].numel())
+        limit = self.sparse_relu_max_density * (self.sparse_relu_stay_factor if self._relu_sparse else 1.0)
+        sparse = density <= limit
+        self._relu_sparse = sparse
         out = {}
         for m, (sae_in, pre) in inputs.items():
             if sparse:
                 with one_thread(pre.device.type == "cpu"):  # small ops (see one_thread)
-                    active = active_entries(pre, positive[m])
-                    values, codes, recon = relu_sparse_codes(sae_in, pre, active, *self._weights(m), centre)
-                    out[m] = BranchCodes(pre.relu_(), pre, recon, l1_codes=values, sparse=(values, codes),
+                    found = active[m] if m in active else active_entries(pre, positive[m])
+                    values, codes, recon = relu_sparse_codes(sae_in, pre, found, *self._weights(m), centre)
+                    # pre is relu(pre) from here on (codes.dense)
+                    out[m] = BranchCodes(pre, pre, recon, l1_codes=values, sparse=(values, codes),
                                          fired=codes.latent_counts > 0)
             else:
                 z, recon = relu_dense_codes(sae_in, pre, *self._weights(m), centre)

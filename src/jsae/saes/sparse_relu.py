@@ -17,9 +17,10 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
 * ``grad_b_dec`` through the centred input is ``-W_enc @ grad_b_enc`` (a matrix-vector product) instead of
   the dense ``grad_pre @ W_enc^T``;
 * the L1 term is the sum of the active values, and the alignment terms (:data:`SPARSE_ALIGNMENTS`) are
-  computed from the codes of the two modalities directly: cosine (:class:`SparseCosine`, analytic backward)
-  and L2 from the matching entries (``searchsorted`` on the row-major linear indices), InfoNCE's ``[B, B]``
-  logits as one more :class:`CsrMM` against the other modality's normalised codes;
+  computed from the codes of the two modalities directly: cosine (:class:`SparseCosine`, analytic backward) from
+  each entry's partner in the other modality (:func:`partner_values`: a gather from that modality's dense codes,
+  which the ReLU path has anyway) and L2 from the matching entries (``searchsorted`` on the row-major linear
+  indices), InfoNCE's ``[B, B]`` logits as one more :class:`CsrMM` against the other modality's normalised codes;
 * the entries are grouped by latent with one stable sort on one thread
   (:func:`argsort_latents`), and the trainer's dead-latent statistics come from the
   per-latent counts (``JointStepOutput.fired``) instead of a pass over the dense codes.
@@ -31,7 +32,9 @@ auxiliary loss on the top dead latents' entries.  One modality's path is one fun
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
 intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
 saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
-the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``).  Results equal the dense
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, with
+hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
+:class:`ThreadPick` measures faster.  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
 returns tensors only; :class:`jsae.saes.joint_sae.TrainingJointSAE` composes it.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -48,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder",
+__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
-           "one_thread", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "one_thread", "partner_values", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
 
 
@@ -72,6 +76,57 @@ def one_thread(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class ThreadPick:
+    """Runs a recurring block of memory-bound work (the trainer's optimiser step and decoder housekeeping) on the
+    intra-op thread count that this machine, at this load, runs it faster on: one thread or the caller's count.
+
+    Every ``every`` calls, ``probes`` calls on each count (alternating, after one untimed call) are timed and the
+    count with the lower median kept until the next probe.  Which count wins depends on the machine: with OpenMP's
+    default spin-wait policy on shared cores (a 2-core machine under load 4) the optimiser step of a 512 -> 4096
+    JSAE took 290-350 ms on two threads and 40-60 ms on one; with ``OMP_WAIT_POLICY=PASSIVE`` 41-45 ms on two and
+    52-55 on one; a many-core machine gains from its threads.  Only work whose result does not depend on the thread
+    count belongs in the block (element-wise updates, per-tensor and per-row norms), so the choice changes timing,
+    never the numbers."""
+
+    def __init__(self, probes: int = 3, every: int = 500):
+        if probes < 1 or every < 2 * probes + 1:
+            raise ValueError(f"ThreadPick needs probes >= 1 and every >= 2 * probes + 1, got {probes}, {every}")
+        self.probes, self.every = probes, every
+        self.calls = 0
+        self.times: dict[int, list[float]] = {}
+        self.one: bool = False  # whether one thread won the latest probe
+
+    def threads_for(self, phase: int, threads: int) -> int:
+        """The count the block runs on at ``phase`` (its call number modulo ``every``) under ``threads``."""
+        if 1 <= phase <= 2 * self.probes:
+            return 1 if phase % 2 else threads
+        return 1 if self.one else threads
+
+    @contextlib.contextmanager
+    def block(self, enabled: bool = True) -> Iterator[None]:
+        threads = torch.get_num_threads()
+        if not enabled or threads == 1:
+            yield
+            return
+        phase = self.calls % self.every
+        n = self.threads_for(phase, threads)
+        if phase == 1:
+            self.times = {}
+        torch.set_num_threads(n)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            torch.set_num_threads(threads)
+            self.calls += 1
+            if 1 <= phase <= 2 * self.probes:
+                self.times.setdefault(n, []).append(elapsed)
+                if phase == 2 * self.probes:
+                    median = {k: sorted(v)[len(v) // 2] for k, v in self.times.items()}
+                    self.one = 1 in median and median[1] < min((median[k] for k in median if k != 1), default=math.inf)
 
 
 def argsort_latents(latents: Tensor) -> Tensor:
@@ -103,6 +158,7 @@ class SparseCodes(NamedTuple):
     bags: Bags  # the entries grouped by latent
     latent_counts: Tensor  # [d_sae] how many samples fired each latent
     shape: tuple[int, int]  # (B, d_sae)
+    dense: Tensor | None = None  # [B, d_sae] the codes without gradient (the values at `linear`, 0 elsewhere) if known
 
     @property
     def density(self) -> float:
@@ -263,8 +319,10 @@ def encoder_from_pre(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor
 def relu_sparse_codes(sae_in: Tensor, pre: Tensor, active: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
                       b_dec: Tensor, centre: bool = True) -> tuple[Tensor, SparseCodes, Tensor]:
     """ReLU on the active entries (``active``: :func:`active_entries` of ``pre``): ``(values [nnz], codes,
-    recon [B, d_in])``; the L1 term is ``values.sum()``."""
+    recon [B, d_in])``; the L1 term is ``values.sum()``.  ``pre`` becomes ``relu(pre)`` in place (no copy), the
+    codes' ``dense``."""
     codes, vals = relu_codes(pre, active)
+    codes = SparseCodes(*codes[:-1], dense=pre.relu_())
     values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, vals, codes, centre)
     return values, codes, csr_mm(values, W_dec, codes) + b_dec
 
@@ -316,6 +374,15 @@ def _matches(codes_v: SparseCodes, codes_t: SparseCodes) -> tuple[Tensor, Tensor
     return hit, pos[hit]
 
 
+def partner_values(codes: SparseCodes, other_values: Tensor, other: SparseCodes) -> Tensor:
+    """``[nnz]``: the other modality's code at each of ``codes``' entries (0 where it is inactive).  A gather from
+    ``other.dense`` when the path has the dense codes, else from the entries active in both (:func:`_matches`)."""
+    if other.dense is not None:
+        return other.dense.reshape(-1)[codes.linear].to(other_values.dtype)
+    i, j = _matches(codes, other)
+    return other_values.new_zeros(codes.linear.numel()).index_put_((i,), other_values[j].detach())
+
+
 def _dot(val_v: Tensor, codes_v: SparseCodes, val_t: Tensor, codes_t: SparseCodes) -> Tensor:
     i, j = _matches(codes_v, codes_t)
     return val_v.new_zeros(codes_v.shape[0]).index_add(0, codes_v.rows[i], val_v[i] * val_t[j])
@@ -331,33 +398,32 @@ def _along(scale: Tensor, cos: Tensor, norm: Tensor, sq: Tensor) -> Tensor:
 class SparseCosine(torch.autograd.Function):
     """``mean_b (1 - cos(z_v[b], z_t[b]))`` on sparse codes with an analytic backward (a dozen ``nnz``-sized
     operations in all, where autograd would record some thirty).  Norms are clamped at ``eps`` as in
-    ``F.cosine_similarity`` (see :func:`_along`)."""
+    ``F.cosine_similarity`` (see :func:`_along`).  Each entry meets the other modality's code at the same place
+    through :func:`partner_values` (0 where that one is inactive, which adds exact zeros to the row dots and the
+    gradient: the same numbers as summing over the entries active in both)."""
 
     @staticmethod
     def forward(ctx: Any, val_v: Tensor, val_t: Tensor, codes_v: SparseCodes, codes_t: SparseCodes,  # type: ignore[override]
                 eps: float = 1e-8) -> Tensor:
-        i, j = _matches(codes_v, codes_t)
+        t_at_v, v_at_t = partner_values(codes_v, val_t, codes_t), partner_values(codes_t, val_v, codes_v)
         sq_v, sq_t = _row_sums(val_v * val_v, codes_v), _row_sums(val_t * val_t, codes_t)
         norm_v, norm_t = sq_v.clamp(min=eps * eps).sqrt(), sq_t.clamp(min=eps * eps).sqrt()
-        dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows[i], val_v[i] * val_t[j])
+        dot = val_v.new_zeros(codes_v.shape[0]).index_add_(0, codes_v.rows, val_v * t_at_v)
         cos = dot / (norm_v * norm_t)
-        ctx.save_for_backward(val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t)
+        ctx.save_for_backward(val_v, val_t, t_at_v, v_at_t, cos, norm_v, norm_t, sq_v, sq_t)
         ctx.codes = codes_v, codes_t
         return (1.0 - cos).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        val_v, val_t, i, j, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
+        val_v, val_t, t_at_v, v_at_t, cos, norm_v, norm_t, sq_v, sq_t = ctx.saved_tensors
         codes_v, codes_t = ctx.codes
         scale = -grad / cos.numel()  # d loss / d cos_b
         across = scale / (norm_v * norm_t)  # times the other modality's matching value
         grads = []
-        for val, codes, other, mine, theirs, norm, sq in ((val_v, codes_v, val_t, i, j, norm_v, sq_v),
-                                                          (val_t, codes_t, val_v, j, i, norm_t, sq_t)):
+        for val, codes, partner, norm, sq in ((val_v, codes_v, t_at_v, norm_v, sq_v), (val_t, codes_t, v_at_t, norm_t, sq_t)):
             along = _along(scale, cos, norm, sq)  # times the own value
-            g = -along[codes.rows] * val
-            g.index_add_(0, mine, across[codes.rows[mine]] * other[theirs])
-            grads.append(g)
+            grads.append(across[codes.rows] * partner - along[codes.rows] * val)
         return grads[0], grads[1], None, None, None
 
 

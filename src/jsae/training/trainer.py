@@ -67,7 +67,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.saes.joint_sae import MODALITIES, TrainingJointSAE, TrainingJointSAEConfig
-from jsae.saes.sparse_relu import one_thread
+from jsae.saes.sparse_relu import ThreadPick, one_thread
 from jsae.files import replace_dir, write_json, writing
 from jsae.training.data import check_paired_batch
 from jsae.saes.metrics import explained_variance
@@ -298,6 +298,8 @@ class JointSAETrainer:
         self.best_loss = math.inf
         self.best_state: dict[str, Tensor] | None = None
         self.steps_since_fired = torch.zeros(len(MODALITIES), sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
+        # the optimiser step and decoder housekeeping run on the thread count this machine runs them faster on
+        self._housekeeping = ThreadPick()
         self.history: list[dict[str, float]] = []
         self.resampled: list[dict[str, int]] = []  # resample_every: latents resampled per branch, per resampling
         self._wandb: Any = None
@@ -462,17 +464,18 @@ class JointSAETrainer:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.world_size)
-        if c.normalize_decoder:
-            self.sae.remove_gradient_parallel_to_decoder_directions()
-        if c.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip_norm)
-        self.optimizer.step()
+        with self._housekeeping.block(torch.device(c.device).type == "cpu"):  # memory-bound: see ThreadPick
+            if c.normalize_decoder:
+                self.sae.remove_gradient_parallel_to_decoder_directions()
+            if c.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], c.grad_clip_norm)
+            self.optimizer.step()
+            if c.normalize_decoder:
+                self.sae.set_decoder_norm_to_unit_norm()
         if c.lr_scheduler == "warmup-decay":
             self.scheduler.step()
         if self.epoch_length is not None:
             self._epoch_loss_sum += out.loss.detach().to(torch.float64)
-        if c.normalize_decoder:
-            self.sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
             # the sparse paths know which latents fired; otherwise a pass over the codes (codes >= 0)
             fired = torch.stack([out.fired[m] if out.fired else out.feature_acts[m].amax(0) > 0 for m in MODALITIES]).long()
