@@ -619,6 +619,25 @@ def test_edit_scoring_by_hand():
     assert r["absolute_gain_interval"]["mean"] == 0.25 and r["absolute_gain_interval"]["n"] == 4
     assert g["vision-only"]["replacement"]["relative_gain"] == float("inf")  # only VISTA succeeds
     assert g["vision-only-masks"]["replacement"]["relative_gain"] == 0.0 and g["vision-only-masks"]["removal"]["relative_gain"] == -0.25
+    # nothing scored (no eligible image): every gain is undefined, not 0
+    empty = {k: {m: {"mean": float("nan")} for m in ("removal", "replacement")} for k in per_image}
+    none = edit_gains(empty, {k: {m: np.zeros(0) for m in ("removal", "replacement")} for k in per_image})
+    assert all(np.isnan(none[ref][m]["relative_gain"]) for ref in none for m in ("removal", "replacement"))
+
+
+def test_vista_report_without_scored_edits_says_so():
+    """A model whose captions name too few objects for any edit (the DINOv2-style tower's run) gets a sentence,
+    not a table of NaNs."""
+    import json
+    from pathlib import Path
+
+    from jsae.report.markdown import vista_world_report
+
+    m = json.loads((Path(__file__).parents[1] / "benchmarks/results/vista_world_dino_text_lm_l1/metrics.json").read_text())
+    assert m["edits"]["n_scored"] == 0
+    text = vista_world_report(m, figure=False)
+    assert "nan" not in text.lower() and "No image was scored" in text
+    assert "| vista-l1 | 1.000 | [1] | 1 |" in text  # the matching-rate table is still there
 
 
 def test_vista_settings_are_records():

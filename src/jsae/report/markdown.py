@@ -557,6 +557,11 @@ def vista_world_report(m: dict[str, Any], figure: bool) -> str:
               f"{m['edits']['n_eligible']} eligible images (≥ 2 objects of distinct types, every object named by both projectors' "
               f"unedited captions); the first {m['edits']['n_calibration']} choose the replacement gain per method, "
               f"{m['edits']['n_scored']} are scored.", ""]
+    if not m["edits"]["n_scored"]:
+        lines += ["No image was scored, so removal and replacement are not measured for this model (an image is eligible "
+                  "only when both projectors' unedited captions name every object).", ""]
+        lines += ["Definitions: see `jsae.vista.metrics` (matching rate, localisation, removal, replacement, labels).", ""]
+        return "\n".join(lines)
     rows = []
     for method in ("vista", "vision-only", "vision-only-masks"):
         e = m["edits"][method]

@@ -25,6 +25,7 @@ upper reference), patch-local removal / replacement for the three, ``metrics.jso
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -636,10 +637,17 @@ def _edit_stage(ev: _EvalRun, methods: dict[str, tuple], unedited: dict[str, lis
             "edit_gains": edit_gains(edits, per_image), "evalp": evalp, "example": example}
 
 
+def _relative_gain(a: float, b: float) -> float:
+    """``(a - b) / b``; ``inf`` when only VISTA succeeds, 0 when neither does, NaN when nothing was scored."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return float("nan")
+    return (a - b) / b if b > 0 else (float("inf") if a > b else 0.0)
+
+
 def edit_gains(edits: dict[str, Any], per_image: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     """VISTA's removal and replacement success against each vision-only reference: both means, their difference
     with a paired interval over the same images and edits, and the relative gain ``(a - b) / b`` (``inf`` when only
-    VISTA succeeds, 0 when neither does)."""
+    VISTA succeeds, 0 when neither does, NaN when no image was scored)."""
     rel: dict[str, Any] = {}
     for ref in ("vision-only", "vision-only-masks"):
         rel[ref] = {}
@@ -648,7 +656,7 @@ def edit_gains(edits: dict[str, Any], per_image: dict[str, dict[str, np.ndarray]
             diff = per_image["vista"][measure] - per_image[ref][measure]  # paired: the same images and edits
             rel[ref][measure] = {"vista": a, "reference": b, "absolute_gain": a - b,
                                  "absolute_gain_interval": interval(diff),
-                                 "relative_gain": (a - b) / b if b > 0 else (float("inf") if a > b else 0.0)}
+                                 "relative_gain": _relative_gain(a, b)}
     return rel
 
 
