@@ -34,7 +34,6 @@ own nnsight trace, use :meth:`Intervention.apply` on ``layers[L].output`` direct
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -605,83 +604,6 @@ def _shared_prefills(ivs: list[Intervention], same_prompt: Sequence[Any] | None,
     return torch.tensor(first), torch.tensor(of_row)
 
 
-def _preallocate(cache: Any, rows: Tensor | None, steps: int) -> None:
-    """Give each plain growing layer of ``cache`` (transformers' ``DynamicLayer``) room for ``steps`` more positions, in
-    place, keeping its rows ``rows`` (all when ``None``): its keys and values are copied once into buffers that the
-    decode steps then fill, instead of being concatenated anew at every step.  Other layers are only reordered."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        if rows is not None:
-            cache.reorder_cache(rows)
-        return
-    plain, roomy = _roomy_layer()
-    for i, layer in enumerate(layers):
-        if type(layer) is plain and layer.is_initialized and layer.get_seq_length() > 0:
-            layers[i] = roomy.from_layer(layer, rows, steps)
-        elif rows is not None:
-            layer.reorder_cache(rows)
-
-
-def _room_for(t: Tensor, rows: Tensor | None, steps: int) -> Tensor:
-    """``t`` ``[B, H, S, D]`` (its rows ``rows``) copied into a buffer of ``S + steps`` positions."""
-    src = t if rows is None else t.index_select(0, rows.to(t.device))
-    buf = src.new_empty(*src.shape[:2], src.shape[2] + steps, src.shape[3])
-    buf[:, :, :src.shape[2]] = src
-    return buf
-
-
-@functools.cache
-def _roomy_layer() -> tuple[type, type]:
-    """(transformers' ``DynamicLayer``, its subclass whose keys and values are views of buffers with room to grow)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose ``keys``/``values`` are the filled part of buffers with room for more positions:
-        the same tensors as the plain layer's, each position written once."""
-
-        @classmethod
-        def from_layer(cls, layer: Any, rows: Tensor | None, steps: int) -> "RoomyLayer":
-            new = cls.__new__(cls)
-            new.__dict__.update(layer.__dict__)
-            new._k, new._v = _room_for(layer.keys, rows, steps), _room_for(layer.values, rows, steps)
-            new._fill(layer.keys.shape[2])
-            return new
-
-        def _fill(self, n: int) -> None:
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-            n, q = self.keys.shape[2], key_states.shape[2]
-            if n + q > self._k.shape[2]:  # out of room: grow
-                self._k, self._v = _room_for(self.keys, None, max(q, n)), _room_for(self.values, None, max(q, n))
-            self._k[:, :, n:n + q] = key_states
-            self._v[:, :, n:n + q] = value_states
-            self._fill(n + q)
-            return self.keys, self.values
-
-        def reorder_cache(self, beam_idx: Tensor) -> None:
-            n = self.keys.shape[2]
-            self._k = self._k.index_select(0, beam_idx.to(self._k.device))
-            self._v = self._v.index_select(0, beam_idx.to(self._v.device))
-            self._fill(n)
-
-        def batch_select_indices(self, indices: Tensor) -> None:
-            self.reorder_cache(torch.as_tensor(indices, device=self._k.device))
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                super().crop(tokens_to_remove)  # the plain layer's error
-            if tokens_to_remove and self.is_initialized:
-                self._fill(self.keys.shape[2] - abs(tokens_to_remove))
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            n = self.keys.shape[2]
-            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
-            self._fill(n)
-
-    return DynamicLayer, RoomyLayer
-
-
 @dataclass(frozen=True)
 class _Below:
     """The prefill's part below the first edited decoder layer ``layer``, shared by identical prompts: ``key[b]``
@@ -798,9 +720,9 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
             cache = out.get("past_key_values")
         logits = out.logits[:, -1]
         del out
-    of_row = shared[1].to(device) if shared is not None else None
-    _preallocate(cache, of_row, max_new_tokens - 1)  # each prompt's rows (shared prefills) copied once, with room
-    if of_row is not None:
+    if shared is not None:
+        of_row = shared[1].to(device)
+        cache.reorder_cache(of_row)
         logits = logits[of_row]
     new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)
