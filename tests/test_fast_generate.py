@@ -163,19 +163,28 @@ def test_layers_below_the_edit_run_once_per_image(toy, layer, monkeypatch):
                 ProjectOut(layer, at, timing="prefill", direction=P[a:b])]
 
     prefill_rows: list[int] = []
-    bottom = vlm.adapter.layer_module(0).register_forward_pre_hook(
-        lambda m, a, k: prefill_rows.append(int((a[0] if a else k["hidden_states"]).shape[0]))
-        if (a[0] if a else k["hidden_states"]).shape[1] > 1 else None, with_kwargs=True)
+    edited_rows: list[int] = []
+
+    def count(into):  # rows of each prefill a layer computed
+        def after(m, a, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if h.shape[1] > 1:
+                into.append(int(h.shape[0]))
+        return after
+
+    bottom = vlm.adapter.layer_module(0).register_forward_hook(count(prefill_rows))
+    at_edit = vlm.adapter.layer_module(layer).register_forward_hook(count(edited_rows))
     towers: list[int] = []
     tower = unwrap(vlm.adapter.vision_tower).register_forward_pre_hook(lambda m, a: towers.append(int(a[0].shape[0])))
     try:
         fast = caption(imgs, make)
-        fast_prefills, fast_towers = list(prefill_rows), list(towers)
+        fast_prefills, fast_towers, fast_edited = list(prefill_rows), list(towers), list(edited_rows)
         with monkeypatch.context() as m:
             _plain(vlm.adapter, m)
             plain = caption(imgs, make)
     finally:
         bottom.remove()
+        at_edit.remove()
         tower.remove()
     assert fast == plain
     assert len(set(fast)) > len(images)  # the edits changed captions
@@ -183,8 +192,8 @@ def test_layers_below_the_edit_run_once_per_image(toy, layer, monkeypatch):
     distinct = [len({rows[j][0] for j in range(i, min(i + caption.batch_size, len(rows)))})
                 for i in range(0, len(rows), caption.batch_size)]
     assert fast_towers == distinct and sum(fast_towers) < sum(batches)
-    if layer > 0:
-        assert fast_prefills == distinct  # layer 0 at prefill: one row per distinct image
+    assert fast_prefills == distinct  # layer 0 at prefill: one row per distinct image
+    assert fast_edited == distinct  # the edited layer too (its edit applied to the gathered rows)
 
 
 def test_padded_repeated_prompts_below_the_edit_equal_hf_generate(monkeypatch):

@@ -443,6 +443,10 @@ class LivePrompts:
     loop that drops the prompts whose captions have ended."""
 
     prompts: Tensor | None = None
+    #: set by :func:`intervene`: its hook of each edited layer, and whether the hooks pass outputs through untouched
+    #: (a forward over states that the loop then edits itself by calling the hook)
+    hooks: dict[int, Any] = field(default_factory=dict)
+    paused: bool = False
 
 
 @contextlib.contextmanager
@@ -474,6 +478,8 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
 
     def make_hook(layer: int, items: list[tuple[Intervention, Tensor]]) -> Any:
         def hook(module: Any, args: Any, output: Any) -> Any:
+            if live is not None and live.paused:
+                return output
             hidden = layer_output(output)
             step = steps[layer]
             steps[layer] = step + 1
@@ -498,7 +504,10 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
 
     try:
         for layer, items in by_layer.items():
-            handles.append(adapter.layer_module(layer).register_forward_hook(make_hook(layer, items)))
+            fn = make_hook(layer, items)
+            if live is not None:
+                live.hooks[layer] = fn
+            handles.append(adapter.layer_module(layer).register_forward_hook(fn))
         yield steps
     finally:
         for h in handles:
@@ -665,26 +674,45 @@ def _prefill_from_below(hf: Any, first: dict[str, Any], below: _Below, rows: Ten
     if "kw" not in seen:
         raise RuntimeError(f"the forward did not reach decoder layer {below.layer}")
     n = len(distinct)
-    take = lambda v: v[gather] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v  # noqa: E731
-    args = [take(a) for a in seen["args"]]
-    kw = {k: tuple(take(x) for x in v) if isinstance(v, tuple) else take(v) for k, v in seen["kw"].items()}
+    args, kw = list(seen["args"]), dict(seen["kw"])
+    hidden = args.pop(0) if args else kw.pop("hidden_states")
     cache = kw.get("cache", kw.get("past_key_values"))
     if cache is None:
         raise RuntimeError(f"decoder layer {below.layer} was called without a cache")
+    # the first edited layer too computes the same for identical prompts: run it once each, its hook paused, then
+    # its hook on the gathered rows
+    module = adapter.layer_module(below.layer)
+    live.paused = True
+    try:
+        out = module(hidden, *args, **kw)
+    finally:
+        live.paused = False
+    take = lambda v: v[gather] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v  # noqa: E731
+    args = [take(a) for a in args]
+    kw = {k: tuple(take(x) for x in v) if isinstance(v, tuple) else take(v) for k, v in kw.items()}
     cache.reorder_cache(gather)
-    hidden = args.pop(0) if args else kw.pop("hidden_states")
+    out = (take(out[0]), *out[1:]) if isinstance(out, tuple) else take(out)
     live.prompts = rows
-    for layer in range(below.layer, adapter.n_layers):
+    hook = live.hooks.get(below.layer)
+    if hook is not None:
+        edited = hook(module, (hidden,), out)
+        out = out if edited is None else edited
+    hidden = layer_output(out)
+    for layer in range(below.layer + 1, adapter.n_layers):
         hidden = layer_output(adapter.layer_module(layer)(hidden, *args, **kw))
     live.prompts = None
     return adapter.last_logits(hidden), cache
 
 
+#: ended captions leave :func:`_greedy`'s batch once they are at least 1/_DROP_SHARE of it
+_DROP_SHARE = 16
+
+
 def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
             live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None, below: _Below | None = None) -> Tensor:
     """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
-    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions),
-    so the later steps run only the captions still being written.  ``live.prompts`` tells the intervention hooks
+    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions) once
+    the ended ones are 1/:data:`_DROP_SHARE` of it, so the later steps run mostly the captions still being written.  ``live.prompts`` tells the intervention hooks
     which prompts the rows of each step continue.  With ``below`` (:func:`_shared_below`), the prefill runs the layers
     below the first edited one once per distinct prompt.  Returns the new token ids ``[B, n]`` (``pad`` after the
     end)."""
@@ -729,16 +757,23 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
     pos = positions[:, -1:].to(device)
     eos = eos.to(device)
     n = 0
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows still in the batch whose caption has ended
     for step in range(max_new_tokens):
         token = logits.float().argmax(-1)
-        new[alive, step] = token
+        if bool(done.any()):
+            new[alive[~done], step] = token[~done]
+        else:
+            new[alive, step] = token
         n = step + 1
-        ended = torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(ended.all()):
+        done = done | torch.isin(token, eos)
+        n_done = int(done.sum())
+        if step == max_new_tokens - 1 or n_done == len(done):
             break
-        if bool(ended.any()):
-            keep = (~ended).nonzero().flatten()
-            alive, token, pos = alive[keep], token[keep], pos[keep]
+        # ended rows leave the batch (cache rows, mask, positions) once they are a sixteenth of it: each removal
+        # copies the whole cache, about a quarter of a decode step; until then they run on, their tokens unused
+        if n_done and n_done * _DROP_SHARE >= len(done):
+            keep = (~done).nonzero().flatten()
+            alive, token, pos, done = alive[keep], token[keep], pos[keep], done[keep]
             mask = mask[keep] if mask is not None else None
             cache.reorder_cache(keep)
             live.prompts = alive
