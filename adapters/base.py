@@ -394,6 +394,18 @@ class VLMAdapter(abc.ABC):
         """The tensors the model's forward takes (jsae's own keys such as ``caption_mask`` removed)."""
         return {k: v for k, v in inputs.items() if k not in EXTRA_KEYS and v is not None}
 
+    #: the language model runs its decoder layers one after another, each called with the hidden states and the same
+    #: other arguments, and its logits are ``lm_head(norm(last layer's output))`` (:meth:`last_logits`): then
+    #: :func:`jsae.interventions.generate` runs the layers below the first edited one once per distinct prompt
+    #: (checked against transformers' ``generate`` in ``tests/test_fast_generate.py``)
+    sequential_layers: bool = False
+
+    def last_logits(self, hidden: Tensor) -> Tensor:
+        """The logits of the last position ``[B, vocab]`` from the last decoder layer's output ``[B, S, d]``, as the
+        model's forward computes them (final norm over every position, ``lm_head`` on the last)."""
+        lm = unwrap(self.language_model)
+        return self.hf_model.lm_head(lm.norm(hidden)[:, -1:, :])[:, -1]
+
     def generation_position_ids(self, attention_mask: Tensor) -> Tensor | None:
         """The ``position_ids`` of a prompt's tokens as ``generate`` gives them to the forward (each later token: the
         last one + 1), so :func:`jsae.interventions.generate` can run its own greedy loop (dropping the captions that

@@ -32,6 +32,7 @@ from jsae.adapters.base import ImageTokens, VLMAdapter, register_adapter, unwrap
 class LlavaAdapter(VLMAdapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
     plain_layout = "<image> caption"
+    sequential_layers = True  # LlamaModel / MistralModel: layer after layer, then norm and lm_head
 
     @property
     def is_next(self) -> bool:

@@ -141,3 +141,82 @@ def test_steer_prompt_key():
     assert s.prompt_key(0) == s.prompt_key(1) != s.prompt_key(2)
     assert s.prompt_key(3) == "unchanged"
     assert not Steer(0, "generated", direction=d[0]).edits_prompt and s.edits_prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [0, 2, 7])
+def test_layers_below_the_edit_run_once_per_image(toy, layer, monkeypatch):
+    """Edits at decoder layer ``layer`` (per-prompt steering and per-prompt projection at image tokens, neither shared
+    between rows; at the last layer, 7, at the last prompt token, the only state read there): the layers below
+    ``layer`` and the vision tower run once per distinct image, and the captions are transformers' generate's."""
+    from jsae.interventions import ProjectOut
+
+    vlm, caption, images = toy
+    rows, D = _rows(images, n_dirs=2, seed=2)
+    imgs = [images[i] for i, _, _ in rows]
+    ones = torch.ones(len(rows))
+    P = D.flip(-1) + 1e-3  # another direction (non-zero for ProjectOut)
+
+    at = "last" if layer == 7 else "image"
+
+    def make(a, b):
+        return [Steer(layer, at, timing="prefill", direction=D[a:b], strength=ones[a:b] * 3),
+                ProjectOut(layer, at, timing="prefill", direction=P[a:b])]
+
+    prefill_rows: list[int] = []
+    edited_rows: list[int] = []
+
+    def count(into):  # rows of each prefill a layer computed
+        def after(m, a, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if h.shape[1] > 1:
+                into.append(int(h.shape[0]))
+        return after
+
+    bottom = vlm.adapter.layer_module(0).register_forward_hook(count(prefill_rows))
+    at_edit = vlm.adapter.layer_module(layer).register_forward_hook(count(edited_rows))
+    towers: list[int] = []
+    tower = unwrap(vlm.adapter.vision_tower).register_forward_pre_hook(lambda m, a: towers.append(int(a[0].shape[0])))
+    try:
+        fast = caption(imgs, make)
+        fast_prefills, fast_towers, fast_edited = list(prefill_rows), list(towers), list(edited_rows)
+        with monkeypatch.context() as m:
+            _plain(vlm.adapter, m)
+            plain = caption(imgs, make)
+    finally:
+        bottom.remove()
+        at_edit.remove()
+        tower.remove()
+    assert fast == plain
+    assert len(set(fast)) > len(images)  # the edits changed captions
+    batches = [len(rows[i:i + caption.batch_size]) for i in range(0, len(rows), caption.batch_size)]
+    distinct = [len({rows[j][0] for j in range(i, min(i + caption.batch_size, len(rows)))})
+                for i in range(0, len(rows), caption.batch_size)]
+    assert fast_towers == distinct and sum(fast_towers) < sum(batches)
+    assert fast_prefills == distinct  # layer 0 at prefill: one row per distinct image
+    assert fast_edited == distinct  # the edited layer too (its edit applied to the gathered rows)
+
+
+def test_padded_repeated_prompts_below_the_edit_equal_hf_generate(monkeypatch):
+    """Left-padded prompts, each twice, edited per row at two layers at every position and step (tiny random LLaVA):
+    the layers below the first edit run once per distinct prompt, and the token ids are generate's."""
+    v = tiny_vlm("llava")
+    imgs = v.images(2, start=1)
+    enc = v.adapter.build_inputs(v.processor, [imgs[0], imgs[1], imgs[0], imgs[1]],
+                                 ["a red", "what color is the big cat", "a red", "what color is the big cat"],
+                                 add_generation_prompt=True)
+    assert not bool(enc["attention_mask"].all())  # padded
+    d = torch.randn(4, 32, generator=torch.Generator().manual_seed(4)) * 20
+    ivs = [Steer(LAYER, "all", direction=d, strength=[1.0, 0.5, 0.0, 2.0]),
+           Steer(LAYER + 1, "image", timing="prefill", direction=d.flip(0), strength=[0.3, 0.3, 1.0, 1.0])]
+    rows: list[int] = []
+    h = v.adapter.layer_module(0).register_forward_pre_hook(
+        lambda m, a, k: rows.append(int((a[0] if a else k["hidden_states"]).shape[0])), with_kwargs=True)
+    try:
+        fast = generate(v.model, enc, ivs, max_new_tokens=6, adapter=v.adapter, return_ids=True, same_prompt=[0, 1, 0, 1])
+    finally:
+        h.remove()
+    assert rows[0] == 2  # the prefill below layer LAYER: one row per distinct prompt
+    _plain(v.adapter, monkeypatch)
+    plain = generate(v.model, enc, ivs, max_new_tokens=6, adapter=v.adapter, return_ids=True)
+    assert torch.equal(fast, plain)

@@ -443,6 +443,10 @@ class LivePrompts:
     loop that drops the prompts whose captions have ended."""
 
     prompts: Tensor | None = None
+    #: set by :func:`intervene`: its hook of each edited layer, and whether the hooks pass outputs through untouched
+    #: (a forward over states that the loop then edits itself by calling the hook)
+    hooks: dict[int, Any] = field(default_factory=dict)
+    paused: bool = False
 
 
 @contextlib.contextmanager
@@ -474,6 +478,8 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
 
     def make_hook(layer: int, items: list[tuple[Intervention, Tensor]]) -> Any:
         def hook(module: Any, args: Any, output: Any) -> Any:
+            if live is not None and live.paused:
+                return output
             hidden = layer_output(output)
             step = steps[layer]
             steps[layer] = step + 1
@@ -498,7 +504,10 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention], 
 
     try:
         for layer, items in by_layer.items():
-            handles.append(adapter.layer_module(layer).register_forward_hook(make_hook(layer, items)))
+            fn = make_hook(layer, items)
+            if live is not None:
+                live.hooks[layer] = fn
+            handles.append(adapter.layer_module(layer).register_forward_hook(fn))
         yield steps
     finally:
         for h in handles:
@@ -544,8 +553,10 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
         positions = None if do_sample or set(generate_kwargs) - {"pad_token_id"} else \
             adapter.generation_position_ids(kwargs.get("attention_mask", torch.ones_like(kwargs["input_ids"])))
         if positions is not None and _plain_greedy(hf):
+            ivs = _check_interventions(interventions)
+            below = _shared_below(adapter, ivs, same_prompt, kwargs)
             new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live,
-                          _shared_prefills(_check_interventions(interventions), same_prompt, kwargs))
+                          _shared_prefills(ivs, same_prompt, kwargs), below)
         else:
             new = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               **generate_kwargs)[:, kwargs["input_ids"].shape[1]:]
@@ -602,12 +613,109 @@ def _shared_prefills(ivs: list[Intervention], same_prompt: Sequence[Any] | None,
     return torch.tensor(first), torch.tensor(of_row)
 
 
+@dataclass(frozen=True)
+class _Below:
+    """The prefill's part below the first edited decoder layer ``layer``, shared by identical prompts: ``key[b]``
+    numbers prompt ``b``'s group of identical prompts, ``run`` the decoder layers from ``layer`` up."""
+
+    layer: int
+    key: Tensor
+    adapter: VLMAdapter
+
+
+def _shared_below(adapter: VLMAdapter, ivs: list[Intervention], same_prompt: Sequence[Any] | None,
+                  kwargs: Mapping[str, Any]) -> _Below | None:
+    """The layers below the first edited one compute the same states for identical prompts whatever the edits: with
+    ``same_prompt`` keys, an adapter whose decoder layers run in sequence (:attr:`VLMAdapter.sequential_layers`) and
+    at least one edit, a :class:`_Below` for :func:`_greedy` to run them once per distinct prompt."""
+    if same_prompt is None or not ivs or not adapter.sequential_layers:
+        return None
+    B = kwargs["input_ids"].shape[0]
+    if len(same_prompt) != B or any(isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != B) for v in kwargs.values()):
+        return None
+    groups: dict[Any, int] = {}
+    key = torch.tensor([groups.setdefault(k, len(groups)) for k in same_prompt])
+    return _Below(min(iv.layer for iv in ivs), key, adapter)
+
+
+class _StopBelow(Exception):
+    """Raised at the first edited layer's input to end the forward over the layers below it."""
+
+
+def _prefill_from_below(hf: Any, first: dict[str, Any], below: _Below, rows: Tensor, live: LivePrompts,
+                        extra: Mapping[str, Any]) -> tuple[Tensor, Any]:
+    """The prefill of prompts ``rows`` (a forward of ``first``, the prompts ``rows`` of the batch) with the decoder
+    layers below ``below.layer`` run once per distinct prompt: a forward of one prompt per group stops at that
+    layer's input (its hidden states, its call's other arguments and the cache of the layers below), whose rows are
+    gathered for ``rows``, then the layers from ``below.layer`` up run on them (with the interventions' hooks).
+    Returns the logits of the last position and the cache, as the whole forward would."""
+    device = rows.device
+    key = below.key.to(device)[rows]
+    reps: dict[int, int] = {}
+    for i, k in enumerate(key.tolist()):
+        reps.setdefault(k, i)
+    distinct = torch.tensor(list(reps.values()), device=device)
+    gather = torch.tensor([list(reps).index(k) for k in key.tolist()], device=device)
+    seen: dict[str, Any] = {}
+
+    def stop(module: Any, args: Any, kw: Any) -> None:
+        seen["args"], seen["kw"] = args, kw
+        raise _StopBelow
+
+    adapter = below.adapter
+    handle = adapter.layer_module(below.layer).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        hf(**{k: v[distinct] if isinstance(v, Tensor) else v for k, v in first.items()}, use_cache=True,
+           return_dict=True, **extra)
+    except _StopBelow:
+        pass
+    finally:
+        handle.remove()
+    if "kw" not in seen:
+        raise RuntimeError(f"the forward did not reach decoder layer {below.layer}")
+    n = len(distinct)
+    args, kw = list(seen["args"]), dict(seen["kw"])
+    hidden = args.pop(0) if args else kw.pop("hidden_states")
+    cache = kw.get("cache", kw.get("past_key_values"))
+    if cache is None:
+        raise RuntimeError(f"decoder layer {below.layer} was called without a cache")
+    # the first edited layer too computes the same for identical prompts: run it once each, its hook paused, then
+    # its hook on the gathered rows
+    module = adapter.layer_module(below.layer)
+    live.paused = True
+    try:
+        out = module(hidden, *args, **kw)
+    finally:
+        live.paused = False
+    take = lambda v: v[gather] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v  # noqa: E731
+    args = [take(a) for a in args]
+    kw = {k: tuple(take(x) for x in v) if isinstance(v, tuple) else take(v) for k, v in kw.items()}
+    cache.reorder_cache(gather)
+    out = (take(out[0]), *out[1:]) if isinstance(out, tuple) else take(out)
+    live.prompts = rows
+    hook = live.hooks.get(below.layer)
+    if hook is not None:
+        edited = hook(module, (hidden,), out)
+        out = out if edited is None else edited
+    hidden = layer_output(out)
+    for layer in range(below.layer + 1, adapter.n_layers):
+        hidden = layer_output(adapter.layer_module(layer)(hidden, *args, **kw))
+    live.prompts = None
+    return adapter.last_logits(hidden), cache
+
+
+#: ended captions leave :func:`_greedy`'s batch once they are at least 1/_DROP_SHARE of it
+_DROP_SHARE = 16
+
+
 def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
-            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
+            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None, below: _Below | None = None) -> Tensor:
     """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
-    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions),
-    so the later steps run only the captions still being written.  ``live.prompts`` tells the intervention hooks
-    which prompts the rows of each step continue.  Returns the new token ids ``[B, n]`` (``pad`` after the end)."""
+    caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions) once
+    the ended ones are 1/:data:`_DROP_SHARE` of it, so the later steps run mostly the captions still being written.  ``live.prompts`` tells the intervention hooks
+    which prompts the rows of each step continue.  With ``below`` (:func:`_shared_below`), the prefill runs the layers
+    below the first edited one once per distinct prompt.  Returns the new token ids ``[B, n]`` (``pad`` after the
+    end)."""
     import inspect
 
     params = inspect.signature(hf.forward).parameters
@@ -626,17 +734,20 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
     first = {**kwargs, "position_ids": positions.to(device)}
     if mask is None:
         first.pop("attention_mask", None)
+    rep = shared[0].to(device) if shared is not None else torch.arange(B, device=device)
     if shared is not None:  # the prefill of each group of identical prompts with alike edits, run once
-        rep = shared[0].to(device)
         first = {k: v[rep] if isinstance(v, Tensor) else v for k, v in first.items()}
-        live.prompts = rep
-    out = hf(**first, use_cache=True, return_dict=True, **extra)
-    live.prompts = None
-    cache = out.get(cache_key)
-    if cache is None:
-        cache = out.get("past_key_values")
-    logits = out.logits[:, -1]
-    del out
+    if below is not None and len(set(below.key[rep.cpu()].tolist())) < len(rep):
+        logits, cache = _prefill_from_below(hf, first, below, rep, live, extra)
+    else:
+        live.prompts = rep if shared is not None else None
+        out = hf(**first, use_cache=True, return_dict=True, **extra)
+        live.prompts = None
+        cache = out.get(cache_key)
+        if cache is None:
+            cache = out.get("past_key_values")
+        logits = out.logits[:, -1]
+        del out
     if shared is not None:
         of_row = shared[1].to(device)
         cache.reorder_cache(of_row)
@@ -646,16 +757,23 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
     pos = positions[:, -1:].to(device)
     eos = eos.to(device)
     n = 0
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # rows still in the batch whose caption has ended
     for step in range(max_new_tokens):
         token = logits.float().argmax(-1)
-        new[alive, step] = token
+        if bool(done.any()):
+            new[alive[~done], step] = token[~done]
+        else:
+            new[alive, step] = token
         n = step + 1
-        ended = torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(ended.all()):
+        done = done | torch.isin(token, eos)
+        n_done = int(done.sum())
+        if step == max_new_tokens - 1 or n_done == len(done):
             break
-        if bool(ended.any()):
-            keep = (~ended).nonzero().flatten()
-            alive, token, pos = alive[keep], token[keep], pos[keep]
+        # ended rows leave the batch (cache rows, mask, positions) once they are a sixteenth of it: each removal
+        # copies the whole cache, about a quarter of a decode step; until then they run on, their tokens unused
+        if n_done and n_done * _DROP_SHARE >= len(done):
+            keep = (~done).nonzero().flatten()
+            alive, token, pos, done = alive[keep], token[keep], pos[keep], done[keep]
             mask = mask[keep] if mask is not None else None
             cache.reorder_cache(keep)
             live.prompts = alive
