@@ -4,6 +4,8 @@
 
 ``--model`` takes a toy name or a model directory (an older world's models, or a real VLM); results go to
 ``benchmarks/results/world_fidelity/<label>-<model name>.json`` with the per-layer table beside them (``.md``).
+``--cosines-only`` re-reads the scenes and writes the oracles' cosines (plain and count-matched) into an existing
+result without generating (how the old world's results got their count-matched cosines).
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--plot-only", action="store_true", help="only redraw fidelity.png from the JSON files in --out")
+    ap.add_argument("--cosines-only", action="store_true",
+                    help="re-read the scenes (no generation) and write the oracle cosines, plain and count-matched, "
+                         "into the existing <label>-<model>.json, keeping its steering and captions")
     a = ap.parse_args()
     if a.plot_only:
         return plot(a.out)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.cosines_only:
+        for m in a.model:
+            update_cosines(m, a.out / f"{a.label}-{Path(m).name}.json", a.n_images)
+        return plot(a.out)
     for m in a.model:
         load = os.getloadavg()
         t0 = time.time()
@@ -52,11 +61,35 @@ def main() -> None:
     plot(a.out)
 
 
+def update_cosines(model: str, path: Path, n_images: int) -> None:
+    """The oracle cosines (plain and count-matched) of ``model`` written into its earlier result ``path``."""
+    from jsae.protocol.fidelity import oracle_cosines, read_world, summarise
+    from jsae.vlm import load_vlm
+    from jsae.world.data import iter_world
+    from jsae.world.processors import CAPTION_PROMPT
+
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist; run this benchmark on {model} without --cosines-only first")
+    r = json.loads(path.read_text())
+    if r.get("n_images") != n_images:
+        raise SystemExit(f"{path} was measured on {r.get('n_images')} scenes; pass --n-images {r.get('n_images')}")
+    pairs = list(iter_world("validation", n_images, 0))
+    read = read_world(load_vlm(model), [s for s, _ in pairs], CAPTION_PROMPT, progress=False)
+    for L, rec in oracle_cosines(read, [it for _, it in pairs], [int(L) for L in r["oracles"]]).items():
+        r["oracles"][L].update(rec)
+    r["summary"] = summarise(r)
+    r["cosines_updated"] = time.strftime("%Y-%m-%d")
+    write_atomic(path, json.dumps(r, indent=1))
+    write_atomic(path.with_suffix(".md"), f"# {path.stem}\n\n{fidelity_table(r)}\n\nsummary: `{json.dumps(r['summary'])}`\n")
+    print(f"== {path.stem}: cosines updated\n{fidelity_table(r)}", flush=True)
+
+
 def plot(out: Path) -> None:
     """fidelity.png: every result in ``out`` on one figure (old world dashed)."""
     from jsae.report.plots import plot_fidelity
 
-    results = {f.stem: json.loads(f.read_text()) for f in sorted(out.glob("*.json"))}
+    results = {f.stem: r for f in sorted(out.glob("*.json"))
+               if "logit_lens" in (r := json.loads(f.read_text()))}  # other benchmarks' results sit beside them
     if results:
         print(f"wrote {plot_fidelity(results, out / 'fidelity.png')}")
 

@@ -69,6 +69,35 @@ def test_logit_lens_and_pools_match_a_direct_forward(tiny_dir):
     assert len(read["lens_caption"][0]) == sum(len(s.objects) for s in scenes)
 
 
+def test_count_matched_oracle_removes_a_confound():
+    """A state that carries the concept (a) and the scene's object count (b), where scenes with the concept hold
+    more objects: the plain difference of means mixes b in; the count-matched one is a alone, and equals the
+    weighted within-stratum differences computed by hand."""
+    from jsae.protocol.sweep import oracle_direction
+
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    count = torch.tensor([1, 1, 1, 2, 2, 2, 3, 3, 3, 3])
+    present = torch.tensor([0, 0, 1, 0, 1, 1, 0, 1, 1, 1])
+    noise = torch.zeros(10, 3)
+    noise[:, 2] = torch.arange(10.0)  # a third direction that differs inside strata
+    v = present[:, None] * a + count[:, None] * b + noise
+    plain = oracle_direction(v, present)
+    assert plain[1] > 0.5  # the count leaks into the plain oracle
+    matched = oracle_direction(v, present, count)
+    by_hand, weight = torch.zeros(3), 0.0
+    for k in (1, 2, 3):
+        y, n = (present == 1) & (count == k), (present == 0) & (count == k)
+        w = int(y.sum()) * int(n.sum()) / int((count == k).sum())
+        by_hand += w * (v[y].mean(0) - v[n].mean(0))
+        weight += w
+    torch.testing.assert_close(matched, by_hand / weight)
+    assert matched[0] == pytest.approx(1.0) and matched[1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no stratum"):
+        oracle_direction(v, present, torch.arange(10))
+    with pytest.raises(ValueError, match="one value per pair"):
+        oracle_direction(v, present, count[:5])
+
+
 def test_r50_is_the_log_interpolated_half_point():
     from jsae.protocol.fidelity import _r50_with_ci
 
@@ -89,16 +118,23 @@ def test_world_fidelity_end_to_end_and_targets(tiny_dir):
     name, d = tiny_dir
     r = world_fidelity(str(d), n_images=24, n_steer=2, n_captions=4, ratios=(1.0, 8.0), layers=[0, 1], progress=False)
     assert r["n_layers"] == 2 and set(r["oracles"]) == {"0", "1"}
-    assert set(r["oracles"]["0"]) == {"cosine", "image", "generated"}
+    assert set(r["oracles"]["0"]) == {"cosine", "cosine_matched", "image", "generated"}
     assert "reason" in r["oracles"]["1"]["image"]  # the last layer's prompt states are read by nothing
-    for c, rec in r["oracles"]["0"]["image"]["text-oracle"].items():
+    img = r["oracles"]["0"]["image"]
+    assert set(img) == {"oracle", "text-oracle", "oracle-matched", "text-oracle-matched"}
+    for c, rec in img["text-oracle"].items():
         assert (rec["r50"] is None) == (rec["max_effect"] < 0.5)
         assert -1.0 <= r["oracles"]["0"]["cosine"][c] <= 1.0
+    assert set(r["oracles"]["0"]["cosine_matched"]) == set(img["text-oracle-matched"])
     s = r["summary"]
+    per = s["steering_per_layer"]["0"]
+    assert per["n_types_matched"] == len(img["text-oracle-matched"])
+    assert per["mean_cosine_matched"] == pytest.approx(np.mean(list(r["oracles"]["0"]["cosine_matched"].values())), abs=1e-3)
+    assert isinstance(s["steering_target_matched"], bool)
     assert not s["lens_top5_target"] and not s["captions_target"]
     assert s["type_colour"] == r["captions"]["object_accuracy"]
     table = fidelity_table(r)
-    assert table.count("\n") == 3 and "n/a" in table.splitlines()[-1]
+    assert table.count("\n") == 3 and "n/a" in table.splitlines()[-1] and "count-matched" in table.splitlines()[0]
 
 
 def test_fidelity_command_checks_its_inputs_and_records_quality(tiny_dir, tmp_path):

@@ -145,7 +145,8 @@ def read_world(vlm: Any, scenes: list[Any], prompt: str, batch_size: int = 25, p
             "text_pools": {L: torch.cat(v) for L, v in tpool.items()},
             "image_norm": {L: float(torch.cat(v).mean()) for L, v in vnorm.items()},
             "caption_norm": {L: float(torch.cat(v).mean()) for L, v in tnorm.items()},
-            "n_single_object_tokens": n_single, "vocab": vocab}
+            "n_single_object_tokens": n_single, "vocab": vocab,
+            "n_objects": torch.tensor([len(s.objects) for s in scenes])}
 
 
 def lens_table(rows: np.ndarray, n_images: int, vocab: int, n_boot: int = 1000) -> dict[str, Any]:
@@ -181,10 +182,50 @@ def _r50_with_ci(grid: list[float], effect: np.ndarray, n_boot: int = 400, seed:
             "effect": [round(float(x), 3) for x in mean]}
 
 
+def _oracles(read: dict[str, Any], presence: torch.Tensor, names: list[str], layer: int) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(suffix, type, image oracle, text oracle) at ``layer`` for every type of the world: the plain differences
+    (suffix "") and those within scenes of equal object count ("-matched"; a type no object count separates is
+    left out)."""
+    from jsae.protocol.sweep import oracle_direction
+    from jsae.world.scenes import TYPES
+
+    v, t = read["vision_pools"][layer], read["text_pools"][layer]
+    out = []
+    for c in TYPES:
+        y = presence[:, names.index(c)].bool()
+        if y.all() or not y.any():
+            continue
+        for suffix, strata in (("", None), ("-matched", read["n_objects"])):
+            try:
+                out.append((suffix, c, oracle_direction(v, y, strata), oracle_direction(t, y, strata)))
+            except ValueError:  # no object count holds scenes both with and without the type
+                continue
+    return out
+
+
+def oracle_cosines(read: dict[str, Any], items: list[dict], layers: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per layer: the cosine of the image and text oracle per type, plain (``cosine``) and count-matched
+    (``cosine_matched``). Cheap: no generation."""
+    from jsae.data.judges import WorldJudge
+
+    judge = WorldJudge()
+    presence = judge.presence(items)
+    out = {}
+    for L in layers:
+        rec: dict[str, dict[str, float]] = {"cosine": {}, "cosine_matched": {}}
+        for suffix, c, io, to in _oracles(read, presence, judge.concepts, L):
+            rec["cosine" + suffix.replace("-", "_")][c] = round(float(torch.nn.functional.cosine_similarity(io, to, dim=0)), 4)
+        out[str(L)] = rec
+    return out
+
+
 def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: list[dict], layers: list[int],
                     prompt: str, ratios: tuple[float, ...], n_images: int, positions: tuple[str, ...] = ("image", "generated"),
                     batch_size: int = 64, max_new_tokens: int = 28, progress: bool = True) -> dict[str, Any]:
-    """Per layer and type: the cosine of the image and text oracles, and each one's r50 at each position set."""
+    """Per layer and type: the cosine of the image and text oracles, and each one's r50 at each position set —
+    for the oracles as defined (``oracle``, ``text-oracle``) and for the same differences taken within scenes of
+    equal object count (``oracle-matched``, ``text-oracle-matched``: a scene with a cube holds more objects on
+    average, and that difference — more object tokens, a longer caption — is not the concept)."""
     from jsae.data.judges import WorldJudge
     from jsae.interventions import Captioner
     from jsae.protocol.sweep import Direction, SweepConfig, SweepImages, curves_from, run_rows, steer_rows, unit_vector
@@ -202,17 +243,11 @@ def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: li
     grid = list(ratios)
     out: dict[str, Any] = {}
     for L in layers:
-        v, t = read["vision_pools"][L], read["text_pools"][L]
-        dirs, cos = [], {}
-        for c in concepts:
-            y = presence[:, judge.concepts.index(c)].bool()
-            if y.all() or not y.any():
-                continue
-            io, to = v[y].mean(0) - v[~y].mean(0), t[y].mean(0) - t[~y].mean(0)
-            cos[c] = round(float(torch.nn.functional.cosine_similarity(io, to, dim=0)), 4)
-            dirs.append(Direction("oracle", "image", L, c, unit_vector(io), unit_vector(io)))
-            dirs.append(Direction("text-oracle", "text", L, c, unit_vector(to), unit_vector(to)))
-        layer_out: dict[str, Any] = {"cosine": cos}
+        dirs = []
+        for suffix, c, io, to in _oracles(read, presence, judge.concepts, L):
+            dirs.append(Direction("oracle" + suffix, "image", L, c, unit_vector(io), unit_vector(io)))
+            dirs.append(Direction("text-oracle" + suffix, "text", L, c, unit_vector(to), unit_vector(to)))
+        layer_out: dict[str, Any] = oracle_cosines(read, items, [L])[str(L)]
         for pos in positions:
             if pos == "image" and L == adapter.n_layers - 1:
                 layer_out[pos] = {"reason": "null by construction: nothing reads the prompt's last-layer states"}
@@ -229,7 +264,7 @@ def oracle_steering(vlm: Any, read: dict[str, Any], scenes: list[Any], items: li
                       mininterval=5) as bar:
                 caps = run_rows(sweep, rows, steer_rows(L, pos, D, torch.ones(len(rows))), bar)
             curves = curves_from(sweep, rows, caps, dirs, grid, False, "steering", pos, 1, norm)
-            res: dict[str, dict[str, Any]] = {"oracle": {}, "text-oracle": {}}
+            res: dict[str, dict[str, Any]] = {d.method: {} for d in dirs}
             for cv in curves:
                 res[cv.method][cv.concept] = _r50_with_ci(grid, cv.effect)
             layer_out[pos] = res
@@ -260,27 +295,37 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     best6 = max((v["right_of_six"]["value"] for v in lens.values() if v.get("n_tokens")), default=0.0)
     steer = result.get("oracles", {})
     n_layers = result["n_layers"]
-    per_layer = {}
+    per_layer: dict[str, dict[str, Any]] = {}
     for L, lay in steer.items():
         img = lay.get("image", {})
         if "oracle" not in img:
             continue
-        ok = 0
-        for c, rec in img["text-oracle"].items():
-            r_img = img["oracle"].get(c, {}).get("r50")
-            r_txt = rec.get("r50")
-            ok += r_img is not None and r_txt is not None and r_txt <= TARGETS["r50_factor"] * r_img
-        cos = list(lay["cosine"].values())
-        per_layer[L] = {"text_oracle_within_2x": ok, "n_types": len(img["text-oracle"]),
-                        "min_cosine": round(min(cos), 3) if cos else None,
-                        "mean_cosine": round(float(np.mean(cos)), 3) if cos else None}
+        per_layer[L] = {"mean_cosine": None, "min_cosine": None}
+        for suffix, cos_key in (("", "cosine"), ("-matched", "cosine_matched")):
+            cos = list(lay.get(cos_key, {}).values())
+            key = suffix.replace("-", "_")
+            if cos:
+                per_layer[L].update({f"min_cosine{key}": round(min(cos), 3), f"mean_cosine{key}": round(float(np.mean(cos)), 3)})
+            if "text-oracle" + suffix not in img:  # count-matched oracles not steered (results of an earlier version)
+                continue
+            ok = 0
+            for c, rec in img["text-oracle" + suffix].items():
+                r_img = img["oracle" + suffix].get(c, {}).get("r50")
+                r_txt = rec.get("r50")
+                ok += r_img is not None and r_txt is not None and r_txt <= TARGETS["r50_factor"] * r_img
+            per_layer[L].update({f"text_oracle_within_2x{key}": ok, f"n_types{key}": len(img["text-oracle" + suffix])})
     middle = [L for L in per_layer if int(L) >= n_layers // 4]
-    steer_ok = [L for L in middle if per_layer[L]["text_oracle_within_2x"] >= TARGETS["text_oracle_types"]
-                and (per_layer[L]["mean_cosine"] or 0) >= TARGETS["oracle_cosine"]]
+
+    def holds(key: str) -> list[str]:
+        return [L for L in middle if per_layer[L].get(f"text_oracle_within_2x{key}", 0) >= TARGETS["text_oracle_types"]
+                and (per_layer[L].get(f"mean_cosine{key}") or 0) >= TARGETS["oracle_cosine"]]
+
+    steer_ok, steer_ok_matched = holds(""), holds("_matched")
     q = result.get("captions") or {}
     out = {"lens_best_top5": best5, "lens_best_right_of_six": best6,
            "lens_top5_target": best5 >= TARGETS["lens_top5"], "lens_right_of_six_target": best6 >= TARGETS["lens_right_of_six"],
-           "steering_per_layer": per_layer, "steering_target_layers": steer_ok, "steering_target": bool(steer_ok)}
+           "steering_per_layer": per_layer, "steering_target_layers": steer_ok, "steering_target": bool(steer_ok),
+           "steering_target_layers_matched": steer_ok_matched, "steering_target_matched": bool(steer_ok_matched)}
     if q:
         nats = q.get("caption_nats_per_template", {})
         out.update({"type_recall": q.get("type_recall"), "type_colour": q.get("object_accuracy"),

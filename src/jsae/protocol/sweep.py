@@ -186,12 +186,31 @@ def unit_vector(v: Tensor) -> Tensor:
     return v / v.norm().clamp(min=1e-8)
 
 
-def oracle_direction(v: Tensor, present: Tensor) -> Tensor:
-    """Mean pooled image state of pairs with the concept minus without it (``present``: 0/1 per pair)."""
+def oracle_direction(v: Tensor, present: Tensor, strata: Tensor | None = None) -> Tensor:
+    """Mean pooled image state of pairs with the concept minus without it (``present``: 0/1 per pair).
+
+    ``strata`` (one integer per pair, e.g. the number of objects in the scene): the difference is taken within
+    each stratum and averaged with weights ``n_with · n_without / n`` (strata lacking either side drop out), so a
+    variable that goes with the concept — scenes with a cube hold more objects on average — does not enter the
+    direction."""
     p = present.bool()
     if p.all() or not p.any():
         raise ValueError("the oracle direction needs labelling pairs with and without the concept")
-    return v[p].mean(0) - v[~p].mean(0)
+    if strata is None:
+        return v[p].mean(0) - v[~p].mean(0)
+    if strata.shape != p.shape:
+        raise ValueError(f"strata has shape {tuple(strata.shape)}; pass one value per pair ({tuple(p.shape)})")
+    total, weight = torch.zeros_like(v[0]), 0.0
+    for k in torch.unique(strata).tolist():
+        yes, no = p & (strata == k), ~p & (strata == k)
+        n_yes, n_no = int(yes.sum()), int(no.sum())
+        if n_yes and n_no:
+            w = n_yes * n_no / (n_yes + n_no)
+            total += w * (v[yes].mean(0) - v[no].mean(0))
+            weight += w
+    if not weight:
+        raise ValueError("no stratum holds pairs both with and without the concept; pass strata=None or more pairs")
+    return total / weight
 
 
 def top_latents(z: Tensor, present: Tensor, k: int) -> tuple[list[int], list[float]]:

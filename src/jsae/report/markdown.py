@@ -179,7 +179,10 @@ def protocol_report(m: dict[str, Any]) -> str:
         lines += [f"World fidelity of this model (`jsae world fidelity`): the logit lens names the object's type in the top 5 "
                   f"at up to {fid.get('lens_best_top5', 0):.0%} of single-object image tokens (right type of six "
                   f"{fid.get('lens_best_right_of_six', 0):.0%}); the text oracle steers the image tokens within 2× the image "
-                  f"oracle at layers {fid.get('steering_target_layers') or 'none'}. "
+                  f"oracle at layers {fid.get('steering_target_layers') or 'none'}"
+                  + (f" (with both oracles taken within scenes of equal object count: layers "
+                     f"{fid.get('steering_target_layers_matched') or 'none'})" if "steering_target_matched" in fid else "")
+                  + ". "
                   + ("This world can test text-derived directions at the image tokens." if holds else
                      "This world cannot fairly test text-derived directions at the image tokens: a null result for a text "
                      "decoder here is predicted by the world, whatever the SAE."), ""]
@@ -600,11 +603,15 @@ def _median_r50(recs: dict[str, Any]) -> str:
 def fidelity_table(result: dict[str, Any]) -> str:
     """The per-layer fidelity table (markdown): logit lens at single-object image tokens (and at caption tokens),
     the oracles' mean cosine, and each oracle's steering at image and generated tokens as "types reaching +0.5;
-    median r50" (∞: the median type never reaches it)."""
+    median r50" (∞: the median type never reaches it); where measured, the same cosine and image-token steering
+    for the oracles taken within scenes of equal object count ("count-matched")."""
     lens, cap = result["logit_lens"]["image_tokens"], result["logit_lens"]["caption_tokens"]
     orc = result.get("oracles", {})
     head = ("| layer | lens top-5 (image tokens) | right of six | median rank | lens top-5 (caption) | oracle cosine "
             "| image oracle @image | text oracle @image | image oracle @generated | text oracle @generated |")
+    matched = any(o.get("cosine_matched") for o in orc.values())
+    if matched:
+        head += " oracle cosine, count-matched | image oracle @image, count-matched | text oracle @image, count-matched |"
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for L in sorted(lens, key=int):
         li, lc = lens[L], cap.get(L, {})
@@ -617,6 +624,12 @@ def fidelity_table(result: dict[str, Any]) -> str:
         for pos in ("image", "generated"):
             for m in ("oracle", "text-oracle"):
                 rec = o.get(pos, {})
+                cells.append(_median_r50(rec[m]) if m in rec else ("n/a" if "reason" in rec else "–"))
+        if matched:
+            cm = o.get("cosine_matched", {})
+            cells.append(f"{np.mean(list(cm.values())):.2f}" if cm else "–")
+            rec = o.get("image", {})
+            for m in ("oracle-matched", "text-oracle-matched"):
                 cells.append(_median_r50(rec[m]) if m in rec else ("n/a" if "reason" in rec else "–"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -120,7 +120,8 @@ def plot_fidelity(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """World fidelity of several VLMs (``results[label]`` from :func:`jsae.protocol.fidelity.world_fidelity`), one
     line each over decoder layers: the logit lens at single-object image tokens (type word in the top 5; right
     type of six, chance dotted), the image and text oracles' cosine, and the types the text oracle steers to +0.5
-    at the image tokens within 2× the image oracle's r50."""
+    at the image tokens within 2× the image oracle's r50 (dotted: both oracles taken within scenes of equal object
+    count, where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,6 +151,11 @@ def plot_fidelity(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         ls = sorted(int(L) for L in per)
         axes[2].plot(ls, [per[str(L)]["mean_cosine"] for L in ls], **style)
         axes[3].plot(ls, [per[str(L)]["text_oracle_within_2x"] for L in ls], **style)
+        thin = style | dict(ls=":", marker="^", label=f"{label}, count-matched oracles")
+        for ax, key in ((axes[2], "mean_cosine_matched"), (axes[3], "text_oracle_within_2x_matched")):
+            lm = [L for L in ls if per[str(L)].get(key) is not None]
+            if lm:  # the oracles taken within scenes of equal object count
+                ax.plot(lm, [per[str(L)][key] for L in lm], **thin)
     first = next(iter(results.values()))
     chance = first["logit_lens"]["image_tokens"]["0"].get("chance", {})
     for ax, key in zip(axes[:2], ("top5", "right_of_six")):
@@ -166,6 +172,9 @@ def plot_fidelity(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("decoder layer")
     axes[0].legend(fontsize=7, loc="upper left")
+    if any(ln.get_label().endswith("count-matched oracles") for ln in axes[2].get_lines()):
+        axes[2].legend(handles=[ln for ln in axes[2].get_lines() if ln.get_label().endswith("count-matched oracles")],
+                       fontsize=6, loc="lower left")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
