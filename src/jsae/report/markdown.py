@@ -175,7 +175,8 @@ def protocol_report(m: dict[str, Any]) -> str:
                   + ".", ""]
     fid = q.get("fidelity") or {}
     if fid:
-        holds = fid.get("lens_top5_target") and fid.get("lens_right_of_six_target") and fid.get("steering_target")
+        holds = fid.get("lens_top5_target") and fid.get("lens_right_of_six_target") and (
+            fid.get("steering_target") or fid.get("steering_target_matched"))
         lines += [f"World fidelity of this model (`jsae world fidelity`): the logit lens names the object's type in the top 5 "
                   f"at up to {fid.get('lens_best_top5', 0):.0%} of single-object image tokens (right type of six "
                   f"{fid.get('lens_best_right_of_six', 0):.0%}); the text oracle steers the image tokens within 2× the image "
