@@ -162,3 +162,26 @@ def test_fidelity_command_checks_its_inputs_and_records_quality(tiny_dir, tmp_pa
     assert q == json.loads((tmp_path / "f.json").read_text())
     assert q["n_images"] == 12 and set(q["logit_lens"]["image_tokens"]) == {"0", "1"} and "oracles" not in q
     assert "| layer |" in r.output
+
+
+def test_run_report_states_the_world_fidelity_of_the_shipped_model():
+    """A run's report.md quotes the shipped model's fidelity summary (quality.json) with the plain and the
+    count-matched steering layers, and says whether the world can test text-derived directions at image tokens."""
+    import json
+    from pathlib import Path
+
+    from jsae.protocol.stages import _toy_quality
+    from jsae.report.markdown import protocol_report
+
+    m = json.loads((Path(__file__).parents[1] / "benchmarks/results/sweep/qwen3-vl-moe/metrics.json").read_text())
+    q = _toy_quality("qwen3-vl-moe")
+    fid = q["fidelity"]
+    m["model_quality"] = q
+    text = protocol_report(m)
+    plain = ", ".join(fid["steering_target_layers"]) or "none"
+    matched = ", ".join(fid["steering_target_layers_matched"]) or "none"
+    assert f"oracle at layers {plain} (with both oracles taken within scenes of equal object count: layers {matched})" in text
+    can = fid["lens_top5_target"] and fid["lens_right_of_six_target"] and (fid["steering_target"] or fid["steering_target_matched"])
+    assert ("can test text-derived directions" in text) == bool(can)
+    fid.update(steering_target=False, steering_target_matched=False)
+    assert "cannot fairly test" in protocol_report(m)

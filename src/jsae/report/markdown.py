@@ -180,9 +180,10 @@ def protocol_report(m: dict[str, Any]) -> str:
         lines += [f"World fidelity of this model (`jsae world fidelity`): the logit lens names the object's type in the top 5 "
                   f"at up to {fid.get('lens_best_top5', 0):.0%} of single-object image tokens (right type of six "
                   f"{fid.get('lens_best_right_of_six', 0):.0%}); the text oracle steers the image tokens within 2× the image "
-                  f"oracle at layers {fid.get('steering_target_layers') or 'none'}"
+                  f"oracle at layers {', '.join(fid.get('steering_target_layers') or []) or 'none'}"
                   + (f" (with both oracles taken within scenes of equal object count: layers "
-                     f"{fid.get('steering_target_layers_matched') or 'none'})" if "steering_target_matched" in fid else "")
+                     f"{', '.join(fid.get('steering_target_layers_matched') or []) or 'none'})"
+                     if "steering_target_matched" in fid else "")
                   + ". "
                   + ("This world can test text-derived directions at the image tokens." if holds else
                      "This world cannot fairly test text-derived directions at the image tokens: a null result for a text "
