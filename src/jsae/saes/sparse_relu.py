@@ -180,12 +180,12 @@ def relu_codes(pre: Tensor, linear: Tensor | None = None) -> tuple[SparseCodes, 
     ``linear`` is :func:`active_entries` of ``pre`` when the caller has it already."""
     n, d_sae = pre.shape
     linear = active_entries(pre) if linear is None else linear
-    values = pre.reshape(-1)[linear]
+    values = pre.reshape(-1).index_select(0, linear)  # index_select: ~1.5x aten::index's speed on 1-D gathers
     rows = torch.div(linear, d_sae, rounding_mode="floor")
     cols = linear - rows * d_sae
     order = argsort_latents(cols)
     counts = torch.bincount(cols, minlength=d_sae)
-    bags = Bags(order, rows[order], _starts(counts))
+    bags = Bags(order, rows.index_select(0, order), _starts(counts))
     return SparseCodes(rows, cols, linear, _starts(torch.bincount(rows, minlength=n)), bags, counts, (n, d_sae)), values
 
 
@@ -209,7 +209,7 @@ def _by_latent(weights: Tensor, rows_of: Tensor, codes: SparseCodes) -> Tensor:
     """``out[j] = sum over the entries e of latent j of weights[e] * rows_of[row(e)]``: ``[d_sae, d]``."""
     bags = codes.bags
     return F.embedding_bag(bags.sample_of_entry, rows_of.contiguous(), bags.offsets,
-                           per_sample_weights=weights[bags.order].to(rows_of.dtype), mode="sum")
+                           per_sample_weights=weights.index_select(0, bags.order).to(rows_of.dtype), mode="sum")
 
 
 def _sampled(grad_out: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:
@@ -378,7 +378,7 @@ def partner_values(codes: SparseCodes, other_values: Tensor, other: SparseCodes)
     """``[nnz]``: the other modality's code at each of ``codes``' entries (0 where it is inactive).  A gather from
     ``other.dense`` when the path has the dense codes, else from the entries active in both (:func:`_matches`)."""
     if other.dense is not None:
-        return other.dense.reshape(-1)[codes.linear].to(other_values.dtype)
+        return other.dense.reshape(-1).index_select(0, codes.linear).to(other_values.dtype)
     i, j = _matches(codes, other)
     return other_values.new_zeros(codes.linear.numel()).index_put_((i,), other_values[j].detach())
 
@@ -423,7 +423,7 @@ class SparseCosine(torch.autograd.Function):
         grads = []
         for val, codes, partner, norm, sq in ((val_v, codes_v, t_at_v, norm_v, sq_v), (val_t, codes_t, v_at_t, norm_t, sq_t)):
             along = _along(scale, cos, norm, sq)  # times the own value
-            grads.append(across[codes.rows] * partner - along[codes.rows] * val)
+            grads.append((across.index_select(0, codes.rows) * partner).addcmul_(along.index_select(0, codes.rows), val, value=-1.0))
         return grads[0], grads[1], None, None, None
 
 
