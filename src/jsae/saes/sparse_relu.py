@@ -32,8 +32,8 @@ auxiliary loss on the top dead latents' entries.  One modality's path is one fun
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
 intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
 saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
-the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, with
-hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, by default
+:func:`sparse_switch_density` of the SAE's width, with hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
 :class:`ThreadPick` measures faster.  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
@@ -54,8 +54,27 @@ from torch import Tensor
 
 __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
-           "one_thread", "partner_values", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "one_thread", "partner_values", "sparse_switch_density", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
+
+
+# Where the ReLU path turns sparse, by width (benchmarks/train_throughput.py --crossover: one paired forward + backward
+# on sparse and on dense codes, interleaved, at set densities; 2 threads, a shared 2-core machine under load 3.4-3.6,
+# benchmarks/results/train_throughput_relu_crossover*.json).  The sparse step's cost per active entry grows with the
+# weight matrices (its row gathers leave the cache), the dense one's does not, so the break-even density falls with
+# d_in * d_sae: at 512 -> 4096 (2**21 weights) the sparse step took 0.53, 0.66, 0.73, 0.84, 1.18 of the dense-code
+# step at 5, 10, 15, 20, 30% density (break-even ~25%); at 4096 -> 16384 (2**26) 0.62, 1.10, 0.92, 1.83 at 4, 7, 10,
+# 15% (break-even ~9%).  The switch sits below the break-even, log-linearly between the two measured widths.
+SPARSE_SWITCH_SMALL = (2**21, 0.2)  # (d_in * d_sae, density at which the path turns sparse)
+SPARSE_SWITCH_LARGE = (2**26, 0.07)
+
+
+def sparse_switch_density(d_in: int, d_sae: int) -> float:
+    """The code density at or below which the ReLU fast path runs sparse, for a ``d_in -> d_sae`` SAE: 0.2 up to
+    2**21 weights, 0.07 from 2**26, log-linear in ``d_in * d_sae`` between (see ``SPARSE_SWITCH_SMALL``)."""
+    (n0, rho0), (n1, rho1) = SPARSE_SWITCH_SMALL, SPARSE_SWITCH_LARGE
+    t = min(1.0, max(0.0, (math.log2(max(1, d_in * d_sae)) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))))
+    return rho0 * (rho1 / rho0) ** t
 
 
 @contextlib.contextmanager
