@@ -315,7 +315,7 @@ def test_the_sparse_path_holds_until_the_stay_factor_times_the_switch_density():
     sparse_relu_stay_factor times it; in between the path stays what it was."""
     sae = make_sae(shift=0.0)
     switch, stay = sae.sparse_relu_switch, sae.sparse_relu_switch * sae.sparse_relu_stay_factor
-    assert (switch, stay) == pytest.approx((0.2, 0.3))
+    assert (switch, stay) == pytest.approx((0.2, 0.25))
     g = torch.Generator().manual_seed(5)
     v, t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
 

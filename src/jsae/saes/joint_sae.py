@@ -609,9 +609,9 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     # of the sparse and dense-code steps fall with the weight matrices' size) ...
     sparse_relu_max_density: float | None = None
     # ... and, once sparse, stays sparse up to this multiple of it (hysteresis): an L1-trained SAE's density hovers,
-    # and a single switch flipped the path back and forth (the break-even lies between the two: ~25% at 512 -> 4096,
-    # ~9% at 4096 -> 16384)
-    sparse_relu_stay_factor: float = 1.5
+    # and a single switch flipped the path back and forth (the break-even lies near the upper end: 20-25% at
+    # 512 -> 4096, ~9% at 4096 -> 16384)
+    sparse_relu_stay_factor: float = 1.25
 
     def __init__(self, cfg: TrainingJointSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)

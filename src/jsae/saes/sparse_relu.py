@@ -63,8 +63,9 @@ __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre",
 # benchmarks/results/train_throughput_relu_crossover*.json).  The sparse step's cost per active entry grows with the
 # weight matrices (its row gathers leave the cache), the dense one's does not, so the break-even density falls with
 # d_in * d_sae: at 512 -> 4096 (2**21 weights) the sparse step took 0.53, 0.66, 0.73, 0.84, 1.18 of the dense-code
-# step at 5, 10, 15, 20, 30% density (break-even ~25%); at 4096 -> 16384 (2**26) 0.62, 1.10, 0.92, 1.83 at 4, 7, 10,
-# 15% (break-even ~9%).  The switch sits below the break-even, log-linearly between the two measured widths.
+# step at 5, 10, 15, 20, 30% density (load 3.6; at load 4.3: 0.39, 0.42, 0.74, 0.99, 1.13 at 2, 5, 10, 20, 30%;
+# break-even 20-25%); at 4096 -> 16384 (2**26) 0.62, 1.10, 0.92, 1.83 at 4, 7, 10, 15% (break-even ~9%).  The switch
+# sits at or below the break-even, log-linearly between the two measured widths.
 SPARSE_SWITCH_SMALL = (2**21, 0.2)  # (d_in * d_sae, density at which the path turns sparse)
 SPARSE_SWITCH_LARGE = (2**26, 0.07)
 
