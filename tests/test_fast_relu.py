@@ -325,7 +325,7 @@ def test_the_sparse_path_holds_until_the_stay_factor_times_the_switch_density():
                 sae.b_enc_of(m).fill_(-shift)
         return sae.paired_forward_pass(v, t, COEFFS)
 
-    densities = {s: step(s).density for s in (0.0, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0, 1.4, 2.5)}
+    densities = {s: step(s).density for s in (0.0, 0.3, 0.35, 0.4, 0.45, 0.6, 1.0, 1.4, 2.5)}
     between = [s for s, d in densities.items() if switch < d <= stay]
     above = [s for s, d in densities.items() if d > stay]
     below = [s for s, d in densities.items() if d <= switch]
