@@ -189,7 +189,9 @@ def jsae_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k
     torch.manual_seed(0)
     sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, **extra))
     if switch is not None:  # a kind "jsae-relu@S" or "@SxF": the ReLU path's switch density S (and stay factor F)
-        sae.sparse_relu_max_density, sae.sparse_relu_stay_factor = switch
+        sae.sparse_relu_max_density = switch[0]
+        if switch[1] is not None:
+            sae.sparse_relu_stay_factor = switch[1]
     data = PairedTensorData(vision, text, batch, seed=0)
 
     class Data:  # the trainer's data, its batches requested through the runner
@@ -228,19 +230,20 @@ def jsae_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k
     return lambda: (trainer.fit(resume=False), _check(trainer.step, steps))
 
 
-def _switch(kind: str) -> tuple[float, float] | None:
-    """``jsae-relu@0.1x2`` -> (0.1, 2.0): a JSAE kind with a fixed ReLU switch density (and stay factor, default
-    the library's); None for a kind without ``@`` (the library's default switch)."""
+def _switch(kind: str) -> tuple[float, float | None] | None:
+    """``jsae-relu@0.1x2`` -> (0.1, 2.0): a JSAE kind with a fixed ReLU switch density and stay factor (None: the
+    library's); None for a kind without ``@`` (the library's switch by width)."""
     if "@" not in kind:
         return None
-    from jsae.saes.joint_sae import TrainingJointSAE
-
-    spec = kind.split("@", 1)[1]
-    rho, _, factor = spec.partition("x")
+    rho, _, factor = kind.split("@", 1)[1].partition("x")
     try:
-        return float(rho), float(factor) if factor else TrainingJointSAE.sparse_relu_stay_factor
+        switch = float(rho), float(factor) if factor else None
     except ValueError:
-        raise SystemExit(f"--kinds: {kind!r} names a switch as @DENSITY or @DENSITYxFACTOR, e.g. jsae-relu@0.1x2") from None
+        switch = (-1.0, None)
+    if not (0 <= switch[0] <= 1 and (switch[1] is None or switch[1] >= 1)):
+        raise ValueError(f"--kinds: {kind!r}: a switch is @DENSITY (0..1) or @DENSITYxFACTOR (factor >= 1), "
+                         "e.g. jsae-relu@0.1x2")
+    return switch
 
 
 def _check(done: int, steps: int) -> None:
@@ -421,6 +424,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--rows ({a.rows}) must be at least --batch ({a.batch})")
     if a.arch == "topk" and a.k > a.d_sae:
         p.error(f"--k ({a.k}) must be at most --d-sae ({a.d_sae})")
+    for kind in (a.kinds.split(",") if a.kinds else []):
+        try:
+            _switch(kind)
+        except ValueError as exc:
+            p.error(str(exc))
     policies = a.policies.split(",")
     if any(x not in ("spin", "passive") for x in policies):
         p.error(f"--policies takes spin and/or passive, got {a.policies!r}")
