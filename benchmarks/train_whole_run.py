@@ -26,7 +26,9 @@ step, 2 threads, both OpenMP wait policies).  What is measured, exactly:
 * **density**: the JSAE's measured fraction of active codes (ReLU: the path's own measurement, the higher of the
   two modalities; TopK: k / d_sae) and SAELens's (measured every ``--unit-every`` steps from its codes, that time
   not counted in its step).  **phases**: the steps at JSAE code density above 10% and at or below it; per phase
-  the mean step of each trainer, in ms and in units, and their ratio.
+  the mean step of each trainer, in ms and in units, and their ratio.  **by path** (``path_phases``): a JSAE's steps
+  on each path it took (dense codes, sparse), each against SAELens's steps of the same numbers.  A kind
+  ``jsae-relu@0.1x2`` is the JSAE with the ReLU switch fixed at density 0.1 and stay factor 2 (default: by width).
 * **Wait policies** (``--policies spin,passive``): one child process per policy (OpenMP reads
   ``OMP_WAIT_POLICY`` once, at start): ``spin`` = the variable unset (OpenMP's default, what a Python user
   gets), ``passive`` = ``OMP_WAIT_POLICY=PASSIVE``.  The 1-minute load average is recorded at each child's start
@@ -178,7 +180,7 @@ def saelens_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int
 
 
 def jsae_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k: int, batch: int, steps: int,
-                lr: float, every: int, dense: bool = False) -> Any:
+                lr: float, every: int, dense: bool = False, switch: tuple[float, float] | None = None) -> Any:
     import torch
     from jsae.saes.joint_sae import TrainingJointSAE, TrainingJointSAEConfig
     from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
@@ -186,6 +188,10 @@ def jsae_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k
     extra = {"activation": "topk", "k": k} if arch == "topk" else {}
     torch.manual_seed(0)
     sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=vision.shape[1], d_sae=d_sae, **extra))
+    if switch is not None:  # a kind "jsae-relu@S" or "@SxF": the ReLU path's switch density S (and stay factor F)
+        sae.sparse_relu_max_density = switch[0]
+        if switch[1] is not None:
+            sae.sparse_relu_stay_factor = switch[1]
     data = PairedTensorData(vision, text, batch, seed=0)
 
     class Data:  # the trainer's data, its batches requested through the runner
@@ -224,6 +230,22 @@ def jsae_runner(runner: Runner, arch: str, vision: Any, text: Any, d_sae: int, k
     return lambda: (trainer.fit(resume=False), _check(trainer.step, steps))
 
 
+def _switch(kind: str) -> tuple[float, float | None] | None:
+    """``jsae-relu@0.1x2`` -> (0.1, 2.0): a JSAE kind with a fixed ReLU switch density and stay factor (None: the
+    library's); None for a kind without ``@`` (the library's switch by width)."""
+    if "@" not in kind:
+        return None
+    rho, _, factor = kind.split("@", 1)[1].partition("x")
+    try:
+        switch = float(rho), float(factor) if factor else None
+    except ValueError:
+        switch = (-1.0, None)
+    if not (0 <= switch[0] <= 1 and (switch[1] is None or switch[1] >= 1)):
+        raise ValueError(f"--kinds: {kind!r}: a switch is @DENSITY (0..1) or @DENSITYxFACTOR (factor >= 1), "
+                         "e.g. jsae-relu@0.1x2")
+    return switch
+
+
 def _check(done: int, steps: int) -> None:
     if done != steps:
         raise RuntimeError(f"the trainer ran {done} steps, not {steps}")
@@ -249,7 +271,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
             fit = saelens_runner(r, a.arch, vision, text, a.d_sae, a.k, a.batch, a.steps, a.lr, a.unit_every)
         else:
             fit = jsae_runner(r, a.arch, vision, text, a.d_sae, a.k, a.batch, a.steps, a.lr, a.unit_every,
-                              dense=kind.endswith("-dense"))
+                              dense=kind.endswith("-dense"), switch=_switch(kind))
         runners[kind] = r
         threads.append(threading.Thread(target=r.run, args=(fit,), name=kind))
     t0 = time.perf_counter()
@@ -308,6 +330,15 @@ def summarise(a: argparse.Namespace, kinds: tuple[str, ...], runners: dict[str, 
         if hasattr(r, "path"):
             path = r.path[:steps]
             rec["paths"] = {p: path.count(p) for p in sorted(set(path))}
+            base_steps = runners[next(k for k in kinds if k.startswith("saelens"))].steps[:steps]
+            rec["path_phases"] = {}  # the steps this trainer ran on each path, against SAELens's same steps
+            for p in rec["paths"]:
+                sel = [i for i, q in enumerate(path) if q == p and i < len(steps_s) and i < len(base_steps)]
+                if sel:
+                    rec["path_phases"][p] = dict(steps=len(sel), first=sel[0], last=sel[-1],
+                                                 mean_step_ms=statistics.mean(steps_s[i] for i in sel) * 1e3,
+                                                 mean_units=statistics.mean(per_unit[i] for i in sel),
+                                                 ratio_vs_saelens=sum(base_steps[i] for i in sel) / sum(steps_s[i] for i in sel))
         for phase, idx in phases.items():
             sel = [i for i in sorted(idx) if i < len(steps_s)]
             if sel:
@@ -347,6 +378,10 @@ def format_report(out: dict[str, Any]) -> str:
         lines.append(f"{kind:<18s}{r['total_seconds']:>9.1f}{r['ratio_vs_saelens']:>10.2f}x{r['mean_units']:>11.2f}   {ph}")
         lines.append(f"{'':<18s}density (step:value) {_trajectory(r['density'], s['steps'])}"
                      + (f"; paths {r['paths']}" if r.get("paths") else ""))
+        if r.get("path_phases"):
+            lines.append(f"{'':<18s}by path: " + "; ".join(
+                f"{name} {p['steps']} (steps {p['first']}-{p['last']}): {p['mean_step_ms']:.0f} ms, {p['mean_units']:.2f} u, "
+                f"{p['ratio_vs_saelens']:.2f}x" for name, p in r["path_phases"].items()))
     return "\n".join(lines)
 
 
@@ -367,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", default="structured", help="structured | gaussian | capture:DIR")
     p.add_argument("--layer", type=int, default=None, help="capture:DIR: the layer (default: its first)")
     p.add_argument("--kinds", default=None, help="comma-separated trainers (default: SAELens and the JSAE of --arch; "
-                                                 "add jsae-relu-dense / jsae-topk-dense for the plain-autograd path)")
+                                                 "add jsae-relu-dense / jsae-topk-dense for the plain-autograd path, "
+                                                 "jsae-relu@0.1x2 for a ReLU switch at density 0.1 with stay factor 2)")
     p.add_argument("--policies", default="spin,passive", help="comma-separated OpenMP wait policies: spin, passive")
     p.add_argument("--policy", default=None, help=argparse.SUPPRESS)  # set in a child process
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -388,6 +424,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--rows ({a.rows}) must be at least --batch ({a.batch})")
     if a.arch == "topk" and a.k > a.d_sae:
         p.error(f"--k ({a.k}) must be at most --d-sae ({a.d_sae})")
+    for kind in (a.kinds.split(",") if a.kinds else []):
+        try:
+            _switch(kind)
+        except ValueError as exc:
+            p.error(str(exc))
     policies = a.policies.split(",")
     if any(x not in ("spin", "passive") for x in policies):
         p.error(f"--policies takes spin and/or passive, got {a.policies!r}")

@@ -75,7 +75,8 @@ def test_a_user_registered_alignment_gets_dense_codes_with_the_sparse_gradient()
 
 
 def test_the_path_follows_the_measured_density():
-    sae = make_sae(shift=0.0)  # the default threshold, sparse_relu_max_density
+    sae = make_sae(shift=0.0)  # the default threshold, by width
+    assert sae.sparse_relu_max_density is None and sae.sparse_relu_switch == pytest.approx(0.2)
     g = torch.Generator().manual_seed(2)
     v, t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
     measured = []
@@ -87,7 +88,7 @@ def test_the_path_follows_the_measured_density():
         with torch.no_grad():
             density = max(float((sae._pre(x, m) > 0).float().mean()) for m, x in (("vision", v), ("text", t)))
         assert out.density == pytest.approx(density)
-        assert out.path == ("sparse" if density <= sae.sparse_relu_max_density else "dense-codes")
+        assert out.path == ("sparse" if density <= sae.sparse_relu_switch else "dense-codes")
         measured.append((density, out.path))
     assert {p for _, p in measured} == {"sparse", "dense-codes"}  # both sides of the threshold were seen
     assert sae.paired_forward_pass(v, t, COEFFS, dense=True).path == "dense"
@@ -309,10 +310,12 @@ def test_a_training_step_on_the_sparse_path_keeps_the_thread_count():
         torch.set_num_threads(before)
 
 
-def test_the_sparse_path_holds_until_twice_the_switch_density():
-    """Hysteresis: a dense step turns sparse at sparse_relu_max_density; a sparse one turns dense only above
+def test_the_sparse_path_holds_until_the_stay_factor_times_the_switch_density():
+    """Hysteresis: a dense step turns sparse at sparse_relu_switch; a sparse one turns dense only above
     sparse_relu_stay_factor times it; in between the path stays what it was."""
     sae = make_sae(shift=0.0)
+    switch, stay = sae.sparse_relu_switch, sae.sparse_relu_switch * sae.sparse_relu_stay_factor
+    assert (switch, stay) == pytest.approx((0.2, 0.25))
     g = torch.Generator().manual_seed(5)
     v, t = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
 
@@ -322,10 +325,10 @@ def test_the_sparse_path_holds_until_twice_the_switch_density():
                 sae.b_enc_of(m).fill_(-shift)
         return sae.paired_forward_pass(v, t, COEFFS)
 
-    densities = {s: step(s).density for s in (0.0, 0.6, 1.0, 1.4, 2.5)}
-    between = [s for s, d in densities.items() if 0.1 < d <= 0.2]
-    above = [s for s, d in densities.items() if d > 0.2]
-    below = [s for s, d in densities.items() if d <= 0.1]
+    densities = {s: step(s).density for s in (0.0, 0.3, 0.35, 0.4, 0.45, 0.6, 1.0, 1.4, 2.5)}
+    between = [s for s, d in densities.items() if switch < d <= stay]
+    above = [s for s, d in densities.items() if d > stay]
+    below = [s for s, d in densities.items() if d <= switch]
     assert between and above and below, densities
     path = [step(s).path for s in (above[0], between[0], below[0], between[0], above[-1], between[0])]
     assert path == ["dense-codes", "dense-codes", "sparse", "sparse", "dense-codes", "dense-codes"]
@@ -398,3 +401,21 @@ def test_the_optimiser_step_gives_the_same_weights_on_one_thread_and_on_two():
             assert torch.equal(states[0][k], states[1][k]), k
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_switch_density_falls_with_the_width_between_the_measured_ends():
+    from jsae.saes.sparse_relu import SPARSE_SWITCH_LARGE, SPARSE_SWITCH_SMALL, sparse_switch_density
+
+    assert sparse_switch_density(16, 32) == pytest.approx(0.2)  # below the small end: its value
+    assert sparse_switch_density(512, 4096) == pytest.approx(SPARSE_SWITCH_SMALL[1]) == pytest.approx(0.2)
+    assert sparse_switch_density(4096, 16384) == pytest.approx(SPARSE_SWITCH_LARGE[1]) == pytest.approx(0.07)
+    assert sparse_switch_density(8192, 65536) == pytest.approx(0.07)  # above the large end: its value
+    # halfway in log(d_in * d_sae) (2**23.5 weights): the geometric mean of the two ends
+    assert sparse_switch_density(2**11, 2**12 * 2**0.5) == pytest.approx((0.2 * 0.07) ** 0.5)
+    widths = [(512, 4096), (768, 6144), (1024, 8192), (2048, 8192), (2304, 16384), (4096, 16384)]
+    values = [sparse_switch_density(a, b) for a, b in widths]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+    sae = TrainingJointSAE(TrainingJointSAEConfig(d_in=2048, d_sae=8192))
+    assert sae.sparse_relu_switch == pytest.approx(sparse_switch_density(2048, 8192))
+    sae.sparse_relu_max_density = 0.5  # an explicit switch wins
+    assert sae.sparse_relu_switch == 0.5

@@ -51,7 +51,8 @@ from jsae.saes.alignment import get_alignment_loss
 from jsae.saes.sae_files import (CFG_FILE, WEIGHTS_FILE, atomic_save, check_finite_state, check_finite_weights,  # noqa: F401
                                   check_sae_dir, check_state_dict)
 from jsae.saes.sparse_relu import (DENSE_ALIGNMENTS, SPARSE_ALIGNMENTS, active_entries, one_thread, relu_dense_codes,
-                                   relu_sparse_codes, sparse_aux_reconstruction, topk_sparse_codes)
+                                   relu_sparse_codes, sparse_aux_reconstruction, sparse_switch_density,
+                                   topk_sparse_codes)
 
 MODALITIES: tuple[str, str] = ("vision", "text")
 ACTIVATIONS: tuple[str, str] = ("relu", "topk")
@@ -603,14 +604,14 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
     the default branch alone, so SAELens's own ``SAETrainer`` can train it as an ordinary SAE."""
 
     cfg: TrainingJointSAEConfig  # type: ignore[assignment]
-    # the ReLU fast path turns sparse once at most this fraction of the codes is active (both modalities): the
-    # sparse forward + backward measured faster up to 0.1 and slower from 0.2 (d_in 512, d_sae 4096, 1024 pairs;
-    # benchmarks/train_throughput.py --crossover) ...
-    sparse_relu_max_density: float = 0.1
-    # ... and, once sparse, stays sparse up to this multiple of it (hysteresis): an L1-trained SAE settles near 0.1,
-    # where a single switch flipped the path back and forth (a dense-code step there cost 7-9 units against 4-4.5
-    # sparse, 512 -> 4096 under OpenMP's spin-wait policy on a loaded 2-core machine)
-    sparse_relu_stay_factor: float = 2.0
+    # the ReLU fast path turns sparse once at most this fraction of the codes is active (both modalities); None: by
+    # width, sparse_relu.sparse_switch_density (0.2 at 512 -> 4096, 0.07 at 4096 -> 16384: the measured break-evens
+    # of the sparse and dense-code steps fall with the weight matrices' size) ...
+    sparse_relu_max_density: float | None = None
+    # ... and, once sparse, stays sparse up to this multiple of it (hysteresis): an L1-trained SAE's density hovers,
+    # and a single switch flipped the path back and forth (the break-even lies near the upper end: 20-25% at
+    # 512 -> 4096, ~9% at 4096 -> 16384)
+    sparse_relu_stay_factor: float = 1.25
 
     def __init__(self, cfg: TrainingJointSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -799,10 +800,18 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         return BranchCodes(z, pre, recon, aux_recon=aux_recon, aux_scale=scale,
                            sparse=(values, codes) if sparse_codes else None, fired=fired)
 
+    @property
+    def sparse_relu_switch(self) -> float:
+        """The density at or below which a ReLU step turns sparse: ``sparse_relu_max_density`` when set, else
+        :func:`~jsae.saes.sparse_relu.sparse_switch_density` of ``d_in`` and ``d_sae``."""
+        if self.sparse_relu_max_density is not None:
+            return self.sparse_relu_max_density
+        return sparse_switch_density(self.cfg.d_in, self.cfg.d_sae)
+
     def _fast_relu_codes(self, vision: Tensor, text: Tensor) -> tuple[dict[str, BranchCodes], str, float]:
         """The ReLU fast paths of :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; the step runs
         on the active entries (:func:`~jsae.saes.sparse_relu.relu_sparse_codes`, ``"sparse"``) when at most
-        ``sparse_relu_max_density`` of either modality's codes is active (``sparse_relu_stay_factor`` times that if the
+        :attr:`sparse_relu_switch` of either modality's codes is active (``sparse_relu_stay_factor`` times that if the
         previous step ran sparse: hysteresis), else on dense codes with the encoder backward of
         :class:`~jsae.saes.sparse_relu.EncoderFromPre` (:func:`~jsae.saes.sparse_relu.relu_dense_codes`,
         ``"dense-codes"``).  After a sparse step everything but the encoder matmul runs on one intra-op thread and
@@ -823,7 +832,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                 counts = [a.numel() for a in active.values()] if small else \
                     [int(torch.count_nonzero(p)) for p in positive.values()]
         density = max(counts) / max(1, inputs["vision"][1].numel())
-        limit = self.sparse_relu_max_density * (self.sparse_relu_stay_factor if self._relu_sparse else 1.0)
+        limit = self.sparse_relu_switch * (self.sparse_relu_stay_factor if self._relu_sparse else 1.0)
         sparse = density <= limit
         self._relu_sparse = sparse
         out = {}

@@ -32,8 +32,8 @@ auxiliary loss on the top dead latents' entries.  One modality's path is one fun
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
 intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
 saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
-the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, with
-hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
+the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, by default
+:func:`sparse_switch_density` of the SAE's width, with hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
 :class:`ThreadPick` measures faster.  Results equal the dense
 autograd path (``TrainingJointSAE(..).paired_forward_pass(.., dense=True)``) up to float summation order
 (``tests/test_fast_relu.py``, ``tests/test_synthetic.py``, ``tests/test_reference_options.py``).  Everything here takes and
@@ -54,8 +54,28 @@ from torch import Tensor
 
 __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
-           "one_thread", "partner_values", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "one_thread", "partner_values", "sparse_switch_density", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
+
+
+# Where the ReLU path turns sparse, by width (benchmarks/train_throughput.py --crossover: one paired forward + backward
+# on sparse and on dense codes, interleaved, at set densities; 2 threads, a shared 2-core machine under load 3.4-3.6,
+# benchmarks/results/train_throughput_relu_crossover*.json).  The sparse step's cost per active entry grows with the
+# weight matrices (its row gathers leave the cache), the dense one's does not, so the break-even density falls with
+# d_in * d_sae: at 512 -> 4096 (2**21 weights) the sparse step took 0.53, 0.66, 0.73, 0.84, 1.18 of the dense-code
+# step at 5, 10, 15, 20, 30% density (load 3.6; at load 4.3: 0.39, 0.42, 0.74, 0.99, 1.13 at 2, 5, 10, 20, 30%;
+# break-even 20-25%); at 4096 -> 16384 (2**26) 0.62, 1.10, 0.92, 1.83 at 4, 7, 10, 15% (break-even ~9%).  The switch
+# sits at or below the break-even, log-linearly between the two measured widths.
+SPARSE_SWITCH_SMALL = (2**21, 0.2)  # (d_in * d_sae, density at which the path turns sparse)
+SPARSE_SWITCH_LARGE = (2**26, 0.07)
+
+
+def sparse_switch_density(d_in: int, d_sae: int) -> float:
+    """The code density at or below which the ReLU fast path runs sparse, for a ``d_in -> d_sae`` SAE: 0.2 up to
+    2**21 weights, 0.07 from 2**26, log-linear in ``d_in * d_sae`` between (see ``SPARSE_SWITCH_SMALL``)."""
+    (n0, rho0), (n1, rho1) = SPARSE_SWITCH_SMALL, SPARSE_SWITCH_LARGE
+    t = min(1.0, max(0.0, (math.log2(max(1, d_in * d_sae)) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))))
+    return rho0 * (rho1 / rho0) ** t
 
 
 @contextlib.contextmanager
@@ -180,12 +200,12 @@ def relu_codes(pre: Tensor, linear: Tensor | None = None) -> tuple[SparseCodes, 
     ``linear`` is :func:`active_entries` of ``pre`` when the caller has it already."""
     n, d_sae = pre.shape
     linear = active_entries(pre) if linear is None else linear
-    values = pre.reshape(-1)[linear]
+    values = pre.reshape(-1).index_select(0, linear)  # index_select: ~1.5x aten::index's speed on 1-D gathers
     rows = torch.div(linear, d_sae, rounding_mode="floor")
     cols = linear - rows * d_sae
     order = argsort_latents(cols)
     counts = torch.bincount(cols, minlength=d_sae)
-    bags = Bags(order, rows[order], _starts(counts))
+    bags = Bags(order, rows.index_select(0, order), _starts(counts))
     return SparseCodes(rows, cols, linear, _starts(torch.bincount(rows, minlength=n)), bags, counts, (n, d_sae)), values
 
 
@@ -209,7 +229,7 @@ def _by_latent(weights: Tensor, rows_of: Tensor, codes: SparseCodes) -> Tensor:
     """``out[j] = sum over the entries e of latent j of weights[e] * rows_of[row(e)]``: ``[d_sae, d]``."""
     bags = codes.bags
     return F.embedding_bag(bags.sample_of_entry, rows_of.contiguous(), bags.offsets,
-                           per_sample_weights=weights[bags.order].to(rows_of.dtype), mode="sum")
+                           per_sample_weights=weights.index_select(0, bags.order).to(rows_of.dtype), mode="sum")
 
 
 def _sampled(grad_out: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:
@@ -378,7 +398,7 @@ def partner_values(codes: SparseCodes, other_values: Tensor, other: SparseCodes)
     """``[nnz]``: the other modality's code at each of ``codes``' entries (0 where it is inactive).  A gather from
     ``other.dense`` when the path has the dense codes, else from the entries active in both (:func:`_matches`)."""
     if other.dense is not None:
-        return other.dense.reshape(-1)[codes.linear].to(other_values.dtype)
+        return other.dense.reshape(-1).index_select(0, codes.linear).to(other_values.dtype)
     i, j = _matches(codes, other)
     return other_values.new_zeros(codes.linear.numel()).index_put_((i,), other_values[j].detach())
 
@@ -423,7 +443,7 @@ class SparseCosine(torch.autograd.Function):
         grads = []
         for val, codes, partner, norm, sq in ((val_v, codes_v, t_at_v, norm_v, sq_v), (val_t, codes_t, v_at_t, norm_t, sq_t)):
             along = _along(scale, cos, norm, sq)  # times the own value
-            grads.append(across[codes.rows] * partner - along[codes.rows] * val)
+            grads.append((across.index_select(0, codes.rows) * partner).addcmul_(along.index_select(0, codes.rows), val, value=-1.0))
         return grads[0], grads[1], None, None, None
 
 

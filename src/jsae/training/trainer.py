@@ -487,7 +487,8 @@ class JointSAETrainer:
             self._resample_dead(batch_vision, batch_text)
         if (self.step + 1) % c.log_every and self.step + 1 != self.total_steps:
             return {"losses/overall_loss": float("nan")}
-        return self._metrics(out, vision, text)
+        with one_thread(torch.device(c.device).type == "cpu"):  # a few small passes, every log_every steps
+            return self._metrics(out, vision, text)
 
     # ---- dead-latent resampling ("Towards Monosemanticity"; see the module docstring) -----------------
     def _resample_candidates(self, vision: Tensor, text: Tensor) -> dict[str, Tensor]:
@@ -569,7 +570,8 @@ class JointSAETrainer:
         m.update({f"losses/{k}": float(v) for k, v in out.losses.items()})
         for name, x in zip(MODALITIES, (vision, text)):
             m[f"metrics/explained_variance_{name}"] = float(explained_variance(out.sae_out[name], x))
-            m[f"metrics/l0_{name}"] = float((out.feature_acts[name] > 0).float().sum(-1).mean())
+            z = out.feature_acts[name]  # the count of positive codes as an integer (no float copy of the codes)
+            m[f"metrics/l0_{name}"] = int(torch.count_nonzero(z > 0)) / max(1, z.numel() // z.shape[-1])
         dead = self.steps_since_fired >= self.cfg.dead_feature_window
         for i, name in enumerate(MODALITIES):
             m[f"sparsity/dead_features_{name}"] = float(dead[i].sum())
