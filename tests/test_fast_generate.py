@@ -220,3 +220,76 @@ def test_padded_repeated_prompts_below_the_edit_equal_hf_generate(monkeypatch):
     _plain(v.adapter, monkeypatch)
     plain = generate(v.model, enc, ivs, max_new_tokens=6, adapter=v.adapter, return_ids=True)
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer,positions", [(0, "image"), (2, "image+generated"), (5, "generated"), (7, "generated")])
+def test_lean_decoder_captions_equal_hf_generate(toy, layer, positions, monkeypatch):
+    """The adapter's lean decode step (LLaVA's Llama language model: fused projections, RoPE from a table, a cache
+    written in place) runs the decode steps when no other hook is registered, and its captions of a dose-response grid
+    (per-row steering at several layers and position sets, ended captions dropped) are transformers' generate's."""
+    from jsae.adapters import llama_decode
+    from jsae.protocol.sweep import steer_interventions
+
+    vlm, caption, images = toy
+    rows, D = _rows(images, seed=5)
+    imgs = [images[i] for i, _, _ in rows]
+    ones = torch.ones(len(rows))
+    make = lambda a, b: steer_interventions(layer, positions, D[a:b], ones[a:b])  # noqa: E731
+    steps: list[int] = []
+    step = llama_decode.LlamaDecoder.step
+    monkeypatch.setattr(llama_decode.LlamaDecoder, "step", lambda self, token, *a: steps.append(len(token)) or step(self, token, *a))
+    lean = caption(imgs, make)
+    assert steps and min(steps) < max(steps)  # the lean decoder ran every decode step, and the batch shrank
+    with monkeypatch.context() as m:
+        _plain(vlm.adapter, m)
+        plain = caption(imgs, make)
+    assert lean == plain
+    assert len(set(lean)) > len(images)  # the edits changed captions
+
+
+def test_lean_decoder_padded_batch_equals_hf_generate(monkeypatch):
+    """A left-padded batch of two different prompts (tiny random LLaVA), steered per prompt at every step at two
+    layers: the lean decoder's token ids and last logits are transformers' (to float rounding)."""
+    from jsae.adapters import llama_decode
+
+    v = tiny_vlm("llava")
+    enc = v.adapter.build_inputs(v.processor, v.images(2, start=1), ["a red", "what color is the big cat"],
+                                 add_generation_prompt=True)
+    assert not bool(enc["attention_mask"].all())  # padded
+    d = torch.randn(2, 32, generator=torch.Generator().manual_seed(6)) * 20
+    ivs = [Steer(LAYER, "all", direction=d, strength=[1.0, 0.5]), Steer(LAYER + 1, "generated", direction=d.flip(0))]
+    used: list[int] = []
+    step = llama_decode.LlamaDecoder.step
+    monkeypatch.setattr(llama_decode.LlamaDecoder, "step", lambda self, token, *a: used.append(1) or step(self, token, *a))
+    lean = generate(v.model, enc, ivs, max_new_tokens=8, adapter=v.adapter, return_ids=True)
+    assert len(used) == 7
+    _plain(v.adapter, monkeypatch)
+    plain = generate(v.model, enc, ivs, max_new_tokens=8, adapter=v.adapter, return_ids=True)
+    assert torch.equal(lean, plain)
+
+
+def test_lean_decoder_logits_match_the_model():
+    """Decode steps of the lean decoder from a prefill's cache give the model's own logits (to float summation order)
+    on a left-padded batch with grouped-query attention (fewer key/value heads than query heads)."""
+    from jsae.adapters import llama_decode
+
+    v = tiny_vlm("llava")
+    hf = unwrap(v.model)
+    enc = v.adapter.build_inputs(v.processor, v.images(2, start=1), ["a red", "what color is the big cat"],
+                                 add_generation_prompt=True)
+    kw = v.adapter.model_kwargs(enc)
+    pos = v.adapter.generation_position_ids(kw["attention_mask"])
+    with torch.no_grad():
+        out = hf(**kw, position_ids=pos, use_cache=True)
+        dec = v.adapter.decoder(out.past_key_values, kw["attention_mask"], 3)
+        assert isinstance(dec, llama_decode.LlamaDecoder)
+        cache, mask, p = out.past_key_values, kw["attention_mask"], pos[:, -1:]
+        token = out.logits[:, -1].argmax(-1)
+        for _ in range(3):
+            p, mask = p + 1, torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
+            want = hf(input_ids=token[:, None], position_ids=p, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+            got = dec.step(token, p[:, 0], {}, {})
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(got, torch.zeros_like(got))
+            token = want.argmax(-1)
