@@ -293,3 +293,66 @@ def test_lean_decoder_logits_match_the_model():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert not torch.equal(got, torch.zeros_like(got))
             token = want.argmax(-1)
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n):
+        self.n += n
+
+
+@pytest.mark.slow
+def test_sweep_batches_in_two_processes_equal_one(toy, monkeypatch):
+    """The sweep's caption batches shared with a forked second process give the captions, in order, of one process
+    running them all (the same batches), and the progress bar counts every row."""
+    from jsae.protocol import sweep as sw
+
+    vlm, caption, images = toy
+    rows, D = _rows(images, seed=7)
+    ones = torch.ones(len(rows))
+    make = lambda a, b: sw.steer_interventions(2, "image+generated", D[a:b], ones[a:b])  # noqa: E731
+
+    class Sweep:
+        pass
+
+    s = Sweep()
+    s.caption, s.images = caption, images
+    monkeypatch.setattr(caption, "batch_size", 20)  # 96 rows: 5 batches
+    got = {}
+    for n in (1, 2):
+        monkeypatch.setattr(sw, "WORKERS", n)
+        bar = _Bar()
+        got[n] = sw.run_rows(s, rows, make, bar)
+        assert bar.n == len(rows)
+    assert got[2] == got[1] and len(got[1]) == len(rows)
+    assert len(set(got[1])) > len(images)
+
+
+def test_forked_map_order_results_and_child_failure():
+    """forked_map returns every span's result in order from two processes (the child's results come back), calls
+    ``done`` once per span, and a failure in the child is raised in the parent with the child's traceback."""
+    import os
+
+    from jsae.protocol.sweep import forked_map
+
+    spans = [(i, i + 1) for i in range(9)]
+    seen = []
+    import time
+
+    out = forked_map(lambda lo, hi: time.sleep(0.05) or (lo * 10 + hi, os.getpid()), spans, 2, seen.append)
+    assert [v for v, _ in out] == [i * 10 + i + 1 for i in range(9)]
+    assert sorted(seen) == spans
+    assert len({pid for _, pid in out}) == 2  # both processes computed spans
+    parent = os.getpid()
+
+    def slow_in_parent(lo, hi):
+        if os.getpid() != parent:
+            raise ValueError(f"boom at span {lo}")
+        time.sleep(0.2)  # the child takes spans while the parent sleeps
+        return lo
+
+    with pytest.raises(RuntimeError, match="boom at span"):
+        forked_map(slow_in_parent, spans, 2)
+    assert forked_map(lambda lo, hi: lo, spans, 1) == list(range(9))

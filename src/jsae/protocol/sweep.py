@@ -322,15 +322,100 @@ def pooled_steer(layer: int, sets: tuple[str, ...], directions: Tensor) -> Calla
 
 def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
               bar: Any) -> list[str]:
-    """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches."""
+    """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches
+    (shared between :func:`workers` processes: each batch's captions are what it gives alone)."""
     step = max(1, getattr(sweep.caption, "batch_size", 64))
+    spans = [(lo, min(lo + step, len(rows))) for lo in range(0, len(rows), step)]
+
+    def batch(lo: int, hi: int) -> list[str]:
+        return sweep.caption([sweep.images[r[0]] for r in rows[lo:hi]], lambda a, b: make(lo + a, lo + b))
+
     out: list[str] = []
-    for lo in range(0, len(rows), step):
-        hi = min(lo + step, len(rows))
-        imgs = [sweep.images[r[0]] for r in rows[lo:hi]]
-        out += sweep.caption(imgs, lambda a, b, lo=lo: make(lo + a, lo + b))
-        bar.update(hi - lo)
+    for caps in forked_map(batch, spans, workers(), lambda span: bar.update(span[1] - span[0])):
+        out += caps
     return out
+
+
+#: processes that share the sweep's caption batches (``None``: :func:`workers` decides)
+WORKERS: int | None = None
+
+
+def workers() -> int:
+    """How many processes share the sweep's caption batches: :data:`WORKERS` when set, else two where the machine
+    has a core for each of two processes' torch threads (``jsae``'s default, one thread per two cores, leaves the
+    second core of a 2-core machine idle), else one."""
+    if WORKERS is not None:
+        return max(1, int(WORKERS))
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if hasattr(os, "fork") and cores >= 2 * torch.get_num_threads() else 1
+
+
+def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: int,
+               done: Callable[[tuple[int, int]], None] = lambda span: None) -> list[Any]:
+    """``[fn(*span) for span in spans]``, the spans shared with one forked child process when ``n_workers`` > 1 (each
+    process takes the next span not yet taken; the child inherits the parent's model and sends its results back
+    pickled), so every result is what ``fn`` gives in one process.  ``done(span)``: called in this process for every
+    span, as its result is known.  A failure in the child is raised here with its traceback."""
+    if n_workers < 2 or len(spans) < 2:
+        out = []
+        for span in spans:
+            out.append(fn(*span))
+            done(span)
+        return out
+    import multiprocessing as mp
+    import traceback
+
+    ctx = mp.get_context("fork")
+    taken = ctx.Value("i", 0)
+
+    def take() -> int:
+        with taken.get_lock():
+            k = taken.value
+            taken.value = k + 1
+        return k
+
+    def child(send: Any) -> None:
+        got: dict[int, Any] = {}
+        try:
+            while (k := take()) < len(spans):
+                got[k] = fn(*spans[k])
+            send.send(("ok", got))
+        except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
+            send.send(("error", traceback.format_exc()))
+        finally:
+            send.close()
+
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(send,), daemon=True)
+    proc.start()
+    send.close()
+    results: dict[int, Any] = {}
+    finished = False
+    try:
+        while (k := take()) < len(spans):
+            results[k] = fn(*spans[k])
+            done(spans[k])
+        try:
+            status, got = recv.recv()
+        except EOFError:
+            raise RuntimeError(f"the sweep's second process ended without its captions (exit code {proc.exitcode}); "
+                               "run with one process: jsae.protocol.sweep.WORKERS = 1") from None
+        if status != "ok":
+            raise RuntimeError(f"the sweep's second process failed:\n{got}")
+        for k, v in got.items():
+            results[k] = v
+            done(spans[k])
+        finished = True
+    finally:
+        recv.close()
+        if not finished:  # a failure here: the child's work is not wanted
+            proc.kill()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    return [results[k] for k in range(len(spans))]
 
 
 def curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
