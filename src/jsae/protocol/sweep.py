@@ -356,7 +356,8 @@ def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: 
                done: Callable[[tuple[int, int]], None] = lambda span: None) -> list[Any]:
     """``[fn(*span) for span in spans]``, the spans shared with one forked child process when ``n_workers`` > 1 (each
     process takes the next span not yet taken; the child inherits the parent's model and sends its results back
-    pickled), so every result is what ``fn`` gives in one process.  ``done(span)``: called in this process for every
+    with cloudpickle, which also takes the lambdas some objects keep, such as SAELens's SAEs), so every result is what
+    ``fn`` gives in one process.  ``done(span)``: called in this process for every
     span, as its result is known.  A failure in the child is raised here with its traceback."""
     if n_workers < 2 or len(spans) < 2:
         out = []
@@ -365,7 +366,10 @@ def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: 
             done(span)
         return out
     import multiprocessing as mp
+    import pickle
     import traceback
+
+    import cloudpickle
 
     ctx = mp.get_context("fork")
     taken = ctx.Value("i", 0)
@@ -381,9 +385,9 @@ def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: 
         try:
             while (k := take()) < len(spans):
                 got[k] = fn(*spans[k])
-            send.send(("ok", got))
+            send.send_bytes(cloudpickle.dumps(("ok", got)))
         except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
-            send.send(("error", traceback.format_exc()))
+            send.send_bytes(cloudpickle.dumps(("error", traceback.format_exc())))
         finally:
             send.close()
 
@@ -398,7 +402,7 @@ def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: 
             results[k] = fn(*spans[k])
             done(spans[k])
         try:
-            status, got = recv.recv()
+            status, got = pickle.loads(recv.recv_bytes())
         except EOFError:
             raise RuntimeError(f"the sweep's second process ended without its captions (exit code {proc.exitcode}); "
                                "run with one process: jsae.protocol.sweep.WORKERS = 1") from None
