@@ -341,15 +341,20 @@ WORKERS: int | None = None
 
 
 def workers() -> int:
-    """How many processes share the sweep's caption batches: :data:`WORKERS` when set, else two where the machine
-    has a core for each of two processes' torch threads (``jsae``'s default, one thread per two cores, leaves the
-    second core of a 2-core machine idle), else one."""
+    """How many processes share the sweep's caption batches and the training of the layers: :data:`WORKERS` when
+    set, else two where the machine has a core for each of two processes' torch threads (``jsae``'s default, one
+    thread per two cores, leaves the second core of a 2-core machine idle) and CUDA is not in use, else one."""
     if WORKERS is not None:
         return max(1, int(WORKERS))
+    import multiprocessing as mp
     import os
 
+    if not hasattr(os, "fork") or mp.current_process().daemon:  # no fork (Windows), or a daemon may not have children
+        return 1
+    if torch.cuda.is_initialized():  # CUDA cannot run in a forked child; a GPU has its own parallelism
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if hasattr(os, "fork") and cores >= 2 * torch.get_num_threads() else 1
+    return 2 if cores >= 2 * torch.get_num_threads() else 1
 
 
 def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: int,
