@@ -406,14 +406,6 @@ class VLMAdapter(abc.ABC):
         lm = unwrap(self.language_model)
         return self.hf_model.lm_head(lm.norm(hidden)[:, -1:, :])[:, -1]
 
-    def decoder(self, cache: Any, attention_mask: Tensor | None, max_new_tokens: int) -> Any | None:
-        """A lean greedy decode step for :func:`jsae.interventions.generate`'s own loop, from the prefill's ``cache``
-        (``attention_mask``: the prompt's padding, ``None`` for none) for up to ``max_new_tokens`` steps: an object
-        with ``step(token [B], position [B], hooks, modules) -> logits [B, vocab]`` (``hooks[L]``: a forward hook of
-        decoder layer ``L``, called on its output, ``modules[L]`` its module) and ``keep(rows)`` (drop the other batch
-        rows).  ``None`` (the default): each decode step is the model's own forward."""
-        return None
-
     def generation_position_ids(self, attention_mask: Tensor) -> Tensor | None:
         """The ``position_ids`` of a prompt's tokens as ``generate`` gives them to the forward (each later token: the
         last one + 1), so :func:`jsae.interventions.generate` can run its own greedy loop (dropping the captions that

@@ -43,16 +43,6 @@ class LlavaAdapter(VLMAdapter):
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
-    def decoder(self, cache: Any, attention_mask: Tensor | None, max_new_tokens: int) -> Any | None:
-        """Llama / Mistral language models: :class:`jsae.adapters.llama_decode.LlamaDecoder` (the same weights in
-        fewer tensor operations); ``None`` for a language model it does not reproduce."""
-        from jsae.adapters import llama_decode
-
-        lm, head = unwrap(self.language_model), self.hf_model.lm_head
-        if not llama_decode.supports(lm, head):
-            return None
-        return llama_decode.LlamaDecoder(lm, head, cache, attention_mask, max_new_tokens)
-
     @property
     def vision_tower(self) -> Any:
         return self.model.model.vision_tower

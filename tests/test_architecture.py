@@ -155,10 +155,6 @@ def family_branches(tree: ast.AST) -> list[tuple[int, str]]:
 PRIVATE_INTEGRATIONS = {
     ("jsae.hf", "_module"): "nnsight's Envoy keeps the wrapped torch module in _module and has no public accessor",
     ("jsae.bridge", "_adapters"): "TransformerLens's ArchitectureAdapterFactory has no public getter of a registration",
-    ("jsae.hf", "_forward_hooks"): "torch lists a module's forward hooks only in this dictionary (what "
-                                   "register_forward_hook fills); there is no public accessor",
-    ("jsae.hf", "_forward_pre_hooks"): "torch lists a module's forward pre-hooks only in this dictionary; there is no "
-                                       "public accessor",
     ("jsae.cost", "_no_split_modules"): "transformers declares the blocks accelerate must not split only in this class "
                                         "attribute (what device_map='auto' itself reads); there is no public accessor",
 }

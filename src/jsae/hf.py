@@ -4,9 +4,6 @@ judges and the adapters use them).
 * :func:`unwrap` — the ``torch.nn.Module`` behind an nnsight envoy.  nnsight (0.8) has no public accessor for it,
   so this reads the envoy's documented ``_module`` attribute: the one place jsae touches it.
 * :func:`tokenizer_of`, :func:`padding_side` — a processor's tokenizer, and its padding side set for a block.
-* :func:`forward_hooks` — the forward hooks and pre-hooks registered on a module and its submodules (torch has no
-  public accessor: it reads ``_forward_hooks`` and ``_forward_pre_hooks``, the dictionaries ``register_forward_hook``
-  fills).
 """
 
 from __future__ import annotations
@@ -23,14 +20,6 @@ def unwrap(model: Any) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nnsight-wrapped or transformers model, got {type(model).__name__}")
     return module
-
-
-def forward_hooks(module: nn.Module) -> list[Any]:
-    """Every forward hook and forward pre-hook registered on ``module`` or any of its submodules."""
-    out: list[Any] = []
-    for m in module.modules():
-        out += list(getattr(m, "_forward_hooks", {}).values()) + list(getattr(m, "_forward_pre_hooks", {}).values())
-    return out
 
 
 def tokenizer_of(processor: Any) -> Any:

@@ -44,7 +44,6 @@ from torch import Tensor
 
 from jsae.activations import last_position_mask, layer_output, model_device, to_model_kwargs, with_layer_output
 from jsae.adapters import VLMAdapter, for_model, padding_side, unwrap
-from jsae.hf import forward_hooks
 from jsae.adapters.base import GRID_COL, GRID_IMAGE, GRID_REGION, GRID_ROW
 from jsae.guards import shape_checked
 
@@ -557,7 +556,7 @@ def generate(model: Any, inputs: Mapping[str, Any], interventions: Intervention 
             ivs = _check_interventions(interventions)
             below = _shared_below(adapter, ivs, same_prompt, kwargs)
             new = _greedy(hf, kwargs, positions, max_new_tokens, generate_kwargs.get("pad_token_id"), live,
-                          _shared_prefills(ivs, same_prompt, kwargs), below, adapter)
+                          _shared_prefills(ivs, same_prompt, kwargs), below)
         else:
             new = hf.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               **generate_kwargs)[:, kwargs["input_ids"].shape[1]:]
@@ -705,36 +704,18 @@ def _prefill_from_below(hf: Any, first: dict[str, Any], below: _Below, rows: Ten
     return adapter.last_logits(hidden), cache
 
 
-def _decoder(hf: Any, adapter: VLMAdapter | None, live: LivePrompts, cache: Any, mask: Tensor | None,
-             max_new_tokens: int) -> Any | None:
-    """The adapter's lean decoder for :func:`_greedy`'s decode steps, or ``None`` (no adapter, none for this model, or
-    a forward hook on the model other than the interventions' own, which only the model's forward would call;
-    transformers' own output-capturing hooks, inactive outside a forward that asks for hidden states or attentions,
-    do not count)."""
-    if adapter is None:
-        return None
-    ours = list(live.hooks.values())
-    if any(all(h is not o for o in ours) and not getattr(h, "__module__", "").startswith("transformers.")
-           for h in forward_hooks(hf)):
-        return None
-    return adapter.decoder(cache, mask, max_new_tokens)
-
-
 #: ended captions leave :func:`_greedy`'s batch once they are at least 1/_DROP_SHARE of it
 _DROP_SHARE = 16
 
 
 def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: int, pad: int | None,
-            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None, below: _Below | None = None,
-            adapter: VLMAdapter | None = None) -> Tensor:
+            live: LivePrompts, shared: tuple[Tensor, Tensor] | None = None, below: _Below | None = None) -> Tensor:
     """Greedy decoding with the KV cache, as ``hf.generate(do_sample=False)`` decodes, except that a prompt whose
     caption has ended (end-of-sequence token) is dropped from the batch (its cache rows, mask and positions) once
     the ended ones are 1/:data:`_DROP_SHARE` of it, so the later steps run mostly the captions still being written.  ``live.prompts`` tells the intervention hooks
     which prompts the rows of each step continue.  With ``below`` (:func:`_shared_below`), the prefill runs the layers
-    below the first edited one once per distinct prompt.  The decode steps run the adapter's lean decoder
-    (:meth:`VLMAdapter.decoder`, the interventions' hooks called on its layers' outputs) when it has one and no other
-    forward hook is registered on the model; otherwise the model's forward.  Returns the new token ids ``[B, n]``
-    (``pad`` after the end)."""
+    below the first edited one once per distinct prompt.  Returns the new token ids ``[B, n]`` (``pad`` after the
+    end)."""
     import inspect
 
     params = inspect.signature(hf.forward).parameters
@@ -771,8 +752,6 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
         of_row = shared[1].to(device)
         cache.reorder_cache(of_row)
         logits = logits[of_row]
-    dec = _decoder(hf, adapter, live, cache, mask, max_new_tokens) if max_new_tokens > 1 else None
-    modules = {} if dec is None else {layer: adapter.layer_module(layer) for layer in live.hooks}  # type: ignore[union-attr]
     new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)
     pos = positions[:, -1:].to(device)
@@ -796,15 +775,9 @@ def _greedy(hf: Any, kwargs: dict[str, Any], positions: Tensor, max_new_tokens: 
             keep = (~done).nonzero().flatten()
             alive, token, pos, done = alive[keep], token[keep], pos[keep], done[keep]
             mask = mask[keep] if mask is not None else None
-            if dec is not None:
-                dec.keep(keep)
-            else:
-                cache.reorder_cache(keep)
+            cache.reorder_cache(keep)
             live.prompts = alive
         pos = pos + 1
-        if dec is not None:
-            logits = dec.step(token, pos[:, 0], live.hooks, modules)
-            continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         step_kwargs = {"input_ids": token[:, None], "position_ids": pos, cache_key: cache, "use_cache": True}
