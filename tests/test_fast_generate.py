@@ -283,3 +283,33 @@ def test_forked_map_order_results_and_child_failure():
     with pytest.raises(RuntimeError, match="boom at span"):
         forked_map(slow_in_parent, spans, 2)
     assert forked_map(lambda lo, hi: lo, spans, 1) == list(range(9))
+
+
+def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
+    """run_parts cuts each part into run_rows's batches (a batch never mixes parts) and returns the parts' captions one
+    after another, the same with one process and two."""
+    from jsae.protocol import sweep as sw
+
+    calls = []
+
+    class Caption:
+        batch_size = 3
+
+        def __call__(self, images, make):
+            calls.append(len(images))
+            return [f"{im}:{tag}" for im, tag in zip(images, make(0, len(images)))]
+
+    class Sweep:
+        caption, images = Caption(), [f"im{i}" for i in range(10)]
+
+    parts = [([(i, 0, 0) for i in range(7)], lambda lo, hi: [f"a{j}" for j in range(lo, hi)]),
+             ([(i, 0, 0) for i in (9, 8, 7, 6)], lambda lo, hi: [f"b{j}" for j in range(lo, hi)])]
+    want = [f"im{i}:a{i}" for i in range(7)] + [f"im{i}:b{j}" for j, i in enumerate((9, 8, 7, 6))]
+    for n in (1, 2):
+        monkeypatch.setattr(sw, "WORKERS", n)
+        calls.clear()
+        bar = _Bar()
+        assert sw.run_parts(Sweep(), parts, bar) == want
+        assert bar.n == 11
+        if n == 1:
+            assert calls == [3, 3, 1, 3, 1]  # each part in batches of 3, the last of each part shorter

@@ -324,14 +324,24 @@ def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callabl
               bar: Any) -> list[str]:
     """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches
     (shared between :func:`workers` processes: each batch's captions are what it gives alone)."""
-    step = max(1, getattr(sweep.caption, "batch_size", 64))
-    spans = [(lo, min(lo + step, len(rows))) for lo in range(0, len(rows), step)]
+    return run_parts(sweep, [(rows, make)], bar)
 
-    def batch(lo: int, hi: int) -> list[str]:
+
+def run_parts(sweep: SweepImages, parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]],
+              bar: Any) -> list[str]:
+    """:func:`run_rows` of each ``(rows, make)`` of ``parts``, one after another in the output, their caption batches
+    (each part's own, as :func:`run_rows` cuts them) shared between the processes together."""
+    step = max(1, getattr(sweep.caption, "batch_size", 64))
+    spans = [(p, lo, min(lo + step, len(rows))) for p, (rows, _) in enumerate(parts) for lo in range(0, len(rows), step)]
+
+    def batch(k: int, _: int) -> list[str]:
+        p, lo, hi = spans[k]
+        rows, make = parts[p]
         return sweep.caption([sweep.images[r[0]] for r in rows[lo:hi]], lambda a, b: make(lo + a, lo + b))
 
     out: list[str] = []
-    for caps in forked_map(batch, spans, workers(), lambda span: bar.update(span[1] - span[0])):
+    for caps in forked_map(batch, [(k, k + 1) for k in range(len(spans))], workers(),
+                           lambda span: bar.update(spans[span[0]][2] - spans[span[0]][1])):
         out += caps
     return out
 
@@ -501,22 +511,22 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
     for di, d in enumerate(dirs):
         groups.setdefault((d.method, d.sae_branch), []).append(di)
     rows_all: list[tuple[int, int, int]] = []
-    caps_all: list[str] = []
-    total = sum(len(sweep.split(d.concept)[1]) for d in dirs)
-    with tqdm(total=total, desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
-        for (method, branch), dis in groups.items():
-            rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
-            if not rows:
-                continue
-            if method in ("oracle", "text-oracle"):
-                P = torch.stack([dirs[di].vector for _, di, _ in rows])
-                make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing=timing, direction=P[lo:hi])]  # noqa: E731
-            else:
-                feats = [dirs[di].features for _, di, _ in rows]
-                make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
-                    Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
-            rows_all += rows
-            caps_all += run_rows(sweep, rows, make, bar)
+    parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]] = []
+    for (method, branch), dis in groups.items():
+        rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
+        if not rows:
+            continue
+        if method in ("oracle", "text-oracle"):
+            P = torch.stack([dirs[di].vector for _, di, _ in rows])
+            make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing=timing, direction=P[lo:hi])]  # noqa: E731
+        else:
+            feats = [dirs[di].features for _, di, _ in rows]
+            make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
+                Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
+        rows_all += rows
+        parts.append((rows, make))
+    with tqdm(total=len(rows_all), desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
+        caps_all = run_parts(sweep, parts, bar)  # every SAE branch's batches shared between the processes
     curves += curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
     return curves
 
