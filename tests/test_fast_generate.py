@@ -313,3 +313,20 @@ def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
         assert bar.n == 11
         if n == 1:
             assert calls == [3, 3, 1, 3, 1]  # each part in batches of 3, the last of each part shorter
+
+
+def test_workers_follow_the_cores_and_the_override(monkeypatch):
+    """Two processes where the machine has a core for each of two processes' threads, one otherwise; WORKERS wins."""
+    import os
+
+    from jsae.protocol import sweep as sw
+
+    monkeypatch.setattr(sw, "WORKERS", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert sw.workers() == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert sw.workers() == 1  # two threads on two cores: no core to spare
+    monkeypatch.setattr(sw, "WORKERS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert sw.workers() == 1
