@@ -220,3 +220,113 @@ def test_padded_repeated_prompts_below_the_edit_equal_hf_generate(monkeypatch):
     _plain(v.adapter, monkeypatch)
     plain = generate(v.model, enc, ivs, max_new_tokens=6, adapter=v.adapter, return_ids=True)
     assert torch.equal(fast, plain)
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n):
+        self.n += n
+
+
+@pytest.mark.slow
+def test_sweep_batches_in_two_processes_equal_one(toy, monkeypatch):
+    """The sweep's caption batches shared with a forked second process give the captions, in order, of one process
+    running them all (the same batches), and the progress bar counts every row."""
+    from jsae.protocol import sweep as sw
+
+    vlm, caption, images = toy
+    rows, D = _rows(images, seed=7)
+    ones = torch.ones(len(rows))
+    make = lambda a, b: sw.steer_interventions(2, "image+generated", D[a:b], ones[a:b])  # noqa: E731
+
+    class Sweep:
+        pass
+
+    s = Sweep()
+    s.caption, s.images = caption, images
+    monkeypatch.setattr(caption, "batch_size", 20)  # 96 rows: 5 batches
+    got = {}
+    for n in (1, 2):
+        monkeypatch.setattr(sw, "WORKERS", n)
+        bar = _Bar()
+        got[n] = sw.run_rows(s, rows, make, bar)
+        assert bar.n == len(rows)
+    assert got[2] == got[1] and len(got[1]) == len(rows)
+    assert len(set(got[1])) > len(images)
+
+
+def test_forked_map_order_results_and_child_failure():
+    """forked_map returns every span's result in order from two processes (the child's results come back), calls
+    ``done`` once per span, and a failure in the child is raised in the parent with the child's traceback."""
+    import os
+
+    from jsae.protocol.sweep import forked_map
+
+    spans = [(i, i + 1) for i in range(9)]
+    seen = []
+    import time
+
+    out = forked_map(lambda lo, hi: time.sleep(0.05) or (lo * 10 + hi, os.getpid()), spans, 2, seen.append)
+    assert [v for v, _ in out] == [i * 10 + i + 1 for i in range(9)]
+    assert sorted(seen) == spans
+    assert len({pid for _, pid in out}) == 2  # both processes computed spans
+    parent = os.getpid()
+
+    def slow_in_parent(lo, hi):
+        if os.getpid() != parent:
+            raise ValueError(f"boom at span {lo}")
+        time.sleep(0.2)  # the child takes spans while the parent sleeps
+        return lo
+
+    with pytest.raises(RuntimeError, match="boom at span"):
+        forked_map(slow_in_parent, spans, 2)
+    assert forked_map(lambda lo, hi: lo, spans, 1) == list(range(9))
+
+
+def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
+    """run_parts cuts each part into run_rows's batches (a batch never mixes parts) and returns the parts' captions one
+    after another, the same with one process and two."""
+    from jsae.protocol import sweep as sw
+
+    calls = []
+
+    class Caption:
+        batch_size = 3
+
+        def __call__(self, images, make):
+            calls.append(len(images))
+            return [f"{im}:{tag}" for im, tag in zip(images, make(0, len(images)))]
+
+    class Sweep:
+        caption, images = Caption(), [f"im{i}" for i in range(10)]
+
+    parts = [([(i, 0, 0) for i in range(7)], lambda lo, hi: [f"a{j}" for j in range(lo, hi)]),
+             ([(i, 0, 0) for i in (9, 8, 7, 6)], lambda lo, hi: [f"b{j}" for j in range(lo, hi)])]
+    want = [f"im{i}:a{i}" for i in range(7)] + [f"im{i}:b{j}" for j, i in enumerate((9, 8, 7, 6))]
+    for n in (1, 2):
+        monkeypatch.setattr(sw, "WORKERS", n)
+        calls.clear()
+        bar = _Bar()
+        assert sw.run_parts(Sweep(), parts, bar) == want
+        assert bar.n == 11
+        if n == 1:
+            assert calls == [3, 3, 1, 3, 1]  # each part in batches of 3, the last of each part shorter
+
+
+def test_workers_follow_the_cores_and_the_override(monkeypatch):
+    """Two processes where the machine has a core for each of two processes' threads, one otherwise; WORKERS wins."""
+    import os
+
+    from jsae.protocol import sweep as sw
+
+    monkeypatch.setattr(sw, "WORKERS", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert sw.workers() == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert sw.workers() == 1  # two threads on two cores: no core to spare
+    monkeypatch.setattr(sw, "WORKERS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert sw.workers() == 1

@@ -28,6 +28,7 @@ and SAEs).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -129,11 +130,17 @@ def run_protocol(out: str | Path, cfg: ProtocolConfig | None = None, overwrite: 
         raise
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its ended worker processes (the stages' forked workers)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
 def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: bool, scores_out: bool) -> dict[str, Any]:
     from jsae.report import write_run_report
     from jsae.vlm import load_vlm
 
-    t0, c0 = time.time(), time.process_time()
+    t0, c0 = time.time(), _cpu()
     timings: dict[str, float] = {}
     vlm = load_vlm(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
     from jsae.protocol.sweep import POSITION_SETS
@@ -153,7 +160,7 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
     previous = _previous_run(run, cfg) if not overwrite else None
 
     captures = capture_stage(run, cfg, vlm, source, progress=progress)
-    timings["capture_s"], timings["capture_cpu_s"] = time.time() - t0, time.process_time() - c0
+    timings["capture_s"], timings["capture_cpu_s"] = time.time() - t0, _cpu() - c0
     judge = source.judge(vlm.model, vlm.processor)
     if cfg.concepts:
         check_concepts(cfg.concepts, judge.concepts, "the labelling data's")
@@ -171,7 +178,7 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
                       key=lambda r: (layers.index(r["layer"]), list(cfg.methods).index(r["method"])))
     methods_by_layer = {L: methods_by_layer[L] for L in layers}
     timings["train_label_s"] = time.time() - t0 - timings["capture_s"]
-    timings["train_label_cpu_s"] = time.process_time() - c0 - timings["capture_cpu_s"]
+    timings["train_label_cpu_s"] = _cpu() - c0 - timings["capture_cpu_s"]
     items = source.items("train" if cfg.reference_faults else "eval")  # the reference evaluates on training images
     concepts, dropped = choose_concepts(cfg, judge, items)
     same_sweep = previous is not None and all((previous.get("config") or {}).get(k) == config_record(cfg).get(k)
@@ -195,9 +202,9 @@ def _run_protocol(out: Path, cfg: ProtocolConfig, overwrite: bool, progress: boo
     if kept and progress:
         tqdm.write(f"reused {sum(len(v) for v in old_curves.values())} curves of layer(s) {kept}")
     timings["sweep_s"] = time.time() - t0 - timings["capture_s"] - timings["train_label_s"]
-    timings["sweep_cpu_s"] = time.process_time() - c0 - timings["capture_cpu_s"] - timings["train_label_cpu_s"]
+    timings["sweep_cpu_s"] = _cpu() - c0 - timings["capture_cpu_s"] - timings["train_label_cpu_s"]
     timings["total_s"] = time.time() - t0  # capture to statistics (the report is written from the files after)
-    timings["total_cpu_s"] = time.process_time() - c0  # CPU time of this process: what a stage costs beside other jobs
+    timings["total_cpu_s"] = _cpu() - c0  # CPU time of this process and its workers: what a stage costs beside other jobs
     metrics = statistics_stage(cfg, judge, vlm.adapter.n_layers, layers, concepts, sae_rows, curves, timings, prompt_notes,
                                skipped, norms, dropped)
     write_json(run.metrics_file, metrics)

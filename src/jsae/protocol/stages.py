@@ -68,20 +68,25 @@ def layer_data(captures: dict[str, Path], layer: int) -> LayerData:
 
 def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers: list[int],
                 progress: bool = True) -> tuple[dict[int, dict[str, Method]], dict[int, LayerData]]:
-    """Every method at every swept layer, on the same pairs and budget."""
+    """Every method at every swept layer, on the same pairs and budget (the layers shared between
+    :func:`~jsae.protocol.sweep.workers` processes; each layer's SAEs are what training it alone gives)."""
     from jsae.capture import EVAL_METADATA, sae_metadata
+    from jsae.protocol.sweep import forked_map, workers
 
-    methods_by_layer, data = {}, {}
-    for layer in tqdm(layers, desc="training SAEs", disable=not progress):
-        data[layer] = d = layer_data(captures, layer)
+    data = {layer: layer_data(captures, layer) for layer in layers}
+
+    def train(i: int, _: int) -> dict[str, Method]:
+        layer, d = layers[i], data[layers[i]]
         evals = {k: v for k, v in sae_metadata(captures["train"], layer).items() if k in EVAL_METADATA}
         meta = {**evals, "model_name": cfg.model, **vlm.adapter.sae_metadata(layer, vlm.processor), "pooling": "mean"}
-        methods_by_layer[layer] = train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps,
-                                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, methods=cfg.methods,
-                                                metadata=meta, recipe=cfg.recipe, expansion_factor=cfg.expansion_factor,
-                                                revival=cfg.revival,
-                                                reference={"epochs": cfg.epochs} if cfg.recipe == "reference" else None)
-    return methods_by_layer, data
+        return train_methods(d.v, d.t, layer=layer, d_sae=cfg.d_sae, steps=cfg.steps, batch_size=cfg.batch_size,
+                             lr=cfg.lr, seed=cfg.seed, methods=cfg.methods, metadata=meta, recipe=cfg.recipe,
+                             expansion_factor=cfg.expansion_factor, revival=cfg.revival,
+                             reference={"epochs": cfg.epochs} if cfg.recipe == "reference" else None)
+
+    with tqdm(total=len(layers), desc="training SAEs", disable=not progress) as bar:
+        trained = forked_map(train, [(k, k + 1) for k in range(len(layers))], workers(), lambda span: bar.update(1))
+    return dict(zip(layers, trained)), data
 
 
 # ---- 3. label -----------------------------------------------------------------------------------------

@@ -341,15 +341,119 @@ def pooled_steer(layer: int, sets: tuple[str, ...], directions: Tensor) -> Calla
 
 def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
               bar: Any) -> list[str]:
-    """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches."""
+    """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches
+    (shared between :func:`workers` processes: each batch's captions are what it gives alone)."""
+    return run_parts(sweep, [(rows, make)], bar)
+
+
+def run_parts(sweep: SweepImages, parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]],
+              bar: Any) -> list[str]:
+    """:func:`run_rows` of each ``(rows, make)`` of ``parts``, one after another in the output, their caption batches
+    (each part's own, as :func:`run_rows` cuts them) shared between the processes together."""
     step = max(1, getattr(sweep.caption, "batch_size", 64))
+    spans = [(p, lo, min(lo + step, len(rows))) for p, (rows, _) in enumerate(parts) for lo in range(0, len(rows), step)]
+
+    def batch(k: int, _: int) -> list[str]:
+        p, lo, hi = spans[k]
+        rows, make = parts[p]
+        return sweep.caption([sweep.images[r[0]] for r in rows[lo:hi]], lambda a, b: make(lo + a, lo + b))
+
     out: list[str] = []
-    for lo in range(0, len(rows), step):
-        hi = min(lo + step, len(rows))
-        imgs = [sweep.images[r[0]] for r in rows[lo:hi]]
-        out += sweep.caption(imgs, lambda a, b, lo=lo: make(lo + a, lo + b))
-        bar.update(hi - lo)
+    for caps in forked_map(batch, [(k, k + 1) for k in range(len(spans))], workers(),
+                           lambda span: bar.update(spans[span[0]][2] - spans[span[0]][1])):
+        out += caps
     return out
+
+
+#: processes that share the sweep's caption batches (``None``: :func:`workers` decides)
+WORKERS: int | None = None
+
+
+def workers() -> int:
+    """How many processes share the sweep's caption batches and the training of the layers: :data:`WORKERS` when
+    set, else two where the machine has a core for each of two processes' torch threads (``jsae``'s default, one
+    thread per two cores, leaves the second core of a 2-core machine idle) and CUDA is not in use, else one."""
+    if WORKERS is not None:
+        return max(1, int(WORKERS))
+    import multiprocessing as mp
+    import os
+
+    if not hasattr(os, "fork") or mp.current_process().daemon:  # no fork (Windows), or a daemon may not have children
+        return 1
+    if torch.cuda.is_initialized():  # CUDA cannot run in a forked child; a GPU has its own parallelism
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if cores >= 2 * torch.get_num_threads() else 1
+
+
+def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: int,
+               done: Callable[[tuple[int, int]], None] = lambda span: None) -> list[Any]:
+    """``[fn(*span) for span in spans]``, the spans shared with one forked child process when ``n_workers`` > 1 (each
+    process takes the next span not yet taken; the child inherits the parent's model and sends its results back
+    with cloudpickle, which also takes the lambdas some objects keep, such as SAELens's SAEs), so every result is what
+    ``fn`` gives in one process.  ``done(span)``: called in this process for every
+    span, as its result is known.  A failure in the child is raised here with its traceback."""
+    if n_workers < 2 or len(spans) < 2:
+        out = []
+        for span in spans:
+            out.append(fn(*span))
+            done(span)
+        return out
+    import multiprocessing as mp
+    import pickle
+    import traceback
+
+    import cloudpickle
+
+    ctx = mp.get_context("fork")
+    taken = ctx.Value("i", 0)
+
+    def take() -> int:
+        with taken.get_lock():
+            k = taken.value
+            taken.value = k + 1
+        return k
+
+    def child(send: Any) -> None:
+        got: dict[int, Any] = {}
+        try:
+            while (k := take()) < len(spans):
+                got[k] = fn(*spans[k])
+            send.send_bytes(cloudpickle.dumps(("ok", got)))
+        except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
+            send.send_bytes(cloudpickle.dumps(("error", traceback.format_exc())))
+        finally:
+            send.close()
+
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(send,), daemon=True)
+    proc.start()
+    send.close()
+    results: dict[int, Any] = {}
+    finished = False
+    try:
+        while (k := take()) < len(spans):
+            results[k] = fn(*spans[k])
+            done(spans[k])
+        try:
+            status, got = pickle.loads(recv.recv_bytes())
+        except EOFError:
+            raise RuntimeError(f"the sweep's second process ended without its captions (exit code {proc.exitcode}); "
+                               "run with one process: jsae.protocol.sweep.WORKERS = 1") from None
+        if status != "ok":
+            raise RuntimeError(f"the sweep's second process failed:\n{got}")
+        for k, v in got.items():
+            results[k] = v
+            done(spans[k])
+        finished = True
+    finally:
+        recv.close()
+        if not finished:  # a failure here: the child's work is not wanted
+            proc.kill()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    return [results[k] for k in range(len(spans))]
 
 
 def curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
@@ -426,22 +530,22 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
     for di, d in enumerate(dirs):
         groups.setdefault((d.method, d.sae_branch), []).append(di)
     rows_all: list[tuple[int, int, int]] = []
-    caps_all: list[str] = []
-    total = sum(len(sweep.split(d.concept)[1]) for d in dirs)
-    with tqdm(total=total, desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
-        for (method, branch), dis in groups.items():
-            rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
-            if not rows:
-                continue
-            if method in ("oracle", "text-oracle"):
-                P = torch.stack([dirs[di].vector for _, di, _ in rows])
-                make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing=timing, direction=P[lo:hi])]  # noqa: E731
-            else:
-                feats = [dirs[di].features for _, di, _ in rows]
-                make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
-                    Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
-            rows_all += rows
-            caps_all += run_rows(sweep, rows, make, bar)
+    parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]] = []
+    for (method, branch), dis in groups.items():
+        rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
+        if not rows:
+            continue
+        if method in ("oracle", "text-oracle"):
+            P = torch.stack([dirs[di].vector for _, di, _ in rows])
+            make = lambda lo, hi, P=P: [ProjectOut(layer=layer, positions=at, timing=timing, direction=P[lo:hi])]  # noqa: E731
+        else:
+            feats = [dirs[di].features for _, di, _ in rows]
+            make = lambda lo, hi, feats=feats, m=methods[method], br=branch: [  # noqa: E731
+                Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
+        rows_all += rows
+        parts.append((rows, make))
+    with tqdm(total=len(rows_all), desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
+        caps_all = run_parts(sweep, parts, bar)  # every SAE branch's batches shared between the processes
     curves += curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
     return curves
 
