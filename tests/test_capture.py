@@ -447,3 +447,35 @@ def test_per_token_text_states_are_what_the_capture_pools(text_positions, tmp_pa
     torch.testing.assert_close(torch.stack([t.mean(0) for t in per_pair]), pooled.float(), atol=1e-5, rtol=1e-4)
     together = text_token_states((v.model, v.processor, v.adapter), pairs, 1, text_positions=text_positions)
     assert together.shape == (int(mask.sum()), v.adapter.d_in)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl"])
+def test_batches_shared_with_a_forked_process_give_the_same_capture(kind, tmp_path):
+    """``batch_map`` = the protocol's forked_map with two processes: every shard bitwise what one process writes,
+    both processes computed batches, and a bad pair in a later batch is the same one-line error, nothing left."""
+    import os
+
+    from jsae.protocol.sweep import forked_map
+
+    v = tiny_vlm(kind)
+    pairs = v.pairs(14)
+    kw = dict(layers=[0, 1], processor=v.processor, batch_size=2, shard_size=6, progress=False)
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "one", **kw)
+    pids, seen = [], []
+
+    def two(fn, spans, done):
+        def tagged(lo, hi):
+            return fn(lo, hi), os.getpid()
+        out = forked_map(tagged, spans, 2, lambda span: seen.append(span) or done(span))
+        pids.extend(p for _, p in out)
+        return [r for r, _ in out]
+
+    capture_pairs(v.model, pairs, out_dir=tmp_path / "two", batch_map=two, **kw)
+    assert_same_capture(tmp_path / "one", tmp_path / "two", keys=("fingerprint", "plan", "shards", "count", "complete",
+                                                                   "context_size"))
+    # 3 + 3 + 1 batches of 2 pairs; a shard of one batch stays in this process, the others fork a child each
+    assert os.getpid() in pids and len(set(pids)) >= 2 and len(seen) == len(pids) == 7
+    bad = pairs[:9] + [(pairs[1][0], "")] + pairs[10:]
+    with pytest.raises(ValueError, match=r"^pair 9: the caption is empty"):
+        capture_pairs(v.model, bad, out_dir=tmp_path / "bad", bucket=False, batch_map=two, **kw)
+    assert not (tmp_path / "bad").exists()

@@ -127,6 +127,7 @@ def capture_pairs(
     adapter: VLMAdapter | None = None,
     dataset_path: str | None = None,
     progress: bool = True,
+    batch_map: Callable[..., list[Any]] | None = None,
 ) -> Path:
     """Capture pooled (vision, text) activations of ``pairs`` at ``layers`` into ``out_dir``; returns it.
 
@@ -149,6 +150,10 @@ def capture_pairs(
     (e.g. ``cuda:LOCAL_RANK``).  See the module docstring.
     ``dataset_path`` (a hub id or folder the pairs come from) is recorded for the SAEs trained on the capture
     (SAELens's ``dataset_path``), as are ``prepend_bos`` and ``context_size`` (the longest prompt, in tokens).
+    ``batch_map(fn, spans, done)``: how a shard's batches are computed — it must return ``[fn(*span) for span in
+    spans]`` and call ``done(span)`` as each is known (default: one after another in this process; the protocol
+    passes :func:`jsae.protocol.sweep.forked_map`, which shares them with a forked second process).  The shards are
+    the same either way.
     """
     from jsae.vlm import as_vlm
 
@@ -175,7 +180,7 @@ def capture_pairs(
     out = check_output_dir(out_dir, "out_dir")
     check_capture_disk(out, len(pairs), len(layer_list), adapter.d_in, dtype)
     job = _Capture(model, pairs, adapter, processor, out, layer_list, pooling, batch_size, shard_size, dtype,
-                   chat_template, prompt_template, text_positions, bucket, progress, dataset_path)
+                   chat_template, prompt_template, text_positions, bucket, progress, dataset_path, batch_map)
     ranks = _Ranks.join()
     try:
         return job.run(ranks, fingerprint)
@@ -376,8 +381,9 @@ class _Capture:
     def __init__(self, model: Any, pairs: Any, adapter: VLMAdapter, processor: Any, out: Path, layers: list[int],
                  pooling: str, batch_size: int, shard_size: int, dtype: torch.dtype, chat_template: bool | None,
                  prompt_template: str | None, text_positions: str, bucket: bool | None, progress: bool,
-                 dataset_path: str | None = None):
+                 dataset_path: str | None = None, batch_map: Callable[..., list[Any]] | None = None):
         self.model, self.pairs, self.adapter, self.processor, self.out = model, pairs, adapter, processor, out
+        self.batch_map = batch_map or _in_process
         self.layers, self.pooling, self.batch_size, self.shard_size, self.dtype = layers, pooling, batch_size, shard_size, dtype
         self.chat_template, self.prompt_template, self.text_positions = chat_template, prompt_template, text_positions
         self.bucket, self.progress, self.dataset_path = bucket, progress, dataset_path
@@ -595,26 +601,38 @@ class _Capture:
                     raise _PairError(f"pair {i}: {str(err).splitlines()[0]}") from None
         batches = capture_batches(count, self.batch_size, self.shard_size,
                                   None if tokens is None else [tokens[start + j] for j in range(count)])[0]
+        def one(b: int, _: int) -> tuple[dict[str, Tensor], int] | _PairError:
+            """Batch ``b``'s pooled vectors and its longest prompt; a bad pair comes back as its error."""
+            idx = [start + j for j in batches[b]]
+            batch = [self.pairs[i] for i in idx]
+            try:
+                _check_batch(batch, idx)
+                images, texts = [p[0] for p in batch], [p[1] for p in batch]
+                try:
+                    inputs = self.adapter.build_inputs(self.processor, images, texts, chat_template=self.chat_template,
+                                                       prompt_template=self.prompt_template)
+                except (ValueError, TypeError) as err:
+                    raise _PairError(f"pairs {_span(idx)}: {str(err).splitlines()[0]}") from None
+            except _PairError as err:
+                return err
+            pooled = _capture_batch(self.model, self.adapter, inputs, self.layers, self.pooling, self.text_positions)
+            return ({key: value.to(self.dtype).cpu() for key, value in pooled.items()},
+                    int(self.adapter.attention_mask(inputs).sum(dim=1).max()))
+
+        results = self.batch_map(one, [(b, b + 1) for b in range(len(batches))],
+                                 lambda span: bar.update(len(batches[span[0]])))
         rows: dict[str, Tensor] = {}
         self.context_size = 0
-        for batch_rows in batches:
-            idx = [start + j for j in batch_rows]
-            batch = [self.pairs[i] for i in idx]
-            _check_batch(batch, idx)
-            images, texts = [p[0] for p in batch], [p[1] for p in batch]
-            try:
-                inputs = self.adapter.build_inputs(self.processor, images, texts, chat_template=self.chat_template,
-                                                   prompt_template=self.prompt_template)
-            except (ValueError, TypeError) as err:
-                raise _PairError(f"pairs {_span(idx)}: {str(err).splitlines()[0]}") from None
-            self.context_size = max(self.context_size, int(self.adapter.attention_mask(inputs).sum(dim=1).max()))
-            pooled = _capture_batch(self.model, self.adapter, inputs, self.layers, self.pooling, self.text_positions)
+        for batch_rows, res in zip(batches, results):
+            if isinstance(res, _PairError):  # the first bad batch in the pairs' order, whichever process met it
+                raise res
+            pooled, context = res
+            self.context_size = max(self.context_size, context)
             where = torch.tensor(batch_rows)
             for key, value in pooled.items():
                 if key not in rows:
                     rows[key] = torch.empty(count, value.shape[-1], dtype=self.dtype)
-                rows[key][where] = value.to(self.dtype).cpu()
-            bar.update(len(batch))
+                rows[key][where] = value
         return rows
 
     def write_shard(self, k: int, tensors: dict[str, Tensor], plan: str) -> str:
@@ -630,6 +648,18 @@ class _Capture:
         finally:
             tmp.unlink(missing_ok=True)
         return name
+
+
+def _in_process(fn: Callable[..., Any], spans: list[tuple[int, int]], done: Callable[[tuple[int, int]], None]) -> list[Any]:
+    """``[fn(*span) for span in spans]`` in this process, ``done(span)`` after each (:func:`capture_pairs`'s
+    default ``batch_map``); a bad batch ends it (nothing after it is computed)."""
+    out = []
+    for span in spans:
+        out.append(res := fn(*span))
+        done(span)
+        if isinstance(res, _PairError):
+            break
+    return out
 
 
 def _plan(settings: dict[str, Any]) -> str:

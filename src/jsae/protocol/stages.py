@@ -29,14 +29,18 @@ from jsae.vlm import VLM
 
 def capture_stage(run: RunDir, cfg: ProtocolConfig, vlm: VLM, source: DataSource, parts: tuple[str, ...] = ("train", "label"),
                   progress: bool = True) -> dict[str, Path]:
-    """Pooled pairs of every part at every decoder layer (resumable; the manifest holds the fingerprint)."""
+    """Pooled pairs of every part at every decoder layer (resumable; the manifest holds the fingerprint); each
+    shard's batches shared with a forked second process where the machine has a core for it (the same shards)."""
     from jsae.capture import capture_pairs
+    from jsae.protocol.sweep import forked_map, workers
 
     model, processor, adapter = vlm
+    n = workers()
     return {part: capture_pairs(model, source.pairs(part), layers=list(range(adapter.n_layers)), out_dir=run.capture_dir(part),
                                 processor=processor, adapter=adapter, batch_size=64, progress=progress,
                                 fingerprint=source.fingerprint(part), prompt_template=cfg.prompt_template,
-                                text_positions=cfg.text_positions, dataset_path=getattr(source, "path", None))
+                                text_positions=cfg.text_positions, dataset_path=getattr(source, "path", None),
+                                batch_map=lambda fn, spans, done: forked_map(fn, spans, n, done))
             for part in parts}
 
 
