@@ -438,10 +438,10 @@ def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: 
         try:
             status, got = pickle.loads(recv.recv_bytes())
         except EOFError:
-            raise RuntimeError(f"the sweep's second process ended without its captions (exit code {proc.exitcode}); "
+            raise RuntimeError(f"the forked second process (capture, training or sweep) ended without its results (exit code {proc.exitcode}); "
                                "run with one process: jsae.protocol.sweep.WORKERS = 1") from None
         if status != "ok":
-            raise RuntimeError(f"the sweep's second process failed:\n{got}")
+            raise RuntimeError(f"the forked second process (capture, training or sweep) failed:\n{got}")
         for k, v in got.items():
             results[k] = v
             done(spans[k])
