@@ -7,7 +7,7 @@ import torch
 
 from jsae import TrainingJointSAE, TrainingJointSAEConfig
 from jsae.saes.alignment import ALIGNMENT_LOSSES
-from jsae.saes.sparse_relu import argsort_latents, relu_codes
+from jsae.saes.sparse_relu import argsort_latents, in_pair, relu_codes
 from jsae.training import JointSAETrainer, JointTrainerConfig, PairedTensorData
 from jsae.testing import pairs_with
 
@@ -57,6 +57,71 @@ def test_fast_paths_match_the_reference_losses_and_gradients(alignment, variant)
         for m in ("vision", "text"):
             torch.testing.assert_close(out.feature_acts[m], ref.feature_acts[m].detach())
             torch.testing.assert_close(out.sae_out[m], ref.sae_out[m], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole-W", "row-blocks"])
+@pytest.mark.parametrize("alignment", ["cosine", "infonce"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_the_two_modalities_side_by_side_give_the_same_step_as_one_after_the_other(alignment, variant, blocked,
+                                                                                    monkeypatch):
+    """With two intra-op threads the sparse step runs the modalities on two threads (in_pair): the same losses and
+    gradients, bit for bit, as on one thread, and the reference's up to summation order — also when the decoder
+    and the sampled code gradient read W in blocks of rows (row_blocks; here blocks of 5 latents)."""
+    import threading
+
+    import jsae.saes.sparse_relu as sr
+
+    if blocked:
+        monkeypatch.setattr(sr, "ROW_BLOCK_BYTES", 5 * 16 * 4)  # 5 rows of a [64, 16] float32 W_dec
+        codes, _ = relu_codes(torch.tensor([[0.0, 1.0] * 32, [2.0, 0.0] * 32]))
+        blocks = sr.row_blocks(codes, torch.zeros(64, 16))
+        assert blocks is not None and blocks.size == 5 and len(blocks.bounds) == 14
+    started = []
+    real_thread = threading.Thread
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        started.append(k.get("name"))
+        return real_thread(*a, **k)
+
+    monkeypatch.setattr(sr.threading, "Thread", counting)
+    sae = make_sae(alignment, **variant)
+    g = torch.Generator().manual_seed(3)
+    v, t = torch.randn(48, 16, generator=g), torch.randn(48, 16, generator=g) + 0.5
+    _, ref_grads, _ = step_grads(sae, v, t, "reference")
+    runs = {}
+    for threads in (1, 2):
+        before = len(started)
+        torch.set_num_threads(threads)
+        try:
+            loss, grads, out = step_grads(sae, v, t, "sparse")
+        finally:
+            torch.set_num_threads(1)
+        assert out.path == "sparse" and torch.get_num_threads() == 1
+        runs[threads] = loss, grads, len(started) - before
+    (loss1, grads1, n1), (loss2, grads2, n2) = runs[1], runs[2]
+    assert n1 == 0 and n2 >= 3  # side by side: the codes, the decoders, the backward (and the active entries)
+    assert set(started) == {"jsae-modality"}
+    assert torch.equal(loss1, loss2) and grads1.keys() == grads2.keys() == ref_grads.keys()
+    for name in grads1:
+        assert torch.equal(grads1[name], grads2[name]), name
+        torch.testing.assert_close(grads2[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_in_pair_runs_the_first_on_another_thread_and_raises_its_failure():
+    import threading
+
+    here = threading.get_ident()
+    with torch.no_grad():
+        (first, grad_mode), second = in_pair(lambda: (threading.get_ident(), torch.is_grad_enabled()),
+                                             lambda: threading.get_ident(), True)
+    assert first != here and second == here and grad_mode is False  # the caller's grad mode travels
+    assert in_pair(lambda: threading.get_ident(), lambda: 2, False) == (here, 2)
+
+    def fail() -> None:
+        raise ValueError("boom in the first")
+
+    with pytest.raises(ValueError, match="boom in the first"):
+        in_pair(fail, lambda: 1, True)
 
 
 def test_a_user_registered_alignment_gets_dense_codes_with_the_sparse_gradient():
@@ -408,10 +473,10 @@ def test_the_switch_density_falls_with_the_width_between_the_measured_ends():
 
     assert sparse_switch_density(16, 32) == pytest.approx(0.2)  # below the small end: its value
     assert sparse_switch_density(512, 4096) == pytest.approx(SPARSE_SWITCH_SMALL[1]) == pytest.approx(0.2)
-    assert sparse_switch_density(4096, 16384) == pytest.approx(SPARSE_SWITCH_LARGE[1]) == pytest.approx(0.07)
-    assert sparse_switch_density(8192, 65536) == pytest.approx(0.07)  # above the large end: its value
+    assert sparse_switch_density(4096, 16384) == pytest.approx(SPARSE_SWITCH_LARGE[1]) == pytest.approx(0.15)
+    assert sparse_switch_density(8192, 65536) == pytest.approx(0.15)  # above the large end: its value
     # halfway in log(d_in * d_sae) (2**23.5 weights): the geometric mean of the two ends
-    assert sparse_switch_density(2**11, 2**12 * 2**0.5) == pytest.approx((0.2 * 0.07) ** 0.5)
+    assert sparse_switch_density(2**11, 2**12 * 2**0.5) == pytest.approx((0.2 * 0.15) ** 0.5)
     widths = [(512, 4096), (768, 6144), (1024, 8192), (2048, 8192), (2304, 16384), (4096, 16384)]
     values = [sparse_switch_density(a, b) for a, b in widths]
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
@@ -419,3 +484,23 @@ def test_the_switch_density_falls_with_the_width_between_the_measured_ends():
     assert sae.sparse_relu_switch == pytest.approx(sparse_switch_density(2048, 8192))
     sae.sparse_relu_max_density = 0.5  # an explicit switch wins
     assert sae.sparse_relu_switch == 0.5
+
+
+def test_row_blocks_decode_and_sample_as_the_whole_matrix(monkeypatch):
+    """The decoder and the sampled product read W in blocks of rows (a 7-latent block, the last one shorter, one
+    block empty) and give the dense products' numbers."""
+    import jsae.saes.sparse_relu as sr
+
+    monkeypatch.setattr(sr, "ROW_BLOCK_BYTES", 7 * 8 * 4)
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(12, 40, generator=g)
+    pre[:, 7:14] = -1.0  # the second block holds no entry
+    codes, values = relu_codes(pre.clone())
+    W, grad_out = torch.randn(40, 8, generator=g), torch.randn(12, 8, generator=g)
+    blocks = sr.row_blocks(codes, W)
+    assert blocks is not None and blocks.size == 7 and blocks.bounds[1] == blocks.bounds[2]
+    assert blocks.bounds[-1] == codes.rows.numel() and len(blocks.bounds) == 7  # ceil(40 / 7) blocks
+    z = pre.clamp(min=0)
+    torch.testing.assert_close(sr._decode(values, W, codes, blocks), z @ W)
+    torch.testing.assert_close(sr._sampled(grad_out, W, codes, blocks), (grad_out @ W.t())[codes.rows, codes.cols])
+    assert sr.row_blocks(codes, torch.zeros(14, 8)) is None  # two blocks or fewer: W is read whole

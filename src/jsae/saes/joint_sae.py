@@ -50,8 +50,8 @@ from jsae.guards import shape_checked
 from jsae.saes.alignment import get_alignment_loss
 from jsae.saes.sae_files import (CFG_FILE, WEIGHTS_FILE, atomic_save, check_finite_state, check_finite_weights,  # noqa: F401
                                   check_sae_dir, check_state_dict)
-from jsae.saes.sparse_relu import (DENSE_ALIGNMENTS, SPARSE_ALIGNMENTS, active_entries, one_thread, relu_dense_codes,
-                                   relu_sparse_codes, sparse_aux_reconstruction, sparse_switch_density,
+from jsae.saes.sparse_relu import (DENSE_ALIGNMENTS, SPARSE_ALIGNMENTS, active_entries, in_pair, one_thread, relu_dense_codes,
+                                   relu_sparse_pair, sparse_aux_reconstruction, sparse_switch_density,
                                    topk_sparse_codes)
 
 MODALITIES: tuple[str, str] = ("vision", "text")
@@ -818,7 +818,9 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         the density comes from the active entries' indices (no separate count).  ``hook_sae_acts_pre`` is not called
         and ``feature_acts`` are detached on the sparse path."""
         centre = bool(self.cfg.apply_b_dec_to_input)
-        small = self._relu_sparse and vision.device.type == "cpu"  # expect a sparse step: small ops on one thread
+        cpu = vision.device.type == "cpu"
+        small = self._relu_sparse and cpu  # expect a sparse step: small ops on one thread
+        parallel = cpu and torch.get_num_threads() > 1  # the two modalities' small ops side by side (in_pair)
         inputs = {}
         with torch.no_grad():
             for m, x in zip(MODALITIES, (vision, text)):
@@ -826,9 +828,16 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
                     sae_in = self.process_sae_in(x, m)
                 enc = self._enc(m)
                 inputs[m] = sae_in, torch.addmm(enc.b_enc, sae_in, enc.W_enc)  # the one dense matmul
-            with one_thread(small):  # the active codes' count decides the path
-                positive = {m: pre > 0 for m, (_, pre) in inputs.items()}
-                active = {m: active_entries(pre, positive[m]) for m, (_, pre) in inputs.items()} if small else {}
+
+            def find(m: str) -> tuple[Tensor, Tensor | None]:  # the active codes' count decides the path
+                pre = inputs[m][1]
+                positive = pre > 0
+                return positive, active_entries(pre, positive) if small else None
+
+            with one_thread(small):
+                (pos_v, act_v), (pos_t, act_t) = in_pair(lambda: find("vision"), lambda: find("text"), small and parallel)
+                positive = {"vision": pos_v, "text": pos_t}
+                active = {"vision": act_v, "text": act_t} if small else {}
                 counts = [a.numel() for a in active.values()] if small else \
                     [int(torch.count_nonzero(p)) for p in positive.values()]
         density = max(counts) / max(1, inputs["vision"][1].numel())
@@ -836,15 +845,15 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
         sparse = density <= limit
         self._relu_sparse = sparse
         out = {}
-        for m, (sae_in, pre) in inputs.items():
-            if sparse:
-                with one_thread(pre.device.type == "cpu"):  # small ops (see one_thread)
-                    found = active[m] if m in active else active_entries(pre, positive[m])
-                    values, codes, recon = relu_sparse_codes(sae_in, pre, found, *self._weights(m), centre)
-                    # pre is relu(pre) from here on (codes.dense)
-                    out[m] = BranchCodes(pre, pre, recon, l1_codes=values, sparse=(values, codes),
-                                         fired=codes.latent_counts > 0)
-            else:
+        if sparse:
+            with one_thread(cpu):  # small ops (see one_thread), the two modalities side by side where threads allow
+                paired = relu_sparse_pair({m: (sae_in, pre, active.get(m)) for m, (sae_in, pre) in inputs.items()},
+                                          {m: self._weights(m) for m in inputs}, centre, parallel)
+            for m, (values, codes, recon) in paired.items():
+                pre = inputs[m][1]  # relu(pre) from here on (codes.dense)
+                out[m] = BranchCodes(pre, pre, recon, l1_codes=values, sparse=(values, codes), fired=codes.latent_counts > 0)
+        else:
+            for m, (sae_in, pre) in inputs.items():
                 z, recon = relu_dense_codes(sae_in, pre, *self._weights(m), centre)
                 out[m] = BranchCodes(z, pre, recon, l1_codes=z, fired=positive[m].any(0))
         return out, "sparse" if sparse else "dense-codes", density

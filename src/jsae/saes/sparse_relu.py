@@ -27,10 +27,15 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
 
 The TopK path uses the same functions on its ``k`` selected entries per sample (:func:`topk_codes`), its
 auxiliary loss on the top dead latents' entries.  One modality's path is one function: :func:`relu_sparse_codes`,
-:func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`).
+:func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`); the joint SAE runs
+the sparse ReLU step of both modalities as one autograd node (:func:`relu_sparse_pair`, :class:`PairedSparseRelu`:
+the same backward functions), so that where the caller has two or more intra-op threads the two modalities' small
+operations run side by side on two threads (:func:`in_pair`) — the autograd engine would run two nodes one after
+the other.  Where ``W_dec`` is larger than the cache (:data:`ROW_BLOCK_BYTES`) the decoder forward and the sampled
+code gradient read it in blocks of rows (:func:`row_blocks`), each block's rows from the cache.
 
 Cost of a step: one dense matmul (the encoder forward) plus ``O(nnz · d_in)`` work, which the caller runs on one
-intra-op thread (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
+intra-op thread per modality (:func:`one_thread`).  When the codes are dense (early in training) :class:`EncoderFromPre` still
 saves the ``grad_sae_in`` matmul and :class:`DenseCosine` computes the cosine alignment with an analytic backward:
 the caller picks the path from the measured density (``TrainingJointSAE.sparse_relu_max_density``, by default
 :func:`sparse_switch_density` of the SAE's width, with hysteresis: ``sparse_relu_stay_factor``).  The trainer runs its optimiser step on the thread count that
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
@@ -52,27 +58,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
-           "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "relu_codes", "relu_dense_codes",
+__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "PairedSparseRelu", "ROW_BLOCK_BYTES", "RowBlocks", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
+           "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "in_pair", "relu_codes", "relu_dense_codes", "relu_sparse_pair", "row_blocks",
            "one_thread", "partner_values", "sparse_switch_density", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
 
 
-# Where the ReLU path turns sparse, by width (benchmarks/train_throughput.py --crossover: one paired forward + backward
-# on sparse and on dense codes, interleaved, at set densities; 2 threads, a shared 2-core machine under load 3.4-3.6,
-# benchmarks/results/train_throughput_relu_crossover*.json).  The sparse step's cost per active entry grows with the
-# weight matrices (its row gathers leave the cache), the dense one's does not, so the break-even density falls with
-# d_in * d_sae: at 512 -> 4096 (2**21 weights) the sparse step took 0.53, 0.66, 0.73, 0.84, 1.18 of the dense-code
-# step at 5, 10, 15, 20, 30% density (load 3.6; at load 4.3: 0.39, 0.42, 0.74, 0.99, 1.13 at 2, 5, 10, 20, 30%;
-# break-even 20-25%); at 4096 -> 16384 (2**26) 0.62, 1.10, 0.92, 1.83 at 4, 7, 10, 15% (break-even ~9%).  The switch
-# sits at or below the break-even, log-linearly between the two measured widths.
+# Where the ReLU path turns sparse, by width: one paired forward + backward on sparse and on dense codes, interleaved,
+# at set densities, 2 threads (the sparse step's two modalities side by side, W read in row blocks), a shared 2-core
+# machine under load 2.5-4.5 (the measure of benchmarks/train_throughput.py --crossover).  At 512 -> 4096
+# (2**21 weights) the sparse step took 0.87, 1.00, 1.25 of the dense-code step at 13, 20, 30% density (break-even
+# ~20%); at 4096 -> 16384 (2**26) 0.52, 0.51, 0.69, 0.81, 1.23 at 5, 7, 10, 15, 25% (break-even ~18-20%; one
+# thread, without the side-by-side modalities, ~10-12%).  The switch sits at or below the break-even, log-linearly
+# between the two measured widths.
 SPARSE_SWITCH_SMALL = (2**21, 0.2)  # (d_in * d_sae, density at which the path turns sparse)
-SPARSE_SWITCH_LARGE = (2**26, 0.07)
+SPARSE_SWITCH_LARGE = (2**26, 0.15)
 
 
 def sparse_switch_density(d_in: int, d_sae: int) -> float:
     """The code density at or below which the ReLU fast path runs sparse, for a ``d_in -> d_sae`` SAE: 0.2 up to
-    2**21 weights, 0.07 from 2**26, log-linear in ``d_in * d_sae`` between (see ``SPARSE_SWITCH_SMALL``)."""
+    2**21 weights, 0.15 from 2**26, log-linear in ``d_in * d_sae`` between (see ``SPARSE_SWITCH_SMALL``)."""
     (n0, rho0), (n1, rho1) = SPARSE_SWITCH_SMALL, SPARSE_SWITCH_LARGE
     t = min(1.0, max(0.0, (math.log2(max(1, d_in * d_sae)) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))))
     return rho0 * (rho1 / rho0) ** t
@@ -232,17 +237,88 @@ def _by_latent(weights: Tensor, rows_of: Tensor, codes: SparseCodes) -> Tensor:
                            per_sample_weights=weights.index_select(0, bags.order).to(rows_of.dtype), mode="sum")
 
 
-def _sampled(grad_out: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:
-    """``grad_out[row(e)] · W[col(e)]`` for every entry ``e`` (a sampled dense-dense product)."""
+# A weight matrix larger than two of these is read in blocks of rows of about this size by the decoder's forward and
+# the sampled code gradient (CPU): entries grouped by sample read a random row of W each, from memory when W does
+# not fit the cache; grouped by block first, they read rows of a cache-sized block.  4096 -> 16384 (W 256 MiB), 1024
+# pairs, one thread, load 1.2-1.7: the decoder 1275 -> 576 ms at 5% density and 2535 -> 569 at 10%, the sampled
+# product 1406 -> 425 and 2510 -> 782 (2 MiB blocks: 1298 / 1478 ms, too many partial sums; 16 MiB: 441 / 783).
+ROW_BLOCK_BYTES = 8 * 2**20
+
+
+class RowBlocks(NamedTuple):
+    """The entries of sparse codes grouped by block of ``size`` latents, each block's in row-major order."""
+
+    size: int  # latents (rows of W) per block
+    order: Tensor  # [nnz] the permutation of the entries (a stable sort by block)
+    cols: Tensor  # [nnz] each sorted entry's latent within its block
+    starts: Tensor  # [n_blocks, B] where each sample's entries start in the sorted order
+    bounds: list[int]  # [n_blocks + 1] where each block's entries start and end in the sorted order
+
+
+def row_blocks(codes: SparseCodes, W: Tensor) -> RowBlocks | None:
+    """:class:`RowBlocks` of ``codes`` for reading ``W [d_sae, d]`` (``None``: read it whole — on GPU, or when W is
+    at most two blocks of :data:`ROW_BLOCK_BYTES`)."""
+    row_bytes = W.shape[1] * W.element_size()
+    if W.device.type != "cpu" or W.shape[0] * row_bytes <= 2 * ROW_BLOCK_BYTES or codes.rows.numel() == 0:
+        return None
+    size = max(1, ROW_BLOCK_BYTES // row_bytes)
+    n_blocks, n = -(-W.shape[0] // size), codes.shape[0]
+    block = torch.div(codes.cols, size, rounding_mode="floor")
+    with one_thread(True):
+        order = torch.argsort(block, stable=True)  # entries are row-major, so each block's stay row-major
+    counts = torch.bincount(block * n + codes.rows, minlength=n_blocks * n)
+    bounds = [0] + torch.bincount(block, minlength=n_blocks).cumsum(0).tolist()
+    cols = codes.cols.index_select(0, order) - block.index_select(0, order) * size
+    return RowBlocks(size, order, cols, _starts(counts).view(n_blocks, n), bounds)
+
+
+def _decode(values: Tensor, W: Tensor, codes: SparseCodes, blocks: RowBlocks | None) -> Tensor:
+    """``out[b] = sum over the entries e of sample b of values[e] * W[col(e)]``: ``[B, d]``, by blocks of W's rows
+    when ``blocks``."""
+    values = values.to(W.dtype)
+    if blocks is None:
+        return F.embedding_bag(codes.cols, W, codes.offsets, per_sample_weights=values, mode="sum")
+    values = values.index_select(0, blocks.order)
+    out = W.new_zeros(codes.shape[0], W.shape[1])
+    for i, (b0, b1) in enumerate(zip(blocks.bounds[:-1], blocks.bounds[1:])):
+        if b1 > b0:
+            out.add_(F.embedding_bag(blocks.cols[b0:b1], W[i * blocks.size:(i + 1) * blocks.size], blocks.starts[i] - b0,
+                                     per_sample_weights=values[b0:b1], mode="sum"))
+    return out
+
+
+def _silence_csr_beta_warning() -> None:
+    """PyTorch warns once a process that sparse CSR tensors are "in beta"; that once is spent here, at import, so
+    :func:`_sampled` needs no ``warnings.catch_warnings`` (which swaps the process-wide filters and is not safe in
+    the two threads of :func:`in_pair`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.zeros(0, dtype=torch.long), torch.zeros(0), (1, 1),
+                                check_invariants=False)
+
+
+_silence_csr_beta_warning()
+
+
+def _sampled(grad_out: Tensor, W: Tensor, codes: SparseCodes, blocks: RowBlocks | None = None) -> Tensor:
+    """``grad_out[row(e)] · W[col(e)]`` for every entry ``e`` (a sampled dense-dense product), by blocks of W's rows
+    when ``blocks``."""
     n, d_sae = codes.shape
     if codes.rows.numel() == 0:
         return grad_out.new_zeros(0)
-    crow = torch.cat([codes.offsets, codes.offsets.new_tensor([codes.rows.numel()])])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, codes.cols, grad_out.new_zeros(codes.rows.numel()), (n, d_sae),
-                                          check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, grad_out.contiguous(), W.t()).values()
+    grad_out = grad_out.contiguous()
+    if blocks is None:
+        return _sampled_csr(grad_out, W, codes.offsets, codes.cols, codes.rows.numel(), d_sae)
+    parts = [_sampled_csr(grad_out, W[i * blocks.size:(i + 1) * blocks.size], blocks.starts[i] - b0, blocks.cols[b0:b1],
+                          b1 - b0, min(blocks.size, d_sae - i * blocks.size))
+             for i, (b0, b1) in enumerate(zip(blocks.bounds[:-1], blocks.bounds[1:])) if b1 > b0]
+    return grad_out.new_empty(codes.rows.numel()).index_copy_(0, blocks.order, torch.cat(parts))
+
+
+def _sampled_csr(grad_out: Tensor, W: Tensor, offsets: Tensor, cols: Tensor, nnz: int, width: int) -> Tensor:
+    crow = torch.cat([offsets, offsets.new_tensor([nnz])])
+    pattern = torch.sparse_csr_tensor(crow, cols, grad_out.new_zeros(nnz), (grad_out.shape[0], width), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, grad_out, W.t()).values()
 
 
 class CsrMM(torch.autograd.Function):
@@ -252,16 +328,21 @@ class CsrMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, W: Tensor, codes: SparseCodes) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(values, W)
-        ctx.codes = codes
-        return F.embedding_bag(codes.cols, W, codes.offsets, per_sample_weights=values.to(W.dtype), mode="sum")
+        ctx.codes, ctx.blocks = codes, row_blocks(codes, W)
+        return _decode(values, W, codes, ctx.blocks)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         values, W = ctx.saved_tensors
-        codes: SparseCodes = ctx.codes
-        grad_values = _sampled(grad_out, W, codes) if ctx.needs_input_grad[0] else None
-        grad_W = _by_latent(values, grad_out, codes) if ctx.needs_input_grad[1] else None
-        return grad_values, grad_W, None
+        return (*_decoder_backward(grad_out, values, W, ctx.codes, ctx.blocks, *ctx.needs_input_grad[:2]), None)
+
+
+def _decoder_backward(grad_out: Tensor, values: Tensor, W: Tensor, codes: SparseCodes, blocks: RowBlocks | None,
+                      need_values: bool = True, need_W: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """:class:`CsrMM`'s backward: ``(grad_values [nnz], grad_W [d_sae, d])`` (``None`` where not needed)."""
+    grad_values = _sampled(grad_out, W, codes, blocks) if need_values else None
+    grad_W = _by_latent(values, grad_out, codes) if need_W else None
+    return grad_values, grad_W
 
 
 class SparseReluEncoder(torch.autograd.Function):
@@ -281,15 +362,24 @@ class SparseReluEncoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         sae_in, W_enc = ctx.saved_tensors
-        codes: SparseCodes = ctx.codes
-        grad_W = grad_b = grad_b_dec = None
-        if ctx.needs_input_grad[2]:
-            grad_W = _by_latent(grad, sae_in, codes).t()
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
-            grad_b = torch.zeros(codes.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, codes.cols, grad)
-        if ctx.needs_input_grad[1]:
-            grad_b_dec = -(W_enc @ grad_b) if ctx.centre else torch.zeros_like(sae_in[0])
-        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None
+        n = ctx.needs_input_grad
+        grad_W, grad_b, grad_b_dec = _encoder_backward(grad, sae_in, W_enc, ctx.codes, ctx.centre, n[2], n[3], n[1])
+        return None, grad_b_dec, grad_W, grad_b, None, None, None
+
+
+def _encoder_backward(grad: Tensor, sae_in: Tensor, W_enc: Tensor, codes: SparseCodes, centre: bool,
+                      need_W: bool = True, need_b: bool = True, need_b_dec: bool = True
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:class:`SparseReluEncoder`'s backward from the gradient of the active values: ``(grad_W_enc [d_in, d_sae],
+    grad_b_enc [d_sae], grad_b_dec [d_in])`` (``None`` where not needed)."""
+    grad_W = grad_b = grad_b_dec = None
+    if need_W:
+        grad_W = _by_latent(grad, sae_in, codes).t()
+    if need_b or need_b_dec:
+        grad_b = torch.zeros(codes.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, codes.cols, grad)
+    if need_b_dec:
+        grad_b_dec = -(W_enc @ grad_b) if centre else torch.zeros_like(sae_in[0])
+    return grad_W, grad_b if need_b else None, grad_b_dec
 
 
 class EncoderFromPre(torch.autograd.Function):
@@ -345,6 +435,110 @@ def relu_sparse_codes(sae_in: Tensor, pre: Tensor, active: Tensor, W_enc: Tensor
     codes = SparseCodes(*codes[:-1], dense=pre.relu_())
     values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, vals, codes, centre)
     return values, codes, csr_mm(values, W_dec, codes) + b_dec
+
+
+def in_pair(first: Callable[[], Any], second: Callable[[], Any], parallel: bool) -> tuple[Any, Any]:
+    """``(first(), second())``; with ``parallel``, ``first`` runs on a fresh thread while ``second`` runs on this
+    one (torch releases the GIL in its kernels, so two single-threaded streams of small operations use two cores),
+    and a failure of either is raised here.  The new thread gets this thread's grad mode and intra-op thread
+    count.  A fresh thread each call (~0.1 ms) rather than a pool: nothing to go stale across ``fork``."""
+    if not parallel:
+        return first(), second()
+    box: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()
+
+    def run() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["out"] = first()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="jsae-modality", daemon=True)
+    worker.start()
+    try:
+        b = second()
+    finally:
+        worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"], b
+
+
+class PairedSparseRelu(torch.autograd.Function):
+    """Both modalities' sparse ReLU steps as one autograd node, so that the two run side by side: the forward
+    decodes each modality's active values (:class:`CsrMM`'s ``embedding_bag``) and the backward runs each one's
+    whole backward — :class:`CsrMM`'s then :class:`SparseReluEncoder`'s, the same functions
+    (:func:`_decoder_backward`, :func:`_encoder_backward`) — with the two modalities on two threads
+    (:func:`in_pair`) when ``parallel``.  The autograd engine runs one node at a time on CPU, so two separate
+    modalities' nodes would run one after the other, each on one intra-op thread (see :func:`one_thread`).
+
+    Inputs: per modality ``W_enc, b_enc, W_dec, b_dec`` (vision, then text; a shared weight may be passed twice
+    and gets the sum of its two gradients), then ``branches``: per modality ``(sae_in, values, codes)`` from
+    :func:`relu_codes`.  Outputs: per modality the active values (what the L1 and alignment terms read) and the
+    reconstruction ``[B, d_in]`` (with ``b_dec``): ``values_v, recon_v, values_t, recon_t``."""
+
+    @staticmethod
+    def forward(ctx: Any, W_enc_v: Tensor, b_enc_v: Tensor, W_dec_v: Tensor, b_dec_v: Tensor,  # type: ignore[override]
+                W_enc_t: Tensor, b_enc_t: Tensor, W_dec_t: Tensor, b_dec_t: Tensor,
+                branches: tuple[tuple[Tensor, Tensor, SparseCodes], ...], centre: bool, parallel: bool) -> tuple[Tensor, ...]:
+        (in_v, val_v, codes_v), (in_t, val_t, codes_t) = branches
+
+        def decode(values: Tensor, W: Tensor, codes: SparseCodes, b: Tensor) -> tuple[Tensor, RowBlocks | None]:
+            blocks = row_blocks(codes, W)
+            return _decode(values, W, codes, blocks) + b, blocks
+
+        (recon_v, blocks_v), (recon_t, blocks_t) = in_pair(lambda: decode(val_v, W_dec_v, codes_v, b_dec_v),
+                                                           lambda: decode(val_t, W_dec_t, codes_t, b_dec_t), parallel)
+        ctx.save_for_backward(W_enc_v, W_dec_v, in_v, val_v, W_enc_t, W_dec_t, in_t, val_t)
+        ctx.codes, ctx.blocks, ctx.centre, ctx.parallel = (codes_v, codes_t), (blocks_v, blocks_t), centre, parallel
+        return val_v.clone(), recon_v, val_t.clone(), recon_t
+
+    @staticmethod
+    def backward(ctx: Any, g_val_v: Tensor, g_rec_v: Tensor, g_val_t: Tensor, g_rec_t: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor | None, ...]:
+        saved, n = ctx.saved_tensors, ctx.needs_input_grad
+
+        def branch(i: int, g_values: Tensor, g_recon: Tensor) -> tuple[Tensor | None, ...]:
+            W_enc, W_dec, sae_in, values = saved[4 * i:4 * i + 4]
+            codes, (need_W_enc, need_b_enc, need_W_dec, need_b_dec) = ctx.codes[i], n[4 * i:4 * i + 4]
+            need_encoder = need_W_enc or need_b_enc or need_b_dec
+            g_from_recon, grad_W_dec = _decoder_backward(g_recon, values, W_dec, codes, ctx.blocks[i], need_encoder,
+                                                         need_W_dec)
+            grad_W_enc = grad_b_enc = grad_b_dec = None
+            if need_encoder:
+                grad_W_enc, grad_b_enc, grad_b_dec = _encoder_backward(
+                    g_values + g_from_recon, sae_in, W_enc, codes, ctx.centre, need_W_enc, need_b_enc, need_b_dec)
+            if need_b_dec:
+                grad_b_dec = g_recon.sum(0) + grad_b_dec
+            return grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
+
+        v, t = in_pair(lambda: branch(0, g_val_v, g_rec_v), lambda: branch(1, g_val_t, g_rec_t), ctx.parallel)
+        return (*v, *t, None, None, None)
+
+
+def relu_sparse_pair(branches: dict[str, tuple[Tensor, Tensor, Tensor | None]], weights: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]],
+                     centre: bool = True, parallel: bool = False) -> dict[str, tuple[Tensor, SparseCodes, Tensor]]:
+    """:func:`relu_sparse_codes` of two modalities at once (:class:`PairedSparseRelu`): ``branches`` maps each of the
+    two modalities (in order) to ``(sae_in, pre, active)`` (``active``: :func:`active_entries` of ``pre``, or ``None``
+    to find them here), ``weights`` to its ``(W_enc, b_enc, W_dec, b_dec)``;
+    the result maps each to ``(values [nnz], codes, recon [B, d_in])``, the same numbers as :func:`relu_sparse_codes`
+    up to float summation order.  With ``parallel`` the two modalities' codes, decoders and backwards each run on
+    their own thread (:func:`in_pair`; call it inside :func:`one_thread` so that each is single-threaded)."""
+    names = list(branches)
+    if len(names) != 2 or list(weights) != names:
+        raise ValueError(f"relu_sparse_pair takes two modalities with weights for each, got {names} and {list(weights)}")
+
+    def codes_of(m: str) -> tuple[SparseCodes, Tensor]:
+        _, pre, active = branches[m]
+        codes, values = relu_codes(pre, active)
+        return SparseCodes(*codes[:-1], dense=pre.relu_()), values  # pre is relu(pre) from here on
+
+    (codes_v, val_v), (codes_t, val_t) = in_pair(lambda: codes_of(names[0]), lambda: codes_of(names[1]), parallel)
+    both = ((branches[names[0]][0], val_v, codes_v), (branches[names[1]][0], val_t, codes_t))
+    values_v, recon_v, values_t, recon_t = PairedSparseRelu.apply(*weights[names[0]], *weights[names[1]], both,
+                                                                   centre, parallel)
+    return {names[0]: (values_v, codes_v, recon_v), names[1]: (values_t, codes_t, recon_t)}
 
 
 def relu_dense_codes(sae_in: Tensor, pre: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
