@@ -68,7 +68,7 @@ __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre",
 # at set densities, 2 threads (the sparse step's two modalities side by side, W read in row blocks), a shared 2-core
 # machine under load 2.5-4.5 (the measure of benchmarks/train_throughput.py --crossover).  At 512 -> 4096
 # (2**21 weights) the sparse step took 0.87, 1.00, 1.25 of the dense-code step at 13, 20, 30% density (break-even
-# ~20%); at 4096 -> 16384 (2**26) 0.52, 0.51, 0.69, 0.81, 1.23 at 5, 7, 10, 15, 25% (break-even ~18-20%; one
+# ~20%); at 4096 -> 16384 (2**26) 0.52, 0.51, 0.69, 0.81, 1.10, 1.23 at 5, 7, 10, 15, 20, 25% (break-even ~18%; one
 # thread, without the side-by-side modalities, ~10-12%).  The switch sits at or below the break-even, log-linearly
 # between the two measured widths.
 SPARSE_SWITCH_SMALL = (2**21, 0.2)  # (d_in * d_sae, density at which the path turns sparse)
