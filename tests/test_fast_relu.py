@@ -73,9 +73,11 @@ def test_the_two_modalities_side_by_side_give_the_same_step_as_one_after_the_oth
 
     if blocked:
         monkeypatch.setattr(sr, "ROW_BLOCK_BYTES", 5 * 16 * 4)  # 5 rows of a [64, 16] float32 W_dec
-        codes, _ = relu_codes(torch.tensor([[0.0, 1.0] * 32, [2.0, 0.0] * 32]))
+        codes, _ = relu_codes(torch.tensor([[0.0, 1.0] * 32, [2.0, 0.0] * 32] * 4))  # 4 entries a latent
         blocks = sr.row_blocks(codes, torch.zeros(64, 16))
         assert blocks is not None and blocks.size == 5 and len(blocks.bounds) == 14
+        fewer, _ = relu_codes(torch.tensor([[0.0, 1.0] * 32, [2.0, 0.0] * 32] * 2))
+        assert sr.row_blocks(fewer, torch.zeros(64, 16)) is None  # 2 entries a latent: W is read whole
     started = []
     real_thread = threading.Thread
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "PairedSparseRelu", "ROW_BLOCK_BYTES", "RowBlocks", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
+__all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "PairedSparseRelu", "ROW_BLOCK_BYTES", "ROW_BLOCK_MIN_ENTRIES", "RowBlocks", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "in_pair", "relu_codes", "relu_dense_codes", "relu_sparse_pair", "row_blocks",
            "one_thread", "partner_values", "sparse_switch_density", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
@@ -243,6 +243,10 @@ def _by_latent(weights: Tensor, rows_of: Tensor, codes: SparseCodes) -> Tensor:
 # pairs, one thread, load 1.2-1.7: the decoder 1275 -> 576 ms at 5% density and 2535 -> 569 at 10%, the sampled
 # product 1406 -> 425 and 2510 -> 782 (2 MiB blocks: 1298 / 1478 ms, too many partial sums; 16 MiB: 441 / 783).
 ROW_BLOCK_BYTES = 8 * 2**20
+# ...when each row of W is read by this many entries or more on average: with fewer, blocking saves no reads and pays
+# for its sort and its partial sums (4096 -> 16384, 1024 samples, decoder + sampled product, one thread: 215 against
+# 206 ms at 2 entries a latent, 312 against 387 at 5, 409 against 760 at 10; TopK k = 32: 224 against 130 ms).
+ROW_BLOCK_MIN_ENTRIES = 4
 
 
 class RowBlocks(NamedTuple):
@@ -256,10 +260,12 @@ class RowBlocks(NamedTuple):
 
 
 def row_blocks(codes: SparseCodes, W: Tensor) -> RowBlocks | None:
-    """:class:`RowBlocks` of ``codes`` for reading ``W [d_sae, d]`` (``None``: read it whole — on GPU, or when W is
-    at most two blocks of :data:`ROW_BLOCK_BYTES`)."""
+    """:class:`RowBlocks` of ``codes`` for reading ``W [d_sae, d]`` (``None``: read it whole — on GPU, when W is at
+    most two blocks of :data:`ROW_BLOCK_BYTES`, or when its rows are read by fewer than :data:`ROW_BLOCK_MIN_ENTRIES`
+    entries each on average)."""
     row_bytes = W.shape[1] * W.element_size()
-    if W.device.type != "cpu" or W.shape[0] * row_bytes <= 2 * ROW_BLOCK_BYTES or codes.rows.numel() == 0:
+    if (W.device.type != "cpu" or W.shape[0] * row_bytes <= 2 * ROW_BLOCK_BYTES
+            or codes.rows.numel() < ROW_BLOCK_MIN_ENTRIES * W.shape[0] or codes.rows.numel() == 0):
         return None
     size = max(1, ROW_BLOCK_BYTES // row_bytes)
     n_blocks, n = -(-W.shape[0] // size), codes.shape[0]
