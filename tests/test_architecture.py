@@ -29,7 +29,7 @@ ADAPTERS = Path(jsae.adapters.__file__).resolve().parent
 # (module prefix, stage); the longest matching prefix wins
 STAGES = {
     # 0: no model: files, guards, helpers over transformers objects, the world's data, data sources and judges
-    "jsae.files": 0, "jsae.correlation": 0, "jsae.locks": 0, "jsae.guards": 0, "jsae.provenance": 0, "jsae.hf": 0,
+    "jsae.files": 0, "jsae.parallel": 0, "jsae.correlation": 0, "jsae.locks": 0, "jsae.guards": 0, "jsae.provenance": 0, "jsae.hf": 0,
     "jsae.world": 0, "jsae.data": 0,
     "jsae.releases.registry": 0,  # the release registry imports nothing of jsae: SAE loading and labels look releases up
     # 1: everything model-specific

@@ -451,11 +451,11 @@ def test_per_token_text_states_are_what_the_capture_pools(text_positions, tmp_pa
 
 @pytest.mark.parametrize("kind", ["llava", "qwen3_vl"])
 def test_batches_shared_with_a_forked_process_give_the_same_capture(kind, tmp_path):
-    """``batch_map`` = the protocol's forked_map with two processes: every shard bitwise what one process writes,
+    """``batch_map`` = jsae.parallel.forked_map with two processes: every shard bitwise what one process writes,
     both processes computed batches, and a bad pair in a later batch is the same one-line error, nothing left."""
     import os
 
-    from jsae.protocol.sweep import forked_map
+    from jsae.parallel import forked_map
 
     v = tiny_vlm(kind)
     pairs = v.pairs(14)

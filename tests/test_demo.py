@@ -16,13 +16,15 @@ runner = CliRunner()
 pytestmark = pytest.mark.slow  # the protocol end to end (~1 min in all)
 
 
+SMALL = dict(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_images=6, concepts=["cat", "cake"],
+             gen_batch=96, max_new_tokens=24, ratios=(0.5, 1.0, 2.0, 4.0),
+             methods=("jsae", "jsae-none", "separate", "saelens-topk"))
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = ProtocolConfig(n_train=400, n_label=200, n_eval=300, layers=[1, 6], steps=150, d_sae=64, n_images=6,
-                         concepts=["cat", "cake"], gen_batch=96, max_new_tokens=24, ratios=(0.5, 1.0, 2.0, 4.0),
-                         methods=("jsae", "jsae-none", "separate", "saelens-topk"))
-    return out, run_protocol(out, cfg, progress=False)
+    return out, run_protocol(out, ProtocolConfig(**SMALL), progress=False)
 
 
 def test_demo_writes_the_four_artefacts(small_run):
@@ -96,6 +98,35 @@ def test_demo_writes_the_four_artefacts(small_run):
 
     sae = SAE.load_from_disk(out / "saes" / "jsae" / "layer_1")
     assert type(sae).__name__ == "JointSAE" and sae.cfg.metadata.layer == 1
+
+
+def test_the_report_is_the_same_from_one_process_and_two(small_run, tmp_path, monkeypatch):
+    """The report's two parts (figure, report.md and the browser's sections of the first half of the layers; the
+    other half) written by one process and by two are byte for byte the files the run wrote; the data the run's
+    two processes made (rows and fingerprints) is what one process makes."""
+    import shutil
+
+    from jsae import parallel
+    from jsae.data.sources import WorldSource
+    from jsae.protocol.config import data_source, world_prompts
+    from jsae.report import write_run_report
+    from jsae.report.rundir import RunDir
+    from jsae.vlm import load_vlm
+
+    out, _ = small_run
+    cfg = ProtocolConfig(**SMALL)
+    vlm = load_vlm(cfg.model)
+    source = data_source(world_prompts(cfg, vlm.processor))
+    assert isinstance(source, WorldSource)
+    assert source.prepare() == json.loads((out / "run.json").read_text())["data"]  # one process: the run's fingerprints
+    files = ("report.md", "features.html", "dose_response.png")
+    for n in (1, 2):
+        monkeypatch.setattr(parallel, "WORKERS", n)
+        copy = tmp_path / f"run{n}"
+        shutil.copytree(out, copy, ignore=shutil.ignore_patterns("capture", *files))
+        write_run_report(RunDir(copy), vlm, source.pairs("label"))
+        for name in files:
+            assert (copy / name).read_bytes() == (out / name).read_bytes(), (n, name)
 
 
 def test_demo_refuses_a_directory_with_another_run(small_run, monkeypatch):

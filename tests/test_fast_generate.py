@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_vlm
 
+from jsae import parallel
 from jsae.adapters import unwrap
 from jsae.interventions import Steer, generate
 
@@ -249,40 +250,12 @@ def test_sweep_batches_in_two_processes_equal_one(toy, monkeypatch):
     monkeypatch.setattr(caption, "batch_size", 20)  # 96 rows: 5 batches
     got = {}
     for n in (1, 2):
-        monkeypatch.setattr(sw, "WORKERS", n)
+        monkeypatch.setattr(parallel, "WORKERS", n)
         bar = _Bar()
         got[n] = sw.run_rows(s, rows, make, bar)
         assert bar.n == len(rows)
     assert got[2] == got[1] and len(got[1]) == len(rows)
     assert len(set(got[1])) > len(images)
-
-
-def test_forked_map_order_results_and_child_failure():
-    """forked_map returns every span's result in order from two processes (the child's results come back), calls
-    ``done`` once per span, and a failure in the child is raised in the parent with the child's traceback."""
-    import os
-
-    from jsae.protocol.sweep import forked_map
-
-    spans = [(i, i + 1) for i in range(9)]
-    seen = []
-    import time
-
-    out = forked_map(lambda lo, hi: time.sleep(0.05) or (lo * 10 + hi, os.getpid()), spans, 2, seen.append)
-    assert [v for v, _ in out] == [i * 10 + i + 1 for i in range(9)]
-    assert sorted(seen) == spans
-    assert len({pid for _, pid in out}) == 2  # both processes computed spans
-    parent = os.getpid()
-
-    def slow_in_parent(lo, hi):
-        if os.getpid() != parent:
-            raise ValueError(f"boom at span {lo}")
-        time.sleep(0.2)  # the child takes spans while the parent sleeps
-        return lo
-
-    with pytest.raises(RuntimeError, match="boom at span"):
-        forked_map(slow_in_parent, spans, 2)
-    assert forked_map(lambda lo, hi: lo, spans, 1) == list(range(9))
 
 
 def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
@@ -306,7 +279,7 @@ def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
              ([(i, 0, 0) for i in (9, 8, 7, 6)], lambda lo, hi: [f"b{j}" for j in range(lo, hi)])]
     want = [f"im{i}:a{i}" for i in range(7)] + [f"im{i}:b{j}" for j, i in enumerate((9, 8, 7, 6))]
     for n in (1, 2):
-        monkeypatch.setattr(sw, "WORKERS", n)
+        monkeypatch.setattr(parallel, "WORKERS", n)
         calls.clear()
         bar = _Bar()
         assert sw.run_parts(Sweep(), parts, bar) == want
@@ -315,18 +288,3 @@ def test_run_parts_batches_each_part_as_run_rows(monkeypatch):
             assert calls == [3, 3, 1, 3, 1]  # each part in batches of 3, the last of each part shorter
 
 
-def test_workers_follow_the_cores_and_the_override(monkeypatch):
-    """Two processes where the machine has a core for each of two processes' threads, one otherwise; WORKERS wins."""
-    import os
-
-    from jsae.protocol import sweep as sw
-
-    monkeypatch.setattr(sw, "WORKERS", None)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert sw.workers() == 2
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert sw.workers() == 1  # two threads on two cores: no core to spare
-    monkeypatch.setattr(sw, "WORKERS", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert sw.workers() == 1

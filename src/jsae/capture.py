@@ -152,7 +152,7 @@ def capture_pairs(
     (SAELens's ``dataset_path``), as are ``prepend_bos`` and ``context_size`` (the longest prompt, in tokens).
     ``batch_map(fn, spans, done)``: how a shard's batches are computed — it must return ``[fn(*span) for span in
     spans]`` and call ``done(span)`` as each is known (default: one after another in this process; the protocol
-    passes :func:`jsae.protocol.sweep.forked_map`, which shares them with a forked second process).  The shards are
+    passes :func:`jsae.parallel.forked_map`, which shares them with a forked second process).  The shards are
     the same either way.
     """
     from jsae.vlm import as_vlm

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -117,6 +117,7 @@ class _Source:
             raise ValueError(f"{len(captions)} captions for the {len(ds)} rows of part {part!r}; give one per row")
         self._cache[part] = ds.remove_columns(["caption"]).add_column("caption", [str(c) for c in captions])
         self._cache.pop(f"fingerprint:{part}", None)
+        self._cache.pop(f"items:{part}", None)
         self._cache[f"captions:{part}"] = how
 
     def items(self, part: str) -> list[dict]:
@@ -133,6 +134,29 @@ class _Source:
         if key not in self._cache:
             self._cache[key] = dataset_fingerprint(self.pairs(part))
         return self._cache[key]
+
+    def prepare(self, batch_map: Callable[..., list[Any]] | None = None) -> dict[str, str]:
+        """Every part's rows and fingerprint, made now: ``{part: fingerprint}``.  ``batch_map(fn, spans, done)``
+        computes the parts not made yet, one span each (default: one after another in this process; the protocol
+        passes :func:`jsae.parallel.forked_map`, which shares them with a forked second process and sends back the rows
+        a part had not loaded and its fingerprint); the rows and fingerprints are the same either way."""
+        todo = [part for part in self.parts if f"fingerprint:{part}" not in self._cache]
+        loaded = {part for part in todo if part in self._cache}  # rows already here: only the fingerprint comes back
+
+        def one(k: int, _: int) -> tuple[Any, str]:
+            part = todo[k]
+            return (None if part in loaded else self.dataset(part)), self.fingerprint(part)
+
+        spans = [(k, k + 1) for k in range(len(todo))]
+        if batch_map is None:
+            made = [one(*span) for span in spans]
+        else:
+            made = batch_map(one, spans, lambda span: None)
+        for part, (rows, fp) in zip(todo, made):
+            if part not in loaded:
+                self._cache[part] = rows
+            self._cache[f"fingerprint:{part}"] = fp
+        return {part: self.fingerprint(part) for part in self.parts}
 
     def describe(self, part: str) -> dict[str, Any]:
         """What a manifest or labels file records about the data of ``part``."""
@@ -195,7 +219,18 @@ class WorldSource(_Source):
         from jsae.world.concepts import concept_presence
 
         names = self.concepts
-        return concept_presence([ex["objects"] for ex in self.dataset(part)], names), names
+        return concept_presence([ex["objects"] for ex in self.items(part)], names), names
+
+    def items(self, part: str) -> list[dict]:
+        """The rows of ``part`` as dicts, images decoded once and kept (a world part is small: its memory is
+        checked when the source is made), so the stages that read a part again decode nothing."""
+        key = f"items:{part}"
+        if key not in self._cache:
+            self._cache[key] = super().items(part)
+        return list(self._cache[key])
+
+    def pairs(self, part: str) -> Any:
+        return [(ex["image"], ex["caption"]) for ex in self.items(part)]
 
     def judge(self, model: Any = None, processor: Any = None) -> Any:
         from jsae.data.judges import WorldJudge
@@ -272,6 +307,13 @@ class CaptionSource(_Source):
                                  f"lower {flags} or use a larger dataset")
             self._cache["rows"] = ds
         return self._cache["rows"]
+
+    def prepare(self, batch_map: Callable[..., list[Any]] | None = None) -> dict[str, str]:
+        """:meth:`_Source.prepare` with the dataset read and cut into its parts here first (the parts share its rows),
+        so only the fingerprints are computed by ``batch_map``."""
+        for part in self.parts:
+            self.dataset(part)
+        return super().prepare(batch_map)
 
     def _one_row_per_image(self, ds: Any, need: int | None) -> Any:
         """One row per image (``image_id``; the pixels where the data has no id column), its caption drawn

@@ -73,7 +73,10 @@ def open_run(out: Path, cfg: ProtocolConfig, source: DataSource, overwrite: bool
     if progress:
         tqdm.write(f"{'checking the data against the run in ' + str(out) if old else 'preparing the data'}: generating "
                    f"and fingerprinting the {' / '.join(source.parts)} pairs (this can take a minute)")
-    fingerprints = {part: source.fingerprint(part) for part in source.parts}
+    from jsae.parallel import forked_map, workers
+
+    n = workers()  # the parts made by two processes where the machine has a core for each (the same rows)
+    fingerprints = source.prepare(lambda fn, spans, done: forked_map(fn, spans, n, done))
     if old is not None:
         for part, fp in fingerprints.items():
             check_fingerprint(old.get("data", {}).get(part), fp, f"the run in {out} ({part} part)",

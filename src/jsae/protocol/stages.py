@@ -32,7 +32,7 @@ def capture_stage(run: RunDir, cfg: ProtocolConfig, vlm: VLM, source: DataSource
     """Pooled pairs of every part at every decoder layer (resumable; the manifest holds the fingerprint); each
     shard's batches shared with a forked second process where the machine has a core for it (the same shards)."""
     from jsae.capture import capture_pairs
-    from jsae.protocol.sweep import forked_map, workers
+    from jsae.parallel import forked_map, workers
 
     model, processor, adapter = vlm
     n = workers()
@@ -73,9 +73,9 @@ def layer_data(captures: dict[str, Path], layer: int) -> LayerData:
 def train_stage(cfg: ProtocolConfig, vlm: VLM, captures: dict[str, Path], layers: list[int],
                 progress: bool = True) -> tuple[dict[int, dict[str, Method]], dict[int, LayerData]]:
     """Every method at every swept layer, on the same pairs and budget (the layers shared between
-    :func:`~jsae.protocol.sweep.workers` processes; each layer's SAEs are what training it alone gives)."""
+    :func:`~jsae.parallel.workers` processes; each layer's SAEs are what training it alone gives)."""
     from jsae.capture import EVAL_METADATA, sae_metadata
-    from jsae.protocol.sweep import forked_map, workers
+    from jsae.parallel import forked_map, workers
 
     data = {layer: layer_data(captures, layer) for layer in layers}
 

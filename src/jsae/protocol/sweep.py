@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from jsae.correlation import correlation_matrix
+from jsae.parallel import forked_map, workers
 from jsae.protocol.methods import METHODS, Method
 from jsae.saes.metrics import summed_unit_rows
 
@@ -342,7 +343,7 @@ def pooled_steer(layer: int, sets: tuple[str, ...], directions: Tensor) -> Calla
 def run_rows(sweep: SweepImages, rows: list[tuple[int, int, int]], make: Callable[[int, int], list[Any]],
               bar: Any) -> list[str]:
     """Captions of ``rows`` (image index first) with per-row interventions ``make(lo, hi)``, in caption batches
-    (shared between :func:`workers` processes: each batch's captions are what it gives alone)."""
+    (shared between :func:`jsae.parallel.workers` processes: each batch's captions are what it gives alone)."""
     return run_parts(sweep, [(rows, make)], bar)
 
 
@@ -363,97 +364,6 @@ def run_parts(sweep: SweepImages, parts: list[tuple[list[tuple[int, int, int]], 
                            lambda span: bar.update(spans[span[0]][2] - spans[span[0]][1])):
         out += caps
     return out
-
-
-#: processes that share the sweep's caption batches (``None``: :func:`workers` decides)
-WORKERS: int | None = None
-
-
-def workers() -> int:
-    """How many processes share the sweep's caption batches and the training of the layers: :data:`WORKERS` when
-    set, else two where the machine has a core for each of two processes' torch threads (``jsae``'s default, one
-    thread per two cores, leaves the second core of a 2-core machine idle) and CUDA is not in use, else one."""
-    if WORKERS is not None:
-        return max(1, int(WORKERS))
-    import multiprocessing as mp
-    import os
-
-    if not hasattr(os, "fork") or mp.current_process().daemon:  # no fork (Windows), or a daemon may not have children
-        return 1
-    if torch.cuda.is_initialized():  # CUDA cannot run in a forked child; a GPU has its own parallelism
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if cores >= 2 * torch.get_num_threads() else 1
-
-
-def forked_map(fn: Callable[..., Any], spans: list[tuple[int, int]], n_workers: int,
-               done: Callable[[tuple[int, int]], None] = lambda span: None) -> list[Any]:
-    """``[fn(*span) for span in spans]``, the spans shared with one forked child process when ``n_workers`` > 1 (each
-    process takes the next span not yet taken; the child inherits the parent's model and sends its results back
-    with cloudpickle, which also takes the lambdas some objects keep, such as SAELens's SAEs), so every result is what
-    ``fn`` gives in one process.  ``done(span)``: called in this process for every
-    span, as its result is known.  A failure in the child is raised here with its traceback."""
-    if n_workers < 2 or len(spans) < 2:
-        out = []
-        for span in spans:
-            out.append(fn(*span))
-            done(span)
-        return out
-    import multiprocessing as mp
-    import pickle
-    import traceback
-
-    import cloudpickle
-
-    ctx = mp.get_context("fork")
-    taken = ctx.Value("i", 0)
-
-    def take() -> int:
-        with taken.get_lock():
-            k = taken.value
-            taken.value = k + 1
-        return k
-
-    def child(send: Any) -> None:
-        got: dict[int, Any] = {}
-        try:
-            while (k := take()) < len(spans):
-                got[k] = fn(*spans[k])
-            send.send_bytes(cloudpickle.dumps(("ok", got)))
-        except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
-            send.send_bytes(cloudpickle.dumps(("error", traceback.format_exc())))
-        finally:
-            send.close()
-
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(send,), daemon=True)
-    proc.start()
-    send.close()
-    results: dict[int, Any] = {}
-    finished = False
-    try:
-        while (k := take()) < len(spans):
-            results[k] = fn(*spans[k])
-            done(spans[k])
-        try:
-            status, got = pickle.loads(recv.recv_bytes())
-        except EOFError:
-            raise RuntimeError(f"the forked second process (capture, training or sweep) ended without its results (exit code {proc.exitcode}); "
-                               "run with one process: jsae.protocol.sweep.WORKERS = 1") from None
-        if status != "ok":
-            raise RuntimeError(f"the forked second process (capture, training or sweep) failed:\n{got}")
-        for k, v in got.items():
-            results[k] = v
-            done(spans[k])
-        finished = True
-    finally:
-        recv.close()
-        if not finished:  # a failure here: the child's work is not wanted
-            proc.kill()
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    return [results[k] for k in range(len(spans))]
 
 
 def curves_from(sweep: SweepImages, rows, caps, dirs, grid, absolute, measure, pos, sign, norm) -> list[Curve]:
@@ -497,13 +407,17 @@ def _added_norms(d: Direction, grid, absolute: bool, norm: float) -> list[float]
 
 def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Direction], layer: int, norm: float,
                   progress: bool = True, positions: tuple[str, ...] | None = None) -> list[Curve]:
-    """Every curve of one layer: steering and negative steering at each position set, then clamps."""
+    """Every curve of one layer: steering and negative steering at each position set, then clamps; their caption
+    batches (each measure's own, as it alone cuts them) shared between the processes in one map, so no process waits
+    for the other at the end of each measure."""
     from jsae.interventions import Ablate, ProjectOut
 
     cfg = sweep.cfg
     positions = tuple(positions or cfg.positions)
     sweep.base(sweep.used())
-    curves: list[Curve] = []
+    parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]] = []
+    assemble: list[Callable[[list[str]], list[Curve]]] = []  # per part: its curves from its captions
+    names: list[str] = []
     for sign, measure in ((1, "steering"), (-1, "suppression")):
         grid, absolute = _grid(cfg, sign)
         rows, vecs = [], []
@@ -517,11 +431,15 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
         if not rows:
             continue
         sets = positions if sign > 0 else positions[:1]
-        with tqdm(total=len(rows) * len(sets), desc=f"layer {layer}: {measure} at {', '.join(sets)}",
-                  disable=not progress, mininterval=5) as bar:
-            caps = run_rows(sweep, [r for r in rows for _ in sets], pooled_steer(layer, sets, torch.stack(vecs)), bar)
-        for k, pos in enumerate(sets):
-            curves += curves_from(sweep, rows, caps[k::len(sets)], dirs, grid, absolute, measure, pos, sign, norm)
+        parts.append(([r for r in rows for _ in sets], pooled_steer(layer, sets, torch.stack(vecs))))
+        names.append(f"{measure} at {', '.join(sets)}")
+
+        def steered(caps: list[str], rows=rows, sets=sets, grid=grid, absolute=absolute, measure=measure,
+                    sign=sign) -> list[Curve]:
+            return [c for k, pos in enumerate(sets)
+                    for c in curves_from(sweep, rows, caps[k::len(sets)], dirs, grid, absolute, measure, pos, sign, norm)]
+
+        assemble.append(steered)
     # clamps: SAE latents to 0 through the SAE (error kept), the oracle's direction projected out; one batch
     # per SAE branch with each prompt's own latents (per-prompt Ablate / ProjectOut)
     at, timing = POSITION_SETS[positions[0]][0]  # the first part of the first position set, at its own timing
@@ -530,7 +448,7 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
     for di, d in enumerate(dirs):
         groups.setdefault((d.method, d.sae_branch), []).append(di)
     rows_all: list[tuple[int, int, int]] = []
-    parts: list[tuple[list[tuple[int, int, int]], Callable[[int, int], list[Any]]]] = []
+    clamp_parts = 0
     for (method, branch), dis in groups.items():
         rows = [(i, di, 0) for di in dis for i in sweep.split(dirs[di].concept)[1]]
         if not rows:
@@ -544,9 +462,19 @@ def measure_layer(sweep: SweepImages, methods: dict[str, Method], dirs: list[Dir
                 Ablate(layer=layer, positions=at, timing=timing, sae=m.sae, features=feats[lo:hi], sae_modality=br)]
         rows_all += rows
         parts.append((rows, make))
-    with tqdm(total=len(rows_all), desc=f"layer {layer}: clamps", disable=not progress, mininterval=5) as bar:
-        caps_all = run_parts(sweep, parts, bar)  # every SAE branch's batches shared between the processes
-    curves += curves_from(sweep, rows_all, caps_all, dirs, (0.0,), False, "clamp", positions[0], -1, norm)
+        clamp_parts += 1
+    if clamp_parts:
+        names.append("clamps")
+    n_rows = sum(len(rows) for rows, _ in parts)
+    with tqdm(total=n_rows, desc=f"layer {layer}: {'; '.join(names)}", disable=not progress, mininterval=5) as bar:
+        caps = run_parts(sweep, parts, bar)  # every measure's batches shared between the processes
+    curves: list[Curve] = []
+    at_row = 0
+    for k, make_curves in enumerate(assemble):
+        n = len(parts[k][0])
+        curves += make_curves(caps[at_row:at_row + n])
+        at_row += n
+    curves += curves_from(sweep, rows_all, caps[at_row:], dirs, (0.0,), False, "clamp", positions[0], -1, norm)
     return curves
 
 

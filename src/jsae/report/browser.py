@@ -263,12 +263,21 @@ def feature_browser(features: Iterable[dict[str, Any]] | Mapping[str, Iterable[d
     ``top_captions`` (list of str) and optional ``steering`` (str).  ``features`` may be a mapping from a section
     name (an SAE: "jsae · layer 4") to its features: the page then has a selector to switch between them."""
     sections = dict(features) if isinstance(features, Mapping) else {"": features}
-    body, total = [], 0
-    for name, feats in sections.items():
-        cards = [_card(f) for f in feats]
-        total += len(cards) if not body else 0
-        body.append(f'<div class="section" data-section="{html.escape(name)}">'
-                    f'{"<h2>" + html.escape(name) + "</h2>" if name else ""}{"".join(cards)}</div>')
+    return browser_page({name: browser_section(name, feats) for name, feats in sections.items()}, path, title)
+
+
+def browser_section(name: str, features: Iterable[dict[str, Any]]) -> tuple[str, int]:
+    """One section of :func:`feature_browser`'s page (``name`` "" for a page of one SAE): ``(its HTML, its number
+    of features)``, so that sections can be rendered apart (in other processes) and put on one page by
+    :func:`browser_page`."""
+    cards = [_card(f) for f in features]
+    return (f'<div class="section" data-section="{html.escape(name)}">'
+            f'{"<h2>" + html.escape(name) + "</h2>" if name else ""}{"".join(cards)}</div>', len(cards))
+
+
+def browser_page(sections: Mapping[str, tuple[str, int]], path: str | Path, title: str = "jsae features") -> Path:
+    """Write :func:`feature_browser`'s page of ``sections`` (name -> :func:`browser_section`, in page order)."""
+    total = next(iter(sections.values()))[1] if sections else 0  # the first section is shown first
     select = ""
     if len(sections) > 1:
         opts = "".join(f"<option value='{html.escape(n)}'>{html.escape(n)}</option>" for n in sections)
@@ -276,7 +285,7 @@ def feature_browser(features: Iterable[dict[str, Any]] | Mapping[str, Iterable[d
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>"
             f"<script>{_JS}</script></head><body onload='filt()'><h1>{html.escape(title)}</h1>{LEGEND}{select}"
             f"<input id='q' placeholder='search label, kind, feature id' oninput='filt()'> "
-            f"<span id='count'>{total}</span> features{''.join(body)}</body></html>")
+            f"<span id='count'>{total}</span> features{''.join(body for body, _ in sections.values())}</body></html>")
     return write_atomic(path, page)
 
 
@@ -326,5 +335,5 @@ def feature_page(sae: str | Path, out: str | Path | None = None, *, model: str |
     return feature_browser(feats, out, title=f"{name}, layer {layer}: features of the JSAE in {path}")
 
 
-__all__ = ["TokenCodes", "TokenStates", "browser_features", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
+__all__ = ["TokenCodes", "TokenStates", "browser_features", "browser_page", "browser_section", "feature_browser", "feature_page", "heat_map", "heatmap_overlay",
            "names", "png_data_uri", "steering_line", "strongest_labelled", "token_codes", "token_states", "top_examples", "world_model_for"]
