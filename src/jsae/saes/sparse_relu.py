@@ -380,7 +380,9 @@ def _encoder_backward(grad: Tensor, sae_in: Tensor, W_enc: Tensor, codes: Sparse
     grad_b_enc [d_sae], grad_b_dec [d_in])`` (``None`` where not needed)."""
     grad_W = grad_b = grad_b_dec = None
     if need_W:
-        grad_W = _by_latent(grad, sae_in, codes).t()
+        # the by-latent sums come out [d_sae, d_in]: transposed here, on the caller's thread (one of in_pair's two),
+        # rather than by autograd's gradient accumulation, which copies a tensor of the wrong layout on its one thread
+        grad_W = _by_latent(grad, sae_in, codes).t().contiguous()
     if need_b or need_b_dec:
         grad_b = torch.zeros(codes.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, codes.cols, grad)
     if need_b_dec:
