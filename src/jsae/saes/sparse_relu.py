@@ -270,8 +270,7 @@ def row_blocks(codes: SparseCodes, W: Tensor) -> RowBlocks | None:
     size = max(1, ROW_BLOCK_BYTES // row_bytes)
     n_blocks, n = -(-W.shape[0] // size), codes.shape[0]
     block = torch.div(codes.cols, size, rounding_mode="floor")
-    with one_thread(True):
-        order = torch.argsort(block, stable=True)  # entries are row-major, so each block's stay row-major
+    order = argsort_latents(block)  # stable: the entries are row-major, so each block's stay row-major
     counts = torch.bincount(block * n + codes.rows, minlength=n_blocks * n)
     bounds = [0] + torch.bincount(block, minlength=n_blocks).cumsum(0).tolist()
     cols = codes.cols.index_select(0, order) - block.index_select(0, order) * size
