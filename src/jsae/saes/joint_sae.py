@@ -810,7 +810,7 @@ class TrainingJointSAE(JointSAE, TrainingSAE[TrainingJointSAEConfig]):  # type: 
 
     def _fast_relu_codes(self, vision: Tensor, text: Tensor) -> tuple[dict[str, BranchCodes], str, float]:
         """The ReLU fast paths of :mod:`jsae.saes.sparse_relu`.  The encoders run once without gradient; the step runs
-        on the active entries (:func:`~jsae.saes.sparse_relu.relu_sparse_codes`, ``"sparse"``) when at most
+        on the active entries (:func:`~jsae.saes.sparse_relu.relu_sparse_pair`, ``"sparse"``) when at most
         :attr:`sparse_relu_switch` of either modality's codes is active (``sparse_relu_stay_factor`` times that if the
         previous step ran sparse: hysteresis), else on dense codes with the encoder backward of
         :class:`~jsae.saes.sparse_relu.EncoderFromPre` (:func:`~jsae.saes.sparse_relu.relu_dense_codes`,

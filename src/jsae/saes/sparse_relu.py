@@ -26,10 +26,10 @@ encoder forward must stay dense.  Here, with the active entries of ``relu(pre)``
   per-latent counts (``JointStepOutput.fired``) instead of a pass over the dense codes.
 
 The TopK path uses the same functions on its ``k`` selected entries per sample (:func:`topk_codes`), its
-auxiliary loss on the top dead latents' entries.  One modality's path is one function: :func:`relu_sparse_codes`,
-:func:`relu_dense_codes`, :func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`); the joint SAE runs
-the sparse ReLU step of both modalities as one autograd node (:func:`relu_sparse_pair`, :class:`PairedSparseRelu`:
-the same backward functions), so that where the caller has two or more intra-op threads the two modalities' small
+auxiliary loss on the top dead latents' entries.  Each path is one function: :func:`relu_dense_codes`,
+:func:`topk_sparse_codes` (with :func:`sparse_aux_reconstruction`) for one modality, and for the sparse ReLU step of
+both modalities one autograd node (:func:`relu_sparse_pair`, :class:`PairedSparseRelu`: the backward functions of
+:class:`SparseReluEncoder` and :class:`CsrMM`), so that where the caller has two or more intra-op threads the two modalities' small
 operations run side by side on two threads (:func:`in_pair`) — the autograd engine would run two nodes one after
 the other.  Where ``W_dec`` is larger than the cache (:data:`ROW_BLOCK_BYTES`) the decoder forward and the sampled
 code gradient read it in blocks of rows (:func:`row_blocks`), each block's rows from the cache.
@@ -60,7 +60,7 @@ from torch import Tensor
 
 __all__ = ["Bags", "CsrMM", "DENSE_ALIGNMENTS", "DenseCosine", "EncoderFromPre", "PairedSparseRelu", "ROW_BLOCK_BYTES", "ROW_BLOCK_MIN_ENTRIES", "RowBlocks", "SPARSE_ALIGNMENTS", "SparseCodes", "SparseCosine", "SparseReluEncoder", "ThreadPick",
            "active_entries", "argsort_latents", "csr_mm", "encoder_from_pre", "in_pair", "relu_codes", "relu_dense_codes", "relu_sparse_pair", "row_blocks",
-           "one_thread", "partner_values", "sparse_switch_density", "relu_sparse_codes", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
+           "one_thread", "partner_values", "sparse_switch_density", "sparse_aux_reconstruction", "sparse_relu_encode", "topk_codes",
            "topk_sparse_codes"]
 
 
@@ -433,17 +433,6 @@ def encoder_from_pre(sae_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor
 # gradients of the plain-autograd reference (TrainingJointSAE._reference_codes) up to float summation order.
 
 
-def relu_sparse_codes(sae_in: Tensor, pre: Tensor, active: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-                      b_dec: Tensor, centre: bool = True) -> tuple[Tensor, SparseCodes, Tensor]:
-    """ReLU on the active entries (``active``: :func:`active_entries` of ``pre``): ``(values [nnz], codes,
-    recon [B, d_in])``; the L1 term is ``values.sum()``.  ``pre`` becomes ``relu(pre)`` in place (no copy), the
-    codes' ``dense``."""
-    codes, vals = relu_codes(pre, active)
-    codes = SparseCodes(*codes[:-1], dense=pre.relu_())
-    values = sparse_relu_encode(sae_in, b_dec, W_enc, b_enc, vals, codes, centre)
-    return values, codes, csr_mm(values, W_dec, codes) + b_dec
-
-
 def in_pair(first: Callable[[], Any], second: Callable[[], Any], parallel: bool) -> tuple[Any, Any]:
     """``(first(), second())``; with ``parallel``, ``first`` runs on a fresh thread while ``second`` runs on this
     one (torch releases the GIL in its kernels, so two single-threaded streams of small operations use two cores),
@@ -526,11 +515,11 @@ class PairedSparseRelu(torch.autograd.Function):
 
 def relu_sparse_pair(branches: dict[str, tuple[Tensor, Tensor, Tensor | None]], weights: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]],
                      centre: bool = True, parallel: bool = False) -> dict[str, tuple[Tensor, SparseCodes, Tensor]]:
-    """:func:`relu_sparse_codes` of two modalities at once (:class:`PairedSparseRelu`): ``branches`` maps each of the
+    """The sparse ReLU step of two modalities at once (:class:`PairedSparseRelu`): ``branches`` maps each of the
     two modalities (in order) to ``(sae_in, pre, active)`` (``active``: :func:`active_entries` of ``pre``, or ``None``
     to find them here), ``weights`` to its ``(W_enc, b_enc, W_dec, b_dec)``;
-    the result maps each to ``(values [nnz], codes, recon [B, d_in])``, the same numbers as :func:`relu_sparse_codes`
-    up to float summation order.  With ``parallel`` the two modalities' codes, decoders and backwards each run on
+    the result maps each to ``(values [nnz], codes, recon [B, d_in])``, the same numbers as
+    :func:`sparse_relu_encode` then :func:`csr_mm` (+ ``b_dec``) up to float summation order.  With ``parallel`` the two modalities' codes, decoders and backwards each run on
     their own thread (:func:`in_pair`; call it inside :func:`one_thread` so that each is single-threaded)."""
     names = list(branches)
     if len(names) != 2 or list(weights) != names:
